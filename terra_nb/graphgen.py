@@ -1,0 +1,103 @@
+"""Graph generation: a segment of one TraceGraph path becomes one ConcreteFunction.
+
+A segment runs from one sync point to the next (iteration start, a fetch, iteration end). Its
+inputs are feeds: values made by Python (data batches, numpy results, Python numbers that change)
+and values computed by an earlier segment of the same iteration. Small inputs that tracing saw
+constant are folded into the graph, guarded at run time. Resource inputs (variables, iterators)
+are captured, so the graph updates the real variables. Grappler is on; `xla` sets jit_compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import tensorflow as tf
+
+from terra_nb import intercept
+from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, Node
+
+
+@dataclasses.dataclass
+class CompiledSegment:
+    """A compiled segment and the plan for calling it."""
+
+    function: object
+    path: list
+    feed_slots: list  # (position in path, input slot) of every fed input, in argument order
+    folded_slots: list  # (position in path, input slot) of every folded constant
+    outputs: tuple  # (node, output index) returned, in order
+    seconds: float
+    xla: bool
+
+
+def feed_and_fold_plan(path: list[Node]) -> tuple[list, list]:
+    """Which input slots of the path are fed, and which constant slots are folded."""
+    members = {node.uid for node in path}
+    feeds, folded = [], []
+    for position, node in enumerate(path):
+        for slot, ref in enumerate(node.inputs):
+            if ref[0] == FROM_NODE and ref[1].uid in members:
+                continue
+            if ref[0] == RESOURCE:
+                continue
+            if ref[0] == EXTERNAL and not _varying(node, slot):
+                folded.append((position, slot))
+            else:
+                feeds.append((position, slot))
+    return feeds, folded
+
+
+def _varying(node: Node, slot: int) -> bool:
+    seen = node.externals.get(slot)
+    return seen is None or seen.varying
+
+
+def _input_spec(ref) -> tf.TensorSpec:
+    if ref[0] == FROM_NODE:
+        node, index = ref[1], ref[2]
+        return tf.TensorSpec(node.output_shapes[index], tf.dtypes.as_dtype(node.output_dtypes[index]))
+    return tf.TensorSpec(ref[2], tf.dtypes.as_dtype(ref[1]))
+
+
+def compile_segment(path: list[Node], outputs: tuple, xla: bool = False) -> CompiledSegment:
+    """Build the ConcreteFunction that runs `path` and returns `outputs`."""
+    start = time.perf_counter()
+    feeds, folded = feed_and_fold_plan(path)
+    folded_set = set(folded)
+    feed_index = {slot: index for index, slot in enumerate(feeds)}
+    position_of = {node.uid: position for position, node in enumerate(path)}
+    specs = [_input_spec(path[position].inputs[slot]) for position, slot in feeds]
+
+    def segment(*args):
+        graph = tf.compat.v1.get_default_graph()
+        values: dict = {}
+        for position, node in enumerate(path):
+            inputs = []
+            for slot, ref in enumerate(node.inputs):
+                if ref[0] == FROM_NODE and ref[1].uid in position_of:
+                    inputs.append(values[(ref[1].uid, ref[2])])
+                elif ref[0] == RESOURCE:
+                    inputs.append(graph.capture(ref[1]))
+                elif (position, slot) in folded_set:
+                    constant = node.externals[slot].first_value
+                    inputs.append(tf.constant(constant, dtype=tf.dtypes.as_dtype(ref[1])))
+                else:
+                    inputs.append(args[feed_index[(position, slot)]])
+            operation = graph.create_op(
+                node.op_type,
+                inputs,
+                [tf.dtypes.as_dtype(dtype) for dtype in node.output_dtypes],
+                attrs=intercept.attr_protos(node.op_type, node.attrs),
+                compute_device=True,
+            )
+            for index, tensor in enumerate(operation.outputs):
+                tensor.set_shape(node.output_shapes[index])
+                values[(node.uid, index)] = tensor
+        return [values[(node.uid, index)] for node, index in outputs]
+
+    with intercept.suspended():
+        function = tf.function(segment, autograph=False, jit_compile=xla or None)
+        concrete = function.get_concrete_function(*specs)
+    return CompiledSegment(concrete, path, feeds, folded, outputs,
+                           time.perf_counter() - start, xla)

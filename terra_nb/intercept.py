@@ -1,0 +1,333 @@
+"""The one choke point into TensorFlow internals.
+
+Every eager op of TF 2.21 / Keras 3 reaches `execute.execute` once the C++ fast path is made to
+decline (it raises `_FallbackException`, the generated wrapper then takes its `*_eager_fallback`
+route, which converts the inputs and calls `execute.execute`). While an `OpHandler` is active on a
+thread, both are patched and every op of that thread is handed to the handler *before* it runs:
+the handler may run it (tracing) or defer it and return `LazyTensor`s (skeleton).
+
+No other module of terra_nb touches a private TensorFlow symbol. Every one used is listed in
+`PRIVATE_SYMBOLS` and checked by `check_private_symbols()` (and a test), so a TF upgrade that moves
+one fails loudly instead of silently disabling co-execution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import threading
+from typing import Protocol
+
+from tensorflow.python import pywrap_tfe
+from tensorflow.python.eager import context, core, execute
+from tensorflow.python.framework import dtypes, op_def_registry, ops, tensor_shape
+
+PRIVATE_SYMBOLS = (
+    ("tensorflow.python.pywrap_tfe", "TFE_Py_FastPathExecute"),
+    ("tensorflow.python.eager.core", "_FallbackException"),
+    ("tensorflow.python.eager.execute", "execute"),
+    ("tensorflow.python.eager.execute", "quick_execute"),
+    ("tensorflow.python.framework.ops", "_EagerTensorBase"),
+    ("tensorflow.python.framework.ops", "EagerTensor"),
+    ("tensorflow.python.framework.ops", "uid"),
+    ("tensorflow.python.framework.op_def_registry", "get"),
+    ("tensorflow.python.eager.context", "context"),
+    ("tensorflow.python.eager.polymorphic_function.concrete_function", "ConcreteFunction"),
+)
+"""(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
+
+_CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")
+
+
+def check_private_symbols() -> list[str]:
+    """Return a description of each private symbol that is missing (empty when all is well)."""
+    missing = []
+    for module_name, attribute in PRIVATE_SYMBOLS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(f"module {module_name}")
+            continue
+        if not hasattr(module, attribute):
+            missing.append(f"{module_name}.{attribute}")
+    concrete = importlib.import_module(
+        "tensorflow.python.eager.polymorphic_function.concrete_function"
+    ).ConcreteFunction
+    missing += [
+        f"ConcreteFunction.{member}"
+        for member in _CONCRETE_FUNCTION_MEMBERS
+        if not hasattr(concrete, member)
+    ]
+    return missing
+
+
+EagerTensor = ops.EagerTensor
+_real_fast_path = pywrap_tfe.TFE_Py_FastPathExecute
+_real_execute = execute.quick_execute
+_Decline = core._FallbackException
+
+
+class OpHandler(Protocol):
+    """What the active mode does with each op (cf. JAX's `Trace.process_primitive`)."""
+
+    def process_op(self, op_type: str, num_outputs: int, inputs: list, attrs: tuple, ctx, name):
+        """Run or defer one op; return its outputs as a list."""
+
+
+# ---------------------------------------------------------------- the active handler slot
+
+
+class _Slot(threading.local):
+    handler: OpHandler | None = None
+
+
+_slot = _Slot()
+_active_threads = 0
+_install_lock = threading.Lock()
+
+
+def _fast_path(*args):
+    if _slot.handler is not None:
+        raise _Decline  # a fresh instance each time: a kept traceback would pin the caller's frames
+    return _real_fast_path(*args)
+
+
+def _execute(op_name, num_outputs, inputs, attrs, ctx, name=None):
+    handler = _slot.handler
+    if handler is None:
+        return _real_execute(op_name, num_outputs, _unwrap_all(inputs), attrs, ctx, name)
+    if isinstance(op_name, bytes):
+        op_name = op_name.decode()
+    return handler.process_op(op_name, num_outputs, inputs, attrs, ctx, name)
+
+
+def _install() -> None:
+    global _active_threads
+    with _install_lock:
+        _active_threads += 1
+        if _active_threads == 1:
+            pywrap_tfe.TFE_Py_FastPathExecute = _fast_path
+            execute.execute = _execute
+
+
+def _uninstall() -> None:
+    global _active_threads
+    with _install_lock:
+        _active_threads -= 1
+        if _active_threads == 0:
+            pywrap_tfe.TFE_Py_FastPathExecute = _real_fast_path
+            if execute.execute is _execute:
+                execute.execute = _real_execute
+
+
+@contextlib.contextmanager
+def handling(handler: OpHandler):
+    """Hand every op of this thread to `handler` while the block runs."""
+    if execute.execute not in (_real_execute, _execute):
+        raise RuntimeError(
+            "terra_nb cannot run while TensorFlow op callbacks are registered "
+            "(tf.debugging or op_callbacks.add_op_callback replaced execute.execute)"
+        )
+    previous = _slot.handler
+    _install()
+    _slot.handler = handler
+    try:
+        yield
+    finally:
+        _slot.handler = previous
+        _uninstall()
+
+
+@contextlib.contextmanager
+def suspended():
+    """Let ops of this thread run plainly (graph calls, compilation) inside a handled block."""
+    previous = _slot.handler
+    _slot.handler = None
+    try:
+        yield
+    finally:
+        _slot.handler = previous
+
+
+def run_eagerly(op_type: str, num_outputs: int, inputs: list, attrs: tuple, ctx, name=None):
+    """Execute one op now, with any LazyTensor inputs replaced by their values."""
+    return _real_execute(op_type, num_outputs, _unwrap_all(inputs), attrs, ctx, name)
+
+
+# ---------------------------------------------------------------- lazy tensors
+
+
+class Materializer(Protocol):
+    def materialize(self, lazy: LazyTensor) -> EagerTensor:
+        """Produce the value of a pending LazyTensor (a fetch)."""
+
+
+class LazyTensor(ops._EagerTensorBase):
+    """The output of a deferred op: dtype and static shape now, value when Python needs it.
+
+    It is an eager-looking tensor (`tf.is_tensor`, operators, slicing, Keras all accept it); every
+    conversion to a Python or numpy value goes through `_numpy()` and so through `materialize`.
+    """
+
+    def __init__(self, source: Materializer, node, index: int, dtype_enum: int, shape):
+        self._source = source
+        self.node = node
+        self.index = index
+        self._dtype_enum = dtype_enum
+        self._static_shape = shape
+        self._value = None
+        self._id = ops.uid()
+        self._tensor_shape = None
+        self._handle_data = None
+
+    # -- what TF and Keras read without needing the value
+    def _datatype_enum(self):
+        return self._dtype_enum
+
+    def _shape_tuple(self):
+        return self._static_shape
+
+    def _rank(self):
+        return len(self._static_shape)
+
+    def _num_elements(self):
+        return math.prod(self._static_shape)
+
+    @property
+    def device(self):
+        return context.context().device_name or "/job:localhost/replica:0/task:0/device:CPU:0"
+
+    @property
+    def backing_device(self):
+        return self.device
+
+    def is_packed(self):
+        return False
+
+    def _prefer_custom_summarizer(self):
+        return False
+
+    def _summarize_value(self):
+        return self.value._summarize_value()
+
+    # -- the one way a value is forced
+    @property
+    def is_ready(self) -> bool:
+        return self._value is not None
+
+    @property
+    def value(self) -> EagerTensor:
+        if self._value is None:
+            self._value = self._source.materialize(self)
+        return self._value
+
+    def set_value(self, value: EagerTensor) -> None:
+        self._value = value
+
+    def _numpy_internal(self):
+        return self.value._numpy_internal()
+
+    def _copy_to_device(self, device_name):
+        return self.value._copy_to_device(device_name)
+
+    def _copy_nograd(self, ctx=None, device_name=None):
+        return self.value._copy_nograd(ctx, device_name)
+
+
+def unwrap(value):
+    """The eager tensor behind `value` (itself unless it is a LazyTensor)."""
+    return value.value if isinstance(value, LazyTensor) else value
+
+
+def _unwrap_all(inputs):
+    if any(isinstance(value, LazyTensor) for value in inputs):
+        return [unwrap(value) for value in inputs]
+    return inputs
+
+
+# ---------------------------------------------------------------- op definitions and attrs
+
+
+def op_def(op_type: str):
+    """The OpDef of a registered op, or None (e.g. a call of a traced tf.function)."""
+    return op_def_registry.get(op_type)
+
+
+def attr_protos(op_type: str, attrs: tuple) -> dict:
+    """Convert an eager attrs tuple (name, value, name, value, ...) into AttrValue protos."""
+    from tensorflow.core.framework import attr_value_pb2
+
+    definition = op_def(op_type)
+    kinds = {attr.name: attr.type for attr in definition.attr}
+    protos = {}
+    attrs = attrs or ()
+    for name, value in zip(attrs[::2], attrs[1::2], strict=True):
+        protos[name] = _attr_value(attr_value_pb2.AttrValue, kinds[name], value)
+    return protos
+
+
+def _attr_value(proto_class, kind: str, value):
+    proto = proto_class()
+    if kind.startswith("list("):
+        item_kind = kind[5:-1]
+        items = getattr(proto.list, _LIST_FIELDS[item_kind])
+        for item in value:
+            if item_kind == "shape":
+                items.add().CopyFrom(_shape_proto(item))
+            elif item_kind == "type":
+                items.append(_dtype_enum(item))
+            elif item_kind == "string":
+                items.append(item if isinstance(item, bytes) else str(item).encode())
+            else:
+                items.append(item)
+        if not value:
+            proto.list.SetInParent()
+        return proto
+    if kind == "type":
+        proto.type = _dtype_enum(value)
+    elif kind == "shape":
+        proto.shape.CopyFrom(_shape_proto(value))
+    elif kind == "int":
+        proto.i = int(value)
+    elif kind == "float":
+        proto.f = float(value)
+    elif kind == "bool":
+        proto.b = bool(value)
+    elif kind == "string":
+        proto.s = value if isinstance(value, bytes) else str(value).encode()
+    elif kind == "tensor":
+        proto.tensor.CopyFrom(value)
+    elif kind == "func":
+        proto.func.name = value if isinstance(value, str) else value.name
+    else:
+        raise NotImplementedError(f"attr kind {kind!r}")
+    return proto
+
+
+_LIST_FIELDS = {"int": "i", "float": "f", "bool": "b", "string": "s", "type": "type",
+                "shape": "shape", "tensor": "tensor", "func": "func"}
+
+
+def _dtype_enum(value) -> int:
+    return value if isinstance(value, int) else dtypes.as_dtype(value).as_datatype_enum
+
+
+def _shape_proto(value):
+    return tensor_shape.TensorShape(value).as_proto()
+
+
+# ---------------------------------------------------------------- calling compiled graphs
+
+
+def call_concrete(function, args: list) -> list:
+    """Call a ConcreteFunction through its flat-call path (cheaper than `function(*args)`)."""
+    with suspended():
+        outputs = function._call_flat(args, function.captured_inputs)
+    if outputs is None:
+        return []
+    return outputs if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def current_context():
+    return context.context()

@@ -1,0 +1,346 @@
+"""Runners: the Python skeleton (`IterationRun`) and the graph side (`GraphRunner`).
+
+`IterationRun` is the op handler of one iteration. Recording, it runs each op eagerly and adds
+it to the TraceGraph. Deferring (the skeleton), it matches each op to the next TraceGraph node and
+returns LazyTensors; the ops pile up in a pending segment. Terra's three channels:
+- fetch: Python needs a value (`LazyTensor.value`) -> the pending segment is flushed to the graph;
+- path: which child of the current node the skeleton took is the path choice; it selects the
+  compiled segment;
+- feed: values made by Python (and by earlier segments) are passed as the segment's arguments.
+When the skeleton does something the TraceGraph has not seen, the run flushes what is pending,
+reports a fallback and records the rest of the iteration eagerly (which extends the TraceGraph).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import numpy as np
+
+from terra_nb import events as ev
+from terra_nb import graphgen, intercept
+from terra_nb.trace import user_frame_of, user_location
+from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, TraceGraph
+
+RECORD = "record"
+DEFER = "defer"
+
+# Ops that must run in program order with Python, right when Python calls them.
+_ISLAND_OPS = frozenset({
+    "PrintV2", "EagerPyFunc", "PyFunc", "PyFuncStateless", "VarHandleOp", "DestroyResourceOp",
+    "AnonymousIteratorV3", "AnonymousIteratorV2", "MakeIterator", "DeleteIterator",
+    "AnonymousSeedGenerator", "DeleteSeedGenerator", "AnonymousRandomSeedGenerator",
+    "DeleteRandomSeedGenerator", "WriteFile", "ReadFile",
+})
+# Ops whose value follows from their inputs' static shapes: known without running the graph.
+_SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(item) for item in value)
+    if hasattr(value, "SerializeToString"):
+        return value.SerializeToString()
+    return value
+
+
+def _ref_key(ref):
+    kind = ref[0]
+    if kind == FROM_NODE:
+        return (FROM_NODE, ref[1].uid, ref[2])
+    if kind == RESOURCE:
+        return (RESOURCE, id(ref[1]))
+    return ref
+
+
+class GraphRunner:
+    """Runs compiled segments and keeps them, keyed by path and outputs, for reuse."""
+
+    def __init__(self, events: ev.EventLog, xla: bool = False) -> None:
+        self.events = events
+        self.xla = xla
+        self._compiled: dict = {}
+        self.graph_seconds = 0.0
+        self.compile_seconds = 0.0
+
+    def segment_for(self, start, end, outputs: tuple, iteration: int, reason: str):
+        key = (start.uid, end.uid, tuple((node.uid, index) for node, index in outputs))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            path = end.path_from(start)
+            compiled = graphgen.compile_segment(path, outputs, self.xla)
+            self._compiled[key] = compiled
+            self.compile_seconds += compiled.seconds
+            self.events.emit(ev.GraphBuilt(iteration, len(path), len(compiled.feed_slots),
+                                           len(outputs), compiled.seconds, self.xla, reason))
+        return key, compiled
+
+    def forget(self, key) -> None:
+        self._compiled.pop(key, None)
+
+    def run(self, compiled: graphgen.CompiledSegment, args: list) -> list:
+        start = time.perf_counter()
+        outputs = intercept.call_concrete(compiled.function, args)
+        self.graph_seconds += time.perf_counter() - start
+        return outputs
+
+    @property
+    def graphs(self) -> int:
+        return len(self._compiled)
+
+
+class _Pending:
+    """One deferred op: its node and the values of its inputs that come from outside."""
+
+    __slots__ = ("node", "outside")
+
+    def __init__(self, node, outside: dict) -> None:
+        self.node = node
+        self.outside = outside
+
+
+class Divergence(Exception):
+    """Internal signal: the skeleton left the TraceGraph."""
+
+
+class IterationRun:
+    """The op handler of one iteration (see module docstring)."""
+
+    def __init__(self, graph: TraceGraph, runner: GraphRunner, events: ev.EventLog,
+                 index: int, mode: str, stop_frame) -> None:
+        self.graph = graph
+        self.runner = runner
+        self.events = events
+        self.index = index
+        self.mode = mode
+        self.started_deferred = mode == DEFER
+        self.stop_frame = stop_frame
+        self.cursor = graph.root
+        self.segment_start = graph.root
+        self.pending: list[_Pending] = []
+        self.segment_lazies: list = []
+        self.segment_uids: set = set()
+        self.produced: dict = {}  # id(eager tensor) -> (tensor, node, index), this iteration
+        self.ops = 0
+        self.fallback: ev.FallbackEvent | None = None
+        self.finished = False
+        self.fetch_seconds = 0.0
+
+    # ------------------------------------------------------------ op handler
+
+    def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
+        self.ops += 1
+        location = user_location(self.stop_frame, depth=3)
+        refs = tuple(self._ref(value) for value in inputs)
+        key = (op_type, _hashable(attrs), location, tuple(_ref_key(ref) for ref in refs))
+        if self.mode == DEFER:
+            child = self.cursor.children.get(key)
+            if child is not None:
+                if child.island:
+                    self.flush()
+                    return self._run_now(child, op_type, num_outputs, inputs, attrs, ctx, name)
+                return self._defer(child, inputs, refs)
+            self._diverge(op_type, key, location, refs)
+        outputs = intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        child = self.cursor.children.get(key)
+        if child is None:
+            island = op_type in _ISLAND_OPS or intercept.op_def(op_type) is None
+            child = self.graph.add_child(self.cursor, key, op_type, attrs, location, refs,
+                                         outputs, island, ctx.scope_name)
+        child.visits += 1
+        child.observe_externals([intercept.unwrap(value) for value in inputs])
+        self._register(child, outputs)
+        self.cursor = child
+        return outputs
+
+    def _ref(self, value):
+        if isinstance(value, intercept.LazyTensor):
+            if value._source is self:
+                return (FROM_NODE, value.node, value.index)
+            return (EXTERNAL, value._datatype_enum(), value._shape_tuple())
+        produced = self.produced.get(id(value))
+        if produced is not None and produced[0] is value:
+            return (FROM_NODE, produced[1], produced[2])
+        dtype = value._datatype_enum()
+        if dtype in (_RESOURCE_ENUM, _VARIANT_ENUM):
+            return (RESOURCE, value)
+        return (EXTERNAL, dtype, value._shape_tuple())
+
+    def _register(self, node, outputs) -> None:
+        for index, output in enumerate(outputs or ()):
+            self.produced[id(output)] = (output, node, index)
+
+    def _run_now(self, node, op_type, num_outputs, inputs, attrs, ctx, name):
+        outputs = intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        node.visits += 1
+        self._register(node, outputs)
+        self.cursor = node
+        self.segment_start = node
+        return outputs
+
+    def _defer(self, node, inputs, refs):
+        outside = {}
+        segment_uids = self.segment_uids
+        for slot, ref in enumerate(refs):
+            if ref[0] == RESOURCE or (ref[0] == FROM_NODE and ref[1].uid in segment_uids):
+                continue
+            outside[slot] = intercept.unwrap(inputs[slot])
+        self.pending.append(_Pending(node, outside))
+        segment_uids.add(node.uid)
+        node.visits += 1
+        self.cursor = node
+        outputs = []
+        for index, dtype in enumerate(node.output_dtypes):
+            lazy = intercept.LazyTensor(self, node, index, dtype, node.output_shapes[index])
+            outputs.append(lazy)
+            self.segment_lazies.append(weakref.ref(lazy))
+        if node.op_type in _SHAPE_OPS:
+            self._know_shape_values(node, refs, outputs)
+        return outputs
+
+    def _know_shape_values(self, node, refs, outputs) -> None:
+        """Shape-like ops of inputs with static shapes: their values are known now."""
+        import tensorflow as tf
+
+        shapes = [_static_shape(ref) for ref in refs]
+        if node.op_type == "Shape" or node.op_type == "ShapeN":
+            values = [np.array(shape, dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype)
+                      for shape, dtype in zip(shapes, node.output_dtypes, strict=False)]
+        elif node.op_type == "Size":
+            values = [np.array(int(np.prod(shapes[0])),
+                               dtype=tf.dtypes.as_dtype(node.output_dtypes[0]).as_numpy_dtype)]
+        else:
+            values = [np.array(len(shapes[0]), dtype=np.int32)]
+        with intercept.suspended():
+            for lazy, value in zip(outputs, values, strict=False):
+                lazy.set_value(tf.constant(value))
+
+    # ------------------------------------------------------------ fetch channel
+
+    def materialize(self, lazy) -> intercept.EagerTensor:
+        if self.finished or lazy.node.uid not in self.segment_uids:
+            raise RuntimeError("terra_nb: a deferred value was lost before it was computed")
+        start = time.perf_counter()
+        self.flush()
+        self.fetch_seconds += time.perf_counter() - start
+        return lazy._value
+
+    def flush(self) -> None:
+        """Run the pending segment in the graph and give each live LazyTensor its value."""
+        if not self.pending:
+            return
+        alive = []
+        for reference in self.segment_lazies:
+            lazy = reference()
+            if lazy is not None and lazy._value is None:
+                alive.append(lazy)
+        outputs = tuple((lazy.node, lazy.index) for lazy in alive)
+        key, compiled = self.runner.segment_for(self.segment_start, self.cursor, outputs,
+                                                self.index, "new segment")
+        args = self._arguments(compiled)
+        if args is None:
+            self.runner.forget(key)
+            key, compiled = self.runner.segment_for(
+                self.segment_start, self.cursor, outputs, self.index,
+                "a Python value that looked constant changed; it is fed from now on")
+            args = self._arguments(compiled)
+        values = self.runner.run(compiled, args)
+        for lazy, value in zip(alive, values, strict=True):
+            lazy.set_value(value)
+        self.pending = []
+        self.segment_lazies = []
+        self.segment_uids = set()
+        self.segment_start = self.cursor
+
+    def _arguments(self, compiled: graphgen.CompiledSegment):
+        """Feed values in argument order, or None when a folded constant's guard fails."""
+        for position, slot in compiled.folded_slots:
+            pending = self.pending[position]
+            seen = pending.node.externals[slot]
+            if not seen.matches(pending.outside[slot]):
+                seen.varying = True
+                return None
+        return [self.pending[position].outside[slot] for position, slot in compiled.feed_slots]
+
+    # ------------------------------------------------------------ divergence
+
+    def _diverge(self, op_type, key, location, refs) -> None:
+        self.flush()
+        self.fallback = _explain_divergence(self.index, self.cursor, op_type, key, location, refs)
+        self.events.emit(self.fallback)
+        self.mode = RECORD
+
+    def finish(self) -> None:
+        """End of the iteration: everything pending runs, nothing is left half done."""
+        try:
+            self.flush()
+        finally:
+            self.finished = True
+            self.produced.clear()
+
+    @property
+    def result_mode(self) -> str:
+        if not self.started_deferred:
+            return ev.TRACING
+        return ev.FALLBACK if self.fallback is not None else ev.CO_EXECUTING
+
+
+def _static_shape(ref):
+    if ref[0] == FROM_NODE:
+        return ref[1].output_shapes[ref[2]]
+    return ref[2]
+
+
+def _describe_input(ref) -> str:
+    import tensorflow as tf
+
+    if ref[0] == RESOURCE:
+        return "a resource"
+    dtype = tf.dtypes.as_dtype(ref[1].output_dtypes[ref[2]] if ref[0] == FROM_NODE else ref[1])
+    return f"{dtype.name}{tuple(_static_shape(ref))}"
+
+
+def _explain_divergence(index, cursor, op_type, key, location, refs) -> ev.FallbackEvent:
+    frame = user_frame_of(location)
+    children = list(cursor.children.values())
+    if not children:
+        return ev.FallbackEvent(
+            index, "new-op",
+            f"{op_type} ran where every traced iteration had finished its ops",
+            "the program does more work than in the traced iterations (a longer loop?)",
+            frame, op_type, "end of iteration", op_type)
+    same = [child for child in children if child.op_type == op_type]
+    if same:
+        expected = same[0]
+        if expected.location != location:
+            return ev.FallbackEvent(
+                index, "new-location", f"{op_type} ran from another line of the program",
+                "Python took another path here; it is traced now and reused next time",
+                frame, op_type, str(user_frame_of(expected.location)), str(frame))
+        if expected.attrs != key[1]:
+            return ev.FallbackEvent(
+                index, "attrs-changed", f"{op_type} ran with different attributes",
+                "an attribute (e.g. a Python number passed to the op) changed",
+                frame, op_type, str(expected.attrs), str(key[1]))
+        old = ", ".join(_describe_input(ref) for ref in expected.inputs)
+        new = ", ".join(_describe_input(ref) for ref in refs)
+        kind = "shape-changed" if old != new else "input-changed"
+        return ev.FallbackEvent(
+            index, kind, f"{op_type} got inputs unlike the traced ones",
+            "shapes or input sources changed; a new path is traced", frame, op_type, old, new)
+    expected = children[0]
+    return ev.FallbackEvent(
+        index, "new-op", f"{op_type} ran where the trace had {expected.op_type}",
+        "Python took a path not seen while tracing; it is traced now and reused next time",
+        frame, op_type, f"{expected.op_type} at {user_frame_of(expected.location)}", op_type)
+
+
+def _enum(name: str) -> int:
+    import tensorflow as tf
+
+    return tf.dtypes.as_dtype(name).as_datatype_enum
+
+
+_RESOURCE_ENUM = _enum("resource")
+_VARIANT_ENUM = _enum("variant")

@@ -1,0 +1,142 @@
+"""Session: the per-cell / per-function state machine of co-execution.
+
+A Session owns one TraceGraph and runs each iteration in one of the modes of `events`:
+TRACING (eager + record) -> CO_EXECUTING (skeleton + graph) -> FALLBACK (diverged, finished
+eagerly and recorded) -> CO_EXECUTING ... It reports everything it does as events.
+TensorFlow is imported only when the first non-eager iteration starts.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from terra_nb import events as ev
+
+DEFAULT_TRACE_ITERATIONS = 2
+
+
+class Session:
+    """Runs iterations of one program; `with session.iteration(): ...` wraps one loop body."""
+
+    def __init__(
+        self,
+        name: str = "",
+        *,
+        trace_iterations: int = DEFAULT_TRACE_ITERATIONS,
+        xla: bool = False,
+        eager: bool = False,
+    ) -> None:
+        if trace_iterations < 1:
+            raise ValueError(f"trace_iterations must be at least 1, got {trace_iterations}")
+        self.name = name
+        self.trace_iterations = trace_iterations
+        self.xla = xla
+        self.eager = eager
+        self.events = ev.EventLog()
+        self.iterations = 0
+        self._graph = None
+        self._runner = None
+
+    def iteration(self) -> _Iteration:
+        """Run one iteration of the user's loop body (a context manager)."""
+        index = self.iterations
+        self.iterations += 1
+        return _Iteration(self, index)
+
+    @property
+    def trace_graph(self):
+        """The merged TraceGraph (None until an iteration has been traced)."""
+        return self._graph
+
+    @property
+    def graph_runner(self):
+        return self._runner
+
+    def _engine(self):
+        if self._graph is None:
+            from terra_nb.runner import GraphRunner
+            from terra_nb.tracegraph import TraceGraph
+
+            self._graph = TraceGraph()
+            self._runner = GraphRunner(self.events, self.xla)
+        return self._graph, self._runner
+
+    def _mode_for(self, index: int) -> str | None:
+        from terra_nb import runner
+
+        if self.eager:
+            return None
+        if index < self.trace_iterations:
+            return runner.RECORD
+        return runner.DEFER
+
+    def close(self) -> None:
+        """Finish all pending work; the session can still run more iterations afterwards."""
+
+
+class _Iteration:
+    """Context manager for one iteration; exceptions pass through unchanged."""
+
+    def __init__(self, session: Session, index: int) -> None:
+        self.session = session
+        self.index = index
+        self.run = None
+        self._handling = None
+
+    def __enter__(self):
+        session = self.session
+        mode = session._mode_for(self.index)
+        self._graph_seconds = self._compile_seconds = 0.0
+        if mode is not None:
+            from terra_nb import intercept
+            from terra_nb.runner import IterationRun
+
+            graph, graph_runner = session._engine()
+            self._graph_seconds = graph_runner.graph_seconds
+            self._compile_seconds = graph_runner.compile_seconds
+            self.run = IterationRun(graph, graph_runner, session.events, self.index, mode,
+                                    sys._getframe(1))
+            self._handling = intercept.handling(self.run)
+            self._handling.__enter__()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        __tracebackhide__ = True
+        session = self.session
+        try:
+            if self.run is not None:
+                self.run.finish()
+        finally:
+            if self._handling is not None:
+                self._handling.__exit__(None, None, None)
+        seconds = time.perf_counter() - self.start
+        if error is not None:
+            session.events.emit(ev.IterationFailed(self.index, error_type.__name__, str(error)))
+            return False
+        session.events.emit(ev.IterationDone(self.index, self._mode(), seconds,
+                                             self._breakdown(seconds), self._ops()))
+        return False
+
+    def _mode(self) -> str:
+        return ev.EAGER if self.run is None else self.run.result_mode
+
+    def _ops(self) -> int:
+        return 0 if self.run is None else self.run.ops
+
+    def _breakdown(self, seconds: float) -> dict:
+        if self.run is None:
+            return {"eager": seconds}
+        graph_runner = self.session.graph_runner
+        graph = graph_runner.graph_seconds - self._graph_seconds
+        compile_ = graph_runner.compile_seconds - self._compile_seconds
+        if self.run.result_mode == ev.TRACING:
+            return {"tracing": seconds}
+        waits = self.run.fetch_seconds
+        return {
+            "skeleton": max(seconds - graph - compile_, 0.0),
+            "graph": graph,
+            "compile": compile_,
+            "fetch_waits": waits,
+        }

@@ -1,0 +1,131 @@
+"""TraceGraph: the merged record of every path the program's iterations took.
+
+Each iteration is a sequence of ops; the TraceGraph is the trie of those sequences. A node is one
+op at one position of one path, identified (Terra's criterion) by op type, attributes, user
+program location and where its inputs came from. Where two iterations did different things the
+trie branches: the branch point is a path choice made by Python. Any segment between two nodes of
+one path can be compiled into a graph (graphgen); the skeleton walks the trie to know which.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+FROM_NODE = 0  # input produced by an op of this iteration: (FROM_NODE, node, output index)
+RESOURCE = 1  # a resource handle (variable, iterator): captured as is
+EXTERNAL = 2  # a value made by Python or a previous iteration: fed, or folded when constant
+
+SMALL_CONSTANT = 64  # an external input with at most this many elements may be folded
+
+
+class ExternalInput:
+    """What tracing saw of one external input slot: its first value, and whether it varied."""
+
+    __slots__ = ("first", "first_value", "varying")
+
+    def __init__(self, value) -> None:
+        self.first = value
+        foldable = (
+            value.dtype.is_numpy_compatible
+            and value._num_elements() <= SMALL_CONSTANT
+            and value.dtype.name not in ("resource", "variant", "string")
+        )
+        self.first_value = value.numpy() if foldable else None
+        self.varying = not foldable
+
+    def matches(self, value) -> bool:
+        """True when `value` equals the first value seen (same object is the cheap check)."""
+        if value is self.first:
+            return True
+        if self.first_value is None:
+            return False
+        return bool(np.array_equal(value.numpy(), self.first_value))
+
+    def observe(self, value) -> None:
+        if not self.varying and not self.matches(value):
+            self.varying = True
+
+
+class Node:
+    """One op of one path: its identity, its output signature and its children."""
+
+    __slots__ = (
+        "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
+        "parent", "children", "depth", "visits", "island", "externals", "scope", "key",
+        "__weakref__",
+    )
+
+    def __init__(self, uid, parent, key, op_type, attrs, location, inputs, outputs, island, scope):
+        self.uid = uid
+        self.parent = parent
+        self.key = key
+        self.depth = 0 if parent is None else parent.depth + 1
+        self.op_type = op_type
+        self.attrs = attrs
+        self.location = location
+        self.inputs = inputs
+        self.output_dtypes = tuple(output._datatype_enum() for output in outputs)
+        self.output_shapes = tuple(output._shape_tuple() for output in outputs)
+        self.children: dict = {}
+        self.visits = 0
+        self.island = island
+        self.scope = scope
+        self.externals: dict[int, ExternalInput] = {}
+
+    def observe_externals(self, values: list) -> None:
+        """Record the external input values of one visit (for feed-or-fold decisions)."""
+        for slot, (kind, *_rest) in enumerate(self.inputs):
+            if kind != EXTERNAL:
+                continue
+            seen = self.externals.get(slot)
+            if seen is None:
+                self.externals[slot] = ExternalInput(values[slot])
+            else:
+                seen.observe(values[slot])
+
+    def path_from(self, start: Node) -> list[Node]:
+        """Nodes after `start` up to and including self, in program order."""
+        path = []
+        node = self
+        while node is not start:
+            if node is None:
+                raise ValueError("start is not an ancestor of this node")
+            path.append(node)
+            node = node.parent
+        path.reverse()
+        return path
+
+    def __repr__(self) -> str:
+        return f"<Node {self.uid} {self.op_type} depth={self.depth}>"
+
+
+class TraceGraph:
+    """The trie of op sequences of all traced iterations."""
+
+    def __init__(self) -> None:
+        self._uids = itertools.count(1)
+        self.root = Node(0, None, None, "<iteration>", (), (), (), (), False, "")
+        self.size = 0
+
+    def add_child(self, parent: Node, key, op_type, attrs, location, inputs, outputs, island,
+                  scope) -> Node:
+        node = Node(next(self._uids), parent, key, op_type, attrs, location, inputs, outputs,
+                    island, scope)
+        parent.children[key] = node
+        self.size += 1
+        return node
+
+    def nodes(self):
+        """Every node, depth first."""
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def branch_points(self) -> list[Node]:
+        """Nodes after which iterations went different ways (Terra's path choices)."""
+        return [node for node in itertools.chain([self.root], self.nodes())
+                if len(node.children) > 1]
