@@ -17,6 +17,27 @@ import tensorflow as tf
 from terra_nb import intercept
 from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, Node
 
+# Stateful random ops get a new `seed2` attr from TF's op-seed counter at every eager call, so
+# seed2 is not part of node identity (runner). In the graph one kernel keeps drawing fresh numbers
+# (as under tf.function), seeded afresh at each compile so a graph never replays a traced draw.
+# Keras layers (Dropout, initializers) use stateless ops and so match eager exactly.
+STATEFUL_RANDOM_OPS = frozenset({
+    "RandomUniform", "RandomUniformInt", "RandomStandardNormal", "TruncatedNormal",
+    "RandomShuffle", "Multinomial", "RandomGamma", "RandomPoissonV2",
+    "ParameterizedTruncatedNormal",
+})
+
+
+def _graph_attrs(node: Node) -> tuple:
+    attrs = node.attrs or ()
+    if node.op_type not in STATEFUL_RANDOM_OPS:
+        return attrs
+    fresh = list(attrs)
+    seeds = dict(zip(attrs[::2], attrs[1::2], strict=True))
+    if seeds.get("seed") or seeds.get("seed2"):
+        fresh[fresh.index("seed2") + 1] = tf.compat.v1.random.get_seed(None)[1]
+    return tuple(fresh)
+
 
 @dataclasses.dataclass
 class CompiledSegment:
@@ -56,7 +77,8 @@ def _varying(node: Node, slot: int) -> bool:
 def _input_spec(ref) -> tf.TensorSpec:
     if ref[0] == FROM_NODE:
         node, index = ref[1], ref[2]
-        return tf.TensorSpec(node.output_shapes[index], tf.dtypes.as_dtype(node.output_dtypes[index]))
+        dtype = tf.dtypes.as_dtype(node.output_dtypes[index])
+        return tf.TensorSpec(node.output_shapes[index], dtype)
     return tf.TensorSpec(ref[2], tf.dtypes.as_dtype(ref[1]))
 
 
@@ -68,6 +90,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False) -> Comp
     feed_index = {slot: index for index, slot in enumerate(feeds)}
     position_of = {node.uid: position for position, node in enumerate(path)}
     specs = [_input_spec(path[position].inputs[slot]) for position, slot in feeds]
+    attrs = [intercept.attr_protos(node.op_type, _graph_attrs(node)) for node in path]
 
     def segment(*args):
         graph = tf.compat.v1.get_default_graph()
@@ -88,7 +111,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False) -> Comp
                 node.op_type,
                 inputs,
                 [tf.dtypes.as_dtype(dtype) for dtype in node.output_dtypes],
-                attrs=intercept.attr_protos(node.op_type, node.attrs),
+                attrs=attrs[position],
                 compute_device=True,
             )
             for index, tensor in enumerate(operation.outputs):

@@ -102,13 +102,30 @@ def _execute(op_name, num_outputs, inputs, attrs, ctx, name=None):
     return handler.process_op(op_name, num_outputs, inputs, attrs, ctx, name)
 
 
+def _execute_unwrapped(op_name, num_outputs, inputs, attrs, ctx, name=None):
+    return _real_execute(op_name, num_outputs, _unwrap_all(inputs), attrs, ctx, name)
+
+
+def _patch_execute() -> None:
+    """Route `execute.execute` through us for good, so a LazyTensor that outlived its iteration
+    is unwrapped wherever it is used (TFE_Py_Execute would crash on it). The C++ fast path
+    already declines non-eager inputs, so plain eager ops never pay for this. `quick_execute`
+    is patched too because removing a TF op callback resets `execute.execute` to it.
+    """
+    execute.quick_execute = _execute_unwrapped
+    if execute.execute is _real_execute:
+        execute.execute = _execute
+
+
+_patch_execute()
+
+
 def _install() -> None:
     global _active_threads
     with _install_lock:
         _active_threads += 1
         if _active_threads == 1:
             pywrap_tfe.TFE_Py_FastPathExecute = _fast_path
-            execute.execute = _execute
 
 
 def _uninstall() -> None:
@@ -117,14 +134,12 @@ def _uninstall() -> None:
         _active_threads -= 1
         if _active_threads == 0:
             pywrap_tfe.TFE_Py_FastPathExecute = _real_fast_path
-            if execute.execute is _execute:
-                execute.execute = _real_execute
 
 
 @contextlib.contextmanager
 def handling(handler: OpHandler):
     """Hand every op of this thread to `handler` while the block runs."""
-    if execute.execute not in (_real_execute, _execute):
+    if execute.execute is not _execute:
         raise RuntimeError(
             "terra_nb cannot run while TensorFlow op callbacks are registered "
             "(tf.debugging or op_callbacks.add_op_callback replaced execute.execute)"

@@ -21,7 +21,7 @@ import numpy as np
 from terra_nb import events as ev
 from terra_nb import graphgen, intercept
 from terra_nb.trace import user_frame_of, user_location
-from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, TraceGraph
+from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, TraceGraph
 
 RECORD = "record"
 DEFER = "defer"
@@ -35,6 +35,15 @@ _ISLAND_OPS = frozenset({
 })
 # Ops whose value follows from their inputs' static shapes: known without running the graph.
 _SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
+
+
+def _attrs_key(op_type, attrs):
+    """Hashable attrs for node identity; a stateful random op's seed2 is left out (graphgen)."""
+    key = _hashable(attrs)
+    if op_type in graphgen.STATEFUL_RANDOM_OPS and key:
+        key = tuple(None if index > 0 and key[index - 1] == "seed2" else item
+                    for index, item in enumerate(key))
+    return key
 
 
 def _hashable(value):
@@ -133,14 +142,14 @@ class IterationRun:
         self.ops += 1
         location = user_location(self.stop_frame, depth=3)
         refs = tuple(self._ref(value) for value in inputs)
-        key = (op_type, _hashable(attrs), location, tuple(_ref_key(ref) for ref in refs))
+        key = (op_type, _attrs_key(op_type, attrs), location, tuple(_ref_key(ref) for ref in refs))
         if self.mode == DEFER:
             child = self.cursor.children.get(key)
             if child is not None:
                 if child.island:
                     self.flush()
                     return self._run_now(child, op_type, num_outputs, inputs, attrs, ctx, name)
-                return self._defer(child, inputs, refs)
+                return self._defer(child, inputs, refs, attrs, ctx)
             self._diverge(op_type, key, location, refs)
         outputs = intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
         child = self.cursor.children.get(key)
@@ -148,6 +157,7 @@ class IterationRun:
             island = op_type in _ISLAND_OPS or intercept.op_def(op_type) is None
             child = self.graph.add_child(self.cursor, key, op_type, attrs, location, refs,
                                          outputs, island, ctx.scope_name)
+            child.host_value = not island and _is_host_value(op_type, outputs)
         child.visits += 1
         child.observe_externals([intercept.unwrap(value) for value in inputs])
         self._register(child, outputs)
@@ -179,7 +189,7 @@ class IterationRun:
         self.segment_start = node
         return outputs
 
-    def _defer(self, node, inputs, refs):
+    def _defer(self, node, inputs, refs, attrs, ctx):
         outside = {}
         segment_uids = self.segment_uids
         for slot, ref in enumerate(refs):
@@ -197,6 +207,10 @@ class IterationRun:
             self.segment_lazies.append(weakref.ref(lazy))
         if node.op_type in _SHAPE_OPS:
             self._know_shape_values(node, refs, outputs)
+        elif node.host_value and all(_available(value) for value in inputs):
+            values = intercept.run_eagerly(node.op_type, len(outputs), inputs, attrs, ctx)
+            for lazy, value in zip(outputs, values, strict=True):
+                lazy.set_value(value)
         return outputs
 
     def _know_shape_values(self, node, refs, outputs) -> None:
@@ -236,15 +250,15 @@ class IterationRun:
             if lazy is not None and lazy._value is None:
                 alive.append(lazy)
         outputs = tuple((lazy.node, lazy.index) for lazy in alive)
-        key, compiled = self.runner.segment_for(self.segment_start, self.cursor, outputs,
-                                                self.index, "new segment")
-        args = self._arguments(compiled)
-        if args is None:
-            self.runner.forget(key)
-            key, compiled = self.runner.segment_for(
-                self.segment_start, self.cursor, outputs, self.index,
-                "a Python value that looked constant changed; it is fed from now on")
+        reason = "new segment"
+        while True:
+            key, compiled = self.runner.segment_for(self.segment_start, self.cursor, outputs,
+                                                    self.index, reason)
             args = self._arguments(compiled)
+            if args is not None:
+                break
+            self.runner.forget(key)
+            reason = "a Python value that looked constant changed; it is fed from now on"
         values = self.runner.run(compiled, args)
         for lazy, value in zip(alive, values, strict=True):
             lazy.set_value(value)
@@ -254,13 +268,19 @@ class IterationRun:
         self.segment_start = self.cursor
 
     def _arguments(self, compiled: graphgen.CompiledSegment):
-        """Feed values in argument order, or None when a folded constant's guard fails."""
+        """Feed values in argument order, or None when a folded constant's guard fails.
+
+        Each failing guard marks its slot as varying, so recompiling converges.
+        """
+        stale = False
         for position, slot in compiled.folded_slots:
             pending = self.pending[position]
             seen = pending.node.externals[slot]
             if not seen.matches(pending.outside[slot]):
                 seen.varying = True
-                return None
+                stale = True
+        if stale:
+            return None
         return [self.pending[position].outside[slot] for position, slot in compiled.feed_slots]
 
     # ------------------------------------------------------------ divergence
@@ -284,6 +304,23 @@ class IterationRun:
         if not self.started_deferred:
             return ev.TRACING
         return ev.FALLBACK if self.fallback is not None else ev.CO_EXECUTING
+
+
+def _is_host_value(op_type: str, outputs) -> bool:
+    """Small stateless integer results (shape arithmetic): cheap to know without the graph.
+
+    Knowing them in Python avoids a fetch (a graph cut) when library code turns one into a
+    Python int, as `TensorShape(tf.shape(x)[0])` does.
+    """
+    definition = intercept.op_def(op_type)
+    if definition is None or definition.is_stateful or not outputs:
+        return False
+    return all(output.dtype.is_integer and output._num_elements() <= SMALL_CONSTANT
+               for output in outputs)
+
+
+def _available(value) -> bool:
+    return not isinstance(value, intercept.LazyTensor) or value._value is not None
 
 
 def _static_shape(ref):

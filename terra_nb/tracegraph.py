@@ -23,7 +23,7 @@ SMALL_CONSTANT = 64  # an external input with at most this many elements may be 
 class ExternalInput:
     """What tracing saw of one external input slot: its first value, and whether it varied."""
 
-    __slots__ = ("first", "first_value", "varying")
+    __slots__ = ("first", "first_value", "_bytes", "varying")
 
     def __init__(self, value) -> None:
         self.first = value
@@ -33,15 +33,19 @@ class ExternalInput:
             and value.dtype.name not in ("resource", "variant", "string")
         )
         self.first_value = value.numpy() if foldable else None
+        self._bytes = self.first_value.tobytes() if foldable else None
         self.varying = not foldable
 
     def matches(self, value) -> bool:
-        """True when `value` equals the first value seen (same object is the cheap check)."""
+        """True when `value` is bit-identical to the first value seen (NaN equals NaN, -0 is not 0).
+
+        The same object is the cheap check: eager tensors are immutable.
+        """
         if value is self.first:
             return True
-        if self.first_value is None:
+        if self._bytes is None:
             return False
-        return bool(np.array_equal(value.numpy(), self.first_value))
+        return np.asarray(value).tobytes() == self._bytes
 
     def observe(self, value) -> None:
         if not self.varying and not self.matches(value):
@@ -54,6 +58,7 @@ class Node:
     __slots__ = (
         "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
         "parent", "children", "depth", "visits", "island", "externals", "scope", "key",
+        "host_value",
         "__weakref__",
     )
 
@@ -73,6 +78,7 @@ class Node:
         self.island = island
         self.scope = scope
         self.externals: dict[int, ExternalInput] = {}
+        self.host_value = False  # small integer result: computed in Python's thread when possible
 
     def observe_externals(self, values: list) -> None:
         """Record the external input values of one visit (for feed-or-fold decisions)."""

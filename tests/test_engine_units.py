@@ -1,0 +1,205 @@
+"""Unit tests of the engine layers: interception, lazy tensors, TraceGraph, graphs, Session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from harness import modes
+
+import terra_nb
+from terra_nb import events as ev
+from terra_nb import intercept
+from terra_nb.session import Session
+from terra_nb.trace import is_user_file
+
+
+def test_every_private_tensorflow_symbol_is_where_we_expect_it():
+    assert intercept.check_private_symbols() == []
+
+
+class _Recorder:
+    def __init__(self):
+        self.seen = []
+
+    def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
+        self.seen.append(op_type)
+        return intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+
+
+def test_interception_sees_ops_before_they_run_and_is_removed_afterwards():
+    from tensorflow.python import pywrap_tfe
+    from tensorflow.python.eager import execute
+
+    recorder = _Recorder()
+    a = tf.constant([[1.0, 2.0]])
+    with intercept.handling(recorder):
+        result = tf.nn.relu(tf.matmul(a, a, transpose_b=True) - 1.0)
+    assert recorder.seen == ["MatMul", "Sub", "Relu"]
+    assert result.numpy().item() == 4.0
+    assert execute.execute is intercept._execute
+    assert pywrap_tfe.TFE_Py_FastPathExecute is intercept._real_fast_path
+    tf.matmul(a, a, transpose_b=True)
+    assert recorder.seen == ["MatMul", "Sub", "Relu"]
+
+
+def test_interception_is_per_thread():
+    import threading
+
+    recorder = _Recorder()
+    seen_elsewhere = []
+    with intercept.handling(recorder):
+        thread = threading.Thread(target=lambda: seen_elsewhere.append(float(tf.add(1.0, 2.0))))
+        thread.start()
+        thread.join()
+    assert seen_elsewhere == [3.0]
+    assert recorder.seen == []
+
+
+def _deferred_session():
+    return Session("unit", trace_iterations=1)
+
+
+def test_deferred_ops_return_lazy_tensors_that_behave_like_eager_ones():
+    session = _deferred_session()
+    x = tf.constant(np.arange(6, dtype=np.float32).reshape(2, 3))
+    observed = {}
+    for _ in range(2):
+        with session.iteration():
+            y = tf.matmul(x, x, transpose_b=True) * 2.0
+            observed["lazy"] = isinstance(y, intercept.LazyTensor)
+            observed["meta"] = (tf.is_tensor(y), tuple(y.shape), y.dtype, len(y))
+            observed["value"] = y.numpy()
+    assert observed["lazy"]
+    assert observed["meta"] == (True, (2, 2), tf.float32, 2)
+    np.testing.assert_allclose(observed["value"], (x.numpy() @ x.numpy().T) * 2.0)
+    assert modes(session) == [ev.TRACING, ev.CO_EXECUTING]
+
+
+def test_lazy_tensors_stay_usable_after_the_iteration():
+    session = _deferred_session()
+    x = tf.constant([1.0, 2.0, 3.0])
+    for _ in range(2):
+        with session.iteration():
+            total = tf.reduce_sum(x * x)
+    assert isinstance(total, intercept.LazyTensor)
+    assert float(total * 2.0) == 28.0
+    assert repr(total) == "<tf.Tensor: shape=(), dtype=float32, numpy=14.0>"
+
+
+def test_python_scalars_that_change_are_fed_not_frozen():
+    session = _deferred_session()
+    variable = tf.Variable(1.0)
+    for step in range(5):
+        with session.iteration():
+            variable.assign_add(tf.constant(float(step)))
+    assert variable.numpy() == 1.0 + sum(range(5))
+    built = session.events.of_type(ev.GraphBuilt)
+    rebuilt = [event for event in built if "changed" in event.reason]
+    assert len(rebuilt) == 1
+
+
+def test_constants_that_never_change_are_folded_into_the_graph():
+    session = _deferred_session()
+    x = tf.Variable(tf.ones([4]))
+    for _ in range(3):
+        with session.iteration():
+            x.assign(x * 0.5 + 1.0)
+    np.testing.assert_allclose(x.numpy(), np.full(4, 1.875))
+    (compiled,) = session.graph_runner._compiled.values()
+    assert len(compiled.folded_slots) == 2
+    assert compiled.feed_slots == []
+
+
+def test_variables_equal_eager_after_each_iteration():
+    session = _deferred_session()
+    eager_variable, terra_variable = tf.Variable([1.0, -2.0]), tf.Variable([1.0, -2.0])
+    for step in range(4):
+        eager_variable.assign(tf.tanh(eager_variable) + step)
+        with session.iteration():
+            terra_variable.assign(tf.tanh(terra_variable) + step)
+        np.testing.assert_allclose(terra_variable.numpy(), eager_variable.numpy(), rtol=1e-6)
+
+
+def test_stateful_random_ops_give_fresh_values_each_iteration():
+    tf.random.set_seed(7)
+    session = _deferred_session()
+    draws = []
+    for _ in range(4):
+        with session.iteration():
+            draws.append(tf.random.uniform([3]).numpy())
+    assert modes(session)[1:] == [ev.CO_EXECUTING] * 3
+    assert len({tuple(draw) for draw in draws}) == 4
+
+
+def test_same_source_op_in_another_loop_trip_is_another_node():
+    session = _deferred_session()
+    x = tf.constant(1.0)
+    for _ in range(2):
+        with session.iteration():
+            y = x
+            for _trip in range(3):
+                y = y * 2.0
+    assert float(y) == 8.0
+    muls = [node for node in session.trace_graph.nodes() if node.op_type == "Mul"]
+    assert len(muls) == 3
+    assert len({node.location for node in muls}) == 1
+
+
+def test_user_exception_leaves_state_as_eager_would():
+    session = _deferred_session()
+    variable = tf.Variable(0.0)
+
+    def step(fail):
+        variable.assign_add(1.0)
+        if fail:
+            raise ValueError("bad batch")
+        variable.assign_add(10.0)
+
+    for _ in range(2):
+        with session.iteration():
+            step(False)
+    with pytest.raises(ValueError, match="bad batch"):
+        with session.iteration():
+            step(True)
+    assert variable.numpy() == 23.0
+    with session.iteration():
+        step(False)
+    assert variable.numpy() == 34.0
+    failed = session.events.of_type(ev.IterationFailed)
+    assert [(event.index, event.error_type) for event in failed] == [(2, "ValueError")]
+
+
+def test_divergence_reports_reason_and_user_line():
+    session = _deferred_session()
+    for width in (2, 2, 3):
+        with session.iteration():
+            total = tf.reduce_sum(tf.constant(np.ones(width, np.float32)) * 2.0)
+    assert float(total) == 6.0
+    (fallback,) = session.events.of_type(ev.FallbackEvent)
+    assert fallback.kind == "shape-changed"
+    assert fallback.index == 2
+    assert fallback.op_type == "Mul"
+    assert fallback.user_frame.source.startswith("total = tf.reduce_sum(")
+    assert fallback.expected == "float32(2,), float32()"
+    assert fallback.actual == "float32(3,), float32()"
+
+
+def test_function_api_runs_each_call_as_an_iteration():
+    variable = tf.Variable(2.0)
+
+    @terra_nb.function
+    def step(scale):
+        variable.assign(variable * scale)
+        return variable * 1.0
+
+    results = [float(step(tf.constant(1.5))) for _ in range(4)]
+    assert results == [3.0, 4.5, 6.75, 10.125]
+    assert modes(step.session) == [ev.TRACING, ev.TRACING, ev.CO_EXECUTING, ev.CO_EXECUTING]
+
+
+def test_user_files_and_library_files_are_told_apart():
+    assert is_user_file(__file__)
+    assert is_user_file("<terra-cell-abc>") or not is_user_file("<frozen os>")
+    assert not is_user_file(tf.__file__)
+    assert not is_user_file(intercept.__file__)
