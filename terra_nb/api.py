@@ -32,7 +32,7 @@ class CoExecutedFunction:
 
     def report(self):
         """The run so far as a Report (text, HTML and data)."""
-        from terra_nb.report import Report
+        from terra_nb.summary import Report
 
         return Report.from_session(self.session)
 

@@ -1,6 +1,6 @@
-"""Runners: the Python skeleton (`IterationRun`) and the graph side (`GraphRunner`).
+"""Runners: the Python skeleton (`PythonRunner`) and the graph side (`GraphRunner`).
 
-`IterationRun` is the op handler of one iteration. Recording, it runs each op eagerly and adds
+`PythonRunner` is the op handler of one iteration. Recording, it runs each op eagerly and adds
 it to the TraceGraph. Deferring (the skeleton), it matches each op to the next TraceGraph node and
 returns LazyTensors; the ops pile up in a pending segment. Terra's three channels:
 - fetch: Python needs a value (`LazyTensor.value`) -> the pending segment is flushed to the graph;
@@ -113,7 +113,7 @@ class Divergence(Exception):
     """Internal signal: the skeleton left the TraceGraph."""
 
 
-class IterationRun:
+class PythonRunner:
     """The op handler of one iteration (see module docstring)."""
 
     def __init__(self, graph: TraceGraph, runner: GraphRunner, events: ev.EventLog,

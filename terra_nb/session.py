@@ -90,12 +90,12 @@ class _Iteration:
         self._graph_seconds = self._compile_seconds = 0.0
         if mode is not None:
             from terra_nb import intercept
-            from terra_nb.runner import IterationRun
+            from terra_nb.runner import PythonRunner
 
             graph, graph_runner = session._engine()
             self._graph_seconds = graph_runner.graph_seconds
             self._compile_seconds = graph_runner.compile_seconds
-            self.run = IterationRun(graph, graph_runner, session.events, self.index, mode,
+            self.run = PythonRunner(graph, graph_runner, session.events, self.index, mode,
                                     sys._getframe(1))
             self._handling = intercept.handling(self.run)
             self._handling.__enter__()

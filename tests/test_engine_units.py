@@ -203,3 +203,59 @@ def test_user_files_and_library_files_are_told_apart():
     assert is_user_file("<terra-cell-abc>") or not is_user_file("<frozen os>")
     assert not is_user_file(tf.__file__)
     assert not is_user_file(intercept.__file__)
+
+
+def test_every_way_python_reads_a_value_is_a_fetch():
+    session = _deferred_session()
+    x = tf.constant([[3.0, -1.0], [0.5, 2.0]])
+    for _ in range(2):
+        with session.iteration():
+            y = tf.abs(x) + 1.0
+            scalar = tf.reduce_max(y)
+            read = {
+                "float": float(scalar),
+                "int": int(tf.cast(scalar, tf.int32)),
+                "bool": bool(scalar > 3.0),
+                "format": f"{scalar:.1f}",
+                "str": str(scalar),
+                "array": np.asarray(y).tolist(),
+                "rows": [row.numpy().tolist() for row in y],
+                "index": [10, 20, 30, 40, 50][tf.cast(scalar, tf.int32)],
+            }
+    assert modes(session) == [ev.TRACING, ev.CO_EXECUTING]
+    assert read == {
+        "float": 4.0, "int": 4, "bool": True, "format": "4.0",
+        "str": "tf.Tensor(4.0, shape=(), dtype=float32)",
+        "array": [[4.0, 2.0], [1.5, 3.0]], "rows": [[4.0, 2.0], [1.5, 3.0]], "index": 50,
+    }
+
+
+def test_xla_compiles_the_graph_and_matches():
+    session = Session("xla", trace_iterations=1, xla=True)
+    variable = tf.Variable(tf.ones([3, 3]))
+    for _ in range(3):
+        with session.iteration():
+            variable.assign(tf.matmul(variable, variable) * 0.1 + 1.0)
+    expected = np.ones([3, 3], np.float32)
+    for _ in range(3):
+        expected = expected @ expected * 0.1 + 1.0
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5)
+    assert all(event.xla for event in session.events.of_type(ev.GraphBuilt))
+    assert modes(session) == [ev.TRACING, ev.CO_EXECUTING, ev.CO_EXECUTING]
+
+
+def test_python_generator_batches_are_fed_each_iteration():
+    def batches():
+        rng = np.random.default_rng(0)
+        while True:
+            yield rng.normal(size=(4, 2)).astype(np.float32)
+
+    session = _deferred_session()
+    totals, expected = [], []
+    source, replay = batches(), batches()
+    for _ in range(4):
+        with session.iteration():
+            totals.append(float(tf.reduce_sum(tf.square(next(source)))))
+        expected.append(float(np.sum(np.square(next(replay)))))
+    np.testing.assert_allclose(totals, expected, rtol=1e-6)
+    assert modes(session)[1:] == [ev.CO_EXECUTING] * 3

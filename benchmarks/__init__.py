@@ -1,0 +1,1 @@
+"""Speed measurements of terra_nb, reported as ratios measured side by side in one run."""

@@ -1,0 +1,125 @@
+"""Where a co-executed step's time goes, side by side with eager and tf.function, in one run.
+
+For each program of tests/programs.py: median eager step, tf.function step (or why it failed),
+co-executed step and its split (Python skeleton, graph, fetch waits), and the tracing iterations'
+cost relative to an eager step. Modes are interleaved in rounds so machine noise hits them alike.
+
+    python -m benchmarks.engine_breakdown [--rounds 3] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
+
+import harness  # noqa: E402
+import programs  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from terra_nb import events as ev  # noqa: E402
+from terra_nb.session import Session  # noqa: E402
+
+PROGRAMS = [
+    programs.build_mlp, programs.build_cnn_batchnorm, programs.build_transformer,
+    programs.build_gan, programs.build_numpy_postprocessing, programs.build_prints_and_counters,
+    programs.build_dataset_loop,
+]
+
+
+class _Mode:
+    """One way of running a program, with its own model state, timed step by step."""
+
+    def __init__(self, name: str, build) -> None:
+        self.name = name
+        harness.seed_everything()
+        self.step, _ = build()
+        self.session = Session(name) if name == "terra_nb" else None
+        self.error = None
+        if name == "tf.function":
+            self.step = tf.function(self.step)
+        self.times: list[float] = []
+        self.index = 0
+
+    def run(self, steps: int, record: bool) -> None:
+        if self.error:
+            return
+        for _ in range(steps):
+            start = time.perf_counter()
+            try:
+                if self.session is None:
+                    float(self.step(self.index))
+                else:
+                    with self.session.iteration():
+                        float(self.step(self.index))
+            except Exception as error:  # a mode that cannot run the program is reported
+                self.error = type(error).__name__
+                return
+            if record:
+                self.times.append(time.perf_counter() - start)
+            self.index += 1
+
+
+def measure(build, rounds: int, steps: int) -> dict:
+    modes = [_Mode(name, build) for name in ("eager", "tf.function", "terra_nb")]
+    for mode in modes:
+        mode.run(3, record=False)  # tracing / warm-up
+    for _ in range(rounds):
+        for mode in modes:
+            mode.run(steps, record=True)
+    eager, function, terra = modes
+    done = terra.session.events.of_type(ev.IterationDone)
+    steady = [event for event in done if event.mode == ev.CO_EXECUTING][-rounds * steps:]
+    tracing = [event.seconds for event in done if event.mode == ev.TRACING][1:]
+    eager_ms = statistics.median(eager.times) * 1e3
+
+    def part(name):
+        return statistics.median(event.breakdown.get(name, 0.0) for event in steady) * 1e3
+
+    return {
+        "program": build.__name__[6:],
+        "eager_ms": eager_ms,
+        "function_ms": None if function.error else statistics.median(function.times) * 1e3,
+        "function_error": function.error,
+        "terra_ms": statistics.median(terra.times) * 1e3,
+        "skeleton_ms": part("skeleton"),
+        "graph_ms": part("graph"),
+        "fetch_ms": part("fetch_waits"),
+        "tracing_ratio": (statistics.median(tracing) * 1e3 / eager_ms) if tracing else None,
+        "fallbacks": len(terra.session.events.of_type(ev.FallbackEvent)),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| program | eager ms | tf.function ms | terra_nb ms | skeleton ms | graph ms | "
+        "fetch waits ms | eager/terra | tracing/eager |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        function = (f"{row['function_ms']:.1f}" if row["function_ms"] is not None
+                    else f"failed ({row['function_error']})")
+        tracing = f"{row['tracing_ratio']:.2f}" if row["tracing_ratio"] else "-"
+        lines.append(
+            f"| {row['program']} | {row['eager_ms']:.1f} | {function} | {row['terra_ms']:.1f} | "
+            f"{row['skeleton_ms']:.1f} | {row['graph_ms']:.1f} | {row['fetch_ms']:.1f} | "
+            f"{row['eager_ms'] / row['terra_ms']:.2f}x | {tracing} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    rows = [measure(build, args.rounds, args.steps) for build in PROGRAMS]
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""terra_nb: Terra-style imperative-symbolic co-execution for TensorFlow 2 in Jupyter.
+
+Public API, kept small:
+- `%load_ext terra_nb` then `%%terra` on a training-loop cell (see `%%terra?`).
+- `terra_nb.function`: decorator for scripts; each call is one iteration.
+- `terra_nb.report()`: the last `%%terra` run as data.
+
+Importing this package does not import TensorFlow; the magic and the engine load it on use.
+"""
+
+from __future__ import annotations
+
+import os
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "function", "load_ipython_extension", "report"]
+
+
+def load_ipython_extension(ipython) -> None:
+    """Register `%%terra`; quiets TensorFlow's C++ logging unless the user chose a level."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from terra_nb.magic import TerraMagics
+
+    ipython.register_magics(TerraMagics)
+
+
+def report():
+    """The `Report` of the last `%%terra` cell run in this IPython session."""
+    from terra_nb.magic import last_report
+
+    return last_report()
+
+
+def __getattr__(name: str):
+    # `function` lives with the engine, which imports TensorFlow: load it on first use only.
+    if name == "function":
+        from terra_nb.api import function
+
+        return function
+    raise AttributeError(f"module 'terra_nb' has no attribute {name!r}")

@@ -1,0 +1,73 @@
+"""The package as installed: light import, metadata, extension entry point."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import terra_nb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )
+
+
+def test_import_does_not_load_tensorflow():
+    done = run_python(
+        "import sys, terra_nb\n"
+        "terra_nb.report, terra_nb.load_ipython_extension\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "2"), ("0", "0")])
+def test_load_extension_quiets_tensorflow_unless_user_chose(preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if preset is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = preset
+    done = run_python(
+        "import os\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "import terra_nb\n"
+        "shell = InteractiveShell.instance()\n"
+        "terra_nb.load_ipython_extension(shell)\n"
+        "assert shell.find_cell_magic('terra') is not None\n"
+        "print(os.environ['TF_CPP_MIN_LOG_LEVEL'])",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
+
+
+def test_version_and_metadata():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "terra_nb"
+    assert project["requires-python"] == ">=3.11"
+    requirements = {req.split(">=")[0]: req for req in project["dependencies"]}
+    assert requirements["tensorflow"] == "tensorflow>=2.21"
+    assert requirements["keras"] == "keras>=3"
+    major, minor, patch = (int(part) for part in terra_nb.__version__.split("."))
+    assert (major, minor, patch) >= (0, 1, 0)
+    try:
+        installed = importlib.metadata.version("terra_nb")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("terra_nb is not installed (run `make test`)")
+    assert installed == terra_nb.__version__
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        terra_nb.no_such_thing  # noqa: B018

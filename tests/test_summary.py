@@ -1,0 +1,84 @@
+"""Report: counts, medians and the speedup rules, from hand-made event logs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from terra_nb import events as ev
+from terra_nb.summary import Report
+
+
+def done(index: int, mode: str, ms: float) -> ev.IterationDone:
+    return ev.IterationDone(index, mode, ms / 1e3, {})
+
+
+def test_eager_only_says_ran_eagerly_without_speedup():
+    report = Report.from_events([done(0, ev.EAGER, 30.0), done(1, ev.EAGER, 10.0),
+                                 done(2, ev.EAGER, 12.0)])
+    assert report.ran_eagerly
+    assert report.iterations == 3
+    assert report.speedup is None
+    assert report.stats(ev.EAGER).median_ms == pytest.approx(12.0)
+    text = str(report)
+    assert "ran eagerly" in text and "3 iterations" in text
+    assert re.search(r"speedup \d", text) is None
+    assert "12.00" in text and "30.00" in text
+
+
+def test_speedup_uses_tracing_baseline_without_the_first_iteration():
+    events = [done(0, ev.TRACING, 100.0), done(1, ev.TRACING, 20.0), done(2, ev.TRACING, 22.0)]
+    events += [done(i, ev.CO_EXECUTING, 5.0) for i in range(3, 8)]
+    report = Report.from_events(events)
+    assert report.baseline == ev.TRACING
+    assert report.baseline_iterations == 2
+    assert report.baseline_ms == pytest.approx(21.0)
+    assert report.speedup == pytest.approx(21.0 / 5.0)
+    assert "vs tracing median" in str(report)
+
+
+def test_plain_eager_baseline_is_preferred_and_never_mixed():
+    events = [done(0, ev.EAGER, 50.0), done(1, ev.EAGER, 40.0), done(2, ev.TRACING, 1000.0),
+              done(3, ev.CO_EXECUTING, 10.0)]
+    report = Report.from_events(events)
+    assert report.baseline == ev.EAGER
+    assert report.speedup == pytest.approx(4.0)
+
+
+def test_no_speedup_when_only_the_warm_up_iteration_is_eager():
+    report = Report.from_events([done(0, ev.TRACING, 80.0), done(1, ev.CO_EXECUTING, 5.0)])
+    assert report.speedup is None
+    assert "speedup not measured" in str(report)
+
+
+def test_since_keeps_only_this_runs_events():
+    events = [done(0, ev.TRACING, 9.0), done(1, ev.TRACING, 9.0), done(2, ev.CO_EXECUTING, 3.0)]
+    report = Report.from_events(events, since=2)
+    assert report.iterations == 1
+    assert report.speedup is None
+    assert "no eager or tracing iterations in this run" in str(report)
+
+
+def test_fallbacks_and_failures_show_reason_and_user_line():
+    frame = ev.UserFrame("<terra-cell-abc>", 7, "    y = np.sum(x.numpy())\n")
+    events = [
+        done(0, ev.TRACING, 9.0),
+        ev.GraphBuilt(0, ops=12, feeds=1, fetches=2, seconds=0.05),
+        ev.FallbackEvent(3, "shape-changed", "x changed shape", hint="pad the batch",
+                         user_frame=frame, expected="(32, 4)", actual="(7, 4)"),
+        done(3, ev.FALLBACK, 20.0),
+        ev.IterationFailed(4, "ValueError", "boom", frame),
+    ]
+    report = Report.from_events(events)
+    text = str(report)
+    assert "shape-changed: x changed shape (expected (32, 4), got (7, 4))" in text
+    assert "<terra-cell-abc>:7: y = np.sum(x.numpy())" in text
+    assert "failed: iteration 4: ValueError: boom" in text
+    explained = report.explain()
+    assert "graph built: 12 ops, 1 feeds, 2 fetches" in explained
+    assert "hint: pad the batch" in explained
+    html = report._repr_html_()
+    assert "<table>" in html and "shape-changed" in html
+    bundle = report._repr_mimebundle_()
+    assert bundle["text/plain"] == text and bundle["text/html"] == html
