@@ -90,7 +90,8 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False) -> Comp
     feed_index = {slot: index for index, slot in enumerate(feeds)}
     position_of = {node.uid: position for position, node in enumerate(path)}
     specs = [_input_spec(path[position].inputs[slot]) for position, slot in feeds]
-    attrs = [intercept.attr_protos(node.op_type, _graph_attrs(node)) for node in path]
+    attrs = [None if node.function is not None
+             else intercept.attr_protos(node.op_type, _graph_attrs(node)) for node in path]
 
     def segment(*args):
         graph = tf.compat.v1.get_default_graph()
@@ -107,14 +108,17 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False) -> Comp
                     inputs.append(tf.constant(constant, dtype=tf.dtypes.as_dtype(ref[1])))
                 else:
                     inputs.append(args[feed_index[(position, slot)]])
-            operation = graph.create_op(
-                node.op_type,
-                inputs,
-                [tf.dtypes.as_dtype(dtype) for dtype in node.output_dtypes],
-                attrs=attrs[position],
-                compute_device=True,
-            )
-            for index, tensor in enumerate(operation.outputs):
+            if node.function is not None:
+                results = intercept.call_function_in_graph(node.function, inputs)
+            else:
+                results = graph.create_op(
+                    node.op_type,
+                    inputs,
+                    [tf.dtypes.as_dtype(dtype) for dtype in node.output_dtypes],
+                    attrs=attrs[position],
+                    compute_device=True,
+                ).outputs
+            for index, tensor in enumerate(results):
                 tensor.set_shape(node.output_shapes[index])
                 values[(node.uid, index)] = tensor
         return [values[(node.uid, index)] for node, index in outputs]

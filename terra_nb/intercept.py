@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import sys
 import threading
 from typing import Protocol
 
 from tensorflow.python import pywrap_tfe
-from tensorflow.python.eager import context, core, execute
+from tensorflow.python.eager import context, core, execute, record
+from tensorflow.python.eager.polymorphic_function import atomic_function
 from tensorflow.python.framework import dtypes, op_def_registry, ops, tensor_shape
 
 PRIVATE_SYMBOLS = (
@@ -34,10 +36,13 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.framework.op_def_registry", "get"),
     ("tensorflow.python.eager.context", "context"),
     ("tensorflow.python.eager.polymorphic_function.concrete_function", "ConcreteFunction"),
+    ("tensorflow.python.eager.polymorphic_function.atomic_function", "AtomicFunction"),
+    ("tensorflow.python.eager.polymorphic_function.atomic_function", "make_call_op_in_graph"),
 )
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
 _CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")
+_ATOMIC_FUNCTION_MEMBERS = ("call_flat", "function_type")
 
 
 def check_private_symbols() -> list[str]:
@@ -58,6 +63,11 @@ def check_private_symbols() -> list[str]:
         f"ConcreteFunction.{member}"
         for member in _CONCRETE_FUNCTION_MEMBERS
         if not hasattr(concrete, member)
+    ]
+    missing += [
+        f"AtomicFunction.{member}"
+        for member in _ATOMIC_FUNCTION_MEMBERS
+        if not hasattr(atomic_function.AtomicFunction, member)
     ]
     return missing
 
@@ -220,6 +230,11 @@ class LazyTensor(ops._EagerTensorBase):
     def is_packed(self):
         return False
 
+    @property
+    def graph(self):
+        """None, as TF's function-call code expects of a tensor that is not symbolic."""
+        return None
+
     def _prefer_custom_summarizer(self):
         return False
 
@@ -336,8 +351,12 @@ def _shape_proto(value):
 
 
 def call_concrete(function, args: list) -> list:
-    """Call a ConcreteFunction through its flat-call path (cheaper than `function(*args)`)."""
-    with suspended():
+    """Call a ConcreteFunction through its flat-call path (cheaper than `function(*args)`).
+
+    Gradient tapes were already told about every deferred op, one by one; the graph call that
+    computes them must not be recorded again.
+    """
+    with suspended(), record.stop_recording():
         outputs = function._call_flat(args, function.captured_inputs)
     if outputs is None:
         return []
@@ -346,3 +365,31 @@ def call_concrete(function, args: list) -> list:
 
 def current_context():
     return context.context()
+
+
+# ---------------------------------------------------------------- calls of traced functions
+
+_CALL_FLAT_CODE = atomic_function.AtomicFunction.call_flat.__code__
+
+
+def calling_function(max_depth: int = 8):
+    """The AtomicFunction whose eager call is the op being handled (None if it is not one).
+
+    An eager call of a traced function reaches `execute.execute` with the function's name as
+    the op type, from `AtomicFunction.call_flat`; that frame holds the function object, which
+    is what the graph needs to call it (its FunctionDef and those of its children).
+    """
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        if frame.f_code is _CALL_FLAT_CODE:
+            return frame.f_locals.get("self")
+        frame = frame.f_back
+    return None
+
+
+def call_function_in_graph(function, inputs: list) -> list:
+    """Call an AtomicFunction from inside the graph being built (a PartitionedCall op)."""
+    attrs = context.context().function_call_options.as_attrs()
+    return list(atomic_function.make_call_op_in_graph(function, inputs, attrs))

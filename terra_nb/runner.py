@@ -19,7 +19,7 @@ import weakref
 import numpy as np
 
 from terra_nb import events as ev
-from terra_nb import graphgen, intercept
+from terra_nb import graphgen, intercept, macros
 from terra_nb.trace import user_frame_of, user_location
 from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, TraceGraph
 
@@ -135,6 +135,8 @@ class PythonRunner:
         self.fallback: ev.FallbackEvent | None = None
         self.finished = False
         self.fetch_seconds = 0.0
+        self.flushes = 0
+        self.retraced = ""  # why the iteration left co-execution without a fallback, if it did
 
     # ------------------------------------------------------------ op handler
 
@@ -154,10 +156,12 @@ class PythonRunner:
         outputs = intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
         child = self.cursor.children.get(key)
         if child is None:
-            island = op_type in _ISLAND_OPS or intercept.op_def(op_type) is None
+            function = None if intercept.op_def(op_type) else intercept.calling_function()
+            island = op_type in _ISLAND_OPS or (function is None and not intercept.op_def(op_type))
             child = self.graph.add_child(self.cursor, key, op_type, attrs, location, refs,
                                          outputs, island, ctx.scope_name)
-            child.host_value = not island and _is_host_value(op_type, outputs)
+            child.function = function
+            child.host_value = not island and function is None and _is_host_value(op_type, outputs)
         child.visits += 1
         child.observe_externals([intercept.unwrap(value) for value in inputs])
         self._register(child, outputs)
@@ -262,6 +266,7 @@ class PythonRunner:
         values = self.runner.run(compiled, args)
         for lazy, value in zip(alive, values, strict=True):
             lazy.set_value(value)
+        self.flushes += 1
         self.pending = []
         self.segment_lazies = []
         self.segment_uids = set()
@@ -287,9 +292,18 @@ class PythonRunner:
 
     def _diverge(self, op_type, key, location, refs) -> None:
         self.flush()
+        self.mode = RECORD
+        if macros.is_replaying():
+            self.retraced = "library calls are replayed from compiled functions now"
+            self.events.emit(ev.Note(self.index, "library-replay",
+                                     f"{self.retraced}; this iteration traced the new path"))
+            return
         self.fallback = _explain_divergence(self.index, self.cursor, op_type, key, location, refs)
         self.events.emit(self.fallback)
-        self.mode = RECORD
+
+    @property
+    def is_deferring(self) -> bool:
+        return self.mode == DEFER
 
     def finish(self) -> None:
         """End of the iteration: everything pending runs, nothing is left half done."""
@@ -303,7 +317,9 @@ class PythonRunner:
     def result_mode(self) -> str:
         if not self.started_deferred:
             return ev.TRACING
-        return ev.FALLBACK if self.fallback is not None else ev.CO_EXECUTING
+        if self.fallback is not None:
+            return ev.FALLBACK
+        return ev.TRACING if self.retraced else ev.CO_EXECUTING
 
 
 def _is_host_value(op_type: str, outputs) -> bool:

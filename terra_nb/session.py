@@ -26,6 +26,7 @@ class Session:
         trace_iterations: int = DEFAULT_TRACE_ITERATIONS,
         xla: bool = False,
         eager: bool = False,
+        self_check: bool = False,
     ) -> None:
         if trace_iterations < 1:
             raise ValueError(f"trace_iterations must be at least 1, got {trace_iterations}")
@@ -33,10 +34,12 @@ class Session:
         self.trace_iterations = trace_iterations
         self.xla = xla
         self.eager = eager
+        self.self_check = self_check
         self.events = ev.EventLog()
         self.iterations = 0
         self._graph = None
         self._runner = None
+        self._macros = None
 
     def iteration(self) -> _Iteration:
         """Run one iteration of the user's loop body (a context manager)."""
@@ -53,6 +56,11 @@ class Session:
     def graph_runner(self):
         return self._runner
 
+    @property
+    def macro_table(self):
+        """Library calls replayed from compiled functions (None in self-check mode)."""
+        return self._macros
+
     def _engine(self):
         if self._graph is None:
             from terra_nb.runner import GraphRunner
@@ -60,6 +68,10 @@ class Session:
 
             self._graph = TraceGraph()
             self._runner = GraphRunner(self.events, self.xla)
+            if not self.self_check:
+                from terra_nb.macros import MacroTable
+
+                self._macros = MacroTable()
         return self._graph, self._runner
 
     def _mode_for(self, index: int) -> str | None:
@@ -83,6 +95,7 @@ class _Iteration:
         self.index = index
         self.run = None
         self._handling = None
+        self._replaying = None
 
     def __enter__(self):
         session = self.session
@@ -99,6 +112,11 @@ class _Iteration:
                                     sys._getframe(1))
             self._handling = intercept.handling(self.run)
             self._handling.__enter__()
+            if session.macro_table is not None:
+                from terra_nb.macros import replaying
+
+                self._replaying = replaying(session.macro_table, self.run)
+                self._replaying.__enter__()
         self.start = time.perf_counter()
         return self
 
@@ -109,6 +127,8 @@ class _Iteration:
             if self.run is not None:
                 self.run.finish()
         finally:
+            if self._replaying is not None:
+                self._replaying.__exit__(None, None, None)
             if self._handling is not None:
                 self._handling.__exit__(None, None, None)
         seconds = time.perf_counter() - self.start

@@ -58,7 +58,7 @@ class Node:
     __slots__ = (
         "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
         "parent", "children", "depth", "visits", "island", "externals", "scope", "key",
-        "host_value",
+        "host_value", "function",
         "__weakref__",
     )
 
@@ -79,6 +79,7 @@ class Node:
         self.scope = scope
         self.externals: dict[int, ExternalInput] = {}
         self.host_value = False  # small integer result: computed in Python's thread when possible
+        self.function = None  # for a call of a traced function: the AtomicFunction it calls
 
     def observe_externals(self, values: list) -> None:
         """Record the external input values of one visit (for feed-or-fold decisions)."""

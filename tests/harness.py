@@ -24,7 +24,8 @@ from terra_nb.session import Session  # noqa: E402
 
 tf.config.experimental.enable_op_determinism()
 
-RTOL = 1e-4  # DESIGN.md: per-iteration tolerance against eager
+RTOL = 1e-4  # DESIGN.md: an iteration computed from eager-equal state matches to rtol 1e-4
+RUN_RTOL = 1e-3  # DESIGN.md: over a run, no more drift than tf.function's own (1e-3)
 ATOL = 1e-6
 
 
@@ -60,27 +61,199 @@ def run_program(build, iterations: int, session: Session | None = None) -> Run:
     return Run(losses, [np.asarray(value) for value in state()], out.getvalue(), session)
 
 
-def compare(build, iterations: int = 6, **session_options) -> tuple[Run, Run]:
+def compare(build, iterations: int = 6, run_rtol: float = RUN_RTOL,
+            **session_options) -> tuple[Run, Run]:
     """Run eagerly and under a Session; assert equal losses, variables and prints."""
     eager = run_program(build, iterations)
     terra = run_program(build, iterations, Session("test", **session_options))
-    assert_same(eager, terra)
+    assert_same(eager, terra, run_rtol)
     return eager, terra
 
 
-def assert_same(eager: Run, terra: Run) -> None:
+def assert_same(eager: Run, terra: Run, run_rtol: float = RUN_RTOL) -> None:
+    """Losses match to RTOL up to the first graph-computed one (its inputs are eager-equal),
+    later losses and the final variables to `run_rtol`; printed output exactly."""
     assert len(eager.losses) == len(terra.losses)
+    first_graph = _first_graph_iteration(terra.session)
     for index, (expected, actual) in enumerate(zip(eager.losses, terra.losses, strict=True)):
-        np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL,
+        rtol = RTOL if index <= first_graph else run_rtol
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=ATOL,
                                    err_msg=f"loss of iteration {index}")
     assert len(eager.state) == len(terra.state)
     for index, (expected, actual) in enumerate(zip(eager.state, terra.state, strict=True)):
-        np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL,
+        np.testing.assert_allclose(actual, expected, rtol=run_rtol, atol=ATOL,
                                    err_msg=f"variable {index}")
     assert terra.printed == eager.printed
+
+
+def _first_graph_iteration(session: Session | None) -> int:
+    from terra_nb.events import TRACING, IterationDone
+
+    if session is None:
+        return 1 << 30
+    graph_modes = [event.index for event in session.events.of_type(IterationDone)
+                   if event.mode != TRACING]
+    return min(graph_modes) if graph_modes else 1 << 30
 
 
 def modes(session: Session) -> list[str]:
     from terra_nb.events import IterationDone
 
     return [event.mode for event in session.events.of_type(IterationDone)]
+
+
+# ---------------------------------------------------------------- differential harness, full
+# (issue 9) A program here is `build(tmp) -> (step, state, effects)`: `step(i)` runs iteration i,
+# `state()` returns every variable's value (model, optimizer slots and counters), `effects()`
+# returns the Python side effects as plain data (lists, dicts, counters). Files the step writes
+# under `tmp` are compared too. Each run gets its own fresh `tmp`.
+
+EAGER_API = "eager"
+SESSION_API = "session"
+FUNCTION_API = "function"
+
+
+@dataclasses.dataclass
+class Observed:
+    """Everything one run of a program left behind, iteration by iteration where it can."""
+
+    results: list  # the step's return value per iteration, as float64 arrays
+    states: list  # state() after each iteration
+    printed: list  # stdout printed by each iteration
+    effects: list  # effects() after each iteration
+    files: dict  # relative path -> text, at the end
+    session: Session | None
+
+
+def observe(build, iterations: int, api: str = EAGER_API, tmp=None, **session_options):
+    """Run `iterations` steps of `build` eagerly, in a Session, or through terra_nb.function."""
+    import tempfile
+
+    import terra_nb
+
+    seed_everything()
+    owned = tmp is None
+    tmp = tempfile.mkdtemp(prefix="terra-diff-") if owned else str(tmp)
+    step, state, effects = build(tmp)
+    session = None
+    if api == SESSION_API:
+        session = Session("differential", **session_options)
+
+        def call(index):
+            with session.iteration():
+                return step(index)
+    elif api == FUNCTION_API:
+        call = terra_nb.function(step, **session_options)
+        session = call.session
+    elif api == EAGER_API:
+        call = step
+    else:
+        raise ValueError(f"unknown api {api!r}")
+    observed = Observed([], [], [], [], {}, session)
+    for index in range(iterations):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            result = call(index)
+        observed.results.append(np.asarray(result, dtype=np.float64))
+        observed.printed.append(out.getvalue())
+        observed.states.append([np.array(value) for value in state()])
+        observed.effects.append(_plain(effects()))
+    observed.files = _read_tree(tmp)
+    if owned:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return observed
+
+
+def _plain(value):
+    """A deep copy of effects as plain Python/numpy data (tensors become arrays)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if tf.is_tensor(value):
+        return np.array(value)
+    return value
+
+
+def _read_tree(root: str) -> dict:
+    files = {}
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                files[os.path.relpath(path, root)] = handle.read()
+    return files
+
+
+_NUMBER = r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan"
+
+
+def assert_same_text(actual: str, expected: str, what: str) -> None:
+    """Equal text, except that numbers may differ by RTOL (graph vs eager round-off)."""
+    import re
+
+    split_actual, split_expected = re.split(f"({_NUMBER})", actual), re.split(
+        f"({_NUMBER})", expected)
+    message = f"{what} differs:\n--- eager\n{expected}\n--- terra_nb\n{actual}"
+    assert len(split_actual) == len(split_expected), message
+    for index, (got, want) in enumerate(zip(split_actual, split_expected, strict=True)):
+        if index % 2 == 0:
+            assert got == want, message
+        else:
+            assert np.isclose(float(got), float(want), rtol=RTOL, atol=ATOL,
+                              equal_nan=True), message
+
+
+def assert_same_value(actual, expected, what: str) -> None:
+    """Deep equality of effects with float tolerance."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), (
+            f"{what}: {actual!r} != {expected!r}")
+        for key in expected:
+            assert_same_value(actual[key], expected[key], f"{what}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected) and len(actual) == len(expected), (
+            f"{what}: {actual!r} != {expected!r}")
+        for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+            assert_same_value(got, want, f"{what}[{index}]")
+    elif isinstance(expected, str):
+        assert_same_text(actual, expected, what)
+    elif isinstance(expected, (float, np.floating, np.ndarray)):
+        np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL, err_msg=what)
+    else:
+        assert actual == expected, f"{what}: {actual!r} != {expected!r}"
+
+
+def assert_same_observed(eager: Observed, terra: Observed) -> None:
+    """Iteration by iteration: result, printed output, every variable, every side effect."""
+    assert len(terra.results) == len(eager.results)
+    for index in range(len(eager.results)):
+        where = f"iteration {index}"
+        assert_same_text(terra.printed[index], eager.printed[index], f"printed output of {where}")
+        np.testing.assert_allclose(terra.results[index], eager.results[index], rtol=RTOL,
+                                   atol=ATOL, err_msg=f"result of {where}")
+        assert len(terra.states[index]) == len(eager.states[index]), where
+        for slot, (got, want) in enumerate(zip(terra.states[index], eager.states[index],
+                                               strict=True)):
+            assert got.shape == want.shape, f"variable {slot} after {where}: shape"
+            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"variable {slot} after {where}")
+        assert_same_value(terra.effects[index], eager.effects[index], f"effects after {where}")
+    assert sorted(terra.files) == sorted(eager.files), "files written"
+    for name in eager.files:
+        assert_same_text(terra.files[name], eager.files[name], f"file {name}")
+
+
+def differential(build, iterations: int, apis=(SESSION_API, FUNCTION_API), **session_options):
+    """Run eagerly and under each terra_nb API from the same seeds; assert no difference.
+
+    Returns the Observed of each terra_nb API, for assertions on its events.
+    """
+    eager = observe(build, iterations)
+    runs = {}
+    for api in apis:
+        runs[api] = observe(build, iterations, api, **session_options)
+        assert_same_observed(eager, runs[api])
+    return runs

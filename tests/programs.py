@@ -74,7 +74,7 @@ def build_cnn_batchnorm():
     return step, _all_variables(model, optimizer, accuracy)
 
 
-class _TransformerBlock(keras.layers.Layer):
+class TransformerBlock(keras.layers.Layer):
     def __init__(self, dim, heads):
         super().__init__()
         self.attention = keras.layers.MultiHeadAttention(heads, dim // heads)
@@ -92,7 +92,7 @@ def build_transformer():
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, 50, size=(4, 4, 10)).astype("int32")
     embed = keras.layers.Embedding(50, 16)
-    block = _TransformerBlock(16, 2)
+    block = TransformerBlock(16, 2)
     head = keras.layers.Dense(50)
     optimizer = keras.optimizers.Adam(1e-3)
 

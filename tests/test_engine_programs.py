@@ -22,16 +22,29 @@ STEADY = [
 
 
 @pytest.mark.parametrize("build", STEADY, ids=lambda build: build.__name__[6:])
-def test_same_results_as_eager_and_co_executes(build):
-    _, terra = compare(build, iterations=6)
+def test_same_results_as_eager_with_full_skeleton(build):
+    """Self-check mode re-runs all library Python: every iteration after tracing co-executes."""
+    _, terra = compare(build, iterations=6, run_rtol=1e-4, self_check=True)
     session = terra.session
     assert modes(session) == [ev.TRACING, ev.TRACING] + [ev.CO_EXECUTING] * 4
     assert session.events.of_type(ev.FallbackEvent) == []
     assert session.events.of_type(ev.GraphBuilt), "co-execution must have built a graph"
 
 
+@pytest.mark.parametrize("build", STEADY, ids=lambda build: build.__name__[6:])
+def test_same_results_as_eager_with_library_replay(build):
+    """Stable Keras calls become compiled macros; results stay eager-equal throughout."""
+    _, terra = compare(build, iterations=9)
+    session = terra.session
+    assert modes(session)[-3:] == [ev.CO_EXECUTING] * 3
+    assert session.macro_table.macros >= 1
+    assert session.macro_table.replayed_calls >= 3
+    late = [event for event in session.events.of_type(ev.FallbackEvent) if event.index >= 6]
+    assert late == []
+
+
 def test_path_change_falls_back_then_reuses_the_new_path():
-    _, terra = compare(programs.build_path_change, iterations=9)
+    _, terra = compare(programs.build_path_change, iterations=9, run_rtol=1e-4, self_check=True)
     observed = modes(terra.session)
     assert observed[:2] == [ev.TRACING, ev.TRACING]
     # Iteration 2 takes the extra branch for the first time: fallback. Iteration 5 and 8 take
@@ -42,3 +55,12 @@ def test_path_change_falls_back_then_reuses_the_new_path():
     assert len(fallbacks) == 1
     assert fallbacks[0].user_frame.source.startswith("out = tf.nn.relu(out)")
     assert fallbacks[0].user_frame.filename.endswith("programs.py")
+
+
+def test_path_change_with_library_replay_stays_correct():
+    _, terra = compare(programs.build_path_change, iterations=12)
+    fallbacks = terra.session.events.of_type(ev.FallbackEvent)
+    # The extra branch is new once without replayed library calls and once with them.
+    assert 1 <= len(fallbacks) <= 2
+    assert all(event.user_frame.source.startswith("out = tf.nn.relu(out)") for event in fallbacks)
+    assert modes(terra.session)[-3:] == [ev.CO_EXECUTING] * 3

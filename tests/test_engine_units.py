@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -259,3 +261,44 @@ def test_python_generator_batches_are_fed_each_iteration():
         expected.append(float(np.sum(np.square(next(replay)))))
     np.testing.assert_allclose(totals, expected, rtol=1e-6)
     assert modes(session)[1:] == [ev.CO_EXECUTING] * 3
+
+
+def test_keras_internals_the_replay_guard_reads_exist():
+    import importlib
+
+    from terra_nb import macros
+
+    for dotted, attribute in macros.PRIVATE_KERAS_SYMBOLS:
+        module_name, _, class_name = dotted.rpartition(".")
+        owner = getattr(importlib.import_module(module_name), class_name)
+        assert hasattr(owner, attribute), f"{dotted}.{attribute} moved"
+
+
+def test_replayed_layer_sees_a_changed_trainable_flag():
+    """Stale Python state is the risk of replay: `trainable` is in the guard."""
+    import keras
+    from harness import seed_everything
+
+    def run(session):
+        seed_everything()
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        optimizer = keras.optimizers.SGD(0.1)
+        x = np.ones((4, 3), np.float32)
+        for step in range(8):
+            if step == 5:
+                model.layers[0].trainable = False
+            context = session.iteration() if session else contextlib.nullcontext()
+            with context:
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_sum(model(x) ** 2)
+                variables = model.trainable_variables
+                if variables:
+                    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return [v.numpy() for v in model.weights], float(loss)
+
+    session = Session("trainable")
+    expected, actual = run(None), run(session)
+    for want, got in zip(expected[0], actual[0], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert actual[1] == pytest.approx(expected[1], rel=1e-5)
+    assert session.macro_table.replayed_calls > 0

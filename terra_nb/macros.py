@@ -1,0 +1,311 @@
+"""Library replay: stop re-running stable Keras Python in the skeleton.
+
+User code always runs. A Keras call made directly from user code (`layer(x)`, `model(x)`,
+`loss_fn(y, p)`, `optimizer.apply_gradients(...)`) is library code; when it was seen to be
+stable it is replaced by one call of a ConcreteFunction traced from it (a "macro"), which the
+skeleton defers as a single op and the graph inlines. Stable means, on two consecutive
+observations with the same guard key, it produced the same TraceGraph span, ran no user code
+(no op located in a user frame below the call site, no user-defined class among the layers),
+forced no value, left no Keras mask or layer loss, and at least one observation was deferred.
+
+The guard key is everything the call's Python reads that may change: the object, the dtypes
+and shapes of tensor arguments, the values of Python arguments (e.g. `training`), the
+`trainable` flags and variable counts of all its layers and its dtype policy. A call with a new
+key is observed again; a macro call whose ops the TraceGraph has not seen is an ordinary
+divergence (fallback, retrace). `Session(self_check=True)` never replays, so every call runs its
+Python: the suite runs programs both ways and compares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import threading
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from terra_nb import intercept
+from terra_nb.trace import is_user_file, user_location
+
+_PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
+
+_VARIABLE_TYPES = (tf.Variable, keras.Variable)
+
+# Ops whose gradient is an IndexedSlices: through a traced call's backward function it would
+# arrive dense, and optimizers update dense and sparse gradients differently (Adam's moments).
+_SPARSE_GRADIENT_OPS = frozenset({"ResourceGather", "ResourceGatherNd", "GatherV2", "Gather"})
+
+PRIVATE_KERAS_SYMBOLS = (("keras.layers.Layer", "_flatten_layers"),)
+"""Keras internals the guard reads (checked by a test, like intercept.PRIVATE_SYMBOLS)."""
+
+
+@dataclasses.dataclass
+class _Entry:
+    """What is known of one guard key."""
+
+    last_span: tuple | None = None
+    deferred_seen: bool = False
+    banned: str = ""
+    macro: object = None
+    tensor_positions: list | None = None
+
+
+class MacroTable:
+    """The macros of one Session, keyed by guard key."""
+
+    def __init__(self) -> None:
+        self.entries: dict = {}
+        self.replayed_calls = 0
+
+    @property
+    def macros(self) -> int:
+        return sum(1 for entry in self.entries.values() if entry.macro is not None)
+
+    def call(self, runner, original, obj, args: tuple, kwargs: dict, call_site):
+        __tracebackhide__ = True
+        key = _guard_key(obj, args, kwargs)
+        if key is None:
+            return original(obj, *args, **kwargs)
+        key = (call_site, key)
+        entry = self.entries.setdefault(key, _Entry())
+        if entry.macro is not None:
+            self.replayed_calls += 1
+            return _replay(entry, args, kwargs)
+        if entry.banned:
+            return original(obj, *args, **kwargs)
+        return self._observe(entry, runner, original, obj, args, kwargs, call_site)
+
+    def _observe(self, entry, runner, original, obj, args, kwargs, call_site):
+        start, flushes, deferred = runner.cursor, runner.flushes, runner.is_deferring
+        _state.observing += 1
+        try:
+            result = original(obj, *args, **kwargs)
+        finally:
+            _state.observing -= 1
+        reason = _unstable(runner, start, flushes, call_site, obj, result)
+        if reason:
+            entry.banned = reason
+            return result
+        span = (start.uid, runner.cursor.uid)
+        if span == entry.last_span and (deferred or entry.deferred_seen):
+            entry.macro, entry.tensor_positions = _build_macro(original, obj, args, kwargs)
+        entry.last_span = span
+        entry.deferred_seen = entry.deferred_seen or deferred
+        return result
+
+
+def _unstable(runner, start, flushes, call_site, obj, result) -> str:
+    """Why this observed call may not be replayed ("" when it may)."""
+    if runner.flushes != flushes:
+        return "it forced a tensor value"
+    if runner.cursor is start:
+        return "it ran no TensorFlow op"
+    depth = len(call_site)
+    node = runner.cursor
+    while node is not start:
+        if node is None:
+            return "the program left the traced path"
+        if len(node.location) > depth or node.island:
+            return "user code or a host op ran inside it"
+        if node.op_type in _SPARSE_GRADIENT_OPS:
+            return f"its {node.op_type} has a sparse gradient that a traced call would densify"
+        node = node.parent
+    if any(hasattr(value, "_keras_mask") for value in tf.nest.flatten(result)):
+        return "it returned a Keras mask"
+    if getattr(obj, "losses", None):
+        return "it added layer losses"
+    return ""
+
+
+def _build_macro(original, obj, args, kwargs):
+    flat = tf.nest.flatten((args, kwargs))
+    tensor_positions = [index for index, value in enumerate(flat) if _is_tensor_like(value)]
+    specs = [tf.TensorSpec(np.shape(flat[index]), _dtype_of(flat[index]))
+             for index in tensor_positions]
+
+    def body(*tensors):
+        values = list(flat)
+        for position, tensor in zip(tensor_positions, tensors, strict=True):
+            values[position] = tensor
+        call_args, call_kwargs = tf.nest.pack_sequence_as((args, kwargs), values)
+        return original(obj, *call_args, **call_kwargs)
+
+    with intercept.suspended():
+        concrete = tf.function(body, autograph=False).get_concrete_function(*specs)
+    return concrete, tensor_positions
+
+
+def _replay(entry, args, kwargs):
+    flat = tf.nest.flatten((args, kwargs))
+    tensors = [flat[index] for index in entry.tensor_positions]
+    tensors = [value if tf.is_tensor(value) else tf.convert_to_tensor(value) for value in tensors]
+    _state.replaying += 1
+    try:
+        return entry.macro(*tensors)
+    finally:
+        _state.replaying -= 1
+
+
+def _is_tensor_like(value) -> bool:
+    if isinstance(value, _VARIABLE_TYPES):
+        return False
+    return tf.is_tensor(value) or isinstance(value, np.ndarray)
+
+
+def _dtype_of(value):
+    return value.dtype if tf.is_tensor(value) else tf.dtypes.as_dtype(value.dtype)
+
+
+def _guard_key(obj, args, kwargs):
+    """The guard of a library call, or None when a part of it cannot be guarded."""
+    parts = [id(obj), _object_state(obj)]
+    if parts[1] is None:
+        return None
+    for value in tf.nest.flatten((args, kwargs)):
+        if isinstance(value, tf.__internal__.CompositeTensor):
+            return None  # e.g. IndexedSlices gradients: a traced call would densify them
+        if _is_tensor_like(value):
+            parts.append((_dtype_of(value).name, tuple(np.shape(value))))
+        elif isinstance(value, _VARIABLE_TYPES):
+            parts.append(("variable", id(value)))
+        elif isinstance(value, _PYTHON_VALUES):
+            parts.append((type(value).__name__, value))
+        else:
+            return None
+    parts.append((len(args), tuple(sorted(kwargs))))
+    return tuple(parts)
+
+
+_class_is_library: dict = {}
+
+
+def _library_class(cls) -> bool:
+    known = _class_is_library.get(cls)
+    if known is None:
+        try:
+            known = not is_user_file(inspect.getfile(cls))
+        except TypeError:
+            known = False
+        _class_is_library[cls] = known
+    return known
+
+
+def _object_state(obj):
+    """The Python state the call reads, or None if the object's code is the user's."""
+    if isinstance(obj, keras.layers.Layer):
+        layers = list(obj._flatten_layers(include_self=True))
+        if not all(_library_class(type(layer)) for layer in layers):
+            return None
+        return (tuple(layer.trainable for layer in layers), len(obj.variables),
+                str(obj.dtype_policy.name))
+    if isinstance(obj, keras.optimizers.Optimizer):
+        rate = getattr(obj, "_learning_rate", None)
+        if callable(rate) and not isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            return None
+        return (len(obj.variables), _library_class(type(obj)) or None)
+    if isinstance(obj, keras.losses.Loss):
+        function = getattr(obj, "fn", None)
+        if function is not None and not _library_function(function):
+            return None
+        return (_library_class(type(obj)) or None, getattr(obj, "reduction", None))
+    return None
+
+
+def _library_function(function) -> bool:
+    code = getattr(function, "__code__", None)
+    return code is not None and not is_user_file(code.co_filename)
+
+
+# ---------------------------------------------------------------- patching Keras entry points
+
+
+class _State(threading.local):
+    observing = 0
+    replaying = 0
+    table: MacroTable | None = None
+    runner = None
+
+
+_state = _State()
+_patched: dict = {}
+_patch_lock = threading.Lock()
+_users = 0
+
+
+def _make_entry_point(original, caller_depth: int = 1):
+    def entry_point(obj, *args, **kwargs):
+        __tracebackhide__ = True
+        table = _state.table
+        if table is None or _state.observing:
+            return original(obj, *args, **kwargs)
+        caller = sys._getframe(caller_depth)
+        if not is_user_file(caller.f_code.co_filename):
+            return original(obj, *args, **kwargs)
+        runner = _state.runner
+        call_site = user_location(runner.stop_frame, depth=caller_depth + 1)
+        return table.call(runner, original, obj, args, kwargs, call_site)
+
+    entry_point.__wrapped__ = original
+    return entry_point
+
+
+def _apply_gradients_entry(original):
+    entry = _make_entry_point(original, caller_depth=2)
+
+    def apply_gradients(obj, grads_and_vars, *args, **kwargs):
+        __tracebackhide__ = True
+        return entry(obj, list(grads_and_vars), *args, **kwargs)
+
+    apply_gradients.__wrapped__ = original
+    return apply_gradients
+
+
+def is_replaying() -> bool:
+    """True while this thread runs a macro in place of library Python."""
+    return _state.replaying > 0
+
+
+def _entry_points():
+    return [
+        (keras.layers.Layer, "__call__", _make_entry_point),
+        (keras.losses.Loss, "__call__", _make_entry_point),
+        (keras.optimizers.Optimizer, "apply_gradients", _apply_gradients_entry),
+    ]
+
+
+class replaying:
+    """Route this thread's Keras entry-point calls to `table` while the block runs."""
+
+    def __init__(self, table: MacroTable, runner) -> None:
+        self.table = table
+        self.runner = runner
+
+    def __enter__(self):
+        global _users
+        with _patch_lock:
+            _users += 1
+            if _users == 1:
+                for cls, name, make in _entry_points():
+                    original = getattr(cls, name)
+                    _patched[(cls, name)] = (name in cls.__dict__, original)
+                    setattr(cls, name, make(original))
+        self.previous = (_state.table, _state.runner)
+        _state.table, _state.runner = self.table, self.runner
+        return self
+
+    def __exit__(self, *exc):
+        global _users
+        _state.table, _state.runner = self.previous
+        with _patch_lock:
+            _users -= 1
+            if _users == 0:
+                for (cls, name), (owned, original) in _patched.items():
+                    if owned:
+                        setattr(cls, name, original)
+                    else:
+                        delattr(cls, name)
+                _patched.clear()
+        return False
