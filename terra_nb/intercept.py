@@ -175,6 +175,40 @@ def suspended():
         _slot.handler = previous
 
 
+class _DrainGuard:
+    """Between iterations, while graph work is in flight: the first op drains it first.
+
+    Eager code outside an iteration (reading a variable, `model.evaluate`, the loop's own
+    `next(iterator)`) then sees every update the graph has still to make, in program order.
+    """
+
+    def __init__(self, owner, drain) -> None:
+        self.owner = owner
+        self.drain = drain
+
+    def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
+        remove_guard()
+        self.drain()
+        return run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+
+
+def install_guard(owner, drain) -> None:
+    """Make this thread's next op call `drain()` before it runs (see _DrainGuard)."""
+    if _slot.handler is None:
+        _install()
+        _slot.handler = _DrainGuard(owner, drain)
+
+
+def remove_guard(drain_unless_owner=None) -> None:
+    """Remove this thread's drain guard; drain first unless it belongs to `drain_unless_owner`."""
+    guard = _slot.handler
+    if isinstance(guard, _DrainGuard):
+        _slot.handler = None
+        _uninstall()
+        if guard.owner is not drain_unless_owner:
+            guard.drain()
+
+
 def run_eagerly(op_type: str, num_outputs: int, inputs: list, attrs: tuple, ctx, name=None):
     """Execute one op now, with any LazyTensor inputs replaced by their values."""
     return _real_execute(op_type, num_outputs, _unwrap_all(inputs), attrs, ctx, name)
@@ -202,6 +236,7 @@ class LazyTensor(ops._EagerTensorBase):
         self._dtype_enum = dtype_enum
         self._static_shape = shape
         self._value = None
+        self._job = None  # the graph run that computes it, once submitted
         self._id = ops.uid()
         self._tensor_shape = None
         self._handle_data = None

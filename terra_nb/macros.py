@@ -29,14 +29,22 @@ import tensorflow as tf
 
 from terra_nb import intercept
 from terra_nb.trace import is_user_file, user_location
+from terra_nb.tracegraph import FROM_NODE
 
 _PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
 
 _VARIABLE_TYPES = (tf.Variable, keras.Variable)
 
-# Ops whose gradient is an IndexedSlices: through a traced call's backward function it would
-# arrive dense, and optimizers update dense and sparse gradients differently (Adam's moments).
-_SPARSE_GRADIENT_OPS = frozenset({"ResourceGather", "ResourceGatherNd", "GatherV2", "Gather"})
+def _gathers_from_variable(node) -> bool:
+    """A gather from a variable has an IndexedSlices gradient for that variable. Through a
+    traced call's backward function it would arrive dense, and optimizers update dense and
+    sparse gradients differently (e.g. Adam's moments of rows not gathered)."""
+    if node.op_type in ("ResourceGather", "ResourceGatherNd"):
+        return True
+    if node.op_type not in ("GatherV2", "Gather") or not node.inputs:
+        return False
+    params = node.inputs[0]
+    return params[0] == FROM_NODE and params[1].op_type == "ReadVariableOp"
 
 PRIVATE_KERAS_SYMBOLS = (("keras.layers.Layer", "_flatten_layers"),)
 """Keras internals the guard reads (checked by a test, like intercept.PRIVATE_SYMBOLS)."""
@@ -110,7 +118,7 @@ def _unstable(runner, start, flushes, call_site, obj, result) -> str:
             return "the program left the traced path"
         if len(node.location) > depth or node.island:
             return "user code or a host op ran inside it"
-        if node.op_type in _SPARSE_GRADIENT_OPS:
+        if _gathers_from_variable(node):
             return f"its {node.op_type} has a sparse gradient that a traced call would densify"
         node = node.parent
     if any(hasattr(value, "_keras_mask") for value in tf.nest.flatten(result)):

@@ -13,6 +13,8 @@ reports a fallback and records the rest of the iteration eagerly (which extends 
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import weakref
 
@@ -63,15 +65,66 @@ def _ref_key(ref):
     return ref
 
 
-class GraphRunner:
-    """Runs compiled segments and keeps them, keyed by path and outputs, for reuse."""
+class Job:
+    """One submitted segment run; Python waits on it only when it needs one of its values."""
 
-    def __init__(self, events: ev.EventLog, xla: bool = False) -> None:
+    __slots__ = ("compiled", "args", "lazies", "done", "error", "seconds")
+
+    def __init__(self, compiled, args: list, lazies: list) -> None:
+        self.compiled = compiled
+        self.args = args
+        self.lazies = lazies
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    def execute(self) -> None:
+        start = time.perf_counter()
+        try:
+            args = [_ready_value(value) for value in self.args]
+            values = intercept.call_concrete(self.compiled.function, args)
+            for lazy, value in zip(self.lazies, values, strict=True):
+                lazy.set_value(value)
+        except BaseException as error:  # handed to whoever waits for this job
+            self.error = error
+        finally:
+            self.args = None
+            self.seconds = time.perf_counter() - start
+            self.done.set()
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+def _ready_value(value):
+    if isinstance(value, intercept.LazyTensor):
+        if value._value is None:
+            raise RuntimeError("terra_nb: an input of this graph segment was never computed "
+                               "(an earlier segment failed)")
+        return value._value
+    return value
+
+
+class GraphRunner:
+    """Runs compiled segments (kept for reuse, keyed by path and outputs).
+
+    With `overlap`, segments run in order on one worker thread while Python goes on (Terra's
+    GraphRunner); Python blocks only on a fetch. Without it each segment runs when submitted.
+    """
+
+    def __init__(self, events: ev.EventLog, xla: bool = False, overlap: bool = True) -> None:
         self.events = events
         self.xla = xla
+        self.overlap = overlap
         self._compiled: dict = {}
-        self.graph_seconds = 0.0
         self.compile_seconds = 0.0
+        self.wait_seconds = 0.0
+        self._queue: queue.SimpleQueue | None = None
+        self._worker: threading.Thread | None = None
+        self._last: Job | None = None
+        self._finished_jobs: list[Job] = []
 
     def segment_for(self, start, end, outputs: tuple, iteration: int, reason: str):
         key = (start.uid, end.uid, tuple((node.uid, index) for node, index in outputs))
@@ -88,11 +141,63 @@ class GraphRunner:
     def forget(self, key) -> None:
         self._compiled.pop(key, None)
 
-    def run(self, compiled: graphgen.CompiledSegment, args: list) -> list:
-        start = time.perf_counter()
-        outputs = intercept.call_concrete(compiled.function, args)
-        self.graph_seconds += time.perf_counter() - start
-        return outputs
+    def submit(self, compiled: graphgen.CompiledSegment, args: list, lazies: list) -> Job:
+        job = Job(compiled, args, lazies)
+        for lazy in lazies:
+            lazy._job = job
+        self._last = job
+        self._finished_jobs.append(job)
+        if not self.overlap:
+            job.execute()
+            return job
+        if self._worker is None:
+            self._queue = queue.SimpleQueue()
+            self._worker = threading.Thread(target=self._work, name="terra_nb-graph", daemon=True)
+            self._worker.start()
+        self._queue.put(job)
+        return job
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            job.execute()
+
+    def wait(self, job: Job) -> None:
+        """Block until `job` is done (a fetch); its error, if any, is raised here."""
+        if not job.done.is_set():
+            start = time.perf_counter()
+            job.done.wait()
+            self.wait_seconds += time.perf_counter() - start
+        job.wait()
+
+    def drain(self) -> None:
+        """Wait for every submitted segment (before anything runs eagerly)."""
+        if self._last is not None:
+            last, self._last = self._last, None
+            self.wait(last)
+
+    @property
+    def busy(self) -> bool:
+        return self._last is not None and not self._last.done.is_set()
+
+    def take_graph_seconds(self) -> float:
+        """Graph time of the jobs finished since the last call (for per-iteration breakdowns)."""
+        done = [job for job in self._finished_jobs if job.done.is_set()]
+        self._finished_jobs = [job for job in self._finished_jobs if not job.done.is_set()]
+        return sum(job.seconds for job in done)
+
+    def close(self) -> None:
+        """Finish all work and stop the worker thread (it never outlives its session)."""
+        try:
+            self.drain()
+        finally:
+            if self._worker is not None:
+                self._queue.put(None)
+                self._worker.join()
+                self._worker = None
+                self._queue = None
 
     @property
     def graphs(self) -> int:
@@ -107,10 +212,6 @@ class _Pending:
     def __init__(self, node, outside: dict) -> None:
         self.node = node
         self.outside = outside
-
-
-class Divergence(Exception):
-    """Internal signal: the skeleton left the TraceGraph."""
 
 
 class PythonRunner:
@@ -134,7 +235,6 @@ class PythonRunner:
         self.ops = 0
         self.fallback: ev.FallbackEvent | None = None
         self.finished = False
-        self.fetch_seconds = 0.0
         self.flushes = 0
         self.retraced = ""  # why the iteration left co-execution without a fallback, if it did
 
@@ -150,6 +250,7 @@ class PythonRunner:
             if child is not None:
                 if child.island:
                     self.flush()
+                    self.runner.drain()
                     return self._run_now(child, op_type, num_outputs, inputs, attrs, ctx, name)
                 return self._defer(child, inputs, refs, attrs, ctx)
             self._diverge(op_type, key, location, refs)
@@ -199,7 +300,7 @@ class PythonRunner:
         for slot, ref in enumerate(refs):
             if ref[0] == RESOURCE or (ref[0] == FROM_NODE and ref[1].uid in segment_uids):
                 continue
-            outside[slot] = intercept.unwrap(inputs[slot])
+            outside[slot] = inputs[slot]
         self.pending.append(_Pending(node, outside))
         segment_uids.add(node.uid)
         node.visits += 1
@@ -237,11 +338,11 @@ class PythonRunner:
     # ------------------------------------------------------------ fetch channel
 
     def materialize(self, lazy) -> intercept.EagerTensor:
-        if self.finished or lazy.node.uid not in self.segment_uids:
-            raise RuntimeError("terra_nb: a deferred value was lost before it was computed")
-        start = time.perf_counter()
-        self.flush()
-        self.fetch_seconds += time.perf_counter() - start
+        if lazy._job is None:
+            if self.finished or lazy.node.uid not in self.segment_uids:
+                raise RuntimeError("terra_nb: a deferred value was lost before it was computed")
+            self.flush()
+        self.runner.wait(lazy._job)
         return lazy._value
 
     def flush(self) -> None:
@@ -263,9 +364,7 @@ class PythonRunner:
                 break
             self.runner.forget(key)
             reason = "a Python value that looked constant changed; it is fed from now on"
-        values = self.runner.run(compiled, args)
-        for lazy, value in zip(alive, values, strict=True):
-            lazy.set_value(value)
+        self.runner.submit(compiled, args, alive)
         self.flushes += 1
         self.pending = []
         self.segment_lazies = []
@@ -292,6 +391,7 @@ class PythonRunner:
 
     def _diverge(self, op_type, key, location, refs) -> None:
         self.flush()
+        self.runner.drain()
         self.mode = RECORD
         if macros.is_replaying():
             self.retraced = "library calls are replayed from compiled functions now"
@@ -305,10 +405,13 @@ class PythonRunner:
     def is_deferring(self) -> bool:
         return self.mode == DEFER
 
-    def finish(self) -> None:
-        """End of the iteration: everything pending runs, nothing is left half done."""
+    def finish(self, failed: bool = False) -> None:
+        """End of the iteration: everything pending is submitted. After a failure Python
+        waits for it, so state is what eager execution leaves at the failing line."""
         try:
             self.flush()
+            if failed:
+                self.runner.drain()
         finally:
             self.finished = True
             self.produced.clear()

@@ -27,6 +27,7 @@ class Session:
         xla: bool = False,
         eager: bool = False,
         self_check: bool = False,
+        overlap: bool = True,
     ) -> None:
         if trace_iterations < 1:
             raise ValueError(f"trace_iterations must be at least 1, got {trace_iterations}")
@@ -35,6 +36,7 @@ class Session:
         self.xla = xla
         self.eager = eager
         self.self_check = self_check
+        self.overlap = overlap
         self.events = ev.EventLog()
         self.iterations = 0
         self._graph = None
@@ -67,7 +69,7 @@ class Session:
             from terra_nb.tracegraph import TraceGraph
 
             self._graph = TraceGraph()
-            self._runner = GraphRunner(self.events, self.xla)
+            self._runner = GraphRunner(self.events, self.xla, self.overlap)
             if not self.self_check:
                 from terra_nb.macros import MacroTable
 
@@ -84,7 +86,15 @@ class Session:
         return runner.DEFER
 
     def close(self) -> None:
-        """Finish all pending work; the session can still run more iterations afterwards."""
+        """Finish all pending graph work and stop the graph thread; safe to call twice.
+
+        The session can still run more iterations afterwards (a new thread starts).
+        """
+        if self._runner is not None:
+            from terra_nb import intercept
+
+            intercept.remove_guard(drain_unless_owner=self._runner)
+            self._runner.close()
 
 
 class _Iteration:
@@ -100,14 +110,17 @@ class _Iteration:
     def __enter__(self):
         session = self.session
         mode = session._mode_for(self.index)
-        self._graph_seconds = self._compile_seconds = 0.0
+        self._compile_seconds = self._wait_seconds = 0.0
         if mode is not None:
             from terra_nb import intercept
-            from terra_nb.runner import PythonRunner
+            from terra_nb.runner import RECORD, PythonRunner
 
             graph, graph_runner = session._engine()
-            self._graph_seconds = graph_runner.graph_seconds
+            intercept.remove_guard(drain_unless_owner=graph_runner)
+            if mode == RECORD:
+                graph_runner.drain()
             self._compile_seconds = graph_runner.compile_seconds
+            self._wait_seconds = graph_runner.wait_seconds
             self.run = PythonRunner(graph, graph_runner, session.events, self.index, mode,
                                     sys._getframe(1))
             self._handling = intercept.handling(self.run)
@@ -125,12 +138,17 @@ class _Iteration:
         session = self.session
         try:
             if self.run is not None:
-                self.run.finish()
+                self.run.finish(failed=error is not None)
         finally:
             if self._replaying is not None:
                 self._replaying.__exit__(None, None, None)
             if self._handling is not None:
                 self._handling.__exit__(None, None, None)
+            runner = session.graph_runner
+            if self.run is not None and runner.busy:
+                from terra_nb import intercept
+
+                intercept.install_guard(runner, runner.drain)
         seconds = time.perf_counter() - self.start
         if error is not None:
             session.events.emit(ev.IterationFailed(self.index, error_type.__name__, str(error)))
@@ -149,13 +167,13 @@ class _Iteration:
         if self.run is None:
             return {"eager": seconds}
         graph_runner = self.session.graph_runner
-        graph = graph_runner.graph_seconds - self._graph_seconds
+        graph = graph_runner.take_graph_seconds()
         compile_ = graph_runner.compile_seconds - self._compile_seconds
         if self.run.result_mode == ev.TRACING:
             return {"tracing": seconds}
-        waits = self.run.fetch_seconds
+        waits = graph_runner.wait_seconds - self._wait_seconds
         return {
-            "skeleton": max(seconds - graph - compile_, 0.0),
+            "skeleton": max(seconds - waits - compile_, 0.0),
             "graph": graph,
             "compile": compile_,
             "fetch_waits": waits,

@@ -302,3 +302,35 @@ def test_replayed_layer_sees_a_changed_trainable_flag():
         np.testing.assert_allclose(got, want, rtol=1e-5)
     assert actual[1] == pytest.approx(expected[1], rel=1e-5)
     assert session.macro_table.replayed_calls > 0
+
+
+def test_graph_runs_ahead_of_python_and_eager_code_after_the_loop_sees_every_update():
+    import threading
+
+    session = Session("overlap", trace_iterations=1)
+    variable = tf.Variable(tf.zeros([64, 64]))
+    increment = tf.constant(np.full((64, 64), 0.5, np.float32))
+    for _ in range(30):
+        with session.iteration():
+            variable.assign_add(tf.matmul(increment, tf.ones([64, 64])) / 64.0)
+    # No value was fetched inside the loop: this eager read must wait for all 30 updates.
+    np.testing.assert_allclose(variable.numpy(), np.full((64, 64), 15.0), rtol=1e-6)
+    worker = session.graph_runner._worker
+    assert worker is not None and worker.is_alive()
+    session.close()
+    session.close()
+    assert not worker.is_alive()
+    assert worker not in threading.enumerate()
+
+
+def test_without_overlap_results_are_the_same():
+    values = {}
+    for overlap in (True, False):
+        session = Session("sync", trace_iterations=1, overlap=overlap)
+        variable = tf.Variable(1.0)
+        for _ in range(5):
+            with session.iteration():
+                variable.assign(variable * 1.5)
+        values[overlap] = float(variable)
+        session.close()
+    assert values[True] == values[False] == 1.5 ** 5
