@@ -4,6 +4,7 @@ Public API, kept small:
 - `%load_ext terra_nb` then `%%terra` on a training-loop cell (see `%%terra?`).
 - `terra_nb.function`: decorator for scripts; each call is one iteration.
 - `terra_nb.report()`: the last `%%terra` run as data.
+- `terra_nb.plot()`: the last run's timeline as a matplotlib Figure.
 
 Importing this package does not import TensorFlow; the magic and the engine load it on use.
 """
@@ -14,7 +15,7 @@ import os
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "function", "load_ipython_extension", "report"]
+__all__ = ["__version__", "function", "load_ipython_extension", "plot", "report"]
 
 
 def load_ipython_extension(ipython) -> None:
@@ -30,6 +31,15 @@ def report():
     from terra_nb.magic import last_report
 
     return last_report()
+
+
+def plot(report=None):
+    """A matplotlib Figure of a run's timeline: per-iteration time stacked by breakdown,
+    coloured by mode, fallbacks marked. Defaults to the last `%%terra` run."""
+    from terra_nb.magic import last_report
+    from terra_nb.plot import plot_report
+
+    return plot_report(report if report is not None else last_report())
 
 
 def __getattr__(name: str):

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import ast
 import collections
+import copy
 import dataclasses
 import hashlib
 import linecache
+import logging
 import os
 import types
+import warnings
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, magics_class, output_can_be_silenced
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
+from terra_nb import events as ev
 from terra_nb.session import DEFAULT_TRACE_ITERATIONS, Session
 from terra_nb.summary import Report
 
@@ -36,6 +40,7 @@ class TerraMagics(Magics):
             collections.OrderedDict()
         )
         self.last_report: Report | None = None
+        self.last_panel = None  # the last run's Panel (tests and users may inspect it)
 
     @magic_arguments()
     @argument(
@@ -54,7 +59,15 @@ class TerraMagics(Magics):
     @argument(
         "--explain",
         action="store_true",
-        help="print every graph built and every fallback with its reason and source line",
+        help="print an explain report: graphs built with their ops, feeds and fetches, and "
+        "every fallback with its reason, source line and a suggestion",
+    )
+    @argument(
+        "--compare",
+        action="store_true",
+        help="afterwards, re-run the loop eagerly and as a tf.function from the same state "
+        "(variables and RNG states restored after), and report measured ratios, marking where "
+        "tf.function failed or changed results",
     )
     @output_can_be_silenced
     @cell_magic
@@ -70,9 +83,19 @@ class TerraMagics(Magics):
         after the loop runs once, as in a plain cell; `break` and `continue` work. A cell
         without a loop is one iteration per run, and re-running it continues its history.
 
-        Afterwards a summary shows the iterations per mode, the median time per iteration,
-        the speedup over the measured eager baseline when there is one, and every fallback
-        with its reason and source line. `terra_nb.report()` returns it as data.
+        In a notebook a live panel shows the state (tracing / co-executing / fallback / eager
+        back-off), the iteration count (with a progress bar when the loop's length is known),
+        a chart of per-iteration time, a time breakdown, every fallback with its reason and
+        source line, the traced graph, and TensorFlow warnings raised during the run.
+        Afterwards (and in a terminal) a summary shows the iterations per mode and the median
+        time per iteration. A speedup is shown only over measured plain-eager iterations
+        (`--eager` or `--compare`) and names its baseline. `terra_nb.report()` returns the
+        summary as data; `terra_nb.plot()` draws the timeline.
+
+        `--compare` re-runs the loop (at most 20 iterations each) eagerly and as a
+        tf.function from the state the run left, restoring reachable variables, `random`
+        and numpy RNG states and namespace bindings afterwards; objects mutated in place are
+        not restored. See docs/magic.md.
 
         Example::
 
@@ -91,22 +114,52 @@ class TerraMagics(Magics):
         settings = (options.trace, options.xla, options.eager)
         session = self._session_for(plan.digest, settings)
         since = session.iterations if plan.has_loop else 0
+        panel = live = handle = None
+        if not options.no_panel:
+            from terra_nb.panel import Panel
+
+            panel = Panel(session, since=since)
+            panel.attach()
+            live = _is_live(self.shell)
+            if live:
+                handle = display(panel.mimebundle(), raw=True, display_id=True)
+        self.last_panel = panel
+        loop = LoopLength(panel.set_total if panel is not None else None)
         namespace = self.shell.user_ns
         namespace[plan.session_name] = session
+        namespace[plan.loop_name] = loop
+        capture = WarningCapture(pass_through=panel is None,
+                                 on_warning=panel.add_warning if panel is not None else None)
+        error = None
         try:
-            exec(plan.code, namespace)
-        except BaseException as error:
-            # The same exception, re-raised with a shorter traceback: no new cause to chain.
-            raise error.with_traceback(user_traceback(error.__traceback__))  # noqa: B904
+            with capture:
+                exec(plan.code, namespace)
+        except BaseException as caught:
+            error = caught
         finally:
             namespace.pop(plan.session_name, None)
+            namespace.pop(plan.loop_name, None)
             result = namespace.pop(plan.result_name, None)
             session.close()
-            self.last_report = Report.from_events(session.events, name=session.name, since=since)
-        if not options.no_panel:
-            display(self.last_report)
+        comparison = None
+        if options.compare and error is None and plan.loop is not None:
+            comparison = _compare(namespace, plan, session.iterations - since)
+        report = Report.from_session(session, since=since, comparison=comparison,
+                                     warnings=tuple(capture.messages),
+                                     stopped=_stopped(error, plan.filename))
+        report = _locate_failure(report, error, plan.filename)
+        self.last_report = report
+        if panel is not None:
+            panel.finish(report)
+            if handle is not None:
+                handle.update(panel.mimebundle(), raw=True)
+        if error is not None:
+            # The same exception, re-raised with a shorter traceback: no new cause to chain.
+            raise error.with_traceback(user_traceback(error.__traceback__))
+        if panel is not None and not live:
+            display(report)
         if options.explain:
-            print(self.last_report.explain())
+            print(report.explain())
         return result
 
     def _session_for(self, digest: str, settings: tuple) -> Session:
@@ -159,6 +212,9 @@ class CellPlan:
     has_loop: bool
     session_name: str
     result_name: str
+    loop_name: str = ""
+    filename: str = ""
+    loop: ast.stmt | None = None  # the outermost loop as written (for --compare)
 
 
 def plan_cell(cell: str, line: str = "") -> CellPlan:
@@ -173,23 +229,29 @@ def plan_cell(cell: str, line: str = "") -> CellPlan:
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     session_name = f"__terra_nb_session_{digest}__"
     result_name = f"__terra_nb_result_{digest}__"
+    loop_name = f"__terra_nb_loop_{digest}__"
     try:
         tree = ast.parse("\n" + cell, filename)
-        has_loop = rewrite_iterations(tree, session_name, result_name)
+        found = find_outermost_loop(tree.body)
+        loop = copy.deepcopy(found[0][found[1]]) if found is not None else None
+        has_loop = rewrite_iterations(tree, session_name, result_name, loop_name)
         code = compile(tree, filename, "exec")
     except SyntaxError as error:
         where = f" on line {error.lineno}" if error.lineno else ""
         text = f": {error.text.strip()}" if error.text and error.text.strip() else ""
         raise UsageError(f"%%terra: {type(error).__name__}{where}: {error.msg}{text}") from None
-    return CellPlan(digest, code, has_loop, session_name, result_name)
+    return CellPlan(digest, code, has_loop, session_name, result_name, loop_name, filename, loop)
 
 
-def rewrite_iterations(tree: ast.Module, session_name: str, result_name: str) -> bool:
+def rewrite_iterations(tree: ast.Module, session_name: str, result_name: str,
+                       loop_name: str = "") -> bool:
     """Wrap the iterations in the session; return whether the cell has a loop.
 
     The final expression statement is assigned to `result_name` so the magic can return it.
     With a loop, the loop body is one iteration and the session is closed right after the
     loop, so the code after it sees finished work. Without one, the whole cell is one iteration.
+    With `loop_name`, a `for` loop's iterable (or the first argument of `enumerate(...)`) is
+    passed through `loop_name.sized(...)`, which notes its length and returns it unchanged.
     """
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = tree.body[-1]
@@ -202,6 +264,8 @@ def rewrite_iterations(tree: ast.Module, session_name: str, result_name: str) ->
     else:
         block, position = found
         loop = block[position]
+        if loop_name and isinstance(loop, ast.For):
+            _measure_iterable(loop, loop_name)
         loop.body = [_iteration(session_name, loop.body, [loop])]
         close = ast.Expr(_call(session_name, "close"))
         block[position] = ast.copy_location(
@@ -244,6 +308,23 @@ def _iteration(session_name: str, body: list[ast.stmt], where: list[ast.stmt]) -
     return ast.copy_location(node, where[0]) if where else node
 
 
+def _measure_iterable(loop: ast.For, loop_name: str) -> None:
+    """Wrap the iterable in `loop_name.sized(...)`; evaluation order is unchanged."""
+    target = loop.iter
+    if (isinstance(target, ast.Call) and isinstance(target.func, ast.Name)
+            and target.func.id == "enumerate" and target.args
+            and not isinstance(target.args[0], ast.Starred)):
+        target.args[0] = _sized(loop_name, target.args[0])
+    else:
+        loop.iter = _sized(loop_name, target)
+
+
+def _sized(loop_name: str, node: ast.expr) -> ast.Call:
+    call = _call(loop_name, "sized")
+    call.args = [node]
+    return ast.copy_location(call, node)
+
+
 def _call(name: str, method: str) -> ast.Call:
     target = ast.Attribute(ast.Name(name, ast.Load()), method, ast.Load())
     return ast.Call(func=target, args=[], keywords=[])
@@ -272,3 +353,140 @@ def user_traceback(tb: types.TracebackType | None) -> types.TracebackType | None
 
 def _is_ours(entry: types.TracebackType) -> bool:
     return entry.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR + os.sep)
+
+
+# ---- run helpers: live display, loop length, warnings, --compare, where it stopped ----
+
+
+def _is_live(shell) -> bool:
+    """A kernel with a frontend that can show widgets (not terminal IPython)."""
+    return getattr(shell, "kernel", None) is not None
+
+
+class LoopLength:
+    """`sized(iterable)`: notes the loop's length when the iterable has a `len()`.
+
+    The rewritten loop calls it once with the iterable it already evaluated, so nothing is
+    evaluated twice; `len()` is asked only of objects whose type defines `__len__`.
+    """
+
+    def __init__(self, on_total=None) -> None:
+        self.total: int | None = None
+        self._on_total = on_total
+
+    def sized(self, iterable):
+        if hasattr(type(iterable), "__len__"):
+            try:
+                length = len(iterable)
+            except Exception:  # e.g. a tf.data.Dataset of unknown cardinality
+                length = None
+            if isinstance(length, int) and length >= 0:
+                self.total = length
+                if self._on_total is not None:
+                    self._on_total(length)
+        return iterable
+
+
+class WarningCapture:
+    """Collects Python warnings and `tensorflow`-logger warnings raised during the run.
+
+    With a panel they are shown there (and in the report) instead of the cell's stderr; with
+    `pass_through` (no panel) they are also shown as usual. Filters are left as they are:
+    what Python would show once is recorded once.
+    """
+
+    def __init__(self, *, pass_through: bool, on_warning=None) -> None:
+        self.pass_through = pass_through
+        self._on_warning = on_warning
+        self._counts: dict[str, int] = {}
+        self._catch = None
+        self._logger = logging.getLogger("tensorflow")
+
+    @property
+    def messages(self) -> list[str]:
+        return [text if count == 1 else f"{text} (x{count})"
+                for text, count in self._counts.items()]
+
+    def __enter__(self):
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        self._show_previous = warnings.showwarning
+        warnings.showwarning = self._show
+        self._logger.addFilter(self._filter)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._logger.removeFilter(self._filter)
+        self._catch.__exit__(*exc_info)
+
+    def _record(self, text: str) -> None:
+        text = " ".join(text.split())
+        first = text not in self._counts
+        self._counts[text] = self._counts.get(text, 0) + 1
+        if first and self._on_warning is not None:
+            self._on_warning(text)
+
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        self._record(f"{category.__name__}: {message} ({filename}:{lineno})")
+        if self.pass_through:
+            self._show_previous(message, category, filename, lineno, file, line)
+
+    def _filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        self._record(f"tensorflow {record.levelname}: {record.getMessage()}")
+        return self.pass_through
+
+
+def _compare(namespace: dict, plan: CellPlan, iterations: int):
+    """`--compare`: the loop re-run eagerly and as a tf.function (terra_nb/compare.py)."""
+    from terra_nb import compare
+    from terra_nb.summary import Comparison, Timing
+
+    names = [f"__terra_nb_{kind}_{plan.digest}__" for kind in ("timer", "step", "wrap")]
+    try:
+        eager, graph, why_not = compare.build_loops(copy.deepcopy(plan.loop), plan.filename,
+                                                    *names)
+        # TF's warnings during the re-runs (e.g. tf.function retracing) are not the run's.
+        with WarningCapture(pass_through=False):
+            return compare.compare(namespace, eager, graph, why_not, names[0], names[2],
+                                   iterations)
+    except Exception as error:  # never fail the user's cell because a comparison could not run
+        detail = f"the comparison itself failed: {type(error).__name__}: {error}"
+        return Comparison(0, (Timing("eager", 0, None, "not run", detail),), 0)
+
+
+def _cell_frame(error: BaseException | None, filename: str) -> ev.UserFrame | None:
+    """The innermost frame of the error's traceback that is a line of the cell."""
+    found = None
+    tb = error.__traceback__ if error is not None else None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            found = tb.tb_lineno
+        tb = tb.tb_next
+    if found is None:
+        return None
+    return ev.UserFrame(filename, found, linecache.getline(filename, found).strip())
+
+
+def _stopped(error: BaseException | None, filename: str) -> str:
+    if error is None:
+        return ""
+    frame = _cell_frame(error, filename)
+    message = str(error).strip().splitlines()
+    text = type(error).__name__ + (f": {message[0]}" if message else "")
+    if frame is not None:
+        text += f" at cell line {frame.lineno}: {frame.source}"
+    return text
+
+
+def _locate_failure(report: Report, error: BaseException | None, filename: str) -> Report:
+    """Give the failed iteration the cell line it stopped at, when the engine had none."""
+    if error is None or not report.failures or report.failures[-1].user_frame is not None:
+        return report
+    frame = _cell_frame(error, filename)
+    if frame is None:
+        return report
+    failures = report.failures[:-1] + (dataclasses.replace(report.failures[-1],
+                                                           user_frame=frame),)
+    return dataclasses.replace(report, failures=failures)

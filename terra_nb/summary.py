@@ -3,26 +3,52 @@
 (Not named report.py: a submodule `terra_nb.report` would replace the `terra_nb.report()`
 function as an attribute of the package the moment it is imported.)
 
-Speedup rule: a speedup is shown only when this run has a measured eager baseline and
-co-executed iterations. The baseline is the median of plain EAGER iterations if there are any,
-otherwise of TRACING iterations (eager plus recording); the two are never mixed, and the text
-names the one used. The session's first iteration is left out of the baseline: it pays one-off
-costs (building the model, first calls) that would inflate the speedup. Without co-executed
-iterations the report says the cell ran eagerly.
+Speedup rule (docs/magic.md): a speedup is shown only over a *measured plain-eager* baseline —
+this run's EAGER iterations, or the eager re-run of `--compare` — and only when co-executed
+iterations exist. Tracing iterations are eager *plus op recording*, so they are never the eager
+baseline; co-executed time against them is shown as a separately named ratio. The session's
+first iteration is left out of every median used for a ratio: it pays one-off costs (building
+the model, first calls). Without co-executed iterations the report says the cell ran eagerly.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import html
 import statistics
 from collections.abc import Iterable
+from typing import Optional
 
 from terra_nb import events as ev
 
 MODE_ORDER = (ev.EAGER, ev.TRACING, ev.CO_EXECUTING, ev.FALLBACK, ev.BACKOFF)
-BASELINE_MODES = (ev.EAGER, ev.TRACING)
-_BASELINE_WORDS = {ev.EAGER: "plain eager", ev.TRACING: "eager + recording"}
+# Breakdown keys in display order; "eager" and "tracing" are whole-iteration times.
+BREAKDOWN_ORDER = ("eager", "tracing", "skeleton", "graph", "fetch_waits", "compile")
+# Op types that call an already-compiled function (their insides are graph time already).
+CALL_OP_TYPES = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
+COMPILED_SHARE = 0.2  # calls at least this share of the traced ops: no speedup is claimed
+DETAIL_CHARS = 160  # expected/actual descriptions longer than this are cut in reports
+
+# What a user can do about each fallback kind (runner.py's kinds); the event's hint follows.
+SUGGESTIONS = {
+    "new-op": "the iteration ran ops the traced ones did not; if this happens every iteration "
+              "(a loop whose trip count changes, work done only sometimes), expect one fallback "
+              "per new path, then reuse",
+    "new-location": "the same op came from another line: Python took another branch; each "
+                    "distinct path is traced once and reused",
+    "attrs-changed": "an op attribute changed (a Python number or object passed to the op); "
+                     "pass a tensor instead (tf.constant) so it is fed rather than baked in",
+    "shape-changed": "an input shape changed (e.g. the last, smaller batch); pad batches to one "
+                     "size or drop the remainder (drop_remainder=True)",
+    "input-changed": "an op's input came from a different source than while tracing; keep the "
+                     "data flow of each iteration the same",
+}
+
+
+def is_call_op(op_type: str) -> bool:
+    """A call of a compiled function: the generic call ops or a function called by name."""
+    return op_type in CALL_OP_TYPES or op_type.startswith("__inference_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,37 +63,118 @@ class ModeStats:
 
 
 @dataclasses.dataclass(frozen=True)
+class GraphFacts:
+    """What the session's TraceGraph holds: recorded ops, path choices, compiled calls."""
+
+    ops: int
+    branch_points: int
+    islands: int
+    graphs_compiled: int
+    top_op_types: tuple[tuple[str, int], ...]
+    call_ops: int
+    call_names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, session) -> Optional[GraphFacts]:
+        graph = session.trace_graph
+        if graph is None:
+            return None
+        counts: collections.Counter = collections.Counter()
+        islands = 0
+        for node in graph.nodes():
+            counts[node.op_type] += 1
+            islands += bool(node.island)
+        calls = {name: n for name, n in counts.items() if is_call_op(name)}
+        runner = session.graph_runner
+        return cls(
+            ops=graph.size,
+            branch_points=len(graph.branch_points()),
+            islands=islands,
+            graphs_compiled=runner.graphs if runner is not None else 0,
+            top_op_types=tuple(counts.most_common(5)),
+            call_ops=sum(calls.values()),
+            call_names=tuple(sorted(calls)),
+        )
+
+    def text(self) -> str:
+        tops = ", ".join(f"{name} {count}" for name, count in self.top_op_types)
+        return (f"{self.ops} ops recorded, {self.branch_points} branch point"
+                f"{'' if self.branch_points == 1 else 's'} (path choices), {self.islands} "
+                f"run in program order, {self.graphs_compiled} graph"
+                f"{'' if self.graphs_compiled == 1 else 's'} compiled; most frequent: {tops}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One measured way of running the loop (`--compare`): per-iteration times, in ms."""
+
+    name: str  # "eager", "tf.function"
+    iterations: int
+    median_ms: Optional[float]  # the first iteration left out; None when too few ran
+    status: str = "ok"  # "ok", "failed", "changed results", "not run"
+    detail: str = ""  # why it failed / how results differed / why not run
+    retraces: int = 0  # tf.function traces during the timed iterations
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """`--compare`: the same loop re-run eagerly and as a tf.function, state restored."""
+
+    iterations: int
+    timings: tuple[Timing, ...]
+    restored_variables: int
+
+    def timing(self, name: str) -> Optional[Timing]:
+        return next((t for t in self.timings if t.name == name), None)
+
+
+@dataclasses.dataclass(frozen=True)
 class Report:
     """What one `%%terra` run (or a session's whole history) did; `str()` is the summary."""
 
     name: str
     modes: tuple[ModeStats, ...]
-    baseline: str | None  # the mode whose iterations are the eager baseline
-    baseline_ms: float | None  # their median, the first iteration of the session left out
+    baseline: Optional[str]  # names the measured plain-eager baseline, e.g. "eager iterations"
+    baseline_ms: Optional[float]
     baseline_iterations: int
-    speedup: float | None
+    speedup: Optional[float]  # baseline median / co-executing median, both measured
     graphs: tuple[ev.GraphBuilt, ...] = ()
     fallbacks: tuple[ev.FallbackEvent, ...] = ()
     failures: tuple[ev.IterationFailed, ...] = ()
     notes: tuple[ev.Note, ...] = ()
+    timeline: tuple[ev.IterationDone, ...] = ()
+    tracing_ratio: Optional[float] = None  # tracing median / co-executing median
+    graph: Optional[GraphFacts] = None
+    comparison: Optional[Comparison] = None
+    warnings: tuple[str, ...] = ()  # Python warnings and TF log warnings raised during the run
+    stopped: str = ""  # where and why the cell stopped early, when it raised
 
     @classmethod
-    def from_events(cls, events: Iterable, *, name: str = "", since: int = 0) -> Report:
+    def from_events(cls, events: Iterable, *, name: str = "", since: int = 0,
+                    session=None, comparison: Optional[Comparison] = None,
+                    warnings: tuple[str, ...] = (), stopped: str = "") -> Report:
         """Summarise the events whose iteration index is `since` or later."""
         events = [event for event in events if event.index >= since]
-        done = [event for event in events if isinstance(event, ev.IterationDone)]
+        done = tuple(event for event in events if isinstance(event, ev.IterationDone))
         seconds: dict[str, list[float]] = {}
         for event in done:
             seconds.setdefault(event.mode, []).append(event.seconds)
         order = [mode for mode in MODE_ORDER if mode in seconds]
         order += sorted(mode for mode in seconds if mode not in MODE_ORDER)
         modes = tuple(_mode_stats(mode, seconds[mode]) for mode in order)
-        baseline = next((mode for mode in BASELINE_MODES if mode in seconds), None)
-        samples = [e.seconds for e in done if e.mode == baseline and e.index > 0]
-        baseline_ms = statistics.median(samples) * 1e3 if samples else None
-        speedup = None
-        if baseline_ms is not None and ev.CO_EXECUTING in seconds:
-            speedup = baseline_ms / (statistics.median(seconds[ev.CO_EXECUTING]) * 1e3)
+        co_ms = _median_ms([e.seconds for e in done if e.mode == ev.CO_EXECUTING])
+        baseline, baseline_ms, count = None, None, 0
+        eager = [e.seconds for e in done if e.mode == ev.EAGER and e.index > 0]
+        if eager:
+            baseline, baseline_ms, count = "eager iterations", _median_ms(eager), len(eager)
+        elif comparison is not None:
+            timing = comparison.timing("eager")
+            if timing is not None and timing.median_ms is not None:
+                baseline = "eager re-run (--compare)"
+                baseline_ms, count = timing.median_ms, timing.iterations - 1
+        speedup = baseline_ms / co_ms if baseline_ms is not None and co_ms else None
+        tracing_ms = _median_ms([e.seconds for e in done if e.mode == ev.TRACING and e.index > 0])
+        tracing_ratio = tracing_ms / co_ms if tracing_ms is not None and co_ms else None
 
         def of_type(kind):
             return tuple(event for event in events if isinstance(event, kind))
@@ -77,30 +184,58 @@ class Report:
             modes=modes,
             baseline=baseline,
             baseline_ms=baseline_ms,
-            baseline_iterations=len(samples),
+            baseline_iterations=count,
             speedup=speedup,
             graphs=of_type(ev.GraphBuilt),
             fallbacks=of_type(ev.FallbackEvent),
             failures=of_type(ev.IterationFailed),
             notes=of_type(ev.Note),
+            timeline=done,
+            tracing_ratio=tracing_ratio,
+            graph=GraphFacts.of(session) if session is not None else None,
+            comparison=comparison,
+            warnings=tuple(warnings),
+            stopped=stopped,
         )
 
     @classmethod
-    def from_session(cls, session, *, since: int = 0) -> Report:
-        return cls.from_events(session.events, name=session.name, since=since)
+    def from_session(cls, session, *, since: int = 0, **extra) -> Report:
+        return cls.from_events(session.events, name=session.name, since=since, session=session,
+                               **extra)
 
     @property
     def iterations(self) -> int:
         """Iterations that finished (failed ones are in `failures`)."""
         return sum(stats.iterations for stats in self.modes)
 
-    def stats(self, mode: str) -> ModeStats | None:
+    def stats(self, mode: str) -> Optional[ModeStats]:
         return next((stats for stats in self.modes if stats.mode == mode), None)
 
     @property
     def ran_eagerly(self) -> bool:
         """No iteration used the graph: nothing here is a co-execution measurement."""
         return self.stats(ev.CO_EXECUTING) is None and self.stats(ev.FALLBACK) is None
+
+    @property
+    def already_compiled(self) -> bool:
+        """The traced work is mostly calls of compiled functions: no speedup is claimed."""
+        facts = self.graph
+        return bool(facts and facts.call_ops and facts.call_ops >= COMPILED_SHARE * facts.ops)
+
+    def findings(self) -> list[str]:
+        """Facts about the loop that change how its timings should be read."""
+        found = []
+        traced = [e.ops for e in self.timeline if e.mode != ev.EAGER]
+        if traced and max(traced) == 0:
+            found.append("the loop body ran no TensorFlow ops of its own: nothing to co-execute")
+        facts = self.graph
+        if self.already_compiled:
+            names = ", ".join(facts.call_names[:3]) + (" ..." if len(facts.call_names) > 3 else "")
+            found.append(
+                f"{facts.call_ops} of {facts.ops} recorded ops call already-compiled functions "
+                f"({names}); their insides already run as graphs, so co-execution can only "
+                "remove the Python between them; no speedup is claimed")
+        return found
 
     # ---- text ----
 
@@ -116,25 +251,57 @@ class Report:
         counts = ", ".join(f"{stats.iterations} {stats.mode}" for stats in self.modes)
         return f"{title}: {self.iterations} iterations ({counts})"
 
-    def speedup_line(self) -> str:
+    def speedup_lines(self) -> list[str]:
+        """Every ratio shown names both sides; none is shown that was not measured."""
+        if self.ran_eagerly or self.already_compiled:
+            return []
+        co = self.stats(ev.CO_EXECUTING)
+        lines = []
         if self.speedup is not None:
             count = self.baseline_iterations
-            return (
-                f"speedup {self.speedup:.2f}x: co-executing median vs {self.baseline} median "
-                f"{self.baseline_ms:.2f} ms ({_BASELINE_WORDS[self.baseline]}, {count} "
-                f"iteration{'' if count == 1 else 's'}, the session's first left out)"
-            )
-        if self.ran_eagerly:
-            return ""
-        if self.baseline is None:
-            return "speedup not measured: no eager or tracing iterations in this run to compare"
-        return (
-            "speedup not measured: the only eager baseline is the session's first iteration, "
-            "which includes warm-up; use --trace 3 or more"
-        )
+            lines.append(
+                f"speedup {self.speedup:.2f}x over eager: co-executing median {co.median_ms:.2f} "
+                f"ms vs {self.baseline} median {self.baseline_ms:.2f} ms ({count} iteration"
+                f"{'' if count == 1 else 's'}, the first left out)")
+        else:
+            lines.append("speedup over eager not measured: no plain eager iterations in this "
+                         "run (use --compare to time the loop eagerly)")
+        if self.tracing_ratio is not None:
+            lines.append(
+                f"co-executing is {self.tracing_ratio:.2f}x faster than tracing iterations "
+                "(eager + op recording, slower than plain eager: not an eager speedup)")
+        return lines
+
+    def speedup_line(self) -> str:
+        return "; ".join(self.speedup_lines())
+
+    def comparison_lines(self) -> list[str]:
+        if self.comparison is None:
+            return []
+        co = self.stats(ev.CO_EXECUTING)
+        lines = [f"--compare: the loop re-run from the same state, {self.comparison.iterations} "
+                 f"iterations each, {self.comparison.restored_variables} variables restored after"]
+        for t in self.comparison.timings:
+            if t.median_ms is None:
+                lines.append(f"  {t.name}: {t.status}" + (f" — {t.detail}" if t.detail else ""))
+                continue
+            text = f"  {t.name}: median {t.median_ms:.2f} ms ({t.iterations - 1} iterations, " \
+                   "the first left out)"
+            if t.name == "tf.function":
+                text += f", traced {t.retraces} time{'' if t.retraces == 1 else 's'}"
+                if t.retraces > 2:
+                    text += " (a Python value passed to the step changes each call)"
+            if co is not None:
+                text += f"; terra co-executing is {t.median_ms / co.median_ms:.2f}x faster"
+            if t.status != "ok":
+                text += f" — {t.status.upper()}: {t.detail}"
+            lines.append(text)
+        return lines
 
     def __str__(self) -> str:
         lines = [self.headline()]
+        if self.stopped:
+            lines.append(f"  stopped: {self.stopped}")
         if self.modes:
             lines.append(f"  {'mode':<16}{'iterations':>10}{'median ms':>12}{'min ms':>10}"
                          f"{'max ms':>10}")
@@ -143,21 +310,31 @@ class Report:
                 f"{s.max_ms:>10.2f}"
                 for s in self.modes
             ]
-        if self.speedup_line():
-            lines.append("  " + self.speedup_line())
+        lines += ["  " + line for line in self.speedup_lines()]
+        lines += ["  " + line for line in self.comparison_lines()]
+        lines += ["  found: " + line for line in self.findings()]
         if self.graphs:
             lines.append(f"  graphs built: {len(self.graphs)}")
         if self.fallbacks:
             lines.append(f"  fallbacks: {len(self.fallbacks)}")
             lines += [f"    iteration {e.index}: {_fallback_text(e)}" for e in self.fallbacks]
         lines += [f"  failed: iteration {e.index}: {_failure_text(e)}" for e in self.failures]
+        lines += [f"  warning: {text}" for text in self.warnings]
         return "\n".join(lines)
 
     def explain(self) -> str:
-        """Every graph, fallback, failure and note, in iteration order, with user lines."""
+        """A TorchDynamo-explain-like report: graphs, ops, feeds, fetches, every fallback with
+        its reason, user line and a suggestion, failures and notes, in iteration order."""
+        lines = [self.headline()]
+        ops = sum(g.ops for g in self.graphs)
+        lines.append(f"  graphs built: {len(self.graphs)} ({ops} ops, "
+                     f"{sum(g.feeds for g in self.graphs)} feeds, "
+                     f"{sum(g.fetches for g in self.graphs)} fetches in all)")
+        if self.graph is not None:
+            lines.append(f"  trace graph: {self.graph.text()}")
+        lines.append(f"  fallbacks: {len(self.fallbacks)}")
         records = sorted(self.graphs + self.fallbacks + self.failures + self.notes,
                          key=lambda event: event.index)
-        lines = [f"{self.headline()}"]
         if not records:
             lines.append("  no graphs built, no fallbacks, no failures, no notes")
         for event in records:
@@ -167,14 +344,20 @@ class Report:
                         + (" (XLA)" if event.xla else "")
                         + (f"; {event.reason}" if event.reason else ""))
             elif isinstance(event, ev.FallbackEvent):
-                text = _fallback_text(event)
+                text = "fallback " + _fallback_text(event)
                 if event.hint:
                     text += f"\n      hint: {event.hint}"
+                if event.kind in SUGGESTIONS:
+                    text += f"\n      suggestion: {SUGGESTIONS[event.kind]}"
             elif isinstance(event, ev.IterationFailed):
                 text = "failed: " + _failure_text(event)
             else:
                 text = f"note {event.kind}: {event.message}"
             lines.append(f"  iteration {event.index}: {text}")
+        lines += ["  found: " + line for line in self.findings()]
+        lines += [f"  warning: {text}" for text in self.warnings]
+        if self.stopped:
+            lines.append(f"  stopped: {self.stopped}")
         return "\n".join(lines)
 
     # ---- HTML ----
@@ -182,6 +365,8 @@ class Report:
     def _repr_html_(self) -> str:
         esc = html.escape
         parts = [f"<div class='terra-nb-report'><b>{esc(self.headline())}</b>"]
+        if self.stopped:
+            parts.append(f"<p>stopped: <code>{esc(self.stopped)}</code></p>")
         if self.modes:
             head = "".join(f"<th>{esc(h)}</th>"
                            for h in ("mode", "iterations", "median ms", "min ms", "max ms"))
@@ -191,8 +376,12 @@ class Report:
                 for s in self.modes
             )
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        if self.speedup_line():
-            parts.append(f"<p>{esc(self.speedup_line())}</p>")
+        parts += [f"<p>{esc(line)}</p>" for line in self.speedup_lines()]
+        if self.comparison is not None:
+            items = "".join(f"<li>{esc(line.strip())}</li>"
+                            for line in self.comparison_lines()[1:])
+            parts.append(f"<p>{esc(self.comparison_lines()[0])}</p><ul>{items}</ul>")
+        parts += [f"<p>found: {esc(line)}</p>" for line in self.findings()]
         if self.graphs:
             parts.append(f"<p>graphs built: {len(self.graphs)}</p>")
         if self.fallbacks:
@@ -201,10 +390,15 @@ class Report:
             parts.append(f"<p>fallbacks: {len(self.fallbacks)}</p><ul>{items}</ul>")
         parts += [f"<p>failed: iteration {e.index}: <code>{esc(_failure_text(e))}</code></p>"
                   for e in self.failures]
+        parts += [f"<p>warning: <code>{esc(text)}</code></p>" for text in self.warnings]
         return "".join(parts) + "</div>"
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         return {"text/plain": str(self), "text/html": self._repr_html_()}
+
+
+def _median_ms(seconds: list[float]) -> Optional[float]:
+    return statistics.median(seconds) * 1e3 if seconds else None
 
 
 def _mode_stats(mode: str, seconds: list[float]) -> ModeStats:
@@ -217,10 +411,15 @@ def _mode_stats(mode: str, seconds: list[float]) -> ModeStats:
     )
 
 
+def shorten(text: str, limit: int = DETAIL_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _fallback_text(event: ev.FallbackEvent) -> str:
     text = f"{event.kind}: {event.explanation}"
     if event.expected or event.actual:
-        text += f" (expected {event.expected or '?'}, got {event.actual or '?'})"
+        text += (f" (expected {shorten(event.expected) or '?'}, "
+                 f"got {shorten(event.actual) or '?'})")
     if event.user_frame is not None:
         text += f"\n      at {event.user_frame}"
     return text

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from terra_nb import events as ev
-from terra_nb.summary import Report
+from terra_nb.summary import Comparison, Report, Timing
 
 
 def done(index: int, mode: str, ms: float) -> ev.IterationDone:
@@ -27,37 +27,61 @@ def test_eager_only_says_ran_eagerly_without_speedup():
     assert "12.00" in text and "30.00" in text
 
 
-def test_speedup_uses_tracing_baseline_without_the_first_iteration():
+def test_tracing_iterations_are_never_the_eager_baseline():
     events = [done(0, ev.TRACING, 100.0), done(1, ev.TRACING, 20.0), done(2, ev.TRACING, 22.0)]
     events += [done(i, ev.CO_EXECUTING, 5.0) for i in range(3, 8)]
     report = Report.from_events(events)
-    assert report.baseline == ev.TRACING
-    assert report.baseline_iterations == 2
-    assert report.baseline_ms == pytest.approx(21.0)
-    assert report.speedup == pytest.approx(21.0 / 5.0)
-    assert "vs tracing median" in str(report)
+    assert report.baseline is None and report.speedup is None
+    assert report.tracing_ratio == pytest.approx(21.0 / 5.0)  # first iteration left out
+    text = str(report)
+    assert "speedup over eager not measured" in text
+    assert "4.20x faster than tracing iterations (eager + op recording" in text
+    assert re.search(r"speedup \d", text) is None
 
 
-def test_plain_eager_baseline_is_preferred_and_never_mixed():
-    events = [done(0, ev.EAGER, 50.0), done(1, ev.EAGER, 40.0), done(2, ev.TRACING, 1000.0),
-              done(3, ev.CO_EXECUTING, 10.0)]
+def test_plain_eager_iterations_are_the_baseline_without_the_first():
+    events = [done(0, ev.EAGER, 500.0), done(1, ev.EAGER, 40.0), done(2, ev.EAGER, 60.0),
+              done(3, ev.TRACING, 1000.0), done(4, ev.CO_EXECUTING, 10.0)]
     report = Report.from_events(events)
-    assert report.baseline == ev.EAGER
-    assert report.speedup == pytest.approx(4.0)
+    assert report.baseline == "eager iterations"
+    assert report.baseline_iterations == 2
+    assert report.speedup == pytest.approx(5.0)
+    assert "speedup 5.00x over eager: co-executing median 10.00 ms vs eager iterations" \
+        in str(report)
+
+
+def test_compare_eager_rerun_is_a_named_baseline():
+    comparison = Comparison(4, (Timing("eager", 4, 30.0), Timing("tf.function", 4, 12.0,
+                                                                 "changed results", "w differs",
+                                                                 retraces=1)), 3)
+    events = [done(0, ev.TRACING, 90.0), done(1, ev.CO_EXECUTING, 10.0)]
+    report = Report.from_events(events, comparison=comparison)
+    assert report.baseline == "eager re-run (--compare)"
+    assert report.speedup == pytest.approx(3.0)
+    text = str(report)
+    assert "tf.function: median 12.00 ms" in text and "CHANGED RESULTS: w differs" in text
+    assert "terra co-executing is 1.20x faster" in text
 
 
 def test_no_speedup_when_only_the_warm_up_iteration_is_eager():
-    report = Report.from_events([done(0, ev.TRACING, 80.0), done(1, ev.CO_EXECUTING, 5.0)])
+    report = Report.from_events([done(0, ev.EAGER, 80.0), done(1, ev.CO_EXECUTING, 5.0)])
     assert report.speedup is None
-    assert "speedup not measured" in str(report)
+    assert "speedup over eager not measured" in str(report)
 
 
 def test_since_keeps_only_this_runs_events():
     events = [done(0, ev.TRACING, 9.0), done(1, ev.TRACING, 9.0), done(2, ev.CO_EXECUTING, 3.0)]
     report = Report.from_events(events, since=2)
     assert report.iterations == 1
-    assert report.speedup is None
-    assert "no eager or tracing iterations in this run" in str(report)
+    assert report.speedup is None and report.tracing_ratio is None
+    assert len(report.timeline) == 1
+
+
+def test_long_expected_and_actual_are_shortened():
+    event = ev.FallbackEvent(2, "attrs-changed", "attrs differ", expected="a" * 1000,
+                             actual="b" * 1000)
+    text = str(Report.from_events([event]))
+    assert "a" * 159 + "…" in text and "a" * 200 not in text
 
 
 def test_fallbacks_and_failures_show_reason_and_user_line():
