@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import tensorflow as tf
 
 from terra_nb import intercept
-from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, Node
+from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, Node
 
 # Stateful random ops get a new `seed2` attr from TF's op-seed counter at every eager call, so
 # seed2 is not part of node identity (runner). In the graph one kernel keeps drawing fresh numbers
@@ -128,3 +129,47 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False) -> Comp
         concrete = function.get_concrete_function(*specs)
     return CompiledSegment(concrete, path, feeds, folded, outputs,
                            time.perf_counter() - start, xla)
+
+
+def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple:
+    """Input slots whose *values* decide the op's output shapes.
+
+    Candidates are small integer inputs. The op is built in a scratch graph with the
+    candidates as placeholders (unknown values); if the outputs' shapes are still fully known,
+    no value matters. Otherwise each candidate is tried alone.
+    """
+    candidates = [slot for slot, value in enumerate(inputs)
+                  if refs[slot][0] != RESOURCE and value.dtype.is_integer
+                  and value._num_elements() <= SMALL_CONSTANT]
+    if not candidates or intercept.op_def(op_type) is None:
+        return ()
+    protos = intercept.attr_protos(op_type, attrs)
+    if _shapes_known(op_type, protos, inputs, refs, set(candidates)):
+        return ()
+    return tuple(slot for slot in candidates
+                 if not _shapes_known(op_type, protos, inputs, refs, {slot}))
+
+
+def _shapes_known(op_type, protos, inputs, refs, unknown: set) -> bool:
+    from tensorflow.python.framework import func_graph
+
+    graph = func_graph.FuncGraph("terra_nb_shape_probe")
+    with intercept.suspended(), graph.as_default():
+        tensors = []
+        for slot, value in enumerate(inputs):
+            if refs[slot][0] == RESOURCE:
+                tensors.append(graph.capture(value))
+            elif slot in unknown or slot not in _small_integer_slots(inputs):
+                tensors.append(tf.compat.v1.placeholder(value.dtype, value.shape))
+            else:
+                tensors.append(tf.constant(np.asarray(intercept.unwrap(value))))
+        try:
+            operation = graph.create_op(op_type, tensors, None, attrs=protos)
+        except (ValueError, TypeError):
+            return False
+        return all(output.shape.is_fully_defined() for output in operation.outputs)
+
+
+def _small_integer_slots(inputs) -> set:
+    return {slot for slot, value in enumerate(inputs)
+            if value.dtype.is_integer and value._num_elements() <= SMALL_CONSTANT}

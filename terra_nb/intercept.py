@@ -20,6 +20,7 @@ import sys
 import threading
 from typing import Protocol
 
+import numpy as np
 from tensorflow.python import pywrap_tfe
 from tensorflow.python.eager import context, core, execute, record
 from tensorflow.python.eager.polymorphic_function import atomic_function
@@ -292,6 +293,11 @@ class LazyTensor(ops._EagerTensorBase):
 
     def _numpy_internal(self):
         return self.value._numpy_internal()
+
+    def __array__(self, dtype=None, copy=None):
+        """numpy conversion (scalars included) of the value, via the eager tensor's own."""
+        array = np.asarray(self.value)
+        return array if dtype is None else array.astype(dtype, copy=False)
 
     def _copy_to_device(self, device_name):
         return self.value._copy_to_device(device_name)

@@ -99,7 +99,11 @@ class MacroTable:
             return result
         span = (start.uid, runner.cursor.uid)
         if span == entry.last_span and (deferred or entry.deferred_seen):
-            entry.macro, entry.tensor_positions = _build_macro(original, obj, args, kwargs)
+            macro, positions = _build_macro(original, obj, args, kwargs)
+            if all(output.shape.is_fully_defined() for output in macro.outputs):
+                entry.macro, entry.tensor_positions = macro, positions
+            else:
+                entry.banned = "its output shapes depend on input values"
         entry.last_span = span
         entry.deferred_seen = entry.deferred_seen or deferred
         return result

@@ -56,6 +56,18 @@ def _hashable(value):
     return value
 
 
+# op signature -> input slots whose values decide output shapes (see _shape_values)
+_SHAPE_VALUE_SLOTS: dict = {}
+
+
+def _signature_of(ref):
+    if ref[0] == FROM_NODE:
+        return (ref[1].output_dtypes[ref[2]], ref[1].output_shapes[ref[2]])
+    if ref[0] == RESOURCE:
+        return (RESOURCE,)
+    return (ref[1], ref[2])
+
+
 def _ref_key(ref):
     kind = ref[0]
     if kind == FROM_NODE:
@@ -236,15 +248,20 @@ class PythonRunner:
         self.fallback: ev.FallbackEvent | None = None
         self.finished = False
         self.flushes = 0
+        self.recording_seconds = 0.0  # tracing cost beyond running the ops themselves
+        self.diverged_at: float | None = None
         self.retraced = ""  # why the iteration left co-execution without a fallback, if it did
 
     # ------------------------------------------------------------ op handler
 
     def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
+        entered = time.perf_counter()
         self.ops += 1
         location = user_location(self.stop_frame, depth=3)
         refs = tuple(self._ref(value) for value in inputs)
-        key = (op_type, _attrs_key(op_type, attrs), location, tuple(_ref_key(ref) for ref in refs))
+        attrs_key = _attrs_key(op_type, attrs)
+        key = (op_type, attrs_key, location, tuple(_ref_key(ref) for ref in refs),
+               self._shape_values(op_type, attrs, attrs_key, refs, inputs))
         if self.mode == DEFER:
             child = self.cursor.children.get(key)
             if child is not None:
@@ -254,7 +271,9 @@ class PythonRunner:
                     return self._run_now(child, op_type, num_outputs, inputs, attrs, ctx, name)
                 return self._defer(child, inputs, refs, attrs, ctx)
             self._diverge(op_type, key, location, refs)
+        ran = time.perf_counter()
         outputs = intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        recorded = time.perf_counter()
         child = self.cursor.children.get(key)
         if child is None:
             function = None if intercept.op_def(op_type) else intercept.calling_function()
@@ -267,7 +286,21 @@ class PythonRunner:
         child.observe_externals([intercept.unwrap(value) for value in inputs])
         self._register(child, outputs)
         self.cursor = child
+        self.recording_seconds += (ran - entered) + (time.perf_counter() - recorded)
         return outputs
+
+    def _shape_values(self, op_type, attrs, attrs_key, refs, inputs) -> tuple:
+        """Values of the inputs that decide the op's output shape (Fill's dims, Reshape's
+        shape, a reduction's axis): part of node identity, because the TraceGraph records
+        static shapes. Found once per op signature by shape inference (graphgen)."""
+        signature = (op_type, attrs_key, tuple(_signature_of(ref) for ref in refs))
+        slots = _SHAPE_VALUE_SLOTS.get(signature)
+        if slots is None:
+            if self.mode == DEFER:
+                return ()
+            slots = graphgen.shape_deciding_inputs(op_type, attrs, inputs, refs)
+            _SHAPE_VALUE_SLOTS[signature] = slots
+        return tuple(np.asarray(inputs[slot]).tobytes() for slot in slots)
 
     def _ref(self, value):
         if isinstance(value, intercept.LazyTensor):
@@ -390,6 +423,7 @@ class PythonRunner:
     # ------------------------------------------------------------ divergence
 
     def _diverge(self, op_type, key, location, refs) -> None:
+        self.diverged_at = time.perf_counter()
         self.flush()
         self.runner.drain()
         self.mode = RECORD

@@ -13,7 +13,11 @@ import time
 
 from terra_nb import events as ev
 
+DEFER = "defer"  # the runner's skeleton mode (runner.DEFER), named here to keep TF unimported
+
 DEFAULT_TRACE_ITERATIONS = 2
+BACKOFF_AFTER = 3  # consecutive diverging iterations before backing off to plain eager
+MAX_BACKOFF_LEVEL = 6  # back-off periods double up to 2**6 = 64 iterations
 
 
 class Session:
@@ -42,6 +46,9 @@ class Session:
         self._graph = None
         self._runner = None
         self._macros = None
+        self._diverged_in_a_row = 0
+        self._backoff_level = 0
+        self._backoff_left = 0
 
     def iteration(self) -> _Iteration:
         """Run one iteration of the user's loop body (a context manager)."""
@@ -77,13 +84,39 @@ class Session:
         return self._graph, self._runner
 
     def _mode_for(self, index: int) -> str | None:
+        """RECORD, DEFER, or None for a plain eager iteration (`--eager`, or back-off)."""
         from terra_nb import runner
 
-        if self.eager:
+        if self.eager or self._backoff_left > 0:
             return None
         if index < self.trace_iterations:
             return runner.RECORD
         return runner.DEFER
+
+    def _after(self, index: int, mode: str) -> None:
+        """Count diverging iterations; back off to plain eager, exponentially, when they repeat.
+
+        A program that diverges on every iteration (a new shape each step, say) then costs
+        almost nothing: back-off iterations run with no interception at all.
+        """
+        if mode == ev.BACKOFF:
+            self._backoff_left -= 1
+            return
+        if mode == ev.CO_EXECUTING:
+            self._diverged_in_a_row = 0
+            self._backoff_level = 0
+            return
+        if mode != ev.FALLBACK:
+            return
+        self._diverged_in_a_row += 1
+        if self._diverged_in_a_row >= BACKOFF_AFTER:
+            self._backoff_level = min(self._backoff_level + 1, MAX_BACKOFF_LEVEL)
+            self._backoff_left = 2 ** self._backoff_level
+            self.events.emit(ev.Note(
+                index, "backoff",
+                f"the program diverged from its trace in {self._diverged_in_a_row} iterations "
+                f"in a row; the next {self._backoff_left} run plainly eager, then co-execution "
+                "is tried again"))
 
     def close(self) -> None:
         """Finish all pending graph work and stop the graph thread; safe to call twice.
@@ -111,14 +144,18 @@ class _Iteration:
         session = self.session
         mode = session._mode_for(self.index)
         self._compile_seconds = self._wait_seconds = 0.0
+        graph_runner = session.graph_runner
+        if graph_runner is not None:
+            from terra_nb import intercept
+
+            intercept.remove_guard(drain_unless_owner=graph_runner)
+            if mode != DEFER:
+                graph_runner.drain()
         if mode is not None:
             from terra_nb import intercept
-            from terra_nb.runner import RECORD, PythonRunner
+            from terra_nb.runner import PythonRunner
 
             graph, graph_runner = session._engine()
-            intercept.remove_guard(drain_unless_owner=graph_runner)
-            if mode == RECORD:
-                graph_runner.drain()
             self._compile_seconds = graph_runner.compile_seconds
             self._wait_seconds = graph_runner.wait_seconds
             self.run = PythonRunner(graph, graph_runner, session.events, self.index, mode,
@@ -151,30 +188,59 @@ class _Iteration:
                 intercept.install_guard(runner, runner.drain)
         seconds = time.perf_counter() - self.start
         if error is not None:
-            session.events.emit(ev.IterationFailed(self.index, error_type.__name__, str(error)))
+            session.events.emit(ev.IterationFailed(self.index, error_type.__name__, str(error),
+                                                   _user_frame_of_traceback(traceback)))
             return False
-        session.events.emit(ev.IterationDone(self.index, self._mode(), seconds,
+        mode = self._mode()
+        session.events.emit(ev.IterationDone(self.index, mode, seconds,
                                              self._breakdown(seconds), self._ops()))
+        session._after(self.index, mode)
         return False
 
     def _mode(self) -> str:
-        return ev.EAGER if self.run is None else self.run.result_mode
+        if self.run is not None:
+            return self.run.result_mode
+        return ev.EAGER if self.session.eager else ev.BACKOFF
 
     def _ops(self) -> int:
         return 0 if self.run is None else self.run.ops
 
     def _breakdown(self, seconds: float) -> dict:
+        """Where the iteration's wall time went. `graph` ran on the graph thread, overlapping
+        the rest; `recording` is the part of a tracing iteration spent recording, not running.
+        """
         if self.run is None:
             return {"eager": seconds}
         graph_runner = self.session.graph_runner
         graph = graph_runner.take_graph_seconds()
         compile_ = graph_runner.compile_seconds - self._compile_seconds
         if self.run.result_mode == ev.TRACING:
-            return {"tracing": seconds}
+            return {"tracing": seconds, "recording": self.run.recording_seconds}
         waits = graph_runner.wait_seconds - self._wait_seconds
+        fallback = 0.0
+        if self.run.diverged_at is not None:
+            fallback = max(time.perf_counter() - self.run.diverged_at, 0.0)
         return {
-            "skeleton": max(seconds - waits - compile_, 0.0),
+            "skeleton": max(seconds - waits - compile_ - fallback, 0.0),
             "graph": graph,
             "compile": compile_,
             "fetch_waits": waits,
+            "fallback": fallback,
         }
+
+
+def _user_frame_of_traceback(traceback) -> ev.UserFrame | None:
+    """The innermost frame of the user's own code in a traceback."""
+    from terra_nb.trace import is_user_file
+
+    found = None
+    while traceback is not None:
+        code = traceback.tb_frame.f_code
+        if is_user_file(code.co_filename):
+            found = (code.co_filename, traceback.tb_lineno)
+        traceback = traceback.tb_next
+    if found is None:
+        return None
+    import linecache
+
+    return ev.UserFrame(found[0], found[1], linecache.getline(*found).strip())

@@ -334,3 +334,82 @@ def test_without_overlap_results_are_the_same():
         values[overlap] = float(variable)
         session.close()
     assert values[True] == values[False] == 1.5 ** 5
+
+
+def test_a_program_that_diverges_every_iteration_backs_off_to_plain_eager():
+    session = Session("backoff", trace_iterations=1)
+    totals = []
+    for width in range(2, 30):
+        with session.iteration():
+            totals.append(float(tf.reduce_sum(tf.ones([width]) * 2.0)))
+    assert totals == [2.0 * width for width in range(2, 30)]
+    observed = modes(session)
+    assert observed[:4] == [ev.TRACING, ev.FALLBACK, ev.FALLBACK, ev.FALLBACK]
+    # Then 2 plain iterations, a retry that falls back, 4 plain, a retry, 8 plain, a retry ...
+    assert observed[4:6] == [ev.BACKOFF] * 2
+    assert observed[6] == ev.FALLBACK
+    assert observed[7:11] == [ev.BACKOFF] * 4
+    assert observed[11] == ev.FALLBACK
+    assert observed[12:20] == [ev.BACKOFF] * 8
+    notes = [event for event in session.events.of_type(ev.Note) if event.kind == "backoff"]
+    assert [note.index for note in notes] == [3, 6, 11, 20]
+
+
+def test_back_off_ends_when_co_execution_works_again():
+    session = Session("recover", trace_iterations=1)
+    widths = [2, 3, 4, 5, 6] + [7] * 11
+    for width in widths:
+        with session.iteration():
+            total = float(tf.reduce_sum(tf.ones([width]) * 2.0))
+    assert total == 14.0
+    observed = modes(session)
+    # Width 7 is first traced by the retry at iteration 6 (a fallback), then 4 plain
+    # iterations, then the retry at 11 finds it and co-execution resumes for good.
+    assert observed[4:6] == [ev.BACKOFF] * 2
+    assert observed[6:11] == [ev.FALLBACK] + [ev.BACKOFF] * 4
+    assert observed[11:] == [ev.CO_EXECUTING] * 5
+
+
+def test_failed_iterations_name_the_user_line():
+    session = _deferred_session()
+    with pytest.raises(ZeroDivisionError):
+        with session.iteration():
+            total = tf.constant(1.0) + 1.0
+            total = total / 0 if float(total) > 5 else 1 / 0
+    (failed,) = session.events.of_type(ev.IterationFailed)
+    assert failed.user_frame.source == "total = total / 0 if float(total) > 5 else 1 / 0"
+    assert failed.user_frame.filename == __file__
+
+
+def test_tracing_iterations_report_their_recording_cost():
+    session = Session("cost", trace_iterations=3)
+    x = tf.ones([8, 8])
+    for _ in range(3):
+        with session.iteration():
+            for _op in range(20):
+                x = tf.tanh(x) + 0.1
+    done = session.events.of_type(ev.IterationDone)
+    assert all(0.0 < event.breakdown["recording"] < event.breakdown["tracing"]
+               for event in done)
+
+
+def test_inputs_that_decide_output_shapes_are_part_of_node_identity():
+    """`tf.ones([n])` with a new n must not reuse a graph whose static shape says the old n."""
+    session = _deferred_session()
+    shapes = []
+    for width in (3, 3, 5, 5):
+        with session.iteration():
+            ones = tf.ones([width])
+            shapes.append((tuple(ones.shape), float(tf.reduce_sum(ones))))
+    assert shapes == [((3,), 3.0), ((3,), 3.0), ((5,), 5.0), ((5,), 5.0)]
+    assert modes(session) == [ev.TRACING, ev.CO_EXECUTING, ev.FALLBACK, ev.CO_EXECUTING]
+
+
+def test_a_changing_integer_that_does_not_decide_a_shape_is_fed():
+    session = _deferred_session()
+    results = []
+    for step in range(5):
+        with session.iteration():
+            results.append(float(tf.cast(tf.constant(step), tf.float32) * 2.0))
+    assert results == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert modes(session)[1:] == [ev.CO_EXECUTING] * 4
