@@ -49,13 +49,23 @@ def is_user_file(filename: str) -> bool:
 Location = tuple  # ((filename, lineno), ...) innermost first
 
 
+_is_user_code: dict = {}
+
+
 def user_location(stop_frame, depth: int = 2) -> Location:
-    """The user frames from the caller `depth` levels up to `stop_frame` (inclusive)."""
+    """The user frames from the caller `depth` levels up to `stop_frame` (inclusive).
+
+    Called for every op, so the user-or-library verdict is cached per code object.
+    """
     frame = sys._getframe(depth)
     frames = []
+    is_user_code = _is_user_code
     while frame is not None:
         code = frame.f_code
-        if is_user_file(code.co_filename):
+        user = is_user_code.get(code)
+        if user is None:
+            user = is_user_code[code] = is_user_file(code.co_filename)
+        if user:
             frames.append((code.co_filename, frame.f_lineno))
         if frame is stop_frame:
             break
