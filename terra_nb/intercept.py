@@ -28,6 +28,7 @@ from tensorflow.python.framework import dtypes, op_def_registry, ops, tensor_sha
 
 PRIVATE_SYMBOLS = (
     ("tensorflow.python.pywrap_tfe", "TFE_Py_FastPathExecute"),
+    ("tensorflow.python.pywrap_tfe", "TFE_Py_TensorShapeSlice"),
     ("tensorflow.python.eager.core", "_FallbackException"),
     ("tensorflow.python.eager.execute", "execute"),
     ("tensorflow.python.eager.execute", "quick_execute"),
@@ -129,6 +130,21 @@ def _patch_execute() -> None:
 
 
 _patch_execute()
+
+_real_tensor_shape_slice = pywrap_tfe.TFE_Py_TensorShapeSlice
+
+
+def _tensor_shape_slice(tensors, dim):
+    """`TFE_Py_TensorShapeSlice` (used by concat's gradient) accepts only eager tensors; a
+    LazyTensor's static shape gives the same answer without waiting for its value."""
+    if not any(isinstance(tensor, LazyTensor) for tensor in tensors):
+        return _real_tensor_shape_slice(tensors, dim)
+    sizes = np.array([tensor._shape_tuple()[dim] for tensor in tensors], dtype=np.int32)
+    with suspended():
+        return ops.convert_to_tensor(sizes)
+
+
+pywrap_tfe.TFE_Py_TensorShapeSlice = _tensor_shape_slice
 
 
 def _install() -> None:

@@ -413,3 +413,15 @@ def test_a_changing_integer_that_does_not_decide_a_shape_is_fed():
             results.append(float(tf.cast(tf.constant(step), tf.float32) * 2.0))
     assert results == [0.0, 2.0, 4.0, 6.0, 8.0]
     assert modes(session)[1:] == [ev.CO_EXECUTING] * 4
+
+
+def test_concat_gradient_works_on_deferred_tensors():
+    session = _deferred_session()
+    variable = tf.Variable(tf.ones([2, 3]))
+    for _ in range(3):
+        with session.iteration():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.concat([variable * 2.0, variable * 3.0], axis=1))
+            variable.assign_sub(0.1 * tape.gradient(loss, variable))
+    np.testing.assert_allclose(variable.numpy(), np.full((2, 3), -0.5), rtol=1e-6)
+    assert modes(session)[1:] == [ev.CO_EXECUTING] * 2
