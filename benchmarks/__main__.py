@@ -1,90 +1,262 @@
-"""`python -m benchmarks`: one small Keras MLP training step, eager vs tf.function.
+"""`python -m benchmarks` (`make bench`): ten Terra-style programs in five modes, side by side.
 
-Both variants train the same model; they run interleaved in rounds so that drift in machine
-load hits both alike, and each round's per-step time is the mean over a block of steps. We
-print the median over rounds and the ratio. terra_nb's own modes join this table when the
-co-execution engine lands; nothing here is estimated.
+Modes: eager, tf.function, tf.function+XLA (jit_compile=True), terra_nb, terra_nb+XLA. Each
+program runs in its own subprocess (benchmarks/measure.py), its modes interleaved in rounds.
+Per mode we record whether it ran, failed (exception type) or ran with different results
+(max loss difference vs eager, with op determinism and identical seeds), the median and min
+steady-state step time, the first iterations' (tracing) times, and for terra_nb the fallbacks
+and graphs built, from the engine's events. Results go to benchmarks/results/<machine>.json,
+.md (the table) and .png (a bar chart of eager time / mode time). Nothing is estimated.
+
+    python -m benchmarks [--programs a,b] [--steps N] [--rounds R] [--warmup W] [--quick]
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
 import platform
-import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from benchmarks.modes import MODES, SAME_RTOL, SAME_STEPS
+from benchmarks.programs import NAMES
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-ROUNDS = 15
-STEPS_PER_ROUND = 20
-WARMUP_STEPS = 5
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_training_step():
-    """A 3-layer MLP on fixed random data, and its step as a plain Python function."""
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(64, 32)), tf.float32)
-    y = tf.constant(rng.integers(0, 10, size=(64,)), tf.int32)
-    model = keras.Sequential(
-        [
-            keras.Input((32,)),
-            keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    optimizer = keras.optimizers.Adam(1e-3)
-
-    def step():
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    return step
-
-
-def time_block(step, steps: int) -> float:
-    """Mean milliseconds per step over `steps` steps, waiting for the last result."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.numpy()
-    return (time.perf_counter() - start) / steps * 1e3
+def machine_info() -> dict:
+    """Platform facts, and a short id naming the result files (e.g. cpu2-py311-tf2.21)."""
+    probe = ("import os; os.environ['TF_CPP_MIN_LOG_LEVEL']='3'; import json, keras, "
+             "tensorflow as tf; print(json.dumps([tf.__version__, keras.__version__, "
+             "len(tf.config.list_physical_devices('GPU'))]))")
+    output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True).stdout.strip().splitlines()[-1]
+    tf_version, keras_version, gpus = json.loads(output)
+    processor = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle
+                     if line.startswith("model name")]
+        processor = names[0] if names else processor
+    except OSError:
+        pass
+    major, minor = platform.python_version_tuple()[:2]
+    device = f"gpu{gpus}" if gpus else f"cpu{os.cpu_count()}"
+    return {
+        "id": f"{device}-py{major}{minor}-tf{'.'.join(tf_version.split('.')[:2])}",
+        "cpus": os.cpu_count(), "gpus": gpus, "processor": processor,
+        "system": f"{platform.system()} {platform.release()}", "arch": platform.machine(),
+        "python": platform.python_version(), "tensorflow": tf_version, "keras": keras_version,
+        "terra_nb_source": _git_describe(),
+    }
 
 
-def main() -> None:
-    eager_step = make_training_step()
-    graph_step = tf.function(eager_step)
-    variants = {"eager": eager_step, "tf.function": graph_step}
-    for step in variants.values():
-        time_block(step, WARMUP_STEPS)
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(ROUNDS):
-        for name, step in variants.items():
-            samples[name].append(time_block(step, STEPS_PER_ROUND))
+def _git_describe() -> str:
+    """The engine version measured: commit, and "-dirty" when the working tree had changes.
 
-    print(
-        f"Keras MLP training step (batch 64, 32-128-128-10, Adam): median of {ROUNDS} rounds "
-        f"x {STEPS_PER_ROUND} steps, interleaved"
-    )
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, TensorFlow {tf.__version__}, Keras {keras.__version__}"
-    )
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    for name, median in medians.items():
-        print(f"  {name:<12} {median:8.3f} ms/step")
-    print(f"  eager / tf.function: {medians['eager'] / medians['tf.function']:.2f}x")
-    print("terra_nb co-execution is not in this table yet: it arrives with the engine.")
+    TERRA_NB_SOURCE overrides it, for a run from an exported copy that is not a git checkout.
+    """
+    if os.environ.get("TERRA_NB_SOURCE"):
+        return os.environ["TERRA_NB_SOURCE"]
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, cwd=ROOT, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_program(name: str, steps: int, rounds: int, warmup: int, timeout: float) -> dict:
+    """Measure one program in a fresh process; a crash or timeout is recorded, not raised."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "result.json")
+        command = [sys.executable, "-m", "benchmarks.measure", name, "--steps", str(steps),
+                   "--rounds", str(rounds), "--warmup", str(warmup), "--out", out]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                   PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                  env=env, cwd=ROOT)
+            failure = None if done.returncode == 0 else done.stderr.strip().splitlines()[-3:]
+        except subprocess.TimeoutExpired:
+            failure = [f"timed out after {timeout:.0f} s"]
+        seconds = time.perf_counter() - start
+        if failure is None and os.path.exists(out):
+            with open(out) as handle:
+                result = json.load(handle)
+        else:
+            result = {"program": name, "process_error": failure, "modes": {}}
+    result["process_seconds"] = seconds
+    result["terra_nb_source"] = _git_describe()  # the engine can change between programs
+    return result
+
+
+# ---- reporting ----
+
+
+def ratio(result: dict, mode: str) -> float | None:
+    eager = result["modes"].get("eager", {}).get("median_ms")
+    ours = result["modes"].get(mode, {}).get("median_ms")
+    return eager / ours if eager and ours else None
+
+
+def cell(result: dict, mode: str) -> str:
+    data = result["modes"].get(mode)
+    if data is None:
+        return "not run"
+    if data["status"] == "failed":
+        return f"failed ({data['error']})"
+    text = f"{ratio(result, mode):.2f}x" if ratio(result, mode) else "-"
+    if data["status"] == "different":
+        text += f" **wrong** (Δloss {data['max_rel_diff_first_steps']:.1%})"
+    return text
+
+
+def tracing_ratio(result: dict, mode: str) -> float | None:
+    """Median first-iteration cost / eager median step: terra_nb's TRACING iterations;
+    tf.function's first (tracing) call."""
+    eager = result["modes"].get("eager", {}).get("median_ms")
+    data = result["modes"].get(mode, {})
+    first = data.get("tracing_ms") if mode.startswith("terra") else data.get("first_ms", [])[:1]
+    if not eager or not first:
+        return None
+    return sorted(first)[len(first) // 2] / eager
+
+
+def table(results: list[dict]) -> str:
+    header = ["program", "eager ms", *MODES[1:], "terra tracing / eager step",
+              "terra fallbacks / graphs", "terra skeleton / graph ms"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        if "process_error" in result:
+            lines.append(f"| {result['program']} | process failed: "
+                         f"{' '.join(result['process_error'] or [])} |")
+            continue
+        eager = result["modes"]["eager"]
+        terra = result["modes"]["terra_nb"]
+        traced = tracing_ratio(result, "terra_nb")
+        split = ("-" if terra.get("skeleton_ms") is None
+                 else f"{terra['skeleton_ms']:.1f} / {terra['graph_ms']:.1f}")
+        row = [result["program"], f"{eager['median_ms']:.1f}",
+               *(cell(result, mode) for mode in MODES[1:]),
+               f"{traced:.2f}" if traced else "-",
+               f"{terra.get('fallbacks', '-')} / {terra.get('graphs_built', '-')}", split]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    machine, settings = report["machine"], report["settings"]
+    return "\n".join([
+        f"# Benchmarks on {machine['id']}",
+        "",
+        f"{machine['processor']}, {machine['cpus']} CPUs, {machine['gpus']} GPUs, "
+        f"{machine['system']}; Python {machine['python']}, TensorFlow {machine['tensorflow']}, "
+        f"Keras {machine['keras']}; terra_nb at {machine['terra_nb_source']}. "
+        f"{report['created']}.",
+        "",
+        f"Each cell is eager median step time / the mode's median step time (higher is faster), "
+        f"over {settings['rounds']} interleaved rounds x {settings['steps']} steps after "
+        f"{settings['warmup']} warm-up steps (tracing, compilation). **wrong**: within the first "
+        f"{SAME_STEPS} steps a loss left eager's by more than rtol {SAME_RTOL} (op determinism "
+        f"on, same seeds; the largest relative difference is shown). Tracing ratio: median "
+        f"tracing iteration / eager median step. Fallbacks and graphs count the whole run.",
+        "",
+        table(report["results"]),
+        "",
+    ])
+
+
+def chart(report: dict, path: str) -> None:
+    """Grouped bars of eager time / mode time; failed modes are marked with an x at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [result for result in report["results"] if result.get("modes")]
+    from matplotlib.patches import Patch
+
+    figure, axes = plt.subplots(figsize=(max(6, 1.3 * len(results) + 2), 4.5))
+    width = 0.8 / len(MODES)
+    legend = []
+    for offset, mode in enumerate(MODES):
+        xs = [index + (offset - (len(MODES) - 1) / 2) * width for index in range(len(results))]
+        values = [ratio(result, mode) or 0.0 for result in results]
+        bars = axes.bar(xs, values, width)
+        legend.append(Patch(facecolor=bars[0].get_facecolor(), label=mode))
+        for x, result, bar in zip(xs, results, bars):
+            status = result["modes"].get(mode, {}).get("status")
+            if status == "failed":
+                axes.plot(x, 0.05, marker="x", color=bar.get_facecolor(), markersize=8)
+            elif status == "different":
+                bar.set_hatch("//")
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set_xticks(range(len(results)), [result["program"] for result in results],
+                    rotation=30, ha="right")
+    axes.set_ylabel("speedup over eager (x)")
+    axes.set_yscale("log")
+    axes.set_title(f"{report['machine']['id']}: eager step time / mode step time "
+                   f"(x: failed, hatched: wrong results)", fontsize=9)
+    axes.legend(handles=legend, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--programs", default=",".join(NAMES),
+                        help="comma-separated program names (default: all ten)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="untimed first steps per mode (tracing, compilation)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny run for tests: 2 steps x 1 round after 3 warm-up steps")
+    parser.add_argument("--out", default=RESULTS, help="results folder")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per program")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds, args.warmup = 2, 1, 3
+    names = [name.strip() for name in args.programs.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(NAMES))
+    if unknown:
+        parser.error(f"unknown program(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+
+    machine = machine_info()
+    print(f"machine {machine['id']}: {machine['processor']}, {machine['cpus']} CPUs", flush=True)
+    results = []
+    for name in names:
+        result = run_program(name, args.steps, args.rounds, args.warmup, args.timeout)
+        results.append(result)
+        print(f"  {name}: {result['process_seconds']:.0f} s"
+              + (" (process failed)" if "process_error" in result else ""), flush=True)
+    report = {
+        "machine": machine,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "settings": {"steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+                     "modes": list(MODES), "same_rtol": SAME_RTOL, "same_steps": SAME_STEPS},
+        "results": results,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, machine["id"])
+    with open(stem + ".json", "w") as handle:
+        json.dump(report, handle, indent=1)
+    text = markdown(report)
+    with open(stem + ".md", "w") as handle:
+        handle.write(text)
+    chart(report, stem + ".png")
+    print(text)
+    print(f"wrote {stem}.json, .md, .png")
+    return 1 if any("process_error" in result for result in results) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

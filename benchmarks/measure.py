@@ -1,0 +1,162 @@
+"""Measure one program in every mode, in this process: `python -m benchmarks.measure NAME`.
+
+The driver (`python -m benchmarks`) runs this once per program in a fresh subprocess so that no
+program's graphs, caches or memory affect another's. Each mode gets its own copy of the
+program built from the same seed; modes run interleaved, in rounds whose order rotates, so a
+burst of machine load hits them alike. Every timed step ends with `float(loss)`: the value is
+on the host, as a user's logging line would force, so no mode can hide pending work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import terra_nb  # noqa: E402
+from benchmarks.modes import MODES, SAME_RTOL, SAME_STEPS  # noqa: E402
+from benchmarks.programs import build  # noqa: E402
+from terra_nb import events as ev  # noqa: E402
+
+
+class Mode:
+    """One way of running one program, with its own model state, timed step by step."""
+
+    def __init__(self, name: str, program_name: str, seed: int) -> None:
+        self.name = name
+        self.program = build(program_name, seed)
+        step = self.program.train_step
+        self.session = None
+        if name == "tf.function":
+            step = tf.function(step)
+        elif name == "tf.function+XLA":
+            step = tf.function(step, jit_compile=True)
+        elif name.startswith("terra_nb"):
+            step = terra_nb.function(step, xla=name.endswith("XLA"))
+            self.session = step.session
+        self.run_step = step
+        self.index = 0
+        self.losses: list[float] = []
+        self.first_ms: list[float] = []
+        self.round_ms: list[list[float]] = []
+        self.error: str | None = None
+        self.error_message = ""
+
+    def run(self, steps: int, warmup: bool = False) -> None:
+        if self.error:
+            return
+        times = []
+        for _ in range(steps):
+            batch = self.program.batch(self.index)
+            start = time.perf_counter()
+            try:
+                loss = float(self.run_step(*batch))
+            except Exception as error:  # a mode that cannot run the program is a result
+                self.error = type(error).__name__
+                self.error_message = str(error).strip().splitlines()[0][:300] if str(error) else ""
+                break
+            times.append((time.perf_counter() - start) * 1e3)
+            self.losses.append(loss)
+            self.index += 1
+        if warmup:
+            self.first_ms = times
+        elif times:
+            self.round_ms.append(times)
+
+
+def measure(program_name: str, steps: int, rounds: int, warmup: int, seed: int = 0) -> dict:
+    tf.config.experimental.enable_op_determinism()
+    modes = [Mode(name, program_name, seed) for name in MODES]
+    for mode in modes:
+        mode.run(warmup, warmup=True)
+    for round_index in range(rounds):
+        shift = round_index % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
+            mode.run(steps)
+    eager = modes[0]
+    results = {name: summarize(mode, eager) for name, mode in zip(MODES, modes)}
+    program = modes[0].program
+    return {"program": program_name, "features": program.features, "steps": steps,
+            "rounds": rounds, "warmup": warmup, "modes": results}
+
+
+def summarize(mode: Mode, eager: Mode) -> dict:
+    steady = [value for block in mode.round_ms for value in block]
+    result = {
+        "status": "ok",
+        "error": mode.error,
+        "error_message": mode.error_message,
+        "steps_run": len(mode.losses),
+        "median_ms": statistics.median(steady) if steady else None,
+        "min_ms": min(steady) if steady else None,
+        "round_medians_ms": [statistics.median(block) for block in mode.round_ms],
+        "first_ms": mode.first_ms,
+        "losses": mode.losses,
+    }
+    compared = min(len(mode.losses), len(eager.losses))
+    if compared:
+        ours = np.array(mode.losses[:compared])
+        reference = np.array(eager.losses[:compared])
+        result["max_abs_diff"] = float(np.max(np.abs(ours - reference)))
+        relative = np.abs(ours - reference) / np.maximum(np.abs(reference), 1e-12)
+        result["max_rel_diff"] = float(np.max(relative))
+        result["max_rel_diff_first_steps"] = float(np.max(relative[:SAME_STEPS]))
+    if mode.error:
+        result["status"] = "failed"
+    elif compared and result["max_rel_diff_first_steps"] > SAME_RTOL:
+        result["status"] = "different"
+    if mode.session is not None:
+        result.update(engine_summary(mode.session))
+    return result
+
+
+def engine_summary(session) -> dict:
+    """What the engine did, from its events: modes, fallbacks, graphs, the time split."""
+    done = session.events.of_type(ev.IterationDone)
+    modes: dict[str, int] = {}
+    for event in done:
+        modes[event.mode] = modes.get(event.mode, 0) + 1
+    co_executed = [event for event in done if event.mode == ev.CO_EXECUTING]
+    tracing = [event.seconds * 1e3 for event in done if event.mode == ev.TRACING]
+
+    def part(name):
+        if not co_executed:
+            return None
+        return statistics.median(event.breakdown.get(name, 0.0) for event in co_executed) * 1e3
+
+    fallbacks = session.events.of_type(ev.FallbackEvent)
+    return {
+        "iteration_modes": modes,
+        "tracing_ms": tracing,
+        "fallbacks": len(fallbacks),
+        "fallback_kinds": sorted({event.kind for event in fallbacks}),
+        "fallback_sites": sorted({str(event.user_frame) for event in fallbacks})[:5],
+        "graphs_built": len(session.events.of_type(ev.GraphBuilt)),
+        "skeleton_ms": part("skeleton"),
+        "graph_ms": part("graph"),
+        "fetch_waits_ms": part("fetch_waits"),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("program")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--out", required=True, help="where to write this program's JSON")
+    args = parser.parse_args(argv)
+    result = measure(args.program, args.steps, args.rounds, args.warmup)
+    with open(args.out, "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main()
