@@ -133,7 +133,7 @@ def _unstable(runner, start, flushes, call_site, obj, result) -> str:
 
 
 def _build_macro(original, obj, args, kwargs):
-    flat = tf.nest.flatten((args, kwargs))
+    flat = _flatten((args, kwargs))
     tensor_positions = [index for index, value in enumerate(flat) if _is_tensor_like(value)]
     specs = [tf.TensorSpec(np.shape(flat[index]), _dtype_of(flat[index]))
              for index in tensor_positions]
@@ -142,7 +142,8 @@ def _build_macro(original, obj, args, kwargs):
         values = list(flat)
         for position, tensor in zip(tensor_positions, tensors, strict=True):
             values[position] = tensor
-        call_args, call_kwargs = tf.nest.pack_sequence_as((args, kwargs), values)
+        call_args, call_kwargs = tf.nest.pack_sequence_as((args, kwargs), values,
+                                                          expand_composites=True)
         return original(obj, *call_args, **call_kwargs)
 
     with intercept.suspended():
@@ -151,7 +152,7 @@ def _build_macro(original, obj, args, kwargs):
 
 
 def _replay(entry, args, kwargs):
-    flat = tf.nest.flatten((args, kwargs))
+    flat = _flatten((args, kwargs))
     tensors = [flat[index] for index in entry.tensor_positions]
     tensors = [value if tf.is_tensor(value) else tf.convert_to_tensor(value) for value in tensors]
     _state.replaying += 1
@@ -159,6 +160,12 @@ def _replay(entry, args, kwargs):
         return entry.macro(*tensors)
     finally:
         _state.replaying -= 1
+
+
+def _flatten(structure) -> list:
+    """Leaves of the call's arguments; composite tensors (an IndexedSlices gradient) as their
+    component tensors, so the traced call rebuilds them and keeps sparse updates sparse."""
+    return tf.nest.flatten(structure, expand_composites=True)
 
 
 def _is_tensor_like(value) -> bool:
@@ -176,9 +183,7 @@ def _guard_key(obj, args, kwargs):
     parts = [id(obj), _object_state(obj)]
     if parts[1] is None:
         return None
-    for value in tf.nest.flatten((args, kwargs)):
-        if isinstance(value, tf.__internal__.CompositeTensor):
-            return None  # e.g. IndexedSlices gradients: a traced call would densify them
+    for value in _flatten((args, kwargs)):
         if _is_tensor_like(value):
             parts.append((_dtype_of(value).name, tuple(np.shape(value))))
         elif isinstance(value, _VARIABLE_TYPES):
