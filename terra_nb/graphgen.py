@@ -150,7 +150,23 @@ def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple)
                  if not _shapes_known(op_type, protos, inputs, refs, {slot}))
 
 
+def output_shapes_for(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple | None:
+    """The static output shapes the op has for these input values (None if not all known)."""
+    protos = intercept.attr_protos(op_type, attrs)
+    operation = _probe(op_type, protos, inputs, refs, set())
+    if operation is None or not all(out.shape.is_fully_defined() for out in operation.outputs):
+        return None
+    return tuple(tuple(out.shape.as_list()) for out in operation.outputs)
+
+
 def _shapes_known(op_type, protos, inputs, refs, unknown: set) -> bool:
+    operation = _probe(op_type, protos, inputs, refs, unknown)
+    return operation is not None and all(
+        output.shape.is_fully_defined() for output in operation.outputs)
+
+
+def _probe(op_type, protos, inputs, refs, unknown: set):
+    """The op built in a scratch graph: small integer inputs as constants unless `unknown`."""
     from tensorflow.python.framework import func_graph
 
     graph = func_graph.FuncGraph("terra_nb_shape_probe")
@@ -164,10 +180,9 @@ def _shapes_known(op_type, protos, inputs, refs, unknown: set) -> bool:
             else:
                 tensors.append(tf.constant(np.asarray(intercept.unwrap(value))))
         try:
-            operation = graph.create_op(op_type, tensors, None, attrs=protos)
+            return graph.create_op(op_type, tensors, None, attrs=protos)
         except (ValueError, TypeError):
-            return False
-        return all(output.shape.is_fully_defined() for output in operation.outputs)
+            return None
 
 
 def _small_integer_slots(inputs) -> set:

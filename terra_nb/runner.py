@@ -58,6 +58,9 @@ def _hashable(value):
 
 # op signature -> input slots whose values decide output shapes (see _shape_values)
 _SHAPE_VALUE_SLOTS: dict = {}
+# (op signature, those values) -> output shapes they give
+_SHAPES_FOR_VALUES: dict = {}
+_SHAPES_FOR_VALUES_LIMIT = 100_000
 
 
 def _signature_of(ref):
@@ -290,9 +293,13 @@ class PythonRunner:
         return outputs
 
     def _shape_values(self, op_type, attrs, attrs_key, refs, inputs) -> tuple:
-        """Values of the inputs that decide the op's output shape (Fill's dims, Reshape's
-        shape, a reduction's axis): part of node identity, because the TraceGraph records
-        static shapes. Found once per op signature by shape inference (graphgen)."""
+        """The output shapes an op gets from the values of its shape-deciding inputs (Fill's
+        dims, Reshape's shape, a slice's begin and end): part of node identity, because the
+        TraceGraph records static shapes. The values themselves are fed, so a slice whose
+        offset changes but whose size does not keeps its node. Which inputs decide shapes is
+        found once per op signature, and the shapes once per distinct value, by shape
+        inference (graphgen); when inference cannot tell, the values themselves are the key.
+        """
         signature = (op_type, attrs_key, tuple(_signature_of(ref) for ref in refs))
         slots = _SHAPE_VALUE_SLOTS.get(signature)
         if slots is None:
@@ -300,7 +307,16 @@ class PythonRunner:
                 return ()
             slots = graphgen.shape_deciding_inputs(op_type, attrs, inputs, refs)
             _SHAPE_VALUE_SLOTS[signature] = slots
-        return tuple(np.asarray(inputs[slot]).tobytes() for slot in slots)
+        if not slots:
+            return ()
+        values = tuple(np.asarray(inputs[slot]).tobytes() for slot in slots)
+        shapes = _SHAPES_FOR_VALUES.get((signature, values))
+        if shapes is None:
+            shapes = graphgen.output_shapes_for(op_type, attrs, inputs, refs) or values
+            if len(_SHAPES_FOR_VALUES) >= _SHAPES_FOR_VALUES_LIMIT:
+                _SHAPES_FOR_VALUES.clear()
+            _SHAPES_FOR_VALUES[(signature, values)] = shapes
+        return shapes
 
     def _ref(self, value):
         if isinstance(value, intercept.LazyTensor):

@@ -425,3 +425,14 @@ def test_concat_gradient_works_on_deferred_tensors():
             variable.assign_sub(0.1 * tape.gradient(loss, variable))
     np.testing.assert_allclose(variable.numpy(), np.full((2, 3), -0.5), rtol=1e-6)
     assert modes(session)[1:] == [ev.CO_EXECUTING] * 2
+
+
+def test_a_slice_whose_offset_changes_but_size_does_not_keeps_co_executing():
+    session = _deferred_session()
+    sequence = tf.constant(np.arange(40, dtype=np.float32))
+    sums = []
+    for offset in (0, 3, 7, 11, 2, 19):
+        with session.iteration():
+            sums.append(float(tf.reduce_sum(sequence[offset:offset + 5])))
+    assert sums == [float(sum(range(offset, offset + 5))) for offset in (0, 3, 7, 11, 2, 19)]
+    assert modes(session)[1:] == [ev.CO_EXECUTING] * 5
