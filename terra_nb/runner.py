@@ -63,6 +63,12 @@ _SHAPES_FOR_VALUES: dict = {}
 _SHAPES_FOR_VALUES_LIMIT = 100_000
 
 
+def _is_integer(ref) -> bool:
+    if ref[0] == FROM_NODE:
+        return ref[1].output_dtypes[ref[2]] in _INTEGER_ENUMS
+    return ref[0] == EXTERNAL and ref[1] in _INTEGER_ENUMS
+
+
 def _signature_of(ref):
     if ref[0] == FROM_NODE:
         return (ref[1].output_dtypes[ref[2]], ref[1].output_shapes[ref[2]])
@@ -300,6 +306,8 @@ class PythonRunner:
         found once per op signature, and the shapes once per distinct value, by shape
         inference (graphgen); when inference cannot tell, the values themselves are the key.
         """
+        if not any(_is_integer(ref) for ref in refs):
+            return ()
         signature = (op_type, attrs_key, tuple(_signature_of(ref) for ref in refs))
         slots = _SHAPE_VALUE_SLOTS.get(signature)
         if slots is None:
@@ -550,3 +558,6 @@ def _enum(name: str) -> int:
 
 _RESOURCE_ENUM = _enum("resource")
 _VARIANT_ENUM = _enum("variant")
+
+_INTEGER_ENUMS = frozenset(_enum(name) for name in (
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"))
