@@ -83,10 +83,14 @@ def _input_spec(ref) -> tf.TensorSpec:
     return tf.TensorSpec(ref[2], tf.dtypes.as_dtype(ref[1]))
 
 
-def compile_segment(path: list[Node], outputs: tuple, xla: bool = False) -> CompiledSegment:
-    """Build the ConcreteFunction that runs `path` and returns `outputs`."""
+def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
+                    plan: tuple | None = None) -> CompiledSegment:
+    """Build the ConcreteFunction that runs `path` and returns `outputs`.
+
+    `plan` (feed slots, folded slots) reuses another compilation's arguments.
+    """
     start = time.perf_counter()
-    feeds, folded = feed_and_fold_plan(path)
+    feeds, folded = plan if plan is not None else feed_and_fold_plan(path)
     folded_set = set(folded)
     feed_index = {slot: index for index, slot in enumerate(feeds)}
     position_of = {node.uid: position for position, node in enumerate(path)}

@@ -89,10 +89,12 @@ def _ref_key(ref):
 class Job:
     """One submitted segment run; Python waits on it only when it needs one of its values."""
 
-    __slots__ = ("compiled", "args", "lazies", "done", "error", "seconds")
+    __slots__ = ("compiled", "args", "lazies", "done", "error", "seconds", "key", "runner")
 
-    def __init__(self, compiled, args: list, lazies: list) -> None:
+    def __init__(self, compiled, args: list, lazies: list, key=None, runner=None) -> None:
         self.compiled = compiled
+        self.key = key
+        self.runner = runner
         self.args = args
         self.lazies = lazies
         self.done = threading.Event()
@@ -103,7 +105,13 @@ class Job:
         start = time.perf_counter()
         try:
             args = [_ready_value(value) for value in self.args]
-            values = intercept.call_concrete(self.compiled.function, args)
+            try:
+                values = intercept.call_concrete(self.compiled.function, args)
+            except Exception as error:
+                if not (self.compiled.xla and _xla_could_not_compile(error)):
+                    raise
+                self.compiled = self.runner.without_xla(self.key, self.compiled, error)
+                values = intercept.call_concrete(self.compiled.function, args)
             for lazy, value in zip(self.lazies, values, strict=True):
                 lazy.set_value(value)
         except BaseException as error:  # handed to whoever waits for this job
@@ -117,6 +125,15 @@ class Job:
         self.done.wait()
         if self.error is not None:
             raise self.error
+
+
+_XLA_COMPILE_FAILURES = ("tf2xla conversion failed", "compile-time constant",
+                         "XLA compilation", "deterministic XLA implementation")
+
+
+def _xla_could_not_compile(error: Exception) -> bool:
+    """XLA refused the graph before running any of it (so running it without XLA is safe)."""
+    return any(text in str(error) for text in _XLA_COMPILE_FAILURES)
 
 
 def _ready_value(value):
@@ -162,8 +179,20 @@ class GraphRunner:
     def forget(self, key) -> None:
         self._compiled.pop(key, None)
 
-    def submit(self, compiled: graphgen.CompiledSegment, args: list, lazies: list) -> Job:
-        job = Job(compiled, args, lazies)
+    def without_xla(self, key, compiled, error):
+        """A segment XLA cannot compile runs as a plain graph from now on, and we say so."""
+        plan = (compiled.feed_slots, compiled.folded_slots)
+        plain = graphgen.compile_segment(compiled.path, compiled.outputs, xla=False, plan=plan)
+        self._compiled[key] = plain
+        reason = str(error).strip().splitlines()[0][:200]
+        self.events.emit(ev.Note(-1, "xla-refused",
+                                 f"XLA could not compile a graph segment ({reason}); "
+                                 "it runs without XLA"))
+        return plain
+
+    def submit(self, compiled: graphgen.CompiledSegment, args: list, lazies: list,
+               key=None) -> Job:
+        job = Job(compiled, args, lazies, key, self)
         for lazy in lazies:
             lazy._job = job
         self._last = job
@@ -421,7 +450,7 @@ class PythonRunner:
                 break
             self.runner.forget(key)
             reason = "a Python value that looked constant changed; it is fed from now on"
-        self.runner.submit(compiled, args, alive)
+        self.runner.submit(compiled, args, alive, key)
         self.flushes += 1
         self.pending = []
         self.segment_lazies = []
