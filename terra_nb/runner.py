@@ -89,10 +89,13 @@ def _ref_key(ref):
 class Job:
     """One submitted segment run; Python waits on it only when it needs one of its values."""
 
-    __slots__ = ("compiled", "args", "lazies", "done", "error", "seconds", "key", "runner")
+    __slots__ = ("compiled", "args", "lazies", "done", "error", "seconds", "key", "runner",
+                 "iteration")
 
-    def __init__(self, compiled, args: list, lazies: list, key=None, runner=None) -> None:
+    def __init__(self, compiled, args: list, lazies: list, key=None, runner=None,
+                 iteration: int = 0) -> None:
         self.compiled = compiled
+        self.iteration = iteration
         self.key = key
         self.runner = runner
         self.args = args
@@ -110,7 +113,8 @@ class Job:
             except Exception as error:
                 if not (self.compiled.xla and _xla_could_not_compile(error)):
                     raise
-                self.compiled = self.runner.without_xla(self.key, self.compiled, error)
+                self.compiled = self.runner.without_xla(self.key, self.compiled, error,
+                                                        self.iteration)
                 values = intercept.call_concrete(self.compiled.function, args)
             for lazy, value in zip(self.lazies, values, strict=True):
                 lazy.set_value(value)
@@ -179,20 +183,20 @@ class GraphRunner:
     def forget(self, key) -> None:
         self._compiled.pop(key, None)
 
-    def without_xla(self, key, compiled, error):
+    def without_xla(self, key, compiled, error, iteration: int):
         """A segment XLA cannot compile runs as a plain graph from now on, and we say so."""
         plan = (compiled.feed_slots, compiled.folded_slots)
         plain = graphgen.compile_segment(compiled.path, compiled.outputs, xla=False, plan=plan)
         self._compiled[key] = plain
         reason = str(error).strip().splitlines()[0][:200]
-        self.events.emit(ev.Note(-1, "xla-refused",
+        self.events.emit(ev.Note(iteration, "xla-refused",
                                  f"XLA could not compile a graph segment ({reason}); "
                                  "it runs without XLA"))
         return plain
 
     def submit(self, compiled: graphgen.CompiledSegment, args: list, lazies: list,
-               key=None) -> Job:
-        job = Job(compiled, args, lazies, key, self)
+               key=None, iteration: int = 0) -> Job:
+        job = Job(compiled, args, lazies, key, self, iteration)
         for lazy in lazies:
             lazy._job = job
         self._last = job
@@ -450,7 +454,7 @@ class PythonRunner:
                 break
             self.runner.forget(key)
             reason = "a Python value that looked constant changed; it is fed from now on"
-        self.runner.submit(compiled, args, alive, key)
+        self.runner.submit(compiled, args, alive, key, self.index)
         self.flushes += 1
         self.pending = []
         self.segment_lazies = []
