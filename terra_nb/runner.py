@@ -121,7 +121,7 @@ class Job:
         except BaseException as error:  # handed to whoever waits for this job
             self.error = error
         finally:
-            self.args = None
+            self.args = self.runner = None
             self.seconds = time.perf_counter() - start
             self.done.set()
 
@@ -138,6 +138,16 @@ _XLA_COMPILE_FAILURES = ("tf2xla conversion failed", "compile-time constant",
 def _xla_could_not_compile(error: Exception) -> bool:
     """XLA refused the graph before running any of it (so running it without XLA is safe)."""
     return any(text in str(error) for text in _XLA_COMPILE_FAILURES)
+
+
+def _work(jobs: queue.SimpleQueue) -> None:
+    """The graph thread: run submitted segments in order until told to stop (None)."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        job.execute()
+        del job
 
 
 def _ready_value(value):
@@ -205,18 +215,17 @@ class GraphRunner:
             job.execute()
             return job
         if self._worker is None:
-            self._queue = queue.SimpleQueue()
-            self._worker = threading.Thread(target=self._work, name="terra_nb-graph", daemon=True)
-            self._worker.start()
+            jobs = queue.SimpleQueue()
+            worker = threading.Thread(target=_work, args=(jobs,), name="terra_nb-graph",
+                                      daemon=True)
+            worker.start()
+            self._queue, self._worker = jobs, worker
+            # A runner dropped without close() (an unreferenced terra_nb.function) stops its
+            # thread: the thread holds only the queue, never the runner.
+            self._stop_worker = weakref.finalize(self, jobs.put, None)
         self._queue.put(job)
         return job
 
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            job.execute()
 
     def wait(self, job: Job) -> None:
         """Block until `job` is done (a fetch); its error, if any, is raised here."""
@@ -248,7 +257,7 @@ class GraphRunner:
             self.drain()
         finally:
             if self._worker is not None:
-                self._queue.put(None)
+                self._stop_worker()
                 self._worker.join()
                 self._worker = None
                 self._queue = None
@@ -285,6 +294,7 @@ class PythonRunner:
         self.pending: list[_Pending] = []
         self.segment_lazies: list = []
         self.segment_uids: set = set()
+        self._submitted: list | None = None  # the pending list last handed to the graph
         self.produced: dict = {}  # id(eager tensor) -> (tensor, node, index), this iteration
         self.ops = 0
         self.fallback: ev.FallbackEvent | None = None
@@ -436,8 +446,15 @@ class PythonRunner:
         return lazy._value
 
     def flush(self) -> None:
-        """Run the pending segment in the graph and give each live LazyTensor its value."""
+        """Run the pending segment in the graph and give each live LazyTensor its value.
+
+        Interruptible anywhere: until `_submit` runs nothing has changed, so `finish` can flush
+        again after a KeyboardInterrupt and no op Python issued is lost or applied twice.
+        """
         if not self.pending:
+            return
+        if self.pending is self._submitted:
+            self._start_segment()
             return
         alive = []
         for reference in self.segment_lazies:
@@ -454,8 +471,15 @@ class PythonRunner:
                 break
             self.runner.forget(key)
             reason = "a Python value that looked constant changed; it is fed from now on"
+        self._submit(compiled, args, alive, key)
+
+    def _submit(self, compiled, args, alive, key) -> None:
+        self._submitted = self.pending
         self.runner.submit(compiled, args, alive, key, self.index)
         self.flushes += 1
+        self._start_segment()
+
+    def _start_segment(self) -> None:
         self.pending = []
         self.segment_lazies = []
         self.segment_uids = set()
@@ -500,7 +524,11 @@ class PythonRunner:
         """End of the iteration: everything pending is submitted. After a failure Python
         waits for it, so state is what eager execution leaves at the failing line."""
         try:
-            self.flush()
+            try:
+                self.flush()
+            except KeyboardInterrupt:
+                self.flush()  # eagerly these ops would already have run: apply them, then stop
+                raise
             if failed:
                 self.runner.drain()
         finally:

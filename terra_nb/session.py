@@ -75,12 +75,14 @@ class Session:
             from terra_nb.runner import GraphRunner
             from terra_nb.tracegraph import TraceGraph
 
-            self._graph = TraceGraph()
-            self._runner = GraphRunner(self.events, self.xla, self.overlap)
+            macros = None
             if not self.self_check:
                 from terra_nb.macros import MacroTable
 
-                self._macros = MacroTable()
+                macros = MacroTable()
+            graph, runner = TraceGraph(), GraphRunner(self.events, self.xla, self.overlap)
+            # one assignment: an interrupt cannot leave the engine half made
+            self._graph, self._runner, self._macros = graph, runner, macros
         return self._graph, self._runner
 
     def _mode_for(self, index: int) -> str | None:

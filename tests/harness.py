@@ -158,6 +158,8 @@ def observe(build, iterations: int, api: str = EAGER_API, tmp=None, **session_op
         observed.printed.append(out.getvalue())
         observed.states.append([np.array(value) for value in state()])
         observed.effects.append(_plain(effects()))
+    if session is not None:
+        session.close()  # finish graph work, stop the graph thread
     observed.files = _read_tree(tmp)
     if owned:
         import shutil
