@@ -79,7 +79,8 @@ def _input_spec(ref) -> tf.TensorSpec:
     if ref[0] == FROM_NODE:
         node, index = ref[1], ref[2]
         dtype = tf.dtypes.as_dtype(node.output_dtypes[index])
-        return tf.TensorSpec(node.output_shapes[index], dtype)
+        shape = ref[3] if len(ref) > 3 else node.output_shapes[index]
+        return tf.TensorSpec(shape, dtype)
     return tf.TensorSpec(ref[2], tf.dtypes.as_dtype(ref[1]))
 
 

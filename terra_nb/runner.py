@@ -28,8 +28,18 @@ from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, T
 RECORD = "record"
 DEFER = "defer"
 
+# Ops whose output shape depends on input values beyond small integers (a mask's contents):
+# they run eagerly, so their outputs carry their real shapes (the TraceGraph's are static).
+_DATA_DEPENDENT_SHAPE_OPS = frozenset({
+    "Where", "Unique", "UniqueV2", "UniqueWithCounts", "UniqueWithCountsV2",
+    "DynamicPartition", "ListDiff", "NonMaxSuppression", "NonMaxSuppressionV2",
+    "NonMaxSuppressionV3", "NonMaxSuppressionV4", "NonMaxSuppressionV5",
+    "NonMaxSuppressionWithOverlaps", "CombinedNonMaxSuppression", "RaggedRange",
+    "StringSplit", "StringSplitV2", "SparseFillEmptyRows",
+})
+
 # Ops that must run in program order with Python, right when Python calls them.
-_ISLAND_OPS = frozenset({
+_ISLAND_OPS = _DATA_DEPENDENT_SHAPE_OPS | frozenset({
     "PrintV2", "EagerPyFunc", "PyFunc", "PyFuncStateless", "VarHandleOp", "DestroyResourceOp",
     "AnonymousIteratorV3", "AnonymousIteratorV2", "MakeIterator", "DeleteIterator",
     "AnonymousSeedGenerator", "DeleteSeedGenerator", "AnonymousRandomSeedGenerator",
@@ -71,7 +81,7 @@ def _is_integer(ref) -> bool:
 
 def _signature_of(ref):
     if ref[0] == FROM_NODE:
-        return (ref[1].output_dtypes[ref[2]], ref[1].output_shapes[ref[2]])
+        return (ref[1].output_dtypes[ref[2]], _static_shape(ref))
     if ref[0] == RESOURCE:
         return (RESOURCE,)
     return (ref[1], ref[2])
@@ -80,7 +90,7 @@ def _signature_of(ref):
 def _ref_key(ref):
     kind = ref[0]
     if kind == FROM_NODE:
-        return (FROM_NODE, ref[1].uid, ref[2])
+        return (FROM_NODE, ref[1].uid) + ref[2:]
     if kind == RESOURCE:
         return (RESOURCE, id(ref[1]))
     return ref
@@ -376,7 +386,10 @@ class PythonRunner:
             return (EXTERNAL, value._datatype_enum(), value._shape_tuple())
         produced = self.produced.get(id(value))
         if produced is not None and produced[0] is value:
-            return (FROM_NODE, produced[1], produced[2])
+            node = produced[1]
+            if node.island:  # its shape may change from one run to the next: part of the ref
+                return (FROM_NODE, node, produced[2], value._shape_tuple())
+            return (FROM_NODE, node, produced[2])
         dtype = value._datatype_enum()
         if dtype in (_RESOURCE_ENUM, _VARIANT_ENUM):
             return (RESOURCE, value)
@@ -563,7 +576,7 @@ def _available(value) -> bool:
 
 def _static_shape(ref):
     if ref[0] == FROM_NODE:
-        return ref[1].output_shapes[ref[2]]
+        return ref[3] if len(ref) > 3 else ref[1].output_shapes[ref[2]]
     return ref[2]
 
 

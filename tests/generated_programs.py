@@ -147,23 +147,14 @@ class Program:
     api: str  # harness.SESSION_API or harness.FUNCTION_API
 
 
-# Statements that hit a known engine bug; drawn only by `programs(with_known_bugs=True)`. Each
-# has a strict-xfail reproduction in test_differential.py: when the engine is fixed, that test
-# fails, and the statement goes back into the vocabulary by deleting it here.
-KNOWN_ENGINE_BUGS = {
-    "boolean_mask": "a data-dependent output shape is taken from the trace (tf.size is stale)",
-}
-
-
-def _statements(vocabulary: dict, most: int, with_known_bugs: bool):
-    names = sorted(name for name in vocabulary
-                   if with_known_bugs or name not in KNOWN_ENGINE_BUGS)
+def _statements(vocabulary: dict, most: int):
+    names = sorted(vocabulary)
     one = st.sampled_from(names).flatmap(
         lambda name: st.tuples(st.just(name), st.sampled_from(vocabulary[name][0])))
     return st.lists(one, max_size=most).map(tuple)
 
 
-def programs(apis=("session", "function"), with_known_bugs: bool = False):
+def programs(apis=("session", "function")):
     """The strategy of `Program`s."""
     return st.builds(
         Program,
@@ -172,9 +163,9 @@ def programs(apis=("session", "function"), with_known_bugs: bool = False):
         update=st.sampled_from(list(UPDATES)),
         batch=st.sampled_from(list(BATCH)),
         width=st.sampled_from(list(WIDTH)),
-        before=_statements(BEFORE, 2, with_known_bugs),
-        inside=_statements(INSIDE, 3, with_known_bugs),
-        after=_statements(AFTER, 3, with_known_bugs),
+        before=_statements(BEFORE, 2),
+        inside=_statements(INSIDE, 3),
+        after=_statements(AFTER, 3),
         iterations=st.integers(3, 6),
         trace_iterations=st.integers(1, 2),
         api=st.sampled_from(list(apis)),

@@ -73,28 +73,6 @@ def test_a_difference_is_caught():
         differential(build, 3, apis=(harness.SESSION_API,), trace_iterations=1)
 
 
-KNOWN_BUG_PROGRAM = gen.Program(
-    model="raw", hidden=4, update="sgd", batch="fixed", width="full",
-    before=(), inside=(), after=(("boolean_mask", 0.0),),
-    iterations=4, trace_iterations=1, api="session",
-)
-
-
-@pytest.mark.xfail(strict=True, reason="engine bug: a data-dependent output shape "
-                   "(tf.boolean_mask) keeps the traced shape, so tf.size/.shape are stale")
-def test_known_engine_bugs_of_the_vocabulary():
-    """Each statement left out of the generated programs for a known engine bug, in one program.
-
-    When the engine is fixed this passes, strict xfail fails, and KNOWN_ENGINE_BUGS is emptied.
-    """
-    assert set(gen.KNOWN_ENGINE_BUGS) == {"boolean_mask"}
-    program = KNOWN_BUG_PROGRAM
-    differential(gen.load(program), program.iterations, apis=(program.api,),
-                 trace_iterations=program.trace_iterations)
-
-
-@pytest.mark.xfail(strict=True, reason="engine bug: a data-dependent output shape "
-                   "(tf.boolean_mask) keeps the traced shape, so tf.size/.shape are stale")
 def test_data_dependent_output_shape_is_not_taken_from_the_trace():
     """The minimal reproduction: how many elements pass a threshold that changes."""
     import tensorflow as tf
