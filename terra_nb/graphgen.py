@@ -10,6 +10,7 @@ are captured, so the graph updates the real variables. Grappler is on; `xla` set
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import numpy as np
@@ -51,6 +52,32 @@ class CompiledSegment:
     outputs: tuple  # (node, output index) returned, in order
     seconds: float
     xla: bool
+    fallible: bool = False  # holds an op that may fail on some values (see FALLIBLE_OPS)
+
+    def node_named_in(self, message: str) -> Node | None:
+        """The path node an error message names (graph ops are named after their node)."""
+        for match in _NODE_NAME.finditer(message):
+            uid = int(match.group(1))
+            for node in self.path:
+                if node.uid == uid:
+                    return node
+        return None
+
+
+# Ops whose success depends on input *values* (indices in range, finite numbers, asserts). Eager
+# execution stops at the failing one; so that the graph leaves the same state, every stateful
+# op after one of them in program order waits for it (a control dependency), and Python waits
+# for a segment holding one before its iteration ends, so the error is raised in its iteration.
+FALLIBLE_OPS = frozenset({
+    "GatherV2", "Gather", "GatherNd", "ResourceGather", "ResourceGatherNd", "CheckNumerics",
+    "CheckNumericsV2", "Assert", "ScatterNd", "TensorScatterUpdate", "TensorScatterAdd",
+    "TensorScatterSub", "TensorScatterMin", "TensorScatterMax", "ResourceScatterUpdate",
+    "ResourceScatterAdd", "ResourceScatterSub", "UnsortedSegmentSum", "UnsortedSegmentMax",
+    "UnsortedSegmentMin", "UnsortedSegmentProd", "SparseSoftmaxCrossEntropyWithLogits",
+    "Cholesky", "MatrixInverse", "MatrixSolve", "FloorDiv", "FloorMod", "TruncateDiv",
+    "TruncateMod", "EnsureShape",
+})
+_NODE_NAME = re.compile(r"terra_n(\d+)")
 
 
 def feed_and_fold_plan(path: list[Node]) -> tuple[list, list]:
@@ -102,6 +129,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
     def segment(*args):
         graph = tf.compat.v1.get_default_graph()
         values: dict = {}
+        fallible: list = []
         for position, node in enumerate(path):
             inputs = []
             for slot, ref in enumerate(node.inputs):
@@ -114,16 +142,22 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
                     inputs.append(tf.constant(constant, dtype=tf.dtypes.as_dtype(ref[1])))
                 else:
                     inputs.append(args[feed_index[(position, slot)]])
-            if node.function is not None:
-                results = intercept.call_function_in_graph(node.function, inputs)
-            else:
-                results = graph.create_op(
-                    node.op_type,
-                    inputs,
-                    [tf.dtypes.as_dtype(dtype) for dtype in node.output_dtypes],
-                    attrs=attrs[position],
-                    compute_device=True,
-                ).outputs
+            waits = fallible if fallible and _is_stateful(node) else []
+            with graph.control_dependencies(waits):
+                if node.function is not None:
+                    results = intercept.call_function_in_graph(node.function, inputs)
+                else:
+                    operation = graph.create_op(
+                        node.op_type,
+                        inputs,
+                        [tf.dtypes.as_dtype(dtype) for dtype in node.output_dtypes],
+                        name=f"terra_n{node.uid}",
+                        attrs=attrs[position],
+                        compute_device=True,
+                    )
+                    results = operation.outputs
+                    if node.op_type in FALLIBLE_OPS:
+                        fallible.append(operation)
             for index, tensor in enumerate(results):
                 tensor.set_shape(node.output_shapes[index])
                 values[(node.uid, index)] = tensor
@@ -133,7 +167,15 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
         function = tf.function(segment, autograph=False, jit_compile=xla or None)
         concrete = function.get_concrete_function(*specs)
     return CompiledSegment(concrete, path, feeds, folded, outputs,
-                           time.perf_counter() - start, xla)
+                           time.perf_counter() - start, xla,
+                           any(node.op_type in FALLIBLE_OPS for node in path))
+
+
+def _is_stateful(node: Node) -> bool:
+    if node.function is not None:
+        return True
+    definition = intercept.op_def(node.op_type)
+    return definition is not None and definition.is_stateful
 
 
 def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple:

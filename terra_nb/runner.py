@@ -100,7 +100,7 @@ class Job:
     """One submitted segment run; Python waits on it only when it needs one of its values."""
 
     __slots__ = ("compiled", "args", "lazies", "done", "error", "seconds", "key", "runner",
-                 "iteration")
+                 "iteration", "delivered")
 
     def __init__(self, compiled, args: list, lazies: list, key=None, runner=None,
                  iteration: int = 0) -> None:
@@ -112,6 +112,7 @@ class Job:
         self.lazies = lazies
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.delivered = False
         self.seconds = 0.0
 
     def execute(self) -> None:
@@ -135,10 +136,16 @@ class Job:
             self.seconds = time.perf_counter() - start
             self.done.set()
 
-    def wait(self) -> None:
+    def wait(self, value_needed: bool = True) -> None:
+        """Wait; raise the job's error, unless only ordering was asked for (a drain) and the
+        user has already been given that error."""
         self.done.wait()
-        if self.error is not None:
-            raise self.error
+        if self.error is None or (self.delivered and not value_needed):
+            return
+        if not getattr(self.error, "_terra_nb_located", False):
+            self.error = _at_user_line(self.error, self.compiled)
+        self.delivered = True
+        raise self.error
 
 
 _XLA_COMPILE_FAILURES = ("tf2xla conversion failed", "compile-time constant",
@@ -148,6 +155,26 @@ _XLA_COMPILE_FAILURES = ("tf2xla conversion failed", "compile-time constant",
 def _xla_could_not_compile(error: Exception) -> bool:
     """XLA refused the graph before running any of it (so running it without XLA is safe)."""
     return any(text in str(error) for text in _XLA_COMPILE_FAILURES)
+
+
+def _at_user_line(error: BaseException, compiled) -> BaseException:
+    """The graph's error as raised by the user's line of the op that failed.
+
+    Graph ops are named after their TraceGraph node; the error names the op, the node knows its
+    user source line, and a one-line frame compiled at that file and line becomes the error's
+    innermost frame, so tracebacks (and the panel) point where eager execution would have.
+    """
+    node = compiled.node_named_in(str(error)) if compiled is not None else None
+    if node is None or not node.location:
+        return error
+    filename, lineno = node.location[0]
+    code = compile("\n" * (lineno - 1) + "raise error", filename, "exec")
+    try:
+        exec(code, {"error": error.with_traceback(None)})
+    except BaseException as raised:  # the very same error, now with the user's frame
+        raised._terra_nb_located = True
+        return raised
+    return error
 
 
 def _work(jobs: queue.SimpleQueue) -> None:
@@ -237,19 +264,19 @@ class GraphRunner:
         return job
 
 
-    def wait(self, job: Job) -> None:
+    def wait(self, job: Job, value_needed: bool = True) -> None:
         """Block until `job` is done (a fetch); its error, if any, is raised here."""
         if not job.done.is_set():
             start = time.perf_counter()
             job.done.wait()
             self.wait_seconds += time.perf_counter() - start
-        job.wait()
+        job.wait(value_needed)
 
     def drain(self) -> None:
         """Wait for every submitted segment (before anything runs eagerly)."""
         if self._last is not None:
             last, self._last = self._last, None
-            self.wait(last)
+            self.wait(last, value_needed=False)
 
     @property
     def busy(self) -> bool:
@@ -305,6 +332,7 @@ class PythonRunner:
         self.segment_lazies: list = []
         self.segment_uids: set = set()
         self._submitted: list | None = None  # the pending list last handed to the graph
+        self.fallible_jobs: list = []  # segments that may fail on this iteration's values
         self.produced: dict = {}  # id(eager tensor) -> (tensor, node, index), this iteration
         self.ops = 0
         self.fallback: ev.FallbackEvent | None = None
@@ -488,7 +516,9 @@ class PythonRunner:
 
     def _submit(self, compiled, args, alive, key) -> None:
         self._submitted = self.pending
-        self.runner.submit(compiled, args, alive, key, self.index)
+        job = self.runner.submit(compiled, args, alive, key, self.index)
+        if compiled.fallible:
+            self.fallible_jobs.append(job)
         self.flushes += 1
         self._start_segment()
 
@@ -535,7 +565,9 @@ class PythonRunner:
 
     def finish(self, failed: bool = False) -> None:
         """End of the iteration: everything pending is submitted. After a failure Python
-        waits for it, so state is what eager execution leaves at the failing line."""
+        waits for it, so state is what eager execution leaves at the failing line; segments
+        holding ops that can fail on values are waited for, so their errors are this
+        iteration's."""
         try:
             try:
                 self.flush()
@@ -544,6 +576,8 @@ class PythonRunner:
                 raise
             if failed:
                 self.runner.drain()
+            for job in self.fallible_jobs:  # their errors belong to this iteration
+                self.runner.wait(job)
         finally:
             self.finished = True
             self.produced.clear()

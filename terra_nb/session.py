@@ -178,6 +178,12 @@ class _Iteration:
         try:
             if self.run is not None:
                 self.run.finish(failed=error is not None)
+        except BaseException as graph_error:  # an op failed in the graph: the user's error
+            if error is None:
+                session.events.emit(ev.IterationFailed(
+                    self.index, type(graph_error).__name__, str(graph_error).strip()[:500],
+                    _user_frame_of_traceback(graph_error.__traceback__)))
+            raise
         finally:
             if self._replaying is not None:
                 self._replaying.__exit__(None, None, None)

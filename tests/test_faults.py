@@ -9,6 +9,7 @@ thread does not outlive the session.
 from __future__ import annotations
 
 import _thread
+import gc
 import threading
 import time
 import traceback
@@ -209,10 +210,17 @@ def test_keyboard_interrupt_mid_iteration_leaves_whole_steps(delay, no_new_threa
         with session.iteration():
             model.step()
     timer = threading.Timer(delay, _thread.interrupt_main)
-    with pytest.raises(KeyboardInterrupt):
-        with session.iteration():
-            model.step(timer)
-            time.sleep(5)  # the interrupt lands by now at the latest
+    # Python drops an interrupt that lands in a finalizer (e.g. TF's AtomicFunction.__del__ of
+    # an earlier test's function, collected mid-iteration): keep collection out of the window.
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with session.iteration():
+                model.step(timer)
+                time.sleep(5)  # the interrupt lands by now at the latest
+    finally:
+        gc.enable()
     timer.join()
     k = model.applied
     assert k == 3
@@ -288,7 +296,7 @@ def _gather_step(before, after, index):
 
 def _check_numerics_step(before, after, index):
     before.assign_add(1.0)
-    logs = tf.debugging.check_numerics(tf.math.log(PARAMS - index), "log of a negative")  # fails
+    logs = tf.debugging.check_numerics(tf.math.log(PARAMS + 3.0 - index), "log <= 0")  # fails
     after.assign_add(2.0)
     after.assign_add(tf.reduce_sum(logs))
 
@@ -351,9 +359,6 @@ def _check_graph_failure(step, indexes, failing_position):
     assert failed.user_frame.lineno == line
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: an op failing in a graph segment is not "
-                   "raised in its iteration (swallowed, or raised at a later unrelated op) and "
-                   "later stateful ops of the segment still run")
 @pytest.mark.parametrize("step", [_gather_step, _check_numerics_step], ids=["gather", "numerics"])
 def test_op_failing_inside_the_graph_is_the_users_error_with_eager_state(step):
     """A traced op fails only on this iteration's value, inside a compiled segment."""
