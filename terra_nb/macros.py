@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from terra_nb import events as ev
 from terra_nb import intercept
 from terra_nb.trace import is_user_file, user_location
 from terra_nb.tracegraph import FROM_NODE
@@ -67,6 +68,7 @@ class MacroTable:
     def __init__(self) -> None:
         self.entries: dict = {}
         self.replayed_calls = 0
+        self.compiled_work_reported: set = set()  # model.fit & co., told once per session
 
     @property
     def macros(self) -> int:
@@ -280,6 +282,39 @@ def _apply_gradients_entry(original):
     return apply_gradients
 
 
+def _compiled_work_entry(original):
+    """`model.fit` / `evaluate` / `predict` run their own compiled graphs: leave them alone.
+
+    Pending work is finished first (they read the variables), then they run with no
+    interception, and the run says so once, instead of recording their data pipelines.
+    """
+
+    def compiled_work(obj, *args, **kwargs):
+        __tracebackhide__ = True
+        runner = _state.runner
+        if runner is None or _state.observing:
+            return original(obj, *args, **kwargs)
+        runner.flush()
+        runner.runner.drain()
+        name = getattr(original, "__name__", "compiled call")
+        reported = _state.table.compiled_work_reported
+        if name not in reported:
+            reported.add(name)
+            runner.events.emit(ev.Note(
+                runner.index, "compiled-work",
+                f"{type(obj).__name__}.{name} runs its own compiled graph; terra_nb runs it "
+                "as it is and has nothing to speed up there"))
+        _state.observing += 1
+        try:
+            with intercept.suspended():
+                return original(obj, *args, **kwargs)
+        finally:
+            _state.observing -= 1
+
+    compiled_work.__wrapped__ = original
+    return compiled_work
+
+
 def is_replaying() -> bool:
     """True while this thread runs a macro in place of library Python."""
     return _state.replaying > 0
@@ -290,6 +325,9 @@ def _entry_points():
         (keras.layers.Layer, "__call__", _make_entry_point),
         (keras.losses.Loss, "__call__", _make_entry_point),
         (keras.optimizers.Optimizer, "apply_gradients", _apply_gradients_entry),
+        (keras.Model, "fit", _compiled_work_entry),
+        (keras.Model, "evaluate", _compiled_work_entry),
+        (keras.Model, "predict", _compiled_work_entry),
     ]
 
 

@@ -447,3 +447,26 @@ def test_a_segment_xla_cannot_compile_runs_without_xla():
     notes = [note for note in terra.session.events.of_type(ev.Note) if note.kind == "xla-refused"]
     assert notes and "MaxPool" in notes[0].message
     assert modes(terra.session)[-1] == ev.CO_EXECUTING
+
+
+def test_model_fit_in_the_loop_runs_as_it_is_and_is_reported_once():
+    import keras
+    from harness import seed_everything
+
+    def run(session):
+        seed_everything()
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+        x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+        y = x.sum(axis=1, keepdims=True)
+        for _ in range(5):
+            with session.iteration() if session else contextlib.nullcontext():
+                model.fit(x, y, epochs=1, verbose=0, shuffle=False)
+        return [v.numpy() for v in model.weights]
+
+    session = Session("fit")
+    for got, want in zip(run(session), run(None), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    notes = [note for note in session.events.of_type(ev.Note) if note.kind == "compiled-work"]
+    assert len(notes) == 1 and "fit" in notes[0].message
+    assert session.events.of_type(ev.FallbackEvent) == []
