@@ -319,6 +319,7 @@ class Report:
             lines.append(f"  fallbacks: {len(self.fallbacks)}")
             lines += [f"    iteration {e.index}: {_fallback_text(e)}" for e in self.fallbacks]
         lines += [f"  failed: iteration {e.index}: {_failure_text(e)}" for e in self.failures]
+        lines += [f"  note: iteration {e.index}: {e.kind}: {e.message}" for e in self.notes]
         lines += [f"  warning: {text}" for text in self.warnings]
         return "\n".join(lines)
 
@@ -390,6 +391,8 @@ class Report:
             parts.append(f"<p>fallbacks: {len(self.fallbacks)}</p><ul>{items}</ul>")
         parts += [f"<p>failed: iteration {e.index}: <code>{esc(_failure_text(e))}</code></p>"
                   for e in self.failures]
+        parts += [f"<p>note: iteration {e.index}: {esc(e.kind)}: {esc(e.message)}</p>"
+                  for e in self.notes]
         parts += [f"<p>warning: <code>{esc(text)}</code></p>" for text in self.warnings]
         return "".join(parts) + "</div>"
 
