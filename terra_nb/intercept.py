@@ -420,6 +420,13 @@ def call_concrete(function, args: list) -> list:
     return outputs if isinstance(outputs, (list, tuple)) else [outputs]
 
 
+def call_traced(function, tensors: list):
+    """Call a ConcreteFunction with its flat tensor arguments, skipping argument binding (the
+    costly part of `function(*tensors)`); gradient tapes and the active handler see the call
+    as usual. Returns the function's structured outputs."""
+    return function._call_flat(tensors, function.captured_inputs)
+
+
 def current_context():
     return context.context()
 

@@ -159,7 +159,7 @@ def _replay(entry, args, kwargs):
     tensors = [value if tf.is_tensor(value) else tf.convert_to_tensor(value) for value in tensors]
     _state.replaying += 1
     try:
-        return entry.macro(*tensors)
+        return intercept.call_traced(entry.macro, tensors)
     finally:
         _state.replaying -= 1
 
