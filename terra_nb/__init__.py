@@ -37,7 +37,7 @@ def plot(report=None):
     """A matplotlib Figure of a run's timeline: per-iteration time stacked by breakdown,
     coloured by mode, fallbacks marked. Defaults to the last `%%terra` run."""
     from terra_nb.magic import last_report
-    from terra_nb.plot import plot_report
+    from terra_nb.timeline import plot_report
 
     return plot_report(report if report is not None else last_report())
 

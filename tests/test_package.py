@@ -71,3 +71,14 @@ def test_version_and_metadata():
 def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_thing"):
         terra_nb.no_such_thing  # noqa: B018
+
+
+def test_plot_and_report_stay_functions_after_use():
+    """A submodule named like a package function would replace it on first import."""
+    import importlib.util
+
+    import terra_nb
+
+    for name in ("plot", "report"):
+        assert not importlib.util.find_spec(f"terra_nb.{name}"), f"terra_nb/{name}.py shadows"
+    assert callable(terra_nb.plot) and callable(terra_nb.report)
