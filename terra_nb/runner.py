@@ -14,6 +14,7 @@ reports a fallback and records the rest of the iteration eagerly (which extends 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -177,6 +178,43 @@ def _at_user_line(error: BaseException, compiled) -> BaseException:
     return error
 
 
+class _SwitchInterval:
+    """While a graph thread runs, Python hands the GIL over every 0.5 ms instead of 5 ms.
+
+    The skeleton holds the GIL almost all the time; with the default interval the graph thread
+    waits up to 5 ms each time it needs the GIL for a moment (measured: a 2 ms graph took
+    9.5 ms next to a busy Python thread, ~2 ms with 0.5 ms). Restored when the last one stops.
+    """
+
+    FAST = 0.0005
+
+    def __init__(self) -> None:
+        self._holders = 0
+        self._saved = sys.getswitchinterval()
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, self.FAST))
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                sys.setswitchinterval(self._saved)
+
+
+_switch_interval = _SwitchInterval()
+
+
+def _stop_worker(jobs: queue.SimpleQueue) -> None:
+    jobs.put(None)
+    _switch_interval.release()
+
+
 def _work(jobs: queue.SimpleQueue) -> None:
     """The graph thread: run submitted segments in order until told to stop (None)."""
     while True:
@@ -256,10 +294,11 @@ class GraphRunner:
             worker = threading.Thread(target=_work, args=(jobs,), name="terra_nb-graph",
                                       daemon=True)
             worker.start()
+            _switch_interval.hold()
             self._queue, self._worker = jobs, worker
             # A runner dropped without close() (an unreferenced terra_nb.function) stops its
             # thread: the thread holds only the queue, never the runner.
-            self._stop_worker = weakref.finalize(self, jobs.put, None)
+            self._stop_worker = weakref.finalize(self, _stop_worker, jobs)
         self._queue.put(job)
         return job
 

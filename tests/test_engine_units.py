@@ -470,3 +470,16 @@ def test_model_fit_in_the_loop_runs_as_it_is_and_is_reported_once():
     notes = [note for note in session.events.of_type(ev.Note) if note.kind == "compiled-work"]
     assert len(notes) == 1 and "fit" in notes[0].message
     assert session.events.of_type(ev.FallbackEvent) == []
+
+
+def test_gil_switch_interval_is_short_only_while_a_graph_thread_runs():
+    import sys
+
+    before = sys.getswitchinterval()
+    session = _deferred_session()
+    for _ in range(3):
+        with session.iteration():
+            tf.reduce_sum(tf.ones([4]) * 2.0)
+    assert sys.getswitchinterval() <= 0.0005
+    session.close()
+    assert sys.getswitchinterval() == before
