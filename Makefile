@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.terra_nb-installed
 
-.PHONY: setup demo lab test bench lint
+.PHONY: setup demo lab test bench lint extension browser
 
 setup: $(STAMP)
 
@@ -23,8 +23,28 @@ demo: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab demo_notebooks/
 
+# The inspector's JS bundle (committed, so pip needs no node): rebuilt when its sources change.
+EXT_SRC := $(wildcard extension/src/*) extension/build.mjs extension/package-lock.json
+BUNDLE := terra_nb/static/inspector.js terra_nb/static/inspector.css
+
+extension: $(BUNDLE)
+
+extension/node_modules/.package-lock.json: extension/package-lock.json
+	cd extension && npm ci --no-audit --no-fund
+
+$(BUNDLE) &: $(EXT_SRC) extension/node_modules/.package-lock.json
+	cd extension && npm run build
+
+# The real-browser tests (tests/test_browser.py) drive Debian's chromium; Playwright cannot
+# download its own browser here. Installed with apt-get when missing (needs root, as in CI).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		apt-get update && apt-get install -y --no-install-recommends chromium \
+			fonts-liberation fonts-liberation2 fonts-noto-core; \
+	fi
+
 # pytest exits 5 when it collects no tests; that is a failure, and we say so.
-test: $(STAMP)
+test: $(STAMP) browser
 	@status=0; $(PY) -m pytest || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: FAILED: pytest collected no tests (exit 5)"; fi; \
 	exit $$status

@@ -45,6 +45,8 @@ class Panel:
                  clock=time.perf_counter) -> None:
         import ipywidgets as widgets
 
+        from terra_nb.inspector import Inspector
+
         self.session = session
         self.since = since
         self.total = total
@@ -72,10 +74,11 @@ class Panel:
         self.fallbacks = widgets.HTML()
         self.graph = widgets.HTML()
         self.messages = widgets.HTML()
+        self.inspector = Inspector(session, since=since, clock=clock)
         self.set_total(total)
         header = widgets.HBox([self.badge, self.counter, self.progress])
         self.box = widgets.VBox([header, self.chart, self.breakdown, self.fallbacks, self.graph,
-                                 self.messages])
+                                 self.inspector, self.messages])
         self.render()
 
     # ---- feeding ----
@@ -119,6 +122,7 @@ class Panel:
         self.detach()
         self.report = report
         self.render()
+        self.inspector.refresh(force=True)
 
     # ---- drawing ----
 
@@ -133,6 +137,7 @@ class Panel:
         self.breakdown.value = self._breakdown_html()
         self.fallbacks.value = self._fallbacks_html()
         self.graph.value = self._graph_html()
+        self.inspector.refresh()
         self.messages.value = self._messages_html()
         end = self._clock()
         cost = end - start
