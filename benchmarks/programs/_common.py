@@ -89,3 +89,19 @@ class Encoder(keras.layers.Layer):
 
 def apply(tape, loss, optimizer, variables) -> None:
     optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+
+
+def classifier_program(name: str, model, images, labels, features: str) -> Program:
+    """A plain supervised step (SGD with momentum, cross-entropy): where a program's Python
+    lives in its model, not in its step."""
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        apply(tape, loss, optimizer, model.trainable_variables)
+        return loss
+
+    return Program(name, train_step, batches([images, labels]), variables_of(model, optimizer),
+                   features)

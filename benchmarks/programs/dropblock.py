@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.programs._common import Program, apply, batches, seed_all, variables_of
+from benchmarks.programs._common import Program, classifier_program, seed_all
 
 BATCHES, BATCH, SIZE, CLASSES = 4, 16, 24, 10
 
@@ -55,14 +55,5 @@ def build(seed: int = 0) -> Program:
         keras.layers.Dense(CLASSES),
     ])
     model(images[0], training=False)  # build weights now, from this seed (see _common)
-    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        apply(tape, loss, optimizer, model.trainable_variables)
-        return loss
-
-    return Program("dropblock", train_step, batches([images, labels]),
-                   variables_of(model, optimizer), "numpy random mask in the model call")
+    return classifier_program("dropblock", model, images, labels,
+                              "numpy random mask in the model call")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from benchmarks.programs._common import Program, apply, batches, seed_all, variables_of
+from benchmarks.programs._common import Program, classifier_program, seed_all
 
 BATCHES, BATCH, SIZE, CLASSES = 4, 16, 24, 10
 
@@ -44,14 +44,5 @@ def build(seed: int = 0) -> Program:
         keras.layers.GlobalAveragePooling2D(),
         keras.layers.Dense(CLASSES),
     ])
-    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        apply(tape, loss, optimizer, model.trainable_variables)
-        return loss
-
-    return Program("resnet", train_step, batches([images, labels]),
-                   variables_of(model, optimizer), "none (BatchNorm, residual blocks)")
+    return classifier_program("resnet", model, images, labels,
+                              "none (BatchNorm, residual blocks)")
