@@ -427,9 +427,6 @@ def call_traced(function, tensors: list):
     return function._call_flat(tensors, function.captured_inputs)
 
 
-def current_context():
-    return context.context()
-
 
 # ---------------------------------------------------------------- calls of traced functions
 
