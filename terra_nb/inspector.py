@@ -202,6 +202,8 @@ class GraphModel:
             "inputs": inputs,
             "source": [_frame_text(f, n) for f, n in node.location],
             "visits": node.visits,
+            "fetches": node.fetches,
+            "fetch_wait_ms": round(1e3 * node.fetch_wait_seconds / max(node.fetches, 1), 3),
         }
 
     def _group_entry(self, rep: str, uids: list) -> dict:

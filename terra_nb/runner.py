@@ -518,11 +518,16 @@ class PythonRunner:
     # ------------------------------------------------------------ fetch channel
 
     def materialize(self, lazy) -> intercept.EagerTensor:
+        start = time.perf_counter()
         if lazy._job is None:
             if self.finished or lazy.node.uid not in self.segment_uids:
                 raise RuntimeError("terra_nb: a deferred value was lost before it was computed")
             self.flush()
-        self.runner.wait(lazy._job)
+        try:
+            self.runner.wait(lazy._job)
+        finally:
+            lazy.node.fetches += 1
+            lazy.node.fetch_wait_seconds += time.perf_counter() - start
         return lazy._value
 
     def flush(self) -> None:

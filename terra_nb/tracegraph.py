@@ -58,7 +58,7 @@ class Node:
     __slots__ = (
         "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
         "parent", "children", "depth", "visits", "island", "externals", "scope", "key",
-        "host_value", "function",
+        "host_value", "function", "fetches", "fetch_wait_seconds",
         "__weakref__",
     )
 
@@ -80,6 +80,8 @@ class Node:
         self.externals: dict[int, ExternalInput] = {}
         self.host_value = False  # small integer result: computed in Python's thread when possible
         self.function = None  # for a call of a traced function: the AtomicFunction it calls
+        self.fetches = 0  # times Python needed one of its values while co-executing
+        self.fetch_wait_seconds = 0.0  # and how long Python waited for them in total
 
     def observe_externals(self, values: list) -> None:
         """Record the external input values of one visit (for feed-or-fold decisions)."""

@@ -150,3 +150,16 @@ def test_refresh_is_throttled_and_follows_the_graph():
     assert widget.refresh() and widget.version == 2 and widget.graph["nodes"]
     now[0] += 1.0
     assert not widget.refresh()  # nothing changed
+
+
+def test_fetched_ops_show_how_long_python_waited(session):
+    """`float(loss)` inside each iteration is a fetch: the op it reads carries its waits."""
+    model = GraphModel(session.trace_graph, session.events.of_type(ev.FallbackEvent), set())
+    fetched = [node for node in model.nodes if node.fetches]
+    assert fetched, "float(loss) must have made Python wait for a graph value"
+    node = max(fetched, key=lambda n: n.fetches)
+    entry = model._op_entry(node.uid)
+    assert entry["fetches"] == node.fetches >= 1
+    assert entry["fetch_wait_ms"] > 0.0
+    assert entry["fetch_wait_ms"] == pytest.approx(
+        1e3 * node.fetch_wait_seconds / node.fetches, abs=1e-3)

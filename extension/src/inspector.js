@@ -118,6 +118,9 @@ function detailsHtml(node) {
     row("inputs", node.inputs.map(esc).join("<br>") || "none");
     row("source", node.source.map((s) => `<code>${esc(s)}</code>`).join("<br>") || "unknown");
     row("visits", String(node.visits));
+    if (node.fetches) {
+      row("Python waited", `${node.fetch_wait_ms} ms per fetch (${node.fetches} fetches)`);
+    }
   }
   if (node.fallbacks) row("fallbacks", `<b class="ti-red">${node.fallbacks}</b>`);
   const buttons =
