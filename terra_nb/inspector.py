@@ -304,7 +304,7 @@ class Inspector(anywidget.AnyWidget):
         """Ops whose outputs a compiled segment returns to Python (read from the runner)."""
         runner = self.session.graph_runner
         fetched = set()
-        for compiled in getattr(runner, "_compiled", {}).values():
+        for compiled in runner.segments() if runner is not None else ():
             fetched.update(node.uid for node, _index in compiled.outputs)
         return fetched
 

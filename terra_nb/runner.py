@@ -342,6 +342,10 @@ class GraphRunner:
     def graphs(self) -> int:
         return len(self._compiled)
 
+    def segments(self) -> list:
+        """The compiled segments (for inspection: their paths, feeds and outputs)."""
+        return list(self._compiled.values())
+
 
 class _Pending:
     """One deferred op: its node and the values of its inputs that come from outside."""
