@@ -108,7 +108,7 @@ def test_constants_that_never_change_are_folded_into_the_graph():
         with session.iteration():
             x.assign(x * 0.5 + 1.0)
     np.testing.assert_allclose(x.numpy(), np.full(4, 1.875))
-    (compiled,) = session.graph_runner._compiled.values()
+    (compiled,) = session.graph_runner.segments()
     assert len(compiled.folded_slots) == 2
     assert compiled.feed_slots == []
 
