@@ -185,53 +185,47 @@ def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple)
     candidates as placeholders (unknown values); if the outputs' shapes are still fully known,
     no value matters. Otherwise each candidate is tried alone.
     """
-    candidates = [slot for slot, value in enumerate(inputs)
-                  if refs[slot][0] != RESOURCE and value.dtype.is_integer
-                  and value._num_elements() <= SMALL_CONSTANT]
+    candidates = sorted(_small_integer_slots(inputs))
     if not candidates or intercept.op_def(op_type) is None:
         return ()
     protos = intercept.attr_protos(op_type, attrs)
-    if _shapes_known(op_type, protos, inputs, refs, set(candidates)):
+    if _probed_shapes(op_type, protos, inputs, refs, set(candidates)) is not None:
         return ()
     return tuple(slot for slot in candidates
-                 if not _shapes_known(op_type, protos, inputs, refs, {slot}))
+                 if _probed_shapes(op_type, protos, inputs, refs, {slot}) is None)
 
 
 def output_shapes_for(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple | None:
     """The static output shapes the op has for these input values (None if not all known)."""
-    protos = intercept.attr_protos(op_type, attrs)
-    operation = _probe(op_type, protos, inputs, refs, set())
-    if operation is None or not all(out.shape.is_fully_defined() for out in operation.outputs):
-        return None
-    return tuple(tuple(out.shape.as_list()) for out in operation.outputs)
+    return _probed_shapes(op_type, intercept.attr_protos(op_type, attrs), inputs, refs, set())
 
 
-def _shapes_known(op_type, protos, inputs, refs, unknown: set) -> bool:
-    operation = _probe(op_type, protos, inputs, refs, unknown)
-    return operation is not None and all(
-        output.shape.is_fully_defined() for output in operation.outputs)
-
-
-def _probe(op_type, protos, inputs, refs, unknown: set):
-    """The op built in a scratch graph: small integer inputs as constants unless `unknown`."""
+def _probed_shapes(op_type, protos, inputs, refs, unknown: set) -> tuple | None:
+    """The op's output shapes in a scratch graph where small integer inputs are constants
+    unless `unknown`; None when the op cannot be built or a shape is not fully known."""
     from tensorflow.python.framework import func_graph
 
+    constants = _small_integer_slots(inputs) - unknown
     graph = func_graph.FuncGraph("terra_nb_shape_probe")
     with intercept.suspended(), graph.as_default():
         tensors = []
         for slot, value in enumerate(inputs):
             if refs[slot][0] == RESOURCE:
                 tensors.append(graph.capture(value))
-            elif slot in unknown or slot not in _small_integer_slots(inputs):
-                tensors.append(tf.compat.v1.placeholder(value.dtype, value.shape))
-            else:
+            elif slot in constants:
                 tensors.append(tf.constant(np.asarray(intercept.unwrap(value))))
+            else:
+                tensors.append(tf.compat.v1.placeholder(value.dtype, value.shape))
         try:
-            return graph.create_op(op_type, tensors, None, attrs=protos)
+            operation = graph.create_op(op_type, tensors, None, attrs=protos)
         except (ValueError, TypeError):
             return None
+    if not all(output.shape.is_fully_defined() for output in operation.outputs):
+        return None
+    return tuple(tuple(output.shape.as_list()) for output in operation.outputs)
 
 
 def _small_integer_slots(inputs) -> set:
+    """Slots of small integer inputs (resource handles are not integers)."""
     return {slot for slot, value in enumerate(inputs)
             if value.dtype.is_integer and value._num_elements() <= SMALL_CONSTANT}

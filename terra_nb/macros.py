@@ -76,14 +76,15 @@ class MacroTable:
 
     def call(self, runner, original, obj, args: tuple, kwargs: dict, call_site):
         __tracebackhide__ = True
-        key = _guard_key(obj, args, kwargs)
+        flat = _flatten((args, kwargs))
+        key = _guard_key(obj, args, kwargs, flat)
         if key is None:
             return original(obj, *args, **kwargs)
         key = (call_site, key)
         entry = self.entries.setdefault(key, _Entry())
         if entry.macro is not None:
             self.replayed_calls += 1
-            return _replay(entry, args, kwargs)
+            return _replay(entry, flat)
         if entry.banned:
             return original(obj, *args, **kwargs)
         return self._observe(entry, runner, original, obj, args, kwargs, call_site)
@@ -153,8 +154,7 @@ def _build_macro(original, obj, args, kwargs):
     return concrete, tensor_positions
 
 
-def _replay(entry, args, kwargs):
-    flat = _flatten((args, kwargs))
+def _replay(entry, flat: list):
     tensors = [flat[index] for index in entry.tensor_positions]
     tensors = [value if tf.is_tensor(value) else tf.convert_to_tensor(value) for value in tensors]
     _state.replaying += 1
@@ -180,12 +180,13 @@ def _dtype_of(value):
     return value.dtype if tf.is_tensor(value) else tf.dtypes.as_dtype(value.dtype)
 
 
-def _guard_key(obj, args, kwargs):
-    """The guard of a library call, or None when a part of it cannot be guarded."""
+def _guard_key(obj, args, kwargs, flat: list):
+    """The guard of a library call (`flat`: its flattened arguments), or None when a part of
+    it cannot be guarded."""
     parts = [id(obj), _object_state(obj)]
     if parts[1] is None:
         return None
-    for value in _flatten((args, kwargs)):
+    for value in flat:
         if _is_tensor_like(value):
             parts.append((_dtype_of(value).name, tuple(np.shape(value))))
         elif isinstance(value, _VARIABLE_TYPES):

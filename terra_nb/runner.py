@@ -20,6 +20,7 @@ import time
 import weakref
 
 import numpy as np
+import tensorflow as tf
 
 from terra_nb import events as ev
 from terra_nb import graphgen, intercept, macros
@@ -504,8 +505,6 @@ class PythonRunner:
 
     def _know_shape_values(self, node, refs, outputs) -> None:
         """Shape-like ops of inputs with static shapes: their values are known now."""
-        import tensorflow as tf
-
         shapes = [_static_shape(ref) for ref in refs]
         if node.op_type == "Shape" or node.op_type == "ShapeN":
             values = [np.array(shape, dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype)
@@ -663,8 +662,6 @@ def _static_shape(ref):
 
 
 def _describe_input(ref) -> str:
-    import tensorflow as tf
-
     if ref[0] == RESOURCE:
         return "a resource"
     dtype = tf.dtypes.as_dtype(ref[1].output_dtypes[ref[2]] if ref[0] == FROM_NODE else ref[1])
@@ -707,8 +704,6 @@ def _explain_divergence(index, cursor, op_type, key, location, refs) -> ev.Fallb
 
 
 def _enum(name: str) -> int:
-    import tensorflow as tf
-
     return tf.dtypes.as_dtype(name).as_datatype_enum
 
 
