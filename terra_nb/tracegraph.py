@@ -57,16 +57,14 @@ class Node:
 
     __slots__ = (
         "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
-        "parent", "children", "depth", "visits", "island", "externals", "scope", "key",
-        "host_value", "function", "fetches", "fetch_wait_seconds",
+        "parent", "children", "visits", "island", "externals", "scope", "host_value",
+        "function", "fetches", "fetch_wait_seconds",
         "__weakref__",
     )
 
-    def __init__(self, uid, parent, key, op_type, attrs, location, inputs, outputs, island, scope):
+    def __init__(self, uid, parent, op_type, attrs, location, inputs, outputs, island, scope):
         self.uid = uid
         self.parent = parent
-        self.key = key
-        self.depth = 0 if parent is None else parent.depth + 1
         self.op_type = op_type
         self.attrs = attrs
         self.location = location
@@ -107,7 +105,7 @@ class Node:
         return path
 
     def __repr__(self) -> str:
-        return f"<Node {self.uid} {self.op_type} depth={self.depth}>"
+        return f"<Node {self.uid} {self.op_type}>"
 
 
 class TraceGraph:
@@ -115,13 +113,13 @@ class TraceGraph:
 
     def __init__(self) -> None:
         self._uids = itertools.count(1)
-        self.root = Node(0, None, None, "<iteration>", (), (), (), (), False, "")
+        self.root = Node(0, None, "<iteration>", (), (), (), (), False, "")
         self.size = 0
 
     def add_child(self, parent: Node, key, op_type, attrs, location, inputs, outputs, island,
                   scope) -> Node:
-        node = Node(next(self._uids), parent, key, op_type, attrs, location, inputs, outputs,
-                    island, scope)
+        node = Node(next(self._uids), parent, op_type, attrs, location, inputs, outputs, island,
+                    scope)
         parent.children[key] = node
         self.size += 1
         return node
