@@ -52,7 +52,6 @@ class CompiledSegment:
     outputs: tuple  # (node, output index) returned, in order
     seconds: float
     xla: bool
-    fallible: bool = False  # holds an op that may fail on some values (see FALLIBLE_OPS)
 
     def node_named_in(self, message: str) -> Node | None:
         """The path node an error message names (graph ops are named after their node)."""
@@ -67,7 +66,8 @@ class CompiledSegment:
 # Ops whose success depends on input *values* (indices in range, finite numbers, asserts). Eager
 # execution stops at the failing one; so that the graph leaves the same state, every stateful
 # op after one of them in program order waits for it (a control dependency), and Python waits
-# for a segment holding one before its iteration ends, so the error is raised in its iteration.
+# for a segment holding one before its iteration ends, so the error is raised in its iteration
+# (unless Python could check the op's indices first: runner._cannot_fail).
 FALLIBLE_OPS = frozenset({
     "GatherV2", "Gather", "GatherNd", "ResourceGather", "ResourceGatherNd", "CheckNumerics",
     "CheckNumericsV2", "Assert", "ScatterNd", "TensorScatterUpdate", "TensorScatterAdd",
@@ -167,8 +167,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
         function = tf.function(segment, autograph=False, jit_compile=xla or None)
         concrete = function.get_concrete_function(*specs)
     return CompiledSegment(concrete, path, feeds, folded, outputs,
-                           time.perf_counter() - start, xla,
-                           any(node.op_type in FALLIBLE_OPS for node in path))
+                           time.perf_counter() - start, xla)
 
 
 def _is_stateful(node: Node) -> bool:

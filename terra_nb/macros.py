@@ -91,11 +91,15 @@ class MacroTable:
 
     def _observe(self, entry, runner, original, obj, args, kwargs, call_site):
         start, flushes, deferred = runner.cursor, runner.flushes, runner.is_deferring
+        diverged_at = runner.diverged_at
         _state.observing += 1
         try:
             result = original(obj, *args, **kwargs)
         finally:
             _state.observing -= 1
+        if runner.diverged_at != diverged_at:  # the path changed under it: observe again later
+            entry.last_span = None
+            return result
         reason = _unstable(runner, start, flushes, call_site, obj, result)
         if reason:
             entry.banned = reason

@@ -13,6 +13,7 @@ reports a fallback and records the rest of the iteration eagerly (which extends 
 
 from __future__ import annotations
 
+import collections
 import queue
 import sys
 import threading
@@ -49,6 +50,10 @@ _ISLAND_OPS = _DATA_DEPENDENT_SHAPE_OPS | frozenset({
 })
 # Ops whose value follows from their inputs' static shapes: known without running the graph.
 _SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
+# Integer/bool results (indices, masks) up to this size are also computed in Python's thread
+# when their inputs are known, so an op that fails on bad indices can be checked before the
+# graph runs it (see _cannot_fail).
+_MIRROR_LIMIT = 1 << 16
 
 
 def _attrs_key(op_type, attrs):
@@ -235,6 +240,9 @@ def _ready_value(value):
     return value
 
 
+RUN_AHEAD = 2
+
+
 class GraphRunner:
     """Runs compiled segments (kept for reuse, keyed by path and outputs).
 
@@ -253,6 +261,7 @@ class GraphRunner:
         self._worker: threading.Thread | None = None
         self._last: Job | None = None
         self._finished_jobs: list[Job] = []
+        self._iteration_ends: collections.deque[Job] = collections.deque()
 
     def segment_for(self, start, end, outputs: tuple, iteration: int, reason: str):
         key = (start.uid, end.uid, tuple((node.uid, index) for node, index in outputs))
@@ -311,6 +320,18 @@ class GraphRunner:
             job.done.wait()
             self.wait_seconds += time.perf_counter() - start
         job.wait(value_needed)
+
+    def end_iteration(self) -> None:
+        """Python may run at most RUN_AHEAD iterations ahead of the graph: each queued
+        iteration holds its fed inputs (data batches), so an unbounded lead would grow memory.
+        """
+        if self._last is None or self._last.done.is_set():
+            return
+        self._iteration_ends.append(self._last)
+        while self._iteration_ends and self._iteration_ends[0].done.is_set():
+            self._iteration_ends.popleft()
+        if len(self._iteration_ends) > RUN_AHEAD:
+            self.wait(self._iteration_ends.popleft(), value_needed=False)
 
     def drain(self) -> None:
         """Wait for every submitted segment (before anything runs eagerly)."""
@@ -377,6 +398,7 @@ class PythonRunner:
         self.segment_uids: set = set()
         self._submitted: list | None = None  # the pending list last handed to the graph
         self.fallible_jobs: list = []  # segments that may fail on this iteration's values
+        self.segment_may_fail = False  # the pending segment holds a fallible op not checked
         self.produced: dict = {}  # id(eager tensor) -> (tensor, node, index), this iteration
         self.ops = 0
         self.fallback: ev.FallbackEvent | None = None
@@ -416,6 +438,7 @@ class PythonRunner:
                                          outputs, island, ctx.scope_name)
             child.function = function
             child.host_value = not island and function is None and _is_host_value(op_type, outputs)
+            child.mirrored = not island and _is_mirrored(op_type, function, outputs)
         child.visits += 1
         child.observe_externals([intercept.unwrap(value) for value in inputs])
         self._register(child, outputs)
@@ -495,12 +518,16 @@ class PythonRunner:
             lazy = intercept.LazyTensor(self, node, index, dtype, node.output_shapes[index])
             outputs.append(lazy)
             self.segment_lazies.append(weakref.ref(lazy))
+        if node.op_type in graphgen.FALLIBLE_OPS and not _cannot_fail(node.op_type, inputs):
+            self.segment_may_fail = True
         if node.op_type in _SHAPE_OPS:
             self._know_shape_values(node, refs, outputs)
         elif node.host_value and all(_available(value) for value in inputs):
             values = intercept.run_eagerly(node.op_type, len(outputs), inputs, attrs, ctx)
             for lazy, value in zip(outputs, values, strict=True):
                 lazy.set_value(value)
+        elif node.mirrored:
+            _mirror(node, outputs, inputs, attrs, ctx)
         return outputs
 
     def _know_shape_values(self, node, refs, outputs) -> None:
@@ -564,13 +591,14 @@ class PythonRunner:
     def _submit(self, compiled, args, alive, key) -> None:
         self._submitted = self.pending
         job = self.runner.submit(compiled, args, alive, key, self.index)
-        if compiled.fallible:
+        if self.segment_may_fail:
             self.fallible_jobs.append(job)
         self.flushes += 1
         self._start_segment()
 
     def _start_segment(self) -> None:
         self.pending = []
+        self.segment_may_fail = False
         self.segment_lazies = []
         self.segment_uids = set()
         self.segment_start = self.cursor
@@ -625,6 +653,7 @@ class PythonRunner:
                 self.runner.drain()
             for job in self.fallible_jobs:  # their errors belong to this iteration
                 self.runner.wait(job)
+            self.runner.end_iteration()
         finally:
             self.finished = True
             self.produced.clear()
@@ -649,6 +678,80 @@ def _is_host_value(op_type: str, outputs) -> bool:
         return False
     return all(output.dtype.is_integer and output._num_elements() <= SMALL_CONSTANT
                for output in outputs)
+
+
+def _known_value(value):
+    """`value` as an eager tensor if Python knows it now (computed or mirrored), else None."""
+    if not isinstance(value, intercept.LazyTensor):
+        return value
+    return value._value if value._value is not None else value._mirror
+
+
+def _mirror(node, outputs, inputs, attrs, ctx) -> None:
+    """Compute a deferred index op in Python's thread too, when its inputs are known."""
+    known = [_known_value(value) for value in inputs]
+    if any(value is None for value in known):
+        return
+    try:
+        values = intercept.run_eagerly(node.op_type, len(outputs), known, attrs, ctx)
+    except Exception:  # the graph will raise it, at its place in the program
+        return
+    for lazy, value in zip(outputs, values, strict=True):
+        lazy._mirror = value
+
+
+def _is_mirrored(op_type: str, function, outputs) -> bool:
+    """Index-like results (integer or bool, not huge) of stateless ops: see _MIRROR_LIMIT."""
+    if function is not None or not outputs:
+        return False
+    definition = intercept.op_def(op_type)
+    return (definition is not None and not definition.is_stateful
+            and all((output.dtype.is_integer or output.dtype == tf.bool)
+                    and output._num_elements() <= _MIRROR_LIMIT for output in outputs))
+
+
+def _known_integer(value) -> int | None:
+    known = _known_value(value)
+    if known is None or known._num_elements() != 1:
+        return None
+    return int(np.asarray(known).reshape(()))
+
+
+def _index_bound(op_type: str, inputs) -> tuple[float, int | None]:
+    """For an op that fails on an index out of range: the range [low, high) of valid values."""
+    if op_type == "GatherV2":
+        axis = _known_integer(inputs[2])
+        shape = inputs[0]._shape_tuple()
+        if axis is None or not -len(shape) <= axis < len(shape):
+            return 0, None
+        return 0, shape[axis]
+    if op_type == "SparseSoftmaxCrossEntropyWithLogits":
+        return 0, inputs[0]._shape_tuple()[-1]
+    if op_type.startswith("UnsortedSegment"):  # negative ids are dropped, not errors
+        return -np.inf, _known_integer(inputs[2])
+    return 0, None
+
+
+def _cannot_fail(op_type: str, inputs) -> bool:
+    """True when the values that could make this op fail are known now and valid.
+
+    Then the segment holding it need not be waited for at the end of the iteration, and the
+    graph of this iteration overlaps the next one's Python. Anything unknown is 'may fail'.
+    """
+    if op_type not in _INDEX_CHECKED_OPS:
+        return False
+    low, high = _index_bound(op_type, inputs)
+    indices = _known_value(inputs[1])
+    if high is None or indices is None or not indices.dtype.is_numpy_compatible:
+        return False
+    values = np.asarray(indices)
+    return values.size == 0 or bool(low <= values.min() and values.max() < high)
+
+
+_INDEX_CHECKED_OPS = frozenset({
+    "GatherV2", "SparseSoftmaxCrossEntropyWithLogits", "UnsortedSegmentSum",
+    "UnsortedSegmentMax", "UnsortedSegmentMin", "UnsortedSegmentProd",
+})
 
 
 def _available(value) -> bool:

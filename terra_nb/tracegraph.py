@@ -57,7 +57,7 @@ class Node:
 
     __slots__ = (
         "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
-        "parent", "children", "visits", "island", "externals", "scope", "host_value",
+        "parent", "children", "visits", "island", "externals", "scope", "host_value", "mirrored",
         "function", "fetches", "fetch_wait_seconds",
         "__weakref__",
     )
@@ -77,6 +77,7 @@ class Node:
         self.scope = scope
         self.externals: dict[int, ExternalInput] = {}
         self.host_value = False  # small integer result: computed in Python's thread when possible
+        self.mirrored = False  # index-like result: also computed in Python's thread (runner)
         self.function = None  # for a call of a traced function: the AtomicFunction it calls
         self.fetches = 0  # times Python needed one of its values while co-executing
         self.fetch_wait_seconds = 0.0  # and how long Python waited for them in total
