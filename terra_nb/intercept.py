@@ -40,6 +40,7 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.eager.polymorphic_function.concrete_function", "ConcreteFunction"),
     ("tensorflow.python.eager.polymorphic_function.atomic_function", "AtomicFunction"),
     ("tensorflow.python.eager.polymorphic_function.atomic_function", "make_call_op_in_graph"),
+    ("tensorflow.python.ops.resource_variable_ops", "get_eager_safe_handle_data"),
 )
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
@@ -455,3 +456,16 @@ def call_function_in_graph(function, inputs: list) -> list:
     """Call an AtomicFunction from inside the graph being built (a PartitionedCall op)."""
     attrs = context.context().function_call_options.as_attrs()
     return list(atomic_function.make_call_op_in_graph(function, inputs, attrs))
+
+
+def variable_shape(handle) -> tuple | None:
+    """The shape of the variable behind an eager resource handle (None if not fixed)."""
+    from tensorflow.python.ops import resource_variable_ops
+
+    data = resource_variable_ops.get_eager_safe_handle_data(handle)
+    if not data.is_set or not data.shape_and_type:
+        return None
+    shape = data.shape_and_type[0].shape
+    if shape.unknown_rank or any(dim.size < 0 for dim in shape.dim):
+        return None
+    return tuple(dim.size for dim in shape.dim)

@@ -14,6 +14,7 @@ reports a fallback and records the rest of the iteration eagerly (which extends 
 from __future__ import annotations
 
 import collections
+import math
 import queue
 import sys
 import threading
@@ -438,7 +439,8 @@ class PythonRunner:
                                          outputs, island, ctx.scope_name)
             child.function = function
             child.host_value = not island and function is None and _is_host_value(op_type, outputs)
-            child.mirrored = not island and _is_mirrored(op_type, function, outputs)
+            if op_type in _INDEX_CHECKED_OPS:
+                _mirror_index_sources(child)
         child.visits += 1
         child.observe_externals([intercept.unwrap(value) for value in inputs])
         self._register(child, outputs)
@@ -518,7 +520,7 @@ class PythonRunner:
             lazy = intercept.LazyTensor(self, node, index, dtype, node.output_shapes[index])
             outputs.append(lazy)
             self.segment_lazies.append(weakref.ref(lazy))
-        if node.op_type in graphgen.FALLIBLE_OPS and not _cannot_fail(node.op_type, inputs):
+        if node.op_type in graphgen.FALLIBLE_OPS and not _cannot_fail(node.op_type, inputs, attrs):
             self.segment_may_fail = True
         if node.op_type in _SHAPE_OPS:
             self._know_shape_values(node, refs, outputs)
@@ -700,14 +702,29 @@ def _mirror(node, outputs, inputs, attrs, ctx) -> None:
         lazy._mirror = value
 
 
-def _is_mirrored(op_type: str, function, outputs) -> bool:
-    """Index-like results (integer or bool, not huge) of stateless ops: see _MIRROR_LIMIT."""
-    if function is not None or not outputs:
+def _mirror_index_sources(node) -> None:
+    """Mark the deferred ops that compute a fallible op's indices and bounds for mirroring:
+    integer or bool results (not huge) of stateless ops. Other ops are never mirrored."""
+    stack = list(node.inputs[1:])
+    while stack:
+        ref = stack.pop()
+        if ref[0] != FROM_NODE:
+            continue
+        source = ref[1]
+        if source.mirrored or not _mirrorable(source):
+            continue
+        source.mirrored = True
+        stack.extend(source.inputs)
+
+
+def _mirrorable(node) -> bool:
+    if node.function is not None or node.island or not node.output_dtypes:
         return False
-    definition = intercept.op_def(op_type)
+    definition = intercept.op_def(node.op_type)
     return (definition is not None and not definition.is_stateful
-            and all((output.dtype.is_integer or output.dtype == tf.bool)
-                    and output._num_elements() <= _MIRROR_LIMIT for output in outputs))
+            and all(dtype in _INDEX_ENUMS and math.prod(shape) <= _MIRROR_LIMIT
+                    for dtype, shape in zip(node.output_dtypes, node.output_shapes,
+                                            strict=True)))
 
 
 def _known_integer(value) -> int | None:
@@ -717,7 +734,7 @@ def _known_integer(value) -> int | None:
     return int(np.asarray(known).reshape(()))
 
 
-def _index_bound(op_type: str, inputs) -> tuple[float, int | None]:
+def _index_bound(op_type: str, inputs, attrs) -> tuple[float, int | None]:
     """For an op that fails on an index out of range: the range [low, high) of valid values."""
     if op_type == "GatherV2":
         axis = _known_integer(inputs[2])
@@ -725,6 +742,12 @@ def _index_bound(op_type: str, inputs) -> tuple[float, int | None]:
         if axis is None or not -len(shape) <= axis < len(shape):
             return 0, None
         return 0, shape[axis]
+    if op_type == "ResourceGather":
+        shape = intercept.variable_shape(inputs[0])
+        batch_dims = dict(zip(attrs[::2], attrs[1::2], strict=True)).get("batch_dims", 0)
+        if shape is None or batch_dims >= len(shape):
+            return 0, None
+        return 0, shape[batch_dims]
     if op_type == "SparseSoftmaxCrossEntropyWithLogits":
         return 0, inputs[0]._shape_tuple()[-1]
     if op_type.startswith("UnsortedSegment"):  # negative ids are dropped, not errors
@@ -732,7 +755,7 @@ def _index_bound(op_type: str, inputs) -> tuple[float, int | None]:
     return 0, None
 
 
-def _cannot_fail(op_type: str, inputs) -> bool:
+def _cannot_fail(op_type: str, inputs, attrs) -> bool:
     """True when the values that could make this op fail are known now and valid.
 
     Then the segment holding it need not be waited for at the end of the iteration, and the
@@ -740,7 +763,7 @@ def _cannot_fail(op_type: str, inputs) -> bool:
     """
     if op_type not in _INDEX_CHECKED_OPS:
         return False
-    low, high = _index_bound(op_type, inputs)
+    low, high = _index_bound(op_type, inputs, attrs)
     indices = _known_value(inputs[1])
     if high is None or indices is None or not indices.dtype.is_numpy_compatible:
         return False
@@ -749,7 +772,7 @@ def _cannot_fail(op_type: str, inputs) -> bool:
 
 
 _INDEX_CHECKED_OPS = frozenset({
-    "GatherV2", "SparseSoftmaxCrossEntropyWithLogits", "UnsortedSegmentSum",
+    "GatherV2", "ResourceGather", "SparseSoftmaxCrossEntropyWithLogits", "UnsortedSegmentSum",
     "UnsortedSegmentMax", "UnsortedSegmentMin", "UnsortedSegmentProd",
 })
 
@@ -815,3 +838,4 @@ _VARIANT_ENUM = _enum("variant")
 
 _INTEGER_ENUMS = frozenset(_enum(name) for name in (
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"))
+_INDEX_ENUMS = _INTEGER_ENUMS | {_enum("bool")}

@@ -483,3 +483,34 @@ def test_gil_switch_interval_is_short_only_while_a_graph_thread_runs():
     assert sys.getswitchinterval() <= 0.0005
     session.close()
     assert sys.getswitchinterval() == before
+
+
+
+def _gather_step(params, total, row):
+    """A gather whose indices are computed (Cast, AddV2) from data Python knows."""
+    ids = tf.cast(tf.constant([1.0, 2.0, float(row)]), tf.int32) + 1
+    unrelated = tf.constant([4, 5]) * 3  # integer, but no gather reads it
+    total.assign_add(tf.reduce_sum(tf.gather(params, ids)) + tf.cast(unrelated[0], tf.float32))
+
+
+def test_valid_indices_known_to_python_let_the_graph_overlap_the_next_iteration():
+    """A gather may fail on its indices, so its segment is waited for at the end of the
+    iteration, unless Python computed the indices too (only the ops a gather reads) and found
+    them in range."""
+    rows = [3, 4, 5, 3, 4, 5]
+    eager_params, eager_total = tf.Variable(tf.range(10.0)), tf.Variable(0.0)
+    for row in rows:
+        _gather_step(eager_params, eager_total, row)
+    params, total = tf.Variable(tf.range(10.0)), tf.Variable(0.0)
+    session = Session("gather-overlap", trace_iterations=1)
+    waited = []
+    for row in rows:
+        with session.iteration() as iteration:
+            _gather_step(params, total, row)
+        if iteration.run.started_deferred:
+            waited.append(len(iteration.run.fallible_jobs))
+    session.close()
+    assert waited == [0] * (len(rows) - 1)
+    assert float(total.numpy()) == float(eager_total.numpy())
+    mirrored = {node.op_type for node in session.trace_graph.nodes() if node.mirrored}
+    assert mirrored == {"Cast", "AddV2"}

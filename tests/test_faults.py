@@ -294,6 +294,14 @@ def _gather_step(before, after, index):
     after.assign_add(picked)
 
 
+def _computed_index_gather_step(before, after, index):
+    before.assign_add(1.0)
+    rows = tf.cast(tf.constant([0.0, float(index)]), tf.int32) + tf.constant([0, 0])
+    picked = tf.reduce_sum(tf.gather(PARAMS, rows))  # fails: index out of range
+    after.assign_add(2.0)
+    after.assign_add(picked)
+
+
 def _check_numerics_step(before, after, index):
     before.assign_add(1.0)
     logs = tf.debugging.check_numerics(tf.math.log(PARAMS + 3.0 - index), "log <= 0")  # fails
@@ -359,7 +367,8 @@ def _check_graph_failure(step, indexes, failing_position):
     assert failed.user_frame.lineno == line
 
 
-@pytest.mark.parametrize("step", [_gather_step, _check_numerics_step], ids=["gather", "numerics"])
+@pytest.mark.parametrize("step", [_gather_step, _computed_index_gather_step, _check_numerics_step],
+                         ids=["gather", "computed-index-gather", "numerics"])
 def test_op_failing_inside_the_graph_is_the_users_error_with_eager_state(step):
     """A traced op fails only on this iteration's value, inside a compiled segment."""
     _check_graph_failure(step, [0, 1, 2, 5, 1], failing_position=3)
