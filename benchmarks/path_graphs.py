@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -45,6 +46,7 @@ from benchmarks.programs import sdpoint  # noqa: E402
 from benchmarks.programs._common import Program, batches, seed_all, variables_of  # noqa: E402
 from terra_nb import events as ev  # noqa: E402
 from terra_nb import graphgen, intercept  # noqa: E402
+from terra_nb import runner as runner_module  # noqa: E402
 from terra_nb.session import Session  # noqa: E402
 from terra_nb.tracegraph import FROM_NODE, RESOURCE  # noqa: E402
 
@@ -140,24 +142,31 @@ def drive(program: Program, paths: int, min_steady: int, max_iterations: int) ->
     submitted: dict[int, list] = {}
     submit = runner.submit
 
-    def recording_submit(compiled, args, lazies, key=None, iteration=0):
-        submitted.setdefault(iteration, []).append((key, compiled, list(args)))
-        return submit(compiled, args, lazies, key, iteration)
+    def recording_submit(parts, iteration=0):
+        for compiled, args, _, key in parts:
+            submitted.setdefault(iteration, []).append((key, compiled, list(args)))
+        return submit(parts, iteration)
 
     runner.submit = recording_submit
     steady: list[int] = []
     index = 1
-    while index < max_iterations:
-        _run_iteration(session, program, index)
-        mode = session.events.of_type(ev.IterationDone)[-1].mode
-        if mode == ev.CO_EXECUTING:
-            steady.append(index)
-        else:
-            steady = []
-        index += 1
-        taken = {tuple(key for key, _, _ in submitted.get(i, ())) for i in steady}
-        if len(steady) >= min_steady and len(taken) >= paths:
-            break
+    # One graph per iteration: the split after a fetched loss (a second graph for the
+    # backward pass) is orthogonal to the path choice measured here.
+    split_min_tail, runner_module.SPLIT_MIN_TAIL = runner_module.SPLIT_MIN_TAIL, sys.maxsize
+    try:
+        while index < max_iterations:
+            _run_iteration(session, program, index)
+            mode = session.events.of_type(ev.IterationDone)[-1].mode
+            if mode == ev.CO_EXECUTING:
+                steady.append(index)
+            else:
+                steady = []
+            index += 1
+            taken = {tuple(key for key, _, _ in submitted.get(i, ())) for i in steady}
+            if len(steady) >= min_steady and len(taken) >= paths:
+                break
+    finally:
+        runner_module.SPLIT_MIN_TAIL = split_min_tail
     session.close()
     fallbacks = len(session.events.of_type(ev.FallbackEvent))
     sequence, problem = [], ""

@@ -52,6 +52,7 @@ class CompiledSegment:
     outputs: tuple  # (node, output index) returned, in order
     seconds: float
     xla: bool
+    xla_declined: str = ""  # why a segment asked to use XLA does not
 
     def node_named_in(self, message: str) -> Node | None:
         """The path node an error message names (graph ops are named after their node)."""
@@ -111,6 +112,33 @@ def _input_spec(ref) -> tf.TensorSpec:
     return tf.TensorSpec(ref[2], tf.dtypes.as_dtype(ref[1]))
 
 
+def _fold_static_outputs(function, results: list) -> list:
+    """A traced call's outputs whose values its own graph fixes, as constants of the segment.
+
+    A replayed library call's forward function exports intermediates for its backward one,
+    constants among them (the gather axis of a deterministic sparse cross-entropy). The
+    backward uses such a value where XLA needs a compile-time constant (a slice bound), and
+    XLA's constant analysis sees the forward call as one node: every input of the call then
+    must be constant too, back through the whole model, so the data and every weight read
+    before it become compile-time constants and XLA recompiles the segment at every call.
+    Taken from the callee's graph instead, the value no longer depends on the call.
+    """
+    graph = getattr(function, "graph", None)
+    outputs = getattr(graph, "outputs", None)
+    if not outputs or len(outputs) != len(results):
+        return results
+    folded = list(results)
+    for index, tensor in enumerate(outputs):
+        if tensor.dtype in (tf.resource, tf.variant) or not tensor.shape.is_fully_defined():
+            continue
+        if tensor.shape.num_elements() > SMALL_CONSTANT:
+            continue
+        value = tf.get_static_value(tensor)
+        if value is not None:
+            folded[index] = tf.constant(value, dtype=results[index].dtype)
+    return folded
+
+
 def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
                     plan: tuple | None = None) -> CompiledSegment:
     """Build the ConcreteFunction that runs `path` and returns `outputs`.
@@ -119,6 +147,9 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
     """
     start = time.perf_counter()
     feeds, folded = plan if plan is not None else feed_and_fold_plan(path)
+    declined = (_changing_compile_time_constant(path, feeds) or _draws_random_numbers(path)
+                if xla else "")
+    xla = xla and not declined
     folded_set = set(folded)
     feed_index = {slot: index for index, slot in enumerate(feeds)}
     position_of = {node.uid: position for position, node in enumerate(path)}
@@ -145,7 +176,8 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
             waits = fallible if fallible and _is_stateful(node) else []
             with graph.control_dependencies(waits):
                 if node.function is not None:
-                    results = intercept.call_function_in_graph(node.function, inputs)
+                    results = _fold_static_outputs(
+                        node.function, intercept.call_function_in_graph(node.function, inputs))
                 else:
                     operation = graph.create_op(
                         node.op_type,
@@ -167,7 +199,73 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
         function = tf.function(segment, autograph=False, jit_compile=xla or None)
         concrete = function.get_concrete_function(*specs)
     return CompiledSegment(concrete, path, feeds, folded, outputs,
-                           time.perf_counter() - start, xla)
+                           time.perf_counter() - start, xla, declined)
+
+
+# Op inputs XLA must know when it compiles (slice bounds, shapes, axes): a fed value there
+# makes XLA compile the segment again for every new value (e.g. a random crop's offset).
+_XLA_COMPILE_TIME_INPUTS = {
+    "StridedSlice": (1, 2, 3), "Slice": (1, 2), "Reshape": (1,), "Fill": (0,),
+    "Range": (0, 1, 2), "Tile": (1,), "Pad": (1,), "PadV2": (1,), "MirrorPad": (1,),
+    "Transpose": (1,), "ExpandDims": (1,), "BroadcastTo": (1,), "Sum": (1,), "Mean": (1,),
+    "Max": (1,), "Min": (1,), "Prod": (1,), "All": (1,), "Any": (1,), "ArgMax": (1,),
+    "ArgMin": (1,), "OneHot": (1,), "GatherV2": (2,), "Split": (0,), "SplitV": (1, 2),
+    "TopKV2": (1,), "Cumsum": (1,), "Cumprod": (1,), "ReverseV2": (1,), "Roll": (1, 2),
+    "ResizeBilinear": (1,), "ResizeNearestNeighbor": (1,), "RandomUniform": (0,),
+    "RandomStandardNormal": (0,), "TruncatedNormal": (0,), "StatelessRandomUniformV2": (0,),
+    "StatelessRandomNormalV2": (0,), "ConcatV2": (-1,),
+}
+
+
+_STATELESS_RANDOM_PREFIXES = ("StatelessRandom", "StatelessTruncated", "StatelessMultinomial",
+                              "StatelessParameterized")
+
+
+def _draws_random_numbers(path: list[Node]) -> str:
+    """XLA draws other numbers than TensorFlow's kernels from the same seeds (Keras Dropout
+    masks differ under tf.function(jit_compile=True) too); such a segment runs without XLA so
+    results stay eager's ("" when the segment draws none)."""
+    for node in path:
+        op_types = _function_op_types(node.function) if node.function is not None else {
+            node.op_type}
+        if any(_draws(op_type) for op_type in op_types):
+            what = f"{node.op_type} at {node.location[0][0]}:{node.location[0][1]}" \
+                if node.location else node.op_type
+            return (f"{what} draws random numbers (e.g. Dropout), which XLA draws differently "
+                    "from eager execution")
+    return ""
+
+
+def _draws(op_type: str) -> bool:
+    """A stateless random op that draws numbers (not one that derives a key from a seed)."""
+    return op_type.startswith(_STATELESS_RANDOM_PREFIXES) and "Get" not in op_type
+
+
+_op_types_of_function: dict = {}
+
+
+def _function_op_types(function) -> frozenset:
+    """Op types in a traced function's graph and every function it calls (cached by its
+    name, unique in the process)."""
+    known = _op_types_of_function.get(function.name)
+    if known is None:
+        definition = function.graph.as_graph_def()
+        known = frozenset({node.op for node in definition.node} | {
+            node.op for library in definition.library.function for node in library.node_def})
+        _op_types_of_function[function.name] = known
+    return known
+
+
+def _changing_compile_time_constant(path: list[Node], feeds: list) -> str:
+    """Why XLA would recompile this segment at every new fed value ("" if it would not)."""
+    for position, slot in feeds:
+        node = path[position]
+        slots = _XLA_COMPILE_TIME_INPUTS.get(node.op_type, ())
+        if slot in slots or slot - len(node.inputs) in slots:
+            where = f" at {node.location[0][0]}:{node.location[0][1]}" if node.location else ""
+            return (f"{node.op_type}{where} takes a value that changes between steps where XLA "
+                    "needs a compile-time constant; XLA would compile again for every value")
+    return ""
 
 
 def _is_stateful(node: Node) -> bool:

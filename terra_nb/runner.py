@@ -108,11 +108,12 @@ class Job:
     """One submitted segment run; Python waits on it only when it needs one of its values."""
 
     __slots__ = ("compiled", "args", "lazies", "done", "error", "seconds", "key", "runner",
-                 "iteration", "delivered")
+                 "iteration", "delivered", "after")
 
     def __init__(self, compiled, args: list, lazies: list, key=None, runner=None,
-                 iteration: int = 0) -> None:
+                 iteration: int = 0, after: Job | None = None) -> None:
         self.compiled = compiled
+        self.after = after  # the first part of a split segment, which this part continues
         self.iteration = iteration
         self.key = key
         self.runner = runner
@@ -126,6 +127,8 @@ class Job:
     def execute(self) -> None:
         start = time.perf_counter()
         try:
+            if self.after is not None and self.after.error is not None:
+                return  # the error is the first part's; this part's ops never run
             args = [_ready_value(value) for value in self.args]
             try:
                 values = intercept.call_concrete(self.compiled.function, args)
@@ -147,6 +150,8 @@ class Job:
     def wait(self, value_needed: bool = True) -> None:
         """Wait; raise the job's error, unless only ordering was asked for (a drain) and the
         user has already been given that error."""
+        if self.after is not None:
+            self.after.wait(value_needed)
         self.done.wait()
         if self.error is None or (self.delivered and not value_needed):
             return
@@ -217,19 +222,20 @@ class _SwitchInterval:
 _switch_interval = _SwitchInterval()
 
 
-def _stop_worker(jobs: queue.SimpleQueue) -> None:
-    jobs.put(None)
+def _stop_worker(work: queue.SimpleQueue) -> None:
+    work.put(None)
     _switch_interval.release()
 
 
-def _work(jobs: queue.SimpleQueue) -> None:
+def _work(work: queue.SimpleQueue) -> None:
     """The graph thread: run submitted segments in order until told to stop (None)."""
     while True:
-        job = jobs.get()
-        if job is None:
+        jobs = work.get()
+        if jobs is None:
             return
-        job.execute()
-        del job
+        for job in jobs:
+            job.execute()
+        del jobs, job
 
 
 def _ready_value(value):
@@ -242,6 +248,7 @@ def _ready_value(value):
 
 
 RUN_AHEAD = 2
+SPLIT_MIN_TAIL = 8  # ops after a fetched value worth a second graph (PythonRunner._split)
 
 
 class GraphRunner:
@@ -273,7 +280,11 @@ class GraphRunner:
             self._compiled[key] = compiled
             self.compile_seconds += compiled.seconds
             self.events.emit(ev.GraphBuilt(iteration, len(path), len(compiled.feed_slots),
-                                           len(outputs), compiled.seconds, self.xla, reason))
+                                           len(outputs), compiled.seconds, compiled.xla, reason))
+            if compiled.xla_declined:
+                self.events.emit(ev.Note(iteration, "xla-refused",
+                                         f"a graph segment runs without XLA: "
+                                         f"{compiled.xla_declined}"))
         return key, compiled
 
     def forget(self, key) -> None:
@@ -290,29 +301,33 @@ class GraphRunner:
                                  "it runs without XLA"))
         return plain
 
-    def submit(self, compiled: graphgen.CompiledSegment, args: list, lazies: list,
-               key=None, iteration: int = 0) -> Job:
-        job = Job(compiled, args, lazies, key, self, iteration)
-        for lazy in lazies:
-            lazy._job = job
-        self._last = job
-        self._finished_jobs.append(job)
+    def submit(self, parts: list, iteration: int = 0) -> list[Job]:
+        """Queue the parts of one segment, each (compiled, args, lazies, key), in one step:
+        a later part continues the one before it (see PythonRunner._split_position)."""
+        jobs = []
+        for compiled, args, lazies, key in parts:
+            job = Job(compiled, args, lazies, key, self, iteration, jobs[-1] if jobs else None)
+            for lazy in lazies:
+                lazy._job = job
+            jobs.append(job)
+        self._last = jobs[-1]
+        self._finished_jobs.extend(jobs)
         if not self.overlap:
-            job.execute()
-            return job
+            for job in jobs:
+                job.execute()
+            return jobs
         if self._worker is None:
-            jobs = queue.SimpleQueue()
-            worker = threading.Thread(target=_work, args=(jobs,), name="terra_nb-graph",
+            work = queue.SimpleQueue()
+            worker = threading.Thread(target=_work, args=(work,), name="terra_nb-graph",
                                       daemon=True)
             worker.start()
             _switch_interval.hold()
-            self._queue, self._worker = jobs, worker
+            self._queue, self._worker = work, worker
             # A runner dropped without close() (an unreferenced terra_nb.function) stops its
             # thread: the thread holds only the queue, never the runner.
-            self._stop_worker = weakref.finalize(self, _stop_worker, jobs)
-        self._queue.put(job)
-        return job
-
+            self._stop_worker = weakref.finalize(self, _stop_worker, work)
+        self._queue.put(jobs)
+        return jobs
 
     def wait(self, job: Job, value_needed: bool = True) -> None:
         """Block until `job` is done (a fetch); its error, if any, is raised here."""
@@ -578,25 +593,74 @@ class PythonRunner:
             lazy = reference()
             if lazy is not None and lazy._value is None:
                 alive.append(lazy)
-        outputs = tuple((lazy.node, lazy.index) for lazy in alive)
-        reason = "new segment"
-        while True:
-            key, compiled = self.runner.segment_for(self.segment_start, self.cursor, outputs,
-                                                    self.index, reason)
-            args = self._arguments(compiled)
-            if args is not None:
-                break
-            self.runner.forget(key)
-            reason = "a Python value that looked constant changed; it is fed from now on"
-        self._submit(compiled, args, alive, key)
+        split = self._split_position(alive)
+        if split is None:
+            parts = [self._part(self.segment_start, self.cursor, self.pending, alive)]
+        else:
+            head, tail, head_lazies, tail_lazies = self._split(split, alive)
+            parts = [self._part(self.segment_start, head[-1].node, head, head_lazies),
+                     self._part(head[-1].node, self.cursor, tail, tail_lazies)]
+        self._submit(parts)
 
-    def _submit(self, compiled, args, alive, key) -> None:
+    def _submit(self, parts: list) -> None:
         self._submitted = self.pending
-        job = self.runner.submit(compiled, args, alive, key, self.index)
+        jobs = self.runner.submit(parts, self.index)
         if self.segment_may_fail:
-            self.fallible_jobs.append(job)
+            self.fallible_jobs.extend(jobs)
         self.flushes += 1
         self._start_segment()
+
+    def _part(self, start, end, pending: list, lazies: list) -> tuple:
+        """Compile (or reuse) the graph of pending ops from `start` to `end` returning
+        `lazies`; with its arguments."""
+        outputs = tuple((lazy.node, lazy.index) for lazy in lazies)
+        reason = "new segment"
+        while True:
+            key, compiled = self.runner.segment_for(start, end, outputs, self.index, reason)
+            args = _arguments(compiled, pending)
+            if args is not None:
+                return compiled, args, lazies, key
+            self.runner.forget(key)
+            reason = "a Python value that looked constant changed; it is fed from now on"
+
+    def _split_position(self, alive: list) -> int | None:
+        """Where to cut the segment in two: after the last op whose value Python fetched
+        before at this point (the loss a training loop logs), when enough work follows it
+        (the backward pass, the update). Python then gets that value while the graph runs
+        the rest, overlapping the next iteration. None keeps one graph."""
+        fetched = {lazy.node.uid for lazy in alive if lazy.node.fetches}
+        if not fetched:
+            return None
+        last = max(position for position, pending in enumerate(self.pending)
+                   if pending.node.uid in fetched)
+        return last if len(self.pending) - 1 - last >= SPLIT_MIN_TAIL else None
+
+    def _split(self, position: int, alive: list) -> tuple[list, list, list, list]:
+        """The two halves of the pending segment, the tail reading the head's results as
+        feeds (new LazyTensors where no live one exists), and each half's outputs."""
+        head, tail = self.pending[:position + 1], self.pending[position + 1:]
+        head_uids = {pending.node.uid for pending in head}
+        handed = {(lazy.node.uid, lazy.index): lazy for lazy in alive
+                  if lazy.node.uid in head_uids}
+        continued = []
+        for pending in tail:
+            outside = pending.outside
+            for slot, ref in enumerate(pending.node.inputs):
+                if ref[0] != FROM_NODE or ref[1].uid not in head_uids:
+                    continue
+                lazy = handed.get((ref[1].uid, ref[2]))
+                if lazy is None:
+                    node, index = ref[1], ref[2]
+                    lazy = intercept.LazyTensor(self, node, index, node.output_dtypes[index],
+                                                node.output_shapes[index])
+                    handed[(node.uid, index)] = lazy
+                if outside is pending.outside:
+                    outside = dict(outside)
+                outside[slot] = lazy
+            continued.append(pending if outside is pending.outside
+                             else _Pending(pending.node, outside))
+        tail_lazies = [lazy for lazy in alive if lazy.node.uid not in head_uids]
+        return head, continued, list(handed.values()), tail_lazies
 
     def _start_segment(self) -> None:
         self.pending = []
@@ -604,22 +668,6 @@ class PythonRunner:
         self.segment_lazies = []
         self.segment_uids = set()
         self.segment_start = self.cursor
-
-    def _arguments(self, compiled: graphgen.CompiledSegment):
-        """Feed values in argument order, or None when a folded constant's guard fails.
-
-        Each failing guard marks its slot as varying, so recompiling converges.
-        """
-        stale = False
-        for position, slot in compiled.folded_slots:
-            pending = self.pending[position]
-            seen = pending.node.externals[slot]
-            if not seen.matches(pending.outside[slot]):
-                seen.varying = True
-                stale = True
-        if stale:
-            return None
-        return [self.pending[position].outside[slot] for position, slot in compiled.feed_slots]
 
     # ------------------------------------------------------------ divergence
 
@@ -680,6 +728,23 @@ def _is_host_value(op_type: str, outputs) -> bool:
         return False
     return all(output.dtype.is_integer and output._num_elements() <= SMALL_CONSTANT
                for output in outputs)
+
+
+def _arguments(compiled: graphgen.CompiledSegment, pending: list):
+    """Feed values in argument order, or None when a folded constant's guard fails.
+
+    Each failing guard marks its slot as varying, so recompiling converges.
+    """
+    stale = False
+    for position, slot in compiled.folded_slots:
+        entry = pending[position]
+        seen = entry.node.externals[slot]
+        if not seen.matches(entry.outside[slot]):
+            seen.varying = True
+            stale = True
+    if stale:
+        return None
+    return [pending[position].outside[slot] for position, slot in compiled.feed_slots]
 
 
 def _known_value(value):

@@ -138,3 +138,19 @@ def test_quick_run_writes_json_markdown_and_chart(tmp_path):
     assert "| dropblock |" in markdown and "| faster_rcnn |" in markdown
     assert "failed (AttributeError)" in markdown and "**wrong**" in markdown
     assert (tmp_path / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_path_graphs_measures_both_alternatives_with_equal_results(tmp_path):
+    """benchmarks.path_graphs (issue 5's per-path vs switch_case measurement) stays runnable
+    and its switch graphs still compute what the per-path graphs compute."""
+    out = tmp_path / "path_graphs.md"
+    command = [sys.executable, "-m", "benchmarks.path_graphs", "--rounds", "2",
+               "--compile-rounds", "1", "--choices", "1", "--min-steady", "6", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines()
+            if line.startswith(("| sdpoint (", "| coin_flips1 ("))]
+    assert len(rows) == 6, rows
+    assert all("not measured" not in row and "failed" not in row for row in rows), rows
+    assert sum("| yes (" in row for row in rows) == 4, rows

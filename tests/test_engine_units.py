@@ -439,13 +439,16 @@ def test_a_slice_whose_offset_changes_but_size_does_not_keeps_co_executing():
 
 
 def test_a_segment_xla_cannot_compile_runs_without_xla():
-    """Under op determinism XLA has no MaxPool gradient: that segment must still run, right."""
+    """Under op determinism XLA has no MaxPool gradient: that segment must still run, right;
+    and the segment drawing Dropout's random numbers does not use XLA (other numbers)."""
     import programs
     from harness import compare
 
     _, terra = compare(programs.build_cnn_batchnorm, iterations=8, xla=True)
-    notes = [note for note in terra.session.events.of_type(ev.Note) if note.kind == "xla-refused"]
-    assert notes and "MaxPool" in notes[0].message
+    notes = [note.message for note in terra.session.events.of_type(ev.Note)
+             if note.kind == "xla-refused"]
+    assert any("MaxPool" in note for note in notes), notes
+    assert any("Dropout" in note for note in notes), notes
     assert modes(terra.session)[-1] == ev.CO_EXECUTING
 
 
@@ -514,3 +517,37 @@ def test_valid_indices_known_to_python_let_the_graph_overlap_the_next_iteration(
     assert float(total.numpy()) == float(eager_total.numpy())
     mirrored = {node.op_type for node in session.trace_graph.nodes() if node.mirrored}
     assert mirrored == {"Cast", "AddV2"}
+
+
+def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_follows():
+    """Logging the loss each step forces it; the backward pass and update after it run as a
+    second graph, so Python gets the loss without waiting for them."""
+    weights = tf.Variable(tf.ones([8, 4]))
+    optimizer_state = tf.Variable(tf.zeros([8, 4]))
+    data = tf.random.stateless_uniform([16, 8], seed=[1, 2])
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(data @ weights))
+        gradient = tape.gradient(loss, weights)
+        optimizer_state.assign(0.9 * optimizer_state + gradient)
+        weights.assign_sub(0.01 * optimizer_state)
+        return loss
+
+    eager = []
+    for _ in range(6):
+        eager.append(float(step()))
+    eager_weights = weights.numpy()
+    weights.assign(tf.ones([8, 4]))
+    optimizer_state.assign(tf.zeros([8, 4]))
+    session = Session("split", trace_iterations=1)
+    losses = []
+    for _ in range(6):
+        with session.iteration():
+            loss = step()
+        losses.append(float(loss))
+    session.close()
+    np.testing.assert_allclose(losses, eager, rtol=1e-5)
+    np.testing.assert_allclose(weights.numpy(), eager_weights, rtol=1e-5)
+    ends = {segment.path[-1].op_type for segment in session.graph_runner.segments()}
+    assert "Mean" in ends, f"no graph ends at the fetched loss: {ends}"

@@ -382,6 +382,48 @@ def test_failing_op_that_python_checks_or_that_is_on_a_new_path(step):
     _check_graph_failure(step, [0, 1, 2, 5, 1], failing_position=3)
 
 
+def _logged_loss_step(before, after, index):
+    """The loss is fetched every step (logged), and a long tail of updates follows it, so the
+    engine splits the segment after the loss (the gather sits in the first part)."""
+    before.assign_add(1.0)
+    loss = tf.reduce_sum(tf.gather(PARAMS, tf.constant(index)))  # fails: index out of range
+    for _ in range(10):
+        after.assign_add(loss)
+    return loss
+
+
+def test_failure_in_the_first_part_of_a_split_segment_skips_the_rest():
+    indexes = [0, 1, 2, 1, 5, 1]
+
+    def run(session):
+        before, after = tf.Variable(0.0), tf.Variable(0.0)
+        errors, states, losses = {}, [], []
+        for position, index in enumerate(indexes):
+            try:
+                if session is None:
+                    loss = _logged_loss_step(before, after, index)
+                else:
+                    with session.iteration():
+                        loss = _logged_loss_step(before, after, index)
+                losses.append(float(loss))
+            except Exception as error:  # compared with eager's below
+                errors[position] = error
+            states.append((float(before.numpy()), float(after.numpy())))
+        return errors, states, losses
+
+    eager_errors, eager_states, eager_losses = run(None)
+    session = Session("split-failure", trace_iterations=1)
+    errors, states, losses = run(session)
+    session.close()
+    assert list(eager_errors) == list(errors) == [4]
+    assert type(errors[4]) is type(eager_errors[4])
+    assert _innermost_line_here(errors[4])[0] == _failing_line(_logged_loss_step)
+    assert (states, losses) == (eager_states, eager_losses)
+    split_heads = [segment for segment in session.graph_runner.segments()
+                   if segment.path[-1].op_type == "Sum"]
+    assert split_heads, "the segment was not split after the fetched loss"
+
+
 # ---------------------------------------------------------------- interrupts inside the engine
 
 ENGINE_DIR = terra_nb.__path__[0]
