@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 from tensorflow.python import pywrap_tfe
 from tensorflow.python.eager import context, core, execute, record
+from tensorflow.python.eager import imperative_grad as gradient_module  # noqa: F401 (macros)
 from tensorflow.python.eager.polymorphic_function import atomic_function
 from tensorflow.python.framework import dtypes, op_def_registry, ops, tensor_shape
 
@@ -41,6 +42,8 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.eager.polymorphic_function.atomic_function", "AtomicFunction"),
     ("tensorflow.python.eager.polymorphic_function.atomic_function", "make_call_op_in_graph"),
     ("tensorflow.python.ops.resource_variable_ops", "get_eager_safe_handle_data"),
+    ("tensorflow.python.eager.record", "could_possibly_record"),
+    ("tensorflow.python.eager.imperative_grad", "imperative_grad"),
 )
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
@@ -469,3 +472,18 @@ def variable_shape(handle) -> tuple | None:
     if shape.unknown_rank or any(dim.size < 0 for dim in shape.dim):
         return None
     return tuple(dim.size for dim in shape.dim)
+
+
+def eager_context():
+    """The eager context ops run in (what `execute.execute` receives as `ctx`)."""
+    return context.context()
+
+
+def next_tensor_id() -> int:
+    """A tensor id larger than that of every tensor made so far (ids only grow)."""
+    return ops.uid()
+
+
+def a_tape_is_recording() -> bool:
+    """True when some GradientTape on this thread would record the next op."""
+    return record.could_possibly_record()

@@ -30,7 +30,7 @@ import tensorflow as tf
 from terra_nb import events as ev
 from terra_nb import intercept
 from terra_nb.trace import is_user_file, user_location
-from terra_nb.tracegraph import FROM_NODE
+from terra_nb.tracegraph import EXTERNAL, FROM_NODE
 
 _PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
 
@@ -62,13 +62,40 @@ class _Entry:
     tensor_positions: list | None = None
 
 
+@dataclasses.dataclass
+class _GradientEntry:
+    """What is known of one gradient computation (one guard key of `imperative_grad`)."""
+
+    last: tuple | None = None  # the span and results of the last observation
+    banned: str = ""
+    span: list | None = None  # its TraceGraph nodes, once two observations agreed
+    results: list | None = None  # where each gradient comes from (see _describe)
+    shared: dict | None = None  # external inputs that a forward op was given (runner.replay)
+
+
+class _Unreplayable(Exception):
+    """A gradient result that cannot be described by TraceGraph nodes."""
+
+
 class MacroTable:
     """The macros of one Session, keyed by guard key."""
 
     def __init__(self) -> None:
         self.entries: dict = {}
+        self.gradients: dict = {}
         self.replayed_calls = 0
+        self.established: list[str] = []  # replays set up since last taken (for a Note)
         self.compiled_work_reported: set = set()  # model.fit & co., told once per session
+
+    def take_established(self) -> str:
+        """What is replayed from now on, since the last call ("" if nothing new)."""
+        if not self.established:
+            return ""
+        shown = ", ".join(self.established[:6])
+        more = len(self.established) - 6
+        self.established = []
+        return ("no longer runs its library Python (replayed): " + shown
+                + (f" and {more} more" if more > 0 else ""))
 
     @property
     def macros(self) -> int:
@@ -109,11 +136,145 @@ class MacroTable:
             macro, positions = _build_macro(original, obj, args, kwargs)
             if all(output.shape.is_fully_defined() for output in macro.outputs):
                 entry.macro, entry.tensor_positions = macro, positions
+                self.established.append(f"{type(obj).__name__} call at {_site(call_site)}")
             else:
                 entry.banned = "its output shapes depend on input values"
         entry.last_span = span
         entry.deferred_seen = entry.deferred_seen or deferred
         return result
+
+
+    def gradient(self, runner, compute, target, sources, unconnected, call_site):
+        """A tape's gradient computation (`imperative_grad`): replayed from the TraceGraph
+        once stable, so TensorFlow's Python gradient functions do not run again.
+
+        The guard is the TraceGraph node the iteration is at (which fixes every op recorded
+        so far, hence the tape's contents), the call site, the targets, the sources and the
+        unconnected-gradients mode. Stable: two observations gave the same span and results,
+        it forced no value, ran no user code (custom gradients) and read no value made before
+        it other than through TraceGraph edges."""
+        __tracebackhide__ = True
+        key = _gradient_key(runner, target, sources, unconnected, call_site)
+        if key is None:
+            return compute()
+        entry = self.gradients.setdefault(key, _GradientEntry())
+        if entry.span is not None:
+            value_of = runner.replay(entry.span, _result_keys(entry.results), entry.shared)
+            if value_of is not None:
+                self.replayed_calls += 1
+                return [_rebuild(result, value_of) for result in entry.results]
+        if entry.banned or not runner.is_deferring:
+            return compute()
+        start, flushes, diverged_at = runner.cursor, runner.flushes, runner.diverged_at
+        first_new = intercept.next_tensor_id()
+        _state.observing += 1
+        try:
+            result = compute()
+        finally:
+            _state.observing -= 1
+        if runner.diverged_at != diverged_at or not runner.is_deferring:
+            entry.last = None
+            return result
+        try:
+            shared = _shared_inputs(runner, start, flushes, call_site, first_new)
+            results = [_describe(value, runner) for value in result]
+        except _Unreplayable as error:
+            entry.banned = str(error)
+            return result
+        span = runner.cursor.path_from(start)
+        observed = (tuple(node.uid for node in span), tuple(results), tuple(shared.items()))
+        if observed == entry.last:
+            entry.span, entry.results, entry.shared = span, results, shared
+            self.established.append(f"gradient at {_site(call_site)} ({len(span)} ops)")
+        entry.last = observed
+        return result
+
+
+def _site(call_site) -> str:
+    if not call_site:
+        return "?"
+    filename, lineno = call_site[0]
+    return f"{filename.rsplit('/', 1)[-1]}:{lineno}"
+
+
+def _gradient_key(runner, target, sources, unconnected, call_site):
+    """The guard of a gradient computation, or None when a tensor is not one of this
+    iteration's deferred values or a variable."""
+    parts = []
+    for value in list(target) + list(sources):
+        if isinstance(value, intercept.LazyTensor) and value._source is runner:
+            parts.append((value.node.uid, value.index))
+        elif tf.is_tensor(value) and value.dtype == tf.resource:
+            parts.append(("variable", id(value)))
+        else:
+            return None
+    return (call_site, runner.cursor.uid, len(target), tuple(parts), str(unconnected))
+
+
+def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
+    """Check that an observed gradient computation may be replayed (else _Unreplayable, with
+    why); return which of its external inputs are values a forward op was given."""
+    if runner.flushes != flushes:
+        raise _Unreplayable("it forced a tensor value")
+    if runner.cursor is start:
+        raise _Unreplayable("it ran no TensorFlow op")
+    span = runner.cursor.path_from(start)
+    pending = runner.pending[-len(span):]
+    if len(pending) != len(span) or any(entry.node is not node
+                                        for entry, node in zip(pending, span, strict=True)):
+        raise _Unreplayable("the program left the traced path")
+    given = {id(value): key for key, value in runner.external_inputs.items()
+             if key[0] not in {node.uid for node in span}}
+    depth = len(call_site)
+    shared = {}
+    for node, entry in zip(span, pending, strict=True):
+        if node.island or len(node.location) > depth:
+            raise _Unreplayable("user code (a custom gradient) or a host op ran inside it")
+        for slot, value in entry.outside.items():
+            if node.inputs[slot][0] != EXTERNAL:
+                continue
+            seen = node.externals.get(slot)
+            if seen is not None and value is seen.first:
+                continue  # a cached constant: the same object every time
+            if id(value) in given:
+                shared[(node.uid, slot)] = given[id(value)]
+            elif getattr(value, "_id", -1) < first_new or seen is None or seen.varying:
+                raise _Unreplayable("it reads a value made outside it that may change")
+    return shared
+
+
+def _describe(value, runner):
+    """Where a gradient comes from: None, ("tensor", node uid, index) or ("slices", ...)."""
+    if value is None:
+        return None
+    if isinstance(value, tf.IndexedSlices):
+        shape = None if value.dense_shape is None else _describe(value.dense_shape, runner)
+        return ("slices", _describe(value.values, runner), _describe(value.indices, runner),
+                shape)
+    if isinstance(value, intercept.LazyTensor) and value._source is runner:
+        return ("tensor", value.node.uid, value.index)
+    raise _Unreplayable(f"a gradient ({type(value).__name__}) is not a TraceGraph value")
+
+
+def _result_keys(results: list) -> list:
+    keys = []
+    for result in results:
+        if result is None:
+            continue
+        if result[0] == "tensor":
+            keys.append(result[1:])
+        else:
+            keys.extend(_result_keys(result[1:]))
+    return keys
+
+
+def _rebuild(result, value_of):
+    if result is None:
+        return None
+    if result[0] == "tensor":
+        return value_of(result[1:])
+    values, indices, shape = (_rebuild(part, value_of) for part in result[1:])
+    return tf.IndexedSlices(values, indices, shape)
 
 
 def _unstable(runner, start, flushes, call_site, obj, result) -> str:
@@ -287,6 +448,31 @@ def _apply_gradients_entry(original):
     return apply_gradients
 
 
+def _gradient_entry(original):
+    """`imperative_grad`, the computation behind `tape.gradient`: see MacroTable.gradient.
+    Only when no tape records it (else its ops must reach that tape) and no output gradients
+    are given."""
+
+    def imperative_grad(tape, target, sources, output_gradients=None, sources_raw=None,
+                        unconnected_gradients=tf.UnconnectedGradients.NONE):
+        __tracebackhide__ = True
+
+        def compute():
+            return original(tape, target, sources, output_gradients, sources_raw,
+                            unconnected_gradients)
+
+        table, runner = _state.table, _state.runner
+        if (table is None or _state.observing or output_gradients is not None
+                or intercept.a_tape_is_recording()):
+            return compute()
+        call_site = user_location(runner.stop_frame, depth=2)
+        return table.gradient(runner, compute, target, sources, unconnected_gradients,
+                              call_site)
+
+    imperative_grad.__wrapped__ = original
+    return imperative_grad
+
+
 def _compiled_work_entry(original):
     """`model.fit` / `evaluate` / `predict` run their own compiled graphs: leave them alone.
 
@@ -333,6 +519,7 @@ def _entry_points():
         (keras.Model, "fit", _compiled_work_entry),
         (keras.Model, "evaluate", _compiled_work_entry),
         (keras.Model, "predict", _compiled_work_entry),
+        (intercept.gradient_module, "imperative_grad", _gradient_entry),
     ]
 
 

@@ -416,6 +416,8 @@ class PythonRunner:
         self.fallible_jobs: list = []  # segments that may fail on this iteration's values
         self.segment_may_fail = False  # the pending segment holds a fallible op not checked
         self.produced: dict = {}  # id(eager tensor) -> (tensor, node, index), this iteration
+        self.lazy_refs: dict = {}  # (node uid, output index) -> weakref to its LazyTensor
+        self.external_inputs: dict = {}  # (node uid, input slot) -> value fed there, deferred
         self.ops = 0
         self.fallback: ev.FallbackEvent | None = None
         self.finished = False
@@ -526,6 +528,8 @@ class PythonRunner:
             if ref[0] == RESOURCE or (ref[0] == FROM_NODE and ref[1].uid in segment_uids):
                 continue
             outside[slot] = inputs[slot]
+            if ref[0] == EXTERNAL:
+                self.external_inputs[(node.uid, slot)] = inputs[slot]
         self.pending.append(_Pending(node, outside))
         segment_uids.add(node.uid)
         node.visits += 1
@@ -534,7 +538,9 @@ class PythonRunner:
         for index, dtype in enumerate(node.output_dtypes):
             lazy = intercept.LazyTensor(self, node, index, dtype, node.output_shapes[index])
             outputs.append(lazy)
-            self.segment_lazies.append(weakref.ref(lazy))
+            reference = weakref.ref(lazy)
+            self.segment_lazies.append(reference)
+            self.lazy_refs[(node.uid, index)] = reference
         if node.op_type in graphgen.FALLIBLE_OPS and not _cannot_fail(node.op_type, inputs, attrs):
             self.segment_may_fail = True
         if node.op_type in _SHAPE_OPS:
@@ -669,6 +675,62 @@ class PythonRunner:
         self.segment_uids = set()
         self.segment_start = self.cursor
 
+    # ------------------------------------------------------------ replay from the TraceGraph
+
+    def replay(self, span: list, needed: list, shared: dict):
+        """Defer a recorded span of library ops again without running the Python that issued
+        them (macros: a stable gradient computation). `shared` maps an external input slot of
+        the span to the earlier (node uid, slot) given the same value (a forward op's constant
+        that its gradient reads too); other external inputs are the library's own constants.
+        Returns a lookup (node uid, output index) -> value for the span's and the iteration's
+        values, or None, having changed nothing, when the span cannot be replayed here."""
+        if self.mode != DEFER or span[0].parent is not self.cursor:
+            return None
+        if any(source not in self.external_inputs for source in shared.values()):
+            return None
+        members = {node.uid for node in span}
+        earlier = [(ref[1].uid, ref[2]) for node in span for ref in node.inputs
+                   if ref[0] == FROM_NODE and ref[1].uid not in members
+                   and ref[1].uid not in self.segment_uids]
+        earlier += [key for key in needed if key[0] not in members]
+        if any(self._current(key) is None for key in earlier):
+            return None  # a value fed from an earlier segment is gone
+        made: dict = {}
+        context = intercept.eager_context()
+        for node in span:
+            inputs = [self._replayed_input(node, slot, ref, made, shared)
+                      for slot, ref in enumerate(node.inputs)]
+            self.ops += 1
+            for index, output in enumerate(self._defer(node, inputs, node.inputs, node.attrs,
+                                                       context)):
+                made[(node.uid, index)] = output
+
+        def value_of(key):
+            value = made.get(key)
+            return self._current(key) if value is None else value
+
+        return value_of
+
+    def _current(self, key):
+        reference = self.lazy_refs.get(key)
+        return None if reference is None else reference()
+
+    def _replayed_input(self, node, slot: int, ref, made: dict, shared: dict):
+        if ref[0] == RESOURCE:
+            return ref[1]
+        if ref[0] == EXTERNAL:
+            source = shared.get((node.uid, slot))
+            return node.externals[slot].first if source is None else self.external_inputs[source]
+        key = (ref[1].uid, ref[2])
+        value = made.get(key)
+        if value is None:
+            value = self._current(key)
+        if value is None:  # in this segment and no longer referenced: its static facts suffice
+            source, index = ref[1], ref[2]
+            value = intercept.LazyTensor(self, source, index, source.output_dtypes[index],
+                                         source.output_shapes[index])
+        return value
+
     # ------------------------------------------------------------ divergence
 
     def _diverge(self, op_type, key, location, refs) -> None:
@@ -707,6 +769,8 @@ class PythonRunner:
         finally:
             self.finished = True
             self.produced.clear()
+            self.lazy_refs.clear()
+            self.external_inputs.clear()
 
     @property
     def result_mode(self) -> str:

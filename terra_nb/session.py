@@ -187,6 +187,9 @@ class _Iteration:
         finally:
             if self._replaying is not None:
                 self._replaying.__exit__(None, None, None)
+                replayed = session.macro_table.take_established()
+                if replayed:
+                    session.events.emit(ev.Note(self.index, "replayed", replayed))
             if self._handling is not None:
                 self._handling.__exit__(None, None, None)
             runner = session.graph_runner

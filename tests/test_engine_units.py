@@ -551,3 +551,53 @@ def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_fo
     np.testing.assert_allclose(weights.numpy(), eager_weights, rtol=1e-5)
     ends = {segment.path[-1].op_type for segment in session.graph_runner.segments()}
     assert "Mean" in ends, f"no graph ends at the fetched loss: {ends}"
+
+
+@tf.custom_gradient
+def _clipped_gradient(x):
+    def gradient(upstream):
+        return tf.clip_by_value(upstream, -0.1, 0.1)
+
+    return tf.identity(x), gradient
+
+
+def _gradient_step(weights, data, index, custom: bool):
+    with tf.GradientTape() as tape:
+        out = data @ weights
+        if custom:
+            out = _clipped_gradient(out)
+        loss = tf.reduce_sum(tf.square(out)) * tf.constant(1.0 + index)  # scale changes
+    (gradient,) = tape.gradient(loss, [weights])
+    weights.assign_sub(0.01 * gradient)
+    return loss
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["plain", "custom-gradient"])
+def test_stable_gradient_computations_are_replayed_from_the_trace_graph(custom):
+    """tape.gradient's Python (TF's gradient functions) stops running once two observations
+    agree. A value the forward pass was given and the gradient reads too (a loss scale that
+    changes every step) is taken from the forward op at every replay; a custom gradient
+    (user code) is never replayed."""
+    data = tf.constant([[0.5, -1.0], [2.0, 1.0]])
+    eager_weights = tf.Variable([[1.0, 2.0], [3.0, 4.0]])
+    eager = [float(_gradient_step(eager_weights, data, index, custom)) for index in range(8)]
+    weights = tf.Variable([[1.0, 2.0], [3.0, 4.0]])
+    session = Session("gradient-replay")
+    losses = []
+    for index in range(8):
+        with session.iteration():
+            loss = _gradient_step(weights, data, index, custom)
+        losses.append(float(loss))
+    session.close()
+    np.testing.assert_allclose(losses, eager, rtol=1e-6)
+    np.testing.assert_allclose(weights.numpy(), eager_weights.numpy(), rtol=1e-6)
+    entries = list(session.macro_table.gradients.values())
+    if custom:
+        assert entries and all("custom gradient" in entry.banned for entry in entries)
+    else:
+        replayed = [entry for entry in entries if entry.span is not None]
+        assert replayed and replayed[0].shared, "the loss scale must come from the forward op"
+        assert session.macro_table.replayed_calls >= 2
+        notes = [note.message for note in session.events.of_type(ev.Note)
+                 if note.kind == "replayed"]
+        assert any("gradient at test_engine_units.py:" in note for note in notes), notes
