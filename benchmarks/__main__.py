@@ -118,6 +118,13 @@ def cell(result: dict, mode: str) -> str:
     return text
 
 
+def last_round_ratio(result: dict, mode: str) -> float | None:
+    """eager / mode over the last round only: steady state, once every path is compiled."""
+    eager = result["modes"].get("eager", {}).get("round_medians_ms")
+    ours = result["modes"].get(mode, {}).get("round_medians_ms")
+    return eager[-1] / ours[-1] if eager and ours else None
+
+
 def tracing_ratio(result: dict, mode: str) -> float | None:
     """Median first-iteration cost / eager median step: terra_nb's TRACING iterations;
     tf.function's first (tracing) call."""
@@ -130,7 +137,8 @@ def tracing_ratio(result: dict, mode: str) -> float | None:
 
 
 def table(results: list[dict]) -> str:
-    header = ["program", "eager ms", *MODES[1:], "terra tracing / eager step",
+    header = ["program", "eager ms", *MODES[1:], "terra_nb, last round",
+              "terra tracing / eager step",
               "terra fallbacks / graphs", "terra skeleton / graph ms"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
@@ -143,8 +151,10 @@ def table(results: list[dict]) -> str:
         traced = tracing_ratio(result, "terra_nb")
         split = ("-" if terra.get("skeleton_ms") is None
                  else f"{terra['skeleton_ms']:.1f} / {terra['graph_ms']:.1f}")
+        steady = last_round_ratio(result, "terra_nb")
         row = [result["program"], f"{eager['median_ms']:.1f}",
                *(cell(result, mode) for mode in MODES[1:]),
+               f"{steady:.2f}x" if steady else "-",
                f"{traced:.2f}" if traced else "-",
                f"{terra.get('fallbacks', '-')} / {terra.get('graphs_built', '-')}", split]
         lines.append("| " + " | ".join(row) + " |")
@@ -166,7 +176,9 @@ def markdown(report: dict) -> str:
         f"{settings['warmup']} warm-up steps (tracing, compilation). **wrong**: within the first "
         f"{SAME_STEPS} steps a loss left eager's by more than rtol {SAME_RTOL} (op determinism "
         f"on, same seeds; the largest relative difference is shown). Tracing ratio: median "
-        f"tracing iteration / eager median step. Fallbacks and graphs count the whole run.",
+        f"tracing iteration / eager median step. terra_nb, last round: the same ratio over the "
+        f"last round only (each mode's last {settings['steps']} steps), when programs with "
+        f"several paths have compiled them all. Fallbacks and graphs count the whole run.",
         "",
         table(report["results"]),
         "",

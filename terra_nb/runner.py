@@ -580,6 +580,7 @@ class PythonRunner:
             self.runner.wait(lazy._job)
         finally:
             lazy.node.fetches += 1
+            self.graph.fetched_sites.add((lazy.node.op_type, lazy.node.location))
             lazy.node.fetch_wait_seconds += time.perf_counter() - start
         return lazy._value
 
@@ -631,10 +632,13 @@ class PythonRunner:
 
     def _split_position(self, alive: list) -> int | None:
         """Where to cut the segment in two: after the last op whose value Python fetched
-        before at this point (the loss a training loop logs), when enough work follows it
-        (the backward pass, the update). Python then gets that value while the graph runs
-        the rest, overlapping the next iteration. None keeps one graph."""
-        fetched = {lazy.node.uid for lazy in alive if lazy.node.fetches}
+        before at this point or from the same source line (the loss a training loop logs),
+        when enough work follows it (the backward pass, the update). Python then gets that
+        value while the graph runs the rest, overlapping the next iteration. None keeps one
+        graph."""
+        sites = self.graph.fetched_sites
+        fetched = {lazy.node.uid for lazy in alive
+                   if lazy.node.fetches or (lazy.node.op_type, lazy.node.location) in sites}
         if not fetched:
             return None
         last = max(position for position, pending in enumerate(self.pending)

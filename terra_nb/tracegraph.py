@@ -116,6 +116,7 @@ class TraceGraph:
         self._uids = itertools.count(1)
         self.root = Node(0, None, "<iteration>", (), (), (), (), False, "")
         self.size = 0
+        self.fetched_sites: set = set()  # (op type, location) of values Python fetched
 
     def add_child(self, parent: Node, key, op_type, attrs, location, inputs, outputs, island,
                   scope) -> Node:
