@@ -238,7 +238,10 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
                 continue  # a cached constant: the same object every time
             if id(value) in given:
                 shared[(node.uid, slot)] = given[id(value)]
-            elif getattr(value, "_id", -1) < first_new or seen is None or seen.varying:
+            elif getattr(value, "_id", -1) < first_new or seen is None or not seen.matches(value):
+                # made before it and not given to a forward op, or made by it but not the
+                # value first seen there (TF's gradient functions make the same constants
+                # from the same ops and shapes every time)
                 raise _Unreplayable("it reads a value made outside it that may change")
     return shared
 

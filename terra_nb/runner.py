@@ -460,10 +460,22 @@ class PythonRunner:
                 _mirror_index_sources(child)
         child.visits += 1
         child.observe_externals([intercept.unwrap(value) for value in inputs])
+        self._share_varying(child)
         self._register(child, outputs)
         self.cursor = child
         self.recording_seconds += (ran - entered) + (time.perf_counter() - recorded)
         return outputs
+
+    def _share_varying(self, node) -> None:
+        """A Python value that changed at one op and source line is fed, not folded, on
+        every path: each new path would otherwise fold it, see it change and recompile."""
+        sites = self.graph.varying_sites
+        for slot, seen in node.externals.items():
+            site = _site(node, slot)
+            if seen.varying:
+                sites.add(site)
+            elif site in sites:
+                seen.varying = True
 
     def _shape_values(self, op_type, attrs, attrs_key, refs, inputs) -> tuple:
         """The output shapes an op gets from the values of its shape-deciding inputs (Fill's
@@ -624,7 +636,7 @@ class PythonRunner:
         reason = "new segment"
         while True:
             key, compiled = self.runner.segment_for(start, end, outputs, self.index, reason)
-            args = _arguments(compiled, pending)
+            args = _arguments(compiled, pending, self.graph.varying_sites)
             if args is not None:
                 return compiled, args, lazies, key
             self.runner.forget(key)
@@ -798,10 +810,17 @@ def _is_host_value(op_type: str, outputs) -> bool:
                for output in outputs)
 
 
-def _arguments(compiled: graphgen.CompiledSegment, pending: list):
+def _site(node, slot: int) -> tuple:
+    """An external input slot as the program writes it: op, source line, slot, dtype, shape
+    (library ops called from one user line share it; then they are fed, never wrong)."""
+    return (node.op_type, node.location, slot) + tuple(node.inputs[slot][1:])
+
+
+def _arguments(compiled: graphgen.CompiledSegment, pending: list, varying_sites: set):
     """Feed values in argument order, or None when a folded constant's guard fails.
 
-    Each failing guard marks its slot as varying, so recompiling converges.
+    Each failing guard marks its slot (and its site, for other paths) as varying, so
+    recompiling converges.
     """
     stale = False
     for position, slot in compiled.folded_slots:
@@ -809,6 +828,7 @@ def _arguments(compiled: graphgen.CompiledSegment, pending: list):
         seen = entry.node.externals[slot]
         if not seen.matches(entry.outside[slot]):
             seen.varying = True
+            varying_sites.add(_site(entry.node, slot))
             stale = True
     if stale:
         return None

@@ -117,6 +117,7 @@ class TraceGraph:
         self.root = Node(0, None, "<iteration>", (), (), (), (), False, "")
         self.size = 0
         self.fetched_sites: set = set()  # (op type, location) of values Python fetched
+        self.varying_sites: set = set()  # (op type, location, slot) of inputs seen to change
 
     def add_child(self, parent: Node, key, op_type, attrs, location, inputs, outputs, island,
                   scope) -> Node:
