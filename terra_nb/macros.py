@@ -136,7 +136,8 @@ class MacroTable:
             macro, positions = _build_macro(original, obj, args, kwargs)
             if all(output.shape.is_fully_defined() for output in macro.outputs):
                 entry.macro, entry.tensor_positions = macro, positions
-                self.established.append(f"{type(obj).__name__} call at {_site(call_site)}")
+                self.established.append(
+                    f"{type(obj).__name__} call at {_call_site_text(call_site)}")
             else:
                 entry.banned = "its output shapes depend on input values"
         entry.last_span = span
@@ -185,12 +186,12 @@ class MacroTable:
         observed = (tuple(node.uid for node in span), tuple(results), tuple(shared.items()))
         if observed == entry.last:
             entry.span, entry.results, entry.shared = span, results, shared
-            self.established.append(f"gradient at {_site(call_site)} ({len(span)} ops)")
+            self.established.append(f"gradient at {_call_site_text(call_site)} ({len(span)} ops)")
         entry.last = observed
         return result
 
 
-def _site(call_site) -> str:
+def _call_site_text(call_site) -> str:
     if not call_site:
         return "?"
     filename, lineno = call_site[0]
@@ -223,8 +224,9 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
     if len(pending) != len(span) or any(entry.node is not node
                                         for entry, node in zip(pending, span, strict=True)):
         raise _Unreplayable("the program left the traced path")
+    members = {node.uid for node in span}
     given = {id(value): key for key, value in runner.external_inputs.items()
-             if key[0] not in {node.uid for node in span}}
+             if key[0] not in members}
     depth = len(call_site)
     shared = {}
     for node, entry in zip(span, pending, strict=True):

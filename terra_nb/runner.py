@@ -573,8 +573,8 @@ class PythonRunner:
         node.visits += 1
         self.cursor = node
         outputs = []
-        for index, dtype in enumerate(node.output_dtypes):
-            lazy = intercept.LazyTensor(self, node, index, dtype, node.output_shapes[index])
+        for index in range(len(node.output_dtypes)):
+            lazy = self._lazy(node, index)
             outputs.append(lazy)
             reference = weakref.ref(lazy)
             self.segment_lazies.append(reference)
@@ -590,6 +590,11 @@ class PythonRunner:
         elif node.mirrored:
             _mirror(node, outputs, inputs, attrs, ctx)
         return outputs
+
+    def _lazy(self, node, index: int) -> intercept.LazyTensor:
+        """Output `index` of a deferred node, as this iteration's LazyTensor."""
+        return intercept.LazyTensor(self, node, index, node.output_dtypes[index],
+                                    node.output_shapes[index])
 
     def _know_shape_values(self, node, refs, outputs) -> None:
         """Shape-like ops of inputs with static shapes: their values are known now."""
@@ -674,13 +679,13 @@ class PythonRunner:
         paths would pay two more first runs per path (measured on SDPoint: 0.9x eager over
         its first 34 steps when every path was split at once, 3.2x unsplit). None keeps one
         graph."""
-        outputs = tuple((lazy.node, lazy.index) for lazy in alive)
-        if self.runner.runs(self.segment_start, self.cursor, outputs) < SPLIT_AFTER_RUNS:
-            return None
         sites = self.graph.fetched_sites
         fetched = {lazy.node.uid for lazy in alive
                    if lazy.node.fetches or (lazy.node.op_type, lazy.node.location) in sites}
         if not fetched:
+            return None
+        outputs = tuple((lazy.node, lazy.index) for lazy in alive)
+        if self.runner.runs(self.segment_start, self.cursor, outputs) < SPLIT_AFTER_RUNS:
             return None
         last = max(position for position, pending in enumerate(self.pending)
                    if pending.node.uid in fetched)
@@ -701,10 +706,7 @@ class PythonRunner:
                     continue
                 lazy = handed.get((ref[1].uid, ref[2]))
                 if lazy is None:
-                    node, index = ref[1], ref[2]
-                    lazy = intercept.LazyTensor(self, node, index, node.output_dtypes[index],
-                                                node.output_shapes[index])
-                    handed[(node.uid, index)] = lazy
+                    lazy = handed[(ref[1].uid, ref[2])] = self._lazy(ref[1], ref[2])
                 if outside is pending.outside:
                     outside = dict(outside)
                 outside[slot] = lazy
@@ -771,9 +773,7 @@ class PythonRunner:
         if value is None:
             value = self._current(key)
         if value is None:  # in this segment and no longer referenced: its static facts suffice
-            source, index = ref[1], ref[2]
-            value = intercept.LazyTensor(self, source, index, source.output_dtypes[index],
-                                         source.output_shapes[index])
+            value = self._lazy(ref[1], ref[2])
         return value
 
     # ------------------------------------------------------------ divergence

@@ -36,6 +36,14 @@ def seed_all(seed: int) -> tuple[random.Random, np.random.Generator]:
     return random.Random(seed), np.random.default_rng(seed)
 
 
+def labelled_images(rng: np.random.Generator, batches: int, batch: int, size: int,
+                    classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """`batches` stacked batches of random square RGB images and integer class labels."""
+    images = rng.normal(size=(batches, batch, size, size, 3)).astype("float32")
+    labels = rng.integers(0, classes, size=(batches, batch)).astype("int32")
+    return images, labels
+
+
 def variables_of(*objects) -> Callable[[], list]:
     def values():
         return [variable.numpy() for obj in objects for variable in obj.variables]

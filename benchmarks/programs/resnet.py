@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from benchmarks.programs._common import Program, classifier_program, seed_all
+from benchmarks.programs._common import Program, classifier_program, labelled_images, seed_all
 
 BATCHES, BATCH, SIZE, CLASSES = 4, 16, 24, 10
 
@@ -30,8 +30,7 @@ class ResidualBlock(keras.layers.Layer):
 
 def build(seed: int = 0) -> Program:
     _, rng = seed_all(seed)
-    images = rng.normal(size=(BATCHES, BATCH, SIZE, SIZE, 3)).astype("float32")
-    labels = rng.integers(0, CLASSES, size=(BATCHES, BATCH)).astype("int32")
+    images, labels = labelled_images(rng, BATCHES, BATCH, SIZE, CLASSES)
     model = keras.Sequential([
         keras.Input((SIZE, SIZE, 3)),
         keras.layers.Conv2D(16, 3, padding="same", use_bias=False),

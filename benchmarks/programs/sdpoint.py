@@ -10,7 +10,14 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from benchmarks.programs._common import Program, apply, batches, seed_all, variables_of
+from benchmarks.programs._common import (
+    Program,
+    apply,
+    batches,
+    labelled_images,
+    seed_all,
+    variables_of,
+)
 
 BATCHES, BATCH, SIZE, CLASSES, POINTS = 4, 16, 24, 10, (1, 2, 3)
 
@@ -36,8 +43,7 @@ class SDPointNet(keras.Model):
 
 def build(seed: int = 0) -> Program:
     py_random, rng = seed_all(seed)
-    images = rng.normal(size=(BATCHES, BATCH, SIZE, SIZE, 3)).astype("float32")
-    labels = rng.integers(0, CLASSES, size=(BATCHES, BATCH)).astype("int32")
+    images, labels = labelled_images(rng, BATCHES, BATCH, SIZE, CLASSES)
     model = SDPointNet()
     model(images[0], training=False)
     optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
