@@ -26,6 +26,7 @@ import threading
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.backend.common import global_state
 
 from terra_nb import events as ev
 from terra_nb import intercept
@@ -47,7 +48,10 @@ def _gathers_from_variable(node) -> bool:
     params = node.inputs[0]
     return params[0] == FROM_NODE and params[1].op_type == "ReadVariableOp"
 
-PRIVATE_KERAS_SYMBOLS = (("keras.layers.Layer", "_flatten_layers"),)
+PRIVATE_KERAS_SYMBOLS = (
+    ("keras.layers.Layer", "_flatten_layers"),
+    ("keras.src.backend.common.global_state", "get_global_attribute"),
+)
 """Keras internals the guard reads (checked by a test, like intercept.PRIVATE_SYMBOLS)."""
 
 
@@ -389,8 +393,11 @@ def _object_state(obj):
         layers = list(obj._flatten_layers(include_self=True))
         if not all(_library_class(type(layer)) for layer in layers):
             return None
+        inherited = _inherited_call_arguments(obj)
+        if not all(isinstance(value, _PYTHON_VALUES) for _, value in inherited):
+            return None
         return (tuple(layer.trainable for layer in layers), len(obj.variables),
-                str(obj.dtype_policy.name))
+                str(obj.dtype_policy.name), inherited)
     if isinstance(obj, keras.optimizers.Optimizer):
         rate = getattr(obj, "_learning_rate", None)
         if callable(rate) and not isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
@@ -402,6 +409,17 @@ def _object_state(obj):
             return None
         return (_library_class(type(obj)) or None, getattr(obj, "reduction", None))
     return None
+
+
+def _inherited_call_arguments(layer) -> tuple:
+    """The call arguments (`training`) a layer called inside another layer's call inherits
+    from Keras' call context when not passed: they change what it computes, unseen in its
+    own arguments (a block run with training=True, then False, from one line)."""
+    context = global_state.get_global_attribute("current_call_ctx")
+    if context is None:
+        return ()
+    names = sorted(getattr(layer, "_call_context_args", ("training",)))
+    return tuple((name, context.get_value(name)) for name in names)
 
 
 def _library_function(function) -> bool:

@@ -304,6 +304,35 @@ def test_replayed_layer_sees_a_changed_trainable_flag():
     assert session.macro_table.replayed_calls > 0
 
 
+def test_replayed_layer_sees_the_training_flag_it_inherits():
+    """A library layer inside a user layer gets `training` from Keras' call context, not
+    from its own arguments: a replay made in training mode must not answer in eval mode."""
+    import keras
+    from harness import seed_everything
+
+    seed_everything()
+
+    class Block(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(8)
+            self.norm = keras.layers.BatchNormalization()
+
+        def call(self, x):
+            return self.norm(self.dense(x))
+
+    block = Block()
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32))
+    block(x)
+    session = Session("inherited-training")
+    for step in range(13):
+        with session.iteration():
+            y = block(x, training=step < 12)  # one line: the call site is the same
+    expected = block.norm(block.dense(x), training=False)
+    np.testing.assert_allclose(y.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert session.macro_table.replayed_calls > 0
+
+
 def test_graph_runs_ahead_of_python_and_eager_code_after_the_loop_sees_every_update():
     import threading
 
