@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 from tensorflow.python import pywrap_tfe
-from tensorflow.python.eager import context, core, execute, record
+from tensorflow.python.eager import context, core, execute, record, tape
 from tensorflow.python.eager import imperative_grad as gradient_module  # noqa: F401 (macros)
 from tensorflow.python.eager.polymorphic_function import atomic_function
 from tensorflow.python.framework import dtypes, op_def_registry, ops, tensor_shape
@@ -44,6 +44,8 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.ops.resource_variable_ops", "get_eager_safe_handle_data"),
     ("tensorflow.python.eager.record", "could_possibly_record"),
     ("tensorflow.python.eager.imperative_grad", "imperative_grad"),
+    ("tensorflow.python.pywrap_tfe", "TFE_Py_RecordGradient"),
+    ("tensorflow.python.eager.tape", "variable_accessed"),
 )
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
@@ -327,6 +329,11 @@ class LazyTensor(ops._EagerTensorBase):
         return self.value._copy_nograd(ctx, device_name)
 
 
+def is_eager_value(value) -> bool:
+    """An eager tensor or a LazyTensor standing for one."""
+    return isinstance(value, ops._EagerTensorBase)
+
+
 def unwrap(value):
     """The eager tensor behind `value` (itself unless it is a LazyTensor)."""
     return value.value if isinstance(value, LazyTensor) else value
@@ -487,3 +494,47 @@ def next_tensor_id() -> int:
 def a_tape_is_recording() -> bool:
     """True when some GradientTape on this thread would record the next op."""
     return record.could_possibly_record()
+
+
+def record_gradient(op_type: str, inputs: list, attrs: tuple, outputs: list, scope: str):
+    """Record one op on the active gradient tapes, as its eager wrapper does after running it
+    (`scope`: the name scope it ran in)."""
+    pywrap_tfe.TFE_Py_RecordGradient(op_type, inputs, attrs, outputs, scope.rstrip("/"))
+
+
+# ---------------------------------------------------------------- variable reads seen by tapes
+
+
+class _Accesses(threading.local):
+    seen: list | None = None
+
+
+_accesses = _Accesses()
+_real_variable_accessed = tape.variable_accessed
+
+
+def _variable_accessed(variable) -> None:
+    seen = _accesses.seen
+    if seen is not None:
+        seen.append(variable)
+    _real_variable_accessed(variable)
+
+
+tape.variable_accessed = _variable_accessed
+
+
+@contextlib.contextmanager
+def collecting_variable_reads(seen: list):
+    """Append to `seen` each trainable variable this thread reads in the block: what gradient
+    tapes watch on their own (`watch_accessed_variables`), which a replay must tell them."""
+    previous = _accesses.seen
+    _accesses.seen = seen
+    try:
+        yield
+    finally:
+        _accesses.seen = previous
+
+
+def variable_read(variable) -> None:
+    """Tell the active gradient tapes that `variable` was read, as reading it eagerly does."""
+    _real_variable_accessed(variable)

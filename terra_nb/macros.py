@@ -30,8 +30,9 @@ from keras.src.backend.common import global_state
 
 from terra_nb import events as ev
 from terra_nb import intercept
+from terra_nb.graphgen import STATEFUL_RANDOM_OPS
 from terra_nb.trace import is_user_file, user_location
-from terra_nb.tracegraph import EXTERNAL, FROM_NODE
+from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
 
 _PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
 
@@ -56,6 +57,22 @@ PRIVATE_KERAS_SYMBOLS = (
 
 
 @dataclasses.dataclass
+class _SpanReplay:
+    """A stable library call replayed as the TraceGraph span it recorded, op by op."""
+
+    plan: object  # its nodes, and how to replay them (runner.ReplayPlan)
+    arguments: tuple  # (flat argument position, reference it must have) it reads
+    bound: tuple  # ((node uid, input slot), flat argument position)
+    results: tuple  # per result leaf: ("tensor", uid, index), ("argument", position) or
+    # ("python", value)
+    structure: object  # the result's nesting
+    variables: tuple  # trainable variables it read (gradient tapes watch them)
+
+
+_NOT_HERE = object()  # a span replay that does not fit where the program is
+
+
+@dataclasses.dataclass
 class _Entry:
     """What is known of one guard key."""
 
@@ -64,6 +81,7 @@ class _Entry:
     banned: str = ""
     macro: object = None
     tensor_positions: list | None = None
+    span_replay: _SpanReplay | None = None
 
 
 @dataclasses.dataclass
@@ -72,7 +90,7 @@ class _GradientEntry:
 
     last: tuple | None = None  # the span and results of the last observation
     banned: str = ""
-    span: list | None = None  # its TraceGraph nodes, once two observations agreed
+    plan: object = None  # how to replay its ops, once two observations agreed
     results: list | None = None  # where each gradient comes from (see _describe)
     shared: dict | None = None  # external inputs that a forward op was given (runner.replay)
 
@@ -113,19 +131,30 @@ class MacroTable:
             return original(obj, *args, **kwargs)
         key = (call_site, key)
         entry = self.entries.setdefault(key, _Entry())
+        if entry.span_replay is not None:
+            result = _replay_span(entry.span_replay, runner, flat)
+            if result is _NOT_HERE:  # another path reached this call: its ops say where
+                return original(obj, *args, **kwargs)
+            self.replayed_calls += 1
+            return result
         if entry.macro is not None:
             self.replayed_calls += 1
             return _replay(entry, flat)
         if entry.banned:
             return original(obj, *args, **kwargs)
-        return self._observe(entry, runner, original, obj, args, kwargs, call_site)
+        return self._observe(entry, runner, original, obj, args, kwargs, flat, call_site)
 
-    def _observe(self, entry, runner, original, obj, args, kwargs, call_site):
+    def _observe(self, entry, runner, original, obj, args, kwargs, flat, call_site):
         start, flushes, deferred = runner.cursor, runner.flushes, runner.is_deferring
         diverged_at = runner.diverged_at
+        arguments = {position: runner.reference_of(value) for position, value in enumerate(flat)
+                     if intercept.is_eager_value(value)}
+        first_new = intercept.next_tensor_id()
+        read: list = []
         _state.observing += 1
         try:
-            result = original(obj, *args, **kwargs)
+            with intercept.collecting_variable_reads(read):
+                result = original(obj, *args, **kwargs)
         finally:
             _state.observing -= 1
         if runner.diverged_at != diverged_at:  # the path changed under it: observe again later
@@ -136,7 +165,15 @@ class MacroTable:
             entry.banned = reason
             return result
         span = (start.uid, runner.cursor.uid)
-        if span == entry.last_span and (deferred or entry.deferred_seen):
+        stable = span == entry.last_span
+        entry.last_span = span
+        entry.deferred_seen = entry.deferred_seen or deferred
+        sparse = _sparse_gradient(runner.cursor.path_from(start))
+        if sparse:
+            if deferred and runner.is_deferring:  # its ops are pending: they can be described
+                self._observe_as_span(entry, runner, start, flat, arguments, result,
+                                      first_new, read, stable, sparse, obj, call_site)
+        elif stable and entry.deferred_seen:
             macro, positions = _build_macro(original, obj, args, kwargs)
             if all(output.shape.is_fully_defined() for output in macro.outputs):
                 entry.macro, entry.tensor_positions = macro, positions
@@ -144,10 +181,22 @@ class MacroTable:
                     f"{type(obj).__name__} call at {_call_site_text(call_site)}")
             else:
                 entry.banned = "its output shapes depend on input values"
-        entry.last_span = span
-        entry.deferred_seen = entry.deferred_seen or deferred
         return result
 
+    def _observe_as_span(self, entry, runner, start, flat, arguments, result, first_new, read,
+                         stable, sparse, obj, call_site):
+        """A call a traced function cannot stand for (its sparse gradient would arrive dense)
+        is replayed as the span of ops it recorded, once a deferred observation describes it
+        and agrees with the one before."""
+        try:
+            replay = _describe_call(runner, start, flat, arguments, result, first_new, read)
+        except _Unreplayable as error:
+            entry.banned = f"{sparse}, and as its ops: {error}"
+            return
+        if stable:
+            entry.span_replay = replay
+            self.established.append(f"{type(obj).__name__} call at {_call_site_text(call_site)}"
+                                    f" ({len(replay.plan.span)} ops)")
 
     def gradient(self, runner, compute, target, sources, unconnected, call_site):
         """A tape's gradient computation (`imperative_grad`): replayed from the TraceGraph
@@ -163,8 +212,9 @@ class MacroTable:
         if key is None:
             return compute()
         entry = self.gradients.setdefault(key, _GradientEntry())
-        if entry.span is not None:
-            value_of = runner.replay(entry.span, _result_keys(entry.results), entry.shared)
+        if entry.plan is not None:
+            bound = runner.fed_values(entry.shared)
+            value_of = None if bound is None else runner.replay(entry.plan, bound)
             if value_of is not None:
                 self.replayed_calls += 1
                 return [_rebuild(result, value_of) for result in entry.results]
@@ -189,7 +239,8 @@ class MacroTable:
         span = runner.cursor.path_from(start)
         observed = (tuple(node.uid for node in span), tuple(results), tuple(shared.items()))
         if observed == entry.last:
-            entry.span, entry.results, entry.shared = span, results, shared
+            entry.results, entry.shared = results, shared
+            entry.plan = runner.plan(span, _result_keys(results), shared)
             self.established.append(f"gradient at {_call_site_text(call_site)} ({len(span)} ops)")
         entry.last = observed
         return result
@@ -299,14 +350,111 @@ def _unstable(runner, start, flushes, call_site, obj, result) -> str:
             return "the program left the traced path"
         if len(node.location) > depth or node.island:
             return "user code or a host op ran inside it"
-        if _gathers_from_variable(node):
-            return f"its {node.op_type} has a sparse gradient that a traced call would densify"
         node = node.parent
     if any(hasattr(value, "_keras_mask") for value in tf.nest.flatten(result)):
         return "it returned a Keras mask"
     if getattr(obj, "losses", None):
         return "it added layer losses"
     return ""
+
+
+def _sparse_gradient(span: list) -> str:
+    """Why a traced call could not stand for this span ("" when it could)."""
+    for node in span:
+        if _gathers_from_variable(node):
+            return f"its {node.op_type} has a sparse gradient that a traced call would densify"
+    return ""
+
+
+def _describe_call(runner, start, flat, arguments: dict, result, first_new: int,
+                   read: list) -> _SpanReplay:
+    """How to replay an observed, deferred call from its span (else _Unreplayable, with why):
+    which argument feeds each input that is not the library's own constant, and where each
+    result comes from."""
+    span = runner.cursor.path_from(start)
+    pending = runner.pending[-len(span):]
+    if len(pending) != len(span) or any(item.node is not node
+                                        for item, node in zip(pending, span, strict=True)):
+        raise _Unreplayable("its ops were not deferred together")
+    members = {node.uid for node in span}
+    by_reference = {}
+    for position, reference in arguments.items():
+        by_reference.setdefault(reference, position)
+    by_identity = {id(flat[position]): position for position in arguments}
+    bound, used = [], set()
+    for node, item in zip(span, pending, strict=True):
+        if node.function is not None or node.op_type in STATEFUL_RANDOM_OPS:
+            raise _Unreplayable(f"its {node.op_type} op must run from its Python")
+        for slot, ref in enumerate(node.inputs):
+            if ref[0] == RESOURCE or (ref[0] == FROM_NODE and ref[1].uid in members):
+                continue
+            if ref[0] == FROM_NODE:
+                position = by_reference.get((FROM_NODE, ref[1].uid) + tuple(ref[2:]))
+                if position is None:
+                    raise _Unreplayable("it reads a tensor made before it that is not one of "
+                                        "its arguments")
+            else:
+                value = item.outside[slot]
+                position = by_identity.get(id(value))
+                if position is None:
+                    if _own_constant(node.externals.get(slot), value, first_new):
+                        continue
+                    raise _Unreplayable("it reads a value made outside it that may change")
+            if runner.decides_shape(node, slot):
+                raise _Unreplayable("an argument's value decides a shape inside it")
+            bound.append(((node.uid, slot), position))
+            used.add(position)
+    leaves = tf.nest.flatten(result)
+    results = []
+    for leaf in leaves:
+        if isinstance(leaf, intercept.LazyTensor) and leaf._source is runner \
+                and leaf.node.uid in members:
+            results.append(("tensor", leaf.node.uid, leaf.index))
+        elif id(leaf) in by_identity and flat[by_identity[id(leaf)]] is leaf:
+            results.append(("argument", by_identity[id(leaf)]))
+        elif isinstance(leaf, _PYTHON_VALUES):
+            results.append(("python", leaf))
+        else:
+            raise _Unreplayable(f"it returned a {type(leaf).__name__} made outside its ops")
+    structure = tf.nest.pack_sequence_as(result, list(range(len(leaves))))
+    variables = tuple({id(variable): variable for variable in read}.values())
+    plan = runner.plan(span, [result[1:] for result in results if result[0] == "tensor"],
+                       [slot for slot, _ in bound])
+    return _SpanReplay(plan, tuple((position, arguments[position]) for position in sorted(used)),
+                       tuple(bound), tuple(results), structure, variables)
+
+
+def _own_constant(seen, value, first_new: int) -> bool:
+    """The library made this value itself, the same every time: a cached constant (the same
+    object) or one made inside the call equal to the first seen there."""
+    if seen is None:
+        return False
+    if value is seen.first:
+        return True
+    return getattr(value, "_id", -1) >= first_new and not seen.varying and seen.matches(value)
+
+
+def _replay_span(replay: _SpanReplay, runner, flat: list):
+    """Defer the call's recorded ops again, its arguments fed in (see MacroTable.call)."""
+    for position, reference in replay.arguments:
+        value = flat[position]
+        if not intercept.is_eager_value(value) or runner.reference_of(value) != reference:
+            return _NOT_HERE
+    bound = {slot: flat[position] for slot, position in replay.bound}
+    for variable in replay.variables:
+        intercept.variable_read(variable)
+    value_of = runner.replay(replay.plan, bound, record=intercept.a_tape_is_recording())
+    if value_of is None:
+        return _NOT_HERE
+    leaves = []
+    for result in replay.results:
+        if result[0] == "tensor":
+            leaves.append(value_of(result[1:]))
+        elif result[0] == "argument":
+            leaves.append(flat[result[1]])
+        else:
+            leaves.append(result[1])
+    return tf.nest.pack_sequence_as(replay.structure, leaves)
 
 
 def _build_macro(original, obj, args, kwargs):
@@ -369,7 +517,7 @@ def _guard_key(obj, args, kwargs, flat: list):
             parts.append((type(value).__name__, value))
         else:
             return None
-    parts.append((len(args), tuple(sorted(kwargs))))
+    parts.append((len(args), tuple(sorted(kwargs)), intercept.a_tape_is_recording()))
     return tuple(parts)
 
 

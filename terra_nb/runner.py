@@ -264,6 +264,51 @@ def _segment_key(start, end, outputs: tuple) -> tuple:
     return (start.uid, end.uid, tuple((node.uid, index) for node, index in outputs))
 
 
+_BOUND, _GIVEN, _MADE, _EARLIER = range(4)  # where a replayed op's input comes from
+
+
+class ReplayPlan:
+    """How to defer a recorded span again (PythonRunner.replay), worked out once.
+
+    Per node: where each input comes from (a bound slot, a captured resource or constant, an
+    earlier op of the span, or a value of the iteration before the span), whether its outputs
+    need LazyTensors (something reads them: the caller, or a node that inspects input values
+    in Python's thread), and whether it inspects its inputs' values itself.
+    """
+
+    __slots__ = ("span", "steps", "outside")
+
+    def __init__(self, span: list, needed: list, bound_slots) -> None:
+        members = {node.uid for node in span}
+        bound_slots = set(bound_slots)
+        inspected = {(ref[1].uid, ref[2]) for node in span if _inspects_inputs(node)
+                     for ref in node.inputs if ref[0] == FROM_NODE}
+        wanted = set(needed) | inspected
+        steps, outside = [], [key for key in needed if key[0] not in members]
+        for node in span:
+            sources = []
+            for slot, ref in enumerate(node.inputs):
+                if (node.uid, slot) in bound_slots:
+                    sources.append((_BOUND, (node.uid, slot), None))
+                elif ref[0] == RESOURCE:
+                    sources.append((_GIVEN, ref[1], None))
+                elif ref[0] == EXTERNAL:
+                    sources.append((_GIVEN, node.externals[slot].first, None))
+                elif ref[1].uid in members:
+                    sources.append((_MADE, (ref[1].uid, ref[2]), ref[1]))
+                else:
+                    sources.append((_EARLIER, (ref[1].uid, ref[2]), ref[1]))
+                    outside.append((ref[1].uid, ref[2]))
+            keep = any((node.uid, index) in wanted for index in range(len(node.output_dtypes)))
+            steps.append((node, tuple(sources), keep, _inspects_inputs(node)))
+        self.span, self.steps, self.outside = span, steps, outside
+
+
+def _inspects_inputs(node) -> bool:
+    """A node whose deferral looks at its input values (PythonRunner._defer)."""
+    return node.host_value or node.mirrored or node.op_type in graphgen.FALLIBLE_OPS
+
+
 class GraphRunner:
     """Runs compiled segments (kept for reuse, keyed by path and outputs).
 
@@ -566,7 +611,9 @@ class PythonRunner:
         self.segment_start = node
         return outputs
 
-    def _defer(self, node, inputs, refs, attrs, ctx):
+    def _defer(self, node, inputs, refs, attrs, ctx, keep: bool = True):
+        """Queue one op of the segment. Without `keep` (a replayed op whose outputs nothing
+        reads) it gets no LazyTensors: the graph computes them for its consumers."""
         outside = {}
         segment_uids = self.segment_uids
         for slot, ref in enumerate(refs):
@@ -579,6 +626,10 @@ class PythonRunner:
         segment_uids.add(node.uid)
         node.visits += 1
         self.cursor = node
+        if node.op_type in graphgen.FALLIBLE_OPS and not _cannot_fail(node.op_type, inputs, attrs):
+            self.segment_may_fail = True
+        if not keep:
+            return None
         outputs = []
         for index in range(len(node.output_dtypes)):
             lazy = self._lazy(node, index)
@@ -586,13 +637,10 @@ class PythonRunner:
             reference = weakref.ref(lazy)
             self.segment_lazies.append(reference)
             self.lazy_refs[(node.uid, index)] = reference
-        if node.op_type in graphgen.FALLIBLE_OPS and not _cannot_fail(node.op_type, inputs, attrs):
-            self.segment_may_fail = True
         if node.op_type in _SHAPE_OPS:
             self._know_shape_values(node, refs, outputs)
         elif node.host_value and all(_available(value) for value in inputs):
-            values = intercept.run_eagerly(node.op_type, len(outputs), inputs, attrs, ctx)
-            for lazy, value in zip(outputs, values, strict=True):
+            for lazy, value in zip(outputs, _host_values(node, inputs, attrs, ctx), strict=True):
                 lazy.set_value(value)
         elif node.mirrored:
             _mirror(node, outputs, inputs, attrs, ctx)
@@ -604,7 +652,12 @@ class PythonRunner:
                                     node.output_shapes[index])
 
     def _know_shape_values(self, node, refs, outputs) -> None:
-        """Shape-like ops of inputs with static shapes: their values are known now."""
+        """Shape-like ops of inputs with static shapes: their values are known now (the same
+        at every visit of the node, whose identity fixes those shapes)."""
+        if node.host_memo is not None:
+            for lazy, value in zip(outputs, node.host_memo[1], strict=False):
+                lazy.set_value(value)
+            return
         shapes = [_static_shape(ref) for ref in refs]
         if node.op_type == "Shape" or node.op_type == "ShapeN":
             values = [np.array(shape, dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype)
@@ -615,8 +668,10 @@ class PythonRunner:
         else:
             values = [np.array(len(shapes[0]), dtype=np.int32)]
         with intercept.suspended():
-            for lazy, value in zip(outputs, values, strict=False):
-                lazy.set_value(tf.constant(value))
+            values = [tf.constant(value) for value in values]
+        node.host_memo = ((), values)
+        for lazy, value in zip(outputs, values, strict=False):
+            lazy.set_value(value)
 
     # ------------------------------------------------------------ fetch channel
 
@@ -731,33 +786,43 @@ class PythonRunner:
 
     # ------------------------------------------------------------ replay from the TraceGraph
 
-    def replay(self, span: list, needed: list, shared: dict):
+    def replay(self, plan: ReplayPlan, bound: dict, record: bool = False):
         """Defer a recorded span of library ops again without running the Python that issued
-        them (macros: a stable gradient computation). `shared` maps an external input slot of
-        the span to the earlier (node uid, slot) given the same value (a forward op's constant
-        that its gradient reads too); other external inputs are the library's own constants.
-        Returns a lookup (node uid, output index) -> value for the span's and the iteration's
-        values, or None, having changed nothing, when the span cannot be replayed here."""
-        if self.mode != DEFER or span[0].parent is not self.cursor:
+        them (macros: a stable Keras call or gradient computation). `bound` gives the value of
+        each of the plan's bound input slots (a call's arguments, or the forward op's constant
+        a gradient reads too); other external inputs are the library's constants, as first
+        seen. With `record`, each op is recorded on the active gradient tapes as its eager
+        wrapper would have. Returns a lookup (node uid, output index) -> value for the span's
+        and the iteration's values, or None, having changed nothing, when the span cannot be
+        replayed here."""
+        if self.mode != DEFER or plan.span[0].parent is not self.cursor:
             return None
-        if any(source not in self.external_inputs for source in shared.values()):
-            return None
-        members = {node.uid for node in span}
-        earlier = [(ref[1].uid, ref[2]) for node in span for ref in node.inputs
-                   if ref[0] == FROM_NODE and ref[1].uid not in members
-                   and ref[1].uid not in self.segment_uids]
-        earlier += [key for key in needed if key[0] not in members]
-        if any(self._current(key) is None for key in earlier):
+        segment = self.segment_uids
+        if any(key[0] not in segment and self._current(key) is None for key in plan.outside):
             return None  # a value fed from an earlier segment is gone
         made: dict = {}
         context = intercept.eager_context()
-        for node in span:
-            inputs = [self._replayed_input(node, slot, ref, made, shared)
-                      for slot, ref in enumerate(node.inputs)]
+        for node, sources, keep, needs_values in plan.steps:
+            inputs = []
+            for kind, payload, origin in sources:
+                if kind == _BOUND:
+                    value = bound[payload]
+                elif kind == _GIVEN:
+                    value = payload
+                else:
+                    value = made.get(payload) if kind == _MADE else self._current(payload)
+                    if value is None and (needs_values or record):
+                        value = self._lazy(origin, payload[1])  # its static facts suffice
+                inputs.append(value)
             self.ops += 1
-            for index, output in enumerate(self._defer(node, inputs, node.inputs, node.attrs,
-                                                       context)):
-                made[(node.uid, index)] = output
+            outputs = self._defer(node, inputs, node.inputs, node.attrs, context,
+                                  keep or record)
+            if outputs:
+                if record:
+                    intercept.record_gradient(node.op_type, inputs, node.attrs, outputs,
+                                              node.scope)
+                for index, output in enumerate(outputs):
+                    made[(node.uid, index)] = output
 
         def value_of(key):
             value = made.get(key)
@@ -765,23 +830,40 @@ class PythonRunner:
 
         return value_of
 
+    @staticmethod
+    def plan(span: list, needed: list, bound_slots) -> ReplayPlan:
+        """The ReplayPlan of `span`, whose callers read `needed` and give `bound_slots`."""
+        return ReplayPlan(span, needed, bound_slots)
+
+    def fed_values(self, sources: dict) -> dict | None:
+        """{slot: value} for {slot: (node uid, slot) fed earlier in this iteration}, or None
+        when one of them was not fed."""
+        values = {}
+        for slot, source in sources.items():
+            value = self.external_inputs.get(source)
+            if value is None:
+                return None
+            values[slot] = value
+        return values
+
+    def reference_of(self, value):
+        """Where `value` comes from, as node identity sees it (a tensor argument's guard)."""
+        return _ref_key(self._ref(value))
+
+    def decides_shape(self, node, slot: int) -> bool:
+        """True when the value at `slot` may decide the node's output shapes (a replayed
+        argument there could change shapes the node's identity fixed)."""
+        ref = node.inputs[slot]
+        if not _is_integer(ref):
+            return False
+        signature = (node.op_type, _attrs_key(node.op_type, node.attrs),
+                     tuple(_signature_of(each) for each in node.inputs))
+        slots = _SHAPE_VALUE_SLOTS.get(signature)
+        return slots is None or slot in slots
+
     def _current(self, key):
         reference = self.lazy_refs.get(key)
         return None if reference is None else reference()
-
-    def _replayed_input(self, node, slot: int, ref, made: dict, shared: dict):
-        if ref[0] == RESOURCE:
-            return ref[1]
-        if ref[0] == EXTERNAL:
-            source = shared.get((node.uid, slot))
-            return node.externals[slot].first if source is None else self.external_inputs[source]
-        key = (ref[1].uid, ref[2])
-        value = made.get(key)
-        if value is None:
-            value = self._current(key)
-        if value is None:  # in this segment and no longer referenced: its static facts suffice
-            value = self._lazy(ref[1], ref[2])
-        return value
 
     # ------------------------------------------------------------ divergence
 
@@ -846,6 +928,20 @@ def _is_host_value(op_type: str, outputs) -> bool:
                for output in outputs)
 
 
+def _host_values(node, inputs: list, attrs, ctx) -> list:
+    """The outputs of a host-value node computed in Python's thread; the last ones again when
+    its inputs are the very same tensors (shape constants, library constants): it is
+    stateless, and eager tensors are immutable."""
+    values = [intercept.unwrap(value) for value in inputs]
+    memo = node.host_memo
+    if memo is not None and len(memo[0]) == len(values) and all(
+            old is new for old, new in zip(memo[0], values, strict=True)):
+        return memo[1]
+    outputs = intercept.run_eagerly(node.op_type, len(node.output_dtypes), values, attrs, ctx)
+    node.host_memo = (values, outputs)
+    return outputs
+
+
 def _site(node, slot: int) -> tuple:
     """An external input slot as the program writes it: op, source line, slot, dtype, shape
     (library ops called from one user line share it; then they are fed, never wrong)."""
@@ -907,11 +1003,14 @@ def _mirror_index_sources(node) -> None:
 
 
 def _mirrorable(node) -> bool:
+    """Integer or bool results, and casts of any dtype (Keras casts integer labels to the
+    predictions' float dtype and back before a sparse cross-entropy)."""
     if node.function is not None or node.island or not node.output_dtypes:
         return False
     definition = intercept.op_def(node.op_type)
     return (definition is not None and not definition.is_stateful
-            and all(dtype in _INDEX_ENUMS and math.prod(shape) <= _MIRROR_LIMIT
+            and all((dtype in _INDEX_ENUMS or node.op_type == "Cast")
+                    and math.prod(shape) <= _MIRROR_LIMIT
                     for dtype, shape in zip(node.output_dtypes, node.output_shapes,
                                             strict=True)))
 

@@ -58,7 +58,7 @@ class Node:
     __slots__ = (
         "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
         "parent", "children", "visits", "island", "externals", "scope", "host_value", "mirrored",
-        "function", "fetches", "fetch_wait_seconds",
+        "function", "fetches", "fetch_wait_seconds", "host_memo",
         "__weakref__",
     )
 
@@ -81,6 +81,7 @@ class Node:
         self.function = None  # for a call of a traced function: the AtomicFunction it calls
         self.fetches = 0  # times Python needed one of its values while co-executing
         self.fetch_wait_seconds = 0.0  # and how long Python waited for them in total
+        self.host_memo = None  # (inputs, outputs) of its last computation in Python's thread
 
     def observe_externals(self, values: list) -> None:
         """Record the external input values of one visit (for feed-or-fold decisions)."""

@@ -304,6 +304,45 @@ def test_replayed_layer_sees_a_changed_trainable_flag():
     assert session.macro_table.replayed_calls > 0
 
 
+def test_embedding_is_replayed_op_by_op_and_keeps_its_sparse_update():
+    """A traced call would hand Adam a dense gradient for the embedding table (every row's
+    moments decay); replayed as its recorded ops, the gradient stays IndexedSlices, the tape
+    still watches the table it reads, and every value is eager's."""
+    import keras
+    from harness import seed_everything
+
+    def run(session):
+        seed_everything()
+        embed = keras.layers.Embedding(50, 8)
+        dense = keras.layers.Dense(1)
+        ids = tf.constant(np.random.default_rng(0).integers(0, 10, size=(6, 4)), tf.int32)
+        dense(embed(ids))
+        optimizer = keras.optimizers.Adam(0.05)
+        losses, watched = [], []
+        for _ in range(12):
+            context = session.iteration() if session else contextlib.nullcontext()
+            with context:
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(dense(embed(ids)) ** 2)
+                variables = embed.trainable_variables + dense.trainable_variables
+                gradients = tape.gradient(loss, variables)
+                watched.append(len(tape.watched_variables()))
+                optimizer.apply_gradients(zip(gradients, variables))
+            losses.append(float(loss))
+        assert isinstance(gradients[0], tf.IndexedSlices)
+        return losses, [v.numpy() for v in embed.weights + dense.weights], watched
+
+    session = Session("embedding-span")
+    expected, actual = run(None), run(session)
+    np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
+    for want, got in zip(expected[1], actual[1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert actual[2] == expected[2]
+    replays = [entry.span_replay for entry in session.macro_table.entries.values()]
+    assert any(replay is not None for replay in replays), "the embedding was not replayed"
+    assert modes(session)[-3:] == [ev.CO_EXECUTING] * 3
+
+
 def test_replayed_layer_sees_the_training_flag_it_inherits():
     """A library layer inside a user layer gets `training` from Keras' call context, not
     from its own arguments: a replay made in training mode must not answer in eval mode."""
@@ -655,7 +694,7 @@ def test_stable_gradient_computations_are_replayed_from_the_trace_graph(custom):
     if custom:
         assert entries and all("custom gradient" in entry.banned for entry in entries)
     else:
-        replayed = [entry for entry in entries if entry.span is not None]
+        replayed = [entry for entry in entries if entry.plan is not None]
         assert replayed and replayed[0].shared, "the loss scale must come from the forward op"
         assert session.macro_table.replayed_calls >= 2
         notes = [note.message for note in session.events.of_type(ev.Note)
