@@ -1,9 +1,12 @@
 """Library replay: stop re-running stable Keras Python in the skeleton.
 
-User code always runs. A Keras call made directly from user code (`layer(x)`, `model(x)`,
-`loss_fn(y, p)`, `optimizer.apply_gradients(...)`) is library code; when it was seen to be
-stable it is replaced by one call of a ConcreteFunction traced from it (a "macro"), which the
-skeleton defers as a single op and the graph inlines. Stable means, on two consecutive
+User code always runs. A Keras call (`layer(x)`, `model(x)`, `loss_fn(y, p)`,
+`optimizer.apply_gradients(...)`) made from user code, or from library code that is not itself
+being observed (the layers a Sequential holding a user-defined layer calls: the Sequential runs
+its Python, its library layers need not), is library code; when it was seen to be stable it is
+replaced by one call of a ConcreteFunction traced from it (a "macro"), which the skeleton
+defers as a single op and the graph inlines, or, when a traced function cannot stand for it,
+by its recorded ops (see MacroTable._observe_as_span). Stable means, on two consecutive
 observations with the same guard key, it produced the same TraceGraph span, ran no user code
 (no op located in a user frame below the call site, no user-defined class among the layers),
 forced no value, left no Keras mask or layer loss, and at least one observation was deferred.
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
 import threading
 
 import keras
@@ -596,9 +598,6 @@ def _make_entry_point(original, caller_depth: int = 1):
         __tracebackhide__ = True
         table = _state.table
         if table is None or _state.observing:
-            return original(obj, *args, **kwargs)
-        caller = sys._getframe(caller_depth)
-        if not is_user_file(caller.f_code.co_filename):
             return original(obj, *args, **kwargs)
         runner = _state.runner
         call_site = user_location(runner.stop_frame, depth=caller_depth + 1)
