@@ -38,6 +38,8 @@ from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
 
 _PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
 
+SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
+
 _VARIABLE_TYPES = (tf.Variable, keras.Variable)
 
 def _gathers_from_variable(node) -> bool:
@@ -110,6 +112,7 @@ class MacroTable:
         self.replayed_calls = 0
         self.established: list[str] = []  # replays set up since last taken (for a Note)
         self.compiled_work_reported: set = set()  # model.fit & co., told once per session
+        self.span_keys_per_site: dict = {}  # call site -> keys of call_as_span seen there
 
     def take_established(self) -> str:
         """What is replayed from now on, since the last call ("" if nothing new)."""
@@ -131,8 +134,26 @@ class MacroTable:
         key = _guard_key(obj, args, kwargs, flat)
         if key is None:
             return original(obj, *args, **kwargs)
-        key = (call_site, key)
-        entry = self.entries.setdefault(key, _Entry())
+        entry = self.entries.setdefault((call_site, key), _Entry())
+        return self._run(entry, runner, original, obj, args, kwargs, flat, call_site, False)
+
+    def call_as_span(self, runner, original, obj, args: tuple, key, call_site):
+        """A library function replayed only as its recorded ops (tensor slicing); `key`
+        guards its Python arguments. At most SPAN_KEYS_PER_SITE keys are kept per call site:
+        a slice whose bounds change every step runs its Python instead of filling memory."""
+        __tracebackhide__ = True
+        entry = self.entries.get((call_site, key))
+        if entry is None:
+            keys = self.span_keys_per_site.get(call_site, 0)
+            if keys >= SPAN_KEYS_PER_SITE:
+                return original(obj, *args)
+            self.span_keys_per_site[call_site] = keys + 1
+            entry = self.entries[(call_site, key)] = _Entry()
+        flat = [obj] if intercept.is_eager_value(obj) else []
+        return self._run(entry, runner, original, obj, args, {}, flat, call_site, True)
+
+    def _run(self, entry, runner, original, obj, args, kwargs, flat, call_site, as_span):
+        __tracebackhide__ = True
         if entry.span_replay is not None:
             result = _replay_span(entry.span_replay, runner, flat)
             if result is _NOT_HERE:  # another path reached this call: its ops say where
@@ -144,9 +165,10 @@ class MacroTable:
             return _replay(entry, flat)
         if entry.banned:
             return original(obj, *args, **kwargs)
-        return self._observe(entry, runner, original, obj, args, kwargs, flat, call_site)
+        return self._observe(entry, runner, original, obj, args, kwargs, flat, call_site,
+                             as_span)
 
-    def _observe(self, entry, runner, original, obj, args, kwargs, flat, call_site):
+    def _observe(self, entry, runner, original, obj, args, kwargs, flat, call_site, as_span):
         start, flushes, deferred = runner.cursor, runner.flushes, runner.is_deferring
         diverged_at = runner.diverged_at
         arguments = {position: runner.reference_of(value) for position, value in enumerate(flat)
@@ -171,7 +193,7 @@ class MacroTable:
         entry.last_span = span
         entry.deferred_seen = entry.deferred_seen or deferred
         sparse = _sparse_gradient(runner.cursor.path_from(start))
-        if sparse:
+        if sparse or as_span:
             if deferred and runner.is_deferring:  # its ops are pending: they can be described
                 self._observe_as_span(entry, runner, start, flat, arguments, result,
                                       first_new, read, stable, sparse, obj, call_site)
@@ -193,11 +215,12 @@ class MacroTable:
         try:
             replay = _describe_call(runner, start, flat, arguments, result, first_new, read)
         except _Unreplayable as error:
-            entry.banned = f"{sparse}, and as its ops: {error}"
+            entry.banned = f"{sparse}, and as its ops: {error}" if sparse else str(error)
             return
         if stable:
             entry.span_replay = replay
-            self.established.append(f"{type(obj).__name__} call at {_call_site_text(call_site)}"
+            what = "slicing" if intercept.is_eager_value(obj) else f"{type(obj).__name__} call"
+            self.established.append(f"{what} at {_call_site_text(call_site)}"
                                     f" ({len(replay.plan.span)} ops)")
 
     def gradient(self, runner, compute, target, sources, unconnected, call_site):
@@ -643,6 +666,48 @@ def _gradient_entry(original):
     return imperative_grad
 
 
+def _slice_entry(original):
+    """`tensor[spec]`: TensorFlow's slice helper turns the spec into begin/end/strides tensors
+    and one StridedSlice, ~100 µs of Python and four ops in the skeleton; a slice with the
+    same spec is replayed as those ops. (A variable's slice is not: its result carries an
+    `assign` method made by that Python.)"""
+
+    def getitem(obj, spec):
+        __tracebackhide__ = True
+        table = _state.table
+        if table is None or _state.observing:
+            return original(obj, spec)
+        key = _slice_key(obj, spec)
+        if key is None:
+            return original(obj, spec)
+        runner = _state.runner
+        call_site = user_location(runner.stop_frame, depth=2)
+        return table.call_as_span(runner, original, obj, (spec,), key, call_site)
+
+    getitem.__wrapped__ = original
+    return getitem
+
+
+def _slice_key(obj, spec):
+    """The guard of a slice: what is sliced, and the spec when it holds only Python ints,
+    slices of ints, None (newaxis) and Ellipsis (None when it holds a tensor or a list)."""
+    if not intercept.is_eager_value(obj):
+        return None
+    head = (obj._datatype_enum(), obj._shape_tuple())
+    parts = []
+    for item in spec if isinstance(spec, tuple) else (spec,):
+        if isinstance(item, slice):
+            bounds = (item.start, item.stop, item.step)
+            if not all(bound is None or type(bound) is int for bound in bounds):
+                return None
+            parts.append(bounds)
+        elif item is None or item is Ellipsis or type(item) in (int, bool):
+            parts.append((type(item).__name__, item))
+        else:
+            return None
+    return (head, isinstance(spec, tuple), tuple(parts), intercept.a_tape_is_recording())
+
+
 def _compiled_work_entry(original):
     """`model.fit` / `evaluate` / `predict` run their own compiled graphs: leave them alone.
 
@@ -690,6 +755,7 @@ def _entry_points():
         (keras.Model, "evaluate", _compiled_work_entry),
         (keras.Model, "predict", _compiled_work_entry),
         (intercept.gradient_module, "imperative_grad", _gradient_entry),
+        (tf.Tensor, "__getitem__", _slice_entry),
     ]
 
 

@@ -343,6 +343,38 @@ def test_embedding_is_replayed_op_by_op_and_keeps_its_sparse_update():
     assert modes(session)[-3:] == [ev.CO_EXECUTING] * 3
 
 
+def test_tensor_slicing_is_replayed_and_a_moving_slice_stays_bounded():
+    """`x[spec]` with a Python spec is replayed as its ops; a slice that moves every step
+    keeps at most SPAN_KEYS_PER_SITE guard entries and stays eager-equal; a variable's slice
+    keeps its `assign` (not replayed)."""
+    from terra_nb import macros
+
+    data = tf.constant(np.arange(4 * 64, dtype=np.float32).reshape(4, 64))
+    weights = tf.Variable(tf.ones([4, 64]))
+
+    def step(index):
+        fixed = data[:, 1:] * weights[:, :-1]
+        moving = data[:, index % 40:index % 40 + 8]
+        weights[0:1].assign(weights[0:1] * 0.5)
+        return tf.reduce_sum(fixed) + tf.reduce_sum(moving)
+
+    expected = [float(step(index)) for index in range(30)]
+    weights.assign(tf.ones([4, 64]))
+    session = Session("slices")
+    got = []
+    for index in range(30):
+        with session.iteration():
+            total = step(index)
+        got.append(float(total))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_allclose(weights.numpy()[0], np.full(64, 0.5 ** 30, np.float32))
+    sites = session.macro_table.span_keys_per_site
+    assert sites and max(sites.values()) <= macros.SPAN_KEYS_PER_SITE
+    replayed = [entry for entry in session.macro_table.entries.values()
+                if entry.span_replay is not None]
+    assert replayed, "no slice was replayed"
+
+
 def test_replayed_layer_sees_the_training_flag_it_inherits():
     """A library layer inside a user layer gets `training` from Keras' call context, not
     from its own arguments: a replay made in training mode must not answer in eval mode."""
