@@ -426,14 +426,8 @@ def call_concrete(function, args: list) -> list:
     Gradient tapes were already told about every deferred op, one by one; the graph call that
     computes them must not be recorded again.
     """
-    eager = context.context()
-    previous = eager.function_call_options
-    eager.function_call_options = _graph_call_options()
-    try:
-        with suspended(), record.stop_recording():
-            outputs = function._call_flat(args, function.captured_inputs)
-    finally:
-        eager.function_call_options = previous
+    with graph_call_options(), suspended(), record.stop_recording():
+        outputs = function._call_flat(args, function.captured_inputs)
     if outputs is None:
         return []
     return outputs if isinstance(outputs, (list, tuple)) else [outputs]
@@ -443,7 +437,22 @@ def call_traced(function, tensors: list):
     """Call a ConcreteFunction with its flat tensor arguments, skipping argument binding (the
     costly part of `function(*tensors)`); gradient tapes and the active handler see the call
     as usual. Returns the function's structured outputs."""
-    return function._call_flat(tensors, function.captured_inputs)
+    with graph_call_options():
+        return function._call_flat(tensors, function.captured_inputs)
+
+
+@contextlib.contextmanager
+def graph_call_options():
+    """Run the calls of traced functions made in the block with terra_nb's graph options
+    (see _graph_call_options): macros and their backward functions, called eagerly while
+    tracing, then pay the cheaper first run too."""
+    eager = context.context()
+    previous = eager.function_call_options
+    eager.function_call_options = _graph_call_options()
+    try:
+        yield
+    finally:
+        eager.function_call_options = previous
 
 
 

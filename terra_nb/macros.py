@@ -651,8 +651,9 @@ def _gradient_entry(original):
         __tracebackhide__ = True
 
         def compute():
-            return original(tape, target, sources, output_gradients, sources_raw,
-                            unconnected_gradients)
+            with intercept.graph_call_options():
+                return original(tape, target, sources, output_gradients, sources_raw,
+                                unconnected_gradients)
 
         table, runner = _state.table, _state.runner
         if (table is None or _state.observing or output_gradients is not None
