@@ -38,7 +38,6 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.framework.ops", "uid"),
     ("tensorflow.python.framework.op_def_registry", "get"),
     ("tensorflow.python.eager.context", "context"),
-    ("tensorflow.python.eager.context", "FunctionCallOptions"),
     ("tensorflow.python.eager.polymorphic_function.concrete_function", "ConcreteFunction"),
     ("tensorflow.python.eager.polymorphic_function.atomic_function", "AtomicFunction"),
     ("tensorflow.python.eager.polymorphic_function.atomic_function", "make_call_op_in_graph"),
@@ -426,7 +425,7 @@ def call_concrete(function, args: list) -> list:
     Gradient tapes were already told about every deferred op, one by one; the graph call that
     computes them must not be recorded again.
     """
-    with graph_call_options(), suspended(), record.stop_recording():
+    with suspended(), record.stop_recording():
         outputs = function._call_flat(args, function.captured_inputs)
     if outputs is None:
         return []
@@ -437,22 +436,7 @@ def call_traced(function, tensors: list):
     """Call a ConcreteFunction with its flat tensor arguments, skipping argument binding (the
     costly part of `function(*tensors)`); gradient tapes and the active handler see the call
     as usual. Returns the function's structured outputs."""
-    with graph_call_options():
-        return function._call_flat(tensors, function.captured_inputs)
-
-
-@contextlib.contextmanager
-def graph_call_options():
-    """Run the calls of traced functions made in the block with terra_nb's graph options
-    (see _graph_call_options): macros and their backward functions, called eagerly while
-    tracing, then pay the cheaper first run too."""
-    eager = context.context()
-    previous = eager.function_call_options
-    eager.function_call_options = _graph_call_options()
-    try:
-        yield
-    finally:
-        eager.function_call_options = previous
+    return function._call_flat(tensors, function.captured_inputs)
 
 
 
@@ -479,30 +463,9 @@ def calling_function(max_depth: int = 8):
 
 
 def call_function_in_graph(function, inputs: list) -> list:
-    """Call an AtomicFunction from inside the graph being built (a PartitionedCall op, run
-    with the options of the graph around it)."""
-    attrs = _graph_call_options().as_attrs()
+    """Call an AtomicFunction from inside the graph being built (a PartitionedCall op)."""
+    attrs = context.context().function_call_options.as_attrs()
     return list(atomic_function.make_call_op_in_graph(function, inputs, attrs))
-
-
-_graph_options: list = []
-
-
-def _graph_call_options():
-    """How terra_nb's graphs are run: TensorFlow's function options with Grappler off.
-
-    Its rewrites are for graphs written symbolically; ours are recorded from eager ops with
-    every static shape known. Measured on this machine over the last six segments of four
-    benchmark programs, first run / later runs (ms): bert_cls 1446 / 12.5 with Grappler,
-    647 / 11.8 without; yolov3 446 / 11.6 and 158 / 10.6; sdpoint 681 / 25.5 and
-    302 / 26.7; dropblock 203 / 7.7 and 93 / 7.7. A new path thus costs half as much.
-    """
-    if not _graph_options:
-        config = context.context().config
-        config.allow_soft_placement = True
-        config.graph_options.rewrite_options.disable_meta_optimizer = True
-        _graph_options.append(context.FunctionCallOptions(config_proto=config))
-    return _graph_options[0]
 
 
 def variable_shape(handle) -> tuple | None:

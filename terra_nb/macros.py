@@ -651,9 +651,8 @@ def _gradient_entry(original):
         __tracebackhide__ = True
 
         def compute():
-            with intercept.graph_call_options():
-                return original(tape, target, sources, output_gradients, sources_raw,
-                                unconnected_gradients)
+            return original(tape, target, sources, output_gradients, sources_raw,
+                            unconnected_gradients)
 
         table, runner = _state.table, _state.runner
         if (table is None or _state.observing or output_gradients is not None
