@@ -496,8 +496,12 @@ def _build_macro(original, obj, args, kwargs):
                                                           expand_composites=True)
         return original(obj, *call_args, **call_kwargs)
 
-    with intercept.suspended():
-        concrete = tf.function(body, autograph=False).get_concrete_function(*specs)
+    _state.observing += 1  # the library calls it makes while traced are its own
+    try:
+        with intercept.suspended():
+            concrete = tf.function(body, autograph=False).get_concrete_function(*specs)
+    finally:
+        _state.observing -= 1
     return concrete, tensor_positions
 
 
