@@ -58,7 +58,8 @@ class Node:
     __slots__ = (
         "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
         "parent", "children", "visits", "island", "externals", "scope", "host_value", "mirrored",
-        "function", "fetches", "fetch_wait_seconds", "host_memo",
+        "function", "fetches", "fetch_wait_seconds", "last_fetch_wait", "submit_early",
+        "host_memo",
         "__weakref__",
     )
 
@@ -81,6 +82,8 @@ class Node:
         self.function = None  # for a call of a traced function: the AtomicFunction it calls
         self.fetches = 0  # times Python needed one of its values while co-executing
         self.fetch_wait_seconds = 0.0  # and how long Python waited for them in total
+        self.last_fetch_wait = 0.0  # seconds, the last time
+        self.submit_early = False  # its segment is submitted once it is deferred (runner)
         self.host_memo = None  # (inputs, outputs) of its last computation in Python's thread
 
     def observe_externals(self, values: list) -> None:

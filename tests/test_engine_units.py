@@ -732,3 +732,21 @@ def test_stable_gradient_computations_are_replayed_from_the_trace_graph(custom):
         notes = [note.message for note in session.events.of_type(ev.Note)
                  if note.kind == "replayed"]
         assert any("gradient at test_engine_units.py:" in note for note in notes), notes
+
+
+def test_a_fetched_value_ends_its_segment_early_only_when_python_waited_for_it():
+    """Submitting the forward graph as soon as the logged loss is deferred pays only when
+    Python waited for that loss; the choice, once made, stays."""
+    from terra_nb import runner
+    from terra_nb.tracegraph import Node
+
+    node = Node(1, None, "Mean", (), (), (), (), False, "")
+    node.fetches, node.last_fetch_wait = runner.SUBMIT_AT_FETCHED_AFTER, 0.0001
+    assert not runner._submit_early(node)
+    node.fetches -= 1
+    node.last_fetch_wait = 2 * runner.SUBMIT_EARLY_MIN_WAIT
+    assert not runner._submit_early(node)
+    node.fetches += 1
+    assert runner._submit_early(node)
+    node.last_fetch_wait = 0.0  # the wait it removed does not undo it
+    assert runner._submit_early(node)
