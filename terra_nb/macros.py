@@ -299,11 +299,7 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
         raise _Unreplayable("it forced a tensor value")
     if runner.cursor is start:
         raise _Unreplayable("it ran no TensorFlow op")
-    span = runner.cursor.path_from(start)
-    pending = runner.pending[-len(span):]
-    if len(pending) != len(span) or any(entry.node is not node
-                                        for entry, node in zip(pending, span, strict=True)):
-        raise _Unreplayable("the program left the traced path")
+    span, pending = _deferred_span(runner, start)
     members = {node.uid for node in span}
     given = {id(value): key for key, value in runner.external_inputs.items()
              if key[0] not in members}
@@ -391,16 +387,23 @@ def _sparse_gradient(span: list) -> str:
     return ""
 
 
+def _deferred_span(runner, start) -> tuple[list, list]:
+    """The nodes since `start` and their pending entries (else _Unreplayable): only ops all
+    deferred in the current segment can be replayed from what Python gave them."""
+    span = runner.cursor.path_from(start)
+    pending = runner.pending[-len(span):]
+    if len(pending) != len(span) or any(item.node is not node
+                                        for item, node in zip(pending, span, strict=True)):
+        raise _Unreplayable("its ops were not all deferred in one segment")
+    return span, pending
+
+
 def _describe_call(runner, start, flat, arguments: dict, result, first_new: int,
                    read: list) -> _SpanReplay:
     """How to replay an observed, deferred call from its span (else _Unreplayable, with why):
     which argument feeds each input that is not the library's own constant, and where each
     result comes from."""
-    span = runner.cursor.path_from(start)
-    pending = runner.pending[-len(span):]
-    if len(pending) != len(span) or any(item.node is not node
-                                        for item, node in zip(pending, span, strict=True)):
-        raise _Unreplayable("its ops were not deferred together")
+    span, pending = _deferred_span(runner, start)
     members = {node.uid for node in span}
     by_reference = {}
     for position, reference in arguments.items():
