@@ -138,9 +138,10 @@ class MacroTable:
         return self._run(entry, runner, original, obj, args, kwargs, flat, call_site, False)
 
     def call_as_span(self, runner, original, obj, args: tuple, key, call_site):
-        """A library function replayed only as its recorded ops (tensor slicing); `key`
-        guards its Python arguments. At most SPAN_KEYS_PER_SITE keys are kept per call site:
-        a slice whose bounds change every step runs its Python instead of filling memory."""
+        """A library function of one eager tensor replayed only as its recorded ops (tensor
+        slicing); `key` guards its Python arguments. At most SPAN_KEYS_PER_SITE keys are kept
+        per call site: a slice whose bounds change every step runs its Python instead of
+        filling memory."""
         __tracebackhide__ = True
         entry = self.entries.get((call_site, key))
         if entry is None:
@@ -149,8 +150,7 @@ class MacroTable:
                 return original(obj, *args)
             self.span_keys_per_site[call_site] = keys + 1
             entry = self.entries[(call_site, key)] = _Entry()
-        flat = [obj] if intercept.is_eager_value(obj) else []
-        return self._run(entry, runner, original, obj, args, {}, flat, call_site, True)
+        return self._run(entry, runner, original, obj, args, {}, [obj], call_site, True)
 
     def _run(self, entry, runner, original, obj, args, kwargs, flat, call_site, as_span):
         __tracebackhide__ = True
@@ -319,7 +319,8 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
             elif getattr(value, "_id", -1) < first_new or seen is None or not seen.matches(value):
                 # made before it and not given to a forward op, or made by it but not the
                 # value first seen there (TF's gradient functions make the same constants
-                # from the same ops and shapes every time)
+                # from the same ops and shapes every time; unlike _own_constant this does not
+                # refuse a slot marked varying: the loss-scale test's gradients need that)
                 raise _Unreplayable("it reads a value made outside it that may change")
     return shared
 

@@ -95,6 +95,11 @@ def _signature_of(ref):
     return (ref[1], ref[2])
 
 
+def _shape_signature(op_type, attrs_key, refs) -> tuple:
+    """What decides which inputs of an op decide its output shapes (_SHAPE_VALUE_SLOTS)."""
+    return (op_type, attrs_key, tuple(_signature_of(ref) for ref in refs))
+
+
 def _ref_key(ref):
     kind = ref[0]
     if kind == FROM_NODE:
@@ -566,7 +571,7 @@ class PythonRunner:
         """
         if not any(_is_integer(ref) for ref in refs):
             return ()
-        signature = (op_type, attrs_key, tuple(_signature_of(ref) for ref in refs))
+        signature = _shape_signature(op_type, attrs_key, refs)
         slots = _SHAPE_VALUE_SLOTS.get(signature)
         if slots is None:
             if self.mode == DEFER:
@@ -859,8 +864,8 @@ class PythonRunner:
         ref = node.inputs[slot]
         if not _is_integer(ref):
             return False
-        signature = (node.op_type, _attrs_key(node.op_type, node.attrs),
-                     tuple(_signature_of(each) for each in node.inputs))
+        signature = _shape_signature(node.op_type, _attrs_key(node.op_type, node.attrs),
+                                     node.inputs)
         slots = _SHAPE_VALUE_SLOTS.get(signature)
         return slots is None or slot in slots
 
