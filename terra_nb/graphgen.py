@@ -53,6 +53,8 @@ class CompiledSegment:
     seconds: float
     xla: bool
     xla_declined: str = ""  # why a segment asked to use XLA does not
+    first_run_seconds: float = 0.0  # its first run, instantiation included (0 until run)
+    waited_seconds: float = 0.0  # Python's waits for its later runs
 
     def node_named_in(self, message: str) -> Node | None:
         """The path node an error message names (graph ops are named after their node)."""

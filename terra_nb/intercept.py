@@ -46,6 +46,7 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.eager.imperative_grad", "imperative_grad"),
     ("tensorflow.python.pywrap_tfe", "TFE_Py_RecordGradient"),
     ("tensorflow.python.eager.tape", "variable_accessed"),
+    ("tensorflow.python.eager.context", "FunctionCallOptions"),
 )
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
@@ -419,13 +420,45 @@ def _shape_proto(value):
 # ---------------------------------------------------------------- calling compiled graphs
 
 
+# Grappler passes that cost a new graph's first run much and its later runs nothing on CPU
+# (measured on the benchmark programs, docs/engine.md "Lean Grappler"): the MLIR (tfg) passes,
+# the memory optimizer (GPU swapping), the layout optimizer (NCHW for GPUs) and the second
+# round of every pass. Remapping (op fusion), constant folding and arithmetic stay.
+_LEAN_REWRITES = {"disable_tfg_optimizer": True, "memory_optimization": 1,  # NO_MEM_OPT
+                  "meta_optimizer_iterations": 1, "layout_optimizer": 2}  # ONE, OFF
+_lean_options: list = []
+
+
+def _lean_call_options():
+    if not _lean_options:
+        config = context.context().config
+        config.allow_soft_placement = True
+        for field, value in _LEAN_REWRITES.items():
+            setattr(config.graph_options.rewrite_options, field, value)
+        _lean_options.append(context.FunctionCallOptions(config_proto=config))
+    return _lean_options[0]
+
+
+@contextlib.contextmanager
+def lean_graph_calls():
+    """Compiled segments are instantiated with the lean Grappler configuration: the options
+    are the calling thread's, so the user's own tf.functions keep theirs."""
+    ctx = context.context()
+    previous = ctx.function_call_options
+    ctx.function_call_options = _lean_call_options()
+    try:
+        yield
+    finally:
+        ctx.function_call_options = previous
+
+
 def call_concrete(function, args: list) -> list:
-    """Call a ConcreteFunction through its flat-call path (cheaper than `function(*args)`).
+    """Call a compiled segment through its flat-call path (cheaper than `function(*args)`).
 
     Gradient tapes were already told about every deferred op, one by one; the graph call that
     computes them must not be recorded again.
     """
-    with suspended(), record.stop_recording():
+    with suspended(), record.stop_recording(), lean_graph_calls():
         outputs = function._call_flat(args, function.captured_inputs)
     if outputs is None:
         return []
@@ -464,7 +497,7 @@ def calling_function(max_depth: int = 8):
 
 def call_function_in_graph(function, inputs: list) -> list:
     """Call an AtomicFunction from inside the graph being built (a PartitionedCall op)."""
-    attrs = context.context().function_call_options.as_attrs()
+    attrs = _lean_call_options().as_attrs()
     return list(atomic_function.make_call_op_in_graph(function, inputs, attrs))
 
 

@@ -22,6 +22,7 @@ Python: the suite runs programs both ways and compares.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import threading
 
@@ -85,7 +86,11 @@ class _Entry:
     banned: str = ""
     macro: object = None
     tensor_positions: list | None = None
-    span_replay: _SpanReplay | None = None
+    # Span replays are kept per TraceGraph position (the node the call starts after): one call
+    # site reached at several places of an iteration (a helper called for q, k and v, a layer
+    # used twice) records another span at each.
+    span_ends: dict = dataclasses.field(default_factory=dict)  # start uid -> last end uid
+    span_replays: dict = dataclasses.field(default_factory=dict)  # start uid -> _SpanReplay
 
 
 @dataclasses.dataclass
@@ -137,25 +142,27 @@ class MacroTable:
         entry = self.entries.setdefault((call_site, key), _Entry())
         return self._run(entry, runner, original, obj, args, kwargs, flat, call_site, False)
 
-    def call_as_span(self, runner, original, obj, args: tuple, key, call_site):
-        """A library function of one eager tensor replayed only as its recorded ops (tensor
-        slicing); `key` guards its Python arguments. At most SPAN_KEYS_PER_SITE keys are kept
-        per call site: a slice whose bounds change every step runs its Python instead of
-        filling memory."""
+    def call_as_span(self, runner, original, obj, args: tuple, kwargs: dict, flat: list, key,
+                     call_site):
+        """A library function replayed only as its recorded ops (tensor slicing, TensorFlow
+        API functions); `key` guards its Python arguments, `flat` holds the tensors it is
+        given. At most SPAN_KEYS_PER_SITE keys are kept per call site: a slice whose bounds
+        change every step runs its Python instead of filling memory."""
         __tracebackhide__ = True
         entry = self.entries.get((call_site, key))
         if entry is None:
             keys = self.span_keys_per_site.get(call_site, 0)
             if keys >= SPAN_KEYS_PER_SITE:
-                return original(obj, *args)
+                return original(obj, *args, **kwargs)
             self.span_keys_per_site[call_site] = keys + 1
             entry = self.entries[(call_site, key)] = _Entry()
-        return self._run(entry, runner, original, obj, args, {}, [obj], call_site, True)
+        return self._run(entry, runner, original, obj, args, kwargs, flat, call_site, True)
 
     def _run(self, entry, runner, original, obj, args, kwargs, flat, call_site, as_span):
         __tracebackhide__ = True
-        if entry.span_replay is not None:
-            result = _replay_span(entry.span_replay, runner, flat)
+        span_replay = entry.span_replays.get(runner.cursor.uid) if entry.span_replays else None
+        if span_replay is not None:
+            result = _replay_span(span_replay, runner, flat)
             if result is _NOT_HERE:  # another path reached this call: its ops say where
                 return original(obj, *args, **kwargs)
             self.replayed_calls += 1
@@ -195,6 +202,8 @@ class MacroTable:
         sparse = _sparse_gradient(runner.cursor.path_from(start))
         if sparse or as_span:
             if deferred and runner.is_deferring:  # its ops are pending: they can be described
+                stable = entry.span_ends.get(start.uid) == runner.cursor.uid
+                entry.span_ends[start.uid] = runner.cursor.uid
                 self._observe_as_span(entry, runner, start, flat, arguments, result,
                                       first_new, read, stable, sparse, obj, call_site)
         elif stable and entry.deferred_seen:
@@ -218,8 +227,13 @@ class MacroTable:
             entry.banned = f"{sparse}, and as its ops: {error}" if sparse else str(error)
             return
         if stable:
-            entry.span_replay = replay
-            what = "slicing" if intercept.is_eager_value(obj) else f"{type(obj).__name__} call"
+            entry.span_replays[start.uid] = replay
+            if intercept.is_eager_value(obj):
+                what = "slicing"
+            elif isinstance(obj, _ApiFunction):
+                what = obj.name
+            else:
+                what = f"{type(obj).__name__} call"
             self.established.append(f"{what} at {_call_site_text(call_site)}"
                                     f" ({len(replay.plan.span)} ops)")
 
@@ -690,7 +704,7 @@ def _slice_entry(original):
             return original(obj, spec)
         runner = _state.runner
         call_site = user_location(runner.stop_frame, depth=2)
-        return table.call_as_span(runner, original, obj, (spec,), key, call_site)
+        return table.call_as_span(runner, original, obj, (spec,), {}, [obj], key, call_site)
 
     getitem.__wrapped__ = original
     return getitem
@@ -714,6 +728,98 @@ def _slice_key(obj, spec):
         else:
             return None
     return (head, isinstance(spec, tuple), tuple(parts), intercept.a_tape_is_recording())
+
+
+class _ApiFunction:
+    """A TensorFlow API function as MacroTable sees it: its public name, and a call."""
+
+    __slots__ = ("function", "name")
+
+    def __init__(self, function, name: str) -> None:
+        self.function, self.name = function, name
+
+    def call(self, *args, **kwargs):
+        __tracebackhide__ = True
+        return self.function(*args, **kwargs)
+
+
+# TensorFlow API functions whose Python costs the skeleton more than replaying their recorded
+# ops: argument conversion, shape checks and reshapes around one kernel (a sparse cross-entropy
+# is ~0.9 ms of Python for a few ops), equation parsing (einsum). Pure tensor functions only:
+# no stateful random numbers, no printing, no Python callbacks. Patched where users call them
+# (`tf.nn.softmax`); Keras' own calls of them are inside observed or replayed calls.
+API_FUNCTIONS = {
+    "": ("reshape", "transpose", "pad", "split", "concat", "stack", "einsum", "ones", "zeros",
+         "ones_like", "zeros_like", "reduce_sum", "reduce_mean", "reduce_max", "reduce_min",
+         "matmul", "clip_by_value", "one_hot", "range", "add_n", "squeeze", "expand_dims",
+         "tile", "gather", "cast", "where", "tensordot", "broadcast_to", "norm",
+         "clip_by_global_norm", "square", "sqrt", "exp", "abs", "maximum", "minimum",
+         "sigmoid"),
+    "nn": ("sparse_softmax_cross_entropy_with_logits", "softmax_cross_entropy_with_logits",
+           "sigmoid_cross_entropy_with_logits", "softmax", "log_softmax", "relu", "gelu",
+           "moments", "l2_normalize", "bias_add"),
+    "math": ("reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "log", "sigmoid",
+             "square", "sqrt", "exp", "abs", "maximum", "minimum", "reduce_logsumexp"),
+    "linalg": ("band_part", "matmul", "norm"),
+    "image": ("resize",),
+}
+
+
+def _api_entry(name: str):
+    def make(original):
+        api = _ApiFunction(original, name)
+
+        @functools.wraps(original)
+        def api_call(*args, **kwargs):
+            __tracebackhide__ = True
+            table = _state.table
+            if table is None or _state.observing:
+                return original(*args, **kwargs)
+            flat: list = []
+            key = _api_key((args, kwargs), flat)
+            if key is None:
+                return original(*args, **kwargs)
+            runner = _state.runner
+            call_site = user_location(runner.stop_frame, depth=2)
+            return table.call_as_span(runner, _ApiFunction.call, api, args, kwargs, flat,
+                                      (name, key, intercept.a_tape_is_recording()), call_site)
+
+        api_call.__wrapped__ = original
+        return api_call
+
+    return make
+
+
+def _api_key(value, flat: list):
+    """The guard of a TensorFlow API call's arguments: tensors by dtype and shape (appended to
+    `flat`), Python values and dtypes by value, variables by identity, with their nesting;
+    None when an argument is anything else (a numpy array, a callable)."""
+    if intercept.is_eager_value(value):
+        flat.append(value)
+        return (value._datatype_enum(), value._shape_tuple())
+    if isinstance(value, _PYTHON_VALUES):
+        return (type(value).__name__, value)
+    if isinstance(value, (list, tuple)):
+        parts = []
+        for item in value:
+            part = _api_key(item, flat)
+            if part is None:
+                return None
+            parts.append(part)
+        return (type(value).__name__, tuple(parts))
+    if isinstance(value, dict):
+        items = []
+        for name, item in value.items():
+            part = _api_key(item, flat)
+            if part is None or not isinstance(name, str):
+                return None
+            items.append((name, part))
+        return ("dict", tuple(items))
+    if isinstance(value, tf.dtypes.DType):
+        return ("dtype", value.name)
+    if isinstance(value, _VARIABLE_TYPES):
+        return ("variable", id(value))
+    return None
 
 
 def _compiled_work_entry(original):
@@ -764,7 +870,15 @@ def _entry_points():
         (keras.Model, "predict", _compiled_work_entry),
         (intercept.gradient_module, "imperative_grad", _gradient_entry),
         (tf.Tensor, "__getitem__", _slice_entry),
-    ]
+    ] + [(_namespace(path), name, _api_entry(f"tf.{path + '.' if path else ''}{name}"))
+         for path, names in API_FUNCTIONS.items() for name in names]
+
+
+def _namespace(path: str):
+    namespace = tf
+    for part in filter(None, path.split(".")):
+        namespace = getattr(namespace, part)
+    return namespace
 
 
 class replaying:

@@ -113,7 +113,7 @@ class Job:
     """One submitted segment run; Python waits on it only when it needs one of its values."""
 
     __slots__ = ("compiled", "args", "lazies", "done", "error", "seconds", "key", "runner",
-                 "iteration", "delivered", "after")
+                 "iteration", "delivered", "after", "first_run")
 
     def __init__(self, compiled, args: list, lazies: list, key=None, runner=None,
                  iteration: int = 0, after: Job | None = None) -> None:
@@ -128,6 +128,7 @@ class Job:
         self.error: BaseException | None = None
         self.delivered = False
         self.seconds = 0.0
+        self.first_run = False  # the first run of its graph (instantiation included)
 
     def execute(self) -> None:
         start = time.perf_counter()
@@ -145,6 +146,9 @@ class Job:
                 values = intercept.call_concrete(self.compiled.function, args)
             for lazy, value in zip(self.lazies, values, strict=True):
                 lazy.set_value(value)
+            if not self.compiled.first_run_seconds:
+                self.compiled.first_run_seconds = time.perf_counter() - start
+                self.first_run = True
         except BaseException as error:  # handed to whoever waits for this job
             self.error = error
         finally:
@@ -264,6 +268,9 @@ SPLIT_MIN_TAIL = 8  # ops after a fetched value worth a second graph (PythonRunn
 SPLIT_AFTER_RUNS = 8  # a segment is split once this hot: each new graph's first run is slow
 SUBMIT_AT_FETCHED_AFTER = 8  # fetches of an op after which its segment may be submitted
 SUBMIT_EARLY_MIN_WAIT = 0.0005  # ... at once, when Python still waited this long for it (s)
+# A split or an early submission makes new graphs: made once Python's waits for the graphs it
+# would shorten reach this multiple of what such a graph cost (its build and first run).
+NEW_GRAPH_PAYBACK = 1.0
 
 
 def _segment_key(start, end, outputs: tuple) -> tuple:
@@ -355,9 +362,20 @@ class GraphRunner:
                                          f"{compiled.xla_declined}"))
         return key, compiled
 
+    def has_segment(self, start, end, outputs: tuple) -> bool:
+        return _segment_key(start, end, outputs) in self._compiled
+
     def runs(self, start, end, outputs: tuple) -> int:
         """How many times the segment from `start` to `end` returning `outputs` was run."""
         return self._runs.get(_segment_key(start, end, outputs), 0)
+
+    def split_pays(self, start, end, outputs: tuple) -> bool:
+        """Whether Python has waited for the segment's later runs as long as its graph cost
+        (building it, its first run): about what the two graphs of a split will cost."""
+        compiled = self._compiled.get(_segment_key(start, end, outputs))
+        return (compiled is not None and compiled.first_run_seconds > 0
+                and compiled.waited_seconds
+                >= NEW_GRAPH_PAYBACK * (compiled.seconds + compiled.first_run_seconds))
 
     def forget(self, key) -> None:
         self._compiled.pop(key, None)
@@ -416,7 +434,10 @@ class GraphRunner:
         if not job.done.is_set():
             start = time.perf_counter()
             job.done.wait()
-            self.wait_seconds += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.wait_seconds += waited
+            if not job.first_run:
+                job.compiled.waited_seconds += waited
         job.wait(value_needed)
 
     def end_iteration(self) -> None:
@@ -695,6 +716,10 @@ class PythonRunner:
             self.graph.fetched_sites.add((lazy.node.op_type, lazy.node.location))
             lazy.node.fetch_wait_seconds += waited
             lazy.node.last_fetch_wait = waited
+            job = lazy._job
+            if job is not None and job.done.is_set() and not job.first_run:
+                lazy.node.steady_wait_seconds += waited
+                lazy.node.graph_cost = job.compiled.seconds + job.compiled.first_run_seconds
         return lazy._value
 
     def flush(self) -> None:
@@ -732,6 +757,11 @@ class PythonRunner:
         `lazies`; with its arguments."""
         outputs = tuple((lazy.node, lazy.index) for lazy in lazies)
         reason = "new segment"
+        if not self.runner.has_segment(start, end, outputs):
+            # a node made before one of its sites was seen to change (on another path) is
+            # fed from its first graph, instead of being folded, found stale and recompiled
+            for entry in pending:
+                self._share_varying(entry.node)
         while True:
             key, compiled = self.runner.segment_for(start, end, outputs, self.index, reason)
             args = _arguments(compiled, pending, self.graph.varying_sites)
@@ -744,19 +774,24 @@ class PythonRunner:
         """Where to cut the segment in two: after the last op whose value Python fetched
         before at this point or from the same source line (the loss a training loop logs),
         when enough work follows it (the backward pass, the update). Python then gets that
-        value while the graph runs the rest, overlapping the next iteration. Only hot
-        segments are split (run SPLIT_AFTER_RUNS times whole): a program still settling its
-        paths would pay two more first runs per path (measured on SDPoint: 0.9x eager over
-        its first 34 steps when every path was split at once, 3.2x unsplit). None keeps one
-        graph."""
+        value while the graph runs the rest, overlapping the next iteration. The two new
+        graphs cost about what this one did (building, first run), so the segment is split
+        only once Python has waited for its later runs that long (rent until buying would
+        have paid): a program still settling its paths would otherwise pay two more first runs per
+        path (measured on SDPoint: 0.9x eager over its first 34 steps when every path was
+        split at once, 3.2x unsplit). And only hot segments (run SPLIT_AFTER_RUNS times
+        whole). None keeps one graph."""
         sites = self.graph.fetched_sites
-        fetched = {lazy.node.uid for lazy in alive
+        fetched = {lazy.node for lazy in alive
                    if lazy.node.fetches or (lazy.node.op_type, lazy.node.location) in sites}
         if not fetched:
             return None
         outputs = tuple((lazy.node, lazy.index) for lazy in alive)
         if self.runner.runs(self.segment_start, self.cursor, outputs) < SPLIT_AFTER_RUNS:
             return None
+        if not self.runner.split_pays(self.segment_start, self.cursor, outputs):
+            return None
+        fetched = {node.uid for node in fetched}
         last = max(position for position, pending in enumerate(self.pending)
                    if pending.node.uid in fetched)
         return last if len(self.pending) - 1 - last >= SPLIT_MIN_TAIL else None
@@ -941,10 +976,13 @@ def _submit_early(node) -> bool:
     Python fetched at SUBMIT_AT_FETCHED_AFTER iterations (the loss a loop logs) and still
     waited for (the forward graph then runs while Python prepares the backward pass). Below
     SUBMIT_EARLY_MIN_WAIT the second graph call costs more than it overlaps (measured on a
-    small MLP: 0.87 -> 1.2 ms per step). Once chosen it stays: the waits it removes no longer
-    argue for it."""
+    small MLP: 0.87 -> 1.2 ms per step). The new graphs it makes cost about what the graph
+    holding the node did (building, first run): chosen only once Python has waited that long
+    for the node's value from graphs past their first run (as PythonRunner._split_position).
+    Once chosen it stays: the waits it removes no longer argue for it."""
     if not node.submit_early and node.fetches >= SUBMIT_AT_FETCHED_AFTER \
-            and node.last_fetch_wait >= SUBMIT_EARLY_MIN_WAIT:
+            and node.last_fetch_wait >= SUBMIT_EARLY_MIN_WAIT \
+            and 0 < NEW_GRAPH_PAYBACK * node.graph_cost <= node.steady_wait_seconds:
         node.submit_early = True
     return node.submit_early
 

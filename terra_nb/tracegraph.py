@@ -59,7 +59,7 @@ class Node:
         "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
         "parent", "children", "visits", "island", "externals", "scope", "host_value", "mirrored",
         "function", "fetches", "fetch_wait_seconds", "last_fetch_wait", "submit_early",
-        "host_memo",
+        "host_memo", "steady_wait_seconds", "graph_cost",
         "__weakref__",
     )
 
@@ -83,6 +83,8 @@ class Node:
         self.fetches = 0  # times Python needed one of its values while co-executing
         self.fetch_wait_seconds = 0.0  # and how long Python waited for them in total
         self.last_fetch_wait = 0.0  # seconds, the last time
+        self.steady_wait_seconds = 0.0  # waits for graphs past their first run, in total
+        self.graph_cost = 0.0  # building and first run of the graph it was last fetched from
         self.submit_early = False  # its segment is submitted once it is deferred (runner)
         self.host_memo = None  # (inputs, outputs) of its last computation in Python's thread
 

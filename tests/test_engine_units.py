@@ -338,8 +338,8 @@ def test_embedding_is_replayed_op_by_op_and_keeps_its_sparse_update():
     for want, got in zip(expected[1], actual[1], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert actual[2] == expected[2]
-    replays = [entry.span_replay for entry in session.macro_table.entries.values()]
-    assert any(replay is not None for replay in replays), "the embedding was not replayed"
+    replays = [entry.span_replays for entry in session.macro_table.entries.values()]
+    assert any(replays), "the embedding was not replayed"
     assert modes(session)[-3:] == [ev.CO_EXECUTING] * 3
 
 
@@ -371,7 +371,7 @@ def test_tensor_slicing_is_replayed_and_a_moving_slice_stays_bounded():
     sites = session.macro_table.span_keys_per_site
     assert sites and max(sites.values()) <= macros.SPAN_KEYS_PER_SITE
     replayed = [entry for entry in session.macro_table.entries.values()
-                if entry.span_replay is not None]
+                if entry.span_replays]
     assert replayed, "no slice was replayed"
 
 
@@ -650,9 +650,14 @@ def test_valid_indices_known_to_python_let_the_graph_overlap_the_next_iteration(
     assert mirrored == {"Cast", "AddV2"}
 
 
-def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_follows():
+def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_follows(monkeypatch):
     """Logging the loss each step forces it; once the segment is hot, the backward pass and
-    update after the loss run as a second graph, so Python gets the loss without waiting."""
+    update after the loss run as a second graph, so Python gets the loss without waiting.
+    (The waits of so small a program take long to pay for new graphs: the payback rule is
+    checked on its own below.)"""
+    from terra_nb import runner
+
+    monkeypatch.setattr(runner, "NEW_GRAPH_PAYBACK", 0.0)
     weights = tf.Variable(tf.ones([8, 4]))
     optimizer_state = tf.Variable(tf.zeros([8, 4]))
     data = tf.random.stateless_uniform([16, 8], seed=[1, 2])
@@ -736,17 +741,103 @@ def test_stable_gradient_computations_are_replayed_from_the_trace_graph(custom):
 
 def test_a_fetched_value_ends_its_segment_early_only_when_python_waited_for_it():
     """Submitting the forward graph as soon as the logged loss is deferred pays only when
-    Python waited for that loss; the choice, once made, stays."""
+    Python waited for that loss, and, since it makes new graphs, only once those waits add up
+    to what the graph holding the loss cost (build and first run); the choice, once made,
+    stays."""
     from terra_nb import runner
     from terra_nb.tracegraph import Node
 
     node = Node(1, None, "Mean", (), (), (), (), False, "")
     node.fetches, node.last_fetch_wait = runner.SUBMIT_AT_FETCHED_AFTER, 0.0001
+    node.graph_cost, node.steady_wait_seconds = 0.3, 0.4
     assert not runner._submit_early(node)
     node.fetches -= 1
     node.last_fetch_wait = 2 * runner.SUBMIT_EARLY_MIN_WAIT
     assert not runner._submit_early(node)
     node.fetches += 1
+    node.steady_wait_seconds = 0.2  # waited less than the graph cost: not yet
+    assert not runner._submit_early(node)
+    node.steady_wait_seconds = 0.3
     assert runner._submit_early(node)
     node.last_fetch_wait = 0.0  # the wait it removed does not undo it
     assert runner._submit_early(node)
+
+
+def test_a_hot_segment_is_split_only_once_python_waited_what_its_graph_cost():
+    """Two new graphs cost about what the segment's graph did (build and first run): the
+    split waits until Python's waits for the segment's later runs add up to that."""
+    from terra_nb import graphgen, runner
+    from terra_nb.tracegraph import Node
+
+    graph_runner = runner.GraphRunner(ev.EventLog(), overlap=False)
+    start = Node(1, None, "Const", (), (), (), (), False, "")
+    end = Node(2, start, "Mean", (), (), (), (), False, "")
+    compiled = graphgen.CompiledSegment(None, [], [], [], (), seconds=0.1, xla=False)
+    graph_runner._compiled[runner._segment_key(start, end, ())] = compiled
+    compiled.waited_seconds = 1.0
+    assert not graph_runner.split_pays(start, end, ())  # it has not run yet: cost unknown
+    compiled.first_run_seconds, compiled.waited_seconds = 0.2, 0.25
+    assert not graph_runner.split_pays(start, end, ())
+    compiled.waited_seconds = 0.31
+    assert graph_runner.split_pays(start, end, ())
+    assert not graph_runner.split_pays(end, start, ())  # another segment: never compiled
+
+
+def test_api_functions_are_replayed_per_position_and_per_function():
+    """A TensorFlow API function called from user code is replayed as its recorded ops: one
+    helper reached at several places of an iteration gets a replay at each, and two functions
+    called from one line with the same arguments never share one. Results, gradients and
+    variables stay eager's; the wrappers are gone after the iteration."""
+    original_transpose = tf.transpose
+    data = tf.constant(np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) / 10.0)
+    weights = tf.Variable(tf.ones([4, 4]))
+
+    def heads(t):
+        return tf.transpose(tf.reshape(t, (2, 3, 2, 2)), (0, 2, 1, 3))
+
+    def step(index):
+        with tf.GradientTape() as tape:
+            x = tf.einsum("bld,de->ble", data, weights)
+            q, k = heads(x), heads(x * 2.0)
+            pick = tf.exp if index % 3 == 0 else tf.square  # one line, two functions
+            scores = pick(tf.nn.softmax(tf.matmul(q, k, transpose_b=True)))
+            loss = tf.reduce_mean(scores) + tf.reduce_sum(tf.square(q))
+        (gradient,) = tape.gradient(loss, [weights])
+        weights.assign_sub(0.01 * gradient)
+        return loss
+
+    expected = [float(step(index)) for index in range(12)]
+    after_eager = weights.numpy()
+    weights.assign(tf.ones([4, 4]))
+    session = Session("api-spans")
+    got = []
+    for index in range(12):
+        with session.iteration():
+            loss = step(index)
+        got.append(float(loss))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(weights.numpy(), after_eager, rtol=1e-5)
+    assert tf.transpose is original_transpose
+    assert modes(session)[-3:] == [ev.CO_EXECUTING] * 3
+    entries = session.macro_table.entries
+    by_name = {}
+    for (_, key), entry in entries.items():
+        if entry.span_replays and isinstance(key[0], str):
+            by_name.setdefault(key[0], []).append(len(entry.span_replays))
+    assert max(by_name.get("tf.transpose", [0])) >= 2, by_name  # q's and k's heads
+    assert "tf.exp" in by_name and "tf.square" in by_name, by_name
+
+
+def test_segments_run_with_lean_grappler_options_on_the_calling_thread_only():
+    """Compiled segments are instantiated without the passes that cost first runs and help
+    nothing on CPU; the thread's own function-call options come back afterwards."""
+    from tensorflow.python.eager import context
+
+    before = context.context().function_call_options
+    with intercept.lean_graph_calls():
+        config = tf.compat.v1.ConfigProto.FromString(
+            context.context().function_call_options.config_proto_serialized)
+    rewrites = config.graph_options.rewrite_options
+    assert rewrites.disable_tfg_optimizer and rewrites.meta_optimizer_iterations == 1
+    assert rewrites.memory_optimization == 1 and rewrites.layout_optimizer == 2
+    assert context.context().function_call_options is before
