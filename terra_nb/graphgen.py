@@ -181,14 +181,10 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
                     results = _fold_static_outputs(
                         node.function, intercept.call_function_in_graph(node.function, inputs))
                 else:
-                    operation = graph.create_op(
-                        node.op_type,
-                        inputs,
+                    operation = intercept.create_graph_op(
+                        graph, node.op_type, inputs,
                         [tf.dtypes.as_dtype(dtype) for dtype in node.output_dtypes],
-                        name=f"terra_n{node.uid}",
-                        attrs=attrs[position],
-                        compute_device=True,
-                    )
+                        f"terra_n{node.uid}", attrs[position])
                     results = operation.outputs
                     if node.op_type in FALLIBLE_OPS:
                         fallible.append(operation)

@@ -52,6 +52,7 @@ PRIVATE_SYMBOLS = (
 
 _CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")
 _ATOMIC_FUNCTION_MEMBERS = ("call_flat", "function_type")
+_GRAPH_MEMBERS = ("_create_op_internal",)
 
 
 def check_private_symbols() -> list[str]:
@@ -78,6 +79,7 @@ def check_private_symbols() -> list[str]:
         for member in _ATOMIC_FUNCTION_MEMBERS
         if not hasattr(atomic_function.AtomicFunction, member)
     ]
+    missing += [f"Graph.{member}" for member in _GRAPH_MEMBERS if not hasattr(ops.Graph, member)]
     return missing
 
 
@@ -493,6 +495,13 @@ def calling_function(max_depth: int = 8):
             return frame.f_locals.get("self")
         frame = frame.f_back
     return None
+
+
+def create_graph_op(graph, op_type: str, inputs: list, dtypes: list, name: str, attrs):
+    """Add one op to a graph being built: `Graph.create_op` without its deprecation wrapper,
+    which inspects the call's signature every time (half of a segment's build time)."""
+    return graph._create_op_internal(op_type, inputs, dtypes, name=name, attrs=attrs,
+                                     compute_device=True)
 
 
 def call_function_in_graph(function, inputs: list) -> list:
