@@ -16,6 +16,16 @@ from terra_nb.session import Session
 from terra_nb.trace import is_user_file
 
 
+def _co_executed(session, step, steps: int) -> list[float]:
+    """`step(index)` for each index as one iteration of `session`; its results as floats."""
+    results = []
+    for index in range(steps):
+        with session.iteration():
+            value = step(index)
+        results.append(float(value))
+    return results
+
+
 def test_every_private_tensorflow_symbol_is_where_we_expect_it():
     assert intercept.check_private_symbols() == []
 
@@ -361,11 +371,7 @@ def test_tensor_slicing_is_replayed_and_a_moving_slice_stays_bounded():
     expected = [float(step(index)) for index in range(30)]
     weights.assign(tf.ones([4, 64]))
     session = Session("slices")
-    got = []
-    for index in range(30):
-        with session.iteration():
-            total = step(index)
-        got.append(float(total))
+    got = _co_executed(session, step, 30)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     np.testing.assert_allclose(weights.numpy()[0], np.full(64, 0.5 ** 30, np.float32))
     sites = session.macro_table.span_keys_per_site
@@ -810,11 +816,7 @@ def test_api_functions_are_replayed_per_position_and_per_function():
     after_eager = weights.numpy()
     weights.assign(tf.ones([4, 4]))
     session = Session("api-spans")
-    got = []
-    for index in range(12):
-        with session.iteration():
-            loss = step(index)
-        got.append(float(loss))
+    got = _co_executed(session, step, 12)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     np.testing.assert_allclose(weights.numpy(), after_eager, rtol=1e-5)
     assert tf.transpose is original_transpose
