@@ -14,6 +14,7 @@ one fails loudly instead of silently disabling co-execution.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import sys
@@ -423,22 +424,20 @@ def _shape_proto(value):
 
 
 # Grappler passes that cost a new graph's first run much and its later runs nothing on CPU
-# (measured on the benchmark programs, docs/engine.md "Lean Grappler"): the MLIR (tfg) passes,
+# (measured on the benchmark programs, docs/engine.md "Graph options"): the MLIR (tfg) passes,
 # the memory optimizer (GPU swapping), the layout optimizer (NCHW for GPUs) and the second
 # round of every pass. Remapping (op fusion), constant folding and arithmetic stay.
 _LEAN_REWRITES = {"disable_tfg_optimizer": True, "memory_optimization": 1,  # NO_MEM_OPT
                   "meta_optimizer_iterations": 1, "layout_optimizer": 2}  # ONE, OFF
-_lean_options: list = []
 
 
+@functools.cache
 def _lean_call_options():
-    if not _lean_options:
-        config = context.context().config
-        config.allow_soft_placement = True
-        for field, value in _LEAN_REWRITES.items():
-            setattr(config.graph_options.rewrite_options, field, value)
-        _lean_options.append(context.FunctionCallOptions(config_proto=config))
-    return _lean_options[0]
+    config = context.context().config
+    config.allow_soft_placement = True
+    for field, value in _LEAN_REWRITES.items():
+        setattr(config.graph_options.rewrite_options, field, value)
+    return context.FunctionCallOptions(config_proto=config)
 
 
 @contextlib.contextmanager
@@ -499,7 +498,7 @@ def calling_function(max_depth: int = 8):
 
 def create_graph_op(graph, op_type: str, inputs: list, dtypes: list, name: str, attrs):
     """Add one op to a graph being built: `Graph.create_op` without its deprecation wrapper,
-    which inspects the call's signature every time (half of a segment's build time)."""
+    which inspects the call's signature every time (a quarter of a segment's build time)."""
     return graph._create_op_internal(op_type, inputs, dtypes, name=name, attrs=attrs,
                                      compute_device=True)
 

@@ -786,7 +786,6 @@ def _api_entry(name: str):
             return table.call_as_span(runner, _ApiFunction.call, api, args, kwargs, flat,
                                       (name, key, intercept.a_tape_is_recording()), call_site)
 
-        api_call.__wrapped__ = original
         return api_call
 
     return make
