@@ -843,3 +843,23 @@ def test_segments_run_with_lean_grappler_options_on_the_calling_thread_only():
     assert rewrites.disable_tfg_optimizer and rewrites.meta_optimizer_iterations == 1
     assert rewrites.memory_optimization == 1 and rewrites.layout_optimizer == 2
     assert context.context().function_call_options is before
+
+
+def test_a_value_seen_changing_on_one_path_is_fed_on_paths_recorded_before():
+    """A slice offset folded into one path's graph and then seen to change marks its site;
+    another path, recorded before that, feeds the offset from its first graph instead of
+    folding it, finding it stale and compiling again."""
+    data = tf.constant(np.arange(8 * 16, dtype=np.float32).reshape(8, 16))
+    schedule = [(4, 0), (6, 0), (4, 1), (6, 2), (4, 3), (6, 1)]  # (length, offset)
+
+    def step(index):
+        length, offset = schedule[index]
+        return tf.reduce_sum(data[:, offset:offset + length])
+
+    expected = [float(step(index)) for index in range(len(schedule))]
+    session = Session("varying-sites", trace_iterations=2)
+    got = _co_executed(session, step, len(schedule))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    rebuilt = [event for event in session.events.of_type(ev.GraphBuilt)
+               if "looked constant changed" in event.reason]
+    assert len(rebuilt) == 1, [(event.index, event.reason) for event in rebuilt]
