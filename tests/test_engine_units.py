@@ -863,3 +863,24 @@ def test_a_value_seen_changing_on_one_path_is_fed_on_paths_recorded_before():
     rebuilt = [event for event in session.events.of_type(ev.GraphBuilt)
                if "looked constant changed" in event.reason]
     assert len(rebuilt) == 1, [(event.index, event.reason) for event in rebuilt]
+
+
+def test_tensor_operators_are_replayed_and_reflected_ones_guarded_apart():
+    """`x - 0.5` and `0.5 - x` from one line, with the same operands, are two guards (the
+    reflected operator is another call); both are replayed and give eager's values."""
+    data = tf.constant([1.0, 2.0, 3.0])
+
+    def step(index):
+        value = data * 1.0
+        shifted = value - 0.5 if index % 2 else 0.5 - value
+        scaled = shifted / 4.0 if index % 3 else 4.0 / shifted
+        return tf.reduce_sum(scaled)
+
+    expected = [float(step(index)) for index in range(18)]
+    session = Session("operators")
+    got = _co_executed(session, step, 18)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    replayed = {key[0] for (_, key), entry in session.macro_table.entries.items()
+                if entry.span_replays and isinstance(key[0], str)}
+    assert {"operator -", "operator - (reflected)", "operator /",
+            "operator / (reflected)"} <= replayed, replayed
