@@ -1,4 +1,4 @@
-"""Library replay: stop re-running stable Keras Python in the skeleton.
+"""Library replay: stop re-running stable library Python (Keras, TensorFlow) in the skeleton.
 
 User code always runs. A Keras call (`layer(x)`, `model(x)`, `loss_fn(y, p)`,
 `optimizer.apply_gradients(...)`) made from user code, or from library code that is not itself
@@ -17,6 +17,11 @@ and shapes of tensor arguments, the values of Python arguments (e.g. `training`)
 key is observed again; a macro call whose ops the TraceGraph has not seen is an ordinary
 divergence (fallback, retrace). `Session(self_check=True)` never replays, so every call runs its
 Python: the suite runs programs both ways and compares.
+
+Tensor slicing, the TensorFlow API functions of API_FUNCTIONS and the tensor operators of
+TENSOR_OPERATORS, called from user code, are replayed only as their recorded ops, guarded by
+their arguments (MacroTable.call_as_span), one replay per TraceGraph position where they start
+(stable there: two deferred observations from that node ended at the same node).
 """
 
 from __future__ import annotations
