@@ -15,11 +15,13 @@ class CoExecutedFunction:
     Returned tensors behave like eager ones.
     """
 
-    def __init__(self, fn, *, trace_iterations: int, xla: bool, eager: bool) -> None:
+    def __init__(self, fn, *, trace_iterations: int, xla: bool, eager: bool,
+                 self_check: bool) -> None:
         functools.update_wrapper(self, fn)
         self._fn = fn
         self.session = Session(getattr(fn, "__qualname__", repr(fn)),
-                               trace_iterations=trace_iterations, xla=xla, eager=eager)
+                               trace_iterations=trace_iterations, xla=xla, eager=eager,
+                               self_check=self_check)
 
     def __call__(self, *args, **kwargs):
         __tracebackhide__ = True
@@ -43,14 +45,16 @@ class CoExecutedFunction:
 
 
 def function(fn=None, *, trace_iterations: int = DEFAULT_TRACE_ITERATIONS, xla: bool = False,
-             eager: bool = False):
+             eager: bool = False, self_check: bool = False):
     """Decorate a training step so each call is co-executed (Terra) instead of run eagerly.
 
     `trace_iterations`: calls run eagerly while recording before co-execution starts.
     `xla`: compile the graphs with XLA. `eager`: never co-execute (profile only).
+    `self_check`: never replay library code; every call runs its own Python (slower).
     """
 
     def wrap(step):
-        return CoExecutedFunction(step, trace_iterations=trace_iterations, xla=xla, eager=eager)
+        return CoExecutedFunction(step, trace_iterations=trace_iterations, xla=xla, eager=eager,
+                                  self_check=self_check)
 
     return wrap if fn is None else wrap(fn)

@@ -57,6 +57,13 @@ class TerraMagics(Magics):
     )
     @argument("--no-panel", action="store_true", help="do not display the summary afterwards")
     @argument(
+        "--self-check",
+        action="store_true",
+        help="never replay library code: every Keras call, TensorFlow function and gradient "
+        "runs its own Python each iteration and the traced graph checks its ops (slower; rules "
+        "out a replay when results look wrong)",
+    )
+    @argument(
         "--explain",
         action="store_true",
         help="print an explain report: graphs built with their ops, feeds and fetches, and "
@@ -111,7 +118,7 @@ class TerraMagics(Magics):
         __tracebackhide__ = True
         options = _parse_options(self.terra, line)
         plan = plan_cell(cell, line)
-        settings = (options.trace, options.xla, options.eager)
+        settings = (options.trace, options.xla, options.eager, options.self_check)
         session = self._session_for(plan.digest, settings)
         since = session.iterations if plan.has_loop else 0
         panel = live = handle = None
@@ -168,8 +175,9 @@ class TerraMagics(Magics):
         if known is not None and known[0] == settings:
             session = known[1]
         else:
-            trace, xla, eager = settings
-            session = Session(f"cell-{digest}", trace_iterations=trace, xla=xla, eager=eager)
+            trace, xla, eager, self_check = settings
+            session = Session(f"cell-{digest}", trace_iterations=trace, xla=xla, eager=eager,
+                              self_check=self_check)
         self._sessions[digest] = (settings, session)
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)

@@ -134,7 +134,7 @@ def test_help_is_the_manual(shell, capsys):
     run(shell, "%%terra?")
     shown = capsys.readouterr().out
     assert "outermost `for`/`while` loop" in shown
-    for option in ("--trace N", "--xla", "--eager", "--no-panel", "--explain"):
+    for option in ("--trace N", "--xla", "--eager", "--no-panel", "--explain", "--self-check"):
         assert option in shown
     assert "Example::" in shown
 
@@ -144,3 +144,45 @@ def test_explain_prints_the_event_report(shell, capsys):
     shown = capsys.readouterr().out
     assert "ran eagerly — 2 iterations" in shown
     assert "no graphs built, no fallbacks, no failures, no notes" in shown
+
+
+SELF_CHECK_LOOP = (
+    "keras.utils.set_random_seed(0)\n"
+    "model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation='relu'),\n"
+    "                          keras.layers.Dense(1)])\n"
+    "opt = keras.optimizers.SGD(0.05)\n"
+    "x = tf.reshape(tf.range(32, dtype=tf.float32), (8, 4)) / 32.0\n"
+    "losses = []\n"
+    "for step in range(8):\n"
+    "    with tf.GradientTape() as tape:\n"
+    "        loss = tf.reduce_mean(tf.square(model(x) - 1.0))\n"
+    "    grads = tape.gradient(loss, model.trainable_variables)\n"
+    "    opt.apply_gradients(zip(grads, model.trainable_variables))\n"
+    "    losses.append(float(loss))\n"
+)
+
+
+def test_self_check_runs_every_library_call_and_gives_the_same_losses(shell):
+    """`--self-check` never replays library code (no `replayed` note; the cell still
+    co-executes) and the losses are those of the run that replays."""
+    shell.run_cell("import keras", store_history=False)
+    results = {}
+    for flag in ("", " --self-check"):
+        result = run(shell, f"%%terra --no-panel{flag}\n" + SELF_CHECK_LOOP)
+        assert result.success, result.error_in_exec
+        report = terra_nb.report()
+        results[flag] = (list(shell.user_ns["losses"]),
+                         [note for note in report.notes if note.kind == "replayed"],
+                         {stats.mode for stats in report.modes})
+    replayed, checked = results[""], results[" --self-check"]
+    assert replayed[1] and not checked[1]
+    assert "co-executing" in checked[2]
+    assert checked[0] == pytest.approx(replayed[0], rel=1e-5)
+
+
+def test_terra_nb_function_takes_self_check():
+    import tensorflow as tf
+
+    step = terra_nb.function(lambda x: tf.reduce_sum(x * 2.0), self_check=True)
+    assert step.session.self_check
+    assert float(step(tf.ones([3]))) == 6.0
