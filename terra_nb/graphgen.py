@@ -56,6 +56,12 @@ class CompiledSegment:
     first_run_seconds: float = 0.0  # its first run, instantiation included (0 until run)
     waited_seconds: float = 0.0  # Python's waits for its later runs
 
+    @property
+    def cost(self) -> float:
+        """What the graph cost before its runs paid: building it and its first run (0 until
+        it has run, when the first run is not known yet)."""
+        return self.seconds + self.first_run_seconds if self.first_run_seconds else 0.0
+
     def node_named_in(self, message: str) -> Node | None:
         """The path node an error message names (graph ops are named after their node)."""
         for match in _NODE_NAME.finditer(message):

@@ -877,16 +877,8 @@ def is_replaying() -> bool:
     return _state.replaying > 0
 
 
+@functools.cache
 def _entry_points():
-    if not _ENTRY_POINTS:
-        _ENTRY_POINTS.extend(_make_entry_points())
-    return _ENTRY_POINTS
-
-
-_ENTRY_POINTS: list = []
-
-
-def _make_entry_points():
     return [
         (keras.layers.Layer, "__call__", _make_entry_point),
         (keras.losses.Loss, "__call__", _make_entry_point),

@@ -373,9 +373,7 @@ class GraphRunner:
         """Whether Python has waited for the segment's later runs as long as its graph cost
         (building it, its first run): about what the two graphs of a split will cost."""
         compiled = self._compiled.get(_segment_key(start, end, outputs))
-        return (compiled is not None and compiled.first_run_seconds > 0
-                and compiled.waited_seconds
-                >= NEW_GRAPH_PAYBACK * (compiled.seconds + compiled.first_run_seconds))
+        return compiled is not None and _new_graphs_pay(compiled.waited_seconds, compiled.cost)
 
     def forget(self, key) -> None:
         self._compiled.pop(key, None)
@@ -719,7 +717,7 @@ class PythonRunner:
             job = lazy._job
             if job is not None and job.done.is_set() and not job.first_run:
                 lazy.node.steady_wait_seconds += waited
-                lazy.node.graph_cost = job.compiled.seconds + job.compiled.first_run_seconds
+                lazy.node.graph_cost = job.compiled.cost
         return lazy._value
 
     def flush(self) -> None:
@@ -782,7 +780,7 @@ class PythonRunner:
         split at once, 3.2x unsplit). And only hot segments (run SPLIT_AFTER_RUNS times
         whole). None keeps one graph."""
         sites = self.graph.fetched_sites
-        fetched = {lazy.node for lazy in alive
+        fetched = {lazy.node.uid for lazy in alive
                    if lazy.node.fetches or (lazy.node.op_type, lazy.node.location) in sites}
         if not fetched:
             return None
@@ -791,7 +789,6 @@ class PythonRunner:
             return None
         if not self.runner.split_pays(self.segment_start, self.cursor, outputs):
             return None
-        fetched = {node.uid for node in fetched}
         last = max(position for position, pending in enumerate(self.pending)
                    if pending.node.uid in fetched)
         return last if len(self.pending) - 1 - last >= SPLIT_MIN_TAIL else None
@@ -971,6 +968,12 @@ def _is_host_value(op_type: str, outputs) -> bool:
                for output in outputs)
 
 
+def _new_graphs_pay(waited: float, cost: float) -> bool:
+    """Whether Python's waits for a graph's later runs have paid for new graphs costing about
+    what that graph did (`cost`: its build and first run, 0 while unknown)."""
+    return 0 < cost and NEW_GRAPH_PAYBACK * cost <= waited
+
+
 def _submit_early(node) -> bool:
     """Whether the segment ending at `node` is submitted as soon as Python defers it: a value
     Python fetched at SUBMIT_AT_FETCHED_AFTER iterations (the loss a loop logs) and still
@@ -982,7 +985,7 @@ def _submit_early(node) -> bool:
     Once chosen it stays: the waits it removes no longer argue for it."""
     if not node.submit_early and node.fetches >= SUBMIT_AT_FETCHED_AFTER \
             and node.last_fetch_wait >= SUBMIT_EARLY_MIN_WAIT \
-            and 0 < NEW_GRAPH_PAYBACK * node.graph_cost <= node.steady_wait_seconds:
+            and _new_graphs_pay(node.steady_wait_seconds, node.graph_cost):
         node.submit_early = True
     return node.submit_early
 
