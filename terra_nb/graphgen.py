@@ -181,7 +181,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
                     inputs.append(tf.constant(constant, dtype=tf.dtypes.as_dtype(ref[1])))
                 else:
                     inputs.append(args[feed_index[(position, slot)]])
-            waits = fallible if fallible and _is_stateful(node) else []
+            waits = fallible if fallible and is_stateful(node) else []
             with graph.control_dependencies(waits):
                 if node.function is not None:
                     results = _fold_static_outputs(
@@ -230,7 +230,7 @@ def _draws_random_numbers(path: list[Node]) -> str:
     masks differ under tf.function(jit_compile=True) too); such a segment runs without XLA so
     results stay eager's ("" when the segment draws none)."""
     for node in path:
-        op_types = _function_op_types(node.function) if node.function is not None else {
+        op_types = _function_ops(node.function)[0] if node.function is not None else {
             node.op_type}
         if any(_draws(op_type) for op_type in op_types):
             what = f"{node.op_type} at {node.location[0][0]}:{node.location[0][1]}" \
@@ -245,19 +245,24 @@ def _draws(op_type: str) -> bool:
     return op_type.startswith(_STATELESS_RANDOM_PREFIXES) and "Get" not in op_type
 
 
-_op_types_of_function: dict = {}
+_ops_of_function: dict = {}
 
 
-def _function_op_types(function) -> frozenset:
-    """Op types in a traced function's graph and every function it calls (cached by its
-    name, unique in the process)."""
-    known = _op_types_of_function.get(function.name)
+def _function_ops(function) -> tuple[frozenset, int]:
+    """Op types in a traced function's graph and every function it calls, and how many ops
+    they hold (cached by the function's name, unique in the process)."""
+    known = _ops_of_function.get(function.name)
     if known is None:
         definition = function.graph.as_graph_def()
-        known = frozenset({node.op for node in definition.node} | {
-            node.op for library in definition.library.function for node in library.node_def})
-        _op_types_of_function[function.name] = known
+        ops = [node.op for node in definition.node] + [
+            node.op for library in definition.library.function for node in library.node_def]
+        known = _ops_of_function[function.name] = (frozenset(ops), len(ops))
     return known
+
+
+def op_count(node: Node) -> int:
+    """How many graph ops a node stands for (a replayed library call: its function's)."""
+    return 1 if node.function is None else _function_ops(node.function)[1]
 
 
 def _changing_compile_time_constant(path: list[Node], feeds: list) -> str:
@@ -272,7 +277,7 @@ def _changing_compile_time_constant(path: list[Node], feeds: list) -> str:
     return ""
 
 
-def _is_stateful(node: Node) -> bool:
+def is_stateful(node: Node) -> bool:
     if node.function is not None:
         return True
     definition = intercept.op_def(node.op_type)

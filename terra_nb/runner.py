@@ -264,7 +264,8 @@ def _ready_value(value):
 
 
 RUN_AHEAD = 2
-SPLIT_MIN_TAIL = 8  # ops after a fetched value worth a second graph (PythonRunner._split)
+SPLIT_MIN_TAIL = 8  # graph ops left after fetched values worth a second graph (_split_head)
+SPLIT_AT_ONCE_PATHS = 4  # paths from one start split when first compiled (_split_head)
 SPLIT_AFTER_RUNS = 8  # a segment is split once this hot: each new graph's first run is slow
 SUBMIT_AT_FETCHED_AFTER = 8  # fetches of an op after which its segment may be submitted
 SUBMIT_EARLY_MIN_WAIT = 0.0005  # ... at once, when Python still waited this long for it (s)
@@ -273,8 +274,8 @@ SUBMIT_EARLY_MIN_WAIT = 0.0005  # ... at once, when Python still waited this lon
 NEW_GRAPH_PAYBACK = 1.0
 
 
-def _segment_key(start, end, outputs: tuple) -> tuple:
-    return (start.uid, end.uid, tuple((node.uid, index) for node, index in outputs))
+def _segment_key(start, end, outputs: tuple, part: str = "") -> tuple:
+    return (start.uid, end.uid, tuple((node.uid, index) for node, index in outputs), part)
 
 
 _BOUND, _GIVEN, _MADE, _EARLIER = range(4)  # where a replayed op's input comes from
@@ -335,6 +336,7 @@ class GraphRunner:
         self.overlap = overlap
         self._compiled: dict = {}
         self._runs: dict = {}  # segment key -> times run
+        self._ends_from: dict = {}  # start node uid -> end node uids of compiled segments
         self.compile_seconds = 0.0
         self.wait_seconds = 0.0
         self._queue: queue.SimpleQueue | None = None
@@ -345,12 +347,16 @@ class GraphRunner:
         self._finished_jobs: list[Job] = []
         self._iteration_ends: collections.deque[Job] = collections.deque()
 
-    def segment_for(self, start, end, outputs: tuple, iteration: int, reason: str):
-        key = _segment_key(start, end, outputs)
+    def segment_for(self, start, end, outputs: tuple, iteration: int, reason: str,
+                    part: str = "", path: list | None = None):
+        """The graph of the path from `start` to `end` returning `outputs`, or of a `part` of
+        that path (`path`, the part's nodes): compiled the first time it is asked for."""
+        key = _segment_key(start, end, outputs, part)
         self._runs[key] = self._runs.get(key, 0) + 1
         compiled = self._compiled.get(key)
         if compiled is None:
-            path = end.path_from(start)
+            path = path if part else end.path_from(start)
+            self._ends_from.setdefault(start.uid, set()).add(end.uid)
             compiled = graphgen.compile_segment(path, outputs, self.xla)
             self._compiled[key] = compiled
             self.compile_seconds += compiled.seconds
@@ -362,8 +368,12 @@ class GraphRunner:
                                          f"{compiled.xla_declined}"))
         return key, compiled
 
-    def has_segment(self, start, end, outputs: tuple) -> bool:
-        return _segment_key(start, end, outputs) in self._compiled
+    def paths_from(self, start) -> int:
+        """How many paths from `start` have graphs."""
+        return len(self._ends_from.get(start.uid, ()))
+
+    def has_segment(self, start, end, outputs: tuple, part: str = "") -> bool:
+        return _segment_key(start, end, outputs, part) in self._compiled
 
     def runs(self, start, end, outputs: tuple) -> int:
         """How many times the segment from `start` to `end` returning `outputs` was run."""
@@ -391,7 +401,7 @@ class GraphRunner:
 
     def submit(self, parts: list, iteration: int, token) -> list[Job]:
         """Queue the parts of one segment, each (compiled, args, lazies, key), in one step:
-        a later part continues the one before it (see PythonRunner._split_position).
+        a later part continues the one before it (see PythonRunner._split_head).
 
         `token` names the pending ops they compute; submitting the same token again (a flush
         repeated after a KeyboardInterrupt) returns the jobs already queued, so an interrupt
@@ -705,6 +715,8 @@ class PythonRunner:
         if lazy._job is None:
             if self.finished or lazy.node.uid not in self.segment_uids:
                 raise RuntimeError("terra_nb: a deferred value was lost before it was computed")
+            # known before the flush, so that its segment's first graph is split already
+            self.graph.fetched_sites.add((lazy.node.op_type, lazy.node.location))
             self.flush()
         try:
             self.runner.wait(lazy._job)
@@ -734,13 +746,12 @@ class PythonRunner:
             lazy = reference()
             if lazy is not None and lazy._value is None:
                 alive.append(lazy)
-        split = self._split_position(alive)
-        if split is None:
-            parts = [self._part(self.segment_start, self.cursor, self.pending, alive)]
+        head_uids = self._split_head(alive)
+        if head_uids is None:
+            parts = [self._part(self.pending, alive)]
         else:
-            head, tail, head_lazies, tail_lazies = self._split(split, alive)
-            parts = [self._part(self.segment_start, head[-1].node, head, head_lazies),
-                     self._part(head[-1].node, self.cursor, tail, tail_lazies)]
+            head, tail, head_lazies, tail_lazies = self._split(head_uids, alive)
+            parts = [self._part(head, head_lazies, "first"), self._part(tail, tail_lazies, "rest")]
         self._submit(parts)
 
     def _submit(self, parts: list) -> None:
@@ -750,58 +761,79 @@ class PythonRunner:
         self.flushes += 1
         self._start_segment()
 
-    def _part(self, start, end, pending: list, lazies: list) -> tuple:
-        """Compile (or reuse) the graph of pending ops from `start` to `end` returning
-        `lazies`; with its arguments."""
+    def _part(self, pending: list, lazies: list, part: str = "") -> tuple:
+        """Compile (or reuse) the graph of `pending` ops (the segment from segment_start to
+        the cursor, or a `part` of it, see _split_head) returning `lazies`; with its
+        arguments."""
+        start, end = self.segment_start, self.cursor
         outputs = tuple((lazy.node, lazy.index) for lazy in lazies)
+        path = [entry.node for entry in pending] if part else None
         reason = "new segment"
-        if not self.runner.has_segment(start, end, outputs):
+        if not self.runner.has_segment(start, end, outputs, part):
             # a node made before one of its sites was seen to change (on another path) is
             # fed from its first graph, instead of being folded, found stale and recompiled
             for entry in pending:
                 self._share_varying(entry.node)
         while True:
-            key, compiled = self.runner.segment_for(start, end, outputs, self.index, reason)
+            key, compiled = self.runner.segment_for(start, end, outputs, self.index, reason,
+                                                    part, path)
             args = _arguments(compiled, pending, self.graph.varying_sites)
             if args is not None:
                 return compiled, args, lazies, key
             self.runner.forget(key)
             reason = "a Python value that looked constant changed; it is fed from now on"
 
-    def _split_position(self, alive: list) -> int | None:
-        """Where to cut the segment in two: after the last op whose value Python fetched
-        before at this point or from the same source line (the loss a training loop logs),
-        when enough work follows it (the backward pass, the update). Python then gets that
-        value while the graph runs the rest, overlapping the next iteration. The two new
-        graphs cost about what this one did (building, first run), so the segment is split
-        only once Python has waited for its later runs that long (rent until buying would
-        have paid): a program still settling its paths would otherwise pay two more first runs per
-        path (measured on SDPoint: 0.9x eager over its first 34 steps when every path was
-        split at once, 3.2x unsplit). And only hot segments (run SPLIT_AFTER_RUNS times
-        whole). None keeps one graph."""
+    def _split_head(self, alive: list) -> set | None:
+        """The ops of a first graph that computes the values Python fetched before at this
+        point or from the same source line (the loss a training loop logs), when enough work
+        is left for a second graph (the backward pass, the update): Python then gets those
+        values while the graph runs the rest, overlapping the next iteration. None keeps one
+        graph.
+
+        The head is what the fetched values are computed from, and every op with an effect
+        (a stateful op, a resource read or write, an op that may fail) placed before the last
+        such op among them, with what those are computed from: effects keep program order,
+        and the rest runs after. A loss summed after the updates (`return g_loss + d_loss`)
+        is still computed before them.
+
+        A segment compiled whole is split only once Python has waited for its later runs as
+        long as its graph cost (building it, its first run) — rent until buying would have
+        paid — and only once hot (run SPLIT_AFTER_RUNS times whole): the two new graphs cost
+        about that again, and a program still settling its paths would pay two more first
+        runs per path (SDPoint: 0.9x eager over its first 34 steps when every path was split
+        at once, 3.2x unsplit). A segment not compiled yet is split at once: its two graphs
+        cost about what the whole would."""
         sites = self.graph.fetched_sites
         fetched = {lazy.node.uid for lazy in alive
                    if lazy.node.fetches or (lazy.node.op_type, lazy.node.location) in sites}
         if not fetched:
             return None
         outputs = tuple((lazy.node, lazy.index) for lazy in alive)
-        if self.runner.runs(self.segment_start, self.cursor, outputs) < SPLIT_AFTER_RUNS:
-            return None
-        if not self.runner.split_pays(self.segment_start, self.cursor, outputs):
-            return None
-        last = max(position for position, pending in enumerate(self.pending)
-                   if pending.node.uid in fetched)
-        return last if len(self.pending) - 1 - last >= SPLIT_MIN_TAIL else None
+        if self.runner.has_segment(self.segment_start, self.cursor, outputs) or \
+                self.runner.paths_from(self.segment_start) >= SPLIT_AT_ONCE_PATHS:
+            if self.runner.runs(self.segment_start, self.cursor, outputs) < SPLIT_AFTER_RUNS \
+                    or not self.runner.split_pays(self.segment_start, self.cursor, outputs):
+                return None
+        nodes = [pending.node for pending in self.pending]
+        head = _computing(nodes, fetched)
+        effects = [position for position, node in enumerate(nodes) if _has_effect(node)]
+        last = max((position for position in effects if nodes[position].uid in head),
+                   default=-1)
+        head = _computing(nodes, fetched | {nodes[position].uid for position in effects
+                                            if position <= last})
+        rest = sum(graphgen.op_count(node) for node in nodes if node.uid not in head)
+        return head if rest >= SPLIT_MIN_TAIL else None
 
-    def _split(self, position: int, alive: list) -> tuple[list, list, list, list]:
-        """The two halves of the pending segment, the tail reading the head's results as
-        feeds (new LazyTensors where no live one exists), and each half's outputs."""
-        head, tail = self.pending[:position + 1], self.pending[position + 1:]
-        head_uids = {pending.node.uid for pending in head}
+    def _split(self, head_uids: set, alive: list) -> tuple[list, list, list, list]:
+        """The two parts of the pending segment, the second reading the first's results as
+        feeds (new LazyTensors where no live one exists), and each part's outputs."""
+        head = [pending for pending in self.pending if pending.node.uid in head_uids]
         handed = {(lazy.node.uid, lazy.index): lazy for lazy in alive
                   if lazy.node.uid in head_uids}
         continued = []
-        for pending in tail:
+        for pending in self.pending:
+            if pending.node.uid in head_uids:
+                continue
             outside = pending.outside
             for slot, ref in enumerate(pending.node.inputs):
                 if ref[0] != FROM_NODE or ref[1].uid not in head_uids:
@@ -968,6 +1000,23 @@ def _is_host_value(op_type: str, outputs) -> bool:
                for output in outputs)
 
 
+def _computing(nodes: list, wanted: set) -> set:
+    """The uids of the `wanted` nodes and of the nodes among `nodes` (in program order) that
+    they are computed from."""
+    needed = set(wanted)
+    for node in reversed(nodes):
+        if node.uid in needed:
+            needed.update(ref[1].uid for ref in node.inputs if ref[0] == FROM_NODE)
+    return needed & {node.uid for node in nodes}
+
+
+def _has_effect(node) -> bool:
+    """An op whose place among other such ops matters: it changes or reads state, or may
+    fail (eager execution stops there)."""
+    return (graphgen.is_stateful(node) or node.op_type in graphgen.FALLIBLE_OPS
+            or any(ref[0] == RESOURCE for ref in node.inputs))
+
+
 def _new_graphs_pay(waited: float, cost: float) -> bool:
     """Whether Python's waits for a graph's later runs have paid for new graphs costing about
     what that graph did (`cost`: its build and first run, 0 while unknown)."""
@@ -981,7 +1030,7 @@ def _submit_early(node) -> bool:
     SUBMIT_EARLY_MIN_WAIT the second graph call costs more than it overlaps (measured on a
     small MLP: 0.87 -> 1.2 ms per step). The new graphs it makes cost about what the graph
     holding the node did (building, first run): chosen only once Python has waited that long
-    for the node's value from graphs past their first run (as PythonRunner._split_position).
+    for the node's value from graphs past their first run (as PythonRunner._split_head).
     Once chosen it stays: the waits it removes no longer argue for it."""
     if not node.submit_early and node.fetches >= SUBMIT_AT_FETCHED_AFTER \
             and node.last_fetch_wait >= SUBMIT_EARLY_MIN_WAIT \

@@ -659,8 +659,9 @@ def test_valid_indices_known_to_python_let_the_graph_overlap_the_next_iteration(
 def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_follows(monkeypatch):
     """Logging the loss each step forces it; once the segment is hot, the backward pass and
     update after the loss run as a second graph, so Python gets the loss without waiting.
-    (The waits of so small a program take long to pay for new graphs: the payback rule is
-    checked on its own below.)"""
+    The loss is fetched after its iteration ended, so the segment's first graph was compiled
+    whole, and the split waits until Python's waits paid for it (so small a program takes
+    long: the payback rule is checked on its own below)."""
     from terra_nb import runner
 
     monkeypatch.setattr(runner, "NEW_GRAPH_PAYBACK", 0.0)
@@ -693,6 +694,68 @@ def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_fo
     np.testing.assert_allclose(weights.numpy(), eager_weights, rtol=1e-5)
     ends = {segment.path[-1].op_type for segment in session.graph_runner.segments()}
     assert "Mean" in ends, f"no graph ends at the fetched loss: {ends}"
+
+
+def _losses_logged_after_updates(first, second, data):
+    """Two losses, each variable updated from its own, and their sum returned last (as a GAN
+    step returns g_loss + d_loss): the sum depends on no update."""
+    with tf.GradientTape(persistent=True) as tape:
+        first_loss = tf.reduce_mean(tf.square(data @ first))
+        second_loss = tf.reduce_mean(tf.abs(data @ second))
+    first.assign_sub(0.1 * tape.gradient(first_loss, first))
+    second.assign_sub(0.1 * tape.gradient(second_loss, second))
+    return first_loss + second_loss
+
+
+def _loss_read_after_an_update(weights, counter, data):
+    """The logged value reads a variable after the step updated it: the update must come
+    first, in whichever graph computes the value."""
+    counter.assign_add(1.0)
+    loss = tf.reduce_sum(data @ weights) * counter
+    for _ in range(4):
+        weights.assign_sub(0.01 * tf.ones_like(weights))
+    return loss
+
+
+@pytest.mark.parametrize("step", [_losses_logged_after_updates, _loss_read_after_an_update],
+                         ids=["sum-after-updates", "read-after-update"])
+def test_the_first_graph_holds_what_the_fetched_value_is_computed_from(step):
+    """The first graph of a split segment computes the fetched value from its inputs, ops with
+    effects before the last one it needs included (so effects keep program order); the rest of
+    the segment follows in the second graph. Values, variables and losses stay eager's. The
+    value is fetched inside the iteration (a logging line in the loop body): the segment is
+    split from its first graph on."""
+    data = tf.constant(np.linspace(-1.0, 1.0, 24, dtype=np.float32).reshape(6, 4))
+
+    def run(session):
+        first, second = tf.Variable(tf.ones([4, 3])), tf.Variable(tf.ones([4, 3]) * 0.5)
+        arguments = (first, second, data) if step is _losses_logged_after_updates else (
+            first, tf.Variable(0.0), data)
+        losses = []
+        for _ in range(8):
+            if session is None:
+                losses.append(float(step(*arguments)))
+                continue
+            with session.iteration():
+                losses.append(float(step(*arguments)))
+        return losses, [variable.numpy() for variable in arguments[:2]]
+
+    eager_losses, eager_variables = run(None)
+    session = Session("split-by-dependency", trace_iterations=1)
+    losses, variables = run(session)
+    session.close()
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-6)
+    for value, expected in zip(variables, eager_variables, strict=True):
+        np.testing.assert_allclose(value, expected, rtol=1e-6)
+    parts = [segment.path for segment in session.graph_runner.segments()]
+    heads = [path for path in parts if path[-1].op_type in ("AddV2", "Mul")]
+    assert heads, f"no graph ends at the fetched value: {[p[-1].op_type for p in parts]}"
+    head_ops = [node.op_type for node in heads[-1]]
+    if step is _losses_logged_after_updates:
+        assert "AssignVariableOp" not in head_ops, head_ops  # the updates come after the sum
+    else:
+        assert head_ops.count("AssignAddVariableOp") == 1, head_ops  # the counter, not the rest
+        assert "AssignSubVariableOp" not in head_ops, head_ops
 
 
 @tf.custom_gradient
