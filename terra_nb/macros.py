@@ -174,7 +174,7 @@ class MacroTable:
             return result
         if entry.macro is not None:
             self.replayed_calls += 1
-            return _replay(entry, flat)
+            return _replay(entry, flat, runner, call_site)
         if entry.banned:
             return original(obj, *args, **kwargs)
         return self._observe(entry, runner, original, obj, args, kwargs, flat, call_site,
@@ -528,13 +528,16 @@ def _build_macro(original, obj, args, kwargs):
     return concrete, tensor_positions
 
 
-def _replay(entry, flat: list):
+def _replay(entry, flat: list, runner, call_site):
+    """Call the macro in place of the library call; its op is located at `call_site`."""
     tensors = [flat[index] for index in entry.tensor_positions]
     tensors = [value if tf.is_tensor(value) else tf.convert_to_tensor(value) for value in tensors]
     _state.replaying += 1
+    runner.call_site = call_site
     try:
         return intercept.call_traced(entry.macro, tensors)
     finally:
+        runner.call_site = None
         _state.replaying -= 1
 
 
@@ -590,6 +593,8 @@ def _library_class(cls) -> bool:
 def _object_state(obj):
     """The Python state the call reads, or None if the object's code is the user's."""
     if isinstance(obj, keras.layers.Layer):
+        if not _library_class(type(obj)):
+            return None  # decided before walking a user layer's sub-layers, at every call
         layers = list(obj._flatten_layers(include_self=True))
         if not all(_library_class(type(layer)) for layer in layers):
             return None

@@ -337,6 +337,7 @@ class GraphRunner:
         self._compiled: dict = {}
         self._runs: dict = {}  # segment key -> times run
         self._ends_from: dict = {}  # start node uid -> end node uids of compiled segments
+        self.split_heads: dict = {}  # (start uid, end uid, fetched uids) -> first part's uids
         self.compile_seconds = 0.0
         self.wait_seconds = 0.0
         self._queue: queue.SimpleQueue | None = None
@@ -518,6 +519,9 @@ class PythonRunner:
         self.mode = mode
         self.started_deferred = mode == DEFER
         self.stop_frame = stop_frame
+        # the user frames of a replayed library call, set around it: its op's location, the
+        # same as the stack walk would find (only library frames lie between), known for free
+        self.call_site = None
         self.cursor = graph.root
         self.segment_start = graph.root
         self.pending: list[_Pending] = []
@@ -541,7 +545,9 @@ class PythonRunner:
     def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
         entered = time.perf_counter()
         self.ops += 1
-        location = user_location(self.stop_frame, depth=3)
+        location = self.call_site
+        if location is None:
+            location = user_location(self.stop_frame, depth=3)
         refs = tuple(self._ref(value) for value in inputs)
         attrs_key = _attrs_key(op_type, attrs)
         key = (op_type, attrs_key, location, tuple(_ref_key(ref) for ref in refs),
@@ -598,8 +604,8 @@ class PythonRunner:
         found once per op signature, and the shapes once per distinct value, by shape
         inference (graphgen); when inference cannot tell, the values themselves are the key.
         """
-        if not any(_is_integer(ref) for ref in refs):
-            return ()
+        if intercept.op_def(op_type) is None or not any(_is_integer(ref) for ref in refs):
+            return ()  # a traced function's output shapes are its signature's
         signature = _shape_signature(op_type, attrs_key, refs)
         slots = _SHAPE_VALUE_SLOTS.get(signature)
         if slots is None:
@@ -814,15 +820,11 @@ class PythonRunner:
             if self.runner.runs(self.segment_start, self.cursor, outputs) < SPLIT_AFTER_RUNS \
                     or not self.runner.split_pays(self.segment_start, self.cursor, outputs):
                 return None
-        nodes = [pending.node for pending in self.pending]
-        head = _computing(nodes, fetched)
-        effects = [position for position, node in enumerate(nodes) if _has_effect(node)]
-        last = max((position for position in effects if nodes[position].uid in head),
-                   default=-1)
-        head = _computing(nodes, fetched | {nodes[position].uid for position in effects
-                                            if position <= last})
-        rest = sum(graphgen.op_count(node) for node in nodes if node.uid not in head)
-        return head if rest >= SPLIT_MIN_TAIL else None
+        key = (self.segment_start.uid, self.cursor.uid, frozenset(fetched))
+        heads = self.runner.split_heads
+        if key not in heads:  # the path from start to cursor is the pending ops
+            heads[key] = _split_head([pending.node for pending in self.pending], fetched)
+        return heads[key]
 
     def _split(self, head_uids: set, alive: list) -> tuple[list, list, list, list]:
         """The two parts of the pending segment, the second reading the first's results as
@@ -998,6 +1000,18 @@ def _is_host_value(op_type: str, outputs) -> bool:
         return False
     return all(output.dtype.is_integer and output._num_elements() <= SMALL_CONSTANT
                for output in outputs)
+
+
+def _split_head(nodes: list, fetched: set) -> set | None:
+    """The uids of the first graph's nodes (see PythonRunner._split_head), or None when too
+    little work would be left for a second."""
+    head = _computing(nodes, fetched)
+    effects = [position for position, node in enumerate(nodes) if _has_effect(node)]
+    last = max((position for position in effects if nodes[position].uid in head), default=-1)
+    head = _computing(nodes, fetched | {nodes[position].uid for position in effects
+                                        if position <= last})
+    rest = sum(graphgen.op_count(node) for node in nodes if node.uid not in head)
+    return head if rest >= SPLIT_MIN_TAIL else None
 
 
 def _computing(nodes: list, wanted: set) -> set:
