@@ -85,6 +85,7 @@ def check_private_symbols() -> list[str]:
 
 
 EagerTensor = ops.EagerTensor
+EagerTensorBase = ops._EagerTensorBase  # eager tensors and LazyTensors
 _real_fast_path = pywrap_tfe.TFE_Py_FastPathExecute
 _real_execute = execute.quick_execute
 _Decline = core._FallbackException
@@ -335,7 +336,7 @@ class LazyTensor(ops._EagerTensorBase):
 
 def is_eager_value(value) -> bool:
     """An eager tensor or a LazyTensor standing for one."""
-    return isinstance(value, ops._EagerTensorBase)
+    return isinstance(value, EagerTensorBase)
 
 
 def unwrap(value):
@@ -352,8 +353,11 @@ def _unwrap_all(inputs):
 # ---------------------------------------------------------------- op definitions and attrs
 
 
+@functools.cache
 def op_def(op_type: str):
-    """The OpDef of a registered op, or None (e.g. a call of a traced tf.function)."""
+    """The OpDef of a registered op, or None (e.g. a call of a traced tf.function). Misses
+    are remembered too: TensorFlow's registry caches only hits, and looks a miss up again
+    under a lock (every call of a replayed library function asks)."""
     return op_def_registry.get(op_type)
 
 

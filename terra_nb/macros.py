@@ -47,6 +47,7 @@ _PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
 SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
 
 _VARIABLE_TYPES = (tf.Variable, keras.Variable)
+_LEAVES = (intercept.EagerTensorBase, *_PYTHON_VALUES)  # leaves whatever tf.nest expands
 
 def _gathers_from_variable(node) -> bool:
     """A gather from a variable has an IndexedSlices gradient for that variable. Through a
@@ -140,7 +141,7 @@ class MacroTable:
 
     def call(self, runner, original, obj, args: tuple, kwargs: dict, call_site):
         __tracebackhide__ = True
-        flat = _flatten((args, kwargs))
+        flat = _flatten(args, kwargs)
         key = _guard_key(obj, args, kwargs, flat)
         if key is None:
             return original(obj, *args, **kwargs)
@@ -506,7 +507,7 @@ def _replay_span(replay: _SpanReplay, runner, flat: list):
 
 
 def _build_macro(original, obj, args, kwargs):
-    flat = _flatten((args, kwargs))
+    flat = _flatten(args, kwargs)
     tensor_positions = [index for index, value in enumerate(flat) if _is_tensor_like(value)]
     specs = [tf.TensorSpec(np.shape(flat[index]), _dtype_of(flat[index]))
              for index in tensor_positions]
@@ -541,10 +542,15 @@ def _replay(entry, flat: list, runner, call_site):
         _state.replaying -= 1
 
 
-def _flatten(structure) -> list:
+def _flatten(args: tuple, kwargs: dict) -> list:
     """Leaves of the call's arguments; composite tensors (an IndexedSlices gradient) as their
-    component tensors, so the traced call rebuilds them and keeps sparse updates sparse."""
-    return tf.nest.flatten(structure, expand_composites=True)
+    component tensors, so the traced call rebuilds them and keeps sparse updates sparse.
+    Arguments that are all eager tensors or Python values (most calls) are their own leaves,
+    in tf.nest's order (keyword arguments by name), without its walk (~2% of a skeleton)."""
+    values = [*args, *(kwargs[name] for name in sorted(kwargs))]
+    if all(isinstance(value, _LEAVES) for value in values):
+        return values
+    return tf.nest.flatten((args, kwargs), expand_composites=True)
 
 
 def _is_tensor_like(value) -> bool:
