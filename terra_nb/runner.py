@@ -338,6 +338,7 @@ class GraphRunner:
         self._runs: dict = {}  # segment key -> times run
         self._ends_from: dict = {}  # start node uid -> end node uids of compiled segments
         self.split_heads: dict = {}  # (start uid, end uid, fetched uids) -> first part's uids
+        self._split: set = set()  # keys of the segments run as two graphs
         self.compile_seconds = 0.0
         self.wait_seconds = 0.0
         self._queue: queue.SimpleQueue | None = None
@@ -368,6 +369,13 @@ class GraphRunner:
                                          f"a graph segment runs without XLA: "
                                          f"{compiled.xla_declined}"))
         return key, compiled
+
+    def was_split(self, start, end, outputs: tuple) -> bool:
+        """Whether this segment was run as two graphs before (it then always is)."""
+        return _segment_key(start, end, outputs) in self._split
+
+    def split(self, start, end, outputs: tuple) -> None:
+        self._split.add(_segment_key(start, end, outputs))
 
     def paths_from(self, start) -> int:
         """How many paths from `start` have graphs."""
@@ -814,17 +822,24 @@ class PythonRunner:
                    if lazy.node.fetches or (lazy.node.op_type, lazy.node.location) in sites}
         if not fetched:
             return None
+        start, end = self.segment_start, self.cursor
         outputs = tuple((lazy.node, lazy.index) for lazy in alive)
-        if self.runner.has_segment(self.segment_start, self.cursor, outputs) or \
-                self.runner.paths_from(self.segment_start) >= SPLIT_AT_ONCE_PATHS:
-            if self.runner.runs(self.segment_start, self.cursor, outputs) < SPLIT_AFTER_RUNS \
-                    or not self.runner.split_pays(self.segment_start, self.cursor, outputs):
+        runner = self.runner
+        if not runner.was_split(start, end, outputs):
+            if runner.has_segment(start, end, outputs):
+                if runner.runs(start, end, outputs) < SPLIT_AFTER_RUNS \
+                        or not runner.split_pays(start, end, outputs):
+                    return None
+            elif runner.paths_from(start) >= SPLIT_AT_ONCE_PATHS:
                 return None
-        key = (self.segment_start.uid, self.cursor.uid, frozenset(fetched))
-        heads = self.runner.split_heads
-        if key not in heads:  # the path from start to cursor is the pending ops
-            heads[key] = _split_head([pending.node for pending in self.pending], fetched)
-        return heads[key]
+        key = (start.uid, end.uid, frozenset(fetched))
+        if key not in runner.split_heads:  # the path from start to cursor is the pending ops
+            runner.split_heads[key] = _split_head([entry.node for entry in self.pending],
+                                                  fetched)
+        head = runner.split_heads[key]
+        if head is not None:
+            runner.split(start, end, outputs)
+        return head
 
     def _split(self, head_uids: set, alive: list) -> tuple[list, list, list, list]:
         """The two parts of the pending segment, the second reading the first's results as

@@ -758,6 +758,48 @@ def test_the_first_graph_holds_what_the_fetched_value_is_computed_from(step):
         assert "AssignSubVariableOp" not in head_ops, head_ops
 
 
+def _branch_step(weights, branch: int):
+    """A step whose path the Python `branch` picks (as SDPoint picks a downsampling point)."""
+    activation = (tf.sin, tf.cos, tf.tanh)[branch]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(activation(weights * 2.0))
+    weights.assign_sub(0.1 * tape.gradient(loss, weights))
+    for _ in range(3):
+        weights.assign(weights * 0.99)
+    return loss
+
+
+def test_only_a_programs_first_paths_are_split_when_first_compiled(monkeypatch):
+    """A segment not compiled yet is split at once while few paths from its start have
+    graphs; a program that keeps making paths gets its later ones compiled whole (each split
+    path pays two graphs' first runs), to be split once that pays. Here the first path, the
+    ops before the second path's fallback and the second path make three; the third path is
+    compiled whole. A path split once stays split when it comes back."""
+    from terra_nb import runner
+
+    monkeypatch.setattr(runner, "SPLIT_AT_ONCE_PATHS", 3)
+    branches = [0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2]
+    eager_weights = tf.Variable(tf.linspace(0.1, 1.0, 6))
+    eager = [float(_branch_step(eager_weights, branch)) for branch in branches]
+    weights = tf.Variable(tf.linspace(0.1, 1.0, 6))
+    session = Session("paths", trace_iterations=1)
+    losses = []
+    for branch in branches:
+        with session.iteration():
+            losses.append(float(_branch_step(weights, branch)))
+    session.close()
+    np.testing.assert_allclose(losses, eager, rtol=1e-6)
+    np.testing.assert_allclose(weights.numpy(), eager_weights.numpy(), rtol=1e-6)
+    split = {op for segment in session.graph_runner.segments()
+             if segment.path[-1].op_type == "Sum"
+             for op in ("Sin", "Cos", "Tanh") if op in {n.op_type for n in segment.path}}
+    assert split == {"Sin", "Cos"}, split  # the third path's graph holds its updates too
+    whole = [{node.op_type for node in segment.path} for segment in
+             session.graph_runner.segments() if segment.path[-1].op_type == "AssignVariableOp"
+             and segment.path[0].op_type == "ReadVariableOp"]
+    assert [ops & {"Sin", "Cos", "Tanh"} for ops in whole] == [{"Tanh"}], whole
+
+
 @tf.custom_gradient
 def _clipped_gradient(x):
     def gradient(upstream):
