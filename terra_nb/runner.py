@@ -572,6 +572,7 @@ class PythonRunner:
                     self.flush()
                 return outputs
             self._diverge(op_type, key, location, refs)
+            entered = time.perf_counter()  # its wait for the graph is a fetch wait, not recording
         ran = time.perf_counter()
         outputs = intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
         recorded = time.perf_counter()
