@@ -47,7 +47,8 @@ _PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
 SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
 
 _VARIABLE_TYPES = (tf.Variable, keras.Variable)
-_LEAVES = (intercept.EagerTensorBase, *_PYTHON_VALUES)  # leaves whatever tf.nest expands
+_LEAVES = (intercept.EagerTensorBase, *_PYTHON_VALUES)  # tf.nest keeps these whole
+
 
 def _gathers_from_variable(node) -> bool:
     """A gather from a variable has an IndexedSlices gradient for that variable. Through a
@@ -546,7 +547,7 @@ def _flatten(args: tuple, kwargs: dict) -> list:
     """Leaves of the call's arguments; composite tensors (an IndexedSlices gradient) as their
     component tensors, so the traced call rebuilds them and keeps sparse updates sparse.
     Arguments that are all eager tensors or Python values (most calls) are their own leaves,
-    in tf.nest's order (keyword arguments by name), without its walk (~2% of a skeleton)."""
+    in tf.nest's order (keyword arguments by name), without its walk."""
     values = [*args, *(kwargs[name] for name in sorted(kwargs))]
     if all(isinstance(value, _LEAVES) for value in values):
         return values
