@@ -727,18 +727,17 @@ class PythonRunner:
 
     def materialize(self, lazy) -> intercept.EagerTensor:
         start = time.perf_counter()
+        if lazy._job is None and (self.finished or lazy.node.uid not in self.segment_uids):
+            raise RuntimeError("terra_nb: a deferred value was lost before it was computed")
+        # known before a flush, so that the segment's first graph is split already
+        self.graph.fetched_sites.add((lazy.node.op_type, lazy.node.location))
         if lazy._job is None:
-            if self.finished or lazy.node.uid not in self.segment_uids:
-                raise RuntimeError("terra_nb: a deferred value was lost before it was computed")
-            # known before the flush, so that its segment's first graph is split already
-            self.graph.fetched_sites.add((lazy.node.op_type, lazy.node.location))
             self.flush()
         try:
             self.runner.wait(lazy._job)
         finally:
             waited = time.perf_counter() - start
             lazy.node.fetches += 1
-            self.graph.fetched_sites.add((lazy.node.op_type, lazy.node.location))
             lazy.node.fetch_wait_seconds += waited
             lazy.node.last_fetch_wait = waited
             job = lazy._job
@@ -822,7 +821,7 @@ class PythonRunner:
         step over its first 34 steps 18 -> 86 ms). A segment once split stays split."""
         sites = self.graph.fetched_sites
         fetched = {lazy.node.uid for lazy in alive
-                   if lazy.node.fetches or (lazy.node.op_type, lazy.node.location) in sites}
+                   if (lazy.node.op_type, lazy.node.location) in sites}
         if not fetched:
             return None
         start, end = self.segment_start, self.cursor
@@ -837,7 +836,7 @@ class PythonRunner:
                 return None
         key = (start.uid, end.uid, frozenset(fetched))
         if key not in runner.split_heads:  # the path from start to cursor is the pending ops
-            runner.split_heads[key] = _split_head([entry.node for entry in self.pending],
+            runner.split_heads[key] = _first_part([entry.node for entry in self.pending],
                                                   fetched)
         head = runner.split_heads[key]
         if head is not None:
@@ -1020,7 +1019,7 @@ def _is_host_value(op_type: str, outputs) -> bool:
                for output in outputs)
 
 
-def _split_head(nodes: list, fetched: set) -> set | None:
+def _first_part(nodes: list, fetched: set) -> set | None:
     """The uids of the first graph's nodes (see PythonRunner._split_head), or None when too
     little work would be left for a second."""
     head = _computing(nodes, fetched)
