@@ -23,10 +23,19 @@ from typing import Protocol
 
 import numpy as np
 from tensorflow.python import pywrap_tfe
-from tensorflow.python.eager import context, core, execute, record, tape
+from tensorflow.python.eager import (
+    backprop_util,
+    context,
+    core,
+    execute,
+    forwardprop_util,
+    record,
+    tape,
+)
 from tensorflow.python.eager import imperative_grad as gradient_module  # noqa: F401 (macros)
 from tensorflow.python.eager.polymorphic_function import atomic_function
-from tensorflow.python.framework import dtypes, op_def_registry, ops, tensor_shape
+from tensorflow.python.framework import dtypes, indexed_slices, op_def_registry, ops, tensor_shape
+from tensorflow.python.ops import array_ops, gradients_util
 
 PRIVATE_SYMBOLS = (
     ("tensorflow.python.pywrap_tfe", "TFE_Py_FastPathExecute"),
@@ -48,6 +57,10 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.pywrap_tfe", "TFE_Py_RecordGradient"),
     ("tensorflow.python.eager.tape", "variable_accessed"),
     ("tensorflow.python.eager.context", "FunctionCallOptions"),
+    ("tensorflow.python.eager.record", "record_operation"),
+    ("tensorflow.python.eager.forwardprop_util", "pack_tangents"),
+    ("tensorflow.python.eager.backprop_util", "IsTrainable"),
+    ("tensorflow.python.ops.gradients_util", "PossibleTapeGradientTypes"),
 )
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
@@ -470,12 +483,119 @@ def call_concrete(function, args: list) -> list:
     return outputs if isinstance(outputs, (list, tuple)) else [outputs]
 
 
-def call_traced(function, tensors: list):
-    """Call a ConcreteFunction with its flat tensor arguments, skipping argument binding (the
-    costly part of `function(*tensors)`); gradient tapes and the active handler see the call
-    as usual. Returns the function's structured outputs."""
-    return function._call_flat(tensors, function.captured_inputs)
+class TracedCall:
+    """A ConcreteFunction the skeleton calls in place of a stable library call (a macro).
 
+    Under one first-order gradient tape, TensorFlow's call path builds at every call the Python
+    function that would compute the call's gradient: it maps each side output of the forward
+    function to the backward function's captures and sorts the outputs by trainability, ~0.1
+    ms per Keras call, spent again every iteration although a replayed gradient never calls it.
+    Here that mapping is worked out once, from TensorFlow's own first call; later calls record
+    their tape entry with the side outputs the backward function captures, and it runs only if
+    the tape's gradient code asks for it. Any other tape set-up (persistent or nested tapes,
+    forward accumulators) takes TensorFlow's path.
+    """
+
+    def __init__(self, function) -> None:
+        self.function = function
+        self._plan: _TapePlan | None = None
+
+    @property
+    def outputs(self):
+        return self.function.outputs
+
+    def __call__(self, tensors: list):
+        """Call with the flat tensor arguments, skipping argument binding (the costly part of
+        `function(*tensors)`); gradient tapes and the active handler see the call as usual.
+        Returns the function's structured outputs."""
+        function = self.function
+        captured = function.captured_inputs
+        plan = self._plan
+        if plan is not None and plan.usable:
+            args = tensors + captured
+            if (gradients_util.PossibleTapeGradientTypes(args) == _FIRST_ORDER
+                    and context.executing_eagerly()
+                    and not forwardprop_util.pack_tangents(args).indices):
+                return function.function_type.pack_output(plan.call(args))
+        outputs = function._call_flat(tensors, captured)
+        if plan is None:
+            self._plan = _TapePlan.of(function)
+        return outputs
+
+
+_FIRST_ORDER = gradients_util.POSSIBLE_GRADIENT_TYPES_FIRST_ORDER
+
+
+class _TapePlan:
+    """How one traced function's call is recorded on a first-order tape (see TracedCall):
+    what TensorFlow's `_TapeGradientFunctions._wrap_backward_function` works out per call."""
+
+    @classmethod
+    def of(cls, function) -> _TapePlan | None:
+        """The plan, once TensorFlow's own first-order call built the forward and backward
+        functions (None before; an unusable plan where a call must keep TensorFlow's path)."""
+        functions = getattr(function, "_first_order_tape_functions", {}).get((False, ()))
+        if getattr(functions, "_forward", None) is None:
+            return None
+        return cls(function, functions._forward, functions._forward_graph, functions._backward)
+
+    def __init__(self, function, forward, forward_graph, backward) -> None:
+        self.variables = function.graph.variables
+        self.forward = forward
+        self.name = forward.cached_definition.signature.name
+        self.backward = backward
+        outputs = forward_graph.outputs
+        position = {ops.tensor_id(output): index for index, output in enumerate(outputs)}
+        captures = backward.captured_inputs
+        # each backward capture: a forward output (its index) or a fixed tensor
+        self.captures = [(position.get(ops.tensor_id(capture)), capture) for capture in captures]
+        self.gradient_inputs = len(backward.inputs) - len(captures)
+        self.gradient_specs = [(placeholder.shape, placeholder.dtype)
+                               for placeholder in backward.inputs[:self.gradient_inputs]]
+        self.skipped = frozenset(index for index, output in enumerate(outputs)
+                                 if not backprop_util.IsTrainable(output))
+        recorded = trainable = 0
+        for index in range(len(outputs)):
+            if trainable < self.gradient_inputs:
+                recorded += 1
+            if index not in self.skipped:
+                trainable += 1
+        self.recorded = recorded
+        self.usable = bool(outputs) and all(
+            output.dtype != dtypes.variant for output in outputs) and all(
+            index is not None or isinstance(capture, EagerTensor)
+            or getattr(capture, "graph", None) is not forward_graph
+            for index, capture in self.captures)
+
+    def call(self, args: list) -> list:
+        for variable in self.variables:
+            if variable.trainable:
+                tape.variable_accessed(variable)
+        outputs = self.forward.call_flat(*args)
+        captured = [capture if index is None else outputs[index]
+                    for index, capture in self.captures]
+        record.record_operation(self.name, outputs[:self.recorded], args,
+                                functools.partial(self._gradient, captured))
+        return outputs
+
+    def _gradient(self, captured: list, *output_gradients):
+        """The call's input gradients from its outputs' (None: unconnected, dense zeros)."""
+        backward = self.backward
+        if not backward.outputs:
+            return backward.structured_outputs
+        gradients = []
+        for index, gradient in enumerate(output_gradients):
+            if isinstance(gradient, indexed_slices.IndexedSlices):
+                gradient = ops.convert_to_tensor(gradient)
+            if index in self.skipped:
+                continue
+            if gradient is None:
+                shape, dtype = self.gradient_specs[len(gradients)]
+                gradient = array_ops.zeros(shape, dtype)
+            gradients.append(gradient)
+            if len(gradients) >= self.gradient_inputs:
+                break
+        return backward._call_flat(gradients, captured)
 
 
 # ---------------------------------------------------------------- calls of traced functions

@@ -527,7 +527,7 @@ def _build_macro(original, obj, args, kwargs):
             concrete = tf.function(body, autograph=False).get_concrete_function(*specs)
     finally:
         _state.observing -= 1
-    return concrete, tensor_positions
+    return intercept.TracedCall(concrete), tensor_positions
 
 
 def _replay(entry, flat: list, runner, call_site):
@@ -537,7 +537,7 @@ def _replay(entry, flat: list, runner, call_site):
     _state.replaying += 1
     runner.call_site = call_site
     try:
-        return intercept.call_traced(entry.macro, tensors)
+        return entry.macro(tensors)
     finally:
         runner.call_site = None
         _state.replaying -= 1

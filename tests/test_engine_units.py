@@ -284,6 +284,58 @@ def test_keras_internals_the_replay_guard_reads_exist():
         assert hasattr(owner, attribute), f"{dotted}.{attribute} moved"
 
 
+def test_a_traced_call_records_its_tape_entry_as_tensorflow_does(monkeypatch):
+    """A replayed library call records its tape entry from a plan worked out once, not by
+    TensorFlow's per-call path: gradients through it (connected, unconnected, through an
+    integer output, an IndexedSlices output gradient) are eager's; a persistent tape keeps
+    TensorFlow's path."""
+    weights = tf.Variable([[1.0, -2.0], [0.5, 3.0]])
+
+    def body(x, ids):
+        hidden = tf.tanh(x @ weights)
+        return hidden, tf.reduce_sum(hidden * hidden), ids * 2, tf.gather(hidden, ids)
+
+    concrete = tf.function(body, autograph=False).get_concrete_function(
+        tf.TensorSpec((3, 2)), tf.TensorSpec((2,), tf.int32))
+    traced = intercept.TracedCall(concrete)
+    x = tf.constant([[0.1, 0.2], [-0.3, 0.4], [0.5, -0.6]])
+    ids = tf.constant([2, 0])
+    targets = {
+        "scalar output": lambda outputs: outputs[1],
+        "unconnected outputs": lambda outputs: outputs[1] * 0.5,
+        "every output": lambda outputs: (tf.reduce_sum(outputs[0]) + outputs[1]
+                                          + tf.reduce_sum(tf.cast(outputs[2], tf.float32))
+                                          + tf.reduce_sum(outputs[3])),
+        "sparse output gradient": lambda outputs: tf.reduce_sum(tf.gather(outputs[0], ids)),
+    }
+    planned_calls = []
+    real_call = intercept._TapePlan.call
+    monkeypatch.setattr(intercept._TapePlan, "call",
+                        lambda plan, args: planned_calls.append(1) or real_call(plan, args))
+
+    def gradients(call, target, persistent=False):
+        with tf.GradientTape(persistent=persistent) as tape:
+            tape.watch(x)
+            value = target(call())
+        return [gradient.numpy() for gradient in tape.gradient(value, [x, weights])]
+
+    traced([x, ids])  # no tape: TensorFlow's inference call, no plan yet
+    assert traced._plan is None
+    for name, target in targets.items():
+        expected = gradients(lambda: body(x, ids), target)
+        for _ in range(2):  # TensorFlow's first-order call, then the plan's
+            got = gradients(lambda: traced([x, ids]), target)
+            for want, have in zip(expected, got, strict=True):
+                np.testing.assert_allclose(have, want, rtol=1e-6, err_msg=name)
+    assert traced._plan is not None and traced._plan.usable
+    assert len(planned_calls) == 2 * len(targets) - 1
+    got = gradients(lambda: traced([x, ids]), targets["every output"], persistent=True)
+    assert len(planned_calls) == 2 * len(targets) - 1
+    expected = gradients(lambda: body(x, ids), targets["every output"])
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_allclose(have, want, rtol=1e-6)
+
+
 def test_replayed_layer_sees_a_changed_trainable_flag():
     """Stale Python state is the risk of replay: `trainable` is in the guard."""
     import keras
