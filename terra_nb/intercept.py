@@ -34,7 +34,14 @@ from tensorflow.python.eager import (
 )
 from tensorflow.python.eager import imperative_grad as gradient_module  # noqa: F401 (macros)
 from tensorflow.python.eager.polymorphic_function import atomic_function
-from tensorflow.python.framework import dtypes, indexed_slices, op_def_registry, ops, tensor_shape
+from tensorflow.python.framework import (
+    dtypes,
+    indexed_slices,
+    op_def_registry,
+    ops,
+    tensor_conversion_registry,
+    tensor_shape,
+)
 from tensorflow.python.ops import array_ops, gradients_util
 
 PRIVATE_SYMBOLS = (
@@ -61,6 +68,7 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.eager.forwardprop_util", "pack_tangents"),
     ("tensorflow.python.eager.backprop_util", "IsTrainable"),
     ("tensorflow.python.ops.gradients_util", "PossibleTapeGradientTypes"),
+    ("tensorflow.python.framework.tensor_conversion_registry", "convert"),
 )
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
@@ -119,7 +127,7 @@ class _Slot(threading.local):
 
 
 _slot = _Slot()
-_active_threads = 0
+_threads_handled: set = set()  # ids of the threads whose handler slot is set
 _install_lock = threading.Lock()
 
 
@@ -171,38 +179,40 @@ def _tensor_shape_slice(tensors, dim):
 pywrap_tfe.TFE_Py_TensorShapeSlice = _tensor_shape_slice
 
 
-def _install() -> None:
-    global _active_threads
+def _sync_fast_path() -> None:
+    """Make the C fast path decline while any thread has a handler, from the state of this
+    thread's slot: calling it again after an interrupted change sets things right."""
     with _install_lock:
-        _active_threads += 1
-        if _active_threads == 1:
-            pywrap_tfe.TFE_Py_FastPathExecute = _fast_path
+        if _slot.handler is None:
+            _threads_handled.discard(threading.get_ident())
+        else:
+            _threads_handled.add(threading.get_ident())
+        pywrap_tfe.TFE_Py_FastPathExecute = _fast_path if _threads_handled else _real_fast_path
 
 
-def _uninstall() -> None:
-    global _active_threads
-    with _install_lock:
-        _active_threads -= 1
-        if _active_threads == 0:
-            pywrap_tfe.TFE_Py_FastPathExecute = _real_fast_path
+class handling:
+    """Hand every op of this thread to `handler` while the block runs. Leaving is idempotent
+    and takes back whatever part of entering ran (a KeyboardInterrupt may cut it short)."""
 
+    def __init__(self, handler: OpHandler) -> None:
+        self.handler = handler
+        self.previous = None
 
-@contextlib.contextmanager
-def handling(handler: OpHandler):
-    """Hand every op of this thread to `handler` while the block runs."""
-    if execute.execute is not _execute:
-        raise RuntimeError(
-            "terra_nb cannot run while TensorFlow op callbacks are registered "
-            "(tf.debugging or op_callbacks.add_op_callback replaced execute.execute)"
-        )
-    previous = _slot.handler
-    _install()
-    _slot.handler = handler
-    try:
-        yield
-    finally:
-        _slot.handler = previous
-        _uninstall()
+    def __enter__(self):
+        if execute.execute is not _execute:
+            raise RuntimeError(
+                "terra_nb cannot run while TensorFlow op callbacks are registered "
+                "(tf.debugging or op_callbacks.add_op_callback replaced execute.execute)"
+            )
+        self.previous = _slot.handler
+        _slot.handler = self.handler
+        _sync_fast_path()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _slot.handler = self.previous
+        _sync_fast_path()
+        return False
 
 
 @contextlib.contextmanager
@@ -236,8 +246,8 @@ class _DrainGuard:
 def install_guard(owner, drain) -> None:
     """Make this thread's next op call `drain()` before it runs (see _DrainGuard)."""
     if _slot.handler is None:
-        _install()
         _slot.handler = _DrainGuard(owner, drain)
+        _sync_fast_path()
 
 
 def remove_guard(drain_unless_owner=None) -> None:
@@ -245,7 +255,7 @@ def remove_guard(drain_unless_owner=None) -> None:
     guard = _slot.handler
     if isinstance(guard, _DrainGuard):
         _slot.handler = None
-        _uninstall()
+        _sync_fast_path()
         if guard.owner is not drain_unless_owner:
             guard.drain()
 
@@ -703,3 +713,47 @@ def collecting_variable_reads(seen: list):
 def variable_read(variable) -> None:
     """Tell the active gradient tapes that `variable` was read, as reading it eagerly does."""
     _real_variable_accessed(variable)
+
+
+# ---------------------------------------------------------------- conversions of numpy values
+
+
+class _Conversions(threading.local):
+    made: dict | None = None  # id(watched value) -> the tensors converted from it
+
+
+_conversions = _Conversions()
+_real_convert = tensor_conversion_registry.convert
+
+
+def _convert(value, *args, **kwargs):
+    result = _real_convert(value, *args, **kwargs)
+    made = _conversions.made
+    if made is not None:
+        tensors = made.get(id(value))
+        if tensors is not None:
+            tensors.append(result)
+    return result
+
+
+tensor_conversion_registry.convert = _convert  # every conversion to a tensor passes here
+
+
+@contextlib.contextmanager
+def collecting_conversions(values: list):
+    """Yield {id(value): [tensors]} for `values` (numpy arrays given to a library call): the
+    tensors this thread converts each to in the block, i.e. which op inputs they became."""
+    previous = _conversions.made
+    made = dict(previous or {})
+    for value in values:
+        made.setdefault(id(value), [])
+    _conversions.made = made
+    try:
+        yield made
+    finally:
+        _conversions.made = previous
+
+
+def convert(value, dtype):
+    """`value` (a numpy array) as an eager tensor of `dtype`, as TensorFlow converts it."""
+    return _real_convert(value, dtype)

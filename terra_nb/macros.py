@@ -47,6 +47,8 @@ _PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
 SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
 
 _VARIABLE_TYPES = (tf.Variable, keras.Variable)
+_ARRAYS = (np.ndarray, np.generic)  # numpy arguments, guarded by dtype and shape
+_NUMERIC_KINDS = frozenset("biufc")
 _LEAVES = (intercept.EagerTensorBase, *_PYTHON_VALUES)  # tf.nest keeps these whole
 
 
@@ -79,6 +81,7 @@ class _SpanReplay:
     # ("python", value)
     structure: object  # the result's nesting
     variables: tuple  # trainable variables it read (gradient tapes watch them)
+    conversions: tuple  # (flat position of a numpy argument, dtype TensorFlow converted it to)
 
 
 _NOT_HERE = object()  # a span replay that does not fit where the program is
@@ -189,9 +192,11 @@ class MacroTable:
                      if intercept.is_eager_value(value)}
         first_new = intercept.next_tensor_id()
         read: list = []
+        arrays = [value for value in flat if isinstance(value, _ARRAYS)]
         _state.observing += 1
         try:
-            with intercept.collecting_variable_reads(read):
+            with intercept.collecting_variable_reads(read), \
+                    intercept.collecting_conversions(arrays) as converted:
                 result = original(obj, *args, **kwargs)
         finally:
             _state.observing -= 1
@@ -211,8 +216,8 @@ class MacroTable:
             if deferred and runner.is_deferring:  # its ops are pending: they can be described
                 stable = entry.span_ends.get(start.uid) == runner.cursor.uid
                 entry.span_ends[start.uid] = runner.cursor.uid
-                self._observe_as_span(entry, runner, start, flat, arguments, result,
-                                      first_new, read, stable, sparse, obj, call_site)
+                self._observe_as_span(entry, runner, start, flat, arguments, converted,
+                                      result, first_new, read, stable, sparse, obj, call_site)
         elif stable and entry.deferred_seen:
             macro, positions = _build_macro(original, obj, args, kwargs)
             if all(output.shape.is_fully_defined() for output in macro.outputs):
@@ -223,13 +228,14 @@ class MacroTable:
                 entry.banned = "its output shapes depend on input values"
         return result
 
-    def _observe_as_span(self, entry, runner, start, flat, arguments, result, first_new, read,
-                         stable, sparse, obj, call_site):
+    def _observe_as_span(self, entry, runner, start, flat, arguments, converted, result,
+                         first_new, read, stable, sparse, obj, call_site):
         """A call a traced function cannot stand for (its sparse gradient would arrive dense)
         is replayed as the span of ops it recorded, once a deferred observation describes it
         and agrees with the one before."""
         try:
-            replay = _describe_call(runner, start, flat, arguments, result, first_new, read)
+            replay = _describe_call(runner, start, flat, arguments, converted, result,
+                                    first_new, read)
         except _Unreplayable as error:
             entry.banned = f"{sparse}, and as its ops: {error}" if sparse else str(error)
             return
@@ -420,17 +426,27 @@ def _deferred_span(runner, start) -> tuple[list, list]:
     return span, pending
 
 
-def _describe_call(runner, start, flat, arguments: dict, result, first_new: int,
-                   read: list) -> _SpanReplay:
+def _describe_call(runner, start, flat, arguments: dict, converted: dict, result,
+                   first_new: int, read: list) -> _SpanReplay:
     """How to replay an observed, deferred call from its span (else _Unreplayable, with why):
     which argument feeds each input that is not the library's own constant, and where each
-    result comes from."""
+    result comes from. A numpy argument feeds the inputs its one conversion to a tensor
+    (`converted`) fed: the replay converts it again, to the same dtype."""
     span, pending = _deferred_span(runner, start)
     members = {node.uid for node in span}
     by_reference = {}
     for position, reference in arguments.items():
         by_reference.setdefault(reference, position)
     by_identity = {id(flat[position]): position for position in arguments}
+    conversions = []
+    for position, value in enumerate(flat):
+        if isinstance(value, _ARRAYS):
+            tensors = converted.get(id(value), ())
+            if len(tensors) != 1:
+                raise _Unreplayable(f"its Python converted a numpy argument {len(tensors)} "
+                                    f"times (once is replayable)")
+            by_identity[id(tensors[0])] = position
+            conversions.append((position, tensors[0].dtype))
     bound, used = [], set()
     for node, item in zip(span, pending, strict=True):
         if node.function is not None or node.op_type in STATEFUL_RANDOM_OPS:
@@ -470,8 +486,9 @@ def _describe_call(runner, start, flat, arguments: dict, result, first_new: int,
     variables = tuple({id(variable): variable for variable in read}.values())
     plan = runner.plan(span, [result[1:] for result in results if result[0] == "tensor"],
                        [slot for slot, _ in bound])
-    return _SpanReplay(plan, tuple((position, arguments[position]) for position in sorted(used)),
-                       tuple(bound), tuple(results), structure, variables)
+    return _SpanReplay(plan, tuple((position, arguments[position]) for position in sorted(used)
+                             if position in arguments),
+                       tuple(bound), tuple(results), structure, variables, tuple(conversions))
 
 
 def _own_constant(seen, value, first_new: int) -> bool:
@@ -490,7 +507,12 @@ def _replay_span(replay: _SpanReplay, runner, flat: list):
         value = flat[position]
         if not intercept.is_eager_value(value) or runner.reference_of(value) != reference:
             return _NOT_HERE
-    bound = {slot: flat[position] for slot, position in replay.bound}
+    values = flat
+    if replay.conversions:
+        values = list(flat)
+        for position, dtype in replay.conversions:
+            values[position] = intercept.convert(flat[position], dtype)
+    bound = {slot: values[position] for slot, position in replay.bound}
     for variable in replay.variables:
         intercept.variable_read(variable)
     value_of = runner.replay(replay.plan, bound, record=intercept.a_tape_is_recording())
@@ -652,7 +674,6 @@ class _State(threading.local):
 _state = _State()
 _patched: dict = {}
 _patch_lock = threading.Lock()
-_users = 0
 _wrappers: dict = {}  # (owner, name) -> (original, its entry point), made once (functools.wraps
 # and the closures cost ~2 µs each, and every iteration patches ~70 names)
 
@@ -820,12 +841,17 @@ def _api_entry(name: str):
 
 
 def _api_key(value, flat: list):
-    """The guard of a TensorFlow API call's arguments: tensors by dtype and shape (appended to
-    `flat`), Python values and dtypes by value, variables by identity, with their nesting;
-    None when an argument is anything else (a numpy array, a callable)."""
+    """The guard of a TensorFlow API call's arguments: tensors and numeric numpy values by dtype
+    and shape (appended to `flat`), Python values and dtypes by value, variables by identity,
+    with their nesting; None when an argument is anything else (a callable)."""
     if intercept.is_eager_value(value):
         flat.append(value)
         return (value._datatype_enum(), value._shape_tuple())
+    if isinstance(value, _ARRAYS):  # before Python values: numpy's float64 is a float
+        if value.dtype.kind not in _NUMERIC_KINDS:
+            return None
+        flat.append(value)
+        return ("numpy", value.dtype.str, value.shape)
     if isinstance(value, _PYTHON_VALUES):
         return (type(value).__name__, value)
     if isinstance(value, (list, tuple)):
@@ -914,38 +940,59 @@ def _namespace(path: str):
 
 
 class replaying:
-    """Route this thread's Keras entry-point calls to `table` while the block runs."""
+    """Route this thread's Keras entry-point calls to `table` while the block runs.
+
+    The entry points stay patched while any thread is in such a block. Patching and restoring
+    are idempotent, leaving takes back what entering did even if entering was interrupted
+    half-way (Session leaves the block when its set-up fails), and a thread's next block
+    replaces one it never left: no interrupt leaves a stray patch for good."""
 
     def __init__(self, table: MacroTable, runner) -> None:
         self.table = table
         self.runner = runner
+        self.previous = (None, None)
 
     def __enter__(self):
-        global _users
-        with _patch_lock:
-            _users += 1
-            if _users == 1:
-                for cls, name, make in _entry_points():
-                    original = getattr(cls, name)
-                    _patched[(cls, name)] = (name in cls.__dict__, original)
-                    made = _wrappers.get((cls, name))
-                    if made is None or made[0] is not original:
-                        made = _wrappers[(cls, name)] = (original, make(original))
-                    setattr(cls, name, made[1])
         self.previous = (_state.table, _state.runner)
+        with _patch_lock:
+            _active[threading.get_ident()] = self  # replaces a block an interrupt never left
+            _patch_entry_points()
         _state.table, _state.runner = self.table, self.runner
         return self
 
     def __exit__(self, *exc):
-        global _users
         _state.table, _state.runner = self.previous
         with _patch_lock:
-            _users -= 1
-            if _users == 0:
-                for (cls, name), (owned, original) in _patched.items():
-                    if owned:
-                        setattr(cls, name, original)
-                    else:
-                        delattr(cls, name)
-                _patched.clear()
+            _release(self)
         return False
+
+
+_active: dict = {}  # thread id -> the `replaying` block that thread is in
+
+
+def _patch_entry_points() -> None:
+    """Patch every entry point not patched yet (the original is recorded before it is
+    replaced, so restoring never loses one)."""
+    for cls, name, make in _entry_points():
+        if (cls, name) in _patched:
+            continue
+        original = getattr(cls, name)
+        made = _wrappers.get((cls, name))
+        if made is None or made[0] is not original:
+            made = _wrappers[(cls, name)] = (original, make(original))
+        _patched[(cls, name)] = (name in cls.__dict__, original)
+        setattr(cls, name, made[1])
+
+
+def _release(block: replaying) -> None:
+    thread = threading.get_ident()
+    if _active.get(thread) is block:
+        del _active[thread]
+    if _active:
+        return
+    for (cls, name), (owned, original) in list(_patched.items()):
+        if owned:
+            setattr(cls, name, original)
+        elif name in cls.__dict__:
+            delattr(cls, name)
+        del _patched[(cls, name)]

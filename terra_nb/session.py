@@ -162,15 +162,20 @@ class _Iteration:
             self._wait_seconds = graph_runner.wait_seconds
             self.run = PythonRunner(graph, graph_runner, session.events, self.index, mode,
                                     sys._getframe(1))
-            self._handling = intercept.handling(self.run)
-            self._handling.__enter__()
-            if session.macro_table is not None:
-                from terra_nb.macros import replaying
+        try:
+            if self.run is not None:
+                self._handling = intercept.handling(self.run)
+                self._handling.__enter__()
+                if session.macro_table is not None:
+                    from terra_nb.macros import replaying
 
-                self._replaying = replaying(session.macro_table, self.run)
-                self._replaying.__enter__()
-        self.start = time.perf_counter()
-        return self
+                    self._replaying = replaying(session.macro_table, self.run)
+                    self._replaying.__enter__()
+            self.start = time.perf_counter()
+            return self
+        except BaseException:  # interrupted before the body runs: nothing stays installed
+            self._leave_blocks()
+            raise
 
     def __exit__(self, error_type, error, traceback):
         __tracebackhide__ = True
@@ -186,12 +191,10 @@ class _Iteration:
             raise
         finally:
             if self._replaying is not None:
-                self._replaying.__exit__(None, None, None)
                 replayed = session.macro_table.take_established()
                 if replayed:
                     session.events.emit(ev.Note(self.index, "replayed", replayed))
-            if self._handling is not None:
-                self._handling.__exit__(None, None, None)
+            self._leave_blocks()
             runner = session.graph_runner
             if self.run is not None and runner.busy:
                 from terra_nb import intercept
@@ -207,6 +210,16 @@ class _Iteration:
                                              self._breakdown(seconds), self._ops()))
         session._after(self.index, mode)
         return False
+
+    def _leave_blocks(self) -> None:
+        """Leave the op-handling and replaying blocks (each may be left more than once); an
+        interrupt while leaving one still leaves the other."""
+        try:
+            if self._handling is not None:
+                self._handling.__exit__(None, None, None)
+        finally:
+            if self._replaying is not None:
+                self._replaying.__exit__(None, None, None)
 
     def _mode(self) -> str:
         if self.run is not None:

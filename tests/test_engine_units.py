@@ -987,6 +987,56 @@ def test_api_functions_are_replayed_per_position_and_per_function():
     assert "tf.exp" in by_name and "tf.square" in by_name, by_name
 
 
+def test_numpy_arguments_of_replayed_calls_are_converted_again_not_frozen():
+    """A numpy array given to a replayed API function, operator or embedding is converted
+    again at each replay, to the dtype TensorFlow chose for it (a float64 array meeting a
+    float32 tensor), so a new value each step is seen; while the values repeat they would
+    look like the library's own constants, and later ones must not be frozen."""
+    import keras
+    from harness import seed_everything
+
+    rng = np.random.default_rng(0)
+    steps = 14
+    masks = (rng.random((steps, 4, 3)) > 0.5).astype(np.float32)
+    scales = rng.uniform(0.5, 2.0, size=(steps, 4, 3))  # float64
+    ids = rng.integers(0, 10, size=(steps, 4)).astype(np.int32)
+    for values in (masks, scales, ids):
+        values[1:7] = values[0]  # every observation agrees
+
+    def run(session):
+        seed_everything()
+        embedding = keras.layers.Embedding(10, 3)
+        embedding.build((4,))
+        optimizer = keras.optimizers.SGD(0.1)
+        losses = []
+        for step in range(steps):
+            context = session.iteration() if session else contextlib.nullcontext()
+            with context:
+                with tf.GradientTape() as tape:
+                    logits = embedding(ids[step])
+                    found = np.float32(max(masks[step].sum(), 1.0))
+                    loss = tf.reduce_sum(masks[step] * tf.nn.sigmoid_cross_entropy_with_logits(
+                        masks[step], logits * scales[step])) / found
+                variables = embedding.trainable_variables
+                optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            losses.append(float(loss))
+        return losses, embedding.embeddings.numpy()
+
+    session = Session("numpy-arguments")
+    (expected, table), (got, got_table) = run(None), run(session)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(got_table, table, rtol=1e-5)
+    assert modes(session)[-3:] == [ev.CO_EXECUTING] * 3
+    replayed = {key[0] for (_, key), entry in session.macro_table.entries.items()
+                if entry.span_replays and isinstance(key[0], str)}
+    assert {"tf.nn.sigmoid_cross_entropy_with_logits", "operator *", "operator /",
+            "operator * (reflected)"} <= replayed, replayed
+    conversions = [replay.conversions for entry in session.macro_table.entries.values()
+                   for replay in entry.span_replays.values() if replay.conversions]
+    assert any(dtype == tf.float32 and scales.dtype == np.float64
+               for found in conversions for _, dtype in found), conversions
+
+
 def test_segments_run_with_lean_grappler_options_on_the_calling_thread_only():
     """Compiled segments are instantiated without the passes that cost first runs and help
     nothing on CPU; the thread's own function-call options come back afterwards."""

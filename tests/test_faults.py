@@ -670,3 +670,74 @@ def test_interrupt_while_the_session_starts_leaves_a_usable_session():
         finally:
             session.close()
     assert problems == [], "\n".join(problems)
+
+
+class _KerasStep:
+    """A Keras layer, a tape and SGD: library calls that are replayed once stable."""
+
+    def __init__(self):
+        keras.utils.set_random_seed(0)
+        self.model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        self.optimizer = keras.optimizers.SGD(0.1)
+        self.x = tf.ones((4, 3))
+
+    def step(self):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(self.model(self.x)))
+        variables = self.model.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return float(loss)
+
+
+@pytest.mark.parametrize("function", ["__enter__", "_patch_entry_points"])
+def test_interrupt_while_an_iteration_sets_up_leaves_nothing_installed(function):
+    """Ctrl-C at each line terra_nb runs to install its op handler and patch the library's entry
+    points: afterwards nothing is patched or installed outside an iteration, and the next
+    iterations replay library calls again (a half-patched set once outlived the interrupt)."""
+    import sys
+
+    from terra_nb import intercept, macros
+    from terra_nb.runner import PythonRunner
+
+    originals = (keras.layers.Layer.__call__, tf.reshape, tf.Tensor.__add__)
+
+    def interrupted_at(at: int):
+        """A session whose library calls are replayed, interrupted at line `at` of `function`
+        as its fifth iteration sets up; with how many such lines there were."""
+        model, session = _KerasStep(), Session("set-up", trace_iterations=1)
+        for _ in range(4):
+            with session.iteration():
+                model.step()
+        injector = _InterruptInFunction(at, function)
+        sys.settrace(injector)
+        try:
+            with session.iteration():
+                model.step()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        return model, session, injector.count
+
+    model, session, total = interrupted_at(-1)
+    session.close()
+    assert total > 20
+    problems = []
+    for at in range(1, total + 1, max(1, total // SWEEP)):
+        model, session, _ = interrupted_at(at)
+        now = (keras.layers.Layer.__call__, tf.reshape, tf.Tensor.__add__)
+        left = [name for name, was, is_ in zip(("Layer.__call__", "tf.reshape", "Tensor.__add__"),
+                                                originals, now, strict=True) if was is not is_]
+        if isinstance(intercept._slot.handler, PythonRunner) \
+                or threading.get_ident() in macros._active:
+            left.append("the iteration's op handler or replaying block")
+        replayed = session.macro_table.replayed_calls
+        for _ in range(3):
+            with session.iteration():
+                model.step()
+        replayed = session.macro_table.replayed_calls - replayed
+        session.close()
+        if left or not replayed:
+            problems.append(f"line {at} of {function}: left installed {left}, "
+                            f"{replayed} calls replayed after")
+    assert problems == [], "\n".join(problems)
