@@ -35,6 +35,7 @@ from tensorflow.python.eager import (
 from tensorflow.python.eager import imperative_grad as gradient_module  # noqa: F401 (macros)
 from tensorflow.python.eager.polymorphic_function import atomic_function
 from tensorflow.python.framework import (
+    constant_op,
     dtypes,
     indexed_slices,
     op_def_registry,
@@ -69,6 +70,7 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.eager.backprop_util", "IsTrainable"),
     ("tensorflow.python.ops.gradients_util", "PossibleTapeGradientTypes"),
     ("tensorflow.python.framework.tensor_conversion_registry", "convert"),
+    ("tensorflow.python.framework.constant_op", "convert_to_eager_tensor"),
 )
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
@@ -521,10 +523,11 @@ class TracedCall:
         function = self.function
         captured = function.captured_inputs
         plan = self._plan
-        if plan is not None and plan.usable:
+        if plan is not None and plan.usable and record.could_possibly_record() \
+                and context.executing_eagerly():
+            plan.read_variables()  # first: a tape watching them watches the call
             args = tensors + captured
             if (gradients_util.PossibleTapeGradientTypes(args) == _FIRST_ORDER
-                    and context.executing_eagerly()
                     and not forwardprop_util.pack_tangents(args).indices):
                 return function.function_type.pack_output(plan.call(args))
         outputs = function._call_flat(tensors, captured)
@@ -577,10 +580,14 @@ class _TapePlan:
             or getattr(capture, "graph", None) is not forward_graph
             for index, capture in self.captures)
 
-    def call(self, args: list) -> list:
+    def read_variables(self) -> None:
+        """Tell the tapes the function reads its variables, as a call does."""
         for variable in self.variables:
             if variable.trainable:
                 tape.variable_accessed(variable)
+
+    def call(self, args: list) -> list:
+        """The forward function's outputs, its tape entry recorded (variables already read)."""
         outputs = self.forward.call_flat(*args)
         captured = [capture if index is None else outputs[index]
                     for index, capture in self.captures]
@@ -755,5 +762,6 @@ def collecting_conversions(values: list):
 
 
 def convert(value, dtype):
-    """`value` (a numpy array) as an eager tensor of `dtype`, as TensorFlow converts it."""
-    return _real_convert(value, dtype)
+    """`value` (a numpy array) as an eager tensor of `dtype`, as TensorFlow converts it (its
+    conversion of numpy values ends in this call, after a few layers of dispatch)."""
+    return constant_op.convert_to_eager_tensor(value, context.context(), dtype)

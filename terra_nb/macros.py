@@ -916,7 +916,9 @@ def is_replaying() -> bool:
 
 
 @functools.cache
+@functools.cache
 def _entry_points():
+    """(owner, name, wrapper factory) of every entry point: made once, patched per iteration."""
     return [
         (keras.layers.Layer, "__call__", _make_entry_point),
         (keras.losses.Loss, "__call__", _make_entry_point),

@@ -313,11 +313,13 @@ def test_a_traced_call_records_its_tape_entry_as_tensorflow_does(monkeypatch):
     monkeypatch.setattr(intercept._TapePlan, "call",
                         lambda plan, args: planned_calls.append(1) or real_call(plan, args))
 
-    def gradients(call, target, persistent=False):
+    def gradients(call, target, persistent=False, watch_x=True):
         with tf.GradientTape(persistent=persistent) as tape:
-            tape.watch(x)
+            if watch_x:
+                tape.watch(x)
             value = target(call())
-        return [gradient.numpy() for gradient in tape.gradient(value, [x, weights])]
+        sources = [x, weights] if watch_x else [weights]
+        return [gradient.numpy() for gradient in tape.gradient(value, sources)]
 
     traced([x, ids])  # no tape: TensorFlow's inference call, no plan yet
     assert traced._plan is None
@@ -329,8 +331,12 @@ def test_a_traced_call_records_its_tape_entry_as_tensorflow_does(monkeypatch):
                 np.testing.assert_allclose(have, want, rtol=1e-6, err_msg=name)
     assert traced._plan is not None and traced._plan.usable
     assert len(planned_calls) == 2 * len(targets) - 1
+    only_weights = gradients(lambda: traced([x, ids]), targets["every output"], watch_x=False)
+    assert len(planned_calls) == 2 * len(targets)  # the tape watches the call's variables
+    np.testing.assert_allclose(
+        only_weights[0], gradients(lambda: body(x, ids), targets["every output"])[1], rtol=1e-6)
     got = gradients(lambda: traced([x, ids]), targets["every output"], persistent=True)
-    assert len(planned_calls) == 2 * len(targets) - 1
+    assert len(planned_calls) == 2 * len(targets)
     expected = gradients(lambda: body(x, ids), targets["every output"])
     for want, have in zip(expected, got, strict=True):
         np.testing.assert_allclose(have, want, rtol=1e-6)
