@@ -643,22 +643,28 @@ class _InterruptInFunction(_InterruptAt):
         return self._line
 
 
+def _run_interrupted(session, step, injector) -> None:
+    """One iteration of `step` traced by `injector`, which may raise KeyboardInterrupt in it."""
+    import sys
+
+    sys.settrace(injector)
+    try:
+        with session.iteration():
+            step()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+
+
 def test_interrupt_while_the_session_starts_leaves_a_usable_session():
     """Ctrl-C during the very first iteration's set-up; the next run of the cell must work."""
-    import sys
 
     problems = []
     for at in range(1, 12):
         chain, session = _NoFetch(), Session("start", trace_iterations=1)
         injector = _InterruptInFunction(at, "_engine")
-        sys.settrace(injector)
-        try:
-            with session.iteration():
-                chain.step()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        _run_interrupted(session, chain.step, injector)
         if injector.count < at:
             break
         try:
@@ -694,7 +700,6 @@ def test_interrupt_while_an_iteration_sets_up_leaves_nothing_installed(function)
     """Ctrl-C at each line terra_nb runs to install its op handler and patch the library's entry
     points: afterwards nothing is patched or installed outside an iteration, and the next
     iterations replay library calls again (a half-patched set once outlived the interrupt)."""
-    import sys
 
     from terra_nb import intercept, macros
     from terra_nb.runner import PythonRunner
@@ -709,14 +714,7 @@ def test_interrupt_while_an_iteration_sets_up_leaves_nothing_installed(function)
             with session.iteration():
                 model.step()
         injector = _InterruptInFunction(at, function)
-        sys.settrace(injector)
-        try:
-            with session.iteration():
-                model.step()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        _run_interrupted(session, model.step, injector)
         return model, session, injector.count
 
     model, session, total = interrupted_at(-1)
