@@ -81,7 +81,7 @@ class _SpanReplay:
     # ("python", value)
     structure: object  # the result's nesting
     variables: tuple  # trainable variables it read (gradient tapes watch them)
-    conversions: tuple  # (flat position of a numpy argument, dtype TensorFlow converted it to)
+    conversions: tuple  # (position of a numpy argument its ops read, dtype it was converted to)
 
 
 _NOT_HERE = object()  # a span replay that does not fit where the program is
@@ -438,7 +438,7 @@ def _describe_call(runner, start, flat, arguments: dict, converted: dict, result
     for position, reference in arguments.items():
         by_reference.setdefault(reference, position)
     by_identity = {id(flat[position]): position for position in arguments}
-    conversions = []
+    converted_to = {}  # flat position of a numpy argument -> the dtype it was converted to
     for position, value in enumerate(flat):
         if isinstance(value, _ARRAYS):
             tensors = converted.get(id(value), ())
@@ -446,7 +446,7 @@ def _describe_call(runner, start, flat, arguments: dict, converted: dict, result
                 raise _Unreplayable(f"its Python converted a numpy argument {len(tensors)} "
                                     f"times (once is replayable)")
             by_identity[id(tensors[0])] = position
-            conversions.append((position, tensors[0].dtype))
+            converted_to[position] = tensors[0].dtype
     bound, used = [], set()
     for node, item in zip(span, pending, strict=True):
         if node.function is not None or node.op_type in STATEFUL_RANDOM_OPS:
@@ -488,7 +488,9 @@ def _describe_call(runner, start, flat, arguments: dict, converted: dict, result
                        [slot for slot, _ in bound])
     return _SpanReplay(plan, tuple((position, arguments[position]) for position in sorted(used)
                              if position in arguments),
-                       tuple(bound), tuple(results), structure, variables, tuple(conversions))
+                       tuple(bound), tuple(results), structure, variables,
+                       tuple((position, dtype) for position, dtype in converted_to.items()
+                             if position in used))
 
 
 def _own_constant(seen, value, first_new: int) -> bool:
@@ -915,7 +917,6 @@ def is_replaying() -> bool:
     return _state.replaying > 0
 
 
-@functools.cache
 @functools.cache
 def _entry_points():
     """(owner, name, wrapper factory) of every entry point: made once, patched per iteration."""
