@@ -893,6 +893,7 @@ class PythonRunner:
             return None  # a value fed from an earlier segment is gone
         made: dict = {}
         context = intercept.eager_context()
+        submit = False
         for node, sources, keep, needs_values in plan.steps:
             inputs = []
             for kind, payload, origin in sources:
@@ -914,6 +915,10 @@ class PythonRunner:
                                               node.scope)
                 for index, output in enumerate(outputs):
                     made[(node.uid, index)] = output
+            if node.fetches and self.runner.overlap and _submit_early(node):
+                submit = True
+        if submit:
+            self.flush()
 
         def value_of(key):
             value = made.get(key)

@@ -932,6 +932,56 @@ def test_a_fetched_value_ends_its_segment_early_only_when_python_waited_for_it()
     assert runner._submit_early(node)
 
 
+def test_a_logged_loss_from_a_replayed_call_is_submitted_as_soon_as_it_is_deferred(
+        monkeypatch):
+    """A loss computed by replayed library calls (`tf.reduce_mean` of a Keras layer's
+    output) goes to the graph as soon as its replay defers it, once the waits for it pay
+    (here at once): the forward graph then runs while Python records the backward pass."""
+    import keras
+    from harness import seed_everything
+
+    from terra_nb import runner
+
+    monkeypatch.setattr(runner, "SUBMIT_AT_FETCHED_AFTER", 2)
+    monkeypatch.setattr(runner, "SUBMIT_EARLY_MIN_WAIT", 0.0)
+    monkeypatch.setattr(runner, "NEW_GRAPH_PAYBACK", 0.0)
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(16, 8, 6)).astype(np.float32)
+    targets = rng.normal(size=(16, 8, 1)).astype(np.float32)
+
+    def build():
+        seed_everything(0)
+        layer = keras.layers.Dense(1)
+        layer.build((None, 6))
+        return layer, keras.optimizers.SGD(0.1)
+
+    submitted = []
+
+    def make_step(layer, optimizer):
+        def step(index):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(layer(inputs[index]) - targets[index]))
+            submitted.append(getattr(loss, "_job", None) is not None)
+            gradients = tape.gradient(loss, layer.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, layer.trainable_variables))
+            return loss
+        return step
+
+    layer, optimizer = build()
+    expected = [float(make_step(layer, optimizer)(index)) for index in range(16)]
+    after_eager = [variable.numpy() for variable in layer.variables]
+    layer, optimizer = build()
+    submitted.clear()
+    session = Session("early-loss")
+    got = _co_executed(session, make_step(layer, optimizer), 16)
+    session.close()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    for variable, value in zip(layer.variables, after_eager, strict=True):
+        np.testing.assert_allclose(variable.numpy(), value, rtol=1e-5)
+    assert session.macro_table.replayed_calls, "the loss must come from replayed calls"
+    assert submitted[-1] and not submitted[0], submitted  # the first iteration traces
+
+
 def test_a_hot_segment_is_split_only_once_python_waited_what_its_graph_cost():
     """Two new graphs cost about what the segment's graph did (build and first run): the
     split waits until Python's waits for the segment's later runs add up to that."""
