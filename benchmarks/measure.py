@@ -46,10 +46,13 @@ class Mode:
         self.losses: list[float] = []
         self.first_ms: list[float] = []
         self.round_ms: list[list[float]] = []
+        self.settled_ms: list[float] = []
         self.error: str | None = None
         self.error_message = ""
 
-    def run(self, steps: int, warmup: bool = False) -> None:
+    def run(self, steps: int, phase: str = "round") -> None:
+        """`steps` steps; their times go to `phase`: "warmup" (first_ms), "round" (one
+        round_ms block), "settled" (settled_ms) or "untimed"."""
         if self.error:
             return
         times = []
@@ -65,26 +68,42 @@ class Mode:
             times.append((time.perf_counter() - start) * 1e3)
             self.losses.append(loss)
             self.index += 1
-        if warmup:
+        if phase == "warmup":
             self.first_ms = times
-        elif times:
+        elif phase == "settled":
+            self.settled_ms.extend(times)
+        elif phase == "round" and times:
             self.round_ms.append(times)
 
 
-def measure(program_name: str, steps: int, rounds: int, warmup: int, seed: int = 0) -> dict:
-    tf.config.experimental.enable_op_determinism()
-    modes = [Mode(name, program_name, seed) for name in MODES]
-    for mode in modes:
-        mode.run(warmup, warmup=True)
+def _interleaved(modes: list, steps: int, rounds: int, phase: str) -> None:
     for round_index in range(rounds):
         shift = round_index % len(modes)
         for mode in modes[shift:] + modes[:shift]:
-            mode.run(steps)
+            mode.run(steps, phase)
+
+
+def measure(program_name: str, steps: int, rounds: int, warmup: int, settle: int = 0,
+            seed: int = 0) -> dict:
+    """Every mode over its first steps (warm-up, then the interleaved rounds); with `settle`,
+    the compiled modes also once they have run `settle` steps, where terra_nb's rent-or-buy
+    choices (split graphs, early submissions) have been made: eager's step does not change
+    with time, so it is not run that long."""
+    tf.config.experimental.enable_op_determinism()
+    modes = [Mode(name, program_name, seed) for name in MODES]
+    for mode in modes:
+        mode.run(warmup, "warmup")
+    _interleaved(modes, steps, rounds, "round")
+    if settle:
+        compiled = [mode for mode in modes[1:] if not mode.error]
+        for mode in compiled:
+            mode.run(max(0, settle - mode.index), "untimed")
+        _interleaved(compiled, steps, rounds, "settled")
     eager = modes[0]
     results = {name: summarize(mode, eager) for name, mode in zip(MODES, modes)}
     program = modes[0].program
     return {"program": program_name, "features": program.features, "steps": steps,
-            "rounds": rounds, "warmup": warmup, "modes": results}
+            "rounds": rounds, "warmup": warmup, "settle": settle, "modes": results}
 
 
 def summarize(mode: Mode, eager: Mode) -> dict:
@@ -97,6 +116,7 @@ def summarize(mode: Mode, eager: Mode) -> dict:
         "median_ms": statistics.median(steady) if steady else None,
         "min_ms": min(steady) if steady else None,
         "round_medians_ms": [statistics.median(block) for block in mode.round_ms],
+        "settled_median_ms": statistics.median(mode.settled_ms) if mode.settled_ms else None,
         "first_ms": mode.first_ms,
         "losses": mode.losses,
     }
@@ -151,9 +171,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--settle", type=int, default=0)
     parser.add_argument("--out", required=True, help="where to write this program's JSON")
     args = parser.parse_args(argv)
-    result = measure(args.program, args.steps, args.rounds, args.warmup)
+    result = measure(args.program, args.steps, args.rounds, args.warmup, args.settle)
     with open(args.out, "w") as handle:
         json.dump(result, handle)
 

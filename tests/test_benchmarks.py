@@ -63,6 +63,11 @@ def test_report_cells_state_failures_and_wrong_results():
     assert runner.cell(result, "terra_nb") == "0.50x"
     assert runner.cell(result, "terra_nb+XLA") == "not run"
     assert runner.tracing_ratio(result, "terra_nb") == pytest.approx(1.4)
+    assert runner.parity(result) is None  # tf.function failed: there is no parity to state
+    result["modes"]["tf.function"] = {"status": "ok", "settled_median_ms": 3.0}
+    result["modes"]["terra_nb"]["settled_median_ms"] = 4.0
+    assert runner.parity(result) == pytest.approx(0.75)
+    assert runner.settled_ratio(result, "terra_nb") == pytest.approx(2.5)
 
 
 @pytest.mark.slow
@@ -129,6 +134,9 @@ def test_quick_run_writes_json_markdown_and_chart(tmp_path):
         assert len(eager["first_ms"]) == 3
         for key in ("fallbacks", "graphs_built", "tracing_ms", "iteration_modes"):
             assert key in result["modes"]["terra_nb"]
+        assert result["modes"]["terra_nb"]["settled_median_ms"] > 0
+        assert result["modes"]["eager"]["settled_median_ms"] is None  # eager is not re-run
+        assert len(result["modes"]["terra_nb"]["losses"]) == 8 + 2  # settled at 8, then timed
     # The two findings these programs exist for: tf.function cannot fetch a value mid-step,
     # and it freezes numpy randomness at trace time.
     assert programs["faster_rcnn"]["modes"]["tf.function"]["status"] == "failed"
