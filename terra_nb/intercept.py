@@ -290,7 +290,7 @@ class LazyTensor(ops._EagerTensorBase):
         self._static_shape = shape
         self._value = None
         self._job = None  # the graph run that computes it, once submitted
-        self._mirror = None  # its value computed in Python's thread too, for index checks
+        self._mirror = None  # its numpy value computed in Python's thread too (index checks)
         self._id = ops.uid()
         self._tensor_shape = None
         self._handle_data = None

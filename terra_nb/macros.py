@@ -50,6 +50,7 @@ _VARIABLE_TYPES = (tf.Variable, keras.Variable)
 _ARRAYS = (np.ndarray, np.generic)  # numpy arguments, guarded by dtype and shape
 _NUMERIC_KINDS = frozenset("biufc")
 _LEAVES = (intercept.EagerTensorBase, *_PYTHON_VALUES)  # tf.nest keeps these whole
+_NEST_LEAVES = (*_LEAVES, *_VARIABLE_TYPES, np.ndarray)  # ... and these
 
 
 def _gathers_from_variable(node) -> bool:
@@ -575,7 +576,32 @@ def _flatten(args: tuple, kwargs: dict) -> list:
     values = [*args, *(kwargs[name] for name in sorted(kwargs))]
     if all(isinstance(value, _LEAVES) for value in values):
         return values
+    flat: list = []
+    if _flatten_into(values, flat):  # lists of (gradient, variable) pairs, without tf.nest's
+        return flat                  # type spec of each IndexedSlices
     return tf.nest.flatten((args, kwargs), expand_composites=True)
+
+
+def _flatten_into(values, flat: list) -> bool:
+    """Append the leaves of `values` in tf.nest's order; False (flat then unusable) on any
+    structure other than plain lists, tuples and dicts of leaves and IndexedSlices."""
+    for value in values:
+        if isinstance(value, _NEST_LEAVES):
+            flat.append(value)
+        elif type(value) is list or type(value) is tuple:
+            if not _flatten_into(value, flat):
+                return False
+        elif type(value) is dict:
+            if not _flatten_into([value[key] for key in sorted(value)], flat):
+                return False
+        elif type(value) is tf.IndexedSlices:
+            flat.append(value.values)
+            flat.append(value.indices)
+            if value.dense_shape is not None:
+                flat.append(value.dense_shape)
+        else:
+            return False
+    return True
 
 
 def _is_tensor_like(value) -> bool:

@@ -714,6 +714,77 @@ def test_valid_indices_known_to_python_let_the_graph_overlap_the_next_iteration(
     assert mirrored == {"Cast", "AddV2"}
 
 
+def test_call_arguments_flatten_as_tf_nest_flattens_them():
+    """Gradient lists with IndexedSlices are flattened without tf.nest (which builds a type
+    spec per slice) but into the very same leaves: the traced call rebuilds its arguments with
+    tf.nest."""
+    import keras
+
+    from terra_nb import macros
+
+    embedding = keras.layers.Embedding(10, 4)
+    embedding.build((None,))
+    variable = tf.Variable(1.0)
+    rows = tf.IndexedSlices(tf.ones([2, 4]), tf.constant([1, 3]), tf.constant([10, 4]))
+    unshaped = tf.IndexedSlices(tf.ones([2, 4]), tf.constant([1, 3]))
+    pairs = [(rows, embedding.embeddings), (tf.ones([4]), variable), (unshaped, None)]
+    for args, kwargs in [((pairs,), {}), ((pairs, 2.0), {"b": [rows], "a": {"z": 1, "y": 2}}),
+                         ((np.ones(3), [tf.ones([1])]), {})]:
+        expected = tf.nest.flatten((args, kwargs), expand_composites=True)
+        got = macros._flatten(args, kwargs)
+        assert len(got) == len(expected)
+        assert all(mine is theirs for mine, theirs in zip(got, expected, strict=True))
+    ragged = tf.ragged.constant([[1], [2, 3]])
+    assert len(macros._flatten(([ragged],), {})) == len(
+        tf.nest.flatten(([ragged],), expand_composites=True))
+
+
+_I32_MAX = np.iinfo(np.int32).max
+
+
+@pytest.mark.parametrize("op_type, arguments", [
+    ("Less", {"x": np.array([[1, -2, 3]], np.int32), "y": np.array([[0], [2]], np.int32)}),
+    ("GreaterEqual", {"x": np.array([0.5, np.nan], np.float32), "y": np.float32(0.5)}),
+    ("AddV2", {"x": np.array([_I32_MAX, 4], np.int32), "y": np.array([1, 5], np.int32)}),
+    ("Sub", {"x": np.array([0, 9], np.uint8), "y": np.array([1, 2], np.uint8)}),
+    ("Mul", {"x": np.array([3, -4], np.int64), "y": np.int64(2**62)}),
+    ("Neg", {"x": np.array([np.iinfo(np.int32).min, 7], np.int32)}),
+    ("Maximum", {"x": np.array([[1, 9]], np.int32), "y": np.array([[4], [2]], np.int32)}),
+    ("SelectV2", {"condition": np.array([[True], [False]]),
+                  "t": np.array([[1, 2, 3]], np.int32), "e": np.int32(-1)}),
+    ("LogicalAnd", {"x": np.array([True, False]), "y": np.array([True, True])}),
+    ("Cast", {"x": np.array([2**33 + 5, -1], np.int64), "DstT": tf.int32}),
+    ("Cast", {"x": np.array([0, 3], np.int32), "DstT": tf.bool}),
+    ("Cast", {"x": np.array([16777217, -2], np.int32), "DstT": tf.float32}),
+])
+def test_index_ops_are_mirrored_in_numpy_with_tensorflows_results(op_type, arguments):
+    """Python's copy of a deferred index computation (for bounds checks) is numpy where numpy
+    gives TensorFlow's exact result: overflow wraps, NaN compares false, shapes broadcast."""
+    from terra_nb import runner
+    from terra_nb.tracegraph import Node
+
+    expected = getattr(tf.raw_ops, op_type)(**arguments)
+    node = Node(1, None, op_type, (), "", (), [expected], False, "")
+    known = [np.asarray(value) for name, value in arguments.items() if name != "DstT"]
+    [mirrored] = runner._numpy_mirror(node, known, ())
+    assert mirrored.dtype == expected.dtype.as_numpy_dtype
+    np.testing.assert_array_equal(mirrored, expected.numpy())
+
+
+def test_index_ops_numpy_might_compute_differently_are_left_to_tensorflow():
+    from terra_nb import runner
+    from terra_nb.tracegraph import Node
+
+    for op_type, arguments in [
+            ("Cast", {"x": np.array([np.nan, 3e10], np.float32), "DstT": tf.int32}),
+            ("FloorMod", {"x": np.array([5, -5], np.int32), "y": np.array([3, 3], np.int32)}),
+            ("Equal", {"x": np.array([1, 2], np.int32), "y": np.array([1, 3], np.int32)})]:
+        expected = getattr(tf.raw_ops, op_type)(**arguments)
+        node = Node(1, None, op_type, (), "", (), [expected], False, "")
+        known = [np.asarray(value) for name, value in arguments.items() if name != "DstT"]
+        assert runner._numpy_mirror(node, known, ()) is None, op_type
+
+
 def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_follows(monkeypatch):
     """Logging the loss each step forces it; once the segment is hot, the backward pass and
     update after the loss run as a second graph, so Python gets the loss without waiting.
