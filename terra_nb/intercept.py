@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import itertools
 import math
 import sys
 import threading
@@ -25,6 +26,7 @@ import numpy as np
 from tensorflow.python import pywrap_tfe
 from tensorflow.python.eager import (
     backprop_util,
+    cancellation,
     context,
     core,
     execute,
@@ -574,6 +576,9 @@ class _TapePlan:
             if index not in self.skipped:
                 trainable += 1
         self.recorded = recorded
+        self.num_outputs = len(outputs)
+        # no handle data to copy onto outputs: the call op may go straight to the handler
+        self.direct = all(output.dtype != dtypes.resource for output in outputs)
         self.usable = bool(outputs) and all(
             output.dtype != dtypes.variant for output in outputs) and all(
             index is not None or isinstance(capture, EagerTensor)
@@ -588,7 +593,11 @@ class _TapePlan:
 
     def call(self, args: list) -> list:
         """The forward function's outputs, its tape entry recorded (variables already read)."""
-        outputs = self.forward.call_flat(*args)
+        handler = _slot.handler
+        if handler is not None and self.direct and cancellation.context() is None:
+            outputs = _call_handled(handler, self.forward, self.name, self.num_outputs, args)
+        else:
+            outputs = self.forward.call_flat(*args)
         captured = [capture if index is None else outputs[index]
                     for index, capture in self.captures]
         record.record_operation(self.name, outputs[:self.recorded], args,
@@ -620,13 +629,37 @@ class _TapePlan:
 _CALL_FLAT_CODE = atomic_function.AtomicFunction.call_flat.__code__
 
 
+class _HandledCall(threading.local):
+    function = None  # the AtomicFunction whose call op _call_handled is handing over
+
+
+_handled_call = _HandledCall()
+
+
+def _call_handled(handler: OpHandler, function, op_name: str, num_outputs: int, args: list):
+    """A traced function's eager call op, handed straight to this thread's handler: what
+    `AtomicFunction.call_flat` and `Context.call_function` issue, without their context
+    managers (error interpolation, control dependencies, tape pause), which do nothing for a
+    handled call (the caller records the tape entry; a deferred op raises from its graph)."""
+    ctx = context.context()
+    attrs = tuple(itertools.chain(*ctx.function_call_options.as_attrs().items()))
+    _handled_call.function = function
+    try:
+        return handler.process_op(op_name, num_outputs, args, attrs, ctx, None)
+    finally:
+        _handled_call.function = None
+
+
 def calling_function(max_depth: int = 8):
     """The AtomicFunction whose eager call is the op being handled (None if it is not one).
 
     An eager call of a traced function reaches `execute.execute` with the function's name as
     the op type, from `AtomicFunction.call_flat`; that frame holds the function object, which
-    is what the graph needs to call it (its FunctionDef and those of its children).
+    is what the graph needs to call it (its FunctionDef and those of its children). A call
+    handed over by `_call_handled` names its function itself.
     """
+    if _handled_call.function is not None:
+        return _handled_call.function
     frame = sys._getframe(2)
     for _ in range(max_depth):
         if frame is None:

@@ -341,6 +341,26 @@ def test_a_traced_call_records_its_tape_entry_as_tensorflow_does(monkeypatch):
     for want, have in zip(expected, got, strict=True):
         np.testing.assert_allclose(have, want, rtol=1e-6)
 
+    class Recorder:  # an op handler that runs every op, noting which function a call op calls
+        ops: list = []
+
+        def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
+            self.ops.append((op_type, intercept.calling_function()))
+            return intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+
+    recorder, forward = Recorder(), traced._plan.forward
+    through_tensorflow = []
+    real_call_flat = type(forward).call_flat
+    monkeypatch.setattr(type(forward), "call_flat", lambda function, *args: (
+        through_tensorflow.append(function is forward) or real_call_flat(function, *args)))
+    with intercept.handling(recorder):  # as in an iteration: the call op goes to the handler
+        got = gradients(lambda: traced([x, ids]), targets["every output"])
+    calls = [function for op_type, function in recorder.ops if op_type == traced._plan.name]
+    assert calls == [forward], recorder.ops
+    assert not any(through_tensorflow)  # handed over without TensorFlow's call machinery
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_allclose(have, want, rtol=1e-6)
+
 
 def test_replayed_layer_sees_a_changed_trainable_flag():
     """Stale Python state is the risk of replay: `trainable` is in the guard."""
