@@ -13,7 +13,6 @@ one fails loudly instead of silently disabling co-execution.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import itertools
@@ -25,6 +24,7 @@ from typing import Protocol
 import numpy as np
 from tensorflow.python import pywrap_tfe
 from tensorflow.python.eager import (
+    backprop,
     backprop_util,
     cancellation,
     context,
@@ -73,12 +73,14 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.ops.gradients_util", "PossibleTapeGradientTypes"),
     ("tensorflow.python.framework.tensor_conversion_registry", "convert"),
     ("tensorflow.python.framework.constant_op", "convert_to_eager_tensor"),
+    ("tensorflow.python.eager.backprop", "_handle_or_self"),
 )
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
 _CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")
 _ATOMIC_FUNCTION_MEMBERS = ("call_flat", "function_type")
 _GRAPH_MEMBERS = ("_create_op_internal",)
+_TAPE_MEMBERS = ("_tape", "_recording", "_persistent", "_pop_tape", "_watched_variables")
 
 
 def check_private_symbols() -> list[str]:
@@ -100,6 +102,8 @@ def check_private_symbols() -> list[str]:
         for member in _CONCRETE_FUNCTION_MEMBERS
         if not hasattr(concrete, member)
     ]
+    missing += [f"GradientTape.{member}" for member in _TAPE_MEMBERS
+                if not hasattr(backprop.GradientTape(), member)]
     missing += [
         f"AtomicFunction.{member}"
         for member in _ATOMIC_FUNCTION_MEMBERS
@@ -219,15 +223,33 @@ class handling:
         return False
 
 
-@contextlib.contextmanager
-def suspended():
+class _Swapped:
+    """Set `owner.attribute` to `value` for a block, restoring the previous value on exit.
+
+    A class, not a generator: a generator context manager that an interrupt cuts short between
+    its `yield` and the block stays suspended, and restores its saved value whenever it is
+    garbage collected, in whatever thread that happens: an op handler of a finished iteration
+    came back that way in the middle of a later one. Here an interrupted entry changes at most
+    the value, which the iteration's own exit then sets right."""
+
+    __slots__ = ("owner", "attribute", "value", "previous")
+
+    def __init__(self, owner, attribute: str, value) -> None:
+        self.owner, self.attribute, self.value = owner, attribute, value
+
+    def __enter__(self):
+        self.previous = getattr(self.owner, self.attribute)
+        setattr(self.owner, self.attribute, self.value)
+        return self.value
+
+    def __exit__(self, *exc) -> bool:
+        setattr(self.owner, self.attribute, self.previous)
+        return False
+
+
+def suspended() -> _Swapped:
     """Let ops of this thread run plainly (graph calls, compilation) inside a handled block."""
-    previous = _slot.handler
-    _slot.handler = None
-    try:
-        yield
-    finally:
-        _slot.handler = previous
+    return _Swapped(_slot, "handler", None)
 
 
 class _DrainGuard:
@@ -318,8 +340,9 @@ class LazyTensor(ops._EagerTensorBase):
     def backing_device(self):
         return self.device
 
+    @property
     def is_packed(self):
-        return False
+        return False  # a property, as on EagerTensor (tape.gradient reads it from sources)
 
     @property
     def graph(self):
@@ -471,17 +494,10 @@ def _lean_call_options():
     return context.FunctionCallOptions(config_proto=config)
 
 
-@contextlib.contextmanager
-def lean_graph_calls():
+def lean_graph_calls() -> _Swapped:
     """Compiled segments are instantiated with the lean Grappler configuration: the options
     are the calling thread's, so the user's own tf.functions keep theirs."""
-    ctx = context.context()
-    previous = ctx.function_call_options
-    ctx.function_call_options = _lean_call_options()
-    try:
-        yield
-    finally:
-        ctx.function_call_options = previous
+    return _Swapped(context.context(), "function_call_options", _lean_call_options())
 
 
 def call_concrete(function, args: list) -> list:
@@ -643,8 +659,8 @@ def _call_handled(handler: OpHandler, function, op_name: str, num_outputs: int, 
     handled call (the caller records the tape entry; a deferred op raises from its graph)."""
     ctx = context.context()
     attrs = tuple(itertools.chain(*ctx.function_call_options.as_attrs().items()))
-    _handled_call.function = function
     try:
+        _handled_call.function = function
         return handler.process_op(op_name, num_outputs, args, attrs, ctx, None)
     finally:
         _handled_call.function = None
@@ -706,6 +722,25 @@ def next_tensor_id() -> int:
     return ops.uid()
 
 
+def tape_gradient(tape, targets: list, sources: list, unconnected_gradients) -> list:
+    """`GradientTape.gradient` for flat lists of tensors and variables (macros' entry point):
+    the steps TensorFlow's method takes for them, without its nest walks, composite-tensor
+    handling and its per-source dtype check, which only writes a debug log. The caller has
+    left every other case (persistent tape still recording, used tape, output gradients,
+    that log enabled) to TensorFlow's method."""
+    if tape._recording:
+        tape._pop_tape()
+    flat_targets = [backprop._handle_or_self(target) for target in targets]
+    flat_sources = [backprop._handle_or_self(source) for source in sources]
+    gradients = gradient_module.imperative_grad(
+        tape._tape, flat_targets, flat_sources, output_gradients=None, sources_raw=sources,
+        unconnected_gradients=unconnected_gradients)
+    if not tape._persistent:
+        tape._watched_variables = tape._tape.watched_variables()
+        tape._tape = None
+    return gradients
+
+
 def a_tape_is_recording() -> bool:
     """True when some GradientTape on this thread would record the next op."""
     return record.could_possibly_record()
@@ -738,16 +773,10 @@ def _variable_accessed(variable) -> None:
 tape.variable_accessed = _variable_accessed
 
 
-@contextlib.contextmanager
-def collecting_variable_reads(seen: list):
+def collecting_variable_reads(seen: list) -> _Swapped:
     """Append to `seen` each trainable variable this thread reads in the block: what gradient
     tapes watch on their own (`watch_accessed_variables`), which a replay must tell them."""
-    previous = _accesses.seen
-    _accesses.seen = seen
-    try:
-        yield
-    finally:
-        _accesses.seen = previous
+    return _Swapped(_accesses, "seen", seen)
 
 
 def variable_read(variable) -> None:
@@ -779,19 +808,13 @@ def _convert(value, *args, **kwargs):
 tensor_conversion_registry.convert = _convert  # every conversion to a tensor passes here
 
 
-@contextlib.contextmanager
-def collecting_conversions(values: list):
-    """Yield {id(value): [tensors]} for `values` (numpy arrays given to a library call): the
+def collecting_conversions(values: list) -> _Swapped:
+    """Give {id(value): [tensors]} for `values` (numpy arrays given to a library call): the
     tensors this thread converts each to in the block, i.e. which op inputs they became."""
-    previous = _conversions.made
-    made = dict(previous or {})
+    made = dict(_conversions.made or {})
     for value in values:
         made.setdefault(id(value), [])
-    _conversions.made = made
-    try:
-        yield made
-    finally:
-        _conversions.made = previous
+    return _Swapped(_conversions, "made", made)
 
 
 def convert(value, dtype):

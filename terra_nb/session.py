@@ -8,6 +8,7 @@ TensorFlow is imported only when the first non-eager iteration starts.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -43,6 +44,7 @@ class Session:
         self.overlap = overlap
         self.events = ev.EventLog()
         self.iterations = 0
+        self._entered: _Iteration | None = None  # the iteration whose blocks are installed
         self._graph = None
         self._runner = None
         self._macros = None
@@ -125,6 +127,8 @@ class Session:
 
         The session can still run more iterations afterwards (a new thread starts).
         """
+        if self._entered is not None:
+            self._entered._abandon()
         if self._runner is not None:
             from terra_nb import intercept
 
@@ -144,6 +148,8 @@ class _Iteration:
 
     def __enter__(self):
         session = self.session
+        if session._entered is not None:
+            session._entered._abandon()
         mode = session._mode_for(self.index)
         self._compile_seconds = self._wait_seconds = 0.0
         graph_runner = session.graph_runner
@@ -163,6 +169,7 @@ class _Iteration:
             self.run = PythonRunner(graph, graph_runner, session.events, self.index, mode,
                                     sys._getframe(1))
         try:
+            session._entered = self
             if self.run is not None:
                 self._handling = intercept.handling(self.run)
                 self._handling.__enter__()
@@ -178,24 +185,24 @@ class _Iteration:
             raise
 
     def __exit__(self, error_type, error, traceback):
-        __tracebackhide__ = True
-        session = self.session
-        try:
+        try:  # first: an interrupt before it leaves the blocks to _abandon
+            __tracebackhide__ = True
+            session = self.session
             if self.run is not None:
                 self.run.finish(failed=error is not None)
         except BaseException as graph_error:  # an op failed in the graph: the user's error
             if error is None:
-                session.events.emit(ev.IterationFailed(
+                self.session.events.emit(ev.IterationFailed(
                     self.index, type(graph_error).__name__, str(graph_error).strip()[:500],
                     _user_frame_of_traceback(graph_error.__traceback__)))
             raise
         finally:
             if self._replaying is not None:
-                replayed = session.macro_table.take_established()
+                replayed = self.session.macro_table.take_established()
                 if replayed:
-                    session.events.emit(ev.Note(self.index, "replayed", replayed))
+                    self.session.events.emit(ev.Note(self.index, "replayed", replayed))
             self._leave_blocks()
-            runner = session.graph_runner
+            runner = self.session.graph_runner
             if self.run is not None and runner.busy:
                 from terra_nb import intercept
 
@@ -218,8 +225,25 @@ class _Iteration:
             if self._handling is not None:
                 self._handling.__exit__(None, None, None)
         finally:
-            if self._replaying is not None:
-                self._replaying.__exit__(None, None, None)
+            try:
+                if self._replaying is not None:
+                    self._replaying.__exit__(None, None, None)
+            finally:
+                if self.session._entered is self:
+                    self.session._entered = None
+
+    def _abandon(self) -> None:
+        """What `__exit__` does, for an iteration whose exit an interrupt cut short before
+        its first line (the next iteration or `close` finds it still installed): the ops
+        Python issued are submitted and waited for, as eagerly they would have run, and the
+        blocks are left. The interrupt was the user's answer; a graph error of those ops is
+        not raised again."""
+        try:
+            if self.run is not None and not self.run.finished:
+                with contextlib.suppress(Exception):
+                    self.run.finish(failed=True)
+        finally:
+            self._leave_blocks()
 
     def _mode(self) -> str:
         if self.run is not None:

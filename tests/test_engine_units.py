@@ -734,6 +734,55 @@ def test_valid_indices_known_to_python_let_the_graph_overlap_the_next_iteration(
     assert mirrored == {"Cast", "AddV2"}
 
 
+def test_tape_gradient_of_plain_sources_matches_tensorflows_method(monkeypatch):
+    """`tape.gradient` on flat tensors and variables skips TensorFlow's nest walks but gives
+    its results: a list, a tuple or one source, a watched intermediate tensor (a LazyTensor
+    when co-executed), a sparse gradient, zeros for unconnected sources, a persistent tape
+    asked twice, and a used tape still refuses a second call."""
+    import keras
+
+    fast = []
+    real = intercept.tape_gradient
+    monkeypatch.setattr(intercept, "tape_gradient", lambda *args: fast.append(1) or real(*args))
+    embedding = keras.layers.Embedding(6, 3)
+    embedding.build((None,))
+    weights = tf.Variable(tf.ones([3, 2]) * 0.5)
+    unused = tf.Variable(2.0)
+    ids = tf.constant([1, 4, 1])
+
+    def step(index):
+        with tf.GradientTape(persistent=True) as twice, tf.GradientTape() as once:
+            hidden = embedding(ids) @ weights
+            once.watch(hidden)
+            twice.watch(hidden)
+            loss = tf.reduce_sum(tf.tanh(hidden)) * float(index + 1)
+        by_list = once.gradient(loss, [hidden, weights, embedding.embeddings])
+        with pytest.raises(RuntimeError, match="only be used to compute one set"):
+            once.gradient(loss, [weights])
+        by_tuple = twice.gradient(loss, (weights, unused),
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        alone = twice.gradient(loss, weights)
+        values = [by_list[0], by_list[1], tf.convert_to_tensor(by_list[2]), *by_tuple, alone]
+        assert isinstance(by_list, list) and isinstance(by_tuple, tuple)
+        assert isinstance(by_list[2], tf.IndexedSlices)
+        weights.assign_sub(0.01 * alone)
+        return [value.numpy() for value in values]
+
+    expected = [step(index) for index in range(8)]
+    weights.assign(tf.ones([3, 2]) * 0.5)
+    fast.clear()
+    session = Session("tape-gradient")
+    got = []
+    for index in range(8):
+        with session.iteration():
+            got.append(step(index))
+    session.close()
+    for want, have in zip(expected, got, strict=True):
+        for a, b in zip(want, have, strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-5)
+    assert len(fast) >= 3 * 6, fast  # every call but the refused one, once tracing is over
+
+
 def test_call_arguments_flatten_as_tf_nest_flattens_them():
     """Gradient lists with IndexedSlices are flattened without tf.nest (which builds a type
     spec per slice) but into the very same leaves: the traced call rebuilds its arguments with

@@ -508,6 +508,21 @@ def _engine_lines_of_one_iteration(index: int) -> int:
 SWEEP = 40  # interrupt points per iteration kind (each costs a fresh session: ~0.3 s)
 
 
+def _left_installed() -> list[str]:
+    """What of an iteration is still installed on this thread (nothing, once it is over)."""
+    import threading
+
+    from terra_nb import intercept, macros
+    from terra_nb.runner import PythonRunner
+
+    left = []
+    if isinstance(intercept._slot.handler, PythonRunner):
+        left.append("an iteration's op handler")
+    if threading.get_ident() in macros._active:
+        left.append("a replaying block")
+    return left
+
+
 @pytest.mark.parametrize("index", [0, 2], ids=["tracing", "co-executing"])
 def test_interrupt_at_every_engine_line_leaves_consistent_state(index):
     """Interrupt the iteration at one line in every `total // SWEEP` that terra_nb runs, and check:
@@ -549,10 +564,49 @@ def test_interrupt_at_every_engine_line_leaves_consistent_state(index):
             outcome += f"; afterwards {type(error).__name__}: {error}"
         finally:
             session.close()
-        if outcome not in ("interrupted", "no interrupt") or not ok_prefix or not ok_after:
+        left = _left_installed()
+        if outcome not in ("interrupted", "no interrupt") or not ok_prefix or not ok_after \
+                or left:
             problems.append(f"line event {at}: {outcome}; a={chain.a.numpy()} "
-                            f"b={chain.b.numpy()} prefix ok={ok_prefix} after ok={ok_after}")
+                            f"b={chain.b.numpy()} prefix ok={ok_prefix} after ok={ok_after}"
+                            f" left installed: {left}")
     assert problems == [], "\n".join(problems[:10])
+
+
+class _InterruptInIterationExit(_InterruptAt):
+    """Count only the lines of `_Iteration.__exit__`."""
+
+    def __call__(self, frame, event, arg):
+        if frame.f_code.co_qualname != "_Iteration.__exit__":
+            return None
+        return self._line
+
+
+@pytest.mark.parametrize("then", ["next iteration", "close"])
+def test_interrupt_as_an_iteration_exits_is_cleaned_up_by_the_next_one_or_close(then):
+    """Ctrl-C at the first lines of an iteration's exit, before it leaves its blocks: the next
+    iteration (or closing the session) submits the ops Python issued, as eagerly they would
+    have run, and takes the op handler and replaying block away."""
+    problems = []
+    for at in range(1, 4):
+        chain, session = _Chain(), Session("exit", trace_iterations=1)
+        for _ in range(2):
+            with session.iteration():
+                chain.step()
+        _run_interrupted(session, chain.step, _InterruptInIterationExit(at))
+        if then == "close":
+            session.close()
+            expected = 9.0
+        else:
+            with session.iteration():
+                chain.step()
+            session.close()
+            expected = 12.0
+        a = float(chain.a.numpy())
+        left = _left_installed()
+        if a != expected or left:
+            problems.append(f"line {at}: a={a} (eager: {expected}), left installed {left}")
+    assert problems == [], "\n".join(problems)
 
 
 # ---------------------------------------------------------------- long runs: memory
