@@ -1133,7 +1133,7 @@ def _mirror(node, outputs, inputs, attrs, ctx) -> None:
     known = [_known_value(value) for value in inputs]
     if any(value is None for value in known):
         return
-    values = _numpy_mirror(node, known, attrs)
+    values = _numpy_mirror(node, known)
     if values is None:
         try:
             values = intercept.run_eagerly(node.op_type, len(outputs),
@@ -1163,7 +1163,7 @@ _NUMPY_MIRRORS = {
 }
 
 
-def _numpy_mirror(node, known: list, attrs) -> list | None:
+def _numpy_mirror(node, known: list) -> list | None:
     """The one output of `node` computed in numpy, or None where numpy might differ from
     TensorFlow: another op, a cast from a float (out-of-range values), or a result whose
     dtype or shape is not TensorFlow's. Integer overflow wraps in both."""

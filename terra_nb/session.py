@@ -122,13 +122,18 @@ class Session:
                 f"in a row; the next {self._backoff_left} run plainly eager, then co-execution "
                 "is tried again"))
 
+    def _finish_interrupted_exit(self) -> None:
+        """An iteration still installed outside its body had its exit cut short by an
+        interrupt: finish it now (see _Iteration._abandon)."""
+        if self._entered is not None:
+            self._entered._abandon()
+
     def close(self) -> None:
         """Finish all pending graph work and stop the graph thread; safe to call twice.
 
         The session can still run more iterations afterwards (a new thread starts).
         """
-        if self._entered is not None:
-            self._entered._abandon()
+        self._finish_interrupted_exit()
         if self._runner is not None:
             from terra_nb import intercept
 
@@ -148,8 +153,7 @@ class _Iteration:
 
     def __enter__(self):
         session = self.session
-        if session._entered is not None:
-            session._entered._abandon()
+        session._finish_interrupted_exit()
         mode = session._mode_for(self.index)
         self._compile_seconds = self._wait_seconds = 0.0
         graph_runner = session.graph_runner

@@ -835,7 +835,7 @@ def test_index_ops_are_mirrored_in_numpy_with_tensorflows_results(op_type, argum
     expected = getattr(tf.raw_ops, op_type)(**arguments)
     node = Node(1, None, op_type, (), "", (), [expected], False, "")
     known = [np.asarray(value) for name, value in arguments.items() if name != "DstT"]
-    [mirrored] = runner._numpy_mirror(node, known, ())
+    [mirrored] = runner._numpy_mirror(node, known)
     assert mirrored.dtype == expected.dtype.as_numpy_dtype
     np.testing.assert_array_equal(mirrored, expected.numpy())
 
@@ -851,7 +851,7 @@ def test_index_ops_numpy_might_compute_differently_are_left_to_tensorflow():
         expected = getattr(tf.raw_ops, op_type)(**arguments)
         node = Node(1, None, op_type, (), "", (), [expected], False, "")
         known = [np.asarray(value) for name, value in arguments.items() if name != "DstT"]
-        assert runner._numpy_mirror(node, known, ()) is None, op_type
+        assert runner._numpy_mirror(node, known) is None, op_type
 
 
 def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_follows(monkeypatch):
