@@ -114,12 +114,15 @@ class Job:
     """One submitted segment run; Python waits on it only when it needs one of its values."""
 
     __slots__ = ("compiled", "args", "lazies", "done", "error", "seconds", "key", "runner",
-                 "iteration", "delivered", "after", "first_run")
+                 "iteration", "delivered", "after", "cause", "first_run")
 
     def __init__(self, compiled, args: list, lazies: list, key=None, runner=None,
                  iteration: int = 0, after: Job | None = None) -> None:
         self.compiled = compiled
-        self.after = after  # the first part of a split segment, which this part continues
+        # the earlier job of the iteration whose failure means this one must not run: the
+        # first part of a split segment, or the iteration's last segment that may fail
+        self.after = after
+        self.cause: Job | None = None  # the failed job that stopped this one (see _stopped_by)
         self.iteration = iteration
         self.key = key
         self.runner = runner
@@ -134,8 +137,9 @@ class Job:
     def execute(self) -> None:
         start = time.perf_counter()
         try:
-            if self.after is not None and self.after.error is not None:
-                return  # the error is the first part's; this part's ops never run
+            self.cause = self._stopped_by()
+            if self.cause is not None:
+                return  # eagerly, the failing op raised before any of these ops ran
             args = [_ready_value(value) for value in self.args]
             try:
                 values = intercept.call_concrete(self.compiled.function, args)
@@ -157,12 +161,28 @@ class Job:
             self.seconds = time.perf_counter() - start
             self.done.set()
 
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or self.cause is not None
+
+    def _stopped_by(self) -> Job | None:
+        """The failed job that comes before this one in the iteration or computes one of its
+        inputs (a value a failed job never computed)."""
+        if self.after is not None and self.after.failed:
+            return self.after
+        for value in self.args:
+            if isinstance(value, intercept.LazyTensor) and value._value is None \
+                    and value._job is not None and value._job.failed:
+                return value._job
+        return None
+
     def wait(self, value_needed: bool = True) -> None:
         """Wait; raise the job's error, unless only ordering was asked for (a drain) and the
-        user has already been given that error."""
-        if self.after is not None:
-            self.after.wait(value_needed)
+        user has already been given that error. A job a failure stopped raises that failure."""
         self.done.wait()
+        if self.cause is not None:
+            self.cause.wait(value_needed)
+            return
         if self.error is None or (self.delivered and not value_needed):
             return
         if not getattr(self.error, "_terra_nb_located", False):
@@ -409,9 +429,11 @@ class GraphRunner:
                                  "it runs without XLA"))
         return plain
 
-    def submit(self, parts: list, iteration: int, token) -> list[Job]:
+    def submit(self, parts: list, iteration: int, token, after: Job | None = None) -> list[Job]:
         """Queue the parts of one segment, each (compiled, args, lazies, key), in one step:
-        a later part continues the one before it (see PythonRunner._split_head).
+        a later part continues the one before it (see PythonRunner._split_head), the first
+        continues `after` (the iteration's last segment that may fail): none runs once the
+        one it continues has failed.
 
         `token` names the pending ops they compute; submitting the same token again (a flush
         repeated after a KeyboardInterrupt) returns the jobs already queued, so an interrupt
@@ -421,7 +443,7 @@ class GraphRunner:
             return self._last_jobs
         jobs = []
         for compiled, args, lazies, key in parts:
-            job = Job(compiled, args, lazies, key, self, iteration, jobs[-1] if jobs else None)
+            job = Job(compiled, args, lazies, key, self, iteration, jobs[-1] if jobs else after)
             jobs.append(job)
         if self.overlap and self._worker is None:
             work = queue.SimpleQueue()
@@ -770,7 +792,8 @@ class PythonRunner:
         self._submit(parts)
 
     def _submit(self, parts: list) -> None:
-        jobs = self.runner.submit(parts, self.index, token=self.pending)
+        jobs = self.runner.submit(parts, self.index, token=self.pending,
+                                  after=self.fallible_jobs[-1] if self.fallible_jobs else None)
         if self.segment_may_fail:
             self.fallible_jobs.extend(jobs)
         self.flushes += 1

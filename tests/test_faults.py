@@ -392,11 +392,32 @@ def _logged_loss_step(before, after, index):
     return loss
 
 
-def test_failure_in_the_first_part_of_a_split_segment_skips_the_rest(monkeypatch):
+def _logged_loss_then_unrelated_updates_step(before, after, index):
+    """As _logged_loss_step, but the updates after the loss do not read it."""
+    before.assign_add(1.0)
+    loss = tf.reduce_sum(tf.gather(PARAMS, tf.constant(index)))  # fails: index out of range
+    for _ in range(10):
+        after.assign_add(1.0)
+    return loss
+
+
+@pytest.mark.parametrize("submitted_early", [False, True], ids=["split", "submitted-early"])
+@pytest.mark.parametrize("step", [_logged_loss_step, _logged_loss_then_unrelated_updates_step],
+                         ids=["updates-read-the-loss", "unrelated-updates"])
+def test_failure_in_the_graph_of_a_logged_loss_skips_the_ops_after_it(monkeypatch, step,
+                                                                       submitted_early):
+    """The loss's graph (the first part of a split segment, or a segment submitted as soon as
+    the loss is deferred) fails: the graph work after it in the iteration never runs, as
+    eagerly, and waiting for it raises nothing new (the last iteration fails too, so the
+    session's close waits for its skipped work)."""
     from terra_nb import runner
 
     monkeypatch.setattr(runner, "NEW_GRAPH_PAYBACK", 0.0)  # split as soon as the segment is hot
-    indexes = [0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 5, 1]
+    indexes = [0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 5, 1, 5]
+    if submitted_early:  # whatever Python's waits for the loss measured
+        monkeypatch.setattr(runner, "SUBMIT_EARLY_MIN_WAIT", 0.0)
+    else:
+        monkeypatch.setattr(runner, "SUBMIT_AT_FETCHED_AFTER", len(indexes) + 1)
 
     def run(session):
         before, after = tf.Variable(0.0), tf.Variable(0.0)
@@ -404,10 +425,10 @@ def test_failure_in_the_first_part_of_a_split_segment_skips_the_rest(monkeypatch
         for position, index in enumerate(indexes):
             try:
                 if session is None:
-                    loss = _logged_loss_step(before, after, index)
+                    loss = step(before, after, index)
                 else:
                     with session.iteration():
-                        loss = _logged_loss_step(before, after, index)
+                        loss = step(before, after, index)
                 losses.append(float(loss))
             except Exception as error:  # compared with eager's below
                 errors[position] = error
@@ -418,14 +439,18 @@ def test_failure_in_the_first_part_of_a_split_segment_skips_the_rest(monkeypatch
     session = Session("split-failure", trace_iterations=1)
     errors, states, losses = run(session)
     session.close()
-    failing = indexes.index(5)
-    assert list(eager_errors) == list(errors) == [failing]
-    assert type(errors[failing]) is type(eager_errors[failing])
-    assert _innermost_line_here(errors[failing])[0] == _failing_line(_logged_loss_step)
+    failing = [position for position, index in enumerate(indexes) if index == 5]
+    assert list(eager_errors) == list(errors) == failing
+    for position in failing:
+        assert type(errors[position]) is type(eager_errors[position])
+        assert _innermost_line_here(errors[position])[0] == _failing_line(step)
     assert (states, losses) == (eager_states, eager_losses)
-    split_heads = [segment for segment in session.graph_runner.segments()
-                   if segment.path[-1].op_type == "Sum"]
-    assert split_heads, "the segment was not split after the fetched loss"
+    sum_node = next(node for node in session.trace_graph.nodes() if node.op_type == "Sum")
+    assert sum_node.submit_early is submitted_early
+    if not submitted_early:
+        split_heads = [segment for segment in session.graph_runner.segments()
+                       if segment.path[-1].op_type == "Sum"]
+        assert split_heads, "the segment was not split after the fetched loss"
 
 
 # ---------------------------------------------------------------- interrupts inside the engine
