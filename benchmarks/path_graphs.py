@@ -142,10 +142,10 @@ def drive(program: Program, paths: int, min_steady: int, max_iterations: int) ->
     submitted: dict[int, list] = {}
     submit = runner.submit
 
-    def recording_submit(parts, iteration, token):
+    def recording_submit(parts, iteration, token, after=None):
         for compiled, args, _, key in parts:
             submitted.setdefault(iteration, []).append((key, compiled, list(args)))
-        return submit(parts, iteration, token)
+        return submit(parts, iteration, token, after)
 
     runner.submit = recording_submit
     steady: list[int] = []
