@@ -37,6 +37,29 @@ class Run:
     session: Session | None
 
 
+# Which segments are split after a fetched loss, or submitted as soon as the loss is deferred,
+# follows how long Python waited for the graph (terra_nb.runner's policy), so it differs
+# between runs and machines. Tests force each choice from the first fetch on.
+MEASURED_CHOICES = ("submitted-early", "split")
+
+
+def force_measured_choice(monkeypatch, choice: str) -> None:
+    from terra_nb import runner
+
+    if choice == "submitted-early":
+        monkeypatch.setattr(runner, "_submit_early", _submit_once_fetched)
+    else:  # never submitted early; split once its graph has run
+        monkeypatch.setattr(runner, "SUBMIT_AT_FETCHED_AFTER", 10**9)
+        monkeypatch.setattr(runner, "NEW_GRAPH_PAYBACK", 0.0)
+        monkeypatch.setattr(runner, "SPLIT_AFTER_RUNS", 1)
+
+
+def _submit_once_fetched(node) -> bool:
+    """runner._submit_early, taking the choice at a node's first fetch Python waited for."""
+    node.submit_early = node.submit_early or node.fetches > 0
+    return node.submit_early
+
+
 def seed_everything(seed: int = 0) -> None:
     random.seed(seed)
     np.random.seed(seed)

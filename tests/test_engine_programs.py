@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import programs
 import pytest
-from harness import compare, modes
+from harness import MEASURED_CHOICES, compare, force_measured_choice, modes
 
 from terra_nb import events as ev
 
@@ -66,27 +66,14 @@ def test_path_change_with_library_replay_stays_correct():
     assert modes(terra.session)[-3:] == [ev.CO_EXECUTING] * 3
 
 
-MEASURED_CHOICES = {
-    # the loss's segment submitted as soon as it is deferred, from the first fetch on
-    "submitted-early": {"SUBMIT_AT_FETCHED_AFTER": 1, "SUBMIT_EARLY_MIN_WAIT": 0.0,
-                        "NEW_GRAPH_PAYBACK": 0.0},
-    # never submitted early: the segment holding the loss is split after it once run once
-    "split": {"SUBMIT_AT_FETCHED_AFTER": 10**9, "NEW_GRAPH_PAYBACK": 0.0,
-              "SPLIT_AFTER_RUNS": 1},
-}
-
-
-@pytest.mark.parametrize("choice", list(MEASURED_CHOICES))
+@pytest.mark.parametrize("choice", MEASURED_CHOICES)
 @pytest.mark.parametrize("build", STEADY + [programs.build_path_change],
                          ids=lambda build: build.__name__[6:])
 def test_same_results_as_eager_whichever_way_measured_waits_decide(build, choice, monkeypatch):
     """Which segments are split or submitted early follows how long Python waited for the
     graph, so it differs between runs and machines; each choice, made at once, keeps the
     results eager-equal."""
-    from terra_nb import runner
-
-    for name, value in MEASURED_CHOICES[choice].items():
-        monkeypatch.setattr(runner, name, value)
+    force_measured_choice(monkeypatch, choice)
     _, terra = compare(build, iterations=12)
     session = terra.session
     submitted_early = any(node.submit_early for node in session.trace_graph.nodes())

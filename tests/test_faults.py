@@ -14,7 +14,7 @@ import threading
 import time
 import traceback
 
-import harness  # noqa: F401  (seeds, op determinism, TF logging)
+import harness  # seeds, op determinism, TF logging (before TensorFlow is imported)
 import keras
 import numpy as np
 import pytest
@@ -401,23 +401,16 @@ def _logged_loss_then_unrelated_updates_step(before, after, index):
     return loss
 
 
-@pytest.mark.parametrize("submitted_early", [False, True], ids=["split", "submitted-early"])
+@pytest.mark.parametrize("choice", harness.MEASURED_CHOICES)
 @pytest.mark.parametrize("step", [_logged_loss_step, _logged_loss_then_unrelated_updates_step],
                          ids=["updates-read-the-loss", "unrelated-updates"])
-def test_failure_in_the_graph_of_a_logged_loss_skips_the_ops_after_it(monkeypatch, step,
-                                                                       submitted_early):
+def test_failure_in_the_graph_of_a_logged_loss_skips_the_ops_after_it(monkeypatch, step, choice):
     """The loss's graph (the first part of a split segment, or a segment submitted as soon as
     the loss is deferred) fails: the graph work after it in the iteration never runs, as
     eagerly, and waiting for it raises nothing new (the last iteration fails too, so the
     session's close waits for its skipped work)."""
-    from terra_nb import runner
-
-    monkeypatch.setattr(runner, "NEW_GRAPH_PAYBACK", 0.0)  # split as soon as the segment is hot
+    harness.force_measured_choice(monkeypatch, choice)
     indexes = [0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 5, 1, 5]
-    if submitted_early:  # whatever Python's waits for the loss measured
-        monkeypatch.setattr(runner, "SUBMIT_EARLY_MIN_WAIT", 0.0)
-    else:
-        monkeypatch.setattr(runner, "SUBMIT_AT_FETCHED_AFTER", len(indexes) + 1)
 
     def run(session):
         before, after = tf.Variable(0.0), tf.Variable(0.0)
@@ -446,8 +439,8 @@ def test_failure_in_the_graph_of_a_logged_loss_skips_the_ops_after_it(monkeypatc
         assert _innermost_line_here(errors[position])[0] == _failing_line(step)
     assert (states, losses) == (eager_states, eager_losses)
     sum_node = next(node for node in session.trace_graph.nodes() if node.op_type == "Sum")
-    assert sum_node.submit_early is submitted_early
-    if not submitted_early:
+    assert sum_node.submit_early is (choice == "submitted-early")
+    if choice == "split":
         split_heads = [segment for segment in session.graph_runner.segments()
                        if segment.path[-1].op_type == "Sum"]
         assert split_heads, "the segment was not split after the fetched loss"
