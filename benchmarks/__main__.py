@@ -107,9 +107,11 @@ def run_program(name: str, steps: int, rounds: int, warmup: int, settle: int,
 # ---- reporting ----
 
 
-def ratio(result: dict, mode: str) -> float | None:
+def ratio(result: dict, mode: str, timing: str = "median_ms") -> float | None:
+    """eager's median step / the mode's `timing` ("settled_median_ms": once it has run
+    `settle` steps)."""
     eager = result["modes"].get("eager", {}).get("median_ms")
-    ours = result["modes"].get(mode, {}).get("median_ms")
+    ours = result["modes"].get(mode, {}).get(timing)
     return eager / ours if eager and ours else None
 
 
@@ -119,17 +121,11 @@ def cell(result: dict, mode: str) -> str:
         return "not run"
     if data["status"] == "failed":
         return f"failed ({data['error']})"
-    text = f"{ratio(result, mode):.2f}x" if ratio(result, mode) else "-"
+    speedup = ratio(result, mode)
+    text = f"{speedup:.2f}x" if speedup else "-"
     if data["status"] == "different":
         text += f" **wrong** (Δloss {data['max_rel_diff_first_steps']:.1%})"
     return text
-
-
-def settled_ratio(result: dict, mode: str) -> float | None:
-    """eager's median step / the mode's once it has run `settle` steps."""
-    eager = result["modes"].get("eager", {}).get("median_ms")
-    ours = result["modes"].get(mode, {}).get("settled_median_ms")
-    return eager / ours if eager and ours else None
 
 
 def parity(result: dict) -> float | None:
@@ -169,7 +165,7 @@ def table(results: list[dict]) -> str:
         traced = tracing_ratio(result, "terra_nb")
         split = ("-" if terra.get("skeleton_ms") is None
                  else f"{terra['skeleton_ms']:.1f} / {terra['graph_ms']:.1f}")
-        settled = settled_ratio(result, "terra_nb")
+        settled = ratio(result, "terra_nb", "settled_median_ms")
         matched = parity(result)
         row = [result["program"], f"{eager['median_ms']:.1f}",
                *(cell(result, mode) for mode in MODES[1:]),

@@ -67,7 +67,7 @@ def test_report_cells_state_failures_and_wrong_results():
     result["modes"]["tf.function"] = {"status": "ok", "settled_median_ms": 3.0}
     result["modes"]["terra_nb"]["settled_median_ms"] = 4.0
     assert runner.parity(result) == pytest.approx(0.75)
-    assert runner.settled_ratio(result, "terra_nb") == pytest.approx(2.5)
+    assert runner.ratio(result, "terra_nb", "settled_median_ms") == pytest.approx(2.5)
 
 
 @pytest.mark.slow

@@ -332,27 +332,31 @@ def _failing_line(step) -> int:
 
 
 def _run_failing(step, indexes, terra: bool):
+    """Run `step` at each index, eagerly or co-executed: the errors by position, the
+    variables after each step, the losses a step returns (fetched, as a loop logs them)."""
     before, after = tf.Variable(0.0), tf.Variable(0.0)
     session = Session("graph-error", trace_iterations=1) if terra else None
-    errors, states = {}, []
+    errors, states, losses = {}, [], []
     for position, index in enumerate(indexes):
         try:
             if terra:
                 with session.iteration():
-                    step(before, after, index)
+                    loss = step(before, after, index)
             else:
-                step(before, after, index)
+                loss = step(before, after, index)
+            if loss is not None:
+                losses.append(float(loss))
         except Exception as error:  # compared with eager's below
             errors[position] = error
         states.append((float(before.numpy()), float(after.numpy())))
     if session is not None:
         session.close()
-    return errors, states, session
+    return errors, states, losses, session
 
 
 def _check_graph_failure(step, indexes, failing_position):
-    eager_errors, eager_states, _ = _run_failing(step, indexes, terra=False)
-    errors, states, session = _run_failing(step, indexes, terra=True)
+    eager_errors, eager_states, _, _ = _run_failing(step, indexes, terra=False)
+    errors, states, _, session = _run_failing(step, indexes, terra=True)
     assert list(eager_errors) == [failing_position]
     assert list(errors) == [failing_position], f"terra_nb raised at {list(errors)}"
     error = errors[failing_position]
@@ -411,27 +415,8 @@ def test_failure_in_the_graph_of_a_logged_loss_skips_the_ops_after_it(monkeypatc
     session's close waits for its skipped work)."""
     harness.force_measured_choice(monkeypatch, choice)
     indexes = [0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 5, 1, 5]
-
-    def run(session):
-        before, after = tf.Variable(0.0), tf.Variable(0.0)
-        errors, states, losses = {}, [], []
-        for position, index in enumerate(indexes):
-            try:
-                if session is None:
-                    loss = step(before, after, index)
-                else:
-                    with session.iteration():
-                        loss = step(before, after, index)
-                losses.append(float(loss))
-            except Exception as error:  # compared with eager's below
-                errors[position] = error
-            states.append((float(before.numpy()), float(after.numpy())))
-        return errors, states, losses
-
-    eager_errors, eager_states, eager_losses = run(None)
-    session = Session("split-failure", trace_iterations=1)
-    errors, states, losses = run(session)
-    session.close()
+    eager_errors, eager_states, eager_losses, _ = _run_failing(step, indexes, terra=False)
+    errors, states, losses, session = _run_failing(step, indexes, terra=True)
     failing = [position for position, index in enumerate(indexes) if index == 5]
     assert list(eager_errors) == list(errors) == failing
     for position in failing:
