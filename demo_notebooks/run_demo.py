@@ -17,12 +17,19 @@ NOTEBOOK = Path(__file__).with_name("01_quickstart.ipynb")
 
 def execute(path: Path = NOTEBOOK, timeout: int = 300) -> nbformat.NotebookNode:
     """Run every cell of the notebook in a fresh kernel; raises on the first failing cell."""
-    notebook = nbformat.read(path, as_version=4)
+    return execute_notebook(nbformat.read(path, as_version=4), path.parent, timeout)
+
+
+def execute_notebook(notebook: nbformat.NotebookNode, folder: Path, timeout: int = 300,
+                     allow_errors: bool = False) -> nbformat.NotebookNode:
+    """Run every cell of a notebook in a fresh kernel started in `folder`; raises on the first
+    failing cell unless `allow_errors` (errors are in the cells' outputs either way)."""
     client = NotebookClient(
         notebook,
         timeout=timeout,
+        allow_errors=allow_errors,
         kernel_name="python3",
-        resources={"metadata": {"path": str(path.parent)}},
+        resources={"metadata": {"path": str(folder)}},
     )
     client.kernel_manager_kwargs = {"kernel_cmd": kernel_command()}
     client.execute()

@@ -11,16 +11,18 @@ Importing this package does not import TensorFlow; the magic and the engine load
 
 from __future__ import annotations
 
-import os
-
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "function", "load_ipython_extension", "plot", "report"]
 
 
 def load_ipython_extension(ipython) -> None:
-    """Register `%%terra`; quiets TensorFlow's C++ logging unless the user chose a level."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Register `%%terra`. TensorFlow is imported here, without its C++ start-up lines in the
+    cell's output (terra_nb/startup.py), so a notebook that loads the extension first shows
+    none of them."""
+    from terra_nb.startup import import_tensorflow
+
+    import_tensorflow()
     from terra_nb.magic import TerraMagics
 
     ipython.register_magics(TerraMagics)

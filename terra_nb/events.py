@@ -16,6 +16,7 @@ TRACING = "tracing"  # ran eagerly while recording ops
 CO_EXECUTING = "co-executing"  # Python skeleton + compiled graph
 FALLBACK = "fallback"  # started co-executing, diverged, finished eagerly (and recorded)
 BACKOFF = "eager back-off"  # diverged too often: plain eager until the next retry
+BASELINE = "eager baseline"  # run plainly eagerly, unrecorded: the run's own eager timing
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,8 @@ from tensorflow.python.framework import (
 )
 from tensorflow.python.ops import array_ops, gradients_util
 
+from terra_nb import usercode
+
 PRIVATE_SYMBOLS = (
     ("tensorflow.python.pywrap_tfe", "TFE_Py_FastPathExecute"),
     ("tensorflow.python.pywrap_tfe", "TFE_Py_TensorShapeSlice"),
@@ -286,6 +288,7 @@ def remove_guard(drain_unless_owner=None) -> None:
             guard.drain()
 
 
+@usercode.gateway
 def run_eagerly(op_type: str, num_outputs: int, inputs: list, attrs: tuple, ctx, name=None):
     """Execute one op now, with any LazyTensor inputs replaced by their values."""
     return _real_execute(op_type, num_outputs, _unwrap_all(inputs), attrs, ctx, name)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import threading
 
 import keras
@@ -39,8 +38,8 @@ from keras.src.backend.common import global_state
 from terra_nb import events as ev
 from terra_nb import intercept
 from terra_nb.graphgen import STATEFUL_RANDOM_OPS
-from terra_nb.trace import is_user_file, user_location
 from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
+from terra_nb.usercode import is_library_function, is_user_class, user_location
 
 _PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
 
@@ -633,27 +632,13 @@ def _guard_key(obj, args, kwargs, flat: list):
     return tuple(parts)
 
 
-_class_is_library: dict = {}
-
-
-def _library_class(cls) -> bool:
-    known = _class_is_library.get(cls)
-    if known is None:
-        try:
-            known = not is_user_file(inspect.getfile(cls))
-        except TypeError:
-            known = False
-        _class_is_library[cls] = known
-    return known
-
-
 def _object_state(obj):
     """The Python state the call reads, or None if the object's code is the user's."""
     if isinstance(obj, keras.layers.Layer):
-        if not _library_class(type(obj)):
+        if is_user_class(type(obj)):
             return None  # decided before walking a user layer's sub-layers, at every call
         layers = list(obj._flatten_layers(include_self=True))
-        if not all(_library_class(type(layer)) for layer in layers):
+        if any(is_user_class(type(layer)) for layer in layers):
             return None
         inherited = _inherited_call_arguments(obj)
         if not all(isinstance(value, _PYTHON_VALUES) for _, value in inherited):
@@ -664,12 +649,12 @@ def _object_state(obj):
         rate = getattr(obj, "_learning_rate", None)
         if callable(rate) and not isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
             return None
-        return (len(obj.variables), _library_class(type(obj)) or None)
+        return (len(obj.variables), not is_user_class(type(obj)) or None)
     if isinstance(obj, keras.losses.Loss):
         function = getattr(obj, "fn", None)
-        if function is not None and not _library_function(function):
+        if function is not None and not is_library_function(function):
             return None
-        return (_library_class(type(obj)) or None, getattr(obj, "reduction", None))
+        return (not is_user_class(type(obj)) or None, getattr(obj, "reduction", None))
     return None
 
 
@@ -682,11 +667,6 @@ def _inherited_call_arguments(layer) -> tuple:
         return ()
     names = sorted(getattr(layer, "_call_context_args", ("training",)))
     return tuple((name, context.get_value(name)) for name in names)
-
-
-def _library_function(function) -> bool:
-    code = getattr(function, "__code__", None)
-    return code is not None and not is_user_file(code.co_filename)
 
 
 # ---------------------------------------------------------------- patching Keras entry points

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import linecache
 import logging
-import os
 import types
 import warnings
 
@@ -22,11 +21,10 @@ from IPython.core.magic import Magics, cell_magic, magics_class, output_can_be_s
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from terra_nb import events as ev
 from terra_nb.session import DEFAULT_TRACE_ITERATIONS, Session
 from terra_nb.summary import Report
+from terra_nb.usercode import innermost_user_frame, user_traceback
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MAX_SESSIONS = 32  # cells edited many times would otherwise keep every old trace alive
 
 
@@ -90,14 +88,17 @@ class TerraMagics(Magics):
         after the loop runs once, as in a plain cell; `break` and `continue` work. A cell
         without a loop is one iteration per run, and re-running it continues its history.
 
-        In a notebook a live panel shows the state (tracing / co-executing / fallback / eager
-        back-off), the iteration count (with a progress bar when the loop's length is known),
-        a chart of per-iteration time, a time breakdown, every fallback with its reason and
-        source line, the traced graph, and TensorFlow warnings raised during the run.
-        Afterwards (and in a terminal) a summary shows the iterations per mode and the median
-        time per iteration. A speedup is shown only over measured plain-eager iterations
-        (`--eager` or `--compare`) and names its baseline. `terra_nb.report()` returns the
-        summary as data; `terra_nb.plot()` draws the timeline.
+        The run's second iteration (and every 100th after it) runs plainly eagerly, without
+        recording: the eager baseline, measured in the run itself, that every speedup shown is
+        taken against. In a notebook a live panel shows the state (tracing / co-executing /
+        fallback / eager back-off), the iteration count (with a progress bar when the loop's
+        length is known), a chart of per-iteration time with the eager time marked and each
+        iteration's speedup, a time breakdown, every fallback with its reason and source line,
+        the traced graph, and TensorFlow warnings raised during the run. Afterwards (and in a
+        terminal) a summary shows the iterations per mode, the median time per iteration, the
+        speedup of co-executed iterations and of the whole run (warm-up included) over the
+        eager baseline. A speedup is shown only over measured plain-eager time and names it.
+        `terra_nb.report()` returns the summary as data; `terra_nb.plot()` draws the timeline.
 
         `--compare` re-runs the loop (at most 20 iterations each) eagerly and as a
         tf.function from the state the run left, restoring reachable variables, `random`
@@ -121,6 +122,8 @@ class TerraMagics(Magics):
         settings = (options.trace, options.xla, options.eager, options.self_check)
         session = self._session_for(plan.digest, settings)
         since = session.iterations if plan.has_loop else 0
+        if plan.has_loop:
+            session.start_run()
         panel = live = handle = None
         if not options.no_panel:
             from terra_nb.panel import Panel
@@ -161,8 +164,7 @@ class TerraMagics(Magics):
             if handle is not None:
                 handle.update(panel.mimebundle(), raw=True)
         if error is not None:
-            # The same exception, re-raised with a shorter traceback: no new cause to chain.
-            raise error.with_traceback(user_traceback(error.__traceback__))
+            raise _shown_as_the_users(error, self.shell)
         if panel is not None and not live:
             display(report)
         if options.explain:
@@ -177,7 +179,7 @@ class TerraMagics(Magics):
         else:
             trace, xla, eager, self_check = settings
             session = Session(f"cell-{digest}", trace_iterations=trace, xla=xla, eager=eager,
-                              self_check=self_check)
+                              self_check=self_check, baseline=True)
         self._sessions[digest] = (settings, session)
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
@@ -338,31 +340,6 @@ def _call(name: str, method: str) -> ast.Call:
     return ast.Call(func=target, args=[], keywords=[])
 
 
-# ---- tracebacks ----
-
-
-def user_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
-    """The traceback without terra_nb's own frames, so the user's cell line is on top.
-
-    If the error was raised inside terra_nb itself, it is terra_nb's bug: keep everything.
-    """
-    entries = []
-    while tb is not None:
-        entries.append(tb)
-        tb = tb.tb_next
-    if not entries or _is_ours(entries[-1]):
-        return entries[0] if entries else None
-    kept = None
-    for entry in reversed(entries):
-        if not _is_ours(entry):
-            kept = types.TracebackType(kept, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
-    return kept
-
-
-def _is_ours(entry: types.TracebackType) -> bool:
-    return entry.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR + os.sep)
-
-
 # ---- run helpers: live display, loop length, warnings, --compare, where it stopped ----
 
 
@@ -464,23 +441,36 @@ def _compare(namespace: dict, plan: CellPlan, iterations: int):
         return Comparison(0, (Timing("eager", 0, None, "not run", detail),), 0)
 
 
-def _cell_frame(error: BaseException | None, filename: str) -> ev.UserFrame | None:
-    """The innermost frame of the error's traceback that is a line of the cell."""
-    found = None
-    tb = error.__traceback__ if error is not None else None
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == filename:
-            found = tb.tb_lineno
-        tb = tb.tb_next
-    if found is None:
-        return None
-    return ev.UserFrame(filename, found, linecache.getline(filename, found).strip())
+def _traceback_of(error: BaseException | None):
+    return error.__traceback__ if error is not None else None
+
+
+def _shown_as_the_users(error: BaseException, shell) -> BaseException:
+    """The user's exception, with terra_nb's frames left out, to re-raise as it is.
+
+    IPython shows the frames above the magic too: the cell's `run_cell_magic(...)` line, which
+    holds the whole cell as one string. The exception is given a `_render_traceback_` (IPython's
+    hook for exceptions that format themselves) that formats from the first line of the cell:
+    the user's traceback, in the shell's own style, nothing lost below it.
+    """
+    shown = user_traceback(error.__traceback__)
+    error = error.with_traceback(shown)
+
+    def render() -> list[str]:
+        return shell.InteractiveTB.structured_traceback(type(error), error, shown, tb_offset=0)
+
+    if shell is not None and getattr(shell, "InteractiveTB", None) is not None:
+        try:
+            error._render_traceback_ = render
+        except AttributeError:  # an exception type without attributes: shown as IPython does
+            pass
+    return error
 
 
 def _stopped(error: BaseException | None, filename: str) -> str:
     if error is None:
         return ""
-    frame = _cell_frame(error, filename)
+    frame = innermost_user_frame(_traceback_of(error), filename=filename)
     message = str(error).strip().splitlines()
     text = type(error).__name__ + (f": {message[0]}" if message else "")
     if frame is not None:
@@ -492,7 +482,7 @@ def _locate_failure(report: Report, error: BaseException | None, filename: str) 
     """Give the failed iteration the cell line it stopped at, when the engine had none."""
     if error is None or not report.failures or report.failures[-1].user_frame is not None:
         return report
-    frame = _cell_frame(error, filename)
+    frame = innermost_user_frame(_traceback_of(error), filename=filename)
     if frame is None:
         return report
     failures = report.failures[:-1] + (dataclasses.replace(report.failures[-1],

@@ -14,7 +14,7 @@ import statistics
 import time
 
 from terra_nb import events as ev
-from terra_nb.summary import BREAKDOWN_ORDER, SUGGESTIONS, GraphFacts, Report, shorten
+from terra_nb.summary import BREAKDOWN_ORDER, SUGGESTIONS, Baseline, GraphFacts, Report, shorten
 
 MIN_INTERVAL = 0.1  # seconds between redraws: at most 10 per second
 MAX_SHARE = 0.02  # redraws may use at most this share of wall time
@@ -27,6 +27,7 @@ MODE_COLORS = {
     ev.FALLBACK: "#d2452f",
     ev.BACKOFF: "#7f7f7f",
     ev.EAGER: "#4a78b5",
+    ev.BASELINE: "#4a78b5",
 }
 BADGE_WORDS = {
     ev.TRACING: "tracing",
@@ -34,6 +35,7 @@ BADGE_WORDS = {
     ev.FALLBACK: "fallback",
     ev.BACKOFF: "eager back-off",
     ev.EAGER: "eager (--eager)",
+    ev.BASELINE: "measuring eager",
 }
 _BREAKDOWN_WORDS = {"fetch_waits": "fetch waits"}
 
@@ -52,6 +54,8 @@ class Panel:
         self.total = total
         self._clock = clock
         self.done: list[ev.IterationDone] = []
+        # earlier runs' iterations: their eager baseline serves a run that measures none
+        self._earlier = [e for e in session.events.of_type(ev.IterationDone) if e.index < since]
         self.fallback_events: list[ev.FallbackEvent] = []
         self.graph_events: list[ev.GraphBuilt] = []
         self.failures: list[ev.IterationFailed] = []
@@ -159,48 +163,72 @@ class Panel:
         return (f"<span class='terra-badge' style='background:{color};color:white;"
                 f"padding:2px 8px;border-radius:8px'>{html.escape(word)}</span>")
 
+    def baseline(self) -> Baseline | None:
+        """The measured plain-eager time this run's speedups are against (None until one is)."""
+        return Baseline.measured(self.done, self._earlier)
+
     def speedup_text(self) -> str:
-        """The live ratio, named by its baseline, from measured medians only."""
+        """Live ratios, each named by what it was measured against, from measured times only."""
         if self.report is not None:
-            return "; ".join(self.report.speedup_lines())
-        co = [e.seconds for e in self.done if e.mode == ev.CO_EXECUTING]
-        if not co:
+            return "; ".join(self.report.speedup_lines(per_iteration=False))
+        if not self.done:
             return ""
-        co_ms = statistics.median(co) * 1e3
-        eager = [e.seconds for e in self.done if e.mode == ev.EAGER and e.index > 0]
-        if eager:
-            return (f"speedup {statistics.median(eager) * 1e3 / co_ms:.2f}x over eager "
-                    f"iterations (co-executing median {co_ms:.2f} ms)")
-        tracing = [e.seconds for e in self.done if e.mode == ev.TRACING and e.index > 0]
-        text = f"co-executing median {co_ms:.2f} ms"
-        if tracing:
-            text += (f"; {statistics.median(tracing) * 1e3 / co_ms:.2f}x faster than tracing "
-                     "iterations (eager + recording, not an eager speedup)")
-        return text
+        baseline = self.baseline()
+        co = [e.seconds for e in self.done if e.mode == ev.CO_EXECUTING]
+        if baseline is None:
+            if not co:
+                return "speedup over eager: measured once an eager baseline iteration has run"
+            co_ms = statistics.median(co) * 1e3
+            tracing = [e.seconds for e in self.done if e.mode == ev.TRACING and e.index > 0]
+            text = f"co-executing median {co_ms:.2f} ms"
+            if tracing:
+                text += (f"; {statistics.median(tracing) * 1e3 / co_ms:.2f}x faster than "
+                         "tracing iterations (eager + recording, not an eager speedup)")
+            return text
+        last = self.done[-1]
+        parts = [f"iteration {last.index}: {baseline.ratio(last.seconds):.2f}x eager"]
+        if co:
+            parts.append(f"co-executing median {baseline.ratio(statistics.median(co)):.2f}x")
+        whole = sum(e.seconds for e in self.done) / len(self.done)
+        parts.append(f"whole run so far {baseline.ratio(whole):.2f}x (warm-up included)")
+        return (" · ".join(parts) + f" — against {baseline.name}, median "
+                f"{baseline.median_ms:.2f} ms")
 
     def _chart_html(self) -> str:
         shown = self.done[-CHART_ITERATIONS:]
         if not shown:
             return ""
         width, height, pad = 480, 90, 2
+        baseline = self.baseline()
         scale_from = [e.seconds for e in shown if e.index > 0] or [e.seconds for e in shown]
+        if baseline is not None:
+            scale_from.append(baseline.median_ms / 1e3)
         top = max(scale_from) or 1e-9
         step = width / max(len(shown), 40)
         bars = []
         for slot, event in enumerate(shown):
             bar = min(event.seconds / top, 1.0) * (height - pad)
+            ratio = f", {baseline.ratio(event.seconds):.2f}x eager" if baseline else ""
             bars.append(f"<rect x='{slot * step:.1f}' y='{height - bar:.1f}' "
                         f"width='{max(step - 0.5, 0.5):.1f}' height='{bar:.1f}' "
                         f"fill='{MODE_COLORS.get(event.mode, '#555')}'>"
-                        f"<title>{event.index}: {event.mode} {event.seconds * 1e3:.2f} ms</title>"
-                        "</rect>")
+                        f"<title>{event.index}: {event.mode} {event.seconds * 1e3:.2f} ms"
+                        f"{ratio}</title></rect>")
+        if baseline is not None:
+            level = height - baseline.median_ms / 1e3 / top * (height - pad)
+            bars.append(f"<line class='terra-baseline' x1='0' x2='{width}' y1='{level:.1f}' "
+                        f"y2='{level:.1f}' stroke='#4a78b5' stroke-dasharray='4 3'>"
+                        f"<title>eager baseline {baseline.median_ms:.2f} ms</title></line>")
         modes = dict.fromkeys(e.mode for e in shown)
         legend = " ".join(f"<span style='color:{MODE_COLORS.get(m, '#555')}'>■ {m}</span>"
                           for m in modes)
+        if baseline is not None:
+            legend += " <span style='color:#4a78b5'>- - eager time (bars below it: faster)</span>"
         return (f"<div><svg width='{width}' height='{height}' style='border:1px solid #ddd'>"
                 + "".join(bars) + f"</svg><div style='font-size:small'>per-iteration time, "
                 f"top {top * 1e3:.2f} ms · {legend}</div>"
-                f"<div style='font-size:small'>{html.escape(self.speedup_text())}</div></div>")
+                f"<div class='terra-speedup' style='font-size:small'>"
+                f"{html.escape(self.speedup_text())}</div></div>")
 
     def _breakdown_html(self) -> str:
         sums: dict[str, dict[str, float]] = {}

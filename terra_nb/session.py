@@ -13,12 +13,15 @@ import sys
 import time
 
 from terra_nb import events as ev
+from terra_nb.usercode import innermost_user_frame
 
-DEFER = "defer"  # the runner's skeleton mode (runner.DEFER), named here to keep TF unimported
+RECORD = "record"  # the runner's modes (runner.RECORD, runner.DEFER), named here to keep
+DEFER = "defer"  # TensorFlow unimported
 
 DEFAULT_TRACE_ITERATIONS = 2
 BACKOFF_AFTER = 3  # consecutive diverging iterations before backing off to plain eager
 MAX_BACKOFF_LEVEL = 6  # back-off periods double up to 2**6 = 64 iterations
+BASELINE_PERIOD = 100  # with `baseline`, a run's iterations 1, 101, 201, ... run plainly eagerly
 
 
 class Session:
@@ -33,6 +36,7 @@ class Session:
         eager: bool = False,
         self_check: bool = False,
         overlap: bool = True,
+        baseline: bool = False,
     ) -> None:
         if trace_iterations < 1:
             raise ValueError(f"trace_iterations must be at least 1, got {trace_iterations}")
@@ -42,8 +46,11 @@ class Session:
         self.eager = eager
         self.self_check = self_check
         self.overlap = overlap
+        self.baseline = baseline
         self.events = ev.EventLog()
         self.iterations = 0
+        self._recorded = 0  # tracing iterations started
+        self._run_start = 0  # the first iteration of the current run (see start_run)
         self._entered: _Iteration | None = None  # the iteration whose blocks are installed
         self._graph = None
         self._runner = None
@@ -51,6 +58,11 @@ class Session:
         self._diverged_in_a_row = 0
         self._backoff_level = 0
         self._backoff_left = 0
+
+    def start_run(self) -> None:
+        """The next iteration starts a new run of the program (a cell's loop run again): with
+        `baseline`, that run measures its own eager time again (its second iteration)."""
+        self._run_start = self.iterations
 
     def iteration(self) -> _Iteration:
         """Run one iteration of the user's loop body (a context manager)."""
@@ -87,15 +99,22 @@ class Session:
             self._graph, self._runner, self._macros = graph, runner, macros
         return self._graph, self._runner
 
-    def _mode_for(self, index: int) -> str | None:
-        """RECORD, DEFER, or None for a plain eager iteration (`--eager`, or back-off)."""
-        from terra_nb import runner
-
-        if self.eager or self._backoff_left > 0:
-            return None
-        if index < self.trace_iterations:
-            return runner.RECORD
-        return runner.DEFER
+    def _mode_for(self, index: int) -> str:
+        """RECORD or DEFER, or the mode of a plain eager iteration: EAGER (`--eager`), BACKOFF,
+        or BASELINE (with `baseline`, the second iteration of each run and every
+        BASELINE_PERIOD-th after it run plainly eagerly, so each speedup is measured against
+        eager time taken in the run itself, not against tracing iterations, which also record).
+        """
+        if self.eager:
+            return ev.EAGER
+        if self._backoff_left > 0:
+            return ev.BACKOFF
+        if self.baseline and (index - self._run_start) % BASELINE_PERIOD == 1:
+            return ev.BASELINE
+        if self._recorded < self.trace_iterations:
+            self._recorded += 1
+            return RECORD
+        return DEFER
 
     def _after(self, index: int, mode: str) -> None:
         """Count diverging iterations; back off to plain eager, exponentially, when they repeat.
@@ -105,6 +124,8 @@ class Session:
         """
         if mode == ev.BACKOFF:
             self._backoff_left -= 1
+            return
+        if mode == ev.BASELINE:
             return
         if mode == ev.CO_EXECUTING:
             self._diverged_in_a_row = 0
@@ -163,7 +184,8 @@ class _Iteration:
             intercept.remove_guard(drain_unless_owner=graph_runner)
             if mode != DEFER:
                 graph_runner.drain()
-        if mode is not None:
+        self._plain_mode = mode if mode not in (RECORD, DEFER) else None
+        if self._plain_mode is None:
             from terra_nb import intercept
             from terra_nb.runner import PythonRunner
 
@@ -198,7 +220,7 @@ class _Iteration:
             if error is None:
                 self.session.events.emit(ev.IterationFailed(
                     self.index, type(graph_error).__name__, str(graph_error).strip()[:500],
-                    _user_frame_of_traceback(graph_error.__traceback__)))
+                    innermost_user_frame(graph_error.__traceback__)))
             raise
         finally:
             if self._replaying is not None:
@@ -214,7 +236,7 @@ class _Iteration:
         seconds = time.perf_counter() - self.start
         if error is not None:
             session.events.emit(ev.IterationFailed(self.index, error_type.__name__, str(error),
-                                                   _user_frame_of_traceback(traceback)))
+                                                   innermost_user_frame(traceback)))
             return False
         mode = self._mode()
         session.events.emit(ev.IterationDone(self.index, mode, seconds,
@@ -250,9 +272,7 @@ class _Iteration:
             self._leave_blocks()
 
     def _mode(self) -> str:
-        if self.run is not None:
-            return self.run.result_mode
-        return ev.EAGER if self.session.eager else ev.BACKOFF
+        return self.run.result_mode if self.run is not None else self._plain_mode
 
     def _ops(self) -> int:
         return 0 if self.run is None else self.run.ops
@@ -279,20 +299,3 @@ class _Iteration:
             "fetch_waits": waits,
             "fallback": fallback,
         }
-
-
-def _user_frame_of_traceback(traceback) -> ev.UserFrame | None:
-    """The innermost frame of the user's own code in a traceback."""
-    from terra_nb.trace import is_user_file
-
-    found = None
-    while traceback is not None:
-        code = traceback.tb_frame.f_code
-        if is_user_file(code.co_filename):
-            found = (code.co_filename, traceback.tb_lineno)
-        traceback = traceback.tb_next
-    if found is None:
-        return None
-    import linecache
-
-    return ev.UserFrame(found[0], found[1], linecache.getline(*found).strip())

@@ -4,11 +4,13 @@
 function as an attribute of the package the moment it is imported.)
 
 Speedup rule (docs/magic.md): a speedup is shown only over a *measured plain-eager* baseline —
-this run's EAGER iterations, or the eager re-run of `--compare` — and only when co-executed
-iterations exist. Tracing iterations are eager *plus op recording*, so they are never the eager
-baseline; co-executed time against them is shown as a separately named ratio. The session's
-first iteration is left out of every median used for a ratio: it pays one-off costs (building
-the model, first calls). Without co-executed iterations the report says the cell ran eagerly.
+the run's own eager-baseline iterations (the magic runs a run's second iteration, and every
+100th after it, plainly eagerly, unrecorded), or this run's EAGER iterations (`--eager`), or the
+eager re-run of `--compare` — and only when co-executed iterations exist. Tracing iterations are
+eager *plus op recording*, so they are never the eager baseline; co-executed time against them
+is shown as a separately named ratio. The session's first iteration is left out of every median
+used for a ratio: it pays one-off costs (building the model, first calls). Without co-executed
+iterations the report says the cell ran eagerly.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Optional
 
 from terra_nb import events as ev
 
-MODE_ORDER = (ev.EAGER, ev.TRACING, ev.CO_EXECUTING, ev.FALLBACK, ev.BACKOFF)
+MODE_ORDER = (ev.EAGER, ev.BASELINE, ev.TRACING, ev.CO_EXECUTING, ev.FALLBACK, ev.BACKOFF)
 # Breakdown keys in display order; "eager" and "tracing" are whole-iteration times.
 BREAKDOWN_ORDER = ("eager", "tracing", "skeleton", "graph", "fetch_waits", "compile")
 # Op types that call an already-compiled function (their insides are graph time already).
@@ -105,6 +107,39 @@ class GraphFacts:
 
 
 @dataclasses.dataclass(frozen=True)
+class Baseline:
+    """The measured plain-eager time per iteration that speedups are taken against."""
+
+    name: str  # what it was measured on, for people
+    median_ms: float
+    iterations: int
+
+    @classmethod
+    def measured(cls, done: Iterable[ev.IterationDone],
+                 earlier: Iterable[ev.IterationDone] = ()) -> Optional[Baseline]:
+        """From this run's eager-baseline iterations, else its `--eager` ones (the session's
+        first left out), else eager-baseline iterations of earlier runs (`earlier`)."""
+        done = list(done)
+        for events, where in ((done, ""), (list(earlier), " of an earlier run")):
+            own = [e for e in events if e.mode == ev.BASELINE]
+            if own:
+                numbers = ", ".join(str(e.index) for e in own[:5]) + (
+                    ", ..." if len(own) > 5 else "")
+                plural = "s" if len(own) > 1 else ""
+                return cls(f"eager baseline (plain eager, unrecorded: iteration{plural} "
+                           f"{numbers}{where})", _median_ms([e.seconds for e in own]), len(own))
+            if not where:
+                eager = [e.seconds for e in events if e.mode == ev.EAGER and e.index > 0]
+                if eager:
+                    return cls("eager iterations", _median_ms(eager), len(eager))
+        return None
+
+    def ratio(self, seconds: float) -> float:
+        """How many times faster than eager an iteration of `seconds` ran."""
+        return self.median_ms / max(seconds * 1e3, 1e-9)
+
+
+@dataclasses.dataclass(frozen=True)
 class Timing:
     """One measured way of running the loop (`--compare`): per-iteration times, in ms."""
 
@@ -138,6 +173,8 @@ class Report:
     baseline_ms: Optional[float]
     baseline_iterations: int
     speedup: Optional[float]  # baseline median / co-executing median, both measured
+    # the baseline median times the run's iterations / the run's whole wall time (warm-up in)
+    run_speedup: Optional[float] = None
     graphs: tuple[ev.GraphBuilt, ...] = ()
     fallbacks: tuple[ev.FallbackEvent, ...] = ()
     failures: tuple[ev.IterationFailed, ...] = ()
@@ -153,7 +190,11 @@ class Report:
     def from_events(cls, events: Iterable, *, name: str = "", since: int = 0,
                     session=None, comparison: Optional[Comparison] = None,
                     warnings: tuple[str, ...] = (), stopped: str = "") -> Report:
-        """Summarise the events whose iteration index is `since` or later."""
+        """Summarise the events whose iteration index is `since` or later (earlier runs'
+        eager-baseline iterations serve a run that measured none itself)."""
+        events = list(events)
+        earlier = [event for event in events if event.index < since
+                   and isinstance(event, ev.IterationDone)]
         events = [event for event in events if event.index >= since]
         done = tuple(event for event in events if isinstance(event, ev.IterationDone))
         seconds: dict[str, list[float]] = {}
@@ -164,15 +205,18 @@ class Report:
         modes = tuple(_mode_stats(mode, seconds[mode]) for mode in order)
         co_ms = _median_ms([e.seconds for e in done if e.mode == ev.CO_EXECUTING])
         baseline, baseline_ms, count = None, None, 0
-        eager = [e.seconds for e in done if e.mode == ev.EAGER and e.index > 0]
-        if eager:
-            baseline, baseline_ms, count = "eager iterations", _median_ms(eager), len(eager)
+        measured = Baseline.measured(done, earlier)
+        if measured is not None:
+            baseline, baseline_ms, count = measured.name, measured.median_ms, measured.iterations
         elif comparison is not None:
             timing = comparison.timing("eager")
             if timing is not None and timing.median_ms is not None:
                 baseline = "eager re-run (--compare)"
                 baseline_ms, count = timing.median_ms, timing.iterations - 1
         speedup = baseline_ms / co_ms if baseline_ms is not None and co_ms else None
+        run_ms = sum(e.seconds for e in done) * 1e3
+        run_speedup = (baseline_ms * len(done) / run_ms
+                       if baseline_ms is not None and co_ms and run_ms else None)
         tracing_ms = _median_ms([e.seconds for e in done if e.mode == ev.TRACING and e.index > 0])
         tracing_ratio = tracing_ms / co_ms if tracing_ms is not None and co_ms else None
 
@@ -186,6 +230,7 @@ class Report:
             baseline_ms=baseline_ms,
             baseline_iterations=count,
             speedup=speedup,
+            run_speedup=run_speedup,
             graphs=of_type(ev.GraphBuilt),
             fallbacks=of_type(ev.FallbackEvent),
             failures=of_type(ev.IterationFailed),
@@ -251,7 +296,7 @@ class Report:
         counts = ", ".join(f"{stats.iterations} {stats.mode}" for stats in self.modes)
         return f"{title}: {self.iterations} iterations ({counts})"
 
-    def speedup_lines(self) -> list[str]:
+    def speedup_lines(self, per_iteration: bool = True) -> list[str]:
         """Every ratio shown names both sides; none is shown that was not measured."""
         if self.ran_eagerly or self.already_compiled:
             return []
@@ -259,18 +304,35 @@ class Report:
         lines = []
         if self.speedup is not None:
             count = self.baseline_iterations
+            counted = "" if self.baseline.startswith("eager baseline") else (
+                f" ({count} iteration{'' if count == 1 else 's'}, the first left out)")
             lines.append(
                 f"speedup {self.speedup:.2f}x over eager: co-executing median {co.median_ms:.2f} "
-                f"ms vs {self.baseline} median {self.baseline_ms:.2f} ms ({count} iteration"
-                f"{'' if count == 1 else 's'}, the first left out)")
+                f"ms vs {self.baseline} median {self.baseline_ms:.2f} ms{counted}")
         else:
             lines.append("speedup over eager not measured: no plain eager iterations in this "
                          "run (use --compare to time the loop eagerly)")
+        if self.run_speedup is not None:
+            seconds = sum(e.seconds for e in self.timeline)
+            lines.append(
+                f"whole run {self.run_speedup:.2f}x eager, warm-up included: {seconds:.2f} s "
+                f"for {len(self.timeline)} iterations against {len(self.timeline)} x the "
+                "eager median")
+            if per_iteration:
+                lines.append("per iteration, x eager: "
+                             + _ratios_text(self.iteration_speedups()))
         if self.tracing_ratio is not None:
             lines.append(
                 f"co-executing is {self.tracing_ratio:.2f}x faster than tracing iterations "
                 "(eager + op recording, slower than plain eager: not an eager speedup)")
         return lines
+
+    def iteration_speedups(self) -> tuple[tuple[int, float], ...]:
+        """(iteration, how many times faster than the eager baseline it ran), in order."""
+        if self.baseline_ms is None:
+            return ()
+        return tuple((e.index, self.baseline_ms / max(e.seconds * 1e3, 1e-9))
+                     for e in self.timeline)
 
     def speedup_line(self) -> str:
         return "; ".join(self.speedup_lines())
@@ -400,6 +462,15 @@ class Report:
         return {"text/plain": str(self), "text/html": self._repr_html_()}
 
 
+def _ratios_text(ratios, head: int = 12, tail: int = 4) -> str:
+    """`0.41 1.00 3.10 ...` over the first `head` and last `tail` iterations."""
+    shown = [f"{ratio:.2f}" for _, ratio in ratios]
+    if len(shown) > head + tail + 1:
+        shown = shown[:head] + [f"... ({len(shown) - head - tail} more)"] + shown[-tail:]
+    first = ratios[0][0] if ratios else 0
+    return f"from iteration {first}: " + " ".join(shown)
+
+
 def _median_ms(seconds: list[float]) -> Optional[float]:
     return statistics.median(seconds) * 1e3 if seconds else None
 
@@ -421,8 +492,8 @@ def shorten(text: str, limit: int = DETAIL_CHARS) -> str:
 def _fallback_text(event: ev.FallbackEvent) -> str:
     text = f"{event.kind}: {event.explanation}"
     if event.expected or event.actual:
-        text += (f" (expected {shorten(event.expected) or '?'}, "
-                 f"got {shorten(event.actual) or '?'})")
+        text += (f" (traced: {shorten(event.expected) or '?'}; "
+                 f"now: {shorten(event.actual) or '?'})")
     if event.user_frame is not None:
         text += f"\n      at {event.user_frame}"
     return text

@@ -8,6 +8,7 @@ global figure list; in IPython it is shown as a PNG.
 
 from __future__ import annotations
 
+from terra_nb import events as ev
 from terra_nb.panel import MODE_COLORS
 from terra_nb.summary import BREAKDOWN_ORDER, Report
 
@@ -42,6 +43,9 @@ def plot_report(report: Report):
     for event in timeline:
         axes.bar(event.index, strip, bottom=-strip * 1.5, width=1.0,
                  color=MODE_COLORS.get(event.mode, "#555"))
+    if report.baseline_ms is not None:
+        axes.axhline(report.baseline_ms, color=MODE_COLORS[ev.BASELINE], linestyle="--",
+                     linewidth=1, label=f"eager time ({report.baseline_ms:.1f} ms)")
     fallen = sorted({e.index for e in report.fallbacks})
     if fallen:
         axes.scatter(fallen, [top * 1.05] * len(fallen), marker="v", color="#d2452f",

@@ -27,6 +27,11 @@ tf.config.experimental.enable_op_determinism()
 RTOL = 1e-4  # DESIGN.md: an iteration computed from eager-equal state matches to rtol 1e-4
 RUN_RTOL = 1e-3  # DESIGN.md: over a run, no more drift than tf.function's own (1e-3)
 ATOL = 1e-6
+# Variables of the benchmark programs after a few steps: parameters whose true gradient is zero
+# (a conv bias before BatchNorm, a bias under a softmax over positions, an attention key bias)
+# hold round-off noise of up to ~4e-5, where tf.function differs from eager by up to 2e-5
+# (bert_cls, 8 steps, measured); rtol RUN_RTOL still holds every other value.
+ROUND_OFF_ATOL = 1e-4
 
 
 @dataclasses.dataclass

@@ -12,17 +12,14 @@ import sys
 
 import numpy as np
 import pytest
+from harness import ATOL, RTOL
 
 from benchmarks import __main__ as runner
 from benchmarks.modes import MODES
-from benchmarks.programs import NAMES, build, cell_source
+from benchmarks.programs import NAMES, PATH_CHANGING, build, cell_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RTOL, ATOL = 1e-4, 1e-6  # DESIGN.md, per iteration
 CO_STEPS = 6
-# Programs whose every step may take a new path or shape: six steps need not co-execute.
-PATH_CHANGING = {"sdpoint", "gpt2", "music_transformer", "yolov3"}
-
 
 
 def run_eagerly(name: str, steps: int):

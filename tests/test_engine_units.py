@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,7 +15,7 @@ import terra_nb
 from terra_nb import events as ev
 from terra_nb import intercept
 from terra_nb.session import Session
-from terra_nb.trace import is_user_file
+from terra_nb.usercode import is_user_file
 
 
 def _co_executed(session, step, steps: int) -> list[float]:
@@ -182,6 +184,31 @@ def test_user_exception_leaves_state_as_eager_would():
     assert [(event.index, event.error_type) for event in failed] == [(2, "ValueError")]
 
 
+def test_classes_are_the_users_by_module_not_by_source_file():
+    """A notebook's classes live in `__main__`, which has no file in a kernel and a library's
+    file under pytest; `inspect.getfile` raises OSError for them. They are the user's code."""
+    import types
+
+    from terra_nb.usercode import is_library_function, is_user_class
+
+    class Local:
+        pass
+
+    assert is_user_class(Local)  # defined in this test file
+    assert not is_user_class(keras.layers.Dense) and not is_user_class(int)
+    in_a_cell = type("InACell", (keras.layers.Layer,), {"__module__": "__main__"})
+    assert is_user_class(in_a_cell)
+
+    def method(self):
+        return self
+
+    made = types.ModuleType("made_at_run_time")  # no file, not in sys.modules
+    assert is_user_class(type("Made", (), {"__module__": made.__name__, "method": method}))
+    assert not is_user_class(type("Bare", (), {"__module__": made.__name__}))
+    assert not is_library_function(method) and is_library_function(keras.ops.add)
+    assert not is_library_function(functools.partial(method))  # its code cannot be seen
+
+
 def test_divergence_reports_reason_and_user_line():
     session = _deferred_session()
     for width in (2, 2, 3):
@@ -193,8 +220,32 @@ def test_divergence_reports_reason_and_user_line():
     assert fallback.index == 2
     assert fallback.op_type == "Mul"
     assert fallback.user_frame.source.startswith("total = tf.reduce_sum(")
-    assert fallback.expected == "float32(2,), float32()"
-    assert fallback.actual == "float32(3,), float32()"
+    assert fallback.explanation.endswith("input 0 has another dtype or shape")
+    assert fallback.expected == "float32(2,)"
+    assert fallback.actual == "float32(3,)"
+
+
+def test_divergence_names_the_input_and_its_source_before_and_now():
+    """Two descriptions that read alike (same dtypes and shapes) are not a reason: the message
+    says which input differed and where it came from, or which value decided a new shape."""
+    session = _deferred_session()
+    images = tf.constant(np.ones((2, 8, 8, 3), np.float32))
+    for step in range(6):
+        with session.iteration():
+            size = 8 if step < 4 else 6
+            resized = tf.image.resize(images, (size, size))
+            total = tf.reduce_sum(resized)
+            doubled = (total if step != 5 else tf.constant(3.0)) * 2.0
+        float(doubled)
+    resize, mul = session.events.of_type(ev.FallbackEvent)
+    assert (resize.index, resize.kind, resize.op_type) == (4, "shape-changed", "ResizeBilinear")
+    assert "the value of its input 1 (int32(2,)) decides its output shape" in resize.explanation
+    assert (resize.expected, resize.actual) == ("float32(2, 8, 8, 3)", "float32(2, 6, 6, 3)")
+    assert (mul.index, mul.kind, mul.op_type) == (5, "input-changed", "Mul")
+    assert mul.explanation.endswith("input 0 came from another source")
+    assert mul.expected.startswith("output 0 of Sum at ")
+    assert mul.expected.endswith("total = tf.reduce_sum(resized), float32()")
+    assert mul.actual == "a value from Python or an earlier iteration, float32()"
 
 
 def test_function_api_runs_each_call_as_an_iteration():

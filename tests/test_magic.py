@@ -186,3 +186,25 @@ def test_terra_nb_function_takes_self_check():
     step = terra_nb.function(lambda x: tf.reduce_sum(x * 2.0), self_check=True)
     assert step.session.self_check
     assert float(step(tf.ones([3]))) == 6.0
+
+
+def test_a_layer_class_defined_in_a_cell_runs_its_python_every_iteration(shell):
+    """A class defined in a cell lives in the shell's `__main__` (here pytest's has a file in
+    site-packages): it is the user's code, never replayed from a compiled function."""
+    run(shell, "import keras")
+    result = run(shell, (
+        "%%terra --no-panel\n"
+        "class Doubler(keras.layers.Layer):\n"
+        "    def call(self, x):\n"
+        "        seen.append(1)\n"
+        "        return x * 2.0\n"
+        "seen = []\n"
+        "layer = Doubler()\n"
+        "for i in range(10):\n"
+        "    total = float(tf.reduce_sum(layer(tf.ones([3]))))\n"
+    ))
+    assert result.success, result.error_in_exec
+    assert len(shell.user_ns["seen"]) == 10
+    assert shell.user_ns["total"] == 6.0
+    modes = {event.mode for event in terra_nb.report().timeline}
+    assert "co-executing" in modes

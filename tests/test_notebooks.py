@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
-
-DEMO = Path(__file__).resolve().parents[1] / "demo_notebooks"
-
-
-def load_runner():
-    spec = importlib.util.spec_from_file_location("run_demo", DEMO / "run_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def text_of(cell) -> str:
-    parts = []
-    for output in cell.get("outputs", []):
-        if output["output_type"] == "stream":
-            parts.append(output["text"])
-        elif "data" in output:
-            parts.append(output["data"].get("text/plain", ""))
-    return "".join(parts)
+from kernel import DEMO, errors_in, load_runner, startup_lines_in, text_of
 
 
 @pytest.mark.slow
 def test_quickstart_runs_and_reports_thirty_iterations():
     runner = load_runner()
     notebook = runner.execute(DEMO / "01_quickstart.ipynb")
-    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
-    assert [o for o in outputs if o["output_type"] == "error"] == []
+    assert errors_in(notebook) == []
+    assert startup_lines_in(notebook) == []
 
     terra_cell = next(cell for cell in notebook.cells if cell.source.startswith("%%terra"))
     shown = text_of(terra_cell)
@@ -50,8 +30,8 @@ def test_quickstart_runs_and_reports_thirty_iterations():
 def run_notebook(name: str):
     """Execute a demo notebook; no cell may fail. Returns (notebook, all its output text)."""
     notebook = load_runner().execute(DEMO / name)
-    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
-    assert [o for o in outputs if o["output_type"] == "error"] == []
+    assert errors_in(notebook) == []
+    assert startup_lines_in(notebook) == [], "TensorFlow's start-up lines reached the cells"
     return notebook, "\n".join(text_of(cell) for cell in notebook.cells)
 
 
@@ -82,11 +62,11 @@ def test_fallbacks_notebook_names_the_branch_line_and_reuses_the_path():
     assert "fallback new-op" in explained
     assert re.search(rf"at <terra-cell-[0-9a-f]+>:{line}: loss = loss \+ 1e-3", explained)
     assert "suggestion:" in explained
-    assert "fallbacks at iterations: [4]" in shown
-    assert ("penalty steps after the first: {9: 'co-executing', 14: 'co-executing', "
-            "19: 'co-executing'}") in shown
+    assert "fallbacks at iterations: [5]" in shown
+    assert "penalty steps after the first: {11: 'co-executing', 17: 'co-executing'}" in shown
     assert "fallbacks: 0" in shown  # the re-run knows both paths
-    assert re.search(r"iteration \d+: shape-changed at <terra-cell-[0-9a-f]+>:\d+", shown)
+    assert re.search(r"iteration 3: shape-changed at <terra-cell-[0-9a-f]+>:6", shown)
+    assert "batch sizes: [40, 40, 40, 8, 40, 40, 40, 8, 40, 40, 40, 8]" in shown
 
 
 @pytest.mark.slow

@@ -33,23 +33,52 @@ def test_import_does_not_load_tensorflow():
     assert done.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize(("preset", "expected"), [(None, "2"), ("0", "0")])
-def test_load_extension_quiets_tensorflow_unless_user_chose(preset, expected):
+STARTUP_MARKERS = ("oneDNN custom operations", "cuda drivers", "cuInit", "absl::InitializeLog")
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_load_extension_drops_tensorflow_startup_lines_unless_user_chose_a_level(preset):
+    """`%load_ext terra_nb` imports TensorFlow without its C++ start-up lines on descriptor 2;
+    a user's own TF_CPP_MIN_LOG_LEVEL wins (here 0: every line shown)."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     if preset is not None:
         env["TF_CPP_MIN_LOG_LEVEL"] = preset
     done = run_python(
-        "import os\n"
+        "import os, sys\n"
         "from IPython.core.interactiveshell import InteractiveShell\n"
         "import terra_nb\n"
         "shell = InteractiveShell.instance()\n"
         "terra_nb.load_ipython_extension(shell)\n"
         "assert shell.find_cell_magic('terra') is not None\n"
-        "print(os.environ['TF_CPP_MIN_LOG_LEVEL'])",
+        "assert 'tensorflow' in sys.modules\n"
+        "import tensorflow as tf\n"
+        "print(float(tf.constant(2.0) + 1))\n"
+        "print('TF_CPP_MIN_LOG_LEVEL' in os.environ)",
         env=env,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == expected
+    assert done.stdout.split() == ["3.0", str(preset is not None)]
+    shown = [marker for marker in STARTUP_MARKERS if marker in done.stderr]
+    if preset is None:
+        assert shown == [], done.stderr
+    else:
+        assert "oneDNN custom operations" in shown and "cuInit" in shown, done.stderr
+
+
+def test_only_known_startup_lines_are_dropped():
+    """Other lines written to descriptor 2 while TensorFlow starts still reach the user."""
+    done = run_python(
+        "import os\n"
+        "from terra_nb.startup import startup_lines_dropped\n"
+        "with startup_lines_dropped():\n"
+        "    os.write(2, b'I0000 00:00:1.2 7 port.cc:153] oneDNN custom operations are on.\\n'\n"
+        "                b'E0000 00:00:1.3 7 cuda_platform.cc:52] failed call to cuInit: x\\n'\n"
+        "                b'my own diagnostic line\\n')\n"
+        "print('done')"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "done"
+    assert done.stderr == "my own diagnostic line\n"
 
 
 def test_version_and_metadata():

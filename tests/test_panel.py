@@ -67,11 +67,49 @@ def test_explain_gives_a_suggestion_per_fallback(shell, capsys):
     assert "suggestion:" in shown
 
 
-def test_speedup_is_never_against_tracing_iterations(shell):
+def test_speedup_is_against_the_runs_own_plain_eager_iteration(shell):
+    """Iteration 1 runs plainly eagerly, unrecorded (tracing iterations also record, so they
+    are never the baseline); each iteration's ratio and the whole run's are against it."""
     run(shell, PATH_CHANGE + "# speedup\n")
     report = terra_nb.report()
-    assert report.speedup is None  # no plain eager iterations were measured
-    assert "speedup over eager not measured" in str(report)
+    [baseline] = [e for e in report.timeline if e.mode == ev.BASELINE]
+    assert baseline.index == 1
+    assert report.baseline == "eager baseline (plain eager, unrecorded: iteration 1)"
+    assert report.baseline_ms == pytest.approx(baseline.seconds * 1e3)
+    co = report.stats(ev.CO_EXECUTING)
+    assert report.speedup == pytest.approx(report.baseline_ms / co.median_ms)
+    total_ms = sum(e.seconds for e in report.timeline) * 1e3
+    assert report.run_speedup == pytest.approx(report.baseline_ms * len(report.timeline)
+                                               / total_ms)
+    ratios = report.iteration_speedups()
+    assert [index for index, _ in ratios] == [e.index for e in report.timeline]
+    assert dict(ratios)[1] == pytest.approx(1.0)
+    text = str(report)
+    assert "over eager: co-executing median" in text and "whole run" in text
+    assert "per iteration, x eager: from iteration 0: " in text
+    panel = panel_of(shell)
+    assert "terra-baseline" in panel.chart.value  # the eager time, drawn across the chart
+    assert "x eager</title>" in panel.chart.value
+
+
+def test_live_speedup_is_shown_while_the_loop_runs(shell):
+    """The panel's ratios are live: read by the loop itself while its iterations finish."""
+    run(shell, "seen = []\nw2 = tf.Variable(0.0)")
+    result = run(shell, (
+        "%%terra\n"
+        "panel = get_ipython().magics_manager.registry['TerraMagics'].last_panel\n"
+        "for i in range(8):\n"
+        "    w2.assign_add(tf.reduce_sum(tf.ones([4]) * 0.5))\n"
+        "    seen.append(panel.speedup_text())\n"))
+    assert result.success, result.error_in_exec
+    seen = shell.user_ns["seen"]
+    assert seen[1] == "speedup over eager: measured once an eager baseline iteration has run"
+    for index, text in enumerate(seen[2:], start=2):  # iteration 1 (the baseline) has finished
+        assert text.startswith(f"iteration {index - 1}: "), text
+        assert "x eager" in text and "whole run so far" in text
+        assert text.endswith("ms") and "against eager baseline (plain eager, unrecorded: " \
+            "iteration 1), median" in text
+    assert "co-executing median" in seen[-1]
 
 
 def test_loop_length_from_enumerate_and_none_for_while(shell):
@@ -151,8 +189,10 @@ def test_compare_measures_eager_and_restores_state(shell):
     report = terra_nb.report()
     eager = report.comparison.timing("eager")
     assert eager.status == "ok" and eager.iterations == 6 and eager.median_ms > 0
-    assert report.baseline == "eager re-run (--compare)"
-    assert report.speedup == pytest.approx(eager.median_ms / report.stats("co-executing").median_ms)
+    # the run's own eager baseline (what the panel showed live) names every speedup
+    assert report.baseline == "eager baseline (plain eager, unrecorded: iteration 1)"
+    assert report.speedup == pytest.approx(report.baseline_ms
+                                           / report.stats("co-executing").median_ms)
     assert report.comparison.timing("tf.function").iterations == 6
     assert float(shell.user_ns["w"].numpy()) == after_run  # the comparison was undone
     assert not [n for n in shell.user_ns if n.startswith("__terra_nb")]

@@ -96,7 +96,7 @@ def test_fallbacks_and_failures_show_reason_and_user_line():
     ]
     report = Report.from_events(events)
     text = str(report)
-    assert "shape-changed: x changed shape (expected (32, 4), got (7, 4))" in text
+    assert "shape-changed: x changed shape (traced: (32, 4); now: (7, 4))" in text
     assert "<terra-cell-abc>:7: y = np.sum(x.numpy())" in text
     assert "failed: iteration 4: ValueError: boom" in text
     explained = report.explain()
@@ -106,3 +106,28 @@ def test_fallbacks_and_failures_show_reason_and_user_line():
     assert "<table>" in html and "shape-changed" in html
     bundle = report._repr_mimebundle_()
     assert bundle["text/plain"] == text and bundle["text/html"] == html
+
+
+def test_the_runs_eager_baseline_iterations_name_every_ratio():
+    events = [done(0, ev.TRACING, 90.0), done(1, ev.BASELINE, 30.0), done(2, ev.TRACING, 60.0)]
+    events += [done(i, ev.CO_EXECUTING, 10.0) for i in range(3, 7)]
+    report = Report.from_events(events)
+    assert report.baseline == "eager baseline (plain eager, unrecorded: iteration 1)"
+    assert report.baseline_iterations == 1 and report.speedup == pytest.approx(3.0)
+    assert report.run_speedup == pytest.approx(30.0 * 7 / (90 + 30 + 60 + 40))
+    assert report.iteration_speedups()[:3] == ((0, pytest.approx(1 / 3)), (1, 1.0),
+                                               (2, pytest.approx(0.5)))
+    text = str(report)
+    assert "speedup 3.00x over eager: co-executing median 10.00 ms vs eager baseline" in text
+    assert "whole run 0.95x eager, warm-up included: 0.22 s for 7 iterations" in text
+    assert "per iteration, x eager: from iteration 0: 0.33 1.00 0.50 3.00 3.00 3.00 3.00" in text
+
+
+def test_a_run_without_its_own_baseline_uses_an_earlier_runs():
+    events = [done(0, ev.TRACING, 90.0), done(1, ev.BASELINE, 30.0), done(2, ev.TRACING, 60.0),
+              done(3, ev.CO_EXECUTING, 10.0), done(4, ev.CO_EXECUTING, 5.0)]
+    report = Report.from_events(events, since=4)
+    assert report.iterations == 1
+    assert report.baseline == ("eager baseline (plain eager, unrecorded: iteration 1 of an "
+                               "earlier run)")
+    assert report.speedup == pytest.approx(6.0)

@@ -21,6 +21,8 @@ Three ways to run a program:
     for i in range(20): float(step(*program.batch(i)))
 
     cell_source("dropblock", steps=20)                 # the same loop as a %%terra cell's text
+    notebook_source("dropblock")                       # its code as notebook cells: classes
+                                                       # defined in the notebook, not imported
 
 Each `build` seeds Python, numpy, Keras and TensorFlow and keeps its own `random.Random` and
 numpy Generator, so two Programs built with one seed run identical step sequences even when
@@ -29,7 +31,9 @@ their steps interleave (the benchmark runner relies on this).
 
 from __future__ import annotations
 
+import ast
 import importlib
+import pathlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # importing _common imports TensorFlow; the names alone must stay cheap
@@ -40,7 +44,11 @@ NAMES = (
     "gpt2", "dcgan", "resnet", "faster_rcnn", "yolov3",
 )
 
-__all__ = ["NAMES", "build", "cell_source"]
+# Programs whose every step may take a new path or shape: a few steps need not co-execute.
+PATH_CHANGING = frozenset({"sdpoint", "gpt2", "music_transformer", "yolov3"})
+
+__all__ = ["NAMES", "PATH_CHANGING", "build", "cell_source", "notebook_source"]
+HERE = pathlib.Path(__file__).parent
 
 
 def build(name: str, seed: int = 0) -> Program:
@@ -64,3 +72,25 @@ def cell_source(name: str, steps: int = 20, seed: int = 0, options: str = "") ->
         "    loss = program.train_step(*program.batch(i))\n"
         "    losses.append(float(loss))\n"
     )
+
+
+def notebook_source(name: str) -> str:
+    """The program's code as one notebook cell: `_common.py` and the program's module with
+    the imports between them removed, so every class and function (`build` included) is
+    defined in the notebook, as a user who wrote the program in cells would have it
+    (`__module__ == '__main__'`, no source file)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown program {name!r}; choose from {', '.join(NAMES)}")
+    return "\n\n".join(_without_package_imports((HERE / file).read_text())
+                       for file in ("_common.py", f"{name}.py"))
+
+
+def _without_package_imports(source: str) -> str:
+    """`source` without `from __future__` and `from benchmarks...` imports (whole statements,
+    however many lines each takes)."""
+    lines = source.splitlines()
+    for statement in reversed(ast.parse(source).body):
+        if isinstance(statement, ast.ImportFrom) and (
+                statement.module == "__future__" or statement.module.startswith("benchmarks")):
+            del lines[statement.lineno - 1:statement.end_lineno]
+    return "\n".join(lines).strip() + "\n"

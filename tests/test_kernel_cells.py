@@ -1,0 +1,128 @@
+"""`%%terra` cells as notebook users write them, in a real ipykernel (nbclient): model classes
+defined in cells (`__module__ == '__main__'`, no source file), their Python side effects, the
+tracebacks a failing loop shows, and no TensorFlow start-up lines in any cell."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from kernel import errors_in, execute_cells, startup_lines_in, text_of
+
+pytestmark = pytest.mark.slow
+
+SETUP = """\
+import keras
+import numpy as np
+import tensorflow as tf
+
+keras.utils.set_random_seed(0)
+calls = {"block": 0}
+
+
+class Block(keras.layers.Layer):
+    def __init__(self, units):
+        super().__init__()
+        self.dense = keras.layers.Dense(units)
+
+    def call(self, x):
+        calls["block"] += 1  # Python the user wrote: it must run at every call, as eagerly
+        return tf.nn.relu(self.dense(x))
+
+
+x = tf.constant(np.random.default_rng(0).normal(size=(16, 8)).astype("float32"))
+y = tf.constant(np.random.default_rng(1).integers(0, 10, size=(16,)).astype("int32"))
+"""
+
+# The model class is defined in the %%terra cell itself, the block in the cell before.
+LOOP = """\
+%%terra
+class Net(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.block = Block(32)
+        self.head = keras.layers.Dense(10)
+
+    def call(self, x):
+        return self.head(self.block(x))
+
+
+model = Net()
+optimizer = keras.optimizers.Adam(1e-2)
+loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+losses = []
+for step in range(12):
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x))
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    losses.append(float(loss))
+"""
+
+EAGER_CALLS = """\
+eager_calls, calls["block"] = calls["block"], 0
+eager_losses = losses
+keras.utils.set_random_seed(0)
+"""
+
+CHECK = """\
+import terra_nb
+report = terra_nb.report()
+print("modes", sorted({e.mode for e in report.timeline}))
+print("block calls", calls["block"], "eagerly", eager_calls)
+np.testing.assert_allclose(losses, eager_losses, rtol=1e-3, atol=1e-6)
+print("replayed", " | ".join(n.message for n in report.notes if n.kind == "replayed"))
+"""
+
+
+def test_model_classes_defined_in_cells_co_execute_and_their_python_runs_every_step():
+    eager_loop = LOOP.removeprefix("%%terra\n")
+    notebook = execute_cells(["%load_ext terra_nb", SETUP, eager_loop, EAGER_CALLS, LOOP, CHECK])
+    assert errors_in(notebook) == []
+    assert startup_lines_in(notebook) == []
+    shown = text_of(notebook.cells[-1])
+    assert "'co-executing'" in shown, shown
+    # never replayed: the user's call ran as often as eagerly (12 steps and Keras' build)
+    assert re.search(r"^block calls (\d+) eagerly \1$", shown, re.M), shown
+    replayed = re.search(r"^replayed (.*)$", shown, re.M).group(1)
+    assert "Net call" not in replayed and "Block call" not in replayed
+    assert "Dense call" in replayed  # the library layers inside the user's are replayed
+
+
+FAILING = """\
+%%terra
+class Faulty(keras.layers.Layer):
+    def call(self, x):
+        if calls["block"] == 5:
+            raise ValueError("bad batch at call 5")
+        calls["block"] += 1
+        return x * 2.0
+
+
+layer = Faulty()
+calls["block"] = 0
+for step in range(10):
+    out = layer(x)
+    total = float(tf.reduce_sum(out))
+"""
+
+
+def test_an_error_in_the_loop_shows_the_users_frames_not_the_cell_as_a_string():
+    notebook = execute_cells(["%load_ext terra_nb", SETUP, FAILING,
+                              "%%terra\nfor i in range(3):\n    z = tf.constant([1, 2])[i + 5]\n"],
+                             allow_errors=True)
+    failures = errors_in(notebook)
+    assert failures[0]["ename"] == "ValueError"
+    assert "bad batch at call 5" in failures[0]["evalue"]
+    assert failures[1]["ename"] == "InvalidArgumentError"
+    for failure in failures:
+        traceback = "\n".join(failure["traceback"])
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", traceback)
+        assert "run_cell_magic" not in plain
+        assert "terra_nb/" not in plain  # none of terra_nb's own frames
+        assert re.search(r"File <terra-cell-[0-9a-f]+>:\d+", plain)
+    first = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(failures[0]["traceback"]))
+    assert 'raise ValueError("bad batch at call 5")' in first  # the user's class, shown
+    assert "out = layer(x)" in first
+    second = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(failures[1]["traceback"]))
+    assert "z = tf.constant([1, 2])[i + 5]" in second
