@@ -1344,7 +1344,8 @@ def _input_difference(expected, key, refs) -> tuple[str, str, str] | None:
 
 
 def _describe_shapes(shapes: tuple, dtypes: tuple) -> str:
-    """Output shapes (or, when shape inference could not tell, the deciding values' bytes)."""
+    """Output shapes as dtype(shape); when shape inference could not tell them (the key holds
+    the deciding values' bytes instead), says so."""
     if shapes and all(isinstance(shape, tuple) for shape in shapes):
         return ", ".join(f"{tf.dtypes.as_dtype(dtype).name}{tuple(shape)}"
                          for dtype, shape in zip(dtypes, shapes))
@@ -1375,11 +1376,10 @@ def _explain_divergence(index, cursor, op_type, key, location, refs) -> ev.Fallb
                 index, "attrs-changed", f"{op_type} ran with different attributes",
                 "an attribute (e.g. a Python number passed to the op) changed",
                 frame, op_type, str(here[0][1].attrs), str(key[1]))
-        for traced in here:
-            if traced[0][1] == key[1]:
-                difference = _input_difference(traced, key, refs)
-                if difference is not None:
-                    break
+        compared = [(traced, _input_difference(traced, key, refs))
+                    for traced in here if traced[0][1] == key[1]]
+        traced, difference = next((pair for pair in compared if pair[1] is not None),
+                                  compared[0])
         what, before, now = difference or ("its inputs differ", "", "")
         old = ", ".join(_describe_input(ref) for ref in traced[1].inputs)
         new = ", ".join(_describe_input(ref) for ref in refs)
