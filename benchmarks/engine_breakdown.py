@@ -24,7 +24,7 @@ import programs  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from terra_nb import events as ev  # noqa: E402
-from terra_nb.session import Session  # noqa: E402
+from terra_nb.engine.session import Session  # noqa: E402
 
 PROGRAMS = [
     programs.build_mlp, programs.build_cnn_batchnorm, programs.build_transformer,

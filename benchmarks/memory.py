@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from terra_nb.session import Session  # noqa: E402
+from terra_nb.engine.session import Session  # noqa: E402
 
 ITERATIONS = 1000
 EVERY = 100

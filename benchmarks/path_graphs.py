@@ -47,8 +47,8 @@ from benchmarks.programs._common import Program, batches, seed_all, variables_of
 from terra_nb import events as ev  # noqa: E402
 from terra_nb import graphgen, intercept  # noqa: E402
 from terra_nb import runner as runner_module  # noqa: E402
-from terra_nb.session import Session  # noqa: E402
-from terra_nb.tracegraph import FROM_NODE, RESOURCE  # noqa: E402
+from terra_nb.engine.session import Session  # noqa: E402
+from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE  # noqa: E402
 
 PER_PATH = "per-path graphs"
 LOWERED = "switch_case (lowered)"

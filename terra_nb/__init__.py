@@ -18,19 +18,19 @@ __all__ = ["__version__", "function", "load_ipython_extension", "plot", "report"
 
 def load_ipython_extension(ipython) -> None:
     """Register `%%terra`. TensorFlow is imported here, without its C++ start-up lines in the
-    cell's output (terra_nb/startup.py), so a notebook that loads the extension first shows
+    cell's output (terra_nb/notebook/startup.py), so a notebook that loads the extension first shows
     none of them."""
-    from terra_nb.startup import import_tensorflow
+    from terra_nb.notebook.startup import import_tensorflow
 
     import_tensorflow()
-    from terra_nb.magic import TerraMagics
+    from terra_nb.notebook.magic import TerraMagics
 
     ipython.register_magics(TerraMagics)
 
 
 def report():
     """The `Report` of the last `%%terra` cell run in this IPython session."""
-    from terra_nb.magic import last_report
+    from terra_nb.notebook.magic import last_report
 
     return last_report()
 
@@ -38,8 +38,8 @@ def report():
 def plot(report=None):
     """A matplotlib Figure of a run's timeline: per-iteration time stacked by breakdown,
     coloured by mode, fallbacks marked. Defaults to the last `%%terra` run."""
-    from terra_nb.magic import last_report
-    from terra_nb.timeline import plot_report
+    from terra_nb.notebook.magic import last_report
+    from terra_nb.notebook.timeline import plot_report
 
     return plot_report(report if report is not None else last_report())
 
@@ -47,7 +47,7 @@ def plot(report=None):
 def __getattr__(name: str):
     # `function` lives with the engine, which imports TensorFlow: load it on first use only.
     if name == "function":
-        from terra_nb.api import function
+        from terra_nb.engine.function import function
 
         return function
     raise AttributeError(f"module 'terra_nb' has no attribute {name!r}")

@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from terra_nb.session import Session  # noqa: E402
+from terra_nb.engine.session import Session  # noqa: E402
 
 tf.config.experimental.enable_op_determinism()
 
@@ -43,13 +43,13 @@ class Run:
 
 
 # Which segments are split after a fetched loss, or submitted as soon as the loss is deferred,
-# follows how long Python waited for the graph (terra_nb.runner's policy), so it differs
+# follows how long Python waited for the graph (terra_nb.engine.runner's policy), so it differs
 # between runs and machines. Tests force each choice from the first fetch on.
 MEASURED_CHOICES = ("submitted-early", "split")
 
 
 def force_measured_choice(monkeypatch, choice: str) -> None:
-    from terra_nb import runner
+    from terra_nb.engine import runner
 
     if choice == "submitted-early":
         monkeypatch.setattr(runner, "_submit_early", _submit_once_fetched)
@@ -115,7 +115,7 @@ def assert_same(eager: Run, terra: Run, run_rtol: float = RUN_RTOL) -> None:
 
 
 def _first_graph_iteration(session: Session | None) -> int:
-    from terra_nb.events import TRACING, IterationDone
+    from terra_nb.engine.events import TRACING, IterationDone
 
     if session is None:
         return 1 << 30
@@ -125,7 +125,7 @@ def _first_graph_iteration(session: Session | None) -> int:
 
 
 def modes(session: Session) -> list[str]:
-    from terra_nb.events import IterationDone
+    from terra_nb.engine.events import IterationDone
 
     return [event.mode for event in session.events.of_type(IterationDone)]
 

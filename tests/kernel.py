@@ -9,7 +9,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo_notebooks"
-# TensorFlow's C++ start-up lines (terra_nb/startup.py): none may reach a cell's output.
+# TensorFlow's C++ start-up lines (terra_nb/notebook/startup.py): none may reach a cell's output.
 STARTUP_MARKERS = ("oneDNN custom operations", "cuda drivers", "cuInit", "absl::InitializeLog")
 
 

@@ -39,7 +39,7 @@ def test_ten_programs_each_a_module_with_build():
 
 
 def test_cell_source_is_a_terra_cell_whose_loop_is_the_iteration():
-    from terra_nb.magic import plan_cell
+    from terra_nb.notebook.magic import plan_cell
 
     source = cell_source("resnet", steps=3, options="--no-panel")
     first, _, body = source.partition("\n")
@@ -83,7 +83,7 @@ def test_program_runs_eagerly_and_learns_something(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_program_under_terra_nb_function_matches_eager(name):
     import terra_nb
-    from terra_nb import events as ev
+    from terra_nb.engine import events as ev
 
     eager_losses = run_eagerly(name, CO_STEPS)
     program = build(name)

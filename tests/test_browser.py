@@ -267,7 +267,7 @@ def test_first_render_of_bert_cls_graph_under_a_second(browser):
     """Time from importing the bundle to a drawn, laid-out collapsed view of bert_cls's graph."""
     import terra_nb
     from benchmarks.programs import build
-    from terra_nb.inspector import STATIC, Inspector
+    from terra_nb.notebook.inspector import STATIC, Inspector
 
     program = build("bert_cls")
     step = terra_nb.function(program.train_step)

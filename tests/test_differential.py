@@ -13,7 +13,7 @@ import pytest
 from harness import differential
 from hypothesis import HealthCheck, given, note, settings
 
-from terra_nb import events as ev
+from terra_nb.engine import events as ev
 
 EXAMPLES = int(os.environ.get("TERRA_NB_FUZZ_EXAMPLES", "300"))
 
@@ -57,7 +57,7 @@ def test_a_difference_is_caught():
     def build(tmp):
         import tensorflow as tf
 
-        from terra_nb import intercept
+        from terra_nb.engine import intercept
 
         variable = tf.Variable(1.0)
 
@@ -77,7 +77,7 @@ def test_data_dependent_output_shape_is_not_taken_from_the_trace():
     """The minimal reproduction: how many elements pass a threshold that changes."""
     import tensorflow as tf
 
-    from terra_nb.session import Session
+    from terra_nb.engine.session import Session
 
     values = tf.constant([1.0, 2.0, 3.0, 4.0])
     session = Session("mask", trace_iterations=1)

@@ -6,7 +6,7 @@ import programs
 import pytest
 from harness import MEASURED_CHOICES, compare, force_measured_choice, modes
 
-from terra_nb import events as ev
+from terra_nb.engine import events as ev
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ import tensorflow as tf
 from harness import modes
 
 import terra_nb
-from terra_nb import events as ev
-from terra_nb import intercept
-from terra_nb.session import Session
-from terra_nb.usercode import is_user_file
+from terra_nb.engine import events as ev
+from terra_nb.engine import intercept
+from terra_nb.engine.session import Session
+from terra_nb.engine.usercode import is_user_file
 
 
 def _co_executed(session, step, steps: int) -> list[float]:
@@ -189,7 +189,7 @@ def test_classes_are_the_users_by_module_not_by_source_file():
     file under pytest; `inspect.getfile` raises OSError for them. They are the user's code."""
     import types
 
-    from terra_nb.usercode import is_library_function, is_user_class
+    from terra_nb.engine.usercode import is_library_function, is_user_class
 
     class Local:
         pass
@@ -327,7 +327,7 @@ def test_python_generator_batches_are_fed_each_iteration():
 def test_keras_internals_the_replay_guard_reads_exist():
     import importlib
 
-    from terra_nb import macros
+    from terra_nb.engine import macros
 
     for dotted, attribute in macros.PRIVATE_KERAS_SYMBOLS:
         module_name, _, class_name = dotted.rpartition(".")
@@ -486,7 +486,7 @@ def test_tensor_slicing_is_replayed_and_a_moving_slice_stays_bounded():
     """`x[spec]` with a Python spec is replayed as its ops; a slice that moves every step
     keeps at most SPAN_KEYS_PER_SITE guard entries and stays eager-equal; a variable's slice
     keeps its `assign` (not replayed)."""
-    from terra_nb import macros
+    from terra_nb.engine import macros
 
     data = tf.constant(np.arange(4 * 64, dtype=np.float32).reshape(4, 64))
     weights = tf.Variable(tf.ones([4, 64]))
@@ -840,7 +840,7 @@ def test_call_arguments_flatten_as_tf_nest_flattens_them():
     tf.nest."""
     import keras
 
-    from terra_nb import macros
+    from terra_nb.engine import macros
 
     embedding = keras.layers.Embedding(10, 4)
     embedding.build((None,))
@@ -880,8 +880,8 @@ _I32_MAX = np.iinfo(np.int32).max
 def test_index_ops_are_mirrored_in_numpy_with_tensorflows_results(op_type, arguments):
     """Python's copy of a deferred index computation (for bounds checks) is numpy where numpy
     gives TensorFlow's exact result: overflow wraps, NaN compares false, shapes broadcast."""
-    from terra_nb import runner
-    from terra_nb.tracegraph import Node
+    from terra_nb.engine import runner
+    from terra_nb.engine.tracegraph import Node
 
     expected = getattr(tf.raw_ops, op_type)(**arguments)
     node = Node(1, None, op_type, (), "", (), [expected], False, "")
@@ -892,8 +892,8 @@ def test_index_ops_are_mirrored_in_numpy_with_tensorflows_results(op_type, argum
 
 
 def test_index_ops_numpy_might_compute_differently_are_left_to_tensorflow():
-    from terra_nb import runner
-    from terra_nb.tracegraph import Node
+    from terra_nb.engine import runner
+    from terra_nb.engine.tracegraph import Node
 
     for op_type, arguments in [
             ("Cast", {"x": np.array([np.nan, 3e10], np.float32), "DstT": tf.int32}),
@@ -911,7 +911,7 @@ def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_fo
     The loss is fetched after its iteration ended, so the segment's first graph was compiled
     whole, and the split waits until Python's waits paid for it (so small a program takes
     long: the payback rule is checked on its own below)."""
-    from terra_nb import runner
+    from terra_nb.engine import runner
 
     monkeypatch.setattr(runner, "NEW_GRAPH_PAYBACK", 0.0)
     weights = tf.Variable(tf.ones([8, 4]))
@@ -1024,7 +1024,7 @@ def test_only_a_programs_first_paths_are_split_when_first_compiled(monkeypatch):
     path pays two graphs' first runs), to be split once that pays. Here the first path, the
     ops before the second path's fallback and the second path make three; the third path is
     compiled whole. A path split once stays split when it comes back."""
-    from terra_nb import runner
+    from terra_nb.engine import runner
 
     monkeypatch.setattr(runner, "SPLIT_AT_ONCE_PATHS", 3)
     branches = [0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2]
@@ -1104,8 +1104,8 @@ def test_a_fetched_value_ends_its_segment_early_only_when_python_waited_for_it()
     Python waited for that loss, and, since it makes new graphs, only once those waits add up
     to what the graph holding the loss cost (build and first run); the choice, once made,
     stays."""
-    from terra_nb import runner
-    from terra_nb.tracegraph import Node
+    from terra_nb.engine import runner
+    from terra_nb.engine.tracegraph import Node
 
     node = Node(1, None, "Mean", (), (), (), (), False, "")
     node.fetches, node.last_fetch_wait = runner.SUBMIT_AT_FETCHED_AFTER, 0.0001
@@ -1131,7 +1131,7 @@ def test_a_logged_loss_from_a_replayed_call_is_submitted_as_soon_as_it_is_deferr
     import keras
     from harness import seed_everything
 
-    from terra_nb import runner
+    from terra_nb.engine import runner
 
     monkeypatch.setattr(runner, "SUBMIT_AT_FETCHED_AFTER", 2)
     monkeypatch.setattr(runner, "SUBMIT_EARLY_MIN_WAIT", 0.0)
@@ -1176,8 +1176,8 @@ def test_a_logged_loss_from_a_replayed_call_is_submitted_as_soon_as_it_is_deferr
 def test_a_hot_segment_is_split_only_once_python_waited_what_its_graph_cost():
     """Two new graphs cost about what the segment's graph did (build and first run): the
     split waits until Python's waits for the segment's later runs add up to that."""
-    from terra_nb import graphgen, runner
-    from terra_nb.tracegraph import Node
+    from terra_nb.engine import graphgen, runner
+    from terra_nb.engine.tracegraph import Node
 
     graph_runner = runner.GraphRunner(ev.EventLog(), overlap=False)
     start = Node(1, None, "Const", (), (), (), (), False, "")

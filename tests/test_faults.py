@@ -21,8 +21,8 @@ import pytest
 import tensorflow as tf
 
 import terra_nb
-from terra_nb import events as ev
-from terra_nb.session import Session
+from terra_nb.engine import events as ev
+from terra_nb.engine.session import Session
 
 RTOL, ATOL = 1e-4, 1e-6
 TRACE = 2
@@ -515,8 +515,8 @@ def _left_installed() -> list[str]:
     """What of an iteration is still installed on this thread (nothing, once it is over)."""
     import threading
 
-    from terra_nb import intercept, macros
-    from terra_nb.runner import PythonRunner
+    from terra_nb.engine import intercept, macros
+    from terra_nb.engine.runner import PythonRunner
 
     left = []
     if isinstance(intercept._slot.handler, PythonRunner):
@@ -758,8 +758,8 @@ def test_interrupt_while_an_iteration_sets_up_leaves_nothing_installed(function)
     points: afterwards nothing is patched or installed outside an iteration, and the next
     iterations replay library calls again (a half-patched set once outlived the interrupt)."""
 
-    from terra_nb import intercept, macros
-    from terra_nb.runner import PythonRunner
+    from terra_nb.engine import intercept, macros
+    from terra_nb.engine.runner import PythonRunner
 
     originals = (keras.layers.Layer.__call__, tf.reshape, tf.Tensor.__add__)
 

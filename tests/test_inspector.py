@@ -11,9 +11,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from terra_nb import events as ev
-from terra_nb.inspector import BRANCH, FALLBACK, FEED, VARIABLE, GraphModel, Inspector
-from terra_nb.session import Session
+from terra_nb.engine import events as ev
+from terra_nb.notebook.inspector import BRANCH, FALLBACK, FEED, VARIABLE, GraphModel, Inspector
+from terra_nb.engine.session import Session
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXTENSION = ROOT / "extension"

@@ -69,7 +69,7 @@ def test_only_known_startup_lines_are_dropped():
     """Other lines written to descriptor 2 while TensorFlow starts still reach the user."""
     done = run_python(
         "import os\n"
-        "from terra_nb.startup import startup_lines_dropped\n"
+        "from terra_nb.notebook.startup import startup_lines_dropped\n"
         "with startup_lines_dropped():\n"
         "    os.write(2, b'I0000 00:00:1.2 7 port.cc:153] oneDNN custom operations are on.\\n'\n"
         "                b'E0000 00:00:1.3 7 cuda_platform.cc:52] failed call to cuInit: x\\n'\n"

@@ -7,8 +7,8 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import terra_nb
-from terra_nb import events as ev
-from terra_nb.panel import MIN_INTERVAL, Panel
+from terra_nb.engine import events as ev
+from terra_nb.notebook.panel import MIN_INTERVAL, Panel
 
 # Line 1 of a cell is `%%terra`; the `v = v + 1.0` below is line 6 and runs only at i == 5.
 PATH_CHANGE = (
@@ -272,7 +272,7 @@ def test_redraws_are_throttled_and_the_last_one_is_final():
         session.events.emit(ev.IterationDone(index, ev.EAGER, 1e-3, {"eager": 1e-3}))
     assert panel.updates <= 1.0 / MIN_INTERVAL + 2
     assert panel.progress.value < 1000 or panel.updates >= 2
-    from terra_nb.summary import Report
+    from terra_nb.engine.report import Report
 
     panel.finish(Report.from_events(session.events))
     assert panel.progress.value == 1000

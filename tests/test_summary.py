@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from terra_nb import events as ev
-from terra_nb.summary import Comparison, Report, Timing
+from terra_nb.engine import events as ev
+from terra_nb.engine.report import Comparison, Report, Timing
 
 
 def done(index: int, mode: str, ms: float) -> ev.IterationDone:

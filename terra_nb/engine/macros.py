@@ -35,11 +35,11 @@ import numpy as np
 import tensorflow as tf
 from keras.src.backend.common import global_state
 
-from terra_nb import events as ev
-from terra_nb import intercept
-from terra_nb.graphgen import STATEFUL_RANDOM_OPS
-from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
-from terra_nb.usercode import is_library_function, is_user_class, user_location
+from terra_nb.engine import events as ev
+from terra_nb.engine import intercept
+from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
+from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
+from terra_nb.engine.usercode import is_library_function, is_user_class, user_location
 
 _PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
 

@@ -25,10 +25,10 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from terra_nb import events as ev
-from terra_nb import graphgen, intercept, macros
-from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, TraceGraph
-from terra_nb.usercode import user_frame_of, user_location
+from terra_nb.engine import events as ev
+from terra_nb.engine import graphgen, intercept, macros
+from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, TraceGraph
+from terra_nb.engine.usercode import user_frame_of, user_location
 
 RECORD = "record"
 DEFER = "defer"

@@ -17,9 +17,9 @@ import sys
 import sysconfig
 import types
 
-from terra_nb.events import UserFrame
+from terra_nb.engine.events import UserFrame
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def _library_prefixes() -> tuple[str, ...]:

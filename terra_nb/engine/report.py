@@ -22,7 +22,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Optional
 
-from terra_nb import events as ev
+from terra_nb.engine import events as ev
 
 MODE_ORDER = (ev.EAGER, ev.BASELINE, ev.TRACING, ev.CO_EXECUTING, ev.FALLBACK, ev.BACKOFF)
 # Breakdown keys in display order; "eager" and "tracing" are whole-iteration times.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from terra_nb.session import DEFAULT_TRACE_ITERATIONS, Session
+from terra_nb.engine.session import DEFAULT_TRACE_ITERATIONS, Session
 
 
 class CoExecutedFunction:
@@ -34,7 +34,7 @@ class CoExecutedFunction:
 
     def report(self):
         """The run so far as a Report (text, HTML and data)."""
-        from terra_nb.summary import Report
+        from terra_nb.engine.report import Report
 
         return Report.from_session(self.session)
 

@@ -24,10 +24,10 @@ import time
 import anywidget
 import traitlets
 
-from terra_nb import events as ev
-from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
+from terra_nb.engine import events as ev
+from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
 
-STATIC = pathlib.Path(__file__).parent / "static"
+STATIC = pathlib.Path(__file__).parent.parent / "static"
 CHUNK = 200  # a group shows at most this many direct ops; more are grouped by op type / parts
 SEARCH_RESULTS = 50
 MIN_REFRESH_INTERVAL = 0.5  # seconds between live rebuilds of the view (finish always rebuilds)

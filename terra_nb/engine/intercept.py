@@ -47,7 +47,7 @@ from tensorflow.python.framework import (
 )
 from tensorflow.python.ops import array_ops, gradients_util
 
-from terra_nb import usercode
+from terra_nb.engine import usercode
 
 PRIVATE_SYMBOLS = (
     ("tensorflow.python.pywrap_tfe", "TFE_Py_FastPathExecute"),

@@ -13,8 +13,8 @@ import html
 import statistics
 import time
 
-from terra_nb import events as ev
-from terra_nb.summary import BREAKDOWN_ORDER, SUGGESTIONS, Baseline, GraphFacts, Report, shorten
+from terra_nb.engine import events as ev
+from terra_nb.engine.report import BREAKDOWN_ORDER, SUGGESTIONS, Baseline, GraphFacts, Report, shorten
 
 MIN_INTERVAL = 0.1  # seconds between redraws: at most 10 per second
 MAX_SHARE = 0.02  # redraws may use at most this share of wall time
@@ -47,7 +47,7 @@ class Panel:
                  clock=time.perf_counter) -> None:
         import ipywidgets as widgets
 
-        from terra_nb.inspector import Inspector
+        from terra_nb.notebook.inspector import Inspector
 
         self.session = session
         self.since = since

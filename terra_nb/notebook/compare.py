@@ -30,7 +30,7 @@ import statistics
 import time
 import types
 
-from terra_nb.summary import Comparison, Timing
+from terra_nb.engine.report import Comparison, Timing
 
 MAX_ITERATIONS = 20
 RTOL = 1e-3  # DESIGN.md's bar: tf.function stays within rtol 1e-3 of eager

@@ -12,8 +12,8 @@ import contextlib
 import sys
 import time
 
-from terra_nb import events as ev
-from terra_nb.usercode import innermost_user_frame
+from terra_nb.engine import events as ev
+from terra_nb.engine.usercode import innermost_user_frame
 
 RECORD = "record"  # the runner's modes (runner.RECORD, runner.DEFER), named here to keep
 DEFER = "defer"  # TensorFlow unimported
@@ -86,12 +86,12 @@ class Session:
 
     def _engine(self):
         if self._graph is None:
-            from terra_nb.runner import GraphRunner
-            from terra_nb.tracegraph import TraceGraph
+            from terra_nb.engine.runner import GraphRunner
+            from terra_nb.engine.tracegraph import TraceGraph
 
             macros = None
             if not self.self_check:
-                from terra_nb.macros import MacroTable
+                from terra_nb.engine.macros import MacroTable
 
                 macros = MacroTable()
             graph, runner = TraceGraph(), GraphRunner(self.events, self.xla, self.overlap)
@@ -156,7 +156,7 @@ class Session:
         """
         self._finish_interrupted_exit()
         if self._runner is not None:
-            from terra_nb import intercept
+            from terra_nb.engine import intercept
 
             intercept.remove_guard(drain_unless_owner=self._runner)
             self._runner.close()
@@ -179,15 +179,15 @@ class _Iteration:
         self._compile_seconds = self._wait_seconds = 0.0
         graph_runner = session.graph_runner
         if graph_runner is not None:
-            from terra_nb import intercept
+            from terra_nb.engine import intercept
 
             intercept.remove_guard(drain_unless_owner=graph_runner)
             if mode != DEFER:
                 graph_runner.drain()
         self._plain_mode = mode if mode not in (RECORD, DEFER) else None
         if self._plain_mode is None:
-            from terra_nb import intercept
-            from terra_nb.runner import PythonRunner
+            from terra_nb.engine import intercept
+            from terra_nb.engine.runner import PythonRunner
 
             graph, graph_runner = session._engine()
             self._compile_seconds = graph_runner.compile_seconds
@@ -200,7 +200,7 @@ class _Iteration:
                 self._handling = intercept.handling(self.run)
                 self._handling.__enter__()
                 if session.macro_table is not None:
-                    from terra_nb.macros import replaying
+                    from terra_nb.engine.macros import replaying
 
                     self._replaying = replaying(session.macro_table, self.run)
                     self._replaying.__enter__()
@@ -230,7 +230,7 @@ class _Iteration:
             self._leave_blocks()
             runner = self.session.graph_runner
             if self.run is not None and runner.busy:
-                from terra_nb import intercept
+                from terra_nb.engine import intercept
 
                 intercept.install_guard(runner, runner.drain)
         seconds = time.perf_counter() - self.start

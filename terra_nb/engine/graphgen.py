@@ -16,8 +16,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from terra_nb import intercept
-from terra_nb.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, Node
+from terra_nb.engine import intercept
+from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, Node
 
 # Stateful random ops get a new `seed2` attr from TF's op-seed counter at every eager call, so
 # seed2 is not part of node identity (runner). In the graph one kernel keeps drawing fresh numbers
