@@ -23,7 +23,7 @@ import harness  # noqa: E402
 import programs  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from terra_nb import events as ev  # noqa: E402
+from terra_nb.engine import events as ev  # noqa: E402
 from terra_nb.engine.session import Session  # noqa: E402
 
 PROGRAMS = [

@@ -23,7 +23,7 @@ import tensorflow as tf  # noqa: E402
 import terra_nb  # noqa: E402
 from benchmarks.modes import MODES, SAME_RTOL, SAME_STEPS  # noqa: E402
 from benchmarks.programs import build  # noqa: E402
-from terra_nb import events as ev  # noqa: E402
+from terra_nb.engine import events as ev  # noqa: E402
 
 
 class Mode:

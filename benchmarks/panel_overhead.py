@@ -24,10 +24,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from terra_nb import events as ev  # noqa: E402
-from terra_nb.notebook.panel import Panel  # noqa: E402
-from terra_nb.engine.session import Session  # noqa: E402
+from terra_nb.engine import events as ev  # noqa: E402
 from terra_nb.engine.report import Report  # noqa: E402
+from terra_nb.engine.session import Session  # noqa: E402
+from terra_nb.notebook.panel import Panel  # noqa: E402
 
 
 def make_step():

@@ -44,9 +44,9 @@ from tensorflow.python.ops import control_flow_switch_case  # noqa: E402
 from benchmarks.__main__ import RESULTS, machine_info  # noqa: E402
 from benchmarks.programs import sdpoint  # noqa: E402
 from benchmarks.programs._common import Program, batches, seed_all, variables_of  # noqa: E402
-from terra_nb import events as ev  # noqa: E402
-from terra_nb import graphgen, intercept  # noqa: E402
-from terra_nb import runner as runner_module  # noqa: E402
+from terra_nb.engine import events as ev  # noqa: E402
+from terra_nb.engine import graphgen, intercept  # noqa: E402
+from terra_nb.engine.policy import SchedulingPolicy  # noqa: E402
 from terra_nb.engine.session import Session  # noqa: E402
 from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE  # noqa: E402
 
@@ -136,7 +136,9 @@ def _run_iteration(session: Session, program: Program, index: int) -> None:
 def drive(program: Program, paths: int, min_steady: int, max_iterations: int) -> Drive:
     """Run until the trailing co-executed iterations are `min_steady` or more and took all
     `paths` paths (or `max_iterations` ran); record what those iterations submitted."""
-    session = Session(program.name)
+    # One graph per iteration: the split after a fetched loss (a second graph for the
+    # backward pass) is orthogonal to the path choice measured here.
+    session = Session(program.name, policy=SchedulingPolicy(split_min_tail=sys.maxsize))
     _run_iteration(session, program, 0)
     runner = session.graph_runner
     submitted: dict[int, list] = {}
@@ -150,23 +152,17 @@ def drive(program: Program, paths: int, min_steady: int, max_iterations: int) ->
     runner.submit = recording_submit
     steady: list[int] = []
     index = 1
-    # One graph per iteration: the split after a fetched loss (a second graph for the
-    # backward pass) is orthogonal to the path choice measured here.
-    split_min_tail, runner_module.SPLIT_MIN_TAIL = runner_module.SPLIT_MIN_TAIL, sys.maxsize
-    try:
-        while index < max_iterations:
-            _run_iteration(session, program, index)
-            mode = session.events.of_type(ev.IterationDone)[-1].mode
-            if mode == ev.CO_EXECUTING:
-                steady.append(index)
-            else:
-                steady = []
-            index += 1
-            taken = {tuple(key for key, _, _ in submitted.get(i, ())) for i in steady}
-            if len(steady) >= min_steady and len(taken) >= paths:
-                break
-    finally:
-        runner_module.SPLIT_MIN_TAIL = split_min_tail
+    while index < max_iterations:
+        _run_iteration(session, program, index)
+        mode = session.events.of_type(ev.IterationDone)[-1].mode
+        if mode == ev.CO_EXECUTING:
+            steady.append(index)
+        else:
+            steady = []
+        index += 1
+        taken = {tuple(key for key, _, _ in submitted.get(i, ())) for i in steady}
+        if len(steady) >= min_steady and len(taken) >= paths:
+            break
     session.close()
     fallbacks = len(session.events.of_type(ev.FallbackEvent))
     sequence, problem = [], ""

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tes
 import harness  # noqa: E402
 import programs  # noqa: E402
 
-from terra_nb import events as ev  # noqa: E402
+from terra_nb.engine import events as ev  # noqa: E402
 from terra_nb.engine.session import Session  # noqa: E402
 
 PROGRAMS = [programs.build_mlp, programs.build_cnn_batchnorm, programs.build_gan]

@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from terra_nb.engine.policy import SchedulingPolicy  # noqa: E402
 from terra_nb.engine.session import Session  # noqa: E402
 
 tf.config.experimental.enable_op_determinism()
@@ -43,26 +44,26 @@ class Run:
 
 
 # Which segments are split after a fetched loss, or submitted as soon as the loss is deferred,
-# follows how long Python waited for the graph (terra_nb.engine.runner's policy), so it differs
-# between runs and machines. Tests force each choice from the first fetch on.
+# follows how long Python waited for the graph (the SchedulingPolicy's measured choices), so it
+# differs between runs and machines. Tests force each choice from the first fetch on by giving
+# the session one of these policies.
 MEASURED_CHOICES = ("submitted-early", "split")
 
 
-def force_measured_choice(monkeypatch, choice: str) -> None:
-    from terra_nb.engine import runner
+class _SubmittedAtFirstFetch(SchedulingPolicy):
+    """Submits a segment early from the first fetch of its value that Python waited for."""
 
+    def submit_early(self, node) -> bool:
+        node.submit_early = node.submit_early or node.fetches > 0
+        return node.submit_early
+
+
+def measured_choice_policy(choice: str) -> SchedulingPolicy:
+    """A policy taking `choice` at once: submitted early, or never that and split once run."""
     if choice == "submitted-early":
-        monkeypatch.setattr(runner, "_submit_early", _submit_once_fetched)
-    else:  # never submitted early; split once its graph has run
-        monkeypatch.setattr(runner, "SUBMIT_AT_FETCHED_AFTER", 10**9)
-        monkeypatch.setattr(runner, "NEW_GRAPH_PAYBACK", 0.0)
-        monkeypatch.setattr(runner, "SPLIT_AFTER_RUNS", 1)
-
-
-def _submit_once_fetched(node) -> bool:
-    """runner._submit_early, taking the choice at a node's first fetch Python waited for."""
-    node.submit_early = node.submit_early or node.fetches > 0
-    return node.submit_early
+        return _SubmittedAtFirstFetch()
+    return SchedulingPolicy(submit_at_fetched_after=10**9, new_graph_payback=0.0,
+                            split_after_runs=1)
 
 
 def seed_everything(seed: int = 0) -> None:

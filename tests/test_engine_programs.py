@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import programs
 import pytest
-from harness import MEASURED_CHOICES, compare, force_measured_choice, modes
+from harness import MEASURED_CHOICES, compare, measured_choice_policy, modes
 
 from terra_nb.engine import events as ev
 
@@ -69,12 +69,11 @@ def test_path_change_with_library_replay_stays_correct():
 @pytest.mark.parametrize("choice", MEASURED_CHOICES)
 @pytest.mark.parametrize("build", STEADY + [programs.build_path_change],
                          ids=lambda build: build.__name__[6:])
-def test_same_results_as_eager_whichever_way_measured_waits_decide(build, choice, monkeypatch):
+def test_same_results_as_eager_whichever_way_measured_waits_decide(build, choice):
     """Which segments are split or submitted early follows how long Python waited for the
     graph, so it differs between runs and machines; each choice, made at once, keeps the
     results eager-equal."""
-    force_measured_choice(monkeypatch, choice)
-    _, terra = compare(build, iterations=12)
+    _, terra = compare(build, iterations=12, policy=measured_choice_policy(choice))
     session = terra.session
     submitted_early = any(node.submit_early for node in session.trace_graph.nodes())
     split = any(head is not None for head in session.graph_runner.split_heads.values())

@@ -14,6 +14,7 @@ from harness import modes
 import terra_nb
 from terra_nb.engine import events as ev
 from terra_nb.engine import intercept
+from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.session import Session
 from terra_nb.engine.usercode import is_user_file
 
@@ -880,19 +881,19 @@ _I32_MAX = np.iinfo(np.int32).max
 def test_index_ops_are_mirrored_in_numpy_with_tensorflows_results(op_type, arguments):
     """Python's copy of a deferred index computation (for bounds checks) is numpy where numpy
     gives TensorFlow's exact result: overflow wraps, NaN compares false, shapes broadcast."""
-    from terra_nb.engine import runner
+    from terra_nb.engine import hostvalues
     from terra_nb.engine.tracegraph import Node
 
     expected = getattr(tf.raw_ops, op_type)(**arguments)
     node = Node(1, None, op_type, (), "", (), [expected], False, "")
     known = [np.asarray(value) for name, value in arguments.items() if name != "DstT"]
-    [mirrored] = runner._numpy_mirror(node, known)
+    [mirrored] = hostvalues._numpy_mirror(node, known)
     assert mirrored.dtype == expected.dtype.as_numpy_dtype
     np.testing.assert_array_equal(mirrored, expected.numpy())
 
 
 def test_index_ops_numpy_might_compute_differently_are_left_to_tensorflow():
-    from terra_nb.engine import runner
+    from terra_nb.engine import hostvalues
     from terra_nb.engine.tracegraph import Node
 
     for op_type, arguments in [
@@ -902,18 +903,15 @@ def test_index_ops_numpy_might_compute_differently_are_left_to_tensorflow():
         expected = getattr(tf.raw_ops, op_type)(**arguments)
         node = Node(1, None, op_type, (), "", (), [expected], False, "")
         known = [np.asarray(value) for name, value in arguments.items() if name != "DstT"]
-        assert runner._numpy_mirror(node, known) is None, op_type
+        assert hostvalues._numpy_mirror(node, known) is None, op_type
 
 
-def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_follows(monkeypatch):
+def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_follows():
     """Logging the loss each step forces it; once the segment is hot, the backward pass and
     update after the loss run as a second graph, so Python gets the loss without waiting.
     The loss is fetched after its iteration ended, so the segment's first graph was compiled
     whole, and the split waits until Python's waits paid for it (so small a program takes
     long: the payback rule is checked on its own below)."""
-    from terra_nb.engine import runner
-
-    monkeypatch.setattr(runner, "NEW_GRAPH_PAYBACK", 0.0)
     weights = tf.Variable(tf.ones([8, 4]))
     optimizer_state = tf.Variable(tf.zeros([8, 4]))
     data = tf.random.stateless_uniform([16, 8], seed=[1, 2])
@@ -932,7 +930,8 @@ def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_fo
     eager_weights = weights.numpy()
     weights.assign(tf.ones([8, 4]))
     optimizer_state.assign(tf.zeros([8, 4]))
-    session = Session("split", trace_iterations=1)
+    session = Session("split", trace_iterations=1,
+                      policy=SchedulingPolicy(new_graph_payback=0.0))
     losses = []
     for _ in range(14):
         with session.iteration():
@@ -1018,20 +1017,18 @@ def _branch_step(weights, branch: int):
     return loss
 
 
-def test_only_a_programs_first_paths_are_split_when_first_compiled(monkeypatch):
+def test_only_a_programs_first_paths_are_split_when_first_compiled():
     """A segment not compiled yet is split at once while few paths from its start have
     graphs; a program that keeps making paths gets its later ones compiled whole (each split
     path pays two graphs' first runs), to be split once that pays. Here the first path, the
     ops before the second path's fallback and the second path make three; the third path is
     compiled whole. A path split once stays split when it comes back."""
-    from terra_nb.engine import runner
-
-    monkeypatch.setattr(runner, "SPLIT_AT_ONCE_PATHS", 3)
     branches = [0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2]
     eager_weights = tf.Variable(tf.linspace(0.1, 1.0, 6))
     eager = [float(_branch_step(eager_weights, branch)) for branch in branches]
     weights = tf.Variable(tf.linspace(0.1, 1.0, 6))
-    session = Session("paths", trace_iterations=1)
+    session = Session("paths", trace_iterations=1,
+                      policy=SchedulingPolicy(split_at_once_paths=3))
     losses = []
     for branch in branches:
         with session.iteration():
@@ -1104,38 +1101,31 @@ def test_a_fetched_value_ends_its_segment_early_only_when_python_waited_for_it()
     Python waited for that loss, and, since it makes new graphs, only once those waits add up
     to what the graph holding the loss cost (build and first run); the choice, once made,
     stays."""
-    from terra_nb.engine import runner
     from terra_nb.engine.tracegraph import Node
 
+    policy = SchedulingPolicy()
     node = Node(1, None, "Mean", (), (), (), (), False, "")
-    node.fetches, node.last_fetch_wait = runner.SUBMIT_AT_FETCHED_AFTER, 0.0001
+    node.fetches, node.last_fetch_wait = policy.submit_at_fetched_after, 0.0001
     node.graph_cost, node.steady_wait_seconds = 0.3, 0.4
-    assert not runner._submit_early(node)
+    assert not policy.submit_early(node)
     node.fetches -= 1
-    node.last_fetch_wait = 2 * runner.SUBMIT_EARLY_MIN_WAIT
-    assert not runner._submit_early(node)
+    node.last_fetch_wait = 2 * policy.submit_early_min_wait
+    assert not policy.submit_early(node)
     node.fetches += 1
     node.steady_wait_seconds = 0.2  # waited less than the graph cost: not yet
-    assert not runner._submit_early(node)
+    assert not policy.submit_early(node)
     node.steady_wait_seconds = 0.3
-    assert runner._submit_early(node)
+    assert policy.submit_early(node)
     node.last_fetch_wait = 0.0  # the wait it removed does not undo it
-    assert runner._submit_early(node)
+    assert policy.submit_early(node)
 
 
-def test_a_logged_loss_from_a_replayed_call_is_submitted_as_soon_as_it_is_deferred(
-        monkeypatch):
+def test_a_logged_loss_from_a_replayed_call_is_submitted_as_soon_as_it_is_deferred():
     """A loss computed by replayed library calls (`tf.reduce_mean` of a Keras layer's
     output) goes to the graph as soon as its replay defers it, once the waits for it pay
     (here at once): the forward graph then runs while Python records the backward pass."""
     import keras
     from harness import seed_everything
-
-    from terra_nb.engine import runner
-
-    monkeypatch.setattr(runner, "SUBMIT_AT_FETCHED_AFTER", 2)
-    monkeypatch.setattr(runner, "SUBMIT_EARLY_MIN_WAIT", 0.0)
-    monkeypatch.setattr(runner, "NEW_GRAPH_PAYBACK", 0.0)
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(16, 8, 6)).astype(np.float32)
     targets = rng.normal(size=(16, 8, 1)).astype(np.float32)
@@ -1163,7 +1153,8 @@ def test_a_logged_loss_from_a_replayed_call_is_submitted_as_soon_as_it_is_deferr
     after_eager = [variable.numpy() for variable in layer.variables]
     layer, optimizer = build()
     submitted.clear()
-    session = Session("early-loss")
+    session = Session("early-loss", policy=SchedulingPolicy(
+        submit_at_fetched_after=2, submit_early_min_wait=0.0, new_graph_payback=0.0))
     got = _co_executed(session, make_step(layer, optimizer), 16)
     session.close()
     np.testing.assert_allclose(got, expected, rtol=1e-5)
@@ -1176,14 +1167,15 @@ def test_a_logged_loss_from_a_replayed_call_is_submitted_as_soon_as_it_is_deferr
 def test_a_hot_segment_is_split_only_once_python_waited_what_its_graph_cost():
     """Two new graphs cost about what the segment's graph did (build and first run): the
     split waits until Python's waits for the segment's later runs add up to that."""
-    from terra_nb.engine import graphgen, runner
+    from terra_nb.engine import graphgen
     from terra_nb.engine.tracegraph import Node
+    from terra_nb.engine.worker import GraphRunner, _segment_key
 
-    graph_runner = runner.GraphRunner(ev.EventLog(), overlap=False)
+    graph_runner = GraphRunner(ev.EventLog(), overlap=False)
     start = Node(1, None, "Const", (), (), (), (), False, "")
     end = Node(2, start, "Mean", (), (), (), (), False, "")
     compiled = graphgen.CompiledSegment(None, [], [], [], (), seconds=0.1, xla=False)
-    graph_runner._compiled[runner._segment_key(start, end, ())] = compiled
+    graph_runner._compiled[_segment_key(start, end, ())] = compiled
     compiled.waited_seconds = 1.0
     assert not graph_runner.split_pays(start, end, ())  # it has not run yet: cost unknown
     compiled.first_run_seconds, compiled.waited_seconds = 0.2, 0.25

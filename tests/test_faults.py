@@ -331,11 +331,11 @@ def _failing_line(step) -> int:
     return first + offset
 
 
-def _run_failing(step, indexes, terra: bool):
+def _run_failing(step, indexes, terra: bool, policy=None):
     """Run `step` at each index, eagerly or co-executed: the errors by position, the
     variables after each step, the losses a step returns (fetched, as a loop logs them)."""
     before, after = tf.Variable(0.0), tf.Variable(0.0)
-    session = Session("graph-error", trace_iterations=1) if terra else None
+    session = Session("graph-error", trace_iterations=1, policy=policy) if terra else None
     errors, states, losses = {}, [], []
     for position, index in enumerate(indexes):
         try:
@@ -408,15 +408,15 @@ def _logged_loss_then_unrelated_updates_step(before, after, index):
 @pytest.mark.parametrize("choice", harness.MEASURED_CHOICES)
 @pytest.mark.parametrize("step", [_logged_loss_step, _logged_loss_then_unrelated_updates_step],
                          ids=["updates-read-the-loss", "unrelated-updates"])
-def test_failure_in_the_graph_of_a_logged_loss_skips_the_ops_after_it(monkeypatch, step, choice):
+def test_failure_in_the_graph_of_a_logged_loss_skips_the_ops_after_it(step, choice):
     """The loss's graph (the first part of a split segment, or a segment submitted as soon as
     the loss is deferred) fails: the graph work after it in the iteration never runs, as
     eagerly, and waiting for it raises nothing new (the last iteration fails too, so the
     session's close waits for its skipped work)."""
-    harness.force_measured_choice(monkeypatch, choice)
     indexes = [0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 5, 1, 5]
     eager_errors, eager_states, eager_losses, _ = _run_failing(step, indexes, terra=False)
-    errors, states, losses, session = _run_failing(step, indexes, terra=True)
+    errors, states, losses, session = _run_failing(step, indexes, terra=True,
+                                                   policy=harness.measured_choice_policy(choice))
     failing = [position for position, index in enumerate(indexes) if index == 5]
     assert list(eager_errors) == list(errors) == failing
     for position in failing:
@@ -516,7 +516,7 @@ def _left_installed() -> list[str]:
     import threading
 
     from terra_nb.engine import intercept, macros
-    from terra_nb.engine.runner import PythonRunner
+    from terra_nb.engine.skeleton import PythonRunner
 
     left = []
     if isinstance(intercept._slot.handler, PythonRunner):
@@ -609,6 +609,37 @@ def test_interrupt_as_an_iteration_exits_is_cleaned_up_by_the_next_one_or_close(
         left = _left_installed()
         if a != expected or left:
             problems.append(f"line {at}: a={a} (eager: {expected}), left installed {left}")
+    assert problems == [], "\n".join(problems)
+
+
+@pytest.mark.parametrize("then", ["next iteration", "close"])
+def test_interrupt_while_an_iteration_leaves_its_blocks_is_cleaned_up_later(then):
+    """Ctrl-C at each line of `_leave_blocks` (the op handler's and the replaying block's
+    exits): whatever was not left yet is left by the next iteration or by closing the
+    session, and the ops Python issued ran once. (An interrupt just before the handler's exit
+    call once left the handler installed on the thread for good.)"""
+    problems = []
+    for at in range(1, 12):
+        chain, session = _Chain(), Session("leave", trace_iterations=1)
+        for _ in range(2):
+            with session.iteration():
+                chain.step()
+        injector = _InterruptInFunction(at, "_leave_blocks")
+        _run_interrupted(session, chain.step, injector)
+        if then == "close":
+            session.close()
+            expected = 9.0
+        else:
+            with session.iteration():
+                chain.step()
+            session.close()
+            expected = 12.0
+        a = float(chain.a.numpy())
+        left = _left_installed()
+        if a != expected or left:
+            problems.append(f"line {at}: a={a} (eager: {expected}), left installed {left}")
+        if injector.count < at:
+            break  # past the last line of _leave_blocks
     assert problems == [], "\n".join(problems)
 
 
@@ -759,7 +790,7 @@ def test_interrupt_while_an_iteration_sets_up_leaves_nothing_installed(function)
     iterations replay library calls again (a half-patched set once outlived the interrupt)."""
 
     from terra_nb.engine import intercept, macros
-    from terra_nb.engine.runner import PythonRunner
+    from terra_nb.engine.skeleton import PythonRunner
 
     originals = (keras.layers.Layer.__call__, tf.reshape, tf.Tensor.__add__)
 

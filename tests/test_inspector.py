@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from terra_nb.engine import events as ev
-from terra_nb.notebook.inspector import BRANCH, FALLBACK, FEED, VARIABLE, GraphModel, Inspector
 from terra_nb.engine.session import Session
+from terra_nb.notebook.inspector import BRANCH, FALLBACK, FEED, VARIABLE, GraphModel, Inspector
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXTENSION = ROOT / "extension"

@@ -20,7 +20,7 @@ from terra_nb.engine import intercept
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, Node
 
 # Stateful random ops get a new `seed2` attr from TF's op-seed counter at every eager call, so
-# seed2 is not part of node identity (runner). In the graph one kernel keeps drawing fresh numbers
+# seed2 is not part of node identity (skeleton). In the graph one kernel keeps drawing fresh numbers
 # (as under tf.function), seeded afresh at each compile so a graph never replays a traced draw.
 # Keras layers (Dropout, initializers) use stateless ops and so match eager exactly.
 STATEFUL_RANDOM_OPS = frozenset({
@@ -76,7 +76,7 @@ class CompiledSegment:
 # execution stops at the failing one; so that the graph leaves the same state, every stateful
 # op after one of them in program order waits for it (a control dependency), and Python waits
 # for a segment holding one before its iteration ends, so the error is raised in its iteration
-# (unless Python could check the op's indices first: runner._cannot_fail).
+# (unless Python could check the op's indices first: hostvalues.cannot_fail).
 FALLIBLE_OPS = frozenset({
     "GatherV2", "Gather", "GatherNd", "ResourceGather", "ResourceGatherNd", "CheckNumerics",
     "CheckNumericsV2", "Assert", "ScatterNd", "TensorScatterUpdate", "TensorScatterAdd",

@@ -38,6 +38,7 @@ from keras.src.backend.common import global_state
 from terra_nb.engine import events as ev
 from terra_nb.engine import intercept
 from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
+from terra_nb.engine.replay.plan import ReplayPlan
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
 from terra_nb.engine.usercode import is_library_function, is_user_class, user_location
 
@@ -266,7 +267,7 @@ class MacroTable:
         entry = self.gradients.setdefault(key, _GradientEntry())
         if entry.plan is not None:
             bound = runner.fed_values(entry.shared)
-            value_of = None if bound is None else runner.replay(entry.plan, bound)
+            value_of = None if bound is None else entry.plan.defer(runner, bound)
             if value_of is not None:
                 self.replayed_calls += 1
                 return [_rebuild(result, value_of) for result in entry.results]
@@ -292,7 +293,7 @@ class MacroTable:
         observed = (tuple(node.uid for node in span), tuple(results), tuple(shared.items()))
         if observed == entry.last:
             entry.results, entry.shared = results, shared
-            entry.plan = runner.plan(span, _result_keys(results), shared)
+            entry.plan = ReplayPlan(span, _result_keys(results), shared)
             self.established.append(f"gradient at {_call_site_text(call_site)} ({len(span)} ops)")
         entry.last = observed
         return result
@@ -484,7 +485,7 @@ def _describe_call(runner, start, flat, arguments: dict, converted: dict, result
             raise _Unreplayable(f"it returned a {type(leaf).__name__} made outside its ops")
     structure = tf.nest.pack_sequence_as(result, list(range(len(leaves))))
     variables = tuple({id(variable): variable for variable in read}.values())
-    plan = runner.plan(span, [result[1:] for result in results if result[0] == "tensor"],
+    plan = ReplayPlan(span, [result[1:] for result in results if result[0] == "tensor"],
                        [slot for slot, _ in bound])
     return _SpanReplay(plan, tuple((position, arguments[position]) for position in sorted(used)
                              if position in arguments),
@@ -517,7 +518,7 @@ def _replay_span(replay: _SpanReplay, runner, flat: list):
     bound = {slot: values[position] for slot, position in replay.bound}
     for variable in replay.variables:
         intercept.variable_read(variable)
-    value_of = runner.replay(replay.plan, bound, record=intercept.a_tape_is_recording())
+    value_of = replay.plan.defer(runner, bound, record=intercept.a_tape_is_recording())
     if value_of is None:
         return _NOT_HERE
     leaves = []

@@ -13,15 +13,13 @@ import sys
 import time
 
 from terra_nb.engine import events as ev
+from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.usercode import innermost_user_frame
 
-RECORD = "record"  # the runner's modes (runner.RECORD, runner.DEFER), named here to keep
+RECORD = "record"  # the skeleton's modes (skeleton.RECORD, skeleton.DEFER), named here to keep
 DEFER = "defer"  # TensorFlow unimported
 
 DEFAULT_TRACE_ITERATIONS = 2
-BACKOFF_AFTER = 3  # consecutive diverging iterations before backing off to plain eager
-MAX_BACKOFF_LEVEL = 6  # back-off periods double up to 2**6 = 64 iterations
-BASELINE_PERIOD = 100  # with `baseline`, a run's iterations 1, 101, 201, ... run plainly eagerly
 
 
 class Session:
@@ -37,6 +35,7 @@ class Session:
         self_check: bool = False,
         overlap: bool = True,
         baseline: bool = False,
+        policy: SchedulingPolicy | None = None,
     ) -> None:
         if trace_iterations < 1:
             raise ValueError(f"trace_iterations must be at least 1, got {trace_iterations}")
@@ -47,6 +46,7 @@ class Session:
         self.self_check = self_check
         self.overlap = overlap
         self.baseline = baseline
+        self.policy = policy or SchedulingPolicy()
         self.events = ev.EventLog()
         self.iterations = 0
         self._recorded = 0  # tracing iterations started
@@ -86,15 +86,16 @@ class Session:
 
     def _engine(self):
         if self._graph is None:
-            from terra_nb.engine.runner import GraphRunner
             from terra_nb.engine.tracegraph import TraceGraph
+            from terra_nb.engine.worker import GraphRunner
 
             macros = None
             if not self.self_check:
                 from terra_nb.engine.macros import MacroTable
 
                 macros = MacroTable()
-            graph, runner = TraceGraph(), GraphRunner(self.events, self.xla, self.overlap)
+            graph = TraceGraph()
+            runner = GraphRunner(self.events, self.xla, self.overlap, self.policy)
             # one assignment: an interrupt cannot leave the engine half made
             self._graph, self._runner, self._macros = graph, runner, macros
         return self._graph, self._runner
@@ -102,14 +103,15 @@ class Session:
     def _mode_for(self, index: int) -> str:
         """RECORD or DEFER, or the mode of a plain eager iteration: EAGER (`--eager`), BACKOFF,
         or BASELINE (with `baseline`, the second iteration of each run and every
-        BASELINE_PERIOD-th after it run plainly eagerly, so each speedup is measured against
-        eager time taken in the run itself, not against tracing iterations, which also record).
+        `policy.baseline_period`-th after it run plainly eagerly, so each speedup is measured
+        against eager time taken in the run itself, not against tracing iterations, which also
+        record).
         """
         if self.eager:
             return ev.EAGER
         if self._backoff_left > 0:
             return ev.BACKOFF
-        if self.baseline and (index - self._run_start) % BASELINE_PERIOD == 1:
+        if self.baseline and (index - self._run_start) % self.policy.baseline_period == 1:
             return ev.BASELINE
         if self._recorded < self.trace_iterations:
             self._recorded += 1
@@ -134,8 +136,8 @@ class Session:
         if mode != ev.FALLBACK:
             return
         self._diverged_in_a_row += 1
-        if self._diverged_in_a_row >= BACKOFF_AFTER:
-            self._backoff_level = min(self._backoff_level + 1, MAX_BACKOFF_LEVEL)
+        if self._diverged_in_a_row >= self.policy.backoff_after:
+            self._backoff_level = min(self._backoff_level + 1, self.policy.max_backoff_level)
             self._backoff_left = 2 ** self._backoff_level
             self.events.emit(ev.Note(
                 index, "backoff",
@@ -187,7 +189,7 @@ class _Iteration:
         self._plain_mode = mode if mode not in (RECORD, DEFER) else None
         if self._plain_mode is None:
             from terra_nb.engine import intercept
-            from terra_nb.engine.runner import PythonRunner
+            from terra_nb.engine.skeleton import PythonRunner
 
             graph, graph_runner = session._engine()
             self._compile_seconds = graph_runner.compile_seconds
@@ -246,17 +248,17 @@ class _Iteration:
 
     def _leave_blocks(self) -> None:
         """Leave the op-handling and replaying blocks (each may be left more than once); an
-        interrupt while leaving one still leaves the other."""
+        interrupt while leaving one still leaves the other. The iteration stops being the
+        session's entered one only once both are left: an interrupt before a block's exit
+        call leaves it to the next iteration or `close` (_abandon)."""
         try:
             if self._handling is not None:
                 self._handling.__exit__(None, None, None)
         finally:
-            try:
-                if self._replaying is not None:
-                    self._replaying.__exit__(None, None, None)
-            finally:
-                if self.session._entered is self:
-                    self.session._entered = None
+            if self._replaying is not None:
+                self._replaying.__exit__(None, None, None)
+        if self.session._entered is self:
+            self.session._entered = None
 
     def _abandon(self) -> None:
         """What `__exit__` does, for an iteration whose exit an interrupt cut short before

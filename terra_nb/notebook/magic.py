@@ -21,8 +21,8 @@ from IPython.core.magic import Magics, cell_magic, magics_class, output_can_be_s
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from terra_nb.engine.session import DEFAULT_TRACE_ITERATIONS, Session
 from terra_nb.engine.report import Report
+from terra_nb.engine.session import DEFAULT_TRACE_ITERATIONS, Session
 from terra_nb.engine.usercode import innermost_user_frame, user_traceback
 
 MAX_SESSIONS = 32  # cells edited many times would otherwise keep every old trace alive
@@ -425,8 +425,8 @@ class WarningCapture:
 
 def _compare(namespace: dict, plan: CellPlan, iterations: int):
     """`--compare`: the loop re-run eagerly and as a tf.function (terra_nb/notebook/compare.py)."""
-    from terra_nb.notebook import compare
     from terra_nb.engine.report import Comparison, Timing
+    from terra_nb.notebook import compare
 
     names = [f"__terra_nb_{kind}_{plan.digest}__" for kind in ("timer", "step", "wrap")]
     try:

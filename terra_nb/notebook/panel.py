@@ -14,7 +14,14 @@ import statistics
 import time
 
 from terra_nb.engine import events as ev
-from terra_nb.engine.report import BREAKDOWN_ORDER, SUGGESTIONS, Baseline, GraphFacts, Report, shorten
+from terra_nb.engine.report import (
+    BREAKDOWN_ORDER,
+    SUGGESTIONS,
+    Baseline,
+    GraphFacts,
+    Report,
+    shorten,
+)
 
 MIN_INTERVAL = 0.1  # seconds between redraws: at most 10 per second
 MAX_SHARE = 0.02  # redraws may use at most this share of wall time

@@ -9,8 +9,8 @@ global figure list; in IPython it is shown as a PNG.
 from __future__ import annotations
 
 from terra_nb.engine import events as ev
-from terra_nb.notebook.panel import MODE_COLORS
 from terra_nb.engine.report import BREAKDOWN_ORDER, Report
+from terra_nb.notebook.panel import MODE_COLORS
 
 PART_COLORS = {
     "eager": "#4a78b5", "tracing": "#d89b00", "skeleton": "#8da0cb", "graph": "#2e8b57",

@@ -1,0 +1,233 @@
+"""Host evaluation: values Python's thread can know without waiting for the graph.
+
+Shape-like ops of inputs with static shapes, small integer results (shape arithmetic) and
+small integer or boolean tensors (indices, masks) are computed in Python's thread next to
+the deferred op, so library code that turns one into a Python int does not cut the graph,
+and an op that would fail on bad indices is checked before the graph runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from terra_nb.engine import intercept
+from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, SMALL_CONSTANT
+
+# Ops whose value follows from their inputs' static shapes: known without running the graph.
+SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
+# Integer/bool results (indices, masks) up to this size are also computed in Python's thread
+# when their inputs are known, so an op that fails on bad indices can be checked before the
+# graph runs it (see cannot_fail).
+_MIRROR_LIMIT = 1 << 16
+
+
+def is_host_value(op_type: str, outputs) -> bool:
+    """Small stateless integer results (shape arithmetic): cheap to know without the graph.
+
+    Knowing them in Python avoids a fetch (a graph cut) when library code turns one into a
+    Python int, as `TensorShape(tf.shape(x)[0])` does.
+    """
+    definition = intercept.op_def(op_type)
+    if definition is None or definition.is_stateful or not outputs:
+        return False
+    return all(output.dtype.is_integer and output._num_elements() <= SMALL_CONSTANT
+               for output in outputs)
+
+
+def host_values(node, inputs: list, attrs, ctx) -> list:
+    """The outputs of a host-value node computed in Python's thread; the last ones again when
+    its inputs are the very same tensors (shape constants, library constants): it is
+    stateless, and eager tensors are immutable."""
+    values = [intercept.unwrap(value) for value in inputs]
+    memo = node.host_memo
+    if memo is not None and len(memo[0]) == len(values) and all(
+            old is new for old, new in zip(memo[0], values, strict=True)):
+        return memo[1]
+    outputs = intercept.run_eagerly(node.op_type, len(node.output_dtypes), values, attrs, ctx)
+    node.host_memo = (values, outputs)
+    return outputs
+
+
+def _known_value(value):
+    """`value` as a numpy array if Python knows it now (computed, or mirrored), else None."""
+    if isinstance(value, intercept.LazyTensor):
+        if value._value is None:
+            return value.mirror
+        value = value._value
+    if isinstance(value, intercept.EagerTensor):
+        return value._numpy() if value.dtype.is_numpy_compatible else None
+    return np.asarray(value)
+
+
+def mirror(node, outputs, inputs, attrs, ctx) -> None:
+    """Compute a deferred index op in Python's thread too, when its inputs are known: in
+    numpy where it gives TensorFlow's result exactly (a few integer and comparison ops, at
+    ~1/30 of an eager op's cost), else as an eager op."""
+    known = [_known_value(value) for value in inputs]
+    if any(value is None for value in known):
+        return
+    values = _numpy_mirror(node, known)
+    if values is None:
+        try:
+            values = intercept.run_eagerly(node.op_type, len(outputs),
+                                           [_as_tensor(value) for value in inputs], attrs, ctx)
+        except Exception:  # the graph will raise it, at its place in the program
+            return
+        values = [value._numpy() for value in values]
+    for lazy, value in zip(outputs, values, strict=True):
+        lazy.mirror = value
+
+
+def _as_tensor(value):
+    """A known input as an eager tensor (a mirrored one from its numpy value)."""
+    if not isinstance(value, intercept.LazyTensor):
+        return value
+    if value._value is not None:
+        return value._value
+    return intercept.convert(value.mirror, value._dtype_enum)
+
+
+_NUMPY_MIRRORS = {
+    "Less": np.less, "LessEqual": np.less_equal, "Greater": np.greater,
+    "GreaterEqual": np.greater_equal, "AddV2": np.add, "Sub": np.subtract, "Mul": np.multiply,
+    "Maximum": np.maximum, "Minimum": np.minimum, "Neg": np.negative, "SelectV2": np.where,
+    "LogicalAnd": np.logical_and, "LogicalOr": np.logical_or, "LogicalNot": np.logical_not,
+    "Identity": np.asarray,
+}
+
+
+def _numpy_mirror(node, known: list) -> list | None:
+    """The one output of `node` computed in numpy, or None where numpy might differ from
+    TensorFlow: another op, a cast from a float (out-of-range values), or a result whose
+    dtype or shape is not TensorFlow's. Integer overflow wraps in both."""
+    op_type = node.op_type
+    if op_type == "Cast":
+        if known[0].dtype.kind not in "biu":
+            return None
+        function = _numpy_dtype(node.output_dtypes[0]).type
+    else:
+        function = _NUMPY_MIRRORS.get(op_type)
+        if function is None or len(node.output_dtypes) != 1:
+            return None
+    with np.errstate(all="ignore"):
+        value = np.asarray(function(*known))
+    if value.dtype != _numpy_dtype(node.output_dtypes[0]) \
+            or value.shape != tuple(node.output_shapes[0]):
+        return None
+    return [value]
+
+
+@functools.cache
+def _numpy_dtype(enum: int) -> np.dtype:
+    return np.dtype(tf.dtypes.as_dtype(enum).as_numpy_dtype)
+
+
+def mirror_index_sources(node) -> None:
+    """Mark the deferred ops that compute a fallible op's indices and bounds for mirroring:
+    integer or bool results (not huge) of stateless ops. Other ops are never mirrored."""
+    stack = list(node.inputs[1:])
+    while stack:
+        ref = stack.pop()
+        if ref[0] != FROM_NODE:
+            continue
+        source = ref[1]
+        if source.mirrored or not _mirrorable(source):
+            continue
+        source.mirrored = True
+        stack.extend(source.inputs)
+
+
+def _mirrorable(node) -> bool:
+    """Integer or bool results, and casts of any dtype (Keras casts integer labels to the
+    predictions' float dtype and back before a sparse cross-entropy)."""
+    if node.function is not None or node.island or not node.output_dtypes:
+        return False
+    definition = intercept.op_def(node.op_type)
+    return (definition is not None and not definition.is_stateful
+            and all((dtype in _INDEX_ENUMS or node.op_type == "Cast")
+                    and math.prod(shape) <= _MIRROR_LIMIT
+                    for dtype, shape in zip(node.output_dtypes, node.output_shapes,
+                                            strict=True)))
+
+
+def _known_integer(value) -> int | None:
+    known = _known_value(value)
+    if known is None or known.size != 1:
+        return None
+    return int(known.reshape(()))
+
+
+def _index_bound(op_type: str, inputs, attrs) -> tuple[float, int | None]:
+    """For an op that fails on an index out of range: the range [low, high) of valid values."""
+    if op_type == "GatherV2":
+        axis = _known_integer(inputs[2])
+        shape = inputs[0]._shape_tuple()
+        if axis is None or not -len(shape) <= axis < len(shape):
+            return 0, None
+        return 0, shape[axis]
+    if op_type == "ResourceGather":
+        shape = intercept.variable_shape(inputs[0])
+        batch_dims = dict(zip(attrs[::2], attrs[1::2], strict=True)).get("batch_dims", 0)
+        if shape is None or batch_dims >= len(shape):
+            return 0, None
+        return 0, shape[batch_dims]
+    if op_type == "SparseSoftmaxCrossEntropyWithLogits":
+        return 0, inputs[0]._shape_tuple()[-1]
+    if op_type.startswith("UnsortedSegment"):  # negative ids are dropped, not errors
+        return -np.inf, _known_integer(inputs[2])
+    return 0, None
+
+
+def cannot_fail(op_type: str, inputs, attrs) -> bool:
+    """True when the values that could make this op fail are known now and valid.
+
+    Then the segment holding it need not be waited for at the end of the iteration, and the
+    graph of this iteration overlaps the next one's Python. Anything unknown is 'may fail'.
+    """
+    if op_type not in INDEX_CHECKED_OPS:
+        return False
+    low, high = _index_bound(op_type, inputs, attrs)
+    values = _known_value(inputs[1])
+    if high is None or values is None:
+        return False
+    return values.size == 0 or bool(low <= values.min() and values.max() < high)
+
+
+INDEX_CHECKED_OPS = frozenset({
+    "GatherV2", "ResourceGather", "SparseSoftmaxCrossEntropyWithLogits", "UnsortedSegmentSum",
+    "UnsortedSegmentMax", "UnsortedSegmentMin", "UnsortedSegmentProd",
+})
+
+
+def available(value) -> bool:
+    return not isinstance(value, intercept.LazyTensor) or value._value is not None
+
+
+
+def static_shape(ref):
+    if ref[0] == FROM_NODE:
+        return ref[3] if len(ref) > 3 else ref[1].output_shapes[ref[2]]
+    return ref[2]
+
+
+def _enum(name: str) -> int:
+    return tf.dtypes.as_dtype(name).as_datatype_enum
+
+
+RESOURCE_ENUM = _enum("resource")
+VARIANT_ENUM = _enum("variant")
+
+INTEGER_ENUMS = frozenset(_enum(name) for name in (
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"))
+_INDEX_ENUMS = INTEGER_ENUMS | {_enum("bool")}
+
+
+def is_integer(ref) -> bool:
+    """Whether an op input (a value reference) holds integers: the kind that may decide shapes."""
+    if ref[0] == FROM_NODE:
+        return ref[1].output_dtypes[ref[2]] in INTEGER_ENUMS
+    return ref[0] == EXTERNAL and ref[1] in INTEGER_ENUMS

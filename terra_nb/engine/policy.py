@@ -1,0 +1,75 @@
+"""Scheduling policy: every tunable choice of when to trace, split, submit early, run ahead
+and back off, in one object a Session is given. Tests and benchmarks pass their own policy
+instead of changing module globals; docs/engine.md records the measurements behind each
+default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulingPolicy:
+    """The defaults are what the benchmark programs measured best on a 2-core CPU."""
+
+    # Python runs at most this many iterations ahead of the graph worker.
+    run_ahead: int = 2
+    # graph ops left after the fetched values worth a second graph (skeleton.first_part)
+    split_min_tail: int = 8
+    # paths from one start split when first compiled
+    split_at_once_paths: int = 4
+    # a segment compiled whole is split once this hot: each new graph's first run is slow
+    split_after_runs: int = 8
+    # fetches of an op after which its segment may be submitted as soon as it is deferred ...
+    submit_at_fetched_after: int = 8
+    # ... when Python still waited this long (s) for it
+    submit_early_min_wait: float = 0.0005
+    # A split or an early submission makes new graphs: made once Python's waits for the
+    # graphs it would shorten reach this multiple of what such a graph cost (build, first run).
+    new_graph_payback: float = 1.0
+    # consecutive diverging iterations before backing off to plain eager
+    backoff_after: int = 3
+    # back-off periods double up to 2**max_backoff_level iterations
+    max_backoff_level: int = 6
+    # with a baseline, a run's iterations 1, 1 + period, ... run plainly eagerly
+    baseline_period: int = 100
+
+    def new_graphs_pay(self, waited: float, cost: float) -> bool:
+        """Whether Python's waits for a graph's later runs have paid for new graphs costing
+        about what that graph did (`cost`: its build and first run, 0 while unknown)."""
+        return 0 < cost and self.new_graph_payback * cost <= waited
+
+    def submit_early(self, node) -> bool:
+        """Whether the segment ending at `node` is submitted as soon as Python defers it: a
+        value Python fetched at `submit_at_fetched_after` iterations (the loss a loop logs) and
+        still waited for (the forward graph then runs while Python prepares the backward
+        pass). Below `submit_early_min_wait` the second graph call costs more than it overlaps
+        (measured on a small MLP: 0.87 -> 1.2 ms per step). The new graphs it makes cost about
+        what the graph holding the node did (building, first run): chosen only once Python has
+        waited that long for the node's value from graphs past their first run (as
+        `splits`). Once chosen it stays: the waits it removes no longer argue for it."""
+        if not node.submit_early and node.fetches >= self.submit_at_fetched_after \
+                and node.last_fetch_wait >= self.submit_early_min_wait \
+                and self.new_graphs_pay(node.steady_wait_seconds, node.graph_cost):
+            node.submit_early = True
+        return node.submit_early
+
+    def splits(self, runner, start, end, outputs: tuple) -> bool:
+        """Whether the segment from `start` to `end` returning `outputs` is compiled as two
+        graphs, a first one computing the values Python fetches there.
+
+        A segment compiled whole is split only once Python has waited for its later runs as
+        long as its graph cost (building it, its first run) — rent until buying would have
+        paid — and only once hot (run `split_after_runs` times whole): the two new graphs cost
+        about that again, and a program still settling its paths would pay two more first
+        runs per path (SDPoint: 0.9x eager over its first 34 steps when every path was split
+        at once, 3.2x unsplit). A segment not compiled yet is split at once, its two graphs
+        costing about what the whole would, while fewer than `split_at_once_paths` paths from
+        its start have graphs (splitting SDPoint's every new path when first compiled: median
+        step over its first 34 steps 18 -> 86 ms). A segment once split stays split."""
+        if runner.was_split(start, end, outputs):
+            return True
+        if runner.has_segment(start, end, outputs):
+            return runner.runs(start, end, outputs) >= self.split_after_runs \
+                and runner.split_pays(start, end, outputs)
+        return runner.paths_from(start) < self.split_at_once_paths

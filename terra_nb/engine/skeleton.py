@@ -1,0 +1,594 @@
+"""The Python skeleton: `PythonRunner`, the op handler of one iteration.
+
+Recording, it runs each op eagerly and adds it to the TraceGraph. Deferring, it matches each op
+to the next TraceGraph node and returns LazyTensors; the ops pile up in a pending segment.
+Terra's three channels:
+- fetch: Python needs a value (`LazyTensor.value`) -> the pending segment is flushed to the
+  graph worker (split in two when a first graph can hand Python a logged value early);
+- path: which child of the current node the skeleton took is the path choice; it selects the
+  compiled segment;
+- feed: values made by Python (and by earlier segments) are passed as the segment's arguments.
+When the skeleton does something the TraceGraph has not seen, the run flushes what is pending,
+reports a fallback and records the rest of the iteration eagerly (which extends the TraceGraph).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+from terra_nb.engine import events as ev
+from terra_nb.engine import graphgen, hostvalues, intercept, macros
+from terra_nb.engine.divergence import explain_divergence
+from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer, static_shape
+from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, TraceGraph
+from terra_nb.engine.usercode import user_location
+from terra_nb.engine.worker import GraphRunner
+
+RECORD = "record"
+DEFER = "defer"
+
+# Ops whose output shape depends on input values beyond small integers (a mask's contents):
+# they run eagerly, so their outputs carry their real shapes (the TraceGraph's are static).
+_DATA_DEPENDENT_SHAPE_OPS = frozenset({
+    "Where", "Unique", "UniqueV2", "UniqueWithCounts", "UniqueWithCountsV2",
+    "DynamicPartition", "ListDiff", "NonMaxSuppression", "NonMaxSuppressionV2",
+    "NonMaxSuppressionV3", "NonMaxSuppressionV4", "NonMaxSuppressionV5",
+    "NonMaxSuppressionWithOverlaps", "CombinedNonMaxSuppression", "RaggedRange",
+    "StringSplit", "StringSplitV2", "SparseFillEmptyRows",
+})
+
+# Ops that must run in program order with Python, right when Python calls them.
+_ISLAND_OPS = _DATA_DEPENDENT_SHAPE_OPS | frozenset({
+    "PrintV2", "EagerPyFunc", "PyFunc", "PyFuncStateless", "VarHandleOp", "DestroyResourceOp",
+    "AnonymousIteratorV3", "AnonymousIteratorV2", "MakeIterator", "DeleteIterator",
+    "AnonymousSeedGenerator", "DeleteSeedGenerator", "AnonymousRandomSeedGenerator",
+    "DeleteRandomSeedGenerator", "WriteFile", "ReadFile",
+})
+
+def _attrs_key(op_type, attrs):
+    """Hashable attrs for node identity; a stateful random op's seed2 is left out (graphgen)."""
+    key = _hashable(attrs)
+    if op_type in graphgen.STATEFUL_RANDOM_OPS and key:
+        key = tuple(None if index > 0 and key[index - 1] == "seed2" else item
+                    for index, item in enumerate(key))
+    return key
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(item) for item in value)
+    if hasattr(value, "SerializeToString"):
+        return value.SerializeToString()
+    return value
+
+
+# op signature -> input slots whose values decide output shapes (see _shape_values)
+_SHAPE_VALUE_SLOTS: dict = {}
+# (op signature, those values) -> output shapes they give
+_SHAPES_FOR_VALUES: dict = {}
+_SHAPES_FOR_VALUES_LIMIT = 100_000
+
+
+def _signature_of(ref):
+    if ref[0] == FROM_NODE:
+        return (ref[1].output_dtypes[ref[2]], static_shape(ref))
+    if ref[0] == RESOURCE:
+        return (RESOURCE,)
+    return (ref[1], ref[2])
+
+
+def _shape_signature(op_type, attrs_key, refs) -> tuple:
+    """What decides which inputs of an op decide its output shapes (_SHAPE_VALUE_SLOTS)."""
+    return (op_type, attrs_key, tuple(_signature_of(ref) for ref in refs))
+
+
+def _ref_key(ref):
+    kind = ref[0]
+    if kind == FROM_NODE:
+        return (FROM_NODE, ref[1].uid) + ref[2:]
+    if kind == RESOURCE:
+        return (RESOURCE, id(ref[1]))
+    return ref
+
+
+class _Pending:
+    """One deferred op: its node and the values of its inputs that come from outside."""
+
+    __slots__ = ("node", "outside")
+
+    def __init__(self, node, outside: dict) -> None:
+        self.node = node
+        self.outside = outside
+
+
+class PythonRunner:
+    """The op handler of one iteration (see module docstring)."""
+
+    def __init__(self, graph: TraceGraph, runner: GraphRunner, events: ev.EventLog,
+                 index: int, mode: str, stop_frame) -> None:
+        self.graph = graph
+        self.runner = runner
+        self.events = events
+        self.index = index
+        self.mode = mode
+        self.started_deferred = mode == DEFER
+        self.stop_frame = stop_frame
+        # the user frames of a replayed library call, set around it: its op's location, the
+        # same as the stack walk would find (only library frames lie between), known for free
+        self.call_site = None
+        self.cursor = graph.root
+        self.segment_start = graph.root
+        self.pending: list[_Pending] = []
+        self.segment_lazies: list = []
+        self.segment_uids: set = set()
+        self.fallible_jobs: list = []  # segments that may fail on this iteration's values
+        self.segment_may_fail = False  # the pending segment holds a fallible op not checked
+        self.produced: dict = {}  # id(eager tensor) -> (tensor, node, index), this iteration
+        self.lazy_refs: dict = {}  # (node uid, output index) -> weakref to its LazyTensor
+        self.external_inputs: dict = {}  # (node uid, input slot) -> value fed there, deferred
+        self.ops = 0
+        self.fallback: ev.FallbackEvent | None = None
+        self.finished = False
+        self.flushes = 0
+        self.recording_seconds = 0.0  # tracing cost beyond running the ops themselves
+        self.diverged_at: float | None = None
+        self.retraced = ""  # why the iteration left co-execution without a fallback, if it did
+
+    # ------------------------------------------------------------ op handler
+
+    def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
+        entered = time.perf_counter()
+        self.ops += 1
+        location = self.call_site
+        if location is None:
+            location = user_location(self.stop_frame, depth=3)
+        refs = tuple(self._ref(value) for value in inputs)
+        attrs_key = _attrs_key(op_type, attrs)
+        key = (op_type, attrs_key, location, tuple(_ref_key(ref) for ref in refs),
+               self._shape_values(op_type, attrs, attrs_key, refs, inputs))
+        if self.mode == DEFER:
+            child = self.cursor.children.get(key)
+            if child is not None:
+                if child.island:
+                    self.flush()
+                    self.runner.drain()
+                    return self._run_now(child, op_type, num_outputs, inputs, attrs, ctx, name)
+                outputs = self.defer(child, inputs, refs, attrs, ctx)
+                if self.runner.overlap and self.runner.policy.submit_early(child):
+                    self.flush()
+                return outputs
+            self._diverge(op_type, key, location, refs)
+            entered = time.perf_counter()  # its wait for the graph is a fetch wait, not recording
+        ran = time.perf_counter()
+        outputs = intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        recorded = time.perf_counter()
+        child = self.cursor.children.get(key)
+        if child is None:
+            function = None if intercept.op_def(op_type) else intercept.calling_function()
+            island = op_type in _ISLAND_OPS or (function is None and not intercept.op_def(op_type))
+            child = self.graph.add_child(self.cursor, key, op_type, attrs, location, refs,
+                                         outputs, island, ctx.scope_name)
+            child.function = function
+            child.host_value = (not island and function is None
+                                and hostvalues.is_host_value(op_type, outputs))
+            if op_type in hostvalues.INDEX_CHECKED_OPS:
+                hostvalues.mirror_index_sources(child)
+        child.visits += 1
+        child.observe_externals([intercept.unwrap(value) for value in inputs])
+        self._share_varying(child)
+        self._register(child, outputs)
+        self.cursor = child
+        self.recording_seconds += (ran - entered) + (time.perf_counter() - recorded)
+        return outputs
+
+    def _share_varying(self, node) -> None:
+        """A Python value that changed at one op and source line is fed, not folded, on
+        every path: each new path would otherwise fold it, see it change and recompile."""
+        sites = self.graph.varying_sites
+        for slot, seen in node.externals.items():
+            site = _site(node, slot)
+            if seen.varying:
+                sites.add(site)
+            elif site in sites:
+                seen.varying = True
+
+    def _shape_values(self, op_type, attrs, attrs_key, refs, inputs) -> tuple:
+        """The output shapes an op gets from the values of its shape-deciding inputs (Fill's
+        dims, Reshape's shape, a slice's begin and end): part of node identity, because the
+        TraceGraph records static shapes. The values themselves are fed, so a slice whose
+        offset changes but whose size does not keeps its node. Which inputs decide shapes is
+        found once per op signature, and the shapes once per distinct value, by shape
+        inference (graphgen); when inference cannot tell, the values themselves are the key.
+        """
+        if intercept.op_def(op_type) is None or not any(is_integer(ref) for ref in refs):
+            return ()  # a traced function's output shapes are its signature's
+        signature = _shape_signature(op_type, attrs_key, refs)
+        slots = _SHAPE_VALUE_SLOTS.get(signature)
+        if slots is None:
+            if self.mode == DEFER:
+                return ()
+            slots = graphgen.shape_deciding_inputs(op_type, attrs, inputs, refs)
+            _SHAPE_VALUE_SLOTS[signature] = slots
+        if not slots:
+            return ()
+        values = tuple(np.asarray(inputs[slot]).tobytes() for slot in slots)
+        shapes = _SHAPES_FOR_VALUES.get((signature, values))
+        if shapes is None:
+            shapes = graphgen.output_shapes_for(op_type, attrs, inputs, refs) or values
+            if len(_SHAPES_FOR_VALUES) >= _SHAPES_FOR_VALUES_LIMIT:
+                _SHAPES_FOR_VALUES.clear()
+            _SHAPES_FOR_VALUES[(signature, values)] = shapes
+        return shapes
+
+    def _ref(self, value):
+        if isinstance(value, intercept.LazyTensor):
+            if value._source is self:
+                return (FROM_NODE, value.node, value.index)
+            return (EXTERNAL, value._datatype_enum(), value._shape_tuple())
+        produced = self.produced.get(id(value))
+        if produced is not None and produced[0] is value:
+            node = produced[1]
+            if node.island:  # its shape may change from one run to the next: part of the ref
+                return (FROM_NODE, node, produced[2], value._shape_tuple())
+            return (FROM_NODE, node, produced[2])
+        dtype = value._datatype_enum()
+        if dtype in (RESOURCE_ENUM, VARIANT_ENUM):
+            return (RESOURCE, value)
+        return (EXTERNAL, dtype, value._shape_tuple())
+
+    def _register(self, node, outputs) -> None:
+        for index, output in enumerate(outputs or ()):
+            self.produced[id(output)] = (output, node, index)
+
+    def _run_now(self, node, op_type, num_outputs, inputs, attrs, ctx, name):
+        outputs = intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        node.visits += 1
+        self._register(node, outputs)
+        self.cursor = node
+        self.segment_start = node
+        return outputs
+
+    def defer(self, node, inputs, refs, attrs, ctx, keep: bool = True):
+        """Queue one op of the segment. Without `keep` (a replayed op whose outputs nothing
+        reads) it gets no LazyTensors: the graph computes them for its consumers."""
+        outside = {}
+        segment_uids = self.segment_uids
+        for slot, ref in enumerate(refs):
+            if ref[0] == RESOURCE or (ref[0] == FROM_NODE and ref[1].uid in segment_uids):
+                continue
+            outside[slot] = inputs[slot]
+            if ref[0] == EXTERNAL:
+                self.external_inputs[(node.uid, slot)] = inputs[slot]
+        self.pending.append(_Pending(node, outside))
+        segment_uids.add(node.uid)
+        node.visits += 1
+        self.cursor = node
+        if node.op_type in graphgen.FALLIBLE_OPS \
+                and not hostvalues.cannot_fail(node.op_type, inputs, attrs):
+            self.segment_may_fail = True
+        if not keep:
+            return None
+        outputs = []
+        for index in range(len(node.output_dtypes)):
+            lazy = self.lazy(node, index)
+            outputs.append(lazy)
+            reference = weakref.ref(lazy)
+            self.segment_lazies.append(reference)
+            self.lazy_refs[(node.uid, index)] = reference
+        if node.op_type in hostvalues.SHAPE_OPS:
+            self._know_shape_values(node, refs, outputs)
+        elif node.host_value and all(hostvalues.available(value) for value in inputs):
+            values = hostvalues.host_values(node, inputs, attrs, ctx)
+            for lazy, value in zip(outputs, values, strict=True):
+                lazy.set_value(value)
+        elif node.mirrored:
+            hostvalues.mirror(node, outputs, inputs, attrs, ctx)
+        return outputs
+
+    def lazy(self, node, index: int) -> intercept.LazyTensor:
+        """Output `index` of a deferred node, as this iteration's LazyTensor."""
+        return intercept.LazyTensor(self, node, index, node.output_dtypes[index],
+                                    node.output_shapes[index])
+
+    def _know_shape_values(self, node, refs, outputs) -> None:
+        """Shape-like ops of inputs with static shapes: their values are known now (the same
+        at every visit of the node, whose identity fixes those shapes)."""
+        if node.host_memo is not None:
+            for lazy, value in zip(outputs, node.host_memo[1], strict=False):
+                lazy.set_value(value)
+            return
+        shapes = [static_shape(ref) for ref in refs]
+        if node.op_type == "Shape" or node.op_type == "ShapeN":
+            values = [np.array(shape, dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype)
+                      for shape, dtype in zip(shapes, node.output_dtypes, strict=False)]
+        elif node.op_type == "Size":
+            values = [np.array(int(np.prod(shapes[0])),
+                               dtype=tf.dtypes.as_dtype(node.output_dtypes[0]).as_numpy_dtype)]
+        else:
+            values = [np.array(len(shapes[0]), dtype=np.int32)]
+        with intercept.suspended():
+            values = [tf.constant(value) for value in values]
+        node.host_memo = ((), values)
+        for lazy, value in zip(outputs, values, strict=False):
+            lazy.set_value(value)
+
+    # ------------------------------------------------------------ fetch channel
+
+    def materialize(self, lazy) -> intercept.EagerTensor:
+        start = time.perf_counter()
+        if lazy._job is None and (self.finished or lazy.node.uid not in self.segment_uids):
+            raise RuntimeError("terra_nb: a deferred value was lost before it was computed")
+        # known before a flush, so that the segment's first graph is split already
+        self.graph.fetched_sites.add((lazy.node.op_type, lazy.node.location))
+        if lazy._job is None:
+            self.flush()
+        try:
+            self.runner.wait(lazy._job)
+        finally:
+            waited = time.perf_counter() - start
+            lazy.node.fetches += 1
+            lazy.node.fetch_wait_seconds += waited
+            lazy.node.last_fetch_wait = waited
+            job = lazy._job
+            if job is not None and job.done.is_set() and not job.first_run:
+                lazy.node.steady_wait_seconds += waited
+                lazy.node.graph_cost = job.compiled.cost
+        return lazy._value
+
+    def flush(self) -> None:
+        """Run the pending segment in the graph and give each live LazyTensor its value.
+
+        Interruptible anywhere: `finish` flushes again after a KeyboardInterrupt; the
+        submission is keyed by the pending list (GraphRunner.submit), so no op Python issued
+        is lost or applied twice.
+        """
+        if not self.pending:
+            return
+        alive = []
+        for reference in self.segment_lazies:
+            lazy = reference()
+            if lazy is not None and lazy._value is None:
+                alive.append(lazy)
+        head_uids = self._split_head(alive)
+        if head_uids is None:
+            parts = [self._part(self.pending, alive)]
+        else:
+            head, tail, head_lazies, tail_lazies = self._split(head_uids, alive)
+            parts = [self._part(head, head_lazies, "first"), self._part(tail, tail_lazies, "rest")]
+        self._submit(parts)
+
+    def _submit(self, parts: list) -> None:
+        jobs = self.runner.submit(parts, self.index, token=self.pending,
+                                  after=self.fallible_jobs[-1] if self.fallible_jobs else None)
+        if self.segment_may_fail:
+            self.fallible_jobs.extend(jobs)
+        self.flushes += 1
+        self._start_segment()
+
+    def _part(self, pending: list, lazies: list, part: str = "") -> tuple:
+        """Compile (or reuse) the graph of `pending` ops (the segment from segment_start to
+        the cursor, or a `part` of it, see _split_head) returning `lazies`; with its
+        arguments."""
+        start, end = self.segment_start, self.cursor
+        outputs = tuple((lazy.node, lazy.index) for lazy in lazies)
+        path = [entry.node for entry in pending] if part else None
+        reason = "new segment"
+        if not self.runner.has_segment(start, end, outputs, part):
+            # a node made before one of its sites was seen to change (on another path) is
+            # fed from its first graph, instead of being folded, found stale and recompiled
+            for entry in pending:
+                self._share_varying(entry.node)
+        while True:
+            key, compiled = self.runner.segment_for(start, end, outputs, self.index, reason,
+                                                    part, path)
+            args = _arguments(compiled, pending, self.graph.varying_sites)
+            if args is not None:
+                return compiled, args, lazies, key
+            self.runner.forget(key)
+            reason = "a Python value that looked constant changed; it is fed from now on"
+
+    def _split_head(self, alive: list) -> set | None:
+        """The ops of a first graph that computes the values Python fetched before at this
+        point or from the same source line (the loss a training loop logs), when enough work
+        is left for a second graph (the backward pass, the update): Python then gets those
+        values while the graph runs the rest, overlapping the next iteration. None keeps one
+        graph.
+
+        The head is what the fetched values are computed from, and every op with an effect
+        (a stateful op, a resource read or write, an op that may fail) placed before the last
+        such op among them, with what those are computed from: effects keep program order,
+        and the rest runs after. A loss summed after the updates (`return g_loss + d_loss`)
+        is still computed before them.
+
+        Whether to split at all is the policy's choice (SchedulingPolicy.splits)."""
+        sites = self.graph.fetched_sites
+        fetched = {lazy.node.uid for lazy in alive
+                   if (lazy.node.op_type, lazy.node.location) in sites}
+        if not fetched:
+            return None
+        start, end = self.segment_start, self.cursor
+        outputs = tuple((lazy.node, lazy.index) for lazy in alive)
+        runner = self.runner
+        if not runner.policy.splits(runner, start, end, outputs):
+            return None
+        key = (start.uid, end.uid, frozenset(fetched))
+        if key not in runner.split_heads:  # the path from start to cursor is the pending ops
+            runner.split_heads[key] = first_part([entry.node for entry in self.pending],
+                                                 fetched, runner.policy.split_min_tail)
+        head = runner.split_heads[key]
+        if head is not None:
+            runner.mark_split(start, end, outputs)
+        return head
+
+    def _split(self, head_uids: set, alive: list) -> tuple[list, list, list, list]:
+        """The two parts of the pending segment, the second reading the first's results as
+        feeds (new LazyTensors where no live one exists), and each part's outputs."""
+        head = [pending for pending in self.pending if pending.node.uid in head_uids]
+        handed = {(lazy.node.uid, lazy.index): lazy for lazy in alive
+                  if lazy.node.uid in head_uids}
+        continued = []
+        for pending in self.pending:
+            if pending.node.uid in head_uids:
+                continue
+            outside = pending.outside
+            for slot, ref in enumerate(pending.node.inputs):
+                if ref[0] != FROM_NODE or ref[1].uid not in head_uids:
+                    continue
+                lazy = handed.get((ref[1].uid, ref[2]))
+                if lazy is None:
+                    lazy = handed[(ref[1].uid, ref[2])] = self.lazy(ref[1], ref[2])
+                if outside is pending.outside:
+                    outside = dict(outside)
+                outside[slot] = lazy
+            continued.append(pending if outside is pending.outside
+                             else _Pending(pending.node, outside))
+        tail_lazies = [lazy for lazy in alive if lazy.node.uid not in head_uids]
+        return head, continued, list(handed.values()), tail_lazies
+
+    def _start_segment(self) -> None:
+        self.pending = []
+        self.segment_may_fail = False
+        self.segment_lazies = []
+        self.segment_uids = set()
+        self.segment_start = self.cursor
+
+    # ------------------------------------------------------------ replay from the TraceGraph
+
+    def fed_values(self, sources: dict) -> dict | None:
+        """{slot: value} for {slot: (node uid, slot) fed earlier in this iteration}, or None
+        when one of them was not fed."""
+        values = {}
+        for slot, source in sources.items():
+            value = self.external_inputs.get(source)
+            if value is None:
+                return None
+            values[slot] = value
+        return values
+
+    def reference_of(self, value):
+        """Where `value` comes from, as node identity sees it (a tensor argument's guard)."""
+        return _ref_key(self._ref(value))
+
+    def decides_shape(self, node, slot: int) -> bool:
+        """True when the value at `slot` may decide the node's output shapes (a replayed
+        argument there could change shapes the node's identity fixed)."""
+        ref = node.inputs[slot]
+        if not is_integer(ref):
+            return False
+        signature = _shape_signature(node.op_type, _attrs_key(node.op_type, node.attrs),
+                                     node.inputs)
+        slots = _SHAPE_VALUE_SLOTS.get(signature)
+        return slots is None or slot in slots
+
+    def current(self, key):
+        reference = self.lazy_refs.get(key)
+        return None if reference is None else reference()
+
+    # ------------------------------------------------------------ divergence
+
+    def _diverge(self, op_type, key, location, refs) -> None:
+        self.diverged_at = time.perf_counter()
+        self.flush()
+        self.runner.drain()
+        self.mode = RECORD
+        if macros.is_replaying():
+            self.retraced = "library calls are replayed from compiled functions now"
+            self.events.emit(ev.Note(self.index, "library-replay",
+                                     f"{self.retraced}; this iteration traced the new path"))
+            return
+        self.fallback = explain_divergence(self.index, self.cursor, op_type, key, location, refs)
+        self.events.emit(self.fallback)
+
+    @property
+    def is_deferring(self) -> bool:
+        return self.mode == DEFER
+
+    def finish(self, failed: bool = False) -> None:
+        """End of the iteration: everything pending is submitted. After a failure Python
+        waits for it, so state is what eager execution leaves at the failing line; segments
+        holding ops that can fail on values are waited for, so their errors are this
+        iteration's."""
+        try:
+            try:
+                self.flush()
+            except KeyboardInterrupt:
+                self.flush()  # eagerly these ops would already have run: apply them, then stop
+                raise
+            if failed:
+                self.runner.drain()
+            for job in self.fallible_jobs:  # their errors belong to this iteration
+                self.runner.wait(job)
+            self.runner.end_iteration()
+        finally:
+            self.finished = True
+            self.produced.clear()
+            self.lazy_refs.clear()
+            self.external_inputs.clear()
+
+    @property
+    def result_mode(self) -> str:
+        if not self.started_deferred:
+            return ev.TRACING
+        if self.fallback is not None:
+            return ev.FALLBACK
+        return ev.TRACING if self.retraced else ev.CO_EXECUTING
+
+
+def first_part(nodes: list, fetched: set, min_tail: int) -> set | None:
+    """The uids of the first graph's nodes (see PythonRunner._split_head), or None when fewer
+    than `min_tail` graph ops would be left for a second."""
+    head = _computing(nodes, fetched)
+    effects = [position for position, node in enumerate(nodes) if _has_effect(node)]
+    last = max((position for position in effects if nodes[position].uid in head), default=-1)
+    head = _computing(nodes, fetched | {nodes[position].uid for position in effects
+                                        if position <= last})
+    rest = sum(graphgen.op_count(node) for node in nodes if node.uid not in head)
+    return head if rest >= min_tail else None
+
+
+def _computing(nodes: list, wanted: set) -> set:
+    """The uids of the `wanted` nodes and of the nodes among `nodes` (in program order) that
+    they are computed from."""
+    needed = set(wanted)
+    for node in reversed(nodes):
+        if node.uid in needed:
+            needed.update(ref[1].uid for ref in node.inputs if ref[0] == FROM_NODE)
+    return needed & {node.uid for node in nodes}
+
+
+def _has_effect(node) -> bool:
+    """An op whose place among other such ops matters: it changes or reads state, or may
+    fail (eager execution stops there)."""
+    return (graphgen.is_stateful(node) or node.op_type in graphgen.FALLIBLE_OPS
+            or any(ref[0] == RESOURCE for ref in node.inputs))
+
+
+def _site(node, slot: int) -> tuple:
+    """An external input slot as the program writes it: op, source line, slot, dtype, shape
+    (library ops called from one user line share it; then they are fed, never wrong)."""
+    return (node.op_type, node.location, slot) + tuple(node.inputs[slot][1:])
+
+
+def _arguments(compiled: graphgen.CompiledSegment, pending: list, varying_sites: set):
+    """Feed values in argument order, or None when a folded constant's guard fails.
+
+    Each failing guard marks its slot (and its site, for other paths) as varying, so
+    recompiling converges.
+    """
+    stale = False
+    for position, slot in compiled.folded_slots:
+        entry = pending[position]
+        seen = entry.node.externals[slot]
+        if not seen.matches(entry.outside[slot]):
+            seen.varying = True
+            varying_sites.add(_site(entry.node, slot))
+            stale = True
+    if stale:
+        return None
+    return [pending[position].outside[slot] for position, slot in compiled.feed_slots]
+
+
