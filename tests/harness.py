@@ -25,8 +25,8 @@ from terra_nb.engine.session import Session  # noqa: E402
 
 tf.config.experimental.enable_op_determinism()
 
-RTOL = 1e-4  # DESIGN.md: an iteration computed from eager-equal state matches to rtol 1e-4
-RUN_RTOL = 1e-3  # DESIGN.md: over a run, no more drift than tf.function's own (1e-3)
+RTOL = 1e-4  # docs/architecture.md: an iteration from eager-equal state matches to rtol 1e-4
+RUN_RTOL = 1e-3  # docs/architecture.md: over a run, no more drift than tf.function has (1e-3)
 ATOL = 1e-6
 # Variables of the benchmark programs after a few steps: parameters whose true gradient is zero
 # (a conv bias before BatchNorm, a bias under a softmax over positions, an attention key bias)

@@ -328,9 +328,9 @@ def test_python_generator_batches_are_fed_each_iteration():
 def test_keras_internals_the_replay_guard_reads_exist():
     import importlib
 
-    from terra_nb.engine import macros
+    from terra_nb.engine.replay import guards
 
-    for dotted, attribute in macros.PRIVATE_KERAS_SYMBOLS:
+    for dotted, attribute in guards.PRIVATE_KERAS_SYMBOLS:
         module_name, _, class_name = dotted.rpartition(".")
         owner = getattr(importlib.import_module(module_name), class_name)
         assert hasattr(owner, attribute), f"{dotted}.{attribute} moved"
@@ -487,7 +487,7 @@ def test_tensor_slicing_is_replayed_and_a_moving_slice_stays_bounded():
     """`x[spec]` with a Python spec is replayed as its ops; a slice that moves every step
     keeps at most SPAN_KEYS_PER_SITE guard entries and stays eager-equal; a variable's slice
     keeps its `assign` (not replayed)."""
-    from terra_nb.engine import macros
+    from terra_nb.engine.replay import table
 
     data = tf.constant(np.arange(4 * 64, dtype=np.float32).reshape(4, 64))
     weights = tf.Variable(tf.ones([4, 64]))
@@ -505,7 +505,7 @@ def test_tensor_slicing_is_replayed_and_a_moving_slice_stays_bounded():
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     np.testing.assert_allclose(weights.numpy()[0], np.full(64, 0.5 ** 30, np.float32))
     sites = session.macro_table.span_keys_per_site
-    assert sites and max(sites.values()) <= macros.SPAN_KEYS_PER_SITE
+    assert sites and max(sites.values()) <= table.SPAN_KEYS_PER_SITE
     replayed = [entry for entry in session.macro_table.entries.values()
                 if entry.span_replays]
     assert replayed, "no slice was replayed"
@@ -841,7 +841,7 @@ def test_call_arguments_flatten_as_tf_nest_flattens_them():
     tf.nest."""
     import keras
 
-    from terra_nb.engine import macros
+    from terra_nb.engine.replay import guards
 
     embedding = keras.layers.Embedding(10, 4)
     embedding.build((None,))
@@ -852,11 +852,11 @@ def test_call_arguments_flatten_as_tf_nest_flattens_them():
     for args, kwargs in [((pairs,), {}), ((pairs, 2.0), {"b": [rows], "a": {"z": 1, "y": 2}}),
                          ((np.ones(3), [tf.ones([1])]), {})]:
         expected = tf.nest.flatten((args, kwargs), expand_composites=True)
-        got = macros._flatten(args, kwargs)
+        got = guards.flatten(args, kwargs)
         assert len(got) == len(expected)
         assert all(mine is theirs for mine, theirs in zip(got, expected, strict=True))
     ragged = tf.ragged.constant([[1], [2, 3]])
-    assert len(macros._flatten(([ragged],), {})) == len(
+    assert len(guards.flatten(([ragged],), {})) == len(
         tf.nest.flatten(([ragged],), expand_composites=True))
 
 

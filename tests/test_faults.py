@@ -1,9 +1,9 @@
 """Faults mid-iteration: user exceptions, KeyboardInterrupt, ops that fail in the graph (issue 9).
 
-What must hold (DESIGN "Errors are the user's errors"): the exception that reaches the user is the
-one eager execution raises (type, message, and the user's line innermost in the traceback); the
-variables afterwards equal what eager execution leaves; the next iteration works; and the graph
-thread does not outlive the session.
+What must hold (docs/architecture.md, "Errors are the user's errors"): the exception that
+reaches the user is the one eager execution raises (type, message, and the user's line
+innermost in the traceback); the variables afterwards equal what eager execution leaves; the
+next iteration works; and the graph thread does not outlive the session.
 """
 
 from __future__ import annotations
@@ -515,13 +515,14 @@ def _left_installed() -> list[str]:
     """What of an iteration is still installed on this thread (nothing, once it is over)."""
     import threading
 
-    from terra_nb.engine import intercept, macros
+    from terra_nb.engine import intercept
+    from terra_nb.engine.replay import entrypoints
     from terra_nb.engine.skeleton import PythonRunner
 
     left = []
     if isinstance(intercept._slot.handler, PythonRunner):
         left.append("an iteration's op handler")
-    if threading.get_ident() in macros._active:
+    if threading.get_ident() in entrypoints._active:
         left.append("a replaying block")
     return left
 
@@ -789,7 +790,8 @@ def test_interrupt_while_an_iteration_sets_up_leaves_nothing_installed(function)
     points: afterwards nothing is patched or installed outside an iteration, and the next
     iterations replay library calls again (a half-patched set once outlived the interrupt)."""
 
-    from terra_nb.engine import intercept, macros
+    from terra_nb.engine import intercept
+    from terra_nb.engine.replay import entrypoints
     from terra_nb.engine.skeleton import PythonRunner
 
     originals = (keras.layers.Layer.__call__, tf.reshape, tf.Tensor.__add__)
@@ -815,7 +817,7 @@ def test_interrupt_while_an_iteration_sets_up_leaves_nothing_installed(function)
         left = [name for name, was, is_ in zip(("Layer.__call__", "tf.reshape", "Tensor.__add__"),
                                                 originals, now, strict=True) if was is not is_]
         if isinstance(intercept._slot.handler, PythonRunner) \
-                or threading.get_ident() in macros._active:
+                or threading.get_ident() in entrypoints._active:
             left.append("the iteration's op handler or replaying block")
         replayed = session.macro_table.replayed_calls
         for _ in range(3):

@@ -1,7 +1,8 @@
-"""Scheduling policy: every tunable choice of when to trace, split, submit early, run ahead
-and back off, in one object a Session is given. Tests and benchmarks pass their own policy
-instead of changing module globals; docs/engine.md records the measurements behind each
-default."""
+"""Scheduling policy: every tunable choice of when to split, submit early, run ahead, back
+off and measure the eager baseline, in one object a Session is given (how many iterations
+to trace stays a Session argument: users set it with `--trace`). Tests and benchmarks pass
+their own policy instead of changing module globals; docs/engine.md records the measurements
+behind each default."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
 """Report: a run of a Session summarised from its events, for people (text, HTML) and code.
 
-(Not named report.py: a submodule `terra_nb.report` would replace the `terra_nb.report()`
-function as an attribute of the package the moment it is imported.)
-
 Speedup rule (docs/magic.md): a speedup is shown only over a *measured plain-eager* baseline —
 the run's own eager-baseline iterations (the magic runs a run's second iteration, and every
 100th after it, plainly eagerly, unrecorded), or this run's EAGER iterations (`--eager`), or the
@@ -32,7 +29,7 @@ CALL_OP_TYPES = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
 COMPILED_SHARE = 0.2  # calls at least this share of the traced ops: no speedup is claimed
 DETAIL_CHARS = 160  # expected/actual descriptions longer than this are cut in reports
 
-# What a user can do about each fallback kind (runner.py's kinds); the event's hint follows.
+# What a user can do about each fallback kind (divergence.py's kinds); the event's hint follows.
 SUGGESTIONS = {
     "new-op": "the iteration ran ops the traced ones did not; if this happens every iteration "
               "(a loop whose trip count changes, work done only sometimes), expect one fallback "

@@ -91,7 +91,7 @@ class Session:
 
             macros = None
             if not self.self_check:
-                from terra_nb.engine.macros import MacroTable
+                from terra_nb.engine.replay.table import MacroTable
 
                 macros = MacroTable()
             graph = TraceGraph()
@@ -202,7 +202,7 @@ class _Iteration:
                 self._handling = intercept.handling(self.run)
                 self._handling.__enter__()
                 if session.macro_table is not None:
-                    from terra_nb.engine.macros import replaying
+                    from terra_nb.engine.replay.entrypoints import replaying
 
                     self._replaying = replaying(session.macro_table, self.run)
                     self._replaying.__enter__()

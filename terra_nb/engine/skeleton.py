@@ -21,9 +21,10 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
-from terra_nb.engine import graphgen, hostvalues, intercept, macros
+from terra_nb.engine import graphgen, hostvalues, intercept
 from terra_nb.engine.divergence import explain_divergence
 from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer, static_shape
+from terra_nb.engine.replay.entrypoints import is_replaying
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, TraceGraph
 from terra_nb.engine.usercode import user_location
 from terra_nb.engine.worker import GraphRunner
@@ -495,7 +496,7 @@ class PythonRunner:
         self.flush()
         self.runner.drain()
         self.mode = RECORD
-        if macros.is_replaying():
+        if is_replaying():
             self.retraced = "library calls are replayed from compiled functions now"
             self.events.emit(ev.Note(self.index, "library-replay",
                                      f"{self.retraced}; this iteration traced the new path"))

@@ -33,7 +33,7 @@ import types
 from terra_nb.engine.report import Comparison, Timing
 
 MAX_ITERATIONS = 20
-RTOL = 1e-3  # DESIGN.md's bar: tf.function stays within rtol 1e-3 of eager
+RTOL = 1e-3  # the run-drift bar (docs/architecture.md): tf.function's own vs eager
 ATOL = 1e-5
 
 

@@ -1,7 +1,7 @@
 """The `%%terra` cell magic: run a training-loop cell under a terra_nb Session.
 
 The magic only rewrites and runs the cell and reads the Session's events; it knows nothing of
-TensorFlow. Choices DESIGN.md leaves open are written down in docs/magic.md.
+TensorFlow. Its design choices are written down in docs/magic.md.
 """
 
 from __future__ import annotations

@@ -255,8 +255,9 @@ class Panel:
             + "".join(f"<td>{row[k] / counts[mode] * 1e3:.2f}</td>" if k in row else "<td></td>"
                       for k in keys) + "</tr>"
             for mode, row in sums.items())
-        return ("<details open><summary>time per iteration, mean by mode (fallback iterations' "
-                "skeleton includes their eager rest)</summary><table class='terra-breakdown'>"
+        return ("<details open><summary>time per iteration, mean by mode (a fallback "
+                "iteration's eager rest is its own column)</summary>"
+                "<table class='terra-breakdown'>"
                 f"<thead><tr><th>mode</th>{head}</tr></thead><tbody>{rows}</tbody></table>"
                 "</details>")
 

@@ -11,7 +11,7 @@ _BOUND, _GIVEN, _MADE, _EARLIER = range(4)  # where a replayed op's input comes 
 
 
 class ReplayPlan:
-    """How to defer a recorded span again (PythonRunner.replay), worked out once.
+    """How to defer a recorded span again (`defer`), worked out once.
 
     Per node: where each input comes from (a bound slot, a captured resource or constant, an
     earlier op of the span, or a value of the iteration before the span), whether its outputs

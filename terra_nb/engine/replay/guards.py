@@ -1,0 +1,208 @@
+"""Guard keys of replayed library calls: everything a call's Python reads that may change
+what it computes — the object, the dtypes and shapes of tensor arguments, the values of
+Python arguments, the `trainable` flags and variable counts of its layers, its dtype policy
+and the call arguments it inherits from Keras' call context. A call with a new key is
+observed again; the table keeps what it learnt per key."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.backend.common import global_state
+
+from terra_nb.engine import intercept
+from terra_nb.engine.usercode import is_library_function, is_user_class
+
+PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
+
+VARIABLE_TYPES = (tf.Variable, keras.Variable)
+ARRAYS = (np.ndarray, np.generic)  # numpy arguments, guarded by dtype and shape
+NUMERIC_KINDS = frozenset("biufc")
+_LEAVES = (intercept.EagerTensorBase, *PYTHON_VALUES)  # tf.nest keeps these whole
+_NEST_LEAVES = (*_LEAVES, *VARIABLE_TYPES, np.ndarray)  # ... and these
+
+
+PRIVATE_KERAS_SYMBOLS = (
+    ("keras.layers.Layer", "_flatten_layers"),
+    ("keras.src.backend.common.global_state", "get_global_attribute"),
+)
+"""Keras internals the guard reads (checked by a test, like TensorFlow's in the choke point)."""
+
+
+def flatten(args: tuple, kwargs: dict) -> list:
+    """Leaves of the call's arguments; composite tensors (an IndexedSlices gradient) as their
+    component tensors, so the traced call rebuilds them and keeps sparse updates sparse.
+    Arguments that are all eager tensors or Python values (most calls) are their own leaves,
+    in tf.nest's order (keyword arguments by name), without its walk."""
+    values = [*args, *(kwargs[name] for name in sorted(kwargs))]
+    if all(isinstance(value, _LEAVES) for value in values):
+        return values
+    flat: list = []
+    if _flatten_into(values, flat):  # lists of (gradient, variable) pairs, without tf.nest's
+        return flat                  # type spec of each IndexedSlices
+    return tf.nest.flatten((args, kwargs), expand_composites=True)
+
+
+def _flatten_into(values, flat: list) -> bool:
+    """Append the leaves of `values` in tf.nest's order; False (flat then unusable) on any
+    structure other than plain lists, tuples and dicts of leaves and IndexedSlices."""
+    for value in values:
+        if isinstance(value, _NEST_LEAVES):
+            flat.append(value)
+        elif type(value) is list or type(value) is tuple:
+            if not _flatten_into(value, flat):
+                return False
+        elif type(value) is dict:
+            if not _flatten_into([value[key] for key in sorted(value)], flat):
+                return False
+        elif type(value) is tf.IndexedSlices:
+            flat.append(value.values)
+            flat.append(value.indices)
+            if value.dense_shape is not None:
+                flat.append(value.dense_shape)
+        else:
+            return False
+    return True
+
+
+def is_tensor_like(value) -> bool:
+    if isinstance(value, VARIABLE_TYPES):
+        return False
+    return tf.is_tensor(value) or isinstance(value, np.ndarray)
+
+
+def dtype_of(value):
+    return value.dtype if tf.is_tensor(value) else tf.dtypes.as_dtype(value.dtype)
+
+
+def guard_key(obj, args, kwargs, flat: list):
+    """The guard of a library call (`flat`: its flattened arguments), or None when a part of
+    it cannot be guarded."""
+    parts = [id(obj), _object_state(obj)]
+    if parts[1] is None:
+        return None
+    for value in flat:
+        if is_tensor_like(value):
+            parts.append((dtype_of(value).name, tuple(np.shape(value))))
+        elif isinstance(value, VARIABLE_TYPES):
+            parts.append(("variable", id(value)))
+        elif isinstance(value, PYTHON_VALUES):
+            parts.append((type(value).__name__, value))
+        else:
+            return None
+    parts.append((len(args), tuple(sorted(kwargs)), intercept.a_tape_is_recording()))
+    return tuple(parts)
+
+
+def _object_state(obj):
+    """The Python state the call reads, or None if the object's code is the user's."""
+    if isinstance(obj, keras.layers.Layer):
+        if is_user_class(type(obj)):
+            return None  # decided before walking a user layer's sub-layers, at every call
+        layers = list(obj._flatten_layers(include_self=True))
+        if any(is_user_class(type(layer)) for layer in layers):
+            return None
+        inherited = _inherited_call_arguments(obj)
+        if not all(isinstance(value, PYTHON_VALUES) for _, value in inherited):
+            return None
+        return (tuple(layer.trainable for layer in layers), len(obj.variables),
+                str(obj.dtype_policy.name), inherited)
+    if isinstance(obj, keras.optimizers.Optimizer):
+        rate = getattr(obj, "_learning_rate", None)
+        if callable(rate) and not isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            return None
+        return (len(obj.variables), not is_user_class(type(obj)) or None)
+    if isinstance(obj, keras.losses.Loss):
+        function = getattr(obj, "fn", None)
+        if function is not None and not is_library_function(function):
+            return None
+        return (not is_user_class(type(obj)) or None, getattr(obj, "reduction", None))
+    return None
+
+
+def _inherited_call_arguments(layer) -> tuple:
+    """The call arguments (`training`) a layer called inside another layer's call inherits
+    from Keras' call context when not passed: they change what it computes, unseen in its
+    own arguments (a block run with training=True, then False, from one line)."""
+    context = global_state.get_global_attribute("current_call_ctx")
+    if context is None:
+        return ()
+    names = sorted(getattr(layer, "_call_context_args", ("training",)))
+    return tuple((name, context.get_value(name)) for name in names)
+
+
+# ---------------------------------------------------------------- patching Keras entry points
+
+
+def gradient_key(runner, target, sources, unconnected, call_site):
+    """The guard of a gradient computation, or None when a tensor is not one of this
+    iteration's deferred values or a variable."""
+    parts = []
+    for value in list(target) + list(sources):
+        if isinstance(value, intercept.LazyTensor) and value._source is runner:
+            parts.append((value.node.uid, value.index))
+        elif tf.is_tensor(value) and value.dtype == tf.resource:
+            parts.append(("variable", id(value)))
+        else:
+            return None
+    return (call_site, runner.cursor.uid, len(target), tuple(parts), str(unconnected))
+
+
+def slice_key(obj, spec):
+    """The guard of a slice: what is sliced, and the spec when it holds only Python ints,
+    slices of ints, None (newaxis) and Ellipsis (None when it holds a tensor or a list)."""
+    if not intercept.is_eager_value(obj):
+        return None
+    head = (obj._datatype_enum(), obj._shape_tuple())
+    parts = []
+    for item in spec if isinstance(spec, tuple) else (spec,):
+        if isinstance(item, slice):
+            bounds = (item.start, item.stop, item.step)
+            if not all(bound is None or type(bound) is int for bound in bounds):
+                return None
+            parts.append(bounds)
+        elif item is None or item is Ellipsis or type(item) in (int, bool):
+            parts.append((type(item).__name__, item))
+        else:
+            return None
+    return (head, isinstance(spec, tuple), tuple(parts), intercept.a_tape_is_recording())
+
+
+def api_key(value, flat: list):
+    """The guard of a TensorFlow API call's arguments: tensors and numeric numpy values by dtype
+    and shape (appended to `flat`), Python values and dtypes by value, variables by identity,
+    with their nesting; None when an argument is anything else (a callable)."""
+    if intercept.is_eager_value(value):
+        flat.append(value)
+        return (value._datatype_enum(), value._shape_tuple())
+    if isinstance(value, ARRAYS):  # before Python values: numpy's float64 is a float
+        if value.dtype.kind not in NUMERIC_KINDS:
+            return None
+        flat.append(value)
+        return ("numpy", value.dtype.str, value.shape)
+    if isinstance(value, PYTHON_VALUES):
+        return (type(value).__name__, value)
+    if isinstance(value, (list, tuple)):
+        parts = []
+        for item in value:
+            part = api_key(item, flat)
+            if part is None:
+                return None
+            parts.append(part)
+        return (type(value).__name__, tuple(parts))
+    if isinstance(value, dict):
+        items = []
+        for name, item in value.items():
+            part = api_key(item, flat)
+            if part is None or not isinstance(name, str):
+                return None
+            items.append((name, part))
+        return ("dict", tuple(items))
+    if isinstance(value, tf.dtypes.DType):
+        return ("dtype", value.name)
+    if isinstance(value, VARIABLE_TYPES):
+        return ("variable", id(value))
+    return None
+
+
