@@ -45,7 +45,7 @@ from benchmarks.__main__ import RESULTS, machine_info  # noqa: E402
 from benchmarks.programs import sdpoint  # noqa: E402
 from benchmarks.programs._common import Program, batches, seed_all, variables_of  # noqa: E402
 from terra_nb.engine import events as ev  # noqa: E402
-from terra_nb.engine import graphgen, intercept  # noqa: E402
+from terra_nb.engine import graphgen, internals  # noqa: E402
 from terra_nb.engine.policy import SchedulingPolicy  # noqa: E402
 from terra_nb.engine.session import Session  # noqa: E402
 from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE  # noqa: E402
@@ -183,7 +183,7 @@ def drive(program: Program, paths: int, min_steady: int, max_iterations: int) ->
 
 def _resolved(value):
     """A feed as the graph got it (a value computed by an earlier segment is now known)."""
-    return value.value() if isinstance(value, intercept.LazyTensor) else value
+    return value.value() if isinstance(value, internals.LazyTensor) else value
 
 
 # ---------------------------------------------------------------- the graphs
@@ -205,7 +205,7 @@ class Built:
 
     def call(self, branch: int):
         function = self.functions[branch if self.name == PER_PATH else 0]
-        return intercept.call_concrete(function, self.arguments[branch])
+        return internals.call_concrete(function, self.arguments[branch])
 
 
 def _output_key(output) -> tuple:
@@ -319,7 +319,7 @@ def build_switch(branches: list[Submission], lowered: bool) -> Built:
                 for key in union_outputs]
 
     specs = [tf.TensorSpec((), tf.int32), *union_feeds.values()]
-    with intercept.suspended():
+    with internals.suspended():
         function = tf.function(switch, autograph=False).get_concrete_function(*specs)
     seconds = time.perf_counter() - start
 
@@ -404,12 +404,12 @@ class VariableState:
         self.saved = self.read()
 
     def read(self) -> list:
-        with intercept.suspended():
+        with internals.suspended():
             return [tf.raw_ops.ReadVariableOp(resource=handle, dtype=dtype).numpy()
                     for handle, dtype in zip(self.handles, self.dtypes)]
 
     def restore(self) -> None:
-        with intercept.suspended():
+        with internals.suspended():
             for handle, value in zip(self.handles, self.saved):
                 tf.raw_ops.AssignVariableOp(resource=handle, value=value)
 

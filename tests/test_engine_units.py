@@ -13,7 +13,7 @@ from harness import modes
 
 import terra_nb
 from terra_nb.engine import events as ev
-from terra_nb.engine import intercept
+from terra_nb.engine import internals
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.session import Session
 from terra_nb.engine.usercode import is_user_file
@@ -30,7 +30,7 @@ def _co_executed(session, step, steps: int) -> list[float]:
 
 
 def test_every_private_tensorflow_symbol_is_where_we_expect_it():
-    assert intercept.check_private_symbols() == []
+    assert internals.check_private_symbols() == []
 
 
 class _Recorder:
@@ -39,7 +39,7 @@ class _Recorder:
 
     def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
         self.seen.append(op_type)
-        return intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        return internals.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
 
 
 def test_interception_sees_ops_before_they_run_and_is_removed_afterwards():
@@ -48,12 +48,12 @@ def test_interception_sees_ops_before_they_run_and_is_removed_afterwards():
 
     recorder = _Recorder()
     a = tf.constant([[1.0, 2.0]])
-    with intercept.handling(recorder):
+    with internals.handling(recorder):
         result = tf.nn.relu(tf.matmul(a, a, transpose_b=True) - 1.0)
     assert recorder.seen == ["MatMul", "Sub", "Relu"]
     assert result.numpy().item() == 4.0
-    assert execute.execute is intercept._execute
-    assert pywrap_tfe.TFE_Py_FastPathExecute is intercept._real_fast_path
+    assert execute.execute is internals.ops._execute
+    assert pywrap_tfe.TFE_Py_FastPathExecute is internals.ops._real_fast_path
     tf.matmul(a, a, transpose_b=True)
     assert recorder.seen == ["MatMul", "Sub", "Relu"]
 
@@ -63,7 +63,7 @@ def test_interception_is_per_thread():
 
     recorder = _Recorder()
     seen_elsewhere = []
-    with intercept.handling(recorder):
+    with internals.handling(recorder):
         thread = threading.Thread(target=lambda: seen_elsewhere.append(float(tf.add(1.0, 2.0))))
         thread.start()
         thread.join()
@@ -82,7 +82,7 @@ def test_deferred_ops_return_lazy_tensors_that_behave_like_eager_ones():
     for _ in range(2):
         with session.iteration():
             y = tf.matmul(x, x, transpose_b=True) * 2.0
-            observed["lazy"] = isinstance(y, intercept.LazyTensor)
+            observed["lazy"] = isinstance(y, internals.LazyTensor)
             observed["meta"] = (tf.is_tensor(y), tuple(y.shape), y.dtype, len(y))
             observed["value"] = y.numpy()
     assert observed["lazy"]
@@ -97,7 +97,7 @@ def test_lazy_tensors_stay_usable_after_the_iteration():
     for _ in range(2):
         with session.iteration():
             total = tf.reduce_sum(x * x)
-    assert isinstance(total, intercept.LazyTensor)
+    assert isinstance(total, internals.LazyTensor)
     assert float(total * 2.0) == 28.0
     assert repr(total) == "<tf.Tensor: shape=(), dtype=float32, numpy=14.0>"
 
@@ -266,7 +266,7 @@ def test_user_files_and_library_files_are_told_apart():
     assert is_user_file(__file__)
     assert is_user_file("<terra-cell-abc>") or not is_user_file("<frozen os>")
     assert not is_user_file(tf.__file__)
-    assert not is_user_file(intercept.__file__)
+    assert not is_user_file(internals.ops.__file__)
 
 
 def test_every_way_python_reads_a_value_is_a_fetch():
@@ -349,7 +349,7 @@ def test_a_traced_call_records_its_tape_entry_as_tensorflow_does(monkeypatch):
 
     concrete = tf.function(body, autograph=False).get_concrete_function(
         tf.TensorSpec((3, 2)), tf.TensorSpec((2,), tf.int32))
-    traced = intercept.TracedCall(concrete)
+    traced = internals.TracedCall(concrete)
     x = tf.constant([[0.1, 0.2], [-0.3, 0.4], [0.5, -0.6]])
     ids = tf.constant([2, 0])
     targets = {
@@ -361,8 +361,8 @@ def test_a_traced_call_records_its_tape_entry_as_tensorflow_does(monkeypatch):
         "sparse output gradient": lambda outputs: tf.reduce_sum(tf.gather(outputs[0], ids)),
     }
     planned_calls = []
-    real_call = intercept._TapePlan.call
-    monkeypatch.setattr(intercept._TapePlan, "call",
+    real_call = internals.functions._TapePlan.call
+    monkeypatch.setattr(internals.functions._TapePlan, "call",
                         lambda plan, args: planned_calls.append(1) or real_call(plan, args))
 
     def gradients(call, target, persistent=False, watch_x=True):
@@ -397,15 +397,15 @@ def test_a_traced_call_records_its_tape_entry_as_tensorflow_does(monkeypatch):
         ops: list = []
 
         def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
-            self.ops.append((op_type, intercept.calling_function()))
-            return intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+            self.ops.append((op_type, internals.calling_function()))
+            return internals.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
 
     recorder, forward = Recorder(), traced._plan.forward
     through_tensorflow = []
     real_call_flat = type(forward).call_flat
     monkeypatch.setattr(type(forward), "call_flat", lambda function, *args: (
         through_tensorflow.append(function is forward) or real_call_flat(function, *args)))
-    with intercept.handling(recorder):  # as in an iteration: the call op goes to the handler
+    with internals.handling(recorder):  # as in an iteration: the call op goes to the handler
         got = gradients(lambda: traced([x, ids]), targets["every output"])
     calls = [function for op_type, function in recorder.ops if op_type == traced._plan.name]
     assert calls == [forward], recorder.ops
@@ -794,8 +794,8 @@ def test_tape_gradient_of_plain_sources_matches_tensorflows_method(monkeypatch):
     import keras
 
     fast = []
-    real = intercept.tape_gradient
-    monkeypatch.setattr(intercept, "tape_gradient", lambda *args: fast.append(1) or real(*args))
+    real = internals.tape_gradient
+    monkeypatch.setattr(internals, "tape_gradient", lambda *args: fast.append(1) or real(*args))
     embedding = keras.layers.Embedding(6, 3)
     embedding.build((None,))
     weights = tf.Variable(tf.ones([3, 2]) * 0.5)
@@ -1282,7 +1282,7 @@ def test_segments_run_with_lean_grappler_options_on_the_calling_thread_only():
     from tensorflow.python.eager import context
 
     before = context.context().function_call_options
-    with intercept.lean_graph_calls():
+    with internals.lean_graph_calls():
         config = tf.compat.v1.ConfigProto.FromString(
             context.context().function_call_options.config_proto_serialized)
     rewrites = config.graph_options.rewrite_options

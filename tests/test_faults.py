@@ -515,12 +515,12 @@ def _left_installed() -> list[str]:
     """What of an iteration is still installed on this thread (nothing, once it is over)."""
     import threading
 
-    from terra_nb.engine import intercept
+    from terra_nb.engine import internals
     from terra_nb.engine.replay import entrypoints
     from terra_nb.engine.skeleton import PythonRunner
 
     left = []
-    if isinstance(intercept._slot.handler, PythonRunner):
+    if isinstance(internals.ops.current_handler(), PythonRunner):
         left.append("an iteration's op handler")
     if threading.get_ident() in entrypoints._active:
         left.append("a replaying block")
@@ -790,7 +790,7 @@ def test_interrupt_while_an_iteration_sets_up_leaves_nothing_installed(function)
     points: afterwards nothing is patched or installed outside an iteration, and the next
     iterations replay library calls again (a half-patched set once outlived the interrupt)."""
 
-    from terra_nb.engine import intercept
+    from terra_nb.engine import internals
     from terra_nb.engine.replay import entrypoints
     from terra_nb.engine.skeleton import PythonRunner
 
@@ -816,7 +816,7 @@ def test_interrupt_while_an_iteration_sets_up_leaves_nothing_installed(function)
         now = (keras.layers.Layer.__call__, tf.reshape, tf.Tensor.__add__)
         left = [name for name, was, is_ in zip(("Layer.__call__", "tf.reshape", "Tensor.__add__"),
                                                 originals, now, strict=True) if was is not is_]
-        if isinstance(intercept._slot.handler, PythonRunner) \
+        if isinstance(internals.ops.current_handler(), PythonRunner) \
                 or threading.get_ident() in entrypoints._active:
             left.append("the iteration's op handler or replaying block")
         replayed = session.macro_table.replayed_calls

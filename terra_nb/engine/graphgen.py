@@ -16,7 +16,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from terra_nb.engine import intercept
+from terra_nb.engine import internals
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, Node
 
 # Stateful random ops get a new `seed2` attr from TF's op-seed counter at every eager call, so
@@ -163,7 +163,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
     position_of = {node.uid: position for position, node in enumerate(path)}
     specs = [_input_spec(path[position].inputs[slot]) for position, slot in feeds]
     attrs = [None if node.function is not None
-             else intercept.attr_protos(node.op_type, _graph_attrs(node)) for node in path]
+             else internals.attr_protos(node.op_type, _graph_attrs(node)) for node in path]
 
     def segment(*args):
         graph = tf.compat.v1.get_default_graph()
@@ -185,9 +185,9 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
             with graph.control_dependencies(waits):
                 if node.function is not None:
                     results = _fold_static_outputs(
-                        node.function, intercept.call_function_in_graph(node.function, inputs))
+                        node.function, internals.call_function_in_graph(node.function, inputs))
                 else:
-                    operation = intercept.create_graph_op(
+                    operation = internals.create_graph_op(
                         graph, node.op_type, inputs,
                         [tf.dtypes.as_dtype(dtype) for dtype in node.output_dtypes],
                         f"terra_n{node.uid}", attrs[position])
@@ -199,7 +199,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
                 values[(node.uid, index)] = tensor
         return [values[(node.uid, index)] for node, index in outputs]
 
-    with intercept.suspended():
+    with internals.suspended():
         function = tf.function(segment, autograph=False, jit_compile=xla or None)
         concrete = function.get_concrete_function(*specs)
     return CompiledSegment(concrete, path, feeds, folded, outputs,
@@ -280,7 +280,7 @@ def _changing_compile_time_constant(path: list[Node], feeds: list) -> str:
 def is_stateful(node: Node) -> bool:
     if node.function is not None:
         return True
-    definition = intercept.op_def(node.op_type)
+    definition = internals.op_def(node.op_type)
     return definition is not None and definition.is_stateful
 
 
@@ -292,9 +292,9 @@ def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple)
     no value matters. Otherwise each candidate is tried alone.
     """
     candidates = sorted(_small_integer_slots(inputs))
-    if not candidates or intercept.op_def(op_type) is None:
+    if not candidates or internals.op_def(op_type) is None:
         return ()
-    protos = intercept.attr_protos(op_type, attrs)
+    protos = internals.attr_protos(op_type, attrs)
     if _probed_shapes(op_type, protos, inputs, refs, set(candidates)) is not None:
         return ()
     return tuple(slot for slot in candidates
@@ -303,7 +303,7 @@ def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple)
 
 def output_shapes_for(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple | None:
     """The static output shapes the op has for these input values (None if not all known)."""
-    return _probed_shapes(op_type, intercept.attr_protos(op_type, attrs), inputs, refs, set())
+    return _probed_shapes(op_type, internals.attr_protos(op_type, attrs), inputs, refs, set())
 
 
 def _probed_shapes(op_type, protos, inputs, refs, unknown: set) -> tuple | None:
@@ -313,13 +313,13 @@ def _probed_shapes(op_type, protos, inputs, refs, unknown: set) -> tuple | None:
 
     constants = _small_integer_slots(inputs) - unknown
     graph = func_graph.FuncGraph("terra_nb_shape_probe")
-    with intercept.suspended(), graph.as_default():
+    with internals.suspended(), graph.as_default():
         tensors = []
         for slot, value in enumerate(inputs):
             if refs[slot][0] == RESOURCE:
                 tensors.append(graph.capture(value))
             elif slot in constants:
-                tensors.append(tf.constant(np.asarray(intercept.unwrap(value))))
+                tensors.append(tf.constant(np.asarray(internals.unwrap(value))))
             else:
                 tensors.append(tf.compat.v1.placeholder(value.dtype, value.shape))
         try:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from terra_nb.engine import intercept
+from terra_nb.engine import internals
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, SMALL_CONSTANT
 
 # Ops whose value follows from their inputs' static shapes: known without running the graph.
@@ -31,7 +31,7 @@ def is_host_value(op_type: str, outputs) -> bool:
     Knowing them in Python avoids a fetch (a graph cut) when library code turns one into a
     Python int, as `TensorShape(tf.shape(x)[0])` does.
     """
-    definition = intercept.op_def(op_type)
+    definition = internals.op_def(op_type)
     if definition is None or definition.is_stateful or not outputs:
         return False
     return all(output.dtype.is_integer and output._num_elements() <= SMALL_CONSTANT
@@ -42,23 +42,23 @@ def host_values(node, inputs: list, attrs, ctx) -> list:
     """The outputs of a host-value node computed in Python's thread; the last ones again when
     its inputs are the very same tensors (shape constants, library constants): it is
     stateless, and eager tensors are immutable."""
-    values = [intercept.unwrap(value) for value in inputs]
+    values = [internals.unwrap(value) for value in inputs]
     memo = node.host_memo
     if memo is not None and len(memo[0]) == len(values) and all(
             old is new for old, new in zip(memo[0], values, strict=True)):
         return memo[1]
-    outputs = intercept.run_eagerly(node.op_type, len(node.output_dtypes), values, attrs, ctx)
+    outputs = internals.run_eagerly(node.op_type, len(node.output_dtypes), values, attrs, ctx)
     node.host_memo = (values, outputs)
     return outputs
 
 
 def _known_value(value):
     """`value` as a numpy array if Python knows it now (computed, or mirrored), else None."""
-    if isinstance(value, intercept.LazyTensor):
+    if isinstance(value, internals.LazyTensor):
         if value._value is None:
             return value.mirror
         value = value._value
-    if isinstance(value, intercept.EagerTensor):
+    if isinstance(value, internals.EagerTensor):
         return value._numpy() if value.dtype.is_numpy_compatible else None
     return np.asarray(value)
 
@@ -73,7 +73,7 @@ def mirror(node, outputs, inputs, attrs, ctx) -> None:
     values = _numpy_mirror(node, known)
     if values is None:
         try:
-            values = intercept.run_eagerly(node.op_type, len(outputs),
+            values = internals.run_eagerly(node.op_type, len(outputs),
                                            [_as_tensor(value) for value in inputs], attrs, ctx)
         except Exception:  # the graph will raise it, at its place in the program
             return
@@ -84,11 +84,11 @@ def mirror(node, outputs, inputs, attrs, ctx) -> None:
 
 def _as_tensor(value):
     """A known input as an eager tensor (a mirrored one from its numpy value)."""
-    if not isinstance(value, intercept.LazyTensor):
+    if not isinstance(value, internals.LazyTensor):
         return value
     if value._value is not None:
         return value._value
-    return intercept.convert(value.mirror, value._dtype_enum)
+    return internals.convert(value.mirror, value._dtype_enum)
 
 
 _NUMPY_MIRRORS = {
@@ -146,7 +146,7 @@ def _mirrorable(node) -> bool:
     predictions' float dtype and back before a sparse cross-entropy)."""
     if node.function is not None or node.island or not node.output_dtypes:
         return False
-    definition = intercept.op_def(node.op_type)
+    definition = internals.op_def(node.op_type)
     return (definition is not None and not definition.is_stateful
             and all((dtype in _INDEX_ENUMS or node.op_type == "Cast")
                     and math.prod(shape) <= _MIRROR_LIMIT
@@ -170,7 +170,7 @@ def _index_bound(op_type: str, inputs, attrs) -> tuple[float, int | None]:
             return 0, None
         return 0, shape[axis]
     if op_type == "ResourceGather":
-        shape = intercept.variable_shape(inputs[0])
+        shape = internals.variable_shape(inputs[0])
         batch_dims = dict(zip(attrs[::2], attrs[1::2], strict=True)).get("batch_dims", 0)
         if shape is None or batch_dims >= len(shape):
             return 0, None
@@ -204,7 +204,7 @@ INDEX_CHECKED_OPS = frozenset({
 
 
 def available(value) -> bool:
-    return not isinstance(value, intercept.LazyTensor) or value._value is not None
+    return not isinstance(value, internals.LazyTensor) or value._value is not None
 
 
 

@@ -158,9 +158,9 @@ class Session:
         """
         self._finish_interrupted_exit()
         if self._runner is not None:
-            from terra_nb.engine import intercept
+            from terra_nb.engine import internals
 
-            intercept.remove_guard(drain_unless_owner=self._runner)
+            internals.remove_guard(drain_unless_owner=self._runner)
             self._runner.close()
 
 
@@ -181,14 +181,14 @@ class _Iteration:
         self._compile_seconds = self._wait_seconds = 0.0
         graph_runner = session.graph_runner
         if graph_runner is not None:
-            from terra_nb.engine import intercept
+            from terra_nb.engine import internals
 
-            intercept.remove_guard(drain_unless_owner=graph_runner)
+            internals.remove_guard(drain_unless_owner=graph_runner)
             if mode != DEFER:
                 graph_runner.drain()
         self._plain_mode = mode if mode not in (RECORD, DEFER) else None
         if self._plain_mode is None:
-            from terra_nb.engine import intercept
+            from terra_nb.engine import internals
             from terra_nb.engine.skeleton import PythonRunner
 
             graph, graph_runner = session._engine()
@@ -199,7 +199,7 @@ class _Iteration:
         try:
             session._entered = self
             if self.run is not None:
-                self._handling = intercept.handling(self.run)
+                self._handling = internals.handling(self.run)
                 self._handling.__enter__()
                 if session.macro_table is not None:
                     from terra_nb.engine.replay.entrypoints import replaying
@@ -232,9 +232,9 @@ class _Iteration:
             self._leave_blocks()
             runner = self.session.graph_runner
             if self.run is not None and runner.busy:
-                from terra_nb.engine import intercept
+                from terra_nb.engine import internals
 
-                intercept.install_guard(runner, runner.drain)
+                internals.install_guard(runner, runner.drain)
         seconds = time.perf_counter() - self.start
         if error is not None:
             session.events.emit(ev.IterationFailed(self.index, error_type.__name__, str(error),

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
-from terra_nb.engine import graphgen, hostvalues, intercept
+from terra_nb.engine import graphgen, hostvalues, internals
 from terra_nb.engine.divergence import explain_divergence
 from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer, static_shape
 from terra_nb.engine.replay.entrypoints import is_replaying
@@ -165,12 +165,12 @@ class PythonRunner:
             self._diverge(op_type, key, location, refs)
             entered = time.perf_counter()  # its wait for the graph is a fetch wait, not recording
         ran = time.perf_counter()
-        outputs = intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        outputs = internals.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
         recorded = time.perf_counter()
         child = self.cursor.children.get(key)
         if child is None:
-            function = None if intercept.op_def(op_type) else intercept.calling_function()
-            island = op_type in _ISLAND_OPS or (function is None and not intercept.op_def(op_type))
+            function = None if internals.op_def(op_type) else internals.calling_function()
+            island = op_type in _ISLAND_OPS or (function is None and not internals.op_def(op_type))
             child = self.graph.add_child(self.cursor, key, op_type, attrs, location, refs,
                                          outputs, island, ctx.scope_name)
             child.function = function
@@ -179,7 +179,7 @@ class PythonRunner:
             if op_type in hostvalues.INDEX_CHECKED_OPS:
                 hostvalues.mirror_index_sources(child)
         child.visits += 1
-        child.observe_externals([intercept.unwrap(value) for value in inputs])
+        child.observe_externals([internals.unwrap(value) for value in inputs])
         self._share_varying(child)
         self._register(child, outputs)
         self.cursor = child
@@ -205,7 +205,7 @@ class PythonRunner:
         found once per op signature, and the shapes once per distinct value, by shape
         inference (graphgen); when inference cannot tell, the values themselves are the key.
         """
-        if intercept.op_def(op_type) is None or not any(is_integer(ref) for ref in refs):
+        if internals.op_def(op_type) is None or not any(is_integer(ref) for ref in refs):
             return ()  # a traced function's output shapes are its signature's
         signature = _shape_signature(op_type, attrs_key, refs)
         slots = _SHAPE_VALUE_SLOTS.get(signature)
@@ -226,7 +226,7 @@ class PythonRunner:
         return shapes
 
     def _ref(self, value):
-        if isinstance(value, intercept.LazyTensor):
+        if isinstance(value, internals.LazyTensor):
             if value._source is self:
                 return (FROM_NODE, value.node, value.index)
             return (EXTERNAL, value._datatype_enum(), value._shape_tuple())
@@ -246,7 +246,7 @@ class PythonRunner:
             self.produced[id(output)] = (output, node, index)
 
     def _run_now(self, node, op_type, num_outputs, inputs, attrs, ctx, name):
-        outputs = intercept.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        outputs = internals.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
         node.visits += 1
         self._register(node, outputs)
         self.cursor = node
@@ -290,9 +290,9 @@ class PythonRunner:
             hostvalues.mirror(node, outputs, inputs, attrs, ctx)
         return outputs
 
-    def lazy(self, node, index: int) -> intercept.LazyTensor:
+    def lazy(self, node, index: int) -> internals.LazyTensor:
         """Output `index` of a deferred node, as this iteration's LazyTensor."""
-        return intercept.LazyTensor(self, node, index, node.output_dtypes[index],
+        return internals.LazyTensor(self, node, index, node.output_dtypes[index],
                                     node.output_shapes[index])
 
     def _know_shape_values(self, node, refs, outputs) -> None:
@@ -311,7 +311,7 @@ class PythonRunner:
                                dtype=tf.dtypes.as_dtype(node.output_dtypes[0]).as_numpy_dtype)]
         else:
             values = [np.array(len(shapes[0]), dtype=np.int32)]
-        with intercept.suspended():
+        with internals.suspended():
             values = [tf.constant(value) for value in values]
         node.host_memo = ((), values)
         for lazy, value in zip(outputs, values, strict=False):
@@ -319,7 +319,7 @@ class PythonRunner:
 
     # ------------------------------------------------------------ fetch channel
 
-    def materialize(self, lazy) -> intercept.EagerTensor:
+    def materialize(self, lazy) -> internals.EagerTensor:
         start = time.perf_counter()
         if lazy._job is None and (self.finished or lazy.node.uid not in self.segment_uids):
             raise RuntimeError("terra_nb: a deferred value was lost before it was computed")

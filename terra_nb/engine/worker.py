@@ -15,7 +15,7 @@ import time
 import weakref
 
 from terra_nb.engine import events as ev
-from terra_nb.engine import graphgen, intercept
+from terra_nb.engine import graphgen, internals
 from terra_nb.engine.policy import SchedulingPolicy
 
 
@@ -51,13 +51,13 @@ class Job:
                 return  # eagerly, the failing op raised before any of these ops ran
             args = [_ready_value(value) for value in self.args]
             try:
-                values = intercept.call_concrete(self.compiled.function, args)
+                values = internals.call_concrete(self.compiled.function, args)
             except Exception as error:
                 if not (self.compiled.xla and _xla_could_not_compile(error)):
                     raise
                 self.compiled = self.runner.without_xla(self.key, self.compiled, error,
                                                         self.iteration)
-                values = intercept.call_concrete(self.compiled.function, args)
+                values = internals.call_concrete(self.compiled.function, args)
             for lazy, value in zip(self.lazies, values, strict=True):
                 lazy.set_value(value)
             if not self.compiled.first_run_seconds:
@@ -80,7 +80,7 @@ class Job:
         if self.after is not None and self.after.failed:
             return self.after
         for value in self.args:
-            if isinstance(value, intercept.LazyTensor) and value._value is None \
+            if isinstance(value, internals.LazyTensor) and value._value is None \
                     and value._job is not None and value._job.failed:
                 return value._job
         return None
@@ -185,7 +185,7 @@ def _execute_all(jobs: list) -> None:
 
 
 def _ready_value(value):
-    if isinstance(value, intercept.LazyTensor):
+    if isinstance(value, internals.LazyTensor):
         if value._value is None:
             raise RuntimeError("terra_nb: an input of this graph segment was never computed "
                                "(an earlier segment failed)")

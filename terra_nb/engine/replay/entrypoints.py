@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
-from terra_nb.engine import intercept
+from terra_nb.engine import internals
 from terra_nb.engine.replay.guards import (
     VARIABLE_TYPES,
     api_key,
@@ -67,7 +67,7 @@ def _gradient_entry(original):
 
         table, runner = replay_state.table, replay_state.runner
         if (table is None or replay_state.observing or output_gradients is not None
-                or intercept.a_tape_is_recording()):
+                or internals.a_tape_is_recording()):
             return compute()
         call_site = user_location(runner.stop_frame, depth=2)
         return table.gradient(runner, compute, target, sources, unconnected_gradients,
@@ -82,7 +82,7 @@ def _tape_gradient_entry(original):
     walks the targets and sources with tf.nest, unwraps each variable, checks each dtype (for
     a debug log) and packs the result: for dropblock's ~30 variables ~12% of the skeleton.
     A first-order call on flat tensors and variables takes those steps directly
-    (`intercept.tape_gradient`); any other call is TensorFlow's."""
+    (`internals.tape_gradient`); any other call is TensorFlow's."""
 
     def gradient(tape, target, sources, output_gradients=None,
                  unconnected_gradients=tf.UnconnectedGradients.NONE):
@@ -92,7 +92,7 @@ def _tape_gradient_entry(original):
                 or output_gradients is not None or tape._tape is None
                 or (tape._recording and tape._persistent) or _TF_LOGGER.isEnabledFor(1)):
             return original(tape, target, sources, output_gradients, unconnected_gradients)
-        gradients = intercept.tape_gradient(tape, targets, sources_flat, unconnected_gradients)
+        gradients = internals.tape_gradient(tape, targets, sources_flat, unconnected_gradients)
         if isinstance(sources, (list, tuple)):
             return type(sources)(gradients)
         return gradients[0]
@@ -109,7 +109,7 @@ def _plain_tensors(value) -> list | None:
     them (not packed tensors); None for anything else."""
     values = value if type(value) is list or type(value) is tuple else [value]
     for item in values:
-        if isinstance(item, intercept.EagerTensorBase):
+        if isinstance(item, internals.EagerTensorBase):
             if item.is_packed:
                 return None
         elif not isinstance(item, VARIABLE_TYPES):
@@ -191,7 +191,7 @@ def _api_entry(name: str):
             runner = replay_state.runner
             call_site = user_location(runner.stop_frame, depth=2)
             return table.call_as_span(runner, ApiFunction.call, api, args, kwargs, flat,
-                                      (name, key, intercept.a_tape_is_recording()), call_site)
+                                      (name, key, internals.a_tape_is_recording()), call_site)
 
         return api_call
 
@@ -224,7 +224,7 @@ def _compiled_work_entry(original):
                 "as it is and has nothing to speed up there"))
         replay_state.observing += 1
         try:
-            with intercept.suspended():
+            with internals.suspended():
                 return original(obj, *args, **kwargs)
         finally:
             replay_state.observing -= 1
@@ -248,7 +248,7 @@ def _entry_points():
         (keras.Model, "fit", _compiled_work_entry),
         (keras.Model, "evaluate", _compiled_work_entry),
         (keras.Model, "predict", _compiled_work_entry),
-        (intercept.gradient_module, "imperative_grad", _gradient_entry),
+        (internals.gradient_module, "imperative_grad", _gradient_entry),
         (tf.GradientTape, "gradient", _tape_gradient_entry),
         (tf.Tensor, "__getitem__", _slice_entry),
     ] + [(_namespace(path), name, _api_entry(f"tf.{path + '.' if path else ''}{name}"))

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.backend.common import global_state
 
-from terra_nb.engine import intercept
+from terra_nb.engine import internals
 from terra_nb.engine.usercode import is_library_function, is_user_class
 
 PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
@@ -19,7 +19,7 @@ PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
 VARIABLE_TYPES = (tf.Variable, keras.Variable)
 ARRAYS = (np.ndarray, np.generic)  # numpy arguments, guarded by dtype and shape
 NUMERIC_KINDS = frozenset("biufc")
-_LEAVES = (intercept.EagerTensorBase, *PYTHON_VALUES)  # tf.nest keeps these whole
+_LEAVES = (internals.EagerTensorBase, *PYTHON_VALUES)  # tf.nest keeps these whole
 _NEST_LEAVES = (*_LEAVES, *VARIABLE_TYPES, np.ndarray)  # ... and these
 
 
@@ -91,7 +91,7 @@ def guard_key(obj, args, kwargs, flat: list):
             parts.append((type(value).__name__, value))
         else:
             return None
-    parts.append((len(args), tuple(sorted(kwargs)), intercept.a_tape_is_recording()))
+    parts.append((len(args), tuple(sorted(kwargs)), internals.a_tape_is_recording()))
     return tuple(parts)
 
 
@@ -140,7 +140,7 @@ def gradient_key(runner, target, sources, unconnected, call_site):
     iteration's deferred values or a variable."""
     parts = []
     for value in list(target) + list(sources):
-        if isinstance(value, intercept.LazyTensor) and value._source is runner:
+        if isinstance(value, internals.LazyTensor) and value._source is runner:
             parts.append((value.node.uid, value.index))
         elif tf.is_tensor(value) and value.dtype == tf.resource:
             parts.append(("variable", id(value)))
@@ -152,7 +152,7 @@ def gradient_key(runner, target, sources, unconnected, call_site):
 def slice_key(obj, spec):
     """The guard of a slice: what is sliced, and the spec when it holds only Python ints,
     slices of ints, None (newaxis) and Ellipsis (None when it holds a tensor or a list)."""
-    if not intercept.is_eager_value(obj):
+    if not internals.is_eager_value(obj):
         return None
     head = (obj._datatype_enum(), obj._shape_tuple())
     parts = []
@@ -166,14 +166,14 @@ def slice_key(obj, spec):
             parts.append((type(item).__name__, item))
         else:
             return None
-    return (head, isinstance(spec, tuple), tuple(parts), intercept.a_tape_is_recording())
+    return (head, isinstance(spec, tuple), tuple(parts), internals.a_tape_is_recording())
 
 
 def api_key(value, flat: list):
     """The guard of a TensorFlow API call's arguments: tensors and numeric numpy values by dtype
     and shape (appended to `flat`), Python values and dtypes by value, variables by identity,
     with their nesting; None when an argument is anything else (a callable)."""
-    if intercept.is_eager_value(value):
+    if internals.is_eager_value(value):
         flat.append(value)
         return (value._datatype_enum(), value._shape_tuple())
     if isinstance(value, ARRAYS):  # before Python values: numpy's float64 is a float

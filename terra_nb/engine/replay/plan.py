@@ -4,7 +4,7 @@ span into the skeleton's pending segment for one call."""
 
 from __future__ import annotations
 
-from terra_nb.engine import graphgen, intercept
+from terra_nb.engine import graphgen, internals
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
 
 _BOUND, _GIVEN, _MADE, _EARLIER = range(4)  # where a replayed op's input comes from
@@ -61,7 +61,7 @@ class ReplayPlan:
         if any(key[0] not in segment and skeleton.current(key) is None for key in self.outside):
             return None  # a value fed from an earlier segment is gone
         made: dict = {}
-        context = intercept.eager_context()
+        context = internals.eager_context()
         submit = False
         for node, sources, keep, needs_values in self.steps:
             inputs = []
@@ -80,7 +80,7 @@ class ReplayPlan:
                                       keep or record)
             if outputs:
                 if record:
-                    intercept.record_gradient(node.op_type, inputs, node.attrs, outputs,
+                    internals.record_gradient(node.op_type, inputs, node.attrs, outputs,
                                               node.scope)
                 for index, output in enumerate(outputs):
                     made[(node.uid, index)] = output

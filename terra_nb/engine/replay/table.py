@@ -32,7 +32,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from terra_nb.engine import intercept
+from terra_nb.engine import internals
 from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
 from terra_nb.engine.replay.guards import (
     ARRAYS,
@@ -205,14 +205,14 @@ class MacroTable:
         start, flushes, deferred = runner.cursor, runner.flushes, runner.is_deferring
         diverged_at = runner.diverged_at
         arguments = {position: runner.reference_of(value) for position, value in enumerate(flat)
-                     if intercept.is_eager_value(value)}
-        first_new = intercept.next_tensor_id()
+                     if internals.is_eager_value(value)}
+        first_new = internals.next_tensor_id()
         read: list = []
         arrays = [value for value in flat if isinstance(value, ARRAYS)]
         replay_state.observing += 1
         try:
-            with intercept.collecting_variable_reads(read), \
-                    intercept.collecting_conversions(arrays) as converted:
+            with internals.collecting_variable_reads(read), \
+                    internals.collecting_conversions(arrays) as converted:
                 result = original(obj, *args, **kwargs)
         finally:
             replay_state.observing -= 1
@@ -257,7 +257,7 @@ class MacroTable:
             return
         if stable:
             entry.span_replays[start.uid] = replay
-            if intercept.is_eager_value(obj):
+            if internals.is_eager_value(obj):
                 what = "slicing"
             elif isinstance(obj, ApiFunction):
                 what = obj.name
@@ -289,7 +289,7 @@ class MacroTable:
         if entry.banned or not runner.is_deferring:
             return compute()
         start, flushes, diverged_at = runner.cursor, runner.flushes, runner.diverged_at
-        first_new = intercept.next_tensor_id()
+        first_new = internals.next_tensor_id()
         replay_state.observing += 1
         try:
             result = compute()
@@ -362,7 +362,7 @@ def _describe(value, runner):
         shape = None if value.dense_shape is None else _describe(value.dense_shape, runner)
         return ("slices", _describe(value.values, runner), _describe(value.indices, runner),
                 shape)
-    if isinstance(value, intercept.LazyTensor) and value._source is runner:
+    if isinstance(value, internals.LazyTensor) and value._source is runner:
         return ("tensor", value.node.uid, value.index)
     raise _Unreplayable(f"a gradient ({type(value).__name__}) is not a TraceGraph value")
 
@@ -475,7 +475,7 @@ def _describe_call(runner, start, flat, arguments: dict, converted: dict, result
     leaves = tf.nest.flatten(result)
     results = []
     for leaf in leaves:
-        if isinstance(leaf, intercept.LazyTensor) and leaf._source is runner \
+        if isinstance(leaf, internals.LazyTensor) and leaf._source is runner \
                 and leaf.node.uid in members:
             results.append(("tensor", leaf.node.uid, leaf.index))
         elif id(leaf) in by_identity and flat[by_identity[id(leaf)]] is leaf:
@@ -509,17 +509,17 @@ def _replay_span(replay: _SpanReplay, runner, flat: list):
     """Defer the call's recorded ops again, its arguments fed in (see MacroTable.call)."""
     for position, reference in replay.arguments:
         value = flat[position]
-        if not intercept.is_eager_value(value) or runner.reference_of(value) != reference:
+        if not internals.is_eager_value(value) or runner.reference_of(value) != reference:
             return _NOT_HERE
     values = flat
     if replay.conversions:
         values = list(flat)
         for position, dtype in replay.conversions:
-            values[position] = intercept.convert(flat[position], dtype)
+            values[position] = internals.convert(flat[position], dtype)
     bound = {slot: values[position] for slot, position in replay.bound}
     for variable in replay.variables:
-        intercept.variable_read(variable)
-    value_of = replay.plan.defer(runner, bound, record=intercept.a_tape_is_recording())
+        internals.variable_read(variable)
+    value_of = replay.plan.defer(runner, bound, record=internals.a_tape_is_recording())
     if value_of is None:
         return _NOT_HERE
     leaves = []
@@ -549,11 +549,11 @@ def _build_macro(original, obj, args, kwargs):
 
     replay_state.observing += 1  # the library calls it makes while traced are its own
     try:
-        with intercept.suspended():
+        with internals.suspended():
             concrete = tf.function(body, autograph=False).get_concrete_function(*specs)
     finally:
         replay_state.observing -= 1
-    return intercept.TracedCall(concrete), tensor_positions
+    return internals.TracedCall(concrete), tensor_positions
 
 
 def _replay(entry, flat: list, runner, call_site):

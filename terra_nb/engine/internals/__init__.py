@@ -1,0 +1,131 @@
+"""The one choke point into TensorFlow internals.
+
+Every eager op of TF 2.21 / Keras 3 reaches `execute.execute` once the C++ fast path is made to
+decline (it raises `_FallbackException`, the generated wrapper then takes its `*_eager_fallback`
+route, which converts the inputs and calls `execute.execute`). While an `OpHandler` is active on a
+thread, both are patched and every op of that thread is handed to the handler *before* it runs:
+the handler may run it (tracing) or defer it and return `LazyTensor`s (skeleton).
+
+No module of terra_nb outside this package touches a private TensorFlow symbol (a test checks
+the imports). Every one used is listed in `PRIVATE_SYMBOLS` and checked by
+`check_private_symbols()` (and a test), so a TF upgrade that moves one fails loudly instead of
+silently disabling co-execution. The package's names below are the engine's whole interface to
+it: `ops` (interception and op helpers), `lazy` (LazyTensor), `functions` (graph calls, tapes).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tensorflow.python.eager import backprop
+from tensorflow.python.eager.polymorphic_function import atomic_function
+from tensorflow.python.framework import ops as tf_ops
+
+from terra_nb.engine.internals.functions import (
+    TracedCall,
+    a_tape_is_recording,
+    call_concrete,
+    gradient_module,
+    record_gradient,
+    tape_gradient,
+)
+from terra_nb.engine.internals.lazy import LazyTensor
+from terra_nb.engine.internals.ops import (
+    EagerTensor,
+    EagerTensorBase,
+    attr_protos,
+    call_function_in_graph,
+    calling_function,
+    collecting_conversions,
+    collecting_variable_reads,
+    convert,
+    create_graph_op,
+    eager_context,
+    handling,
+    install_guard,
+    is_eager_value,
+    lean_graph_calls,
+    next_tensor_id,
+    op_def,
+    remove_guard,
+    run_eagerly,
+    suspended,
+    unwrap,
+    variable_read,
+    variable_shape,
+)
+
+__all__ = [
+    "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
+    "a_tape_is_recording", "attr_protos", "call_concrete", "call_function_in_graph",
+    "calling_function", "check_private_symbols", "collecting_conversions",
+    "collecting_variable_reads", "convert", "create_graph_op", "eager_context",
+    "gradient_module", "handling", "install_guard", "is_eager_value", "lean_graph_calls",
+    "next_tensor_id", "op_def", "record_gradient", "remove_guard", "run_eagerly", "suspended",
+    "tape_gradient", "unwrap", "variable_read", "variable_shape",
+]
+
+PRIVATE_SYMBOLS = (
+    ("tensorflow.python.pywrap_tfe", "TFE_Py_FastPathExecute"),
+    ("tensorflow.python.pywrap_tfe", "TFE_Py_TensorShapeSlice"),
+    ("tensorflow.python.eager.core", "_FallbackException"),
+    ("tensorflow.python.eager.execute", "execute"),
+    ("tensorflow.python.eager.execute", "quick_execute"),
+    ("tensorflow.python.framework.ops", "_EagerTensorBase"),
+    ("tensorflow.python.framework.ops", "EagerTensor"),
+    ("tensorflow.python.framework.ops", "uid"),
+    ("tensorflow.python.framework.op_def_registry", "get"),
+    ("tensorflow.python.eager.context", "context"),
+    ("tensorflow.python.eager.polymorphic_function.concrete_function", "ConcreteFunction"),
+    ("tensorflow.python.eager.polymorphic_function.atomic_function", "AtomicFunction"),
+    ("tensorflow.python.eager.polymorphic_function.atomic_function", "make_call_op_in_graph"),
+    ("tensorflow.python.ops.resource_variable_ops", "get_eager_safe_handle_data"),
+    ("tensorflow.python.eager.record", "could_possibly_record"),
+    ("tensorflow.python.eager.imperative_grad", "imperative_grad"),
+    ("tensorflow.python.pywrap_tfe", "TFE_Py_RecordGradient"),
+    ("tensorflow.python.eager.tape", "variable_accessed"),
+    ("tensorflow.python.eager.context", "FunctionCallOptions"),
+    ("tensorflow.python.eager.record", "record_operation"),
+    ("tensorflow.python.eager.forwardprop_util", "pack_tangents"),
+    ("tensorflow.python.eager.backprop_util", "IsTrainable"),
+    ("tensorflow.python.ops.gradients_util", "PossibleTapeGradientTypes"),
+    ("tensorflow.python.framework.tensor_conversion_registry", "convert"),
+    ("tensorflow.python.framework.constant_op", "convert_to_eager_tensor"),
+    ("tensorflow.python.eager.backprop", "_handle_or_self"),
+)
+"""(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
+
+_CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")
+_ATOMIC_FUNCTION_MEMBERS = ("call_flat", "function_type")
+_GRAPH_MEMBERS = ("_create_op_internal",)
+_TAPE_MEMBERS = ("_tape", "_recording", "_persistent", "_pop_tape", "_watched_variables")
+
+
+def check_private_symbols() -> list[str]:
+    """Return a description of each private symbol that is missing (empty when all is well)."""
+    missing = []
+    for module_name, attribute in PRIVATE_SYMBOLS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(f"module {module_name}")
+            continue
+        if not hasattr(module, attribute):
+            missing.append(f"{module_name}.{attribute}")
+    concrete = importlib.import_module(
+        "tensorflow.python.eager.polymorphic_function.concrete_function"
+    ).ConcreteFunction
+    missing += [
+        f"ConcreteFunction.{member}"
+        for member in _CONCRETE_FUNCTION_MEMBERS
+        if not hasattr(concrete, member)
+    ]
+    missing += [f"GradientTape.{member}" for member in _TAPE_MEMBERS
+                if not hasattr(backprop.GradientTape(), member)]
+    missing += [
+        f"AtomicFunction.{member}"
+        for member in _ATOMIC_FUNCTION_MEMBERS
+        if not hasattr(atomic_function.AtomicFunction, member)
+    ]
+    missing += [f"Graph.{member}" for member in _GRAPH_MEMBERS if not hasattr(tf_ops.Graph, member)]
+    return missing

@@ -1,0 +1,201 @@
+"""Calling compiled graphs and traced functions from the skeleton: lean call options,
+`call_concrete`, `TracedCall` (a traced library call as one op, with its tape entry) and
+gradient helpers for tapes."""
+
+from __future__ import annotations
+
+import functools
+
+from tensorflow.python import pywrap_tfe
+from tensorflow.python.eager import (
+    backprop,
+    backprop_util,
+    cancellation,
+    context,
+    forwardprop_util,
+    record,
+    tape,
+)
+from tensorflow.python.eager import imperative_grad as gradient_module
+from tensorflow.python.framework import dtypes, indexed_slices, ops
+from tensorflow.python.ops import array_ops, gradients_util
+
+from terra_nb.engine.internals.ops import (
+    EagerTensor,
+    call_handled,
+    current_handler,
+    lean_graph_calls,
+    suspended,
+)
+
+
+def call_concrete(function, args: list) -> list:
+    """Call a compiled segment through its flat-call path (cheaper than `function(*args)`).
+
+    Gradient tapes were already told about every deferred op, one by one; the graph call that
+    computes them must not be recorded again.
+    """
+    with suspended(), record.stop_recording(), lean_graph_calls():
+        outputs = function._call_flat(args, function.captured_inputs)
+    if outputs is None:
+        return []
+    return outputs if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+class TracedCall:
+    """A ConcreteFunction the skeleton calls in place of a stable library call (a macro).
+
+    Under one first-order gradient tape, TensorFlow's call path builds at every call the Python
+    function that would compute the call's gradient: it maps each side output of the forward
+    function to the backward function's captures and sorts the outputs by trainability, ~0.1
+    ms per Keras call, spent again every iteration although a replayed gradient never calls it.
+    Here that mapping is worked out once, from TensorFlow's own first call; later calls record
+    their tape entry with the side outputs the backward function captures, and it runs only if
+    the tape's gradient code asks for it. Any other tape set-up (persistent or nested tapes,
+    forward accumulators) takes TensorFlow's path.
+    """
+
+    def __init__(self, function) -> None:
+        self.function = function
+        self._plan: _TapePlan | None = None
+
+    @property
+    def outputs(self):
+        return self.function.outputs
+
+    def __call__(self, tensors: list):
+        """Call with the flat tensor arguments, skipping argument binding (the costly part of
+        `function(*tensors)`); gradient tapes and the active handler see the call as usual.
+        Returns the function's structured outputs."""
+        function = self.function
+        captured = function.captured_inputs
+        plan = self._plan
+        if plan is not None and plan.usable and record.could_possibly_record() \
+                and context.executing_eagerly():
+            plan.read_variables()  # first: a tape watching them watches the call
+            args = tensors + captured
+            if (gradients_util.PossibleTapeGradientTypes(args) == _FIRST_ORDER
+                    and not forwardprop_util.pack_tangents(args).indices):
+                return function.function_type.pack_output(plan.call(args))
+        outputs = function._call_flat(tensors, captured)
+        if plan is None:
+            self._plan = _TapePlan.of(function)
+        return outputs
+
+
+_FIRST_ORDER = gradients_util.POSSIBLE_GRADIENT_TYPES_FIRST_ORDER
+
+
+class _TapePlan:
+    """How one traced function's call is recorded on a first-order tape (see TracedCall):
+    what TensorFlow's `_TapeGradientFunctions._wrap_backward_function` works out per call."""
+
+    @classmethod
+    def of(cls, function) -> _TapePlan | None:
+        """The plan, once TensorFlow's own first-order call built the forward and backward
+        functions (None before; an unusable plan where a call must keep TensorFlow's path)."""
+        functions = getattr(function, "_first_order_tape_functions", {}).get((False, ()))
+        if getattr(functions, "_forward", None) is None:
+            return None
+        return cls(function, functions._forward, functions._forward_graph, functions._backward)
+
+    def __init__(self, function, forward, forward_graph, backward) -> None:
+        self.variables = function.graph.variables
+        self.forward = forward
+        self.name = forward.cached_definition.signature.name
+        self.backward = backward
+        outputs = forward_graph.outputs
+        position = {ops.tensor_id(output): index for index, output in enumerate(outputs)}
+        captures = backward.captured_inputs
+        # each backward capture: a forward output (its index) or a fixed tensor
+        self.captures = [(position.get(ops.tensor_id(capture)), capture) for capture in captures]
+        self.gradient_inputs = len(backward.inputs) - len(captures)
+        self.gradient_specs = [(placeholder.shape, placeholder.dtype)
+                               for placeholder in backward.inputs[:self.gradient_inputs]]
+        self.skipped = frozenset(index for index, output in enumerate(outputs)
+                                 if not backprop_util.IsTrainable(output))
+        recorded = trainable = 0
+        for index in range(len(outputs)):
+            if trainable < self.gradient_inputs:
+                recorded += 1
+            if index not in self.skipped:
+                trainable += 1
+        self.recorded = recorded
+        self.num_outputs = len(outputs)
+        # no handle data to copy onto outputs: the call op may go straight to the handler
+        self.direct = all(output.dtype != dtypes.resource for output in outputs)
+        self.usable = bool(outputs) and all(
+            output.dtype != dtypes.variant for output in outputs) and all(
+            index is not None or isinstance(capture, EagerTensor)
+            or getattr(capture, "graph", None) is not forward_graph
+            for index, capture in self.captures)
+
+    def read_variables(self) -> None:
+        """Tell the tapes the function reads its variables, as a call does."""
+        for variable in self.variables:
+            if variable.trainable:
+                tape.variable_accessed(variable)
+
+    def call(self, args: list) -> list:
+        """The forward function's outputs, its tape entry recorded (variables already read)."""
+        handler = current_handler()
+        if handler is not None and self.direct and cancellation.context() is None:
+            outputs = call_handled(handler, self.forward, self.name, self.num_outputs, args)
+        else:
+            outputs = self.forward.call_flat(*args)
+        captured = [capture if index is None else outputs[index]
+                    for index, capture in self.captures]
+        record.record_operation(self.name, outputs[:self.recorded], args,
+                                functools.partial(self._gradient, captured))
+        return outputs
+
+    def _gradient(self, captured: list, *output_gradients):
+        """The call's input gradients from its outputs' (None: unconnected, dense zeros)."""
+        backward = self.backward
+        if not backward.outputs:
+            return backward.structured_outputs
+        gradients = []
+        for index, gradient in enumerate(output_gradients):
+            if isinstance(gradient, indexed_slices.IndexedSlices):
+                gradient = ops.convert_to_tensor(gradient)
+            if index in self.skipped:
+                continue
+            if gradient is None:
+                shape, dtype = self.gradient_specs[len(gradients)]
+                gradient = array_ops.zeros(shape, dtype)
+            gradients.append(gradient)
+            if len(gradients) >= self.gradient_inputs:
+                break
+        return backward._call_flat(gradients, captured)
+
+
+def tape_gradient(tape, targets: list, sources: list, unconnected_gradients) -> list:
+    """`GradientTape.gradient` for flat lists of tensors and variables (macros' entry point):
+    the steps TensorFlow's method takes for them, without its nest walks, composite-tensor
+    handling and its per-source dtype check, which only writes a debug log. The caller has
+    left every other case (persistent tape still recording, used tape, output gradients,
+    that log enabled) to TensorFlow's method."""
+    if tape._recording:
+        tape._pop_tape()
+    flat_targets = [backprop._handle_or_self(target) for target in targets]
+    flat_sources = [backprop._handle_or_self(source) for source in sources]
+    gradients = gradient_module.imperative_grad(
+        tape._tape, flat_targets, flat_sources, output_gradients=None, sources_raw=sources,
+        unconnected_gradients=unconnected_gradients)
+    if not tape._persistent:
+        tape._watched_variables = tape._tape.watched_variables()
+        tape._tape = None
+    return gradients
+
+
+def a_tape_is_recording() -> bool:
+    """True when some GradientTape on this thread would record the next op."""
+    return record.could_possibly_record()
+
+
+def record_gradient(op_type: str, inputs: list, attrs: tuple, outputs: list, scope: str):
+    """Record one op on the active gradient tapes, as its eager wrapper does after running it
+    (`scope`: the name scope it ran in)."""
+    pywrap_tfe.TFE_Py_RecordGradient(op_type, inputs, attrs, outputs, scope.rstrip("/"))
+
+
