@@ -328,9 +328,9 @@ def test_python_generator_batches_are_fed_each_iteration():
 def test_keras_internals_the_replay_guard_reads_exist():
     import importlib
 
-    from terra_nb.engine.replay import guards
+    from terra_nb.engine.internals import keras_state
 
-    for dotted, attribute in guards.PRIVATE_KERAS_SYMBOLS:
+    for dotted, attribute in keras_state.PRIVATE_KERAS_SYMBOLS:
         module_name, _, class_name = dotted.rpartition(".")
         owner = getattr(importlib.import_module(module_name), class_name)
         assert hasattr(owner, attribute), f"{dotted}.{attribute} moved"
@@ -697,14 +697,24 @@ def _build_max_pool_cnn():
 
 
 def test_a_segment_xla_cannot_compile_runs_without_xla():
-    """Under op determinism XLA has no MaxPool gradient: that segment must still run, right."""
-    from harness import compare
+    """Under op determinism XLA has no MaxPool gradient: that segment must still run, right.
+    XLA refuses it on the graph thread; the note reaches subscribers (the panel) from the
+    session's thread, like every event."""
+    import threading
 
-    _, terra = compare(_build_max_pool_cnn, iterations=8, xla=True)
-    notes = [note.message for note in terra.session.events.of_type(ev.Note)
+    from harness import RUN_RTOL, assert_same, run_program
+
+    session = Session("xla", xla=True)
+    emitted_on = []
+    session.events.subscribe(lambda event: emitted_on.append(threading.current_thread()))
+    eager = run_program(_build_max_pool_cnn, 8)
+    terra = run_program(_build_max_pool_cnn, 8, session)
+    assert_same(eager, terra, RUN_RTOL)
+    notes = [note.message for note in session.events.of_type(ev.Note)
              if note.kind == "xla-refused"]
     assert any("MaxPool" in note for note in notes), notes
-    assert modes(terra.session)[-1] == ev.CO_EXECUTING
+    assert modes(session)[-1] == ev.CO_EXECUTING
+    assert set(emitted_on) == {threading.current_thread()}
 
 
 def test_a_segment_drawing_random_numbers_runs_without_xla():

@@ -309,10 +309,8 @@ def output_shapes_for(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> 
 def _probed_shapes(op_type, protos, inputs, refs, unknown: set) -> tuple | None:
     """The op's output shapes in a scratch graph where small integer inputs are constants
     unless `unknown`; None when the op cannot be built or a shape is not fully known."""
-    from tensorflow.python.framework import func_graph
-
     constants = _small_integer_slots(inputs) - unknown
-    graph = func_graph.FuncGraph("terra_nb_shape_probe")
+    graph = internals.scratch_graph("terra_nb_shape_probe")
     with internals.suspended(), graph.as_default():
         tensors = []
         for slot, value in enumerate(inputs):

@@ -162,6 +162,8 @@ class Session:
 
             internals.remove_guard(drain_unless_owner=self._runner)
             self._runner.close()
+            for event in self._runner.take_worker_events():
+                self.events.emit(event)
 
 
 class _Iteration:
@@ -231,6 +233,9 @@ class _Iteration:
                     self.session.events.emit(ev.Note(self.index, "replayed", replayed))
             self._leave_blocks()
             runner = self.session.graph_runner
+            if runner is not None:
+                for event in runner.take_worker_events():
+                    self.session.events.emit(event)
             if self.run is not None and runner.busy:
                 from terra_nb.engine import internals
 

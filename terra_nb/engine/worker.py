@@ -225,6 +225,7 @@ class GraphRunner:
         self._last_token = None  # the pending ops of the last queued submission
         self._finished_jobs: list[Job] = []
         self._iteration_ends: collections.deque[Job] = collections.deque()
+        self._worker_events: collections.deque = collections.deque()  # see take_worker_events
 
     def segment_for(self, start, end, outputs: tuple, iteration: int, reason: str,
                     part: str = "", path: list | None = None):
@@ -281,10 +282,18 @@ class GraphRunner:
         plain = graphgen.compile_segment(compiled.path, compiled.outputs, xla=False, plan=plan)
         self._compiled[key] = plain
         reason = str(error).strip().splitlines()[0][:200]
-        self.events.emit(ev.Note(iteration, "xla-refused",
-                                 f"XLA could not compile a graph segment ({reason}); "
-                                 "it runs without XLA"))
+        self._worker_events.append(ev.Note(
+            iteration, "xla-refused",
+            f"XLA could not compile a graph segment ({reason}); it runs without XLA"))
         return plain
+
+    def take_worker_events(self) -> list:
+        """Events that happened on the graph thread since last taken, for the session's thread
+        to emit (subscribers such as the panel are called on the thread that emits)."""
+        taken = []
+        while self._worker_events:
+            taken.append(self._worker_events.popleft())
+        return taken
 
     def submit(self, parts: list, iteration: int, token, after: Job | None = None) -> list[Job]:
         """Queue the parts of one segment, each (compiled, args, lazies, key), in one step:

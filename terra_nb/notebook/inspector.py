@@ -43,9 +43,9 @@ _VARIABLE_OPS = ("ReadVariableOp", "AssignVariableOp", "AssignAddVariableOp",
 
 def _dtype_name(enum: int) -> str:
     try:
-        from tensorflow.python.framework import dtypes
+        import tensorflow as tf
 
-        return dtypes.as_dtype(enum).name
+        return tf.dtypes.as_dtype(enum).name
     except (ImportError, TypeError, ValueError):
         return f"dtype {enum}"
 

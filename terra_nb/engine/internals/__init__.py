@@ -10,7 +10,8 @@ No module of terra_nb outside this package touches a private TensorFlow symbol (
 the imports). Every one used is listed in `PRIVATE_SYMBOLS` and checked by
 `check_private_symbols()` (and a test), so a TF upgrade that moves one fails loudly instead of
 silently disabling co-execution. The package's names below are the engine's whole interface to
-it: `ops` (interception and op helpers), `lazy` (LazyTensor), `functions` (graph calls, tapes).
+it: `ops` (interception and op helpers), `lazy` (LazyTensor), `functions` (graph calls, tapes),
+`keras_state` (the private Keras state replay guards read).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from terra_nb.engine.internals.functions import (
     gradient_module,
     record_gradient,
     tape_gradient,
+    tape_is_plain,
 )
 from terra_nb.engine.internals.lazy import LazyTensor
 from terra_nb.engine.internals.ops import (
@@ -49,6 +51,7 @@ from terra_nb.engine.internals.ops import (
     op_def,
     remove_guard,
     run_eagerly,
+    scratch_graph,
     suspended,
     unwrap,
     variable_read,
@@ -61,8 +64,8 @@ __all__ = [
     "calling_function", "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "convert", "create_graph_op", "eager_context",
     "gradient_module", "handling", "install_guard", "is_eager_value", "lean_graph_calls",
-    "next_tensor_id", "op_def", "record_gradient", "remove_guard", "run_eagerly", "suspended",
-    "tape_gradient", "unwrap", "variable_read", "variable_shape",
+    "next_tensor_id", "op_def", "record_gradient", "remove_guard", "run_eagerly", "scratch_graph",
+    "suspended", "tape_gradient", "tape_is_plain", "unwrap", "variable_read", "variable_shape",
 ]
 
 PRIVATE_SYMBOLS = (
@@ -92,6 +95,7 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.framework.tensor_conversion_registry", "convert"),
     ("tensorflow.python.framework.constant_op", "convert_to_eager_tensor"),
     ("tensorflow.python.eager.backprop", "_handle_or_self"),
+    ("tensorflow.python.framework.func_graph", "FuncGraph"),
 )
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 

@@ -199,3 +199,7 @@ def record_gradient(op_type: str, inputs: list, attrs: tuple, outputs: list, sco
     pywrap_tfe.TFE_Py_RecordGradient(op_type, inputs, attrs, outputs, scope.rstrip("/"))
 
 
+def tape_is_plain(tape) -> bool:
+    """A tape whose `gradient` call terra_nb may compute itself: it still records, and it is
+    not a persistent tape asked for a gradient while it records."""
+    return tape._tape is not None and not (tape._recording and tape._persistent)

@@ -24,6 +24,7 @@ from tensorflow.python.eager.polymorphic_function import atomic_function
 from tensorflow.python.framework import (
     constant_op,
     dtypes,
+    func_graph,
     op_def_registry,
     ops,
     tensor_conversion_registry,
@@ -484,3 +485,8 @@ def lean_graph_calls() -> _Swapped:
 def current_handler() -> OpHandler | None:
     """The op handler active on this thread, if any."""
     return _slot.handler
+
+
+def scratch_graph(name: str):
+    """An empty function graph to build ops in without running them (shape inference)."""
+    return func_graph.FuncGraph(name)

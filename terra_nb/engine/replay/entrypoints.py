@@ -89,8 +89,8 @@ def _tape_gradient_entry(original):
         __tracebackhide__ = True
         targets, sources_flat = _plain_tensors(target), _plain_tensors(sources)
         if (replay_state.table is None or targets is None or sources_flat is None
-                or output_gradients is not None or tape._tape is None
-                or (tape._recording and tape._persistent) or _TF_LOGGER.isEnabledFor(1)):
+                or output_gradients is not None or not internals.tape_is_plain(tape)
+                or _TF_LOGGER.isEnabledFor(1)):
             return original(tape, target, sources, output_gradients, unconnected_gradients)
         gradients = internals.tape_gradient(tape, targets, sources_flat, unconnected_gradients)
         if isinstance(sources, (list, tuple)):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.backend.common import global_state
 
 from terra_nb.engine import internals
+from terra_nb.engine.internals import keras_state
 from terra_nb.engine.usercode import is_library_function, is_user_class
 
 PYTHON_VALUES = (bool, int, float, str, bytes, type(None))
@@ -21,13 +21,6 @@ ARRAYS = (np.ndarray, np.generic)  # numpy arguments, guarded by dtype and shape
 NUMERIC_KINDS = frozenset("biufc")
 _LEAVES = (internals.EagerTensorBase, *PYTHON_VALUES)  # tf.nest keeps these whole
 _NEST_LEAVES = (*_LEAVES, *VARIABLE_TYPES, np.ndarray)  # ... and these
-
-
-PRIVATE_KERAS_SYMBOLS = (
-    ("keras.layers.Layer", "_flatten_layers"),
-    ("keras.src.backend.common.global_state", "get_global_attribute"),
-)
-"""Keras internals the guard reads (checked by a test, like TensorFlow's in the choke point)."""
 
 
 def flatten(args: tuple, kwargs: dict) -> list:
@@ -100,16 +93,16 @@ def _object_state(obj):
     if isinstance(obj, keras.layers.Layer):
         if is_user_class(type(obj)):
             return None  # decided before walking a user layer's sub-layers, at every call
-        layers = list(obj._flatten_layers(include_self=True))
+        layers = keras_state.layers_of(obj)
         if any(is_user_class(type(layer)) for layer in layers):
             return None
-        inherited = _inherited_call_arguments(obj)
+        inherited = keras_state.inherited_call_arguments(obj)
         if not all(isinstance(value, PYTHON_VALUES) for _, value in inherited):
             return None
         return (tuple(layer.trainable for layer in layers), len(obj.variables),
                 str(obj.dtype_policy.name), inherited)
     if isinstance(obj, keras.optimizers.Optimizer):
-        rate = getattr(obj, "_learning_rate", None)
+        rate = keras_state.learning_rate_of(obj)
         if callable(rate) and not isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
             return None
         return (len(obj.variables), not is_user_class(type(obj)) or None)
@@ -120,16 +113,6 @@ def _object_state(obj):
         return (not is_user_class(type(obj)) or None, getattr(obj, "reduction", None))
     return None
 
-
-def _inherited_call_arguments(layer) -> tuple:
-    """The call arguments (`training`) a layer called inside another layer's call inherits
-    from Keras' call context when not passed: they change what it computes, unseen in its
-    own arguments (a block run with training=True, then False, from one line)."""
-    context = global_state.get_global_attribute("current_call_ctx")
-    if context is None:
-        return ()
-    names = sorted(getattr(layer, "_call_context_args", ("training",)))
-    return tuple((name, context.get_value(name)) for name in names)
 
 
 # ---------------------------------------------------------------- patching Keras entry points

@@ -1,0 +1,33 @@
+"""The private Keras state the replay guards read: a layer's nested layers, the call
+arguments it inherits from Keras' call context, an optimizer's learning rate object."""
+
+from __future__ import annotations
+
+from keras.src.backend.common import global_state
+
+PRIVATE_KERAS_SYMBOLS = (
+    ("keras.layers.Layer", "_flatten_layers"),
+    ("keras.src.backend.common.global_state", "get_global_attribute"),
+)
+"""Keras internals read here (checked by a test, like PRIVATE_SYMBOLS)."""
+
+
+def layers_of(layer) -> list:
+    """The layer and every layer nested in it."""
+    return list(layer._flatten_layers(include_self=True))
+
+
+def inherited_call_arguments(layer) -> tuple:
+    """The call arguments (`training`) a layer called inside another layer's call inherits
+    from Keras' call context when not passed: they change what it computes, unseen in its
+    own arguments (a block run with training=True, then False, from one line)."""
+    context = global_state.get_global_attribute("current_call_ctx")
+    if context is None:
+        return ()
+    names = sorted(getattr(layer, "_call_context_args", ("training",)))
+    return tuple((name, context.get_value(name)) for name in names)
+
+
+def learning_rate_of(optimizer):
+    """The optimizer's learning rate as set (a value, a schedule or a callable), or None."""
+    return getattr(optimizer, "_learning_rate", None)
