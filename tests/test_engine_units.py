@@ -1340,3 +1340,34 @@ def test_tensor_operators_are_replayed_and_reflected_ones_guarded_apart():
                 if entry.span_replays and isinstance(key[0], str)}
     assert {"operator -", "operator - (reflected)", "operator /",
             "operator / (reflected)"} <= replayed, replayed
+
+
+def test_a_library_call_that_is_not_replayed_says_why_once():
+    """A Keras call that keeps running its Python (an Embedding with `mask_zero` returns a
+    Keras mask, which a replay could not give back) is told once, with its call site and the
+    registry's reason, and the explain report lists it; a replayed call gets no such note."""
+    import keras
+
+    from terra_nb.engine.reasons import NoteKind, Refusal
+    from terra_nb.engine.report import Report
+
+    embedding = keras.layers.Embedding(10, 4, mask_zero=True)
+    dense = keras.layers.Dense(2)
+    tokens = np.array([[1, 2, 0], [3, 4, 5]])
+
+    def step(index):
+        vectors = embedding(tokens) + 0.0  # a new tensor: no mask travels on to Dense
+        return tf.reduce_sum(dense(vectors))
+
+    session = Session("not-replayed")
+    eager = [float(step(index)) for index in range(8)]
+    got = _co_executed(session, step, 8)
+    session.close()
+    np.testing.assert_allclose(got, eager, rtol=1e-6)
+    notes = [note for note in session.events.of_type(ev.Note)
+             if note.kind == NoteKind.NOT_REPLAYED]
+    assert len(notes) == 1, [note.message for note in notes]
+    assert notes[0].message.startswith("Embedding call at test_engine_units.py:")
+    assert notes[0].message.endswith(Refusal.KERAS_MASK.say())
+    assert session.macro_table.replayed_calls > 0  # the Dense call after it is replayed
+    assert notes[0].message in Report.from_session(session).explain()

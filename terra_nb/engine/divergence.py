@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from terra_nb.engine import events as ev
 from terra_nb.engine.hostvalues import is_integer, static_shape
+from terra_nb.engine.reasons import FallbackKind
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
 from terra_nb.engine.usercode import user_frame_of
 
@@ -70,7 +71,7 @@ def explain_divergence(index, cursor, op_type, key, location, refs) -> ev.Fallba
     children = list(cursor.children.values())
     if not children:
         return ev.FallbackEvent(
-            index, "new-op",
+            index, FallbackKind.NEW_OP,
             f"{op_type} ran where every traced iteration had finished its ops",
             "the program does more work than in the traced iterations (a longer loop?)",
             frame, op_type, "end of iteration", op_type)
@@ -79,14 +80,14 @@ def explain_divergence(index, cursor, op_type, key, location, refs) -> ev.Fallba
         expected = same[0]
         if all(child.location != location for child in same):
             return ev.FallbackEvent(
-                index, "new-location", f"{op_type} ran from another line of the program",
+                index, FallbackKind.NEW_LOCATION, f"{op_type} ran from another line of the program",
                 "Python took another path here; it is traced now and reused next time",
                 frame, op_type, str(user_frame_of(expected.location)), str(frame))
         here = [(traced, child) for traced, child in cursor.children.items()
                 if child.op_type == op_type and child.location == location]
         if all(traced[1] != key[1] for traced, _ in here):
             return ev.FallbackEvent(
-                index, "attrs-changed", f"{op_type} ran with different attributes",
+                index, FallbackKind.ATTRS_CHANGED, f"{op_type} ran with different attributes",
                 "an attribute (e.g. a Python number passed to the op) changed",
                 frame, op_type, str(here[0][1].attrs), str(key[1]))
         compared = [(traced, _input_difference(traced, key, refs))
@@ -96,14 +97,15 @@ def explain_divergence(index, cursor, op_type, key, location, refs) -> ev.Fallba
         what, before, now = difference or ("its inputs differ", "", "")
         old = ", ".join(_describe_input(ref) for ref in traced[1].inputs)
         new = ", ".join(_describe_input(ref) for ref in refs)
-        kind = "shape-changed" if old != new or traced[0][4] != key[4] else "input-changed"
+        kind = (FallbackKind.SHAPE_CHANGED if old != new or traced[0][4] != key[4]
+                else FallbackKind.INPUT_CHANGED)
         return ev.FallbackEvent(
             index, kind, f"{op_type} got inputs unlike the traced ones: {what}",
             "shapes or input sources changed; a new path is traced", frame, op_type,
             before, now)
     expected = children[0]
     return ev.FallbackEvent(
-        index, "new-op", f"{op_type} ran where the trace had {expected.op_type}",
+        index, FallbackKind.NEW_OP, f"{op_type} ran where the trace had {expected.op_type}",
         "Python took a path not seen while tracing; it is traced now and reused next time",
         frame, op_type, f"{expected.op_type} at {user_frame_of(expected.location)}", op_type)
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Optional
 
 from terra_nb.engine import events as ev
+from terra_nb.engine.reasons import FallbackKind
 
 MODE_ORDER = (ev.EAGER, ev.BASELINE, ev.TRACING, ev.CO_EXECUTING, ev.FALLBACK, ev.BACKOFF)
 # Breakdown keys in display order; "eager" and "tracing" are whole-iteration times.
@@ -30,19 +31,7 @@ COMPILED_SHARE = 0.2  # calls at least this share of the traced ops: no speedup 
 DETAIL_CHARS = 160  # expected/actual descriptions longer than this are cut in reports
 
 # What a user can do about each fallback kind (divergence.py's kinds); the event's hint follows.
-SUGGESTIONS = {
-    "new-op": "the iteration ran ops the traced ones did not; if this happens every iteration "
-              "(a loop whose trip count changes, work done only sometimes), expect one fallback "
-              "per new path, then reuse",
-    "new-location": "the same op came from another line: Python took another branch; each "
-                    "distinct path is traced once and reused",
-    "attrs-changed": "an op attribute changed (a Python number or object passed to the op); "
-                     "pass a tensor instead (tf.constant) so it is fed rather than baked in",
-    "shape-changed": "an input shape changed (e.g. the last, smaller batch); pad batches to one "
-                     "size or drop the remainder (drop_remainder=True)",
-    "input-changed": "an op's input came from a different source than while tracing; keep the "
-                     "data flow of each iteration the same",
-}
+SUGGESTIONS = {kind: kind.text for kind in FallbackKind}
 
 
 def is_call_op(op_type: str) -> bool:

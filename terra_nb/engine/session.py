@@ -14,6 +14,7 @@ import time
 
 from terra_nb.engine import events as ev
 from terra_nb.engine.policy import SchedulingPolicy
+from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.usercode import innermost_user_frame
 
 RECORD = "record"  # the skeleton's modes (skeleton.RECORD, skeleton.DEFER), named here to keep
@@ -140,7 +141,7 @@ class Session:
             self._backoff_level = min(self._backoff_level + 1, self.policy.max_backoff_level)
             self._backoff_left = 2 ** self._backoff_level
             self.events.emit(ev.Note(
-                index, "backoff",
+                index, NoteKind.BACKOFF,
                 f"the program diverged from its trace in {self._diverged_in_a_row} iterations "
                 f"in a row; the next {self._backoff_left} run plainly eager, then co-execution "
                 "is tried again"))
@@ -230,7 +231,7 @@ class _Iteration:
             if self._replaying is not None:
                 replayed = self.session.macro_table.take_established()
                 if replayed:
-                    self.session.events.emit(ev.Note(self.index, "replayed", replayed))
+                    self.session.events.emit(ev.Note(self.index, NoteKind.REPLAYED, replayed))
             self._leave_blocks()
             runner = self.session.graph_runner
             if runner is not None:

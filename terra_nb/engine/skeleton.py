@@ -24,6 +24,7 @@ from terra_nb.engine import events as ev
 from terra_nb.engine import graphgen, hostvalues, internals
 from terra_nb.engine.divergence import explain_divergence
 from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer, static_shape
+from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay.entrypoints import is_replaying
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, TraceGraph
 from terra_nb.engine.usercode import user_location
@@ -498,7 +499,7 @@ class PythonRunner:
         self.mode = RECORD
         if is_replaying():
             self.retraced = "library calls are replayed from compiled functions now"
-            self.events.emit(ev.Note(self.index, "library-replay",
+            self.events.emit(ev.Note(self.index, NoteKind.LIBRARY_REPLAY,
                                      f"{self.retraced}; this iteration traced the new path"))
             return
         self.fallback = explain_divergence(self.index, self.cursor, op_type, key, location, refs)

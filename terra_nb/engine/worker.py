@@ -17,6 +17,7 @@ import weakref
 from terra_nb.engine import events as ev
 from terra_nb.engine import graphgen, internals
 from terra_nb.engine.policy import SchedulingPolicy
+from terra_nb.engine.reasons import NoteKind
 
 
 class Job:
@@ -243,7 +244,7 @@ class GraphRunner:
             self.events.emit(ev.GraphBuilt(iteration, len(path), len(compiled.feed_slots),
                                            len(outputs), compiled.seconds, compiled.xla, reason))
             if compiled.xla_declined:
-                self.events.emit(ev.Note(iteration, "xla-refused",
+                self.events.emit(ev.Note(iteration, NoteKind.XLA_REFUSED,
                                          f"a graph segment runs without XLA: "
                                          f"{compiled.xla_declined}"))
         return key, compiled
@@ -283,7 +284,7 @@ class GraphRunner:
         self._compiled[key] = plain
         reason = str(error).strip().splitlines()[0][:200]
         self._worker_events.append(ev.Note(
-            iteration, "xla-refused",
+            iteration, NoteKind.XLA_REFUSED,
             f"XLA could not compile a graph segment ({reason}); it runs without XLA"))
         return plain
 

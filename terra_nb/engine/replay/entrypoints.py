@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from terra_nb.engine import events as ev
 from terra_nb.engine import internals
+from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay.guards import (
     VARIABLE_TYPES,
     api_key,
@@ -219,7 +220,7 @@ def _compiled_work_entry(original):
         if name not in reported:
             reported.add(name)
             runner.events.emit(ev.Note(
-                runner.index, "compiled-work",
+                runner.index, NoteKind.COMPILED_WORK,
                 f"{type(obj).__name__}.{name} runs its own compiled graph; terra_nb runs it "
                 "as it is and has nothing to speed up there"))
         replay_state.observing += 1

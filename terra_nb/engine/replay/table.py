@@ -32,8 +32,10 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from terra_nb.engine import events as ev
 from terra_nb.engine import internals
 from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
+from terra_nb.engine.reasons import NoteKind, Refusal
 from terra_nb.engine.replay.guards import (
     ARRAYS,
     PYTHON_VALUES,
@@ -143,6 +145,7 @@ class MacroTable:
         self.replayed_calls = 0
         self.established: list[str] = []  # replays set up since last taken (for a Note)
         self.compiled_work_reported: set = set()  # model.fit & co., told once per session
+        self.refusals_reported: set = set()  # (call site, call, reason) told in a Note
         self.span_keys_per_site: dict = {}  # call site -> keys of call_as_span seen there
 
     def take_established(self) -> str:
@@ -221,7 +224,7 @@ class MacroTable:
             return result
         reason = _unstable(runner, start, flushes, call_site, obj, result)
         if reason:
-            entry.banned = reason
+            self._refuse(entry, runner, _call_name(obj), call_site, reason)
             return result
         span = (start.uid, runner.cursor.uid)
         stable = span == entry.last_span
@@ -241,7 +244,8 @@ class MacroTable:
                 self.established.append(
                     f"{type(obj).__name__} call at {_call_site_text(call_site)}")
             else:
-                entry.banned = "its output shapes depend on input values"
+                self._refuse(entry, runner, _call_name(obj), call_site,
+                             Refusal.VALUE_DEPENDENT_SHAPES.say())
         return result
 
     def _observe_as_span(self, entry, runner, start, flat, arguments, converted, result,
@@ -253,18 +257,25 @@ class MacroTable:
             replay = _describe_call(runner, start, flat, arguments, converted, result,
                                     first_new, read)
         except _Unreplayable as error:
-            entry.banned = f"{sparse}, and as its ops: {error}" if sparse else str(error)
+            reason = f"{sparse}, and as its ops: {error}" if sparse else str(error)
+            self._refuse(entry, runner, _call_name(obj), call_site, reason)
             return
         if stable:
             entry.span_replays[start.uid] = replay
-            if internals.is_eager_value(obj):
-                what = "slicing"
-            elif isinstance(obj, ApiFunction):
-                what = obj.name
-            else:
-                what = f"{type(obj).__name__} call"
-            self.established.append(f"{what} at {_call_site_text(call_site)}"
+            self.established.append(f"{_call_name(obj)} at {_call_site_text(call_site)}"
                                     f" ({len(replay.plan.span)} ops)")
+
+    def _refuse(self, entry, runner, what: str, call_site, reason: str) -> None:
+        """The call keeps running its Python for this guard key; the user is told once per
+        call site and reason (a Note), unless it ran no op at all (nothing to replay)."""
+        entry.banned = reason
+        told = (call_site, what, reason)
+        if reason == Refusal.NO_OPS.say() or told in self.refusals_reported:
+            return
+        self.refusals_reported.add(told)
+        runner.events.emit(ev.Note(
+            runner.index, NoteKind.NOT_REPLAYED,
+            f"{what} at {_call_site_text(call_site)} keeps running its Python: {reason}"))
 
     def gradient(self, runner, compute, target, sources, unconnected, call_site):
         """A tape's gradient computation (`imperative_grad`): replayed from the TraceGraph
@@ -302,7 +313,7 @@ class MacroTable:
             shared = _shared_inputs(runner, start, flushes, call_site, first_new)
             results = [_describe(value, runner) for value in result]
         except _Unreplayable as error:
-            entry.banned = str(error)
+            self._refuse(entry, runner, "gradient", call_site, str(error))
             return result
         span = runner.cursor.path_from(start)
         observed = (tuple(node.uid for node in span), tuple(results), tuple(shared.items()))
@@ -312,6 +323,15 @@ class MacroTable:
             self.established.append(f"gradient at {_call_site_text(call_site)} ({len(span)} ops)")
         entry.last = observed
         return result
+
+
+def _call_name(obj) -> str:
+    """How a replayable call is named to the user."""
+    if internals.is_eager_value(obj):
+        return "slicing"
+    if isinstance(obj, ApiFunction):
+        return obj.name
+    return f"{type(obj).__name__} call"
 
 
 def _call_site_text(call_site) -> str:
@@ -325,9 +345,9 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
     """Check that an observed gradient computation may be replayed (else _Unreplayable, with
     why); return which of its external inputs are values a forward op was given."""
     if runner.flushes != flushes:
-        raise _Unreplayable("it forced a tensor value")
+        raise _Unreplayable(Refusal.FORCED_VALUE.say())
     if runner.cursor is start:
-        raise _Unreplayable("it ran no TensorFlow op")
+        raise _Unreplayable(Refusal.NO_OPS.say())
     span, pending = _deferred_span(runner, start)
     members = {node.uid for node in span}
     given = {id(value): key for key, value in runner.external_inputs.items()
@@ -336,7 +356,7 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
     shared = {}
     for node, entry in zip(span, pending, strict=True):
         if node.island or len(node.location) > depth:
-            raise _Unreplayable("user code (a custom gradient) or a host op ran inside it")
+            raise _Unreplayable(Refusal.CUSTOM_GRADIENT.say())
         for slot, value in entry.outside.items():
             if node.inputs[slot][0] != EXTERNAL:
                 continue
@@ -350,7 +370,7 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
                 # value first seen there (TF's gradient functions make the same constants
                 # from the same ops and shapes every time; unlike _own_constant this does not
                 # refuse a slot marked varying: the loss-scale test's gradients need that)
-                raise _Unreplayable("it reads a value made outside it that may change")
+                raise _Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
     return shared
 
 
@@ -364,7 +384,7 @@ def _describe(value, runner):
                 shape)
     if isinstance(value, internals.LazyTensor) and value._source is runner:
         return ("tensor", value.node.uid, value.index)
-    raise _Unreplayable(f"a gradient ({type(value).__name__}) is not a TraceGraph value")
+    raise _Unreplayable(Refusal.NOT_A_TRACED_VALUE.say(type_name=type(value).__name__))
 
 
 def _result_keys(results: list) -> list:
@@ -391,21 +411,21 @@ def _rebuild(result, value_of):
 def _unstable(runner, start, flushes, call_site, obj, result) -> str:
     """Why this observed call may not be replayed ("" when it may)."""
     if runner.flushes != flushes:
-        return "it forced a tensor value"
+        return Refusal.FORCED_VALUE.say()
     if runner.cursor is start:
-        return "it ran no TensorFlow op"
+        return Refusal.NO_OPS.say()
     depth = len(call_site)
     node = runner.cursor
     while node is not start:
         if node is None:
-            return "the program left the traced path"
+            return Refusal.LEFT_PATH.say()
         if len(node.location) > depth or node.island:
-            return "user code or a host op ran inside it"
+            return Refusal.USER_CODE.say()
         node = node.parent
     if any(hasattr(value, "_keras_mask") for value in tf.nest.flatten(result)):
-        return "it returned a Keras mask"
+        return Refusal.KERAS_MASK.say()
     if getattr(obj, "losses", None):
-        return "it added layer losses"
+        return Refusal.LAYER_LOSSES.say()
     return ""
 
 
@@ -413,7 +433,7 @@ def _sparse_gradient(span: list) -> str:
     """Why a traced call could not stand for this span ("" when it could)."""
     for node in span:
         if _gathers_from_variable(node):
-            return f"its {node.op_type} has a sparse gradient that a traced call would densify"
+            return Refusal.SPARSE_GRADIENT.say(op_type=node.op_type)
     return ""
 
 
@@ -424,7 +444,7 @@ def _deferred_span(runner, start) -> tuple[list, list]:
     pending = runner.pending[-len(span):]
     if len(pending) != len(span) or any(item.node is not node
                                         for item, node in zip(pending, span, strict=True)):
-        raise _Unreplayable("its ops were not all deferred in one segment")
+        raise _Unreplayable(Refusal.SPLIT_OVER_SEGMENTS.say())
     return span, pending
 
 
@@ -445,31 +465,30 @@ def _describe_call(runner, start, flat, arguments: dict, converted: dict, result
         if isinstance(value, ARRAYS):
             tensors = converted.get(id(value), ())
             if len(tensors) != 1:
-                raise _Unreplayable(f"its Python converted a numpy argument {len(tensors)} "
-                                    f"times (once is replayable)")
+                raise _Unreplayable(Refusal.NUMPY_CONVERSIONS.say(
+                    conversions=len(tensors)))
             by_identity[id(tensors[0])] = position
             converted_to[position] = tensors[0].dtype
     bound, used = [], set()
     for node, item in zip(span, pending, strict=True):
         if node.function is not None or node.op_type in STATEFUL_RANDOM_OPS:
-            raise _Unreplayable(f"its {node.op_type} op must run from its Python")
+            raise _Unreplayable(Refusal.PYTHON_OP.say(op_type=node.op_type))
         for slot, ref in enumerate(node.inputs):
             if ref[0] == RESOURCE or (ref[0] == FROM_NODE and ref[1].uid in members):
                 continue
             if ref[0] == FROM_NODE:
                 position = by_reference.get((FROM_NODE, ref[1].uid) + tuple(ref[2:]))
                 if position is None:
-                    raise _Unreplayable("it reads a tensor made before it that is not one of "
-                                        "its arguments")
+                    raise _Unreplayable(Refusal.EARLIER_TENSOR.say())
             else:
                 value = item.outside[slot]
                 position = by_identity.get(id(value))
                 if position is None:
                     if _own_constant(node.externals.get(slot), value, first_new):
                         continue
-                    raise _Unreplayable("it reads a value made outside it that may change")
+                    raise _Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
             if runner.decides_shape(node, slot):
-                raise _Unreplayable("an argument's value decides a shape inside it")
+                raise _Unreplayable(Refusal.SHAPE_DECIDING_ARGUMENT.say())
             bound.append(((node.uid, slot), position))
             used.add(position)
     leaves = tf.nest.flatten(result)
@@ -483,7 +502,7 @@ def _describe_call(runner, start, flat, arguments: dict, converted: dict, result
         elif isinstance(leaf, PYTHON_VALUES):
             results.append(("python", leaf))
         else:
-            raise _Unreplayable(f"it returned a {type(leaf).__name__} made outside its ops")
+            raise _Unreplayable(Refusal.FOREIGN_RESULT.say(type_name=type(leaf).__name__))
     structure = tf.nest.pack_sequence_as(result, list(range(len(leaves))))
     variables = tuple({id(variable): variable for variable in read}.values())
     plan = ReplayPlan(span, [result[1:] for result in results if result[0] == "tensor"],
