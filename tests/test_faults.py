@@ -586,30 +586,32 @@ class _InterruptInIterationExit(_InterruptAt):
         return self._line
 
 
+def _interrupted_then_cleaned_up(then: str, injector) -> str:
+    """Two iterations, a third interrupted by `injector`, then the next iteration or `close`:
+    a problem description, or "" when the ops ran once each and nothing stayed installed."""
+    chain, session = _Chain(), Session("exit", trace_iterations=1)
+    for _ in range(2):
+        with session.iteration():
+            chain.step()
+    _run_interrupted(session, chain.step, injector)
+    expected = 9.0
+    if then == "next iteration":
+        with session.iteration():
+            chain.step()
+        expected = 12.0
+    session.close()
+    a = float(chain.a.numpy())
+    left = _left_installed()
+    return f"a={a} (eager: {expected}), left installed {left}" if a != expected or left else ""
+
+
 @pytest.mark.parametrize("then", ["next iteration", "close"])
 def test_interrupt_as_an_iteration_exits_is_cleaned_up_by_the_next_one_or_close(then):
     """Ctrl-C at the first lines of an iteration's exit, before it leaves its blocks: the next
     iteration (or closing the session) submits the ops Python issued, as eagerly they would
     have run, and takes the op handler and replaying block away."""
-    problems = []
-    for at in range(1, 4):
-        chain, session = _Chain(), Session("exit", trace_iterations=1)
-        for _ in range(2):
-            with session.iteration():
-                chain.step()
-        _run_interrupted(session, chain.step, _InterruptInIterationExit(at))
-        if then == "close":
-            session.close()
-            expected = 9.0
-        else:
-            with session.iteration():
-                chain.step()
-            session.close()
-            expected = 12.0
-        a = float(chain.a.numpy())
-        left = _left_installed()
-        if a != expected or left:
-            problems.append(f"line {at}: a={a} (eager: {expected}), left installed {left}")
+    problems = [f"line {at}: {problem}" for at in range(1, 4)
+                if (problem := _interrupted_then_cleaned_up(then, _InterruptInIterationExit(at)))]
     assert problems == [], "\n".join(problems)
 
 
@@ -621,24 +623,10 @@ def test_interrupt_while_an_iteration_leaves_its_blocks_is_cleaned_up_later(then
     call once left the handler installed on the thread for good.)"""
     problems = []
     for at in range(1, 12):
-        chain, session = _Chain(), Session("leave", trace_iterations=1)
-        for _ in range(2):
-            with session.iteration():
-                chain.step()
         injector = _InterruptInFunction(at, "_leave_blocks")
-        _run_interrupted(session, chain.step, injector)
-        if then == "close":
-            session.close()
-            expected = 9.0
-        else:
-            with session.iteration():
-                chain.step()
-            session.close()
-            expected = 12.0
-        a = float(chain.a.numpy())
-        left = _left_installed()
-        if a != expected or left:
-            problems.append(f"line {at}: a={a} (eager: {expected}), left installed {left}")
+        problem = _interrupted_then_cleaned_up(then, injector)
+        if problem:
+            problems.append(f"line {at}: {problem}")
         if injector.count < at:
             break  # past the last line of _leave_blocks
     assert problems == [], "\n".join(problems)
