@@ -51,6 +51,7 @@ _ISLAND_OPS = _DATA_DEPENDENT_SHAPE_OPS | frozenset({
     "DeleteRandomSeedGenerator", "WriteFile", "ReadFile",
 })
 
+
 def _attrs_key(op_type, attrs):
     """Hashable attrs for node identity; a stateful random op's seed2 is left out (graphgen)."""
     key = _hashable(attrs)

@@ -50,6 +50,7 @@ from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
 
 SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
 
+
 def _gathers_from_variable(node) -> bool:
     """A gather from a variable has an IndexedSlices gradient for that variable. Through a
     traced call's backward function it would arrive dense, and optimizers update dense and
