@@ -36,7 +36,7 @@ def _input_difference(expected, key, refs) -> tuple[str, str, str] | None:
     """What differs between an op's traced node (`expected`: its key and node) and the op now:
     (explanation, traced, now), naming the input slot and its source before and now."""
     traced_key, node = expected
-    for slot, (before, now) in enumerate(zip(traced_key[3], key[3])):
+    for slot, (before, now) in enumerate(zip(traced_key.inputs, key.inputs)):
         if before == now:
             continue
         if before[0] == RESOURCE and now[0] == RESOURCE:
@@ -47,13 +47,13 @@ def _input_difference(expected, key, refs) -> tuple[str, str, str] | None:
                     _describe_input(node.inputs[slot]), _describe_input(refs[slot]))
         return (f"input {slot} came from another source",
                 _describe_source(node.inputs[slot]), _describe_source(refs[slot]))
-    if traced_key[4] != key[4]:
+    if traced_key.shape_values != key.shape_values:
         slots = [slot for slot, ref in enumerate(refs) if is_integer(ref)]
         names = ", ".join(str(slot) for slot in slots)
         return (f"the value of its input {names} ({_describe_input(refs[slots[0]])}) "
                 "decides its output shape, and it changed",
-                _describe_shapes(traced_key[4], node.output_dtypes),
-                _describe_shapes(key[4], node.output_dtypes))
+                _describe_shapes(traced_key.shape_values, node.output_dtypes),
+                _describe_shapes(key.shape_values, node.output_dtypes))
     return None
 
 
@@ -85,19 +85,20 @@ def explain_divergence(index, cursor, op_type, key, location, refs) -> ev.Fallba
                 frame, op_type, str(user_frame_of(expected.location)), str(frame))
         here = [(traced, child) for traced, child in cursor.children.items()
                 if child.op_type == op_type and child.location == location]
-        if all(traced[1] != key[1] for traced, _ in here):
+        if all(traced.attrs != key.attrs for traced, _ in here):
             return ev.FallbackEvent(
                 index, FallbackKind.ATTRS_CHANGED, f"{op_type} ran with different attributes",
                 "an attribute (e.g. a Python number passed to the op) changed",
-                frame, op_type, str(here[0][1].attrs), str(key[1]))
+                frame, op_type, str(here[0][1].attrs), str(key.attrs))
         compared = [(traced, _input_difference(traced, key, refs))
-                    for traced in here if traced[0][1] == key[1]]
+                    for traced in here if traced[0].attrs == key.attrs]
         traced, difference = next((pair for pair in compared if pair[1] is not None),
                                   compared[0])
         what, before, now = difference or ("its inputs differ", "", "")
         old = ", ".join(_describe_input(ref) for ref in traced[1].inputs)
         new = ", ".join(_describe_input(ref) for ref in refs)
-        kind = (FallbackKind.SHAPE_CHANGED if old != new or traced[0][4] != key[4]
+        changed = old != new or traced[0].shape_values != key.shape_values
+        kind = (FallbackKind.SHAPE_CHANGED if changed
                 else FallbackKind.INPUT_CHANGED)
         return ev.FallbackEvent(
             index, kind, f"{op_type} got inputs unlike the traced ones: {what}",

@@ -26,7 +26,19 @@ from terra_nb.engine.divergence import explain_divergence
 from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer, static_shape
 from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay.entrypoints import is_replaying
-from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, TraceGraph
+from terra_nb.engine.tracegraph import (
+    EXTERNAL,
+    FROM_NODE,
+    RESOURCE,
+    External,
+    IslandOutput,
+    NodeKey,
+    NodeOutput,
+    Resource,
+    TraceGraph,
+    hashable,
+    input_identity,
+)
 from terra_nb.engine.usercode import user_location
 from terra_nb.engine.worker import GraphRunner
 
@@ -54,19 +66,11 @@ _ISLAND_OPS = _DATA_DEPENDENT_SHAPE_OPS | frozenset({
 
 def _attrs_key(op_type, attrs):
     """Hashable attrs for node identity; a stateful random op's seed2 is left out (graphgen)."""
-    key = _hashable(attrs)
+    key = hashable(attrs)
     if op_type in graphgen.STATEFUL_RANDOM_OPS and key:
         key = tuple(None if index > 0 and key[index - 1] == "seed2" else item
                     for index, item in enumerate(key))
     return key
-
-
-def _hashable(value):
-    if isinstance(value, (list, tuple)):
-        return tuple(_hashable(item) for item in value)
-    if hasattr(value, "SerializeToString"):
-        return value.SerializeToString()
-    return value
 
 
 # op signature -> input slots whose values decide output shapes (see _shape_values)
@@ -87,15 +91,6 @@ def _signature_of(ref):
 def _shape_signature(op_type, attrs_key, refs) -> tuple:
     """What decides which inputs of an op decide its output shapes (_SHAPE_VALUE_SLOTS)."""
     return (op_type, attrs_key, tuple(_signature_of(ref) for ref in refs))
-
-
-def _ref_key(ref):
-    kind = ref[0]
-    if kind == FROM_NODE:
-        return (FROM_NODE, ref[1].uid) + ref[2:]
-    if kind == RESOURCE:
-        return (RESOURCE, id(ref[1]))
-    return ref
 
 
 class _Pending:
@@ -151,8 +146,8 @@ class PythonRunner:
             location = user_location(self.stop_frame, depth=3)
         refs = tuple(self._ref(value) for value in inputs)
         attrs_key = _attrs_key(op_type, attrs)
-        key = (op_type, attrs_key, location, tuple(_ref_key(ref) for ref in refs),
-               self._shape_values(op_type, attrs, attrs_key, refs, inputs))
+        key = NodeKey(op_type, attrs_key, location, tuple(input_identity(ref) for ref in refs),
+                      self._shape_values(op_type, attrs, attrs_key, refs, inputs))
         if self.mode == DEFER:
             child = self.cursor.children.get(key)
             if child is not None:
@@ -230,18 +225,18 @@ class PythonRunner:
     def _ref(self, value):
         if isinstance(value, internals.LazyTensor):
             if value._source is self:
-                return (FROM_NODE, value.node, value.index)
-            return (EXTERNAL, value._datatype_enum(), value._shape_tuple())
+                return NodeOutput(FROM_NODE, value.node, value.index)
+            return External(EXTERNAL, value._datatype_enum(), value._shape_tuple())
         produced = self.produced.get(id(value))
         if produced is not None and produced[0] is value:
             node = produced[1]
             if node.island:  # its shape may change from one run to the next: part of the ref
-                return (FROM_NODE, node, produced[2], value._shape_tuple())
-            return (FROM_NODE, node, produced[2])
+                return IslandOutput(FROM_NODE, node, produced[2], value._shape_tuple())
+            return NodeOutput(FROM_NODE, node, produced[2])
         dtype = value._datatype_enum()
         if dtype in (RESOURCE_ENUM, VARIANT_ENUM):
-            return (RESOURCE, value)
-        return (EXTERNAL, dtype, value._shape_tuple())
+            return Resource(RESOURCE, value)
+        return External(EXTERNAL, dtype, value._shape_tuple())
 
     def _register(self, node, outputs) -> None:
         for index, output in enumerate(outputs or ()):
@@ -474,7 +469,7 @@ class PythonRunner:
 
     def reference_of(self, value):
         """Where `value` comes from, as node identity sees it (a tensor argument's guard)."""
-        return _ref_key(self._ref(value))
+        return input_identity(self._ref(value))
 
     def decides_shape(self, node, slot: int) -> bool:
         """True when the value at `slot` may decide the node's output shapes (a replayed

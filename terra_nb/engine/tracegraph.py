@@ -10,6 +10,7 @@ one path can be compiled into a graph (graphgen); the skeleton walks the trie to
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,7 +18,72 @@ FROM_NODE = 0  # input produced by an op of this iteration: (FROM_NODE, node, ou
 RESOURCE = 1  # a resource handle (variable, iterator): captured as is
 EXTERNAL = 2  # a value made by Python or a previous iteration: fed, or folded when constant
 
+
+# Where an op's input comes from (a value reference). Each is a tuple whose first item is its
+# kind, so references compare and hash as tuples and `ref[0]` tells the kind.
+class NodeOutput(NamedTuple):
+    """Output `index` of `node`, an op of this iteration."""
+
+    kind: int
+    node: object
+    index: int
+
+
+class IslandOutput(NamedTuple):
+    """Output `index` of an island `node`, with the `shape` it had this time (an island runs
+    eagerly, so its output shapes may change from one run to the next)."""
+
+    kind: int
+    node: object
+    index: int
+    shape: tuple
+
+
+class Resource(NamedTuple):
+    """A resource handle (a variable, an iterator), captured as is."""
+
+    kind: int
+    handle: object
+
+
+class External(NamedTuple):
+    """A value made by Python or an earlier iteration, by its dtype enum and shape."""
+
+    kind: int
+    dtype: int
+    shape: tuple
+
+
+class NodeKey(NamedTuple):
+    """A TraceGraph node's identity among its siblings (Terra's node-equality criterion)."""
+
+    op_type: str
+    attrs: tuple  # hashable attributes (a stateful random op's seed2 left out)
+    location: tuple  # the user's call-site stack
+    inputs: tuple  # each input's reference, with nodes by uid and resources by id
+    shape_values: tuple  # output shapes decided by input values (see PythonRunner._shape_values)
+
 SMALL_CONSTANT = 64  # an external input with at most this many elements may be folded
+
+
+def input_identity(ref) -> tuple:
+    """A value reference as node identity sees it: a node by its uid, a resource by its
+    object's id, an external value by its dtype and shape."""
+    kind = ref[0]
+    if kind == FROM_NODE:
+        return (FROM_NODE, ref[1].uid) + ref[2:]
+    if kind == RESOURCE:
+        return (RESOURCE, id(ref[1]))
+    return ref
+
+
+def hashable(value):
+    """Op attributes as a hashable value (protos by their serialized bytes)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(hashable(item) for item in value)
+    if hasattr(value, "SerializeToString"):
+        return value.SerializeToString()
+    return value
 
 
 class ExternalInput:
