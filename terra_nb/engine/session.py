@@ -163,8 +163,12 @@ class Session:
 
             internals.remove_guard(drain_unless_owner=self._runner)
             self._runner.close()
-            for event in self._runner.take_worker_events():
-                self.events.emit(event)
+            self._emit_worker_events()
+
+    def _emit_worker_events(self) -> None:
+        """Emit, from this (the session's) thread, what the graph worker queued."""
+        for event in self._runner.take_worker_events():
+            self.events.emit(event)
 
 
 class _Iteration:
@@ -235,8 +239,7 @@ class _Iteration:
             self._leave_blocks()
             runner = self.session.graph_runner
             if runner is not None:
-                for event in runner.take_worker_events():
-                    self.session.events.emit(event)
+                self.session._emit_worker_events()
             if self.run is not None and runner.busy:
                 from terra_nb.engine import internals
 

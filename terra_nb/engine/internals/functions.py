@@ -170,7 +170,7 @@ class _TapePlan:
 
 
 def tape_gradient(tape, targets: list, sources: list, unconnected_gradients) -> list:
-    """`GradientTape.gradient` for flat lists of tensors and variables (macros' entry point):
+    """`GradientTape.gradient` for flat lists of tensors and variables (replay's entry point):
     the steps TensorFlow's method takes for them, without its nest walks, composite-tensor
     handling and its per-source dtype check, which only writes a debug log. The caller has
     left every other case (persistent tape still recording, used tape, output gradients,

@@ -19,7 +19,6 @@ from tensorflow.python.eager import (
     execute,
     tape,
 )
-from tensorflow.python.eager import imperative_grad as gradient_module  # noqa: F401 (macros)
 from tensorflow.python.eager.polymorphic_function import atomic_function
 from tensorflow.python.framework import (
     constant_op,

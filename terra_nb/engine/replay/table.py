@@ -67,7 +67,7 @@ def _gathers_from_variable(node) -> bool:
 class _SpanReplay:
     """A stable library call replayed as the TraceGraph span it recorded, op by op."""
 
-    plan: object  # its nodes, and how to replay them (runner.ReplayPlan)
+    plan: object  # its nodes, and how to replay them (plan.ReplayPlan)
     arguments: tuple  # (flat argument position, reference it must have) it reads
     bound: tuple  # ((node uid, input slot), flat argument position)
     results: tuple  # per result leaf: ("tensor", uid, index), ("argument", position) or
@@ -104,7 +104,7 @@ class _GradientEntry:
     banned: str = ""
     plan: object = None  # how to replay its ops, once two observations agreed
     results: list | None = None  # where each gradient comes from (see _describe)
-    shared: dict | None = None  # external inputs that a forward op was given (runner.replay)
+    shared: dict | None = None  # external inputs that a forward op was given (ReplayPlan.defer)
 
 
 class _Unreplayable(Exception):
@@ -113,7 +113,6 @@ class _Unreplayable(Exception):
 
 class _ReplayState(threading.local):
     """Per thread: whether a library call is being observed or replayed, and for whom."""
-
 
     observing = 0
     replaying = 0
