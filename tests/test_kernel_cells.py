@@ -126,3 +126,31 @@ def test_an_error_in_the_loop_shows_the_users_frames_not_the_cell_as_a_string():
     assert "out = layer(x)" in first
     second = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(failures[1]["traceback"]))
     assert "z = tf.constant([1, 2])[i + 5]" in second
+
+
+GUARD_MISSES = """\
+%%terra --explain --no-panel
+head = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)])
+totals = []
+for step in range(16):
+    batch = x if step < 6 else x[:8]  # the last batches are smaller
+    if step == 11:
+        head.layers[0].trainable = False  # frozen half way
+    totals.append(float(tf.reduce_sum(head(batch))))
+"""
+
+
+def test_explain_says_which_part_of_a_replayed_calls_guard_changed():
+    """A Sequential of library layers, defined in the cell, is replayed; a smaller batch and a
+    frozen layer make it run its Python again, and `--explain` says what changed."""
+    notebook = execute_cells(["%load_ext terra_nb", SETUP, GUARD_MISSES])
+    assert errors_in(notebook) == []
+    explained = text_of(notebook.cells[-1])
+    assert re.search(r"iteration [0-5]: note replayed: .*\(replayed\): Sequential call at",
+                     explained), explained
+    assert re.search(r"iteration 6: note guard-miss: Sequential call at .* runs its Python "
+                     r"again: argument 0 changed: float32\(16, 8\) -> float32\(8, 8\)",
+                     explained), explained
+    assert re.search(r"iteration 11: note guard-miss: Sequential call at .* runs its Python "
+                     r"again: its trainable flags changed: \(True, True, True, True\) -> "
+                     r"\(True, True, False, True\)", explained), explained

@@ -7,29 +7,34 @@ from __future__ import annotations
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
-from terra_nb.engine.hostvalues import is_integer, static_shape
+from terra_nb.engine.hostvalues import is_integer
 from terra_nb.engine.reasons import FallbackKind
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
 from terra_nb.engine.usercode import user_frame_of
 
 
 def _describe_input(ref) -> str:
-    if ref[0] == RESOURCE:
+    if ref.kind == RESOURCE:
         return "a resource"
-    dtype = tf.dtypes.as_dtype(ref[1].output_dtypes[ref[2]] if ref[0] == FROM_NODE else ref[1])
-    return f"{dtype.name}{tuple(static_shape(ref))}"
+    return f"{tf.dtypes.as_dtype(ref.dtype).name}{tuple(ref.shape)}"
 
 
 def _describe_source(ref) -> str:
     """Where an op's input came from, as node identity tells sources apart."""
-    if ref[0] == RESOURCE:
+    if ref.kind == RESOURCE:
         return "a resource handle (a variable or iterator)"
-    if ref[0] == FROM_NODE:
-        node = ref[1]
-        frame = user_frame_of(node.location)
+    if ref.kind == FROM_NODE:
+        frame = user_frame_of(ref.node.location)
         where = f" at {frame}" if frame is not None else ""
-        return f"output {ref[2]} of {node.op_type}{where}, {_describe_input(ref)}"
+        return f"output {ref.index} of {ref.node.op_type}{where}, {_describe_input(ref)}"
     return f"a value from Python or an earlier iteration, {_describe_input(ref)}"
+
+
+def _same_source(traced, now) -> bool:
+    """Whether two references name the same source, whatever its dtype or shape."""
+    if traced.kind != now.kind:
+        return False
+    return traced.kind == EXTERNAL or traced.node.uid == now.node.uid
 
 
 def _input_difference(expected, key, refs) -> tuple[str, str, str] | None:
@@ -39,14 +44,15 @@ def _input_difference(expected, key, refs) -> tuple[str, str, str] | None:
     for slot, (before, now) in enumerate(zip(traced_key.inputs, key.inputs)):
         if before == now:
             continue
-        if before[0] == RESOURCE and now[0] == RESOURCE:
+        traced, given = node.inputs[slot], refs[slot]
+        if traced.kind == RESOURCE and given.kind == RESOURCE:
             return (f"input {slot} is another resource (variable or iterator) than the "
                     "traced one", "the traced resource", "another resource")
-        if before[0] == now[0] and (before[0] == EXTERNAL or before[1] == now[1]):
+        if _same_source(traced, given):
             return (f"input {slot} has another dtype or shape",
-                    _describe_input(node.inputs[slot]), _describe_input(refs[slot]))
+                    _describe_input(traced), _describe_input(given))
         return (f"input {slot} came from another source",
-                _describe_source(node.inputs[slot]), _describe_source(refs[slot]))
+                _describe_source(traced), _describe_source(given))
     if traced_key.shape_values != key.shape_values:
         slots = [slot for slot, ref in enumerate(refs) if is_integer(ref)]
         names = ", ".join(str(slot) for slot in slots)

@@ -95,11 +95,11 @@ def feed_and_fold_plan(path: list[Node]) -> tuple[list, list]:
     feeds, folded = [], []
     for position, node in enumerate(path):
         for slot, ref in enumerate(node.inputs):
-            if ref[0] == FROM_NODE and ref[1].uid in members:
+            if ref.kind == FROM_NODE and ref.node.uid in members:
                 continue
-            if ref[0] == RESOURCE:
+            if ref.kind == RESOURCE:
                 continue
-            if ref[0] == EXTERNAL and not _varying(node, slot):
+            if ref.kind == EXTERNAL and not _varying(node, slot):
                 folded.append((position, slot))
             else:
                 feeds.append((position, slot))
@@ -112,12 +112,7 @@ def _varying(node: Node, slot: int) -> bool:
 
 
 def _input_spec(ref) -> tf.TensorSpec:
-    if ref[0] == FROM_NODE:
-        node, index = ref[1], ref[2]
-        dtype = tf.dtypes.as_dtype(node.output_dtypes[index])
-        shape = ref[3] if len(ref) > 3 else node.output_shapes[index]
-        return tf.TensorSpec(shape, dtype)
-    return tf.TensorSpec(ref[2], tf.dtypes.as_dtype(ref[1]))
+    return tf.TensorSpec(ref.shape, tf.dtypes.as_dtype(ref.dtype))
 
 
 def _fold_static_outputs(function, results: list) -> list:
@@ -172,13 +167,13 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
         for position, node in enumerate(path):
             inputs = []
             for slot, ref in enumerate(node.inputs):
-                if ref[0] == FROM_NODE and ref[1].uid in position_of:
-                    inputs.append(values[(ref[1].uid, ref[2])])
-                elif ref[0] == RESOURCE:
-                    inputs.append(graph.capture(ref[1]))
+                if ref.kind == FROM_NODE and ref.node.uid in position_of:
+                    inputs.append(values[(ref.node.uid, ref.index)])
+                elif ref.kind == RESOURCE:
+                    inputs.append(graph.capture(ref.handle))
                 elif (position, slot) in folded_set:
                     constant = node.externals[slot].first_value
-                    inputs.append(tf.constant(constant, dtype=tf.dtypes.as_dtype(ref[1])))
+                    inputs.append(tf.constant(constant, dtype=tf.dtypes.as_dtype(ref.dtype)))
                 else:
                     inputs.append(args[feed_index[(position, slot)]])
             waits = fallible if fallible and is_stateful(node) else []
@@ -314,7 +309,7 @@ def _probed_shapes(op_type, protos, inputs, refs, unknown: set) -> tuple | None:
     with internals.suspended(), graph.as_default():
         tensors = []
         for slot, value in enumerate(inputs):
-            if refs[slot][0] == RESOURCE:
+            if refs[slot].kind == RESOURCE:
                 tensors.append(graph.capture(value))
             elif slot in constants:
                 tensors.append(tf.constant(np.asarray(internals.unwrap(value))))

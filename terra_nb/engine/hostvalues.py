@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
-from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, SMALL_CONSTANT
+from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE, SMALL_CONSTANT
 
 # Ops whose value follows from their inputs' static shapes: known without running the graph.
 SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
@@ -132,9 +132,9 @@ def mirror_index_sources(node) -> None:
     stack = list(node.inputs[1:])
     while stack:
         ref = stack.pop()
-        if ref[0] != FROM_NODE:
+        if ref.kind != FROM_NODE:
             continue
-        source = ref[1]
+        source = ref.node
         if source.mirrored or not _mirrorable(source):
             continue
         source.mirrored = True
@@ -208,12 +208,6 @@ def available(value) -> bool:
 
 
 
-def static_shape(ref):
-    if ref[0] == FROM_NODE:
-        return ref[3] if len(ref) > 3 else ref[1].output_shapes[ref[2]]
-    return ref[2]
-
-
 def _enum(name: str) -> int:
     return tf.dtypes.as_dtype(name).as_datatype_enum
 
@@ -228,6 +222,4 @@ _INDEX_ENUMS = INTEGER_ENUMS | {_enum("bool")}
 
 def is_integer(ref) -> bool:
     """Whether an op input (a value reference) holds integers: the kind that may decide shapes."""
-    if ref[0] == FROM_NODE:
-        return ref[1].output_dtypes[ref[2]] in INTEGER_ENUMS
-    return ref[0] == EXTERNAL and ref[1] in INTEGER_ENUMS
+    return ref.kind != RESOURCE and ref.dtype in INTEGER_ENUMS

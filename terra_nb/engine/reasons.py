@@ -42,6 +42,8 @@ class NoteKind(_Reason):
                "plainly eager before co-execution is tried again")
     REPLAYED = ("replayed", "library calls that no longer run their Python: they are replayed")
     NOT_REPLAYED = ("not-replayed", "a library call that keeps running its Python, and why")
+    GUARD_MISS = ("guard-miss", "a replayed library call runs its Python again: something it "
+                  "reads changed (a shape, a flag, a Python argument), and what")
     LIBRARY_REPLAY = ("library-replay", "the iteration traced the path replayed calls make")
     XLA_REFUSED = ("xla-refused", "a graph segment XLA could not compile runs without XLA")
     COMPILED_WORK = ("compiled-work", "a Keras method that runs its own compiled graph runs "

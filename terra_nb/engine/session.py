@@ -15,10 +15,8 @@ import time
 from terra_nb.engine import events as ev
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.reasons import NoteKind
+from terra_nb.engine.schedule import DEFER, RECORD, Schedule
 from terra_nb.engine.usercode import innermost_user_frame
-
-RECORD = "record"  # the skeleton's modes (skeleton.RECORD, skeleton.DEFER), named here to keep
-DEFER = "defer"  # TensorFlow unimported
 
 DEFAULT_TRACE_ITERATIONS = 2
 
@@ -41,29 +39,22 @@ class Session:
         if trace_iterations < 1:
             raise ValueError(f"trace_iterations must be at least 1, got {trace_iterations}")
         self.name = name
-        self.trace_iterations = trace_iterations
         self.xla = xla
-        self.eager = eager
         self.self_check = self_check
         self.overlap = overlap
-        self.baseline = baseline
         self.policy = policy or SchedulingPolicy()
+        self.schedule = Schedule(self.policy, trace_iterations, eager, baseline)
         self.events = ev.EventLog()
         self.iterations = 0
-        self._recorded = 0  # tracing iterations started
-        self._run_start = 0  # the first iteration of the current run (see start_run)
         self._entered: _Iteration | None = None  # the iteration whose blocks are installed
         self._graph = None
         self._runner = None
         self._macros = None
-        self._diverged_in_a_row = 0
-        self._backoff_level = 0
-        self._backoff_left = 0
 
     def start_run(self) -> None:
         """The next iteration starts a new run of the program (a cell's loop run again): with
         `baseline`, that run measures its own eager time again (its second iteration)."""
-        self._run_start = self.iterations
+        self.schedule.run_start = self.iterations
 
     def iteration(self) -> _Iteration:
         """Run one iteration of the user's loop body (a context manager)."""
@@ -101,50 +92,26 @@ class Session:
             self._graph, self._runner, self._macros = graph, runner, macros
         return self._graph, self._runner
 
-    def _mode_for(self, index: int) -> str:
-        """RECORD or DEFER, or the mode of a plain eager iteration: EAGER (`--eager`), BACKOFF,
-        or BASELINE (with `baseline`, the second iteration of each run and every
-        `policy.baseline_period`-th after it run plainly eagerly, so each speedup is measured
-        against eager time taken in the run itself, not against tracing iterations, which also
-        record).
-        """
-        if self.eager:
-            return ev.EAGER
-        if self._backoff_left > 0:
-            return ev.BACKOFF
-        if self.baseline and (index - self._run_start) % self.policy.baseline_period == 1:
-            return ev.BASELINE
-        if self._recorded < self.trace_iterations:
-            self._recorded += 1
-            return RECORD
-        return DEFER
+    @property
+    def trace_iterations(self) -> int:
+        return self.schedule.trace_iterations
+
+    @property
+    def eager(self) -> bool:
+        return self.schedule.eager
+
+    @property
+    def baseline(self) -> bool:
+        return self.schedule.baseline
 
     def _after(self, index: int, mode: str) -> None:
-        """Count diverging iterations; back off to plain eager, exponentially, when they repeat.
-
-        A program that diverges on every iteration (a new shape each step, say) then costs
-        almost nothing: back-off iterations run with no interception at all.
-        """
-        if mode == ev.BACKOFF:
-            self._backoff_left -= 1
-            return
-        if mode == ev.BASELINE:
-            return
-        if mode == ev.CO_EXECUTING:
-            self._diverged_in_a_row = 0
-            self._backoff_level = 0
-            return
-        if mode != ev.FALLBACK:
-            return
-        self._diverged_in_a_row += 1
-        if self._diverged_in_a_row >= self.policy.backoff_after:
-            self._backoff_level = min(self._backoff_level + 1, self.policy.max_backoff_level)
-            self._backoff_left = 2 ** self._backoff_level
+        """Update the schedule with how the iteration ended; say so when a back-off starts."""
+        if self.schedule.after(mode):
             self.events.emit(ev.Note(
                 index, NoteKind.BACKOFF,
-                f"the program diverged from its trace in {self._diverged_in_a_row} iterations "
-                f"in a row; the next {self._backoff_left} run plainly eager, then co-execution "
-                "is tried again"))
+                f"the program diverged from its trace in {self.schedule.diverged_in_a_row} "
+                f"iterations in a row; the next {self.schedule.backoff_left} run plainly "
+                "eager, then co-execution is tried again"))
 
     def _finish_interrupted_exit(self) -> None:
         """An iteration still installed outside its body had its exit cut short by an
@@ -184,7 +151,7 @@ class _Iteration:
     def __enter__(self):
         session = self.session
         session._finish_interrupted_exit()
-        mode = session._mode_for(self.index)
+        mode = session.schedule.mode_for(self.index)
         self._compile_seconds = self._wait_seconds = 0.0
         graph_runner = session.graph_runner
         if graph_runner is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -23,9 +24,10 @@ import tensorflow as tf
 from terra_nb.engine import events as ev
 from terra_nb.engine import graphgen, hostvalues, internals
 from terra_nb.engine.divergence import explain_divergence
-from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer, static_shape
+from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer
 from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay.entrypoints import is_replaying
+from terra_nb.engine.schedule import DEFER, RECORD
 from terra_nb.engine.tracegraph import (
     EXTERNAL,
     FROM_NODE,
@@ -41,9 +43,6 @@ from terra_nb.engine.tracegraph import (
 )
 from terra_nb.engine.usercode import user_location
 from terra_nb.engine.worker import GraphRunner
-
-RECORD = "record"
-DEFER = "defer"
 
 # Ops whose output shape depends on input values beyond small integers (a mask's contents):
 # they run eagerly, so their outputs carry their real shapes (the TraceGraph's are static).
@@ -81,16 +80,22 @@ _SHAPES_FOR_VALUES_LIMIT = 100_000
 
 
 def _signature_of(ref):
-    if ref[0] == FROM_NODE:
-        return (ref[1].output_dtypes[ref[2]], static_shape(ref))
-    if ref[0] == RESOURCE:
+    if ref.kind == RESOURCE:
         return (RESOURCE,)
-    return (ref[1], ref[2])
+    return (ref.dtype, ref.shape)
 
 
 def _shape_signature(op_type, attrs_key, refs) -> tuple:
     """What decides which inputs of an op decide its output shapes (_SHAPE_VALUE_SLOTS)."""
     return (op_type, attrs_key, tuple(_signature_of(ref) for ref in refs))
+
+
+class _Produced(NamedTuple):
+    """An eager tensor an op of this iteration produced: output `index` of `node`."""
+
+    output: object
+    node: object
+    index: int
 
 
 class _Pending:
@@ -125,7 +130,7 @@ class PythonRunner:
         self.segment_uids: set = set()
         self.fallible_jobs: list = []  # segments that may fail on this iteration's values
         self.segment_may_fail = False  # the pending segment holds a fallible op not checked
-        self.produced: dict = {}  # id(eager tensor) -> (tensor, node, index), this iteration
+        self.produced: dict = {}  # id(eager tensor) -> _Produced, this iteration
         self.lazy_refs: dict = {}  # (node uid, output index) -> weakref to its LazyTensor
         self.external_inputs: dict = {}  # (node uid, input slot) -> value fed there, deferred
         self.ops = 0
@@ -228,11 +233,11 @@ class PythonRunner:
                 return NodeOutput(FROM_NODE, value.node, value.index)
             return External(EXTERNAL, value._datatype_enum(), value._shape_tuple())
         produced = self.produced.get(id(value))
-        if produced is not None and produced[0] is value:
-            node = produced[1]
+        if produced is not None and produced.output is value:
+            node = produced.node
             if node.island:  # its shape may change from one run to the next: part of the ref
-                return IslandOutput(FROM_NODE, node, produced[2], value._shape_tuple())
-            return NodeOutput(FROM_NODE, node, produced[2])
+                return IslandOutput(FROM_NODE, node, produced.index, value._shape_tuple())
+            return NodeOutput(FROM_NODE, node, produced.index)
         dtype = value._datatype_enum()
         if dtype in (RESOURCE_ENUM, VARIANT_ENUM):
             return Resource(RESOURCE, value)
@@ -240,7 +245,7 @@ class PythonRunner:
 
     def _register(self, node, outputs) -> None:
         for index, output in enumerate(outputs or ()):
-            self.produced[id(output)] = (output, node, index)
+            self.produced[id(output)] = _Produced(output, node, index)
 
     def _run_now(self, node, op_type, num_outputs, inputs, attrs, ctx, name):
         outputs = internals.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
@@ -256,10 +261,10 @@ class PythonRunner:
         outside = {}
         segment_uids = self.segment_uids
         for slot, ref in enumerate(refs):
-            if ref[0] == RESOURCE or (ref[0] == FROM_NODE and ref[1].uid in segment_uids):
+            if ref.kind == RESOURCE or (ref.kind == FROM_NODE and ref.node.uid in segment_uids):
                 continue
             outside[slot] = inputs[slot]
-            if ref[0] == EXTERNAL:
+            if ref.kind == EXTERNAL:
                 self.external_inputs[(node.uid, slot)] = inputs[slot]
         self.pending.append(_Pending(node, outside))
         segment_uids.add(node.uid)
@@ -299,7 +304,7 @@ class PythonRunner:
             for lazy, value in zip(outputs, node.host_memo[1], strict=False):
                 lazy.set_value(value)
             return
-        shapes = [static_shape(ref) for ref in refs]
+        shapes = [ref.shape for ref in refs]
         if node.op_type == "Shape" or node.op_type == "ShapeN":
             values = [np.array(shape, dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype)
                       for shape, dtype in zip(shapes, node.output_dtypes, strict=False)]
@@ -434,11 +439,11 @@ class PythonRunner:
                 continue
             outside = pending.outside
             for slot, ref in enumerate(pending.node.inputs):
-                if ref[0] != FROM_NODE or ref[1].uid not in head_uids:
+                if ref.kind != FROM_NODE or ref.node.uid not in head_uids:
                     continue
-                lazy = handed.get((ref[1].uid, ref[2]))
+                lazy = handed.get((ref.node.uid, ref.index))
                 if lazy is None:
-                    lazy = handed[(ref[1].uid, ref[2])] = self.lazy(ref[1], ref[2])
+                    lazy = handed[(ref.node.uid, ref.index)] = self.lazy(ref.node, ref.index)
                 if outside is pending.outside:
                     outside = dict(outside)
                 outside[slot] = lazy
@@ -554,7 +559,7 @@ def _computing(nodes: list, wanted: set) -> set:
     needed = set(wanted)
     for node in reversed(nodes):
         if node.uid in needed:
-            needed.update(ref[1].uid for ref in node.inputs if ref[0] == FROM_NODE)
+            needed.update(ref.node.uid for ref in node.inputs if ref.kind == FROM_NODE)
     return needed & {node.uid for node in nodes}
 
 
@@ -562,7 +567,7 @@ def _has_effect(node) -> bool:
     """An op whose place among other such ops matters: it changes or reads state, or may
     fail (eager execution stops there)."""
     return (graphgen.is_stateful(node) or node.op_type in graphgen.FALLIBLE_OPS
-            or any(ref[0] == RESOURCE for ref in node.inputs))
+            or any(ref.kind == RESOURCE for ref in node.inputs))
 
 
 def _site(node, slot: int) -> tuple:

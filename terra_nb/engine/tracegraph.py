@@ -20,13 +20,21 @@ EXTERNAL = 2  # a value made by Python or a previous iteration: fed, or folded w
 
 
 # Where an op's input comes from (a value reference). Each is a tuple whose first item is its
-# kind, so references compare and hash as tuples and `ref[0]` tells the kind.
+# kind, so references compare and hash as tuples; code reads them by field (`ref.kind`).
 class NodeOutput(NamedTuple):
     """Output `index` of `node`, an op of this iteration."""
 
     kind: int
     node: object
     index: int
+
+    @property
+    def shape(self) -> tuple:
+        return self.node.output_shapes[self.index]
+
+    @property
+    def dtype(self) -> int:
+        return self.node.output_dtypes[self.index]
 
 
 class IslandOutput(NamedTuple):
@@ -37,6 +45,10 @@ class IslandOutput(NamedTuple):
     node: object
     index: int
     shape: tuple
+
+    @property
+    def dtype(self) -> int:
+        return self.node.output_dtypes[self.index]
 
 
 class Resource(NamedTuple):
@@ -69,11 +81,10 @@ SMALL_CONSTANT = 64  # an external input with at most this many elements may be 
 def input_identity(ref) -> tuple:
     """A value reference as node identity sees it: a node by its uid, a resource by its
     object's id, an external value by its dtype and shape."""
-    kind = ref[0]
-    if kind == FROM_NODE:
-        return (FROM_NODE, ref[1].uid) + ref[2:]
-    if kind == RESOURCE:
-        return (RESOURCE, id(ref[1]))
+    if ref.kind == FROM_NODE:
+        return (FROM_NODE, ref.node.uid) + ref[2:]
+    if ref.kind == RESOURCE:
+        return (RESOURCE, id(ref.handle))
     return ref
 
 
@@ -156,8 +167,8 @@ class Node:
 
     def observe_externals(self, values: list) -> None:
         """Record the external input values of one visit (for feed-or-fold decisions)."""
-        for slot, (kind, *_rest) in enumerate(self.inputs):
-            if kind != EXTERNAL:
+        for slot, ref in enumerate(self.inputs):
+            if ref.kind != EXTERNAL:
                 continue
             seen = self.externals.get(slot)
             if seen is None:

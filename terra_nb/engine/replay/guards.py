@@ -6,6 +6,8 @@ observed again; the table keeps what it learnt per key."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -69,23 +71,65 @@ def dtype_of(value):
     return value.dtype if tf.is_tensor(value) else tf.dtypes.as_dtype(value.dtype)
 
 
-def guard_key(obj, args, kwargs, flat: list):
+class CallGuard(NamedTuple):
+    """The guard of a library call: what its Python reads that may change what it computes."""
+
+    obj: int  # the id of the object called
+    state: tuple  # the object's Python state (LayerState, OptimizerState or LossState)
+    arguments: tuple  # per flat argument: a TensorArgument, VariableArgument or PythonArgument
+    signature: tuple  # (positional count, keyword names, whether a gradient tape records)
+
+
+class LayerState(NamedTuple):
+    trainable_flags: tuple  # of the layer and each of its sub-layers
+    variable_count: int
+    dtype_policy: str
+    inherited_call_arguments: tuple  # (name, value) Keras' call context passes down
+
+
+class OptimizerState(NamedTuple):
+    variable_count: int
+    library_class: bool | None
+
+
+class LossState(NamedTuple):
+    library_class: bool | None
+    reduction: object
+
+
+class TensorArgument(NamedTuple):
+    dtype: str
+    shape: tuple
+
+
+class VariableArgument(NamedTuple):
+    marker: str  # "variable": a variable is guarded by identity
+    identity: int
+
+
+class PythonArgument(NamedTuple):
+    type_name: str
+    value: object
+
+
+def guard_key(obj, args, kwargs, flat: list) -> CallGuard | None:
     """The guard of a library call (`flat`: its flattened arguments), or None when a part of
     it cannot be guarded."""
-    parts = [id(obj), _object_state(obj)]
-    if parts[1] is None:
+    state = _object_state(obj)
+    if state is None:
         return None
+    arguments = []
     for value in flat:
         if is_tensor_like(value):
-            parts.append((dtype_of(value).name, tuple(np.shape(value))))
+            arguments.append(TensorArgument(dtype_of(value).name, tuple(np.shape(value))))
         elif isinstance(value, VARIABLE_TYPES):
-            parts.append(("variable", id(value)))
+            arguments.append(VariableArgument("variable", id(value)))
         elif isinstance(value, PYTHON_VALUES):
-            parts.append((type(value).__name__, value))
+            arguments.append(PythonArgument(type(value).__name__, value))
         else:
             return None
-    parts.append((len(args), tuple(sorted(kwargs)), internals.a_tape_is_recording()))
-    return tuple(parts)
+    return CallGuard(id(obj), state, tuple(arguments),
+                     (len(args), tuple(sorted(kwargs)), internals.a_tape_is_recording()))
 
 
 def _object_state(obj):
@@ -99,23 +143,59 @@ def _object_state(obj):
         inherited = keras_state.inherited_call_arguments(obj)
         if not all(isinstance(value, PYTHON_VALUES) for _, value in inherited):
             return None
-        return (tuple(layer.trainable for layer in layers), len(obj.variables),
-                str(obj.dtype_policy.name), inherited)
+        return LayerState(tuple(layer.trainable for layer in layers), len(obj.variables),
+                          str(obj.dtype_policy.name), inherited)
     if isinstance(obj, keras.optimizers.Optimizer):
         rate = keras_state.learning_rate_of(obj)
         if callable(rate) and not isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
             return None
-        return (len(obj.variables), not is_user_class(type(obj)) or None)
+        return OptimizerState(len(obj.variables), not is_user_class(type(obj)) or None)
     if isinstance(obj, keras.losses.Loss):
         function = getattr(obj, "fn", None)
         if function is not None and not is_library_function(function):
             return None
-        return (not is_user_class(type(obj)) or None, getattr(obj, "reduction", None))
+        return LossState(not is_user_class(type(obj)) or None, getattr(obj, "reduction", None))
     return None
 
 
+def guard_difference(before: CallGuard, now: CallGuard) -> tuple[str, str]:
+    """Which part of a guard changed between two keys of one call site and object, as
+    (part, sentence): the part names what changed (told once per call site), the sentence
+    says how."""
+    for field, old, new in zip(before.state._fields, before.state, now.state, strict=True):
+        if old != new:
+            name = field.replace("_", " ")
+            return field, f"its {name} changed: {_value_text(old)} -> {_value_text(new)}"
+    if len(before.arguments) != len(now.arguments):
+        return "arguments", (f"it was given {len(now.arguments)} tensors and values, "
+                             f"{len(before.arguments)} before")
+    for position, (old, new) in enumerate(zip(before.arguments, now.arguments, strict=True)):
+        if old != new:
+            return (f"argument {position}",
+                    f"argument {position} changed: {_argument_text(old)} -> "
+                    f"{_argument_text(new)}")
+    if before.signature[2] != now.signature[2]:
+        recording = "a gradient tape records it now" if now.signature[2] \
+            else "no gradient tape records it now"
+        return "tape", recording
+    return "signature", "its positional and keyword arguments changed"
 
-# ---------------------------------------------------------------- patching Keras entry points
+
+def _argument_text(argument) -> str:
+    if isinstance(argument, TensorArgument):
+        return f"{argument.dtype}{argument.shape}"
+    if isinstance(argument, VariableArgument):
+        return "a variable"
+    return f"{argument.type_name} {argument.value!r}"
+
+
+def _value_text(value) -> str:
+    if value == ():
+        return "none"
+    if isinstance(value, tuple) and all(isinstance(item, tuple) and len(item) == 2
+                                                  for item in value):
+        return ", ".join(f"{name}={item!r}" for name, item in value)
+    return repr(value)
 
 
 def gradient_key(runner, target, sources, unconnected, call_site):

@@ -1,13 +1,88 @@
-"""A recorded span of library ops deferred again without running the Python that issued
-them: `ReplayPlan` works out once where each op's inputs come from, and `defer` queues the
-span into the skeleton's pending segment for one call."""
+"""Replaying a recorded span of library ops without the Python that issued them: where a
+replayed result comes from (FromOp, FromArgument, PythonValue, FromSlices), and `ReplayPlan`,
+which works out once where each op's inputs come from; its `defer` queues the span into the
+skeleton's pending segment for one call."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import tensorflow as tf
+
 from terra_nb.engine import graphgen, internals
+from terra_nb.engine.reasons import Refusal
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
 
 _BOUND, _GIVEN, _MADE, _EARLIER = range(4)  # where a replayed op's input comes from
+
+
+# Where a replayed call's result leaf comes from.
+class FromOp(NamedTuple):
+    """Output `index` of the span's node `uid` (a key `ReplayPlan.defer`'s lookup takes)."""
+
+    uid: int
+    index: int
+
+
+class FromArgument(NamedTuple):
+    """The call's flat argument at `position`, returned as given."""
+
+    position: int
+
+
+class PythonValue(NamedTuple):
+    """A Python value the call returned, the same at every observation."""
+
+    value: object
+
+
+class FromSlices(NamedTuple):
+    """A gradient as IndexedSlices, each part described (`dense_shape` may be None)."""
+
+    values: object
+    indices: object
+    dense_shape: object
+
+
+class Unreplayable(Exception):
+    """A gradient result that cannot be described by TraceGraph nodes."""
+
+
+def describe_gradient(value, runner):
+    """Where a gradient comes from: None, FromOp or FromSlices."""
+    if value is None:
+        return None
+    if isinstance(value, tf.IndexedSlices):
+        shape = None if value.dense_shape is None else describe_gradient(value.dense_shape,
+                                                                          runner)
+        return FromSlices(describe_gradient(value.values, runner),
+                          describe_gradient(value.indices, runner), shape)
+    if isinstance(value, internals.LazyTensor) and value._source is runner:
+        return FromOp(value.node.uid, value.index)
+    raise Unreplayable(Refusal.NOT_A_TRACED_VALUE.say(type_name=type(value).__name__))
+
+
+def result_keys(results: list) -> list:
+    """The (node uid, output index) keys a gradient's results read."""
+    keys = []
+    for result in results:
+        if result is None:
+            continue
+        if isinstance(result, FromOp):
+            keys.append(result)
+        else:
+            keys.extend(result_keys(result))
+    return keys
+
+
+def rebuild_gradient(result, value_of):
+    """A gradient from its description and the replayed span's values."""
+    if result is None:
+        return None
+    if isinstance(result, FromOp):
+        return value_of(result)
+    values, indices, shape = (rebuild_gradient(part, value_of) for part in result)
+    return tf.IndexedSlices(values, indices, shape)
 
 
 class ReplayPlan:
@@ -24,8 +99,8 @@ class ReplayPlan:
     def __init__(self, span: list, needed: list, bound_slots) -> None:
         members = {node.uid for node in span}
         bound_slots = set(bound_slots)
-        inspected = {(ref[1].uid, ref[2]) for node in span if _inspects_inputs(node)
-                     for ref in node.inputs if ref[0] == FROM_NODE}
+        inspected = {(ref.node.uid, ref.index) for node in span if _inspects_inputs(node)
+                     for ref in node.inputs if ref.kind == FROM_NODE}
         wanted = set(needed) | inspected
         steps, outside = [], [key for key in needed if key[0] not in members]
         for node in span:
@@ -33,15 +108,15 @@ class ReplayPlan:
             for slot, ref in enumerate(node.inputs):
                 if (node.uid, slot) in bound_slots:
                     sources.append((_BOUND, (node.uid, slot), None))
-                elif ref[0] == RESOURCE:
-                    sources.append((_GIVEN, ref[1], None))
-                elif ref[0] == EXTERNAL:
+                elif ref.kind == RESOURCE:
+                    sources.append((_GIVEN, ref.handle, None))
+                elif ref.kind == EXTERNAL:
                     sources.append((_GIVEN, node.externals[slot].first, None))
-                elif ref[1].uid in members:
-                    sources.append((_MADE, (ref[1].uid, ref[2]), ref[1]))
+                elif ref.node.uid in members:
+                    sources.append((_MADE, (ref.node.uid, ref.index), ref.node))
                 else:
-                    sources.append((_EARLIER, (ref[1].uid, ref[2]), ref[1]))
-                    outside.append((ref[1].uid, ref[2]))
+                    sources.append((_EARLIER, (ref.node.uid, ref.index), ref.node))
+                    outside.append((ref.node.uid, ref.index))
             keep = any((node.uid, index) in wanted for index in range(len(node.output_dtypes)))
             steps.append((node, tuple(sources), keep, _inspects_inputs(node)))
         self.span, self.steps, self.outside = span, steps, outside

@@ -39,14 +39,25 @@ from terra_nb.engine.reasons import NoteKind, Refusal
 from terra_nb.engine.replay.guards import (
     ARRAYS,
     PYTHON_VALUES,
+    CallGuard,
     dtype_of,
     flatten,
     gradient_key,
+    guard_difference,
     guard_key,
     is_tensor_like,
 )
-from terra_nb.engine.replay.plan import ReplayPlan
-from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
+from terra_nb.engine.replay.plan import (
+    FromArgument,
+    FromOp,
+    PythonValue,
+    ReplayPlan,
+    Unreplayable,
+    describe_gradient,
+    rebuild_gradient,
+    result_keys,
+)
+from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
 
 SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
 
@@ -60,7 +71,7 @@ def _gathers_from_variable(node) -> bool:
     if node.op_type not in ("GatherV2", "Gather") or not node.inputs:
         return False
     params = node.inputs[0]
-    return params[0] == FROM_NODE and params[1].op_type == "ReadVariableOp"
+    return params.kind == FROM_NODE and params.node.op_type == "ReadVariableOp"
 
 
 @dataclasses.dataclass
@@ -70,8 +81,7 @@ class _SpanReplay:
     plan: object  # its nodes, and how to replay them (plan.ReplayPlan)
     arguments: tuple  # (flat argument position, reference it must have) it reads
     bound: tuple  # ((node uid, input slot), flat argument position)
-    results: tuple  # per result leaf: ("tensor", uid, index), ("argument", position) or
-    # ("python", value)
+    results: tuple  # per result leaf: FromOp, FromArgument or PythonValue
     structure: object  # the result's nesting
     variables: tuple  # trainable variables it read (gradient tapes watch them)
     conversions: tuple  # (position of a numpy argument its ops read, dtype it was converted to)
@@ -84,6 +94,7 @@ _NOT_HERE = object()  # a span replay that does not fit where the program is
 class _Entry:
     """What is known of one guard key."""
 
+    guard: object  # the key (guards.CallGuard for Keras calls)
     last_span: tuple | None = None
     deferred_seen: bool = False
     banned: str = ""
@@ -105,10 +116,6 @@ class _GradientEntry:
     plan: object = None  # how to replay its ops, once two observations agreed
     results: list | None = None  # where each gradient comes from (see _describe)
     shared: dict | None = None  # external inputs that a forward op was given (ReplayPlan.defer)
-
-
-class _Unreplayable(Exception):
-    """A gradient result that cannot be described by TraceGraph nodes."""
 
 
 class _ReplayState(threading.local):
@@ -147,6 +154,8 @@ class MacroTable:
         self.compiled_work_reported: set = set()  # model.fit & co., told once per session
         self.refusals_reported: set = set()  # (call site, call, reason) told in a Note
         self.span_keys_per_site: dict = {}  # call site -> keys of call_as_span seen there
+        self.replayed_guards: dict = {}  # (call site, id of the object) -> its last replayed
+        self.guard_misses_reported: set = set()  # ((call site, id), part of the guard) told
 
     def take_established(self) -> str:
         """What is replayed from now on, since the last call ("" if nothing new)."""
@@ -168,7 +177,10 @@ class MacroTable:
         key = guard_key(obj, args, kwargs, flat)
         if key is None:
             return original(obj, *args, **kwargs)
-        entry = self.entries.setdefault((call_site, key), _Entry())
+        entry = self.entries.get((call_site, key))
+        if entry is None:
+            entry = self.entries[(call_site, key)] = _Entry(key)
+            self._tell_guard_miss(runner, obj, call_site, key)
         return self._run(entry, runner, original, obj, args, kwargs, flat, call_site, False)
 
     def call_as_span(self, runner, original, obj, args: tuple, kwargs: dict, flat: list, key,
@@ -184,7 +196,7 @@ class MacroTable:
             if keys >= SPAN_KEYS_PER_SITE:
                 return original(obj, *args, **kwargs)
             self.span_keys_per_site[call_site] = keys + 1
-            entry = self.entries[(call_site, key)] = _Entry()
+            entry = self.entries[(call_site, key)] = _Entry(key)
         return self._run(entry, runner, original, obj, args, kwargs, flat, call_site, True)
 
     def _run(self, entry, runner, original, obj, args, kwargs, flat, call_site, as_span):
@@ -241,6 +253,7 @@ class MacroTable:
             macro, positions = _build_macro(original, obj, args, kwargs)
             if all(output.shape.is_fully_defined() for output in macro.outputs):
                 entry.macro, entry.tensor_positions = macro, positions
+                self.replayed_guards[(call_site, entry.guard.obj)] = entry.guard
                 self.established.append(
                     f"{type(obj).__name__} call at {_call_site_text(call_site)}")
             else:
@@ -256,12 +269,14 @@ class MacroTable:
         try:
             replay = _describe_call(runner, start, flat, arguments, converted, result,
                                     first_new, read)
-        except _Unreplayable as error:
+        except Unreplayable as error:
             reason = f"{sparse}, and as its ops: {error}" if sparse else str(error)
             self._refuse(entry, runner, _call_name(obj), call_site, reason)
             return
         if stable:
             entry.span_replays[start.uid] = replay
+            if isinstance(entry.guard, CallGuard):
+                self.replayed_guards[(call_site, entry.guard.obj)] = entry.guard
             self.established.append(f"{_call_name(obj)} at {_call_site_text(call_site)}"
                                     f" ({len(replay.plan.span)} ops)")
 
@@ -276,6 +291,23 @@ class MacroTable:
         runner.events.emit(ev.Note(
             runner.index, NoteKind.NOT_REPLAYED,
             f"{what} at {_call_site_text(call_site)} keeps running its Python: {reason}"))
+
+    def _tell_guard_miss(self, runner, obj, call_site, key: CallGuard) -> None:
+        """A Keras call replayed before meets a new guard: its Python runs again (observed)
+        until it is stable under this one. The user is told what changed, once per call site,
+        object and part of the guard. (Slicing, operators and API functions, guarded by their
+        arguments alone, are not told: a new shape would name each of them.)"""
+        site = (call_site, key.obj)
+        replayed = self.replayed_guards.get(site)
+        if replayed is None:
+            return
+        part, change = guard_difference(replayed, key)
+        if (site, part) in self.guard_misses_reported:
+            return
+        self.guard_misses_reported.add((site, part))
+        runner.events.emit(ev.Note(
+            runner.index, NoteKind.GUARD_MISS,
+            f"{_call_name(obj)} at {_call_site_text(call_site)} runs its Python again: {change}"))
 
     def gradient(self, runner, compute, target, sources, unconnected, call_site):
         """A tape's gradient computation (`imperative_grad`): replayed from the TraceGraph
@@ -296,7 +328,7 @@ class MacroTable:
             value_of = None if bound is None else entry.plan.defer(runner, bound)
             if value_of is not None:
                 self.replayed_calls += 1
-                return [_rebuild(result, value_of) for result in entry.results]
+                return [rebuild_gradient(result, value_of) for result in entry.results]
         if entry.banned or not runner.is_deferring:
             return compute()
         start, flushes, diverged_at = runner.cursor, runner.flushes, runner.diverged_at
@@ -311,15 +343,15 @@ class MacroTable:
             return result
         try:
             shared = _shared_inputs(runner, start, flushes, call_site, first_new)
-            results = [_describe(value, runner) for value in result]
-        except _Unreplayable as error:
+            results = [describe_gradient(value, runner) for value in result]
+        except Unreplayable as error:
             self._refuse(entry, runner, "gradient", call_site, str(error))
             return result
         span = runner.cursor.path_from(start)
         observed = (tuple(node.uid for node in span), tuple(results), tuple(shared.items()))
         if observed == entry.last:
             entry.results, entry.shared = results, shared
-            entry.plan = ReplayPlan(span, _result_keys(results), shared)
+            entry.plan = ReplayPlan(span, result_keys(results), shared)
             self.established.append(f"gradient at {_call_site_text(call_site)} ({len(span)} ops)")
         entry.last = observed
         return result
@@ -342,12 +374,12 @@ def _call_site_text(call_site) -> str:
 
 
 def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
-    """Check that an observed gradient computation may be replayed (else _Unreplayable, with
+    """Check that an observed gradient computation may be replayed (else Unreplayable, with
     why); return which of its external inputs are values a forward op was given."""
     if runner.flushes != flushes:
-        raise _Unreplayable(Refusal.FORCED_VALUE.say())
+        raise Unreplayable(Refusal.FORCED_VALUE.say())
     if runner.cursor is start:
-        raise _Unreplayable(Refusal.NO_OPS.say())
+        raise Unreplayable(Refusal.NO_OPS.say())
     span, pending = _deferred_span(runner, start)
     members = {node.uid for node in span}
     given = {id(value): key for key, value in runner.external_inputs.items()
@@ -356,7 +388,7 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
     shared = {}
     for node, entry in zip(span, pending, strict=True):
         if node.island or len(node.location) > depth:
-            raise _Unreplayable(Refusal.CUSTOM_GRADIENT.say())
+            raise Unreplayable(Refusal.CUSTOM_GRADIENT.say())
         for slot, value in entry.outside.items():
             if node.inputs[slot][0] != EXTERNAL:
                 continue
@@ -370,42 +402,8 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
                 # value first seen there (TF's gradient functions make the same constants
                 # from the same ops and shapes every time; unlike _own_constant this does not
                 # refuse a slot marked varying: the loss-scale test's gradients need that)
-                raise _Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
+                raise Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
     return shared
-
-
-def _describe(value, runner):
-    """Where a gradient comes from: None, ("tensor", node uid, index) or ("slices", ...)."""
-    if value is None:
-        return None
-    if isinstance(value, tf.IndexedSlices):
-        shape = None if value.dense_shape is None else _describe(value.dense_shape, runner)
-        return ("slices", _describe(value.values, runner), _describe(value.indices, runner),
-                shape)
-    if isinstance(value, internals.LazyTensor) and value._source is runner:
-        return ("tensor", value.node.uid, value.index)
-    raise _Unreplayable(Refusal.NOT_A_TRACED_VALUE.say(type_name=type(value).__name__))
-
-
-def _result_keys(results: list) -> list:
-    keys = []
-    for result in results:
-        if result is None:
-            continue
-        if result[0] == "tensor":
-            keys.append(result[1:])
-        else:
-            keys.extend(_result_keys(result[1:]))
-    return keys
-
-
-def _rebuild(result, value_of):
-    if result is None:
-        return None
-    if result[0] == "tensor":
-        return value_of(result[1:])
-    values, indices, shape = (_rebuild(part, value_of) for part in result[1:])
-    return tf.IndexedSlices(values, indices, shape)
 
 
 def _unstable(runner, start, flushes, call_site, obj, result) -> str:
@@ -438,19 +436,19 @@ def _sparse_gradient(span: list) -> str:
 
 
 def _deferred_span(runner, start) -> tuple[list, list]:
-    """The nodes since `start` and their pending entries (else _Unreplayable): only ops all
+    """The nodes since `start` and their pending entries (else Unreplayable): only ops all
     deferred in the current segment can be replayed from what Python gave them."""
     span = runner.cursor.path_from(start)
     pending = runner.pending[-len(span):]
     if len(pending) != len(span) or any(item.node is not node
                                         for item, node in zip(pending, span, strict=True)):
-        raise _Unreplayable(Refusal.SPLIT_OVER_SEGMENTS.say())
+        raise Unreplayable(Refusal.SPLIT_OVER_SEGMENTS.say())
     return span, pending
 
 
 def _describe_call(runner, start, flat, arguments: dict, converted: dict, result,
                    first_new: int, read: list) -> _SpanReplay:
-    """How to replay an observed, deferred call from its span (else _Unreplayable, with why):
+    """How to replay an observed, deferred call from its span (else Unreplayable, with why):
     which argument feeds each input that is not the library's own constant, and where each
     result comes from. A numpy argument feeds the inputs its one conversion to a tensor
     (`converted`) fed: the replay converts it again, to the same dtype."""
@@ -465,30 +463,30 @@ def _describe_call(runner, start, flat, arguments: dict, converted: dict, result
         if isinstance(value, ARRAYS):
             tensors = converted.get(id(value), ())
             if len(tensors) != 1:
-                raise _Unreplayable(Refusal.NUMPY_CONVERSIONS.say(
+                raise Unreplayable(Refusal.NUMPY_CONVERSIONS.say(
                     conversions=len(tensors)))
             by_identity[id(tensors[0])] = position
             converted_to[position] = tensors[0].dtype
     bound, used = [], set()
     for node, item in zip(span, pending, strict=True):
         if node.function is not None or node.op_type in STATEFUL_RANDOM_OPS:
-            raise _Unreplayable(Refusal.PYTHON_OP.say(op_type=node.op_type))
+            raise Unreplayable(Refusal.PYTHON_OP.say(op_type=node.op_type))
         for slot, ref in enumerate(node.inputs):
-            if ref[0] == RESOURCE or (ref[0] == FROM_NODE and ref[1].uid in members):
+            if ref.kind == RESOURCE or (ref.kind == FROM_NODE and ref.node.uid in members):
                 continue
-            if ref[0] == FROM_NODE:
-                position = by_reference.get((FROM_NODE, ref[1].uid) + tuple(ref[2:]))
+            if ref.kind == FROM_NODE:
+                position = by_reference.get(input_identity(ref))
                 if position is None:
-                    raise _Unreplayable(Refusal.EARLIER_TENSOR.say())
+                    raise Unreplayable(Refusal.EARLIER_TENSOR.say())
             else:
                 value = item.outside[slot]
                 position = by_identity.get(id(value))
                 if position is None:
                     if _own_constant(node.externals.get(slot), value, first_new):
                         continue
-                    raise _Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
+                    raise Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
             if runner.decides_shape(node, slot):
-                raise _Unreplayable(Refusal.SHAPE_DECIDING_ARGUMENT.say())
+                raise Unreplayable(Refusal.SHAPE_DECIDING_ARGUMENT.say())
             bound.append(((node.uid, slot), position))
             used.add(position)
     leaves = tf.nest.flatten(result)
@@ -496,16 +494,16 @@ def _describe_call(runner, start, flat, arguments: dict, converted: dict, result
     for leaf in leaves:
         if isinstance(leaf, internals.LazyTensor) and leaf._source is runner \
                 and leaf.node.uid in members:
-            results.append(("tensor", leaf.node.uid, leaf.index))
+            results.append(FromOp(leaf.node.uid, leaf.index))
         elif id(leaf) in by_identity and flat[by_identity[id(leaf)]] is leaf:
-            results.append(("argument", by_identity[id(leaf)]))
+            results.append(FromArgument(by_identity[id(leaf)]))
         elif isinstance(leaf, PYTHON_VALUES):
-            results.append(("python", leaf))
+            results.append(PythonValue(leaf))
         else:
-            raise _Unreplayable(Refusal.FOREIGN_RESULT.say(type_name=type(leaf).__name__))
+            raise Unreplayable(Refusal.FOREIGN_RESULT.say(type_name=type(leaf).__name__))
     structure = tf.nest.pack_sequence_as(result, list(range(len(leaves))))
     variables = tuple({id(variable): variable for variable in read}.values())
-    plan = ReplayPlan(span, [result[1:] for result in results if result[0] == "tensor"],
+    plan = ReplayPlan(span, [result for result in results if isinstance(result, FromOp)],
                        [slot for slot, _ in bound])
     return _SpanReplay(plan, tuple((position, arguments[position]) for position in sorted(used)
                              if position in arguments),
@@ -543,12 +541,12 @@ def _replay_span(replay: _SpanReplay, runner, flat: list):
         return _NOT_HERE
     leaves = []
     for result in replay.results:
-        if result[0] == "tensor":
-            leaves.append(value_of(result[1:]))
-        elif result[0] == "argument":
-            leaves.append(flat[result[1]])
+        if isinstance(result, FromOp):
+            leaves.append(value_of(result))
+        elif isinstance(result, FromArgument):
+            leaves.append(flat[result.position])
         else:
-            leaves.append(result[1])
+            leaves.append(result.value)
     return tf.nest.pack_sequence_as(replay.structure, leaves)
 
 

@@ -1,0 +1,85 @@
+"""Guards of replayed library calls say which part missed: a call site that was replayed and
+meets a new guard (another input shape, a flipped `trainable` flag, another Python argument)
+runs its Python again, and the user is told what changed, once per call site and part."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from terra_nb.engine import events as ev
+from terra_nb.engine.reasons import NoteKind
+from terra_nb.engine.replay.guards import (
+    CallGuard,
+    LayerState,
+    PythonArgument,
+    TensorArgument,
+    guard_difference,
+)
+from terra_nb.engine.report import Report
+from terra_nb.engine.session import Session
+
+
+def _guard(shape=(4, 3), trainable=(True,), training=None):
+    arguments = (TensorArgument("float32", shape),)
+    if training is not None:
+        arguments += (PythonArgument("bool", training),)
+    return CallGuard(7, LayerState(trainable, 2, "float32", ()), arguments,
+                     (len(arguments), (), False))
+
+
+def test_guard_difference_names_the_part_that_changed():
+    assert guard_difference(_guard(), _guard(shape=(2, 3))) == (
+        "argument 0", "argument 0 changed: float32(4, 3) -> float32(2, 3)")
+    assert guard_difference(_guard(), _guard(trainable=(False,))) == (
+        "trainable_flags", "its trainable flags changed: (True,) -> (False,)")
+    assert guard_difference(_guard(training=True), _guard(training=False)) == (
+        "argument 1", "argument 1 changed: bool True -> bool False")
+    recording = _guard()._replace(signature=(1, (), True))
+    assert guard_difference(_guard(), recording) == ("tape", "a gradient tape records it now")
+
+
+def _run(dense, batches, frozen_from=None):
+    results = []
+    for index, batch in enumerate(batches):
+        if frozen_from is not None and index == frozen_from:
+            dense.trainable = False
+        results.append(float(tf.reduce_sum(dense(batch))))
+    return results
+
+
+def test_a_replayed_call_meeting_a_new_guard_says_what_changed_once():
+    """A Dense call replayed for batches of 4 meets batches of 2 (twice: told once), then its
+    layer is frozen: each change is told as a guard-miss note with the part and its values,
+    results stay eager's, and the call is replayed again under each new guard."""
+    rng = np.random.default_rng(0)
+    batches = [tf.constant(rng.normal(size=(4 if index < 6 else 2, 3)), tf.float32)
+               for index in range(14)]
+    eager_dense = keras.layers.Dense(2)
+    eager_dense.build((None, 3))
+    eager = _run(eager_dense, batches, frozen_from=10)
+    dense = keras.layers.Dense(2)
+    dense.build((None, 3))
+    dense.set_weights(eager_dense.get_weights())
+    session = Session("guard-miss")
+    got = []
+    for index, batch in enumerate(batches):
+        if index == 10:
+            dense.trainable = False
+        with session.iteration():
+            value = tf.reduce_sum(dense(batch))
+        got.append(float(value))
+    session.close()
+    np.testing.assert_array_equal(got, eager)
+    misses = [note for note in session.events.of_type(ev.Note) if note.kind == NoteKind.GUARD_MISS]
+    messages = [note.message for note in misses]
+    assert len(misses) == 2, messages
+    assert "Dense call at test_guards.py:" in messages[0]
+    assert messages[0].endswith("argument 0 changed: float32(4, 3) -> float32(2, 3)"), messages
+    assert misses[0].index == 6
+    assert messages[1].endswith("its trainable flags changed: (True,) -> (False,)"), messages
+    assert misses[1].index == 10
+    explained = Report.from_session(session).explain()
+    assert all(message in explained for message in messages)
+    replayed_under = set(session.macro_table.replayed_guards.values())
+    assert any(guard.arguments[0].shape == (2, 3) and guard.state.trainable_flags == (False,)
+               for guard in replayed_under), replayed_under
