@@ -140,8 +140,6 @@ def _slice_entry(original):
     return getitem
 
 
-
-
 # TensorFlow API functions whose Python costs the skeleton more than replaying their recorded
 # ops: argument conversion, shape checks and reshapes around one kernel (a sparse cross-entropy
 # is ~0.9 ms of Python for a few ops), equation parsing (einsum). Pure tensor functions only:
