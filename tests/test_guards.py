@@ -9,6 +9,7 @@ import tensorflow as tf
 from terra_nb.engine import events as ev
 from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay.guards import (
+    Attributes,
     CallGuard,
     LayerState,
     PythonArgument,
@@ -23,7 +24,7 @@ def _guard(shape=(4, 3), trainable=(True,), training=None):
     arguments = (TensorArgument("float32", shape),)
     if training is not None:
         arguments += (PythonArgument("bool", training),)
-    return CallGuard(7, LayerState(trainable, 2, "float32", ()), arguments,
+    return CallGuard(7, LayerState(trainable, 2, "float32", (), ()), arguments,
                      (len(arguments), (), False))
 
 
@@ -34,6 +35,12 @@ def test_guard_difference_names_the_part_that_changed():
         "trainable_flags", "its trainable flags changed: (True,) -> (False,)")
     assert guard_difference(_guard(training=True), _guard(training=False)) == (
         "argument 1", "argument 1 changed: bool True -> bool False")
+    rate = _guard()._replace(state=_guard().state._replace(
+        attributes=(Attributes(("name", "rate"), ("dropout", 0.2)),)))
+    changed = rate._replace(state=rate.state._replace(
+        attributes=(Attributes(("name", "rate"), ("dropout", 0.5)),)))
+    assert guard_difference(rate, changed) == (
+        "attribute rate", "dropout.rate changed: 0.2 -> 0.5")
     recording = _guard()._replace(signature=(1, (), True))
     assert guard_difference(_guard(), recording) == ("tape", "a gradient tape records it now")
 
@@ -83,3 +90,72 @@ def test_a_replayed_call_meeting_a_new_guard_says_what_changed_once():
     replayed_under = set(session.macro_table.replayed_guards.values())
     assert any(guard.arguments[0].shape == (2, 3) and guard.state.trainable_flags == (False,)
                for guard in replayed_under), replayed_under
+
+
+def _co_executed_with_changes(build, changes: dict, steps: int = 14):
+    """Results of `step` for each index run eagerly and co-executed, with `changes[index]`
+    applied to a fresh object (made by `build`) before that step, and the session."""
+    runs = []
+    for co_execute in (False, True):
+        keras.utils.set_random_seed(0)
+        obj, step = build()
+        session = Session("attributes")
+        results = []
+        for index in range(steps):
+            if index in changes:
+                changes[index](obj)
+            if co_execute:
+                with session.iteration():
+                    value = step(index)
+            else:
+                value = step(index)
+            results.append(np.asarray(value))
+        session.close()
+        runs.append((results, obj, session))
+    return runs
+
+
+def _leaky():
+    layer = keras.layers.LeakyReLU(negative_slope=0.1)
+    x = tf.constant(np.linspace(-2, 2, 12, dtype="float32").reshape(3, 4))
+    return layer, lambda index: tf.reduce_sum(layer(x))
+
+
+def _batch_norm():
+    layer = keras.layers.BatchNormalization(momentum=0.9)
+    rng = np.random.default_rng(1)
+    batches = [tf.constant(rng.normal(size=(8, 3)), tf.float32) for _ in range(14)]
+    return layer, lambda index: tf.reduce_sum(layer(batches[index], training=True))
+
+
+def _dense_activation():
+    layer = keras.layers.Dense(3, activation="relu")
+    x = tf.constant(np.linspace(-2, 2, 8, dtype="float32").reshape(2, 4))
+    return layer, lambda index: tf.reduce_sum(layer(x))
+
+
+def _set(name, value):
+    return lambda obj: setattr(obj, name, value)
+
+
+def test_a_changed_python_attribute_of_a_replayed_layer_takes_effect_as_eagerly():
+    """The plain Python attributes a Keras call reads (LeakyReLU.negative_slope,
+    BatchNormalization.momentum, Dense.activation) are part of its guard: changed mid-run,
+    the next call computes with the new value, as eagerly, and a guard-miss note names the
+    attribute. (Before, the replayed call kept the value it was traced with.)"""
+    cases = [
+        (_leaky, {8: _set("negative_slope", 0.5)}, "negative_slope changed: 0.1 -> 0.5"),
+        (_batch_norm, {8: _set("momentum", 0.5)}, "momentum changed: 0.9 -> 0.5"),
+        (_dense_activation, {8: _set("activation", keras.activations.tanh)},
+         "activation changed"),
+    ]
+    for build, changes, told in cases:
+        (eager, eager_obj, _), (got, obj, session) = _co_executed_with_changes(build, changes)
+        for index, (value, expected) in enumerate(zip(got, eager, strict=True)):
+            np.testing.assert_array_equal(value, expected, err_msg=f"{build.__name__} {index}")
+        for variable, expected in zip(obj.weights, eager_obj.weights, strict=True):
+            np.testing.assert_array_equal(variable.numpy(), expected.numpy())
+        assert session.macro_table.replayed_calls > 0, build.__name__
+        misses = [note.message for note in session.events.of_type(ev.Note)
+                  if note.kind == NoteKind.GUARD_MISS]
+        assert any(told in message for message in misses), (build.__name__, misses)

@@ -1,5 +1,6 @@
 """The private Keras state the replay guards read: a layer's nested layers, the call
-arguments it inherits from Keras' call context, an optimizer's learning rate object."""
+arguments it inherits from Keras' call context, an optimizer's learning rate object, the
+keyword arguments a loss passes to its function."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ PRIVATE_KERAS_SYMBOLS = (
     ("keras.layers.Layer", "_flatten_layers"),
     ("keras.src.backend.common.global_state", "get_global_attribute"),
 )
+# read with getattr, absent on some classes: an optimizer's `_learning_rate`, a loss wrapper's
+# `_fn_kwargs`, a layer's `_call_context_args`
 """Keras internals read here (checked by a test, like PRIVATE_SYMBOLS)."""
 
 
@@ -31,3 +34,9 @@ def inherited_call_arguments(layer) -> tuple:
 def learning_rate_of(optimizer):
     """The optimizer's learning rate as set (a value, a schedule or a callable), or None."""
     return getattr(optimizer, "_learning_rate", None)
+
+
+def loss_function_arguments(loss) -> dict:
+    """The keyword arguments a loss wrapper passes to its function (`from_logits`): set at
+    construction, read at every call."""
+    return getattr(loss, "_fn_kwargs", None) or {}

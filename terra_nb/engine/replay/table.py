@@ -235,6 +235,9 @@ class MacroTable:
             entry.last_span = None
             return result
         reason = _unstable(runner, start, flushes, call_site, obj, result)
+        if reason and _built_during(entry.guard, obj):
+            entry.banned = reason  # its first call: later calls have another guard
+            return result
         if reason:
             self._refuse(entry, runner, _call_name(obj), call_site, reason)
             return result
@@ -425,6 +428,13 @@ def _unstable(runner, start, flushes, call_site, obj, result) -> str:
     if getattr(obj, "losses", None):
         return Refusal.LAYER_LOSSES.say()
     return ""
+
+
+def _built_during(guard, obj) -> bool:
+    """Whether the call made the object's variables (Keras builds a layer or an optimizer at
+    its first call): what it ran then is not what it runs from now on."""
+    count = getattr(getattr(guard, "state", None), "variable_count", None)
+    return count is not None and len(obj.variables) != count
 
 
 def _sparse_gradient(span: list) -> str:
