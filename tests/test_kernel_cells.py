@@ -156,3 +156,37 @@ def test_explain_says_which_part_of_a_replayed_calls_guard_changed():
     assert re.search(r"iteration 11: note guard-miss: Sequential call at .* runs its Python "
                      r"again: its trainable flags changed: \(True, True, True, True\) -> "
                      r"\(True, True, False, True\)", explained), explained
+
+
+CHECKED_LOOP = """\
+%%terra --no-panel
+w = tf.Variable(tf.ones((8, 1)))
+outputs = []
+for step in range(8):
+    out = tf.reduce_sum(tf.matmul(x, w))
+    w.assign_sub(0.01 * tf.ones((8, 1)))
+    outputs.append(float(out))
+"""
+MODES_AND_NOTES = """\
+print("modes", sorted({e.mode for e in terra_nb.report().timeline}))
+print("notes", [n.kind for n in terra_nb.report().notes])
+"""
+
+
+def test_check_numerics_on_and_off_leaves_terra_working():
+    """With `tf.debugging.enable_check_numerics()` the loop runs plainly eager (the callbacks
+    check every op, a NaN raises as eagerly) and says so; after `disable_check_numerics()`
+    it co-executes again. (Before, both cells raised: the disable left TensorFlow's plain
+    executor where terra_nb's had been.)"""
+    notebook = execute_cells([
+        "%load_ext terra_nb", SETUP, "import terra_nb\ntf.debugging.enable_check_numerics()",
+        CHECKED_LOOP, MODES_AND_NOTES,
+        "%%terra --no-panel\nfor step in range(3):\n    bad = tf.math.log(tf.constant(-1.0))\n",
+        "tf.debugging.disable_check_numerics()", CHECKED_LOOP, MODES_AND_NOTES,
+    ], allow_errors=True)
+    failures = errors_in(notebook)
+    assert [failure["ename"] for failure in failures] == ["InvalidArgumentError"], failures
+    assert "Tensor had NaN values" in failures[0]["evalue"]
+    checked, unchecked = text_of(notebook.cells[4]), text_of(notebook.cells[8])
+    assert "modes ['eager']" in checked and "'op-callbacks'" in checked, checked
+    assert "'co-executing'" in unchecked and "op-callbacks" not in unchecked, unchecked

@@ -38,6 +38,8 @@ class FallbackKind(_Reason):
 class NoteKind(_Reason):
     """Note.kind; `text` says what such a note is about."""
 
+    OP_CALLBACKS = ("op-callbacks", "TensorFlow op callbacks (check numerics) see every op: "
+                    "iterations run plainly eager while they are registered")
     BACKOFF = ("backoff", "the program diverged in several iterations in a row; some run "
                "plainly eager before co-execution is tried again")
     REPLAYED = ("replayed", "library calls that no longer run their Python: they are replayed")

@@ -30,13 +30,14 @@ class Schedule:
     backoff_level: int = 0  # back-off periods last 2**level iterations
     backoff_left: int = 0  # plain eager iterations still to run before trying again
 
-    def mode_for(self, index: int) -> str:
-        """RECORD or DEFER, or the mode of a plain eager iteration: EAGER (`--eager`), BACKOFF,
+    def mode_for(self, index: int, eager_now: bool = False) -> str:
+        """RECORD or DEFER, or the mode of a plain eager iteration: EAGER (`--eager`, or
+        `eager_now`: TensorFlow's op callbacks see the ops instead of terra_nb), BACKOFF,
         or BASELINE (with `baseline`, the second iteration of each run and every
         `policy.baseline_period`-th after it run plainly eagerly, so each speedup is measured
         against eager time taken in the run itself, not against tracing iterations, which also
         record)."""
-        if self.eager:
+        if self.eager or eager_now:
             return ev.EAGER
         if self.backoff_left > 0:
             return ev.BACKOFF

@@ -50,6 +50,7 @@ class Session:
         self._graph = None
         self._runner = None
         self._macros = None
+        self._told_op_callbacks = False
 
     def start_run(self) -> None:
         """The next iteration starts a new run of the program (a cell's loop run again): with
@@ -113,6 +114,25 @@ class Session:
                 f"iterations in a row; the next {self.schedule.backoff_left} run plainly "
                 "eager, then co-execution is tried again"))
 
+    def _op_callbacks_registered(self, index: int) -> bool:
+        """Whether TensorFlow op callbacks (`tf.debugging.enable_check_numerics`) see the ops:
+        iterations then run plainly eager, so the callbacks check every op as they would
+        eagerly; the first such iteration says so in a note."""
+        if "tensorflow" not in sys.modules:
+            return False
+        from terra_nb.engine import internals
+
+        if not internals.op_callbacks_registered():
+            self._told_op_callbacks = False
+            return False
+        if not self._told_op_callbacks:
+            self._told_op_callbacks = True
+            self.events.emit(ev.Note(
+                index, NoteKind.OP_CALLBACKS,
+                "TensorFlow op callbacks are registered (tf.debugging.enable_check_numerics "
+                "or a dump callback): iterations run plainly eager until they are removed"))
+        return True
+
     def _finish_interrupted_exit(self) -> None:
         """An iteration still installed outside its body had its exit cut short by an
         interrupt: finish it now (see _Iteration._abandon)."""
@@ -151,7 +171,7 @@ class _Iteration:
     def __enter__(self):
         session = self.session
         session._finish_interrupted_exit()
-        mode = session.schedule.mode_for(self.index)
+        mode = session.schedule.mode_for(self.index, session._op_callbacks_registered(self.index))
         self._compile_seconds = self._wait_seconds = 0.0
         graph_runner = session.graph_runner
         if graph_runner is not None:

@@ -48,6 +48,7 @@ from terra_nb.engine.internals.ops import (
     is_eager_value,
     lean_graph_calls,
     next_tensor_id,
+    op_callbacks_registered,
     op_def,
     remove_guard,
     run_eagerly,
@@ -64,8 +65,9 @@ __all__ = [
     "calling_function", "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "convert", "create_graph_op", "eager_context",
     "gradient_module", "handling", "install_guard", "is_eager_value", "lean_graph_calls",
-    "next_tensor_id", "op_def", "record_gradient", "remove_guard", "run_eagerly", "scratch_graph",
-    "suspended", "tape_gradient", "tape_is_plain", "unwrap", "variable_read", "variable_shape",
+    "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient", "remove_guard",
+    "run_eagerly", "scratch_graph", "suspended", "tape_gradient", "tape_is_plain", "unwrap",
+    "variable_read", "variable_shape",
 ]
 
 PRIVATE_SYMBOLS = (

@@ -91,6 +91,16 @@ def _patch_execute() -> None:
 
 _patch_execute()
 
+
+def op_callbacks_registered() -> bool:
+    """Whether TensorFlow op callbacks (`tf.debugging.enable_check_numerics`, a dumping
+    callback) now see every eager op instead of terra_nb. Removing the last one sets
+    `execute.execute` to `quick_execute`, which is ours: the route through terra_nb is taken
+    back then."""
+    if execute.execute is _execute_unwrapped:
+        execute.execute = _execute
+    return execute.execute is not _execute
+
 _real_tensor_shape_slice = pywrap_tfe.TFE_Py_TensorShapeSlice
 
 
@@ -127,7 +137,7 @@ class handling:
         self.previous = None
 
     def __enter__(self):
-        if execute.execute is not _execute:
+        if op_callbacks_registered():
             raise RuntimeError(
                 "terra_nb cannot run while TensorFlow op callbacks are registered "
                 "(tf.debugging or op_callbacks.add_op_callback replaced execute.execute)"
