@@ -48,13 +48,13 @@ from terra_nb.engine import events as ev  # noqa: E402
 from terra_nb.engine import graphgen, internals  # noqa: E402
 from terra_nb.engine.policy import SchedulingPolicy  # noqa: E402
 from terra_nb.engine.session import Session  # noqa: E402
+from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL  # noqa: E402
 from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE  # noqa: E402
 
 PER_PATH = "per-path graphs"
 LOWERED = "switch_case (lowered)"
 CASE_OP = "switch_case (Case op)"
 VARIANTS = (PER_PATH, LOWERED, CASE_OP)
-RTOL, ATOL = 1e-4, 1e-6  # tests/harness.py: one iteration from equal state matches to this
 
 
 # ---------------------------------------------------------------- the synthetic program
@@ -435,7 +435,7 @@ class Difference:
             self.largest = max(self.largest, 0.0 if same else float("inf"))
         else:
             self.largest = max(self.largest, float(np.max(np.abs(ours - reference), initial=0)))
-            same = np.allclose(ours, reference, rtol=RTOL, atol=ATOL, equal_nan=True)
+            same = np.allclose(ours, reference, rtol=ITERATION_RTOL, atol=ATOL, equal_nan=True)
         if not same:
             self.mismatches.append(what)
 
@@ -658,7 +658,7 @@ def markdown(results: list[dict], machine: dict, args) -> str:
         "Python building the graphs; first-call: the first calls' time beyond a steady call "
         f"(graph optimisation, kernel set-up), summed over paths; medians of "
         f"{args.compile_rounds} fresh builds. Same results: every path's outputs and variable "
-        f"updates from the same variable values, within rtol {RTOL}, atol {ATOL}.",
+        f"updates from the same variable values, within rtol {ITERATION_RTOL}, atol {ATOL}.",
         "",
         table(results),
         "",

@@ -22,17 +22,9 @@ import tensorflow as tf  # noqa: E402
 
 from terra_nb.engine.policy import SchedulingPolicy  # noqa: E402
 from terra_nb.engine.session import Session  # noqa: E402
+from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL, RUN_RTOL  # noqa: E402
 
 tf.config.experimental.enable_op_determinism()
-
-RTOL = 1e-4  # docs/architecture.md: an iteration from eager-equal state matches to rtol 1e-4
-RUN_RTOL = 1e-3  # docs/architecture.md: over a run, no more drift than tf.function has (1e-3)
-ATOL = 1e-6
-# Variables of the benchmark programs after a few steps: parameters whose true gradient is zero
-# (a conv bias before BatchNorm, a bias under a softmax over positions, an attention key bias)
-# hold round-off noise of up to ~4e-5, where tf.function differs from eager by up to 2e-5
-# (bert_cls, 8 steps, measured); rtol RUN_RTOL still holds every other value.
-ROUND_OFF_ATOL = 1e-4
 
 
 @dataclasses.dataclass
@@ -100,12 +92,12 @@ def compare(build, iterations: int = 6, run_rtol: float = RUN_RTOL,
 
 
 def assert_same(eager: Run, terra: Run, run_rtol: float = RUN_RTOL) -> None:
-    """Losses match to RTOL up to the first graph-computed one (its inputs are eager-equal),
-    later losses and the final variables to `run_rtol`; printed output exactly."""
+    """Losses match to ITERATION_RTOL up to the first graph-computed one (its inputs are
+    eager-equal), later losses and the final variables to `run_rtol`; printed output exactly."""
     assert len(eager.losses) == len(terra.losses)
     first_graph = _first_graph_iteration(terra.session)
     for index, (expected, actual) in enumerate(zip(eager.losses, terra.losses, strict=True)):
-        rtol = RTOL if index <= first_graph else run_rtol
+        rtol = ITERATION_RTOL if index <= first_graph else run_rtol
         np.testing.assert_allclose(actual, expected, rtol=rtol, atol=ATOL,
                                    err_msg=f"loss of iteration {index}")
     assert len(eager.state) == len(terra.state)
@@ -222,7 +214,7 @@ _NUMBER = r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan"
 
 
 def assert_same_text(actual: str, expected: str, what: str) -> None:
-    """Equal text, except that numbers may differ by RTOL (graph vs eager round-off)."""
+    """Equal text, except that numbers may differ by ITERATION_RTOL (graph vs eager round-off)."""
     import re
 
     split_actual, split_expected = re.split(f"({_NUMBER})", actual), re.split(
@@ -233,7 +225,7 @@ def assert_same_text(actual: str, expected: str, what: str) -> None:
         if index % 2 == 0:
             assert got == want, message
         else:
-            assert np.isclose(float(got), float(want), rtol=RTOL, atol=ATOL,
+            assert np.isclose(float(got), float(want), rtol=ITERATION_RTOL, atol=ATOL,
                               equal_nan=True), message
 
 
@@ -252,7 +244,7 @@ def assert_same_value(actual, expected, what: str) -> None:
     elif isinstance(expected, str):
         assert_same_text(actual, expected, what)
     elif isinstance(expected, (float, np.floating, np.ndarray)):
-        np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL, err_msg=what)
+        np.testing.assert_allclose(actual, expected, rtol=ITERATION_RTOL, atol=ATOL, err_msg=what)
     else:
         assert actual == expected, f"{what}: {actual!r} != {expected!r}"
 
@@ -263,13 +255,13 @@ def assert_same_observed(eager: Observed, terra: Observed) -> None:
     for index in range(len(eager.results)):
         where = f"iteration {index}"
         assert_same_text(terra.printed[index], eager.printed[index], f"printed output of {where}")
-        np.testing.assert_allclose(terra.results[index], eager.results[index], rtol=RTOL,
+        np.testing.assert_allclose(terra.results[index], eager.results[index], rtol=ITERATION_RTOL,
                                    atol=ATOL, err_msg=f"result of {where}")
         assert len(terra.states[index]) == len(eager.states[index]), where
         for slot, (got, want) in enumerate(zip(terra.states[index], eager.states[index],
                                                strict=True)):
             assert got.shape == want.shape, f"variable {slot} after {where}: shape"
-            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL,
+            np.testing.assert_allclose(got, want, rtol=ITERATION_RTOL, atol=ATOL,
                                        err_msg=f"variable {slot} after {where}")
         assert_same_value(terra.effects[index], eager.effects[index], f"effects after {where}")
     assert sorted(terra.files) == sorted(eager.files), "files written"

@@ -12,11 +12,11 @@ import sys
 
 import numpy as np
 import pytest
-from harness import ATOL, RTOL
 
 from benchmarks import __main__ as runner
 from benchmarks.modes import MODES
 from benchmarks.programs import NAMES, PATH_CHANGING, build, cell_source
+from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CO_STEPS = 6
@@ -92,7 +92,7 @@ def test_program_under_terra_nb_function_matches_eager(name):
     # Losses, not every variable: parameters whose true gradient is zero (an attention key
     # bias, a conv bias before BatchNorm) hold round-off noise near 1e-6, where tf.function
     # differs from eager as much as terra_nb does.
-    np.testing.assert_allclose(losses, eager_losses, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(losses, eager_losses, rtol=ITERATION_RTOL, atol=ATOL)
     if name not in PATH_CHANGING:
         modes = {event.mode for event in step.events.of_type(ev.IterationDone)}
         assert ev.CO_EXECUTING in modes, f"{name} never co-executed: {modes}"
@@ -108,7 +108,8 @@ def test_program_as_a_terra_cell_matches_eager():
     result = shell.run_cell(cell_source("faster_rcnn", steps=5, options="--no-panel"),
                             store_history=False)
     assert result.success, result.error_in_exec
-    np.testing.assert_allclose(shell.user_ns["losses"], eager_losses, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(shell.user_ns["losses"], eager_losses, rtol=ITERATION_RTOL,
+                               atol=ATOL)
 
 
 @pytest.mark.slow

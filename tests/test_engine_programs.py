@@ -7,6 +7,7 @@ import pytest
 from harness import MEASURED_CHOICES, compare, measured_choice_policy, modes
 
 from terra_nb.engine import events as ev
+from terra_nb.engine.tolerance import ITERATION_RTOL
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +24,9 @@ STEADY = [
 
 @pytest.mark.parametrize("build", STEADY, ids=lambda build: build.__name__[6:])
 def test_same_results_as_eager_with_full_skeleton(build):
-    """Self-check mode re-runs all library Python: every iteration after tracing co-executes."""
-    _, terra = compare(build, iterations=6, run_rtol=1e-4, self_check=True)
+    """Self-check mode re-runs all library Python: every iteration after tracing co-executes.
+    These short runs hold the one-iteration bar throughout, tighter than RUN_RTOL."""
+    _, terra = compare(build, iterations=6, run_rtol=ITERATION_RTOL, self_check=True)
     session = terra.session
     assert modes(session) == [ev.TRACING, ev.TRACING] + [ev.CO_EXECUTING] * 4
     assert session.events.of_type(ev.FallbackEvent) == []
@@ -44,7 +46,8 @@ def test_same_results_as_eager_with_library_replay(build):
 
 
 def test_path_change_falls_back_then_reuses_the_new_path():
-    _, terra = compare(programs.build_path_change, iterations=9, run_rtol=1e-4, self_check=True)
+    _, terra = compare(programs.build_path_change, iterations=9, run_rtol=ITERATION_RTOL,
+                       self_check=True)
     observed = modes(terra.session)
     assert observed[:2] == [ev.TRACING, ev.TRACING]
     # Iteration 2 takes the extra branch for the first time: fallback. Iteration 5 and 8 take

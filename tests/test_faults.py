@@ -23,8 +23,8 @@ import tensorflow as tf
 import terra_nb
 from terra_nb.engine import events as ev
 from terra_nb.engine.session import Session
+from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL
 
-RTOL, ATOL = 1e-4, 1e-6
 TRACE = 2
 FAIL_AT = 3  # a co-executing iteration (after TRACE tracing ones)
 
@@ -123,7 +123,7 @@ def _assert_states_equal(actual, expected):
     for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
         assert len(got) == len(want)
         for slot, (a, b) in enumerate(zip(got, want, strict=True)):
-            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL,
+            np.testing.assert_allclose(a, b, rtol=ITERATION_RTOL, atol=ATOL,
                                        err_msg=f"variable {slot} after iteration {index}")
 
 
@@ -226,7 +226,7 @@ def test_keyboard_interrupt_mid_iteration_leaves_whole_steps(delay, no_new_threa
     assert k == 3
     assert int(model.optimizer.iterations.numpy()) == k
     for got, want in zip(model.dense.variables, _eager_weights(k), strict=True):
-        np.testing.assert_allclose(got.numpy(), want, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(got.numpy(), want, rtol=ITERATION_RTOL, atol=ATOL)
     assert model.finished <= float(model.counter.numpy()) <= model.started
     (failed,) = session.events.of_type(ev.IterationFailed)
     assert failed.error_type == "KeyboardInterrupt"
@@ -236,7 +236,7 @@ def test_keyboard_interrupt_mid_iteration_leaves_whole_steps(delay, no_new_threa
         model.step()
     assert int(model.optimizer.iterations.numpy()) == k + 1
     for got, want in zip(model.dense.variables, _eager_weights(k + 1), strict=True):
-        np.testing.assert_allclose(got.numpy(), want, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(got.numpy(), want, rtol=ITERATION_RTOL, atol=ATOL)
     assert float(model.counter.numpy()) == before + _Interruptible.LOOP
     session.close()
 

@@ -6,6 +6,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import terra_nb
+from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,8 @@ def test_self_check_runs_every_library_call_and_gives_the_same_losses(shell):
     replayed, checked = results[""], results[" --self-check"]
     assert replayed[1] and not checked[1]
     assert "co-executing" in checked[2]
-    assert checked[0] == pytest.approx(replayed[0], rel=1e-5)
+    # the two runs' graphs come from different recordings: equal up to round-off (1e-7 seen)
+    assert checked[0] == pytest.approx(replayed[0], rel=ITERATION_RTOL, abs=ATOL)
 
 
 def test_terra_nb_function_takes_self_check():

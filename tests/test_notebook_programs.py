@@ -4,9 +4,9 @@ Each program's classes and functions are defined in a notebook cell (`__module__
 '__main__'`, no source file: `benchmarks.programs.notebook_source`), run eagerly in one cell
 and as a `%%terra` cell (with its live panel) in the next, in one fresh ipykernel started by
 nbclient. Losses and every variable must be eager-equal within the suite's tolerances
-(tests/harness.py; variables with ROUND_OFF_ATOL), the
-run must have co-executed (programs whose steps keep changing path excepted), and no
-TensorFlow start-up line may reach a cell.
+(terra_nb/engine/tolerance.py; variables with ROUND_OFF_ATOL), the run must have co-executed
+(programs whose steps keep changing path excepted), and no TensorFlow start-up line may reach
+a cell.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import json
 
 import numpy as np
 import pytest
-from harness import ATOL, ROUND_OFF_ATOL, RTOL, RUN_RTOL
 from kernel import errors_in, execute_cells, startup_lines_in, text_of
 
 from benchmarks.programs import NAMES, PATH_CHANGING, notebook_source
+from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL, ROUND_OFF_ATOL, RUN_RTOL
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_program_defined_in_the_notebook_co_executes_eager_equal(name):
     first_graph = next((index for index, mode in enumerate(modes)
                         if mode in ("co-executing", "fallback")), STEPS)
     for index, (actual, expected) in enumerate(zip(result["terra"], result["eager"])):
-        rtol = RTOL if index <= first_graph else RUN_RTOL
+        rtol = ITERATION_RTOL if index <= first_graph else RUN_RTOL
         np.testing.assert_allclose(actual, expected, rtol=rtol, atol=ATOL,
                                    err_msg=f"{name}: loss of iteration {index}")
     assert max(result["variables"][0]) <= 1.0, f"{name}: a variable differs from eager's"

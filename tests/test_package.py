@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -111,3 +112,33 @@ def test_plot_and_report_stay_functions_after_use():
     for name in ("plot", "report"):
         assert not importlib.util.find_spec(f"terra_nb.{name}"), f"terra_nb/{name}.py shadows"
     assert callable(terra_nb.plot) and callable(terra_nb.report)
+
+
+# A tolerance written as a number: numpy's rtol/atol keywords, the harness's run_rtol, pytest
+# approx's rel, or a module constant named for one.
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+TOLERANCE_LITERAL = re.compile(rf"\b(?:\w*[ra]tol|rel)\s*=\s*{_NUMBER}", re.IGNORECASE)
+TOLERANCE_HOME = "terra_nb/engine/tolerance.py"
+# (file, text of the line) where a number may stay, with why.
+TOLERANCE_LITERALS_ALLOWED = {
+    # the source of a notebook cell: the user's own check, written as a user writes it, with
+    # no terra_nb internals imported into their kernel
+    ("tests/test_kernel_cells.py", "np.testing.assert_allclose(losses, eager_losses, "),
+}
+
+
+def test_tolerances_come_from_the_one_module_that_states_them():
+    """How close co-execution must be to eager is stated once (terra_nb/engine/tolerance.py);
+    a check that needs no tolerance asserts equality."""
+    found = []
+    for folder in ("tests", "benchmarks", "terra_nb"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            name = path.relative_to(ROOT).as_posix()
+            if name == TOLERANCE_HOME:
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                allowed = any(name == file and text in line
+                              for file, text in TOLERANCE_LITERALS_ALLOWED)
+                if TOLERANCE_LITERAL.search(line) and not allowed:
+                    found.append(f"{name}:{number}: {line.strip()}")
+    assert found == [], "\n".join(found)

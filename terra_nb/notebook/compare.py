@@ -31,10 +31,9 @@ import time
 import types
 
 from terra_nb.engine.report import Comparison, Timing
+from terra_nb.engine.tolerance import COMPARE_ATOL, RUN_RTOL
 
 MAX_ITERATIONS = 20
-RTOL = 1e-3  # the run-drift bar (docs/architecture.md): tf.function's own vs eager
-ATOL = 1e-5
 
 
 class _Timer:
@@ -318,11 +317,11 @@ def _check_same(graph, eager, eager_out, eager_values, graph_out, graph_values, 
         return _changed(graph, detail)
     for (variable, _), a, b in zip(snapshot.variables, eager_values, graph_values, strict=True):
         if np.issubdtype(np.asarray(a).dtype, np.number) and not np.allclose(
-                a, b, rtol=RTOL, atol=ATOL, equal_nan=True):
+                a, b, rtol=RUN_RTOL, atol=COMPARE_ATOL, equal_nan=True):
             worst = float(np.max(np.abs(np.asarray(a, float) - np.asarray(b, float))))
             name = getattr(variable, "path", None) or getattr(variable, "name", "a variable")
             return _changed(graph, f"{name} differs from eager by up to {worst:.3g} after "
-                                   f"{graph.iterations} iterations (rtol {RTOL})")
+                                   f"{graph.iterations} iterations (rtol {RUN_RTOL})")
         if not np.issubdtype(np.asarray(a).dtype, np.number) and not np.array_equal(a, b):
             return _changed(graph, f"{getattr(variable, 'name', 'a variable')} differs")
     return graph
