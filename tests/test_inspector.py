@@ -4,6 +4,7 @@ real Keras training loop run under a Session."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shutil
 import subprocess
@@ -13,6 +14,13 @@ import pytest
 
 from terra_nb.engine import events as ev
 from terra_nb.engine.session import Session
+from terra_nb.engine.snapshot import (
+    NODE_INPUT,
+    PYTHON_INPUT,
+    RESOURCE_INPUT,
+    may_change_version,
+    snapshot_of,
+)
 from terra_nb.notebook.inspector import BRANCH, FALLBACK, FEED, VARIABLE, GraphModel, Inspector
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -92,7 +100,7 @@ def test_collapsed_view_groups_by_layer_scope(session):
 
 
 def test_roles_and_fallback_counts(session):
-    model = GraphModel(session.trace_graph, session.events.of_type(ev.FallbackEvent), set())
+    model = GraphModel(snapshot_of(session), session.events.of_type(ev.FallbackEvent))
     roles = {node.uid: model.roles(node) for node in model.nodes}
     by_type = {}
     for node in model.nodes:
@@ -154,7 +162,7 @@ def test_refresh_is_throttled_and_follows_the_graph():
 
 def test_fetched_ops_show_how_long_python_waited(session):
     """`float(loss)` inside each iteration is a fetch: the op it reads carries its waits."""
-    model = GraphModel(session.trace_graph, session.events.of_type(ev.FallbackEvent), set())
+    model = GraphModel(snapshot_of(session), session.events.of_type(ev.FallbackEvent))
     fetched = [node for node in model.nodes if node.fetches]
     assert fetched, "float(loss) must have made Python wait for a graph value"
     node = max(fetched, key=lambda n: n.fetches)
@@ -163,3 +171,51 @@ def test_fetched_ops_show_how_long_python_waited(session):
     assert entry["fetch_wait_ms"] > 0.0
     assert entry["fetch_wait_ms"] == pytest.approx(
         1e3 * node.fetch_wait_seconds / node.fetches, abs=1e-3)
+
+
+def test_snapshot_is_a_frozen_copy_of_the_recorded_ops(session):
+    """What the notebook layer sees of a session: every recorded op in trie order, inputs by
+    kind, the ops compiled segments return to Python; nothing in it can be assigned."""
+    assert snapshot_of(Session("not-traced-yet")) is None
+    snapshot = snapshot_of(session)
+    graph, runner = session.trace_graph, session.graph_runner
+    assert [node.uid for node in snapshot.nodes] == [node.uid for node in graph.nodes()]
+    assert len(snapshot.nodes) == graph.size and snapshot.graphs_compiled == runner.graphs
+    assert snapshot.fetched == {node.uid for segment in runner.segments()
+                                for node, _index in segment.outputs}
+    assert snapshot.fetched and snapshot.compiled_ops >= len(snapshot.fetched)
+    assert snapshot.branch_points == len(graph.branch_points()) >= 1
+    by_uid = {node.uid: node for node in snapshot.nodes}
+    (fallback,) = session.events.of_type(ev.FallbackEvent)
+    site = (fallback.user_frame.filename, fallback.user_frame.lineno)
+    (mul,) = [node for node in snapshot.nodes
+              if node.op_type == "Mul" and node.location and node.location[0] == site]
+    assert mul.visits == 1
+    assert mul.output_dtypes and mul.output_shapes == ((),)
+    (product, factor) = mul.inputs
+    assert product.kind == NODE_INPUT and by_uid[product.source].op_type == "Mean"
+    assert product.index == 0 and product.shape == ()
+    assert factor.kind == PYTHON_INPUT and factor.shape == () and not factor.fed  # 2.0: folded
+    reads = [node for node in snapshot.nodes if node.op_type == "ReadVariableOp"]
+    assert all(node.inputs[0].kind == RESOURCE_INPUT for node in reads)
+    assert any(origin.kind == PYTHON_INPUT and origin.fed  # x and y change every step
+               for node in snapshot.nodes for origin in node.inputs)
+    assert [node.uid for node in snapshot.nodes if node.is_branch_point] == [
+        node.uid for node in graph.branch_points() if node is not graph.root]
+    with pytest.raises(AttributeError):
+        snapshot.nodes[0].visits = 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snapshot.version = ()
+    # Until something happens in the session, every caller shares this snapshot.
+    assert snapshot_of(session) is snapshot
+    session.events.emit(ev.Note(99, "test", "an event: counts may have changed"))
+    again = snapshot_of(session)
+    assert again is not snapshot and again == snapshot and again.version == snapshot.version
+
+
+def test_only_recording_iterations_and_other_events_may_change_the_version():
+    assert not may_change_version(ev.IterationDone(9, ev.CO_EXECUTING, 1e-3))
+    assert not may_change_version(ev.IterationDone(9, ev.BASELINE, 1e-3))
+    assert may_change_version(ev.IterationDone(9, ev.TRACING, 1e-3))
+    assert may_change_version(ev.IterationDone(9, ev.FALLBACK, 1e-3))
+    assert may_change_version(ev.GraphBuilt(9, 10, 1, 1, 1e-3))

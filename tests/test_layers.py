@@ -108,3 +108,16 @@ def test_each_module_is_short_and_says_its_concept_first():
         if ast.get_docstring(ast.parse(text)) is None:
             problems.append(f"{path.relative_to(PACKAGE)}: no opening docstring")
     assert problems == []
+
+
+def test_the_notebook_layer_sees_the_session_only_through_events_and_its_snapshot():
+    """The notebook layer sees recorded ops and compiled segments only in a snapshot, never in
+    the live TraceGraph or GraphRunner (`engine/snapshot.py` says why)."""
+    offenders = {}
+    for path in sorted((PACKAGE / "notebook").glob("*.py")):
+        text = path.read_text()
+        # the Session's properties, and the module (`import ...tracegraph` or `from ... import`)
+        found = [name for name in ("trace_graph", "graph_runner", "tracegraph") if name in text]
+        if found:
+            offenders[path.name] = found
+    assert offenders == {}

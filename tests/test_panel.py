@@ -256,10 +256,13 @@ def test_plot_returns_a_figure(shell):
 
 
 class FakeSession:
+    """A session that has traced nothing: its snapshot is None."""
+
     def __init__(self):
         self.events = ev.EventLog()
-        self.trace_graph = None
-        self.graph_runner = None
+
+    def snapshot(self):
+        return None
 
 
 def test_redraws_are_throttled_and_the_last_one_is_final():
@@ -297,6 +300,33 @@ def test_a_slow_redraw_stretches_the_interval():
         now[0] += 1e-3
         session.events.emit(ev.IterationDone(index, ev.EAGER, 1e-3))
     assert panel.render_seconds / now[0] <= 0.021
+
+
+class WatchedSession:
+    """A session with no graph yet that counts the looks at it (its snapshots)."""
+
+    def __init__(self):
+        self.events = ev.EventLog()
+        self.looks = 0
+
+    def snapshot(self):
+        self.looks += 1
+        return None
+
+
+def test_the_graph_is_looked_at_only_after_events_that_may_change_it():
+    now = [0.0]
+    session = WatchedSession()
+    panel = Panel(session, clock=lambda: now[0])
+    panel.attach()
+    looks = session.looks
+    for index in range(50):  # steady co-executing iterations: counts change, the graph does not
+        now[0] += 1.0
+        session.events.emit(ev.IterationDone(index, ev.CO_EXECUTING, 1e-3))
+    assert panel.updates >= 50 and session.looks == looks
+    now[0] += 1.0
+    session.events.emit(ev.GraphBuilt(50, 10, 1, 1, 1e-3))
+    assert session.looks > looks
 
 
 # ---- a real kernel, through nbclient ----

@@ -72,6 +72,13 @@ class Session:
     def graph_runner(self):
         return self._runner
 
+    def snapshot(self):
+        """What a user interface may see of this session, as frozen values (a
+        snapshot.SessionSnapshot; None before anything was traced)."""
+        from terra_nb.engine.snapshot import snapshot_of
+
+        return snapshot_of(self)
+
     @property
     def macro_table(self):
         """Library calls replayed from compiled functions (None in self-check mode)."""

@@ -1,10 +1,12 @@
-"""The graph and fallback inspector: an anywidget drawing a Session's TraceGraph.
+"""The graph and fallback inspector: an anywidget drawing a Session's recorded ops.
 
 A traced training step has thousands of ops, so the view is built here, in Python, collapsed by
 name scope (Keras layer / tf.name_scope) like TensorBoard's graph dashboard: the browser lays out
 and draws only what is visible. The collapsed view travels as the `graph` trait (so a saved
 notebook still shows it); expanding, collapsing, searching and revealing are custom-message
-requests answered with a new view, so only what the user opens is ever sent.
+requests answered with a new view, so only what the user opens is ever sent. It sees the session
+through its events and its snapshot (engine/snapshot.py): the view is rebuilt after events that
+may have changed the graph, and a request's view shows the ops' latest counts.
 
 Grouping (see docs/inspector.md): an op's group path is its name-scope parts; an op with no
 scope is grouped under its innermost user source line ("@ file:line"); a scope with more than
@@ -25,7 +27,12 @@ import anywidget
 import traitlets
 
 from terra_nb.engine import events as ev
-from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE
+from terra_nb.engine.snapshot import (
+    NODE_INPUT,
+    PYTHON_INPUT,
+    RESOURCE_INPUT,
+    may_change_version,
+)
 
 STATIC = pathlib.Path(__file__).parent.parent / "static"
 CHUNK = 200  # a group shows at most this many direct ops; more are grouped by op type / parts
@@ -69,15 +76,24 @@ def _frame_text(filename: str, lineno: int) -> str:
 
 
 class GraphModel:
-    """The TraceGraph facts the view needs, computed once per graph change."""
+    """The facts of a SessionSnapshot the view needs, computed once per graph change."""
 
-    def __init__(self, graph, fallbacks: list, fetched: set) -> None:
-        self.nodes = list(graph.nodes()) if graph is not None else []
+    def __init__(self, snapshot, fallbacks: list) -> None:
+        self.nodes = list(snapshot.nodes) if snapshot is not None else []
         self.by_uid = {node.uid: node for node in self.nodes}
         self.fallbacks = fallbacks
-        self.fetched = fetched
+        self.fetched = snapshot.fetched if snapshot is not None else frozenset()
         self.matches = self._match_fallbacks()
         self.paths = self._group_paths()
+
+    def recount(self, snapshot) -> None:
+        """Show the counts of a later snapshot (visits, fetches, waits, paths taken) for the
+        ops this model groups; its grouping stays until the next rebuild."""
+        if snapshot is None:
+            return
+        later = {node.uid: node for node in snapshot.nodes}
+        self.nodes = [later.get(node.uid, node) for node in self.nodes]
+        self.by_uid = {node.uid: node for node in self.nodes}
 
     def _match_fallbacks(self) -> dict[int, list[int]]:
         """Node uid -> indexes (into `fallbacks`) of the fallback events at that op and line."""
@@ -123,18 +139,18 @@ class GraphModel:
         roles = []
         if node.uid in self.matches:
             roles.append(FALLBACK)
-        if len(node.children) > 1:
+        if node.is_branch_point:
             roles.append(BRANCH)
         if node.uid in self.fetched:
             roles.append(FETCH)
-        if any(kind == EXTERNAL and (slot not in node.externals or node.externals[slot].varying)
-               for slot, (kind, *_rest) in enumerate(node.inputs)):
+        if any(origin.kind == PYTHON_INPUT and origin.fed for origin in node.inputs):
             roles.append(FEED)
-        if node.op_type in _VARIABLE_OPS or any(ref[0] == RESOURCE for ref in node.inputs):
+        if node.op_type in _VARIABLE_OPS or any(origin.kind == RESOURCE_INPUT
+                                                  for origin in node.inputs):
             roles.append(VARIABLE)
-        if node.function is not None:
+        if node.is_function_call:
             roles.append(CALL)
-        if node.island:
+        if node.is_island:
             roles.append(HOST)
         return roles or [OP]
 
@@ -159,9 +175,9 @@ class GraphModel:
         edges = collections.Counter()
         for node in self.nodes:
             target = reps[node.uid]
-            for ref in node.inputs:
-                if ref[0] == FROM_NODE and ref[1].uid in reps:
-                    source = reps[ref[1].uid]
+            for origin in node.inputs:
+                if origin.kind == NODE_INPUT and origin.source in reps:
+                    source = reps[origin.source]
                     if source != target:
                         edges[(source, target)] += 1
         counted = set()
@@ -181,13 +197,15 @@ class GraphModel:
     def _op_entry(self, uid: int) -> dict:
         node = self.by_uid[uid]
         inputs = []
-        for ref in node.inputs:
-            if ref[0] == FROM_NODE:
-                inputs.append(f"{ref[1].op_type} #{ref[1].uid}:{ref[2]}")
-            elif ref[0] == RESOURCE:
+        for origin in node.inputs:
+            if origin.kind == NODE_INPUT:
+                source = self.by_uid[origin.source]
+                inputs.append(f"{source.op_type} #{origin.source}:{origin.index}")
+            elif origin.kind == RESOURCE_INPUT:
                 inputs.append("resource (variable / iterator)")
             else:
-                inputs.append(f"from Python: {_dtype_name(ref[1])} {_shape_text(ref[2])}")
+                inputs.append(f"from Python: {_dtype_name(origin.dtype)} "
+                              f"{_shape_text(origin.shape)}")
         return {
             "id": f"n:{uid}",
             "label": node.op_type,
@@ -277,7 +295,7 @@ class GraphModel:
 
 
 class Inspector(anywidget.AnyWidget):
-    """The live inspector of one Session's TraceGraph (shown inside the `%%terra` panel)."""
+    """The live inspector of one Session's recorded ops (shown inside the `%%terra` panel)."""
 
     _esm = STATIC / "inspector.js"
     _css = STATIC / "inspector.css"
@@ -291,6 +309,7 @@ class Inspector(anywidget.AnyWidget):
         self._expanded: set = set()
         self._model: GraphModel | None = None
         self._key = None
+        self._events_seen = 0
         self._last = -float("inf")
         self.version = 0
         self.on_msg(self._on_request)
@@ -300,34 +319,32 @@ class Inspector(anywidget.AnyWidget):
         return [event for event in self.session.events.of_type(ev.FallbackEvent)
                 if event.index >= self.since]
 
-    def _fetched(self) -> set:
-        """Ops whose outputs a compiled segment returns to Python (read from the runner)."""
-        runner = self.session.graph_runner
-        fetched = set()
-        for compiled in runner.segments() if runner is not None else ():
-            fetched.update(node.uid for node, _index in compiled.outputs)
-        return fetched
-
     def refresh(self, force: bool = False) -> bool:
-        """Rebuild the view if the graph, fallbacks or compiled segments changed (throttled)."""
+        """Rebuild the view if the graph, fallbacks or compiled segments changed (throttled;
+        the graph is looked at only after events that may have changed it, or when forced)."""
         now = self._clock()
         if not force and now - self._last < MIN_REFRESH_INTERVAL:
             return False
-        graph = self.session.trace_graph
-        runner = self.session.graph_runner
+        events = list(self.session.events)
+        new_events = events[self._events_seen:]
+        self._events_seen = len(events)
+        if not force and not any(map(may_change_version, new_events)):
+            return False
+        snapshot = self.session.snapshot()
         fallbacks = self._fallbacks()
-        key = (graph.size if graph is not None else -1, len(fallbacks),
-               runner.graphs if runner is not None else 0)
+        key = (snapshot.version if snapshot is not None else None, len(fallbacks))
         if key == self._key:
             return False
         self._last = now
         self._key = key
-        self._model = GraphModel(graph, fallbacks, self._fetched())
+        self._model = GraphModel(snapshot, fallbacks)
         self.version += 1
         self.graph = self._model.view(self._expanded, self.version)
         return True
 
     def view(self) -> dict:
+        """The current view, with the ops' latest counts."""
+        self._model.recount(self.session.snapshot())
         return self._model.view(self._expanded, self.version)
 
     def _on_request(self, _widget, content, _buffers) -> None:

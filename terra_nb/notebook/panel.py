@@ -1,7 +1,8 @@
 """The live `%%terra` panel: ipywidgets, one widget per concern, fed by the Session's events.
 
 The engine never imports this module: the panel subscribes to `session.events` and redraws
-from what it has collected. Redraws are throttled so watching costs little: at most one per
+from what it has collected, reading the session's graph (its snapshot) only after an event that
+may have changed it. Redraws are throttled so watching costs little: at most one per
 `MIN_INTERVAL` seconds, and slower still when a redraw itself is slow (the interval grows to
 `cost / MAX_SHARE`, so redraw time stays under MAX_SHARE of the loop's wall time). `finish()`
 always draws once more, with the final Report.
@@ -9,6 +10,7 @@ always draws once more, with the final Report.
 
 from __future__ import annotations
 
+import collections
 import html
 import statistics
 import time
@@ -20,8 +22,10 @@ from terra_nb.engine.report import (
     Baseline,
     GraphFacts,
     Report,
+    is_call_op,
     shorten,
 )
+from terra_nb.engine.snapshot import SessionSnapshot, may_change_version
 
 MIN_INTERVAL = 0.1  # seconds between redraws: at most 10 per second
 MAX_SHARE = 0.02  # redraws may use at most this share of wall time
@@ -75,6 +79,7 @@ class Panel:
         self._last = -float("inf")
         self._facts_key = None
         self._facts: GraphFacts | None = None
+        self._graph_may_have_changed = True  # by an event since the panel last looked
         self._unsubscribe = None
 
         self.badge = widgets.HTML()
@@ -116,6 +121,8 @@ class Panel:
             self.failures.append(event)
         elif isinstance(event, ev.Note):
             self.notes.append(event)
+        if may_change_version(event):
+            self._graph_may_have_changed = True
         if self._clock() - self._last >= self._interval:
             self.render()
 
@@ -132,6 +139,7 @@ class Panel:
         """Stop listening and draw the final state from the run's Report."""
         self.detach()
         self.report = report
+        self._graph_may_have_changed = True
         self.render()
         self.inspector.refresh(force=True)
 
@@ -297,12 +305,14 @@ class Panel:
         return f"<div style='font-size:small'>{html.escape(text)}</div>"
 
     def _graph_facts(self) -> GraphFacts | None:
-        graph = self.session.trace_graph
-        runner = self.session.graph_runner
-        key = (graph.size if graph is not None else None, runner.graphs if runner else 0)
+        if not self._graph_may_have_changed:
+            return self._facts
+        self._graph_may_have_changed = False
+        snapshot = self.session.snapshot()
+        key = snapshot.version if snapshot is not None else None
         if key != self._facts_key:
             self._facts_key = key
-            self._facts = GraphFacts.of(self.session)
+            self._facts = _facts_of(snapshot) if snapshot is not None else None
         return self._facts
 
     def _messages_html(self) -> str:
@@ -332,3 +342,18 @@ class Panel:
             bundle["text/plain"] = "terra_nb: running…"
             bundle["text/html"] = "<div>terra_nb: running…</div>"
         return bundle
+
+
+def _facts_of(snapshot: SessionSnapshot) -> GraphFacts:
+    """The Report's graph facts (GraphFacts.of), counted from a snapshot."""
+    counts = collections.Counter(node.op_type for node in snapshot.nodes)
+    calls = {name: n for name, n in counts.items() if is_call_op(name)}
+    return GraphFacts(
+        ops=len(snapshot.nodes),
+        branch_points=snapshot.branch_points,
+        islands=sum(node.is_island for node in snapshot.nodes),
+        graphs_compiled=snapshot.graphs_compiled,
+        top_op_types=tuple(counts.most_common(5)),
+        call_ops=sum(calls.values()),
+        call_names=tuple(sorted(calls)),
+    )
