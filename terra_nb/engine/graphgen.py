@@ -72,6 +72,35 @@ class CompiledSegment:
         return None
 
 
+# Ops whose output shape depends on input values beyond small integers (a mask's contents):
+# they run eagerly, so their outputs carry their real shapes (the TraceGraph's are static).
+_DATA_DEPENDENT_SHAPE_OPS = frozenset({
+    "Where", "Unique", "UniqueV2", "UniqueWithCounts", "UniqueWithCountsV2",
+    "DynamicPartition", "ListDiff", "NonMaxSuppression", "NonMaxSuppressionV2",
+    "NonMaxSuppressionV3", "NonMaxSuppressionV4", "NonMaxSuppressionV5",
+    "NonMaxSuppressionWithOverlaps", "CombinedNonMaxSuppression", "RaggedRange",
+    "StringSplit", "StringSplitV2", "SparseFillEmptyRows",
+})
+
+# Ops that touch files: the Python around them reads and writes the same files (a checkpoint
+# manager writes its `checkpoint` index and deletes old saves after the save ops ran).
+FILE_OPS = frozenset({
+    "WriteFile", "ReadFile", "MatchingFiles", "SaveV2", "Save", "SaveSlices",
+    "MergeV2Checkpoints", "RestoreV2", "Restore", "RestoreSlice", "CreateSummaryFileWriter",
+    "CreateSummaryDbWriter", "WriteSummary", "WriteScalarSummary", "WriteHistogramSummary",
+    "WriteImageSummary", "WriteAudioSummary", "WriteRawProtoSummary", "WriteGraphSummary",
+    "ImportEvent", "FlushSummaryWriter", "CloseSummaryWriter",
+})
+
+# Ops that must run in program order with Python, right when Python calls them.
+ISLAND_OPS = _DATA_DEPENDENT_SHAPE_OPS | FILE_OPS | frozenset({
+    "PrintV2", "EagerPyFunc", "PyFunc", "PyFuncStateless", "VarHandleOp", "DestroyResourceOp",
+    "AnonymousIteratorV3", "AnonymousIteratorV2", "MakeIterator", "DeleteIterator",
+    "AnonymousSeedGenerator", "DeleteSeedGenerator", "AnonymousRandomSeedGenerator",
+    "DeleteRandomSeedGenerator",
+})
+
+
 # Ops whose success depends on input *values* (indices in range, finite numbers, asserts). Eager
 # execution stops at the failing one; so that the graph leaves the same state, every stateful
 # op after one of them in program order waits for it (a control dependency), and Python waits

@@ -44,24 +44,6 @@ from terra_nb.engine.tracegraph import (
 from terra_nb.engine.usercode import user_location
 from terra_nb.engine.worker import GraphRunner
 
-# Ops whose output shape depends on input values beyond small integers (a mask's contents):
-# they run eagerly, so their outputs carry their real shapes (the TraceGraph's are static).
-_DATA_DEPENDENT_SHAPE_OPS = frozenset({
-    "Where", "Unique", "UniqueV2", "UniqueWithCounts", "UniqueWithCountsV2",
-    "DynamicPartition", "ListDiff", "NonMaxSuppression", "NonMaxSuppressionV2",
-    "NonMaxSuppressionV3", "NonMaxSuppressionV4", "NonMaxSuppressionV5",
-    "NonMaxSuppressionWithOverlaps", "CombinedNonMaxSuppression", "RaggedRange",
-    "StringSplit", "StringSplitV2", "SparseFillEmptyRows",
-})
-
-# Ops that must run in program order with Python, right when Python calls them.
-_ISLAND_OPS = _DATA_DEPENDENT_SHAPE_OPS | frozenset({
-    "PrintV2", "EagerPyFunc", "PyFunc", "PyFuncStateless", "VarHandleOp", "DestroyResourceOp",
-    "AnonymousIteratorV3", "AnonymousIteratorV2", "MakeIterator", "DeleteIterator",
-    "AnonymousSeedGenerator", "DeleteSeedGenerator", "AnonymousRandomSeedGenerator",
-    "DeleteRandomSeedGenerator", "WriteFile", "ReadFile",
-})
-
 
 def _attrs_key(op_type, attrs):
     """Hashable attrs for node identity; a stateful random op's seed2 is left out (graphgen)."""
@@ -172,7 +154,8 @@ class PythonRunner:
         child = self.cursor.children.get(key)
         if child is None:
             function = None if internals.op_def(op_type) else internals.calling_function()
-            island = op_type in _ISLAND_OPS or (function is None and not internals.op_def(op_type))
+            island = op_type in graphgen.ISLAND_OPS or (function is None
+                                                        and not internals.op_def(op_type))
             child = self.graph.add_child(self.cursor, key, op_type, attrs, location, refs,
                                          outputs, island, ctx.scope_name)
             child.function = function

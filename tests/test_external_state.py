@@ -1,0 +1,113 @@
+"""What a co-executed iteration shares with the world outside TensorFlow is what eager
+execution would have left there: numpy buffers the user refills, and (with more to come)
+files and data sources."""
+
+import numpy as np
+import tensorflow as tf
+
+from terra_nb.engine import events as ev
+from terra_nb.engine.session import Session
+
+
+def _refilled_buffer_run(co_execute: bool):
+    """A preallocated batch buffer filled, used by deferred ops, then refilled in place
+    before the graph could run them: each step's ops must see the values of their call."""
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(32, 64)).astype(np.float32) for _ in range(12)]
+    buffer = np.zeros((32, 64), np.float32)
+    weights = tf.Variable(tf.ones((64, 8)))
+    session = Session("buffer")
+    outputs = []
+    for index in range(12):
+        if co_execute:
+            with session.iteration():
+                outputs.append(_step(buffer, batches[index], weights))
+        else:
+            outputs.append(_step(buffer, batches[index], weights))
+    session.close()
+    return [np.asarray(output) for output in outputs], weights.numpy(), session
+
+
+def _step(buffer, batch, weights):
+    buffer[...] = batch
+    product = tf.matmul(buffer, weights)
+    weights.assign_sub(1e-3 * tf.matmul(buffer, product, transpose_a=True))
+    buffer[...] = 0.0  # refilled before the deferred ops ran
+    return product
+
+
+def test_a_numpy_buffer_refilled_in_place_is_seen_as_it_was_at_the_call():
+    """TensorFlow 2.21 copies a numpy array when it converts it to a tensor (measured for
+    arrays of 16 B to 4 MB), so the deferred ops hold the values of their call: no copy of
+    ours is needed. This pins it: a TensorFlow that aliased numpy memory would fail here."""
+    eager, eager_weights, _ = _refilled_buffer_run(False)
+    got, weights, session = _refilled_buffer_run(True)
+    modes = {event.mode for event in session.events.of_type(ev.IterationDone)}
+    assert ev.CO_EXECUTING in modes, modes
+    for index, (value, expected) in enumerate(zip(got, eager, strict=True)):
+        np.testing.assert_array_equal(value, expected, err_msg=f"step {index}")
+    np.testing.assert_array_equal(weights, eager_weights)
+
+
+def _events_on_disk(folder) -> list:
+    """(step, tag, value) of every scalar summary in the folder's event files."""
+    found = []
+    for path in sorted(folder.glob("events*")):
+        for record in tf.compat.v1.train.summary_iterator(str(path)):
+            found += [(record.step, value.tag, float(tf.make_ndarray(value.tensor)))
+                      for value in record.summary.value]
+    return found
+
+
+def _files_run(folder, co_execute: bool):
+    """A loop that saves checkpoints with a CheckpointManager, writes a file and logs
+    summaries, flushed every fourth step; what is on disk after each step."""
+    weights = tf.Variable(tf.ones((4,)))
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(w=weights), folder / "checkpoints",
+                                         max_to_keep=2)
+    writer = tf.summary.create_file_writer(str(folder / "logs"))
+    session = Session("files")
+    on_disk = []
+    with writer.as_default():
+        for index in range(10):
+            if co_execute:
+                with session.iteration():
+                    _files_step(index, weights, manager, writer, folder)
+            else:
+                _files_step(index, weights, manager, writer, folder)
+            saved = sorted(path.name for path in (folder / "checkpoints").glob("*"))
+            on_disk.append((saved, (folder / "log.txt").read_text(),
+                            _events_on_disk(folder / "logs")))
+    session.close()
+    return on_disk, manager, session
+
+
+def _files_step(index, weights, manager, writer, folder):
+    weights.assign_add(tf.ones((4,)) * index)
+    tf.summary.scalar("total", tf.reduce_sum(weights), step=index)
+    tf.io.write_file(str(folder / "log.txt"), tf.strings.as_string(tf.reduce_sum(weights)))
+    if index % 3 == 2:
+        manager.save()
+    if index % 4 == 3:
+        writer.flush()
+
+
+def test_checkpoints_files_and_summaries_are_on_disk_as_eagerly_after_each_step(tmp_path):
+    """CheckpointManager.save (SaveV2 and MergeV2Checkpoints, then the Python that writes the
+    `checkpoint` index and deletes old saves), tf.io.write_file and flushed tf.summary
+    scalars: after every step the files are what eager execution left. The file ops run in
+    program order with Python (islands). Before, the deferred save ops ran after the
+    manager's Python had moved the temporary save: MergeV2Checkpoints failed on the graph
+    thread, no one was told, and the checkpoint did not exist."""
+    (tmp_path / "eager").mkdir()
+    (tmp_path / "terra").mkdir()
+    eager, eager_manager, _ = _files_run(tmp_path / "eager", False)
+    got, manager, session = _files_run(tmp_path / "terra", True)
+    modes = [event.mode for event in session.events.of_type(ev.IterationDone)]
+    assert modes.count(ev.CO_EXECUTING) >= 4, modes
+    for index, (now, expected) in enumerate(zip(got, eager, strict=True)):
+        assert now == expected, f"after step {index}"
+    restored = tf.Variable(tf.zeros((4,)))
+    tf.train.Checkpoint(w=restored).restore(manager.latest_checkpoint)
+    np.testing.assert_array_equal(restored.numpy(), np.full(4, 37.0))
+    assert manager.latest_checkpoint.endswith("ckpt-3")
