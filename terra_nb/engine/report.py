@@ -63,22 +63,17 @@ class GraphFacts:
     call_names: tuple[str, ...]
 
     @classmethod
-    def of(cls, session) -> Optional[GraphFacts]:
-        graph = session.trace_graph
-        if graph is None:
+    def of(cls, snapshot) -> Optional[GraphFacts]:
+        """The facts of a session's snapshot (Session.snapshot(); None: nothing traced)."""
+        if snapshot is None:
             return None
-        counts: collections.Counter = collections.Counter()
-        islands = 0
-        for node in graph.nodes():
-            counts[node.op_type] += 1
-            islands += bool(node.island)
+        counts = collections.Counter(node.op_type for node in snapshot.nodes)
         calls = {name: n for name, n in counts.items() if is_call_op(name)}
-        runner = session.graph_runner
         return cls(
-            ops=graph.size,
-            branch_points=len(graph.branch_points()),
-            islands=islands,
-            graphs_compiled=runner.graphs if runner is not None else 0,
+            ops=len(snapshot.nodes),
+            branch_points=snapshot.branch_points,
+            islands=sum(node.is_island for node in snapshot.nodes),
+            graphs_compiled=snapshot.graphs_compiled,
             top_op_types=tuple(counts.most_common(5)),
             call_ops=sum(calls.values()),
             call_names=tuple(sorted(calls)),
@@ -223,7 +218,7 @@ class Report:
             notes=of_type(ev.Note),
             timeline=done,
             tracing_ratio=tracing_ratio,
-            graph=GraphFacts.of(session) if session is not None else None,
+            graph=GraphFacts.of(session.snapshot()) if session is not None else None,
             comparison=comparison,
             warnings=tuple(warnings),
             stopped=stopped,

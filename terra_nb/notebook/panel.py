@@ -10,7 +10,6 @@ always draws once more, with the final Report.
 
 from __future__ import annotations
 
-import collections
 import html
 import statistics
 import time
@@ -22,10 +21,9 @@ from terra_nb.engine.report import (
     Baseline,
     GraphFacts,
     Report,
-    is_call_op,
     shorten,
 )
-from terra_nb.engine.snapshot import SessionSnapshot, may_change_version
+from terra_nb.engine.snapshot import may_change_version
 
 MIN_INTERVAL = 0.1  # seconds between redraws: at most 10 per second
 MAX_SHARE = 0.02  # redraws may use at most this share of wall time
@@ -312,7 +310,7 @@ class Panel:
         key = snapshot.version if snapshot is not None else None
         if key != self._facts_key:
             self._facts_key = key
-            self._facts = _facts_of(snapshot) if snapshot is not None else None
+            self._facts = GraphFacts.of(snapshot)
         return self._facts
 
     def _messages_html(self) -> str:
@@ -342,18 +340,3 @@ class Panel:
             bundle["text/plain"] = "terra_nb: running…"
             bundle["text/html"] = "<div>terra_nb: running…</div>"
         return bundle
-
-
-def _facts_of(snapshot: SessionSnapshot) -> GraphFacts:
-    """The Report's graph facts (GraphFacts.of), counted from a snapshot."""
-    counts = collections.Counter(node.op_type for node in snapshot.nodes)
-    calls = {name: n for name, n in counts.items() if is_call_op(name)}
-    return GraphFacts(
-        ops=len(snapshot.nodes),
-        branch_points=snapshot.branch_points,
-        islands=sum(node.is_island for node in snapshot.nodes),
-        graphs_compiled=snapshot.graphs_compiled,
-        top_op_types=tuple(counts.most_common(5)),
-        call_ops=sum(calls.values()),
-        call_names=tuple(sorted(calls)),
-    )
