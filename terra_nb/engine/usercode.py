@@ -156,6 +156,13 @@ def innermost_user_frame(tb: types.TracebackType | None, *,
     return None
 
 
+def lines_in(tb: types.TracebackType | None, prefixes: tuple[str, ...]) -> list[int]:
+    """The line numbers of a traceback's frames in files whose names start with one of
+    `prefixes` (a cell's own file names), outermost first."""
+    return [entry.tb_lineno for entry in _entries(tb)
+            if entry.tb_frame.f_code.co_filename.startswith(prefixes)]
+
+
 _GATEWAYS: set = set()
 
 

@@ -32,6 +32,9 @@ import types
 
 from terra_nb.engine.report import Comparison, Timing
 from terra_nb.engine.tolerance import COMPARE_ATOL, RUN_RTOL
+from terra_nb.engine.usercode import lines_in
+
+CELL_FILES = ("<terra-cell-", "<terra-compare-")  # the cell's own code, and its step function
 
 MAX_ITERATIONS = 20
 
@@ -336,11 +339,7 @@ def _error_text(error: BaseException) -> str:
     """The error's own message line and the innermost cell line it came from."""
     text = str(error)
     lines = re.findall(r'"<terra-(?:cell|compare)-[0-9a-f]+>", line (\d+)', text)
-    tb = error.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.startswith(("<terra-cell-", "<terra-compare-")):
-            lines.append(str(tb.tb_lineno))
-        tb = tb.tb_next
+    lines += [str(line) for line in lines_in(error.__traceback__, CELL_FILES)]
     # AutoGraph wraps errors as "in user code: ... File ..., line N ... Error: message".
     message = [line.strip() for line in text.strip().splitlines() if line.strip()]
     last = message[-1] if message else ""
