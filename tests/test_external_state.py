@@ -111,3 +111,41 @@ def test_checkpoints_files_and_summaries_are_on_disk_as_eagerly_after_each_step(
     tf.train.Checkpoint(w=restored).restore(manager.latest_checkpoint)
     np.testing.assert_array_equal(restored.numpy(), np.full(4, 37.0))
     assert manager.latest_checkpoint.endswith("ckpt-3")
+
+
+def _finite_iterator_run(co_execute: bool):
+    """next() on a 10-element tf.data iterator for 14 steps: eagerly StopIteration at step 10."""
+    data = tf.data.Dataset.from_tensor_slices(np.arange(40, dtype=np.float32).reshape(10, 4))
+    iterator = iter(data.batch(1))
+    total = tf.Variable(tf.zeros((1, 4)))
+    session = Session("finite-iterator")
+    ran, raised = [], None
+    try:
+        for index in range(14):
+            if co_execute:
+                with session.iteration():
+                    _sum_next(iterator, total, ran, index)
+            else:
+                _sum_next(iterator, total, ran, index)
+    except StopIteration:
+        raised = index
+    session.close()
+    return raised, ran, total.numpy(), session
+
+
+def _sum_next(iterator, total, ran, index):
+    total.assign_add(next(iterator))
+    ran.append(index)
+
+
+def test_next_past_the_end_of_a_dataset_raises_stop_iteration_at_that_step():
+    """The next element of a tf.data iterator is taken when Python asks for it, not in a graph:
+    past the end, StopIteration is raised at that very step, with eager's state. (Before, the
+    graph's OutOfRangeError surfaced two steps later.) Graph work before it is not waited for."""
+    eager = _finite_iterator_run(False)
+    got = _finite_iterator_run(True)
+    assert eager[0] == 10
+    assert got[0] == eager[0] and got[1] == eager[1]
+    np.testing.assert_array_equal(got[2], eager[2])
+    modes = [event.mode for event in got[3].events.of_type(ev.IterationDone)]
+    assert modes.count(ev.CO_EXECUTING) >= 6, modes

@@ -92,8 +92,16 @@ FILE_OPS = frozenset({
     "ImportEvent", "FlushSummaryWriter", "CloseSummaryWriter",
 })
 
+# Ops that take the next element of a tf.data iterator: eagerly they raise at the end of the
+# data (StopIteration to Python, at that very step), so they run when Python calls them; the
+# graph work before them need not finish first (their input is the iterator alone).
+NEXT_ELEMENT_OPS = frozenset({
+    "IteratorGetNext", "IteratorGetNextSync", "IteratorGetNextAsOptional", "OptionalHasValue",
+    "OptionalGetValue",
+})
+
 # Ops that must run in program order with Python, right when Python calls them.
-ISLAND_OPS = _DATA_DEPENDENT_SHAPE_OPS | FILE_OPS | frozenset({
+ISLAND_OPS = _DATA_DEPENDENT_SHAPE_OPS | FILE_OPS | NEXT_ELEMENT_OPS | frozenset({
     "PrintV2", "EagerPyFunc", "PyFunc", "PyFuncStateless", "VarHandleOp", "DestroyResourceOp",
     "AnonymousIteratorV3", "AnonymousIteratorV2", "MakeIterator", "DeleteIterator",
     "AnonymousSeedGenerator", "DeleteSeedGenerator", "AnonymousRandomSeedGenerator",
@@ -116,6 +124,27 @@ FALLIBLE_OPS = frozenset({
     "TruncateMod", "EnsureShape",
 })
 _NODE_NAME = re.compile(r"terra_n(\d+)")
+# Inside a called function integer divisions compute shapes from static shapes (a reduction's
+# gradient), never dividing by a value fed at run time.
+_FUNCTION_FALLIBLE_OPS = FALLIBLE_OPS - {"FloorDiv", "FloorMod", "TruncateDiv", "TruncateMod"}
+# A gradient function's index ops read the indices its forward function read, which failed
+# first on bad ones: only its own value checks (a check_numerics' gradient checks) may fail.
+_BACKWARD_FALLIBLE_OPS = frozenset({"CheckNumerics", "CheckNumericsV2", "Assert"})
+
+
+def may_fail(node: Node) -> bool:
+    """Whether the op can fail on its input values: a FALLIBLE_OPS op, a slice that shrinks
+    an axis to one index (`x[i]`, checked in Python when `i` is known: hostvalues.cannot_fail)
+    or a Slice, or a call of a traced function (the user's tf.function, a replayed Keras call)
+    whose body or callees hold a FALLIBLE_OPS op."""
+    if node.function is not None:
+        fallible = (_BACKWARD_FALLIBLE_OPS if internals.is_backward_function(node.function)
+                    else _FUNCTION_FALLIBLE_OPS)
+        return not fallible.isdisjoint(internals.function_op_types(node.function))
+    if node.op_type == "StridedSlice":
+        return bool(dict(zip(node.attrs[::2], node.attrs[1::2], strict=True))
+                    .get("shrink_axis_mask"))
+    return node.op_type in FALLIBLE_OPS or node.op_type == "Slice"
 
 
 def feed_and_fold_plan(path: list[Node]) -> tuple[list, list]:
@@ -142,6 +171,19 @@ def _varying(node: Node, slot: int) -> bool:
 
 def _input_spec(ref) -> tf.TensorSpec:
     return tf.TensorSpec(ref.shape, tf.dtypes.as_dtype(ref.dtype))
+
+
+def _kept_running(graph, called: list) -> list:
+    """The ops that make a called function's ops that may fail run, and finish before the
+    stateful ops after the call: an identity of each of its outputs. (A graph prunes an
+    inlined function's ops whose values nothing reads, and control edges on the call reach
+    only the function's stateful ops; eagerly every op ran, and failed if it failed.)"""
+    kept = []
+    for output in called:
+        identity = tf.identity(output).op
+        internals.keep_running(graph, identity)
+        kept.append(identity)
+    return kept
 
 
 def _fold_static_outputs(function, results: list) -> list:
@@ -208,15 +250,19 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
             waits = fallible if fallible and is_stateful(node) else []
             with graph.control_dependencies(waits):
                 if node.function is not None:
-                    results = _fold_static_outputs(
-                        node.function, internals.call_function_in_graph(node.function, inputs))
+                    called = internals.call_function_in_graph(node.function, inputs)
+                    results = _fold_static_outputs(node.function, called)
+                    if may_fail(node):
+                        fallible += _kept_running(graph, called)
                 else:
                     operation = internals.create_graph_op(
                         graph, node.op_type, inputs,
                         [tf.dtypes.as_dtype(dtype) for dtype in node.output_dtypes],
                         f"terra_n{node.uid}", attrs[position])
                     results = operation.outputs
-                    if node.op_type in FALLIBLE_OPS:
+                    if may_fail(node):
+                        if not is_stateful(node):  # stateful ops run anyway
+                            internals.keep_running(graph, operation)
                         fallible.append(operation)
             for index, tensor in enumerate(results):
                 tensor.set_shape(node.output_shapes[index])

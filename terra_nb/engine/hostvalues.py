@@ -188,6 +188,8 @@ def cannot_fail(op_type: str, inputs, attrs) -> bool:
     Then the segment holding it need not be waited for at the end of the iteration, and the
     graph of this iteration overlaps the next one's Python. Anything unknown is 'may fail'.
     """
+    if op_type == "StridedSlice" or op_type == "Slice":
+        return _slice_in_bounds(op_type, inputs, attrs)
     if op_type not in INDEX_CHECKED_OPS:
         return False
     low, high = _index_bound(op_type, inputs, attrs)
@@ -195,6 +197,45 @@ def cannot_fail(op_type: str, inputs, attrs) -> bool:
     if high is None or values is None:
         return False
     return values.size == 0 or bool(low <= values.min() and values.max() < high)
+
+
+def values_in_range(value, low: int, high: int | None, allowed=None) -> bool:
+    """Whether Python knows `value` now and each element is in [low, high) or is `allowed`."""
+    known = _known_value(value)
+    if known is None or high is None or known.dtype.kind not in "iu":
+        return False
+    if allowed is not None:
+        known = known[known != allowed]
+    return known.size == 0 or bool(low <= known.min() and known.max() < high)
+
+
+def _slice_in_bounds(op_type: str, inputs, attrs) -> bool:
+    """A slice whose bounds are known now and in range: each axis a StridedSlice shrinks to
+    one index holds that index (`x[i]`), a Slice's begin and size fit its input."""
+    shape = inputs[0]._shape_tuple()
+    begin = _known_value(inputs[1])
+    if shape is None or begin is None or begin.ndim != 1:
+        return False
+    if op_type == "Slice":
+        size = _known_value(inputs[2])
+        return size is not None and len(begin) == len(size) == len(shape) and all(
+            dim is not None and 0 <= start <= dim and (length == -1 or 0 <= length <= dim - start)
+            for start, length, dim in zip(begin.tolist(), size.tolist(), shape, strict=False))
+    masks = dict(zip(attrs[::2], attrs[1::2], strict=True))
+    ellipsis, new_axis = masks.get("ellipsis_mask", 0), masks.get("new_axis_mask", 0)
+    shrink = masks.get("shrink_axis_mask", 0)
+    consumed = len(begin) - bin(new_axis).count("1") - bool(ellipsis)  # input axes named
+    axis = 0
+    for entry, start in enumerate(begin.tolist()):
+        if ellipsis >> entry & 1:
+            axis += len(shape) - consumed  # the axes `...` stands for
+        elif not new_axis >> entry & 1:
+            if shrink >> entry & 1 and (
+                    axis >= len(shape) or shape[axis] is None
+                    or not -shape[axis] <= start < shape[axis]):
+                return False
+            axis += 1
+    return True
 
 
 INDEX_CHECKED_OPS = frozenset({

@@ -105,6 +105,7 @@ class PythonRunner:
         # the user frames of a replayed library call, set around it: its op's location, the
         # same as the stack walk would find (only library frames lie between), known for free
         self.call_site = None
+        self.call_checked = False  # the library call replayed now cannot fail on its values
         self.cursor = graph.root
         self.segment_start = graph.root
         self.pending: list[_Pending] = []
@@ -140,7 +141,9 @@ class PythonRunner:
             if child is not None:
                 if child.island:
                     self.flush()
-                    self.runner.drain()
+                    if op_type not in graphgen.NEXT_ELEMENT_OPS \
+                            or not all(hostvalues.available(value) for value in inputs):
+                        self.runner.drain()
                     return self._run_now(child, op_type, num_outputs, inputs, attrs, ctx, name)
                 outputs = self.defer(child, inputs, refs, attrs, ctx)
                 if self.runner.overlap and self.runner.policy.submit_early(child):
@@ -253,7 +256,7 @@ class PythonRunner:
         segment_uids.add(node.uid)
         node.visits += 1
         self.cursor = node
-        if node.op_type in graphgen.FALLIBLE_OPS \
+        if graphgen.may_fail(node) and not (node.function is not None and self.call_checked) \
                 and not hostvalues.cannot_fail(node.op_type, inputs, attrs):
             self.segment_may_fail = True
         if not keep:
@@ -348,8 +351,7 @@ class PythonRunner:
         self._submit(parts)
 
     def _submit(self, parts: list) -> None:
-        jobs = self.runner.submit(parts, self.index, token=self.pending,
-                                  after=self.fallible_jobs[-1] if self.fallible_jobs else None)
+        jobs = self.runner.submit(parts, self.index, token=self.pending)
         if self.segment_may_fail:
             self.fallible_jobs.extend(jobs)
         self.flushes += 1
@@ -549,7 +551,7 @@ def _computing(nodes: list, wanted: set) -> set:
 def _has_effect(node) -> bool:
     """An op whose place among other such ops matters: it changes or reads state, or may
     fail (eager execution stops there)."""
-    return (graphgen.is_stateful(node) or node.op_type in graphgen.FALLIBLE_OPS
+    return (graphgen.is_stateful(node) or graphgen.may_fail(node)
             or any(ref.kind == RESOURCE for ref in node.inputs))
 
 

@@ -24,14 +24,19 @@ class Job:
     """One submitted segment run; Python waits on it only when it needs one of its values."""
 
     __slots__ = ("compiled", "args", "lazies", "done", "error", "seconds", "key", "runner",
-                 "iteration", "delivered", "after", "cause", "first_run")
+                 "iteration", "delivered", "after", "cause", "first_run", "errors_told",
+                 "told_before")
 
     def __init__(self, compiled, args: list, lazies: list, key=None, runner=None,
-                 iteration: int = 0, after: Job | None = None) -> None:
+                 iteration: int = 0, after: Job | None = None,
+                 errors_told: _ErrorsTold | None = None) -> None:
         self.compiled = compiled
-        # the earlier job of the iteration whose failure means this one must not run: the
-        # first part of a split segment, or the iteration's last segment that may fail
+        # The job submitted before this one: if it failed, eagerly the program stopped there,
+        # so this one must not run, unless the user was told of that failure before this one
+        # was submitted (the error was raised; the program went on from there).
         self.after = after
+        self.errors_told = errors_told or _ErrorsTold()
+        self.told_before = self.errors_told.count
         self.cause: Job | None = None  # the failed job that stopped this one (see _stopped_by)
         self.iteration = iteration
         self.key = key
@@ -67,7 +72,7 @@ class Job:
         except BaseException as error:  # handed to whoever waits for this job
             self.error = error
         finally:
-            self.args = self.runner = None
+            self.args = self.runner = self.after = None  # no chain of finished jobs is kept
             self.seconds = time.perf_counter() - start
             self.done.set()
 
@@ -76,10 +81,12 @@ class Job:
         return self.error is not None or self.cause is not None
 
     def _stopped_by(self) -> Job | None:
-        """The failed job that comes before this one in the iteration or computes one of its
-        inputs (a value a failed job never computed)."""
-        if self.after is not None and self.after.failed:
-            return self.after
+        """The failed job submitted just before this one (none other ran after a failure),
+        unless its error was raised to the user before this one was submitted, or a failed job
+        that computes one of its inputs (a value it never computed)."""
+        after = self.after
+        if after is not None and after.failed and after.told_before == self.told_before:
+            return after
         for value in self.args:
             if isinstance(value, internals.LazyTensor) and value._value is None \
                     and value._job is not None and value._job.failed:
@@ -98,7 +105,17 @@ class Job:
         if not getattr(self.error, "_terra_nb_located", False):
             self.error = _at_user_line(self.error, self.compiled)
         self.delivered = True
+        self.errors_told.count += 1
         raise self.error
+
+
+class _ErrorsTold:
+    """How many graph errors a GraphRunner has raised to the user (shared by its jobs)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 _XLA_COMPILE_FAILURES = ("tf2xla conversion failed", "compile-time constant",
@@ -118,6 +135,9 @@ def _at_user_line(error: BaseException, compiled) -> BaseException:
     innermost frame, so tracebacks (and the panel) point where eager execution would have.
     """
     node = compiled.node_named_in(str(error)) if compiled is not None else None
+    if node is None and compiled is not None:  # an op inside a called function failed
+        node = next((node for node in compiled.path
+                     if node.function is not None and graphgen.may_fail(node)), None)
     if node is None or not node.location:
         return error
     filename, lineno = node.location[0]
@@ -221,7 +241,9 @@ class GraphRunner:
         self.wait_seconds = 0.0
         self._queue: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
-        self._last: Job | None = None
+        self._last: Job | None = None  # the last job a drain has not waited for
+        self._submitted: Job | None = None  # the last job submitted
+        self._errors_told = _ErrorsTold()
         self._last_jobs: list[Job] = []
         self._last_token = None  # the pending ops of the last queued submission
         self._finished_jobs: list[Job] = []
@@ -296,11 +318,10 @@ class GraphRunner:
             taken.append(self._worker_events.popleft())
         return taken
 
-    def submit(self, parts: list, iteration: int, token, after: Job | None = None) -> list[Job]:
-        """Queue the parts of one segment, each (compiled, args, lazies, key), in one step:
-        a later part continues the one before it (see PythonRunner._split_head), the first
-        continues `after` (the iteration's last segment that may fail): none runs once the
-        one it continues has failed.
+    def submit(self, parts: list, iteration: int, token) -> list[Job]:
+        """Queue the parts of one segment, each (compiled, args, lazies, key), in one step.
+        Each job continues the one submitted before it: none runs once one has failed, as
+        eagerly nothing ran after the failing op (until its error is raised to the user).
 
         `token` names the pending ops they compute; submitting the same token again (a flush
         repeated after a KeyboardInterrupt) returns the jobs already queued, so an interrupt
@@ -310,7 +331,8 @@ class GraphRunner:
             return self._last_jobs
         jobs = []
         for compiled, args, lazies, key in parts:
-            job = Job(compiled, args, lazies, key, self, iteration, jobs[-1] if jobs else after)
+            job = Job(compiled, args, lazies, key, self, iteration,
+                      jobs[-1] if jobs else self._submitted, self._errors_told)
             jobs.append(job)
         if self.overlap and self._worker is None:
             work = queue.SimpleQueue()
@@ -326,7 +348,7 @@ class GraphRunner:
             for lazy in job.lazies:
                 lazy._job = job
         self._finished_jobs.extend(jobs)
-        self._last, self._last_jobs = jobs[-1], jobs
+        self._last, self._last_jobs, self._submitted = jobs[-1], jobs, jobs[-1]
         # One statement each: running or queueing the jobs and the record that it happened
         # cannot be separated by an interrupt (no line boundary between them, no signal
         # check between a call's return and the store).

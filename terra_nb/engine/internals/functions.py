@@ -203,3 +203,24 @@ def tape_is_plain(tape) -> bool:
     """A tape whose `gradient` call terra_nb may compute itself: it still records, and it is
     not a persistent tape asked for a gradient while it records."""
     return tape._tape is not None and not (tape._recording and tape._persistent)
+
+
+_OP_TYPES_OF: dict = {}  # function name -> the op types of its body and its callees' bodies
+
+
+def function_op_types(function) -> frozenset:
+    """The op types an AtomicFunction runs: those of its FunctionDef and, recursively, of the
+    functions it calls (its `children`). Function names are unique per definition."""
+    found = _OP_TYPES_OF.get(function.name)
+    if found is None:
+        found = frozenset(node.op for node in function.definition.node_def).union(
+            *(function_op_types(child) for child in function.children))
+        _OP_TYPES_OF[function.name] = found
+    return found
+
+
+def is_backward_function(function) -> bool:
+    """Whether an AtomicFunction is the gradient of another (TensorFlow names those
+    `__inference___backward_<forward>_<id>`)."""
+    name = function.name
+    return (name.decode() if isinstance(name, bytes) else name).startswith("__inference___backward")

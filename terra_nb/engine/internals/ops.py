@@ -371,6 +371,12 @@ def call_function_in_graph(function, inputs: list) -> list:
     return list(atomic_function.make_call_op_in_graph(function, inputs, attrs))
 
 
+def keep_running(graph, operation) -> None:
+    """Run `operation` at every call of the function `graph` (a FuncGraph being built) is
+    traced into, even when nothing reads its outputs."""
+    graph.control_outputs.append(operation)
+
+
 def variable_shape(handle) -> tuple | None:
     """The shape of the variable behind an eager resource handle (None if not fixed)."""
     from tensorflow.python.ops import resource_variable_ops

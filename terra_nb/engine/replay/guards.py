@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from terra_nb.engine import internals
+from terra_nb.engine import hostvalues, internals
 from terra_nb.engine.internals import keras_state
 from terra_nb.engine.usercode import is_library_function, is_user_class
 
@@ -269,6 +269,21 @@ def _value_text(value) -> str:
                                                   for item in value):
         return ", ".join(f"{name}={item!r}" for name, item in value)
     return repr(value)
+
+
+def cannot_fail(obj, flat: list) -> bool:
+    """Whether Python can tell now that a replayed call's ops will not fail on its values
+    (then the graph of the step need not be waited for when the step ends; see
+    graphgen.may_fail): a sparse categorical loss whose labels it knows and finds in range;
+    an optimizer, whose index ops (segment sums, scatters) read the indices of sparse
+    gradients, which the forward gather read first and failed on first."""
+    if isinstance(obj, keras.optimizers.Optimizer):
+        return True
+    if not isinstance(obj, keras.losses.SparseCategoricalCrossentropy) or len(flat) < 2:
+        return False
+    classes = tuple(np.shape(flat[1]))[-1:] or (None,)
+    ignored = keras_state.loss_function_arguments(obj).get("ignore_class")
+    return hostvalues.values_in_range(flat[0], 0, classes[0], ignored)
 
 
 def gradient_key(runner, target, sources, unconnected, call_site):

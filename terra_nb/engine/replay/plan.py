@@ -174,4 +174,4 @@ class ReplayPlan:
 
 def _inspects_inputs(node) -> bool:
     """A node whose deferral looks at its input values (PythonRunner._defer)."""
-    return node.host_value or node.mirrored or node.op_type in graphgen.FALLIBLE_OPS
+    return node.host_value or node.mirrored or graphgen.may_fail(node)

@@ -40,6 +40,7 @@ from terra_nb.engine.replay.guards import (
     ARRAYS,
     PYTHON_VALUES,
     CallGuard,
+    cannot_fail,
     dtype_of,
     flatten,
     gradient_key,
@@ -210,7 +211,7 @@ class MacroTable:
             return result
         if entry.macro is not None:
             self.replayed_calls += 1
-            return _replay(entry, flat, runner, call_site)
+            return _replay(entry, flat, runner, call_site, cannot_fail(obj, flat))
         if entry.banned:
             return original(obj, *args, **kwargs)
         return self._observe(entry, runner, original, obj, args, kwargs, flat, call_site,
@@ -583,16 +584,17 @@ def _build_macro(original, obj, args, kwargs):
     return internals.TracedCall(concrete), tensor_positions
 
 
-def _replay(entry, flat: list, runner, call_site):
-    """Call the macro in place of the library call; its op is located at `call_site`."""
+def _replay(entry, flat: list, runner, call_site, checked: bool):
+    """Call the macro in place of the library call; its op is located at `call_site`, and
+    `checked` says Python found that its values cannot make it fail."""
     tensors = [flat[index] for index in entry.tensor_positions]
     tensors = [value if tf.is_tensor(value) else tf.convert_to_tensor(value) for value in tensors]
     replay_state.replaying += 1
-    runner.call_site = call_site
+    runner.call_site, runner.call_checked = call_site, checked
     try:
         return entry.macro(tensors)
     finally:
-        runner.call_site = None
+        runner.call_site, runner.call_checked = None, False
         replay_state.replaying -= 1
 
 

@@ -1,0 +1,160 @@
+"""An op that fails in a graph fails the step it belongs to, as eagerly: the same error type
+at the same step, no later update applied, the Python of later steps not run, whatever the op
+(allow-listed or inside a replayed library call or the user's tf.function) and whether or
+not Python ever reads its value.
+
+One difference stays, documented: the error is raised when the step ends (or at the first
+value Python reads after the failing op), so the rest of the failing step's Python has run;
+raising at the op itself would make Python wait for every op that may fail."""
+
+import harness  # noqa: F401 - op determinism as in the rest of the suite (Keras' sparse
+import keras  # cross-entropy then gathers, and its gather's value is never read)
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from terra_nb.engine import events as ev
+from terra_nb.engine.session import Session
+
+STEPS = 12
+BAD_STEP = 7
+
+
+def _run(build, co_execute: bool):
+    """Run `step(index)` for STEPS steps (in a Session when co-executing) until it raises;
+    return (the failing step, the error type, the steps whose Python ran, variable values at
+    the raise, the session)."""
+    keras.utils.set_random_seed(0)
+    variables, step = build()
+    session = Session("graph-errors")
+    ran: list = []
+    failed_at, error_type = None, None
+    try:
+        for index in range(STEPS):
+            if co_execute:
+                with session.iteration():
+                    step(index, ran)
+            else:
+                step(index, ran)
+    except Exception as error:  # noqa: BLE001 - the user's error, compared with eager's
+        failed_at, error_type = index, type(error)
+    finally:
+        try:
+            session.close()
+        except Exception:  # noqa: BLE001 - already raised at its step above
+            pass
+    return failed_at, error_type, ran, [v.numpy().copy() for v in variables], session
+
+
+def _keras_loss_with_a_bad_label():
+    """A training step whose loss Python never reads; one batch has a label out of range."""
+    model = keras.Sequential([keras.layers.Dense(8, activation="relu"), keras.layers.Dense(4)])
+    model.build((None, 6))
+    optimizer = keras.optimizers.SGD(0.1)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(16, 6)), tf.float32)
+    labels = [rng.integers(0, 4, size=(16,)).astype("int32") for _ in range(STEPS)]
+    labels[BAD_STEP][3] = 9
+
+    def step(index, ran):
+        y = tf.constant(labels[index])
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        ran.append(index)
+
+    return model.trainable_variables, step
+
+
+def _check_numerics_in_a_users_function():
+    """The user's own tf.function checks its result; a NaN appears at BAD_STEP."""
+    weights = tf.Variable(tf.ones((4,)))
+
+    @tf.function
+    def update(scale):
+        value = tf.math.sqrt(weights * scale)
+        tf.debugging.check_numerics(value, "sqrt of a negative")
+        weights.assign(value + 1.0)
+
+    def step(index, ran):
+        update(tf.constant(-1.0 if index == BAD_STEP else 1.0))
+        ran.append(index)
+
+    return [weights], step
+
+
+def _slice_with_a_fed_start():
+    """A row picked by a Python int that runs past the end at BAD_STEP, never read by Python."""
+    table = tf.constant(np.arange(3 * BAD_STEP, dtype=np.float32).reshape(BAD_STEP, 3))
+    total = tf.Variable(tf.zeros((3,)))
+
+    def step(index, ran):
+        total.assign_add(table[index])
+        ran.append(index)
+
+    return [total], step
+
+
+def _slices_with_an_ellipsis_and_a_new_axis():
+    """`x[..., i]` and `x[None, :, i]`: the index of the shrunk axis is found past `...` and a
+    new axis, and checked in Python against the right dimension."""
+    table = tf.constant(np.arange(3 * BAD_STEP, dtype=np.float32).reshape(3, BAD_STEP))
+    total = tf.Variable(tf.zeros((3,)))
+
+    def step(index, ran):
+        total.assign_add(table[..., min(index, BAD_STEP - 1)])
+        total.assign_add(table[None, :, index][0])
+        ran.append(index)
+
+    return [total], step
+
+
+def _unread_gather():
+    """A gather whose result nothing reads, with an index past the end at BAD_STEP: eagerly
+    it raises all the same (a graph would prune it)."""
+    table = tf.constant(np.arange(3 * BAD_STEP, dtype=np.float32).reshape(BAD_STEP, 3))
+    count = tf.Variable(0.0)
+
+    def step(index, ran):
+        count.assign_add(1.0)
+        tf.gather(table, tf.constant([index]))  # the step's last op: no update waits for it
+        ran.append(index)
+
+    return [count], step
+
+
+@pytest.mark.parametrize("build", [_keras_loss_with_a_bad_label,
+                                   _check_numerics_in_a_users_function,
+                                   _slice_with_a_fed_start,
+                                   _slices_with_an_ellipsis_and_a_new_axis, _unread_gather])
+def test_a_graph_error_fails_its_own_step_with_eager_state(build):
+    eager = _run(build, co_execute=False)
+    got = _run(build, co_execute=True)
+    assert eager[0] == BAD_STEP, eager[:3]
+    modes = [event.mode for event in got[4].events.of_type(ev.IterationDone)]
+    assert ev.CO_EXECUTING in modes, modes  # the failing op ran in a graph
+    assert got[:2] == eager[:2], (got[:3], eager[:3])
+    assert got[2] == eager[2] + [BAD_STEP]  # the failing step's Python ran to its end, no more
+    for value, expected in zip(got[3], eager[3], strict=True):
+        np.testing.assert_array_equal(value, expected)
+
+
+@pytest.mark.parametrize("build", [_keras_loss_with_a_bad_label,
+                                   _slices_with_an_ellipsis_and_a_new_axis])
+def test_ops_python_checks_first_let_the_graph_overlap_the_next_step(build):
+    """Before the bad step, Python finds the labels of a replayed sparse loss and the indices
+    of slices in range (and an optimizer's index ops read what the forward gather read), so
+    no step waits for its graph at its end: the graph keeps overlapping the next step."""
+    keras.utils.set_random_seed(0)
+    _, step = build()
+    session = Session("checked-first")
+    waited = []
+    for index in range(BAD_STEP):
+        with session.iteration() as iteration:
+            step(index, [])
+        if iteration.run.started_deferred:
+            waited.append(len(iteration.run.fallible_jobs))
+    session.close()
+    assert waited and waited == [0] * len(waited), waited
