@@ -144,10 +144,10 @@ def drive(program: Program, paths: int, min_steady: int, max_iterations: int) ->
     submitted: dict[int, list] = {}
     submit = runner.submit
 
-    def recording_submit(parts, iteration, token, after=None):
+    def recording_submit(parts, iteration, token):
         for compiled, args, _, key in parts:
             submitted.setdefault(iteration, []).append((key, compiled, list(args)))
-        return submit(parts, iteration, token, after)
+        return submit(parts, iteration, token)
 
     runner.submit = recording_submit
     steady: list[int] = []
