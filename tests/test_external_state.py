@@ -149,3 +149,27 @@ def test_next_past_the_end_of_a_dataset_raises_stop_iteration_at_that_step():
     np.testing.assert_array_equal(got[2], eager[2])
     modes = [event.mode for event in got[3].events.of_type(ev.IterationDone)]
     assert modes.count(ev.CO_EXECUTING) >= 6, modes
+
+
+def test_the_next_batch_is_taken_without_waiting_for_the_graph():
+    """Between iterations the first eager op waits for the graph work in flight (a drain
+    guard), except the loop's own next() on a tf.data iterator, whose only input is the
+    iterator: `for batch in dataset:` keeps the graph overlapping the next step."""
+    from terra_nb.engine import internals
+
+    data = iter(tf.data.Dataset.from_tensor_slices(np.ones((4, 512, 512), np.float32)))
+    weights = tf.Variable(tf.ones((512, 512)))
+    session = Session("next-batch")
+    for _ in range(4):  # co-executing from the third
+        with session.iteration():
+            product = tf.ones((512, 512))
+            for _ in range(8):  # ~50 ms of graph work after the iteration's Python
+                product = tf.matmul(product, weights) * 1e-3
+            weights.assign(product)
+    guard = internals.ops.current_handler()
+    assert guard is not None and session.graph_runner.busy  # the guard waits for the graph
+    next(data)
+    assert internals.ops.current_handler() is guard  # passed: nothing waited
+    weights.numpy()  # an eager read: the guard drains first
+    assert internals.ops.current_handler() is None and not session.graph_runner.busy
+    session.close()

@@ -5,6 +5,7 @@ tracebacks a failing loop shows, and no TensorFlow start-up lines in any cell.""
 from __future__ import annotations
 
 import re
+import textwrap
 
 import pytest
 from kernel import errors_in, execute_cells, startup_lines_in, text_of
@@ -190,3 +191,43 @@ def test_check_numerics_on_and_off_leaves_terra_working():
     checked, unchecked = text_of(notebook.cells[4]), text_of(notebook.cells[8])
     assert "modes ['eager']" in checked and "'op-callbacks'" in checked, checked
     assert "'co-executing'" in unchecked and "op-callbacks" not in unchecked, unchecked
+
+
+DATA_SETUP = """\
+keras.utils.set_random_seed(0)
+data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 4 batches an epoch
+net = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)])
+optimizer = keras.optimizers.SGD(0.1)
+loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+losses = []
+"""
+TRAIN_STEP = """\
+with tf.GradientTape() as tape:
+    loss = loss_fn(labels, net(images))
+grads = tape.gradient(loss, net.trainable_variables)
+optimizer.apply_gradients(zip(grads, net.trainable_variables))
+losses.append(float(loss))
+"""
+EPOCHS = ("for epoch in range(5):\n    for images, labels in data:\n"
+          + textwrap.indent(TRAIN_STEP, " " * 8))
+BATCHES = "for images, labels in data.repeat(5):\n" + textwrap.indent(TRAIN_STEP, " " * 4)
+
+
+@pytest.mark.parametrize("loop", [EPOCHS, BATCHES], ids=["epochs-of-batches", "batches"])
+def test_loops_over_a_dataset_co_execute_with_eagers_losses(loop):
+    """`for epoch ...: for batch in dataset:` (each epoch one iteration, the end of the data
+    part of its path) and `for batch in dataset:` both co-execute, with no fallback, and give
+    eager's losses. (Before, the nested form fell back at every epoch: the end of the data
+    was never recorded.)"""
+    notebook = execute_cells([
+        "%load_ext terra_nb", SETUP, DATA_SETUP, loop, "eager_losses = losses", DATA_SETUP,
+        "%%terra --no-panel\n" + loop,
+        "import terra_nb\nreport = terra_nb.report()\n"
+        "np.testing.assert_array_equal(losses, eager_losses)\n"
+        "print('modes', [e.mode for e in report.timeline])\n"
+        "print('fallbacks', len(report.fallbacks))\n"])
+    assert errors_in(notebook) == []
+    shown = text_of(notebook.cells[-1])
+    assert "fallbacks 0" in shown, shown
+    modes = re.search(r"^modes (.*)$", shown, re.M).group(1)
+    assert modes.count("'co-executing'") >= 2, modes

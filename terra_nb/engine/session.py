@@ -236,8 +236,9 @@ class _Iteration:
                 self.session._emit_worker_events()
             if self.run is not None and runner.busy:
                 from terra_nb.engine import internals
+                from terra_nb.engine.graphgen import NEXT_ELEMENT_OPS
 
-                internals.install_guard(runner, runner.drain)
+                internals.install_guard(runner, runner.drain, NEXT_ELEMENT_OPS)
         seconds = time.perf_counter() - self.start
         if error is not None:
             session.events.emit(ev.IterationFailed(self.index, error_type.__name__, str(error),

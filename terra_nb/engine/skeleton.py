@@ -80,14 +80,11 @@ class _Produced(NamedTuple):
     index: int
 
 
-class _Pending:
+class _Pending(NamedTuple):
     """One deferred op: its node and the values of its inputs that come from outside."""
 
-    __slots__ = ("node", "outside")
-
-    def __init__(self, node, outside: dict) -> None:
-        self.node = node
-        self.outside = outside
+    node: object
+    outside: dict  # input slot -> value
 
 
 class PythonRunner:
@@ -152,8 +149,24 @@ class PythonRunner:
             self._diverge(op_type, key, location, refs)
             entered = time.perf_counter()  # its wait for the graph is a fetch wait, not recording
         ran = time.perf_counter()
-        outputs = internals.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        try:
+            outputs = internals.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        except tf.errors.OutOfRangeError:
+            if op_type in graphgen.NEXT_ELEMENT_OPS:  # the end of the data is on the path
+                self.cursor = self._node_for(key, op_type, attrs, location, refs, (), ctx)
+            raise
         recorded = time.perf_counter()
+        child = self._node_for(key, op_type, attrs, location, refs, outputs, ctx)
+        child.visits += 1
+        child.observe_externals([internals.unwrap(value) for value in inputs])
+        self._share_varying(child)
+        self._register(child, outputs)
+        self.cursor = child
+        self.recording_seconds += (ran - entered) + (time.perf_counter() - recorded)
+        return outputs
+
+    def _node_for(self, key, op_type, attrs, location, refs, outputs, ctx):
+        """The cursor's child for this op, added to the TraceGraph the first time."""
         child = self.cursor.children.get(key)
         if child is None:
             function = None if internals.op_def(op_type) else internals.calling_function()
@@ -166,13 +179,9 @@ class PythonRunner:
                                 and hostvalues.is_host_value(op_type, outputs))
             if op_type in hostvalues.INDEX_CHECKED_OPS:
                 hostvalues.mirror_index_sources(child)
-        child.visits += 1
-        child.observe_externals([internals.unwrap(value) for value in inputs])
-        self._share_varying(child)
-        self._register(child, outputs)
-        self.cursor = child
-        self.recording_seconds += (ran - entered) + (time.perf_counter() - recorded)
-        return outputs
+        elif outputs and not child.output_dtypes:  # first seen where the data had ended
+            child.learn_outputs(outputs)
+        return child
 
     def _share_varying(self, node) -> None:
         """A Python value that changed at one op and source line is fed, not folded, on
@@ -234,7 +243,14 @@ class PythonRunner:
             self.produced[id(output)] = _Produced(output, node, index)
 
     def _run_now(self, node, op_type, num_outputs, inputs, attrs, ctx, name):
-        outputs = internals.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        try:
+            outputs = internals.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
+        except tf.errors.OutOfRangeError:
+            if op_type in graphgen.NEXT_ELEMENT_OPS:  # the end of the data: the path goes on
+                self.cursor = self.segment_start = node
+            raise
+        if outputs and not node.output_dtypes:
+            node.learn_outputs(outputs)
         node.visits += 1
         self._register(node, outputs)
         self.cursor = node

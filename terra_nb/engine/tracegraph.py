@@ -165,6 +165,11 @@ class Node:
         self.submit_early = False  # its segment is submitted once it is deferred (runner)
         self.host_memo = None  # (inputs, outputs) of its last computation in Python's thread
 
+    def learn_outputs(self, outputs) -> None:
+        """The outputs of a node first recorded where it raised (the end of a dataset)."""
+        self.output_dtypes = tuple(output._datatype_enum() for output in outputs)
+        self.output_shapes = tuple(output._shape_tuple() for output in outputs)
+
     def observe_externals(self, values: list) -> None:
         """Record the external input values of one visit (for feed-or-fold decisions)."""
         for slot, ref in enumerate(self.inputs):

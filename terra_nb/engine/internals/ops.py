@@ -185,24 +185,29 @@ def suspended() -> _Swapped:
 class _DrainGuard:
     """Between iterations, while graph work is in flight: the first op drains it first.
 
-    Eager code outside an iteration (reading a variable, `model.evaluate`, the loop's own
-    `next(iterator)`) then sees every update the graph has still to make, in program order.
+    Eager code outside an iteration (reading a variable, `model.evaluate`) then sees every
+    update the graph has still to make, in program order. Ops of the `passing` types (the
+    loop's own `next()` on a tf.data iterator, whose only input is the iterator) run without
+    waiting, and the guard stays for the next op.
     """
 
-    def __init__(self, owner, drain) -> None:
+    def __init__(self, owner, drain, passing: frozenset) -> None:
         self.owner = owner
         self.drain = drain
+        self.passing = passing
 
     def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
-        remove_guard()
-        self.drain()
+        if op_type not in self.passing:
+            remove_guard()
+            self.drain()
         return run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
 
 
-def install_guard(owner, drain) -> None:
-    """Make this thread's next op call `drain()` before it runs (see _DrainGuard)."""
+def install_guard(owner, drain, passing: frozenset = frozenset()) -> None:
+    """Make this thread's next op call `drain()` before it runs, unless its type is in
+    `passing` (see _DrainGuard)."""
     if _slot.handler is None:
-        _slot.handler = _DrainGuard(owner, drain)
+        _slot.handler = _DrainGuard(owner, drain, passing)
         _sync_fast_path()
 
 
