@@ -22,14 +22,17 @@ EXAMPLES = int(os.environ.get("TERRA_NB_FUZZ_EXAMPLES", "300"))
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(program=gen.programs())
 def test_generated_programs_match_eager(program):
-    """Any mix of the vocabulary gives eager's results, prints, state and side effects."""
+    """Any mix of the vocabulary gives eager's results, prints, state and side effects, and
+    co-execution was tried: an iteration after the traced ones deferred its ops (it
+    co-executed, or fell back having deferred them)."""
     note(gen.render(program))
     runs = differential(gen.load(program), program.iterations, apis=(program.api,),
                         trace_iterations=program.trace_iterations)
     session = runs[program.api].session
-    done = session.events.of_type(ev.IterationDone)
-    assert len(done) == program.iterations
+    modes = [event.mode for event in session.events.of_type(ev.IterationDone)]
+    assert len(modes) == program.iterations
     assert session.events.of_type(ev.IterationFailed) == []
+    assert ev.CO_EXECUTING in modes or ev.FALLBACK in modes, modes
 
 
 FIXED = gen.Program(
