@@ -136,7 +136,14 @@ def may_fail(node: Node) -> bool:
     """Whether the op can fail on its input values: a FALLIBLE_OPS op, a slice that shrinks
     an axis to one index (`x[i]`, checked in Python when `i` is known: hostvalues.cannot_fail)
     or a Slice, or a call of a traced function (the user's tf.function, a replayed Keras call)
-    whose body or callees hold a FALLIBLE_OPS op."""
+    whose body or callees hold a FALLIBLE_OPS op. Worked out once per node: it is asked at
+    every deferral."""
+    if node.fallible is None:
+        node.fallible = _may_fail(node)
+    return node.fallible
+
+
+def _may_fail(node: Node) -> bool:
     if node.function is not None:
         fallible = (_BACKWARD_FALLIBLE_OPS if internals.is_backward_function(node.function)
                     else _FUNCTION_FALLIBLE_OPS)

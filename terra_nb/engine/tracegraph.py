@@ -136,7 +136,7 @@ class Node:
         "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
         "parent", "children", "visits", "island", "externals", "scope", "host_value", "mirrored",
         "function", "fetches", "fetch_wait_seconds", "last_fetch_wait", "submit_early",
-        "host_memo", "steady_wait_seconds", "graph_cost",
+        "host_memo", "steady_wait_seconds", "graph_cost", "fallible",
         "__weakref__",
     )
 
@@ -163,6 +163,7 @@ class Node:
         self.steady_wait_seconds = 0.0  # waits for graphs past their first run, in total
         self.graph_cost = 0.0  # building and first run of the graph it was last fetched from
         self.submit_early = False  # its segment is submitted once it is deferred (runner)
+        self.fallible = None  # whether it may fail on its values (graphgen.may_fail, once)
         self.host_memo = None  # (inputs, outputs) of its last computation in Python's thread
 
     def learn_outputs(self, outputs) -> None:
