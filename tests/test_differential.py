@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import generated_programs as gen
+import harness
 import pytest
 from harness import differential
 from hypothesis import HealthCheck, given, note, settings
@@ -55,7 +56,6 @@ def test_one_program_with_every_channel_through_both_apis(api):
 
 def test_a_difference_is_caught():
     """The harness itself: a program whose terra_nb run differs must fail the comparison."""
-    import harness
 
     def build(tmp):
         import tensorflow as tf
@@ -91,3 +91,22 @@ def test_data_dependent_output_shape_is_not_taken_from_the_trace():
             seen.append((int(tf.size(kept)), tuple(kept.shape), kept.numpy().tolist()))
     session.close()
     assert seen == [(3, (3,), [2.0, 3.0, 4.0]), (2, (2,), [3.0, 4.0]), (1, (1,), [4.0])]
+
+
+# Found by a longer draw of the generator: the batch grows at step 3 while the width alternates,
+# so `x[:, :width]` meets a new input shape while deferring; its node must still be told apart
+# by the width (the slice's shape-deciding end), or the width-3 path reuses the width-2 slice.
+NEW_SHAPE_WHILE_DEFERRING = gen.Program(
+    model="raw", hidden=2, update="sgd", batch="late_change", width="cycle",
+    before=(("random_skip", 0.2),), inside=(), after=(("fetched_axis", 0.5),),
+    iterations=12, trace_iterations=1, api="session",
+)
+
+
+@pytest.mark.parametrize("choice", harness.MEASURED_CHOICES)
+def test_a_slice_meeting_a_new_shape_while_deferring_keeps_its_width(choice):
+    program = NEW_SHAPE_WHILE_DEFERRING
+    runs = differential(gen.load(program), program.iterations, apis=(program.api,),
+                        trace_iterations=1, policy=harness.measured_choice_policy(choice))
+    modes = [event.mode for event in runs[program.api].session.events.of_type(ev.IterationDone)]
+    assert ev.CO_EXECUTING in modes, modes

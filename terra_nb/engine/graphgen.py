@@ -17,7 +17,14 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
-from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, SMALL_CONSTANT, Node
+from terra_nb.engine.tracegraph import (
+    EXTERNAL,
+    FROM_NODE,
+    RESOURCE,
+    SMALL_CONSTANT,
+    Node,
+    hashable,
+)
 
 # Stateful random ops get a new `seed2` attr from TF's op-seed counter at every eager call, so
 # seed2 is not part of node identity (skeleton). In the graph one kernel keeps drawing fresh numbers
@@ -28,6 +35,16 @@ STATEFUL_RANDOM_OPS = frozenset({
     "RandomShuffle", "Multinomial", "RandomGamma", "RandomPoissonV2",
     "ParameterizedTruncatedNormal",
 })
+
+
+def identity_attrs(op_type: str, attrs) -> tuple:
+    """Hashable attrs for node identity; a stateful random op's seed2 is left out: each run
+    of the graph draws fresh numbers (see _graph_attrs)."""
+    key = hashable(attrs)
+    if op_type in STATEFUL_RANDOM_OPS and key:
+        key = tuple(None if index > 0 and key[index - 1] == "seed2" else item
+                    for index, item in enumerate(key))
+    return key
 
 
 def _graph_attrs(node: Node) -> tuple:

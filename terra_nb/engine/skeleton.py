@@ -38,21 +38,10 @@ from terra_nb.engine.tracegraph import (
     NodeOutput,
     Resource,
     TraceGraph,
-    hashable,
     input_identity,
 )
 from terra_nb.engine.usercode import user_location
 from terra_nb.engine.worker import GraphRunner
-
-
-def _attrs_key(op_type, attrs):
-    """Hashable attrs for node identity; a stateful random op's seed2 is left out (graphgen)."""
-    key = hashable(attrs)
-    if op_type in graphgen.STATEFUL_RANDOM_OPS and key:
-        key = tuple(None if index > 0 and key[index - 1] == "seed2" else item
-                    for index, item in enumerate(key))
-    return key
-
 
 # op signature -> input slots whose values decide output shapes (see _shape_values)
 _SHAPE_VALUE_SLOTS: dict = {}
@@ -130,7 +119,7 @@ class PythonRunner:
         if location is None:
             location = user_location(self.stop_frame, depth=3)
         refs = tuple(self._ref(value) for value in inputs)
-        attrs_key = _attrs_key(op_type, attrs)
+        attrs_key = graphgen.identity_attrs(op_type, attrs)
         key = NodeKey(op_type, attrs_key, location, tuple(input_identity(ref) for ref in refs),
                       self._shape_values(op_type, attrs, attrs_key, refs, inputs))
         if self.mode == DEFER:
@@ -147,6 +136,9 @@ class PythonRunner:
                     self.flush()
                 return outputs
             self._diverge(op_type, key, location, refs)
+            # a key made while deferring leaves out shape values of a signature not seen yet
+            key = key._replace(shape_values=self._shape_values(op_type, attrs, attrs_key,
+                                                               refs, inputs))
             entered = time.perf_counter()  # its wait for the graph is a fetch wait, not recording
         ran = time.perf_counter()
         try:
@@ -483,8 +475,8 @@ class PythonRunner:
         ref = node.inputs[slot]
         if not is_integer(ref):
             return False
-        signature = _shape_signature(node.op_type, _attrs_key(node.op_type, node.attrs),
-                                     node.inputs)
+        attrs = graphgen.identity_attrs(node.op_type, node.attrs)
+        signature = _shape_signature(node.op_type, attrs, node.inputs)
         slots = _SHAPE_VALUE_SLOTS.get(signature)
         return slots is None or slot in slots
 
