@@ -10,6 +10,8 @@ import textwrap
 import pytest
 from kernel import errors_in, execute_cells, startup_lines_in, text_of
 
+from terra_nb.engine.tolerance import ATOL, RUN_RTOL
+
 pytestmark = pytest.mark.slow
 
 SETUP = """\
@@ -231,3 +233,47 @@ def test_loops_over_a_dataset_co_execute_with_eagers_losses(loop):
     assert "fallbacks 0" in shown, shown
     modes = re.search(r"^modes (.*)$", shown, re.M).group(1)
     assert modes.count("'co-executing'") >= 2, modes
+
+
+MIXED_SETUP = """\
+keras.utils.set_random_seed(0)
+keras.mixed_precision.set_global_policy("mixed_float16")
+net = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10),
+                        keras.layers.Activation("linear", dtype="float32")])
+keras.mixed_precision.set_global_policy("float32")
+optimizer = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.Adam(1e-2))
+loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+losses = []
+"""
+MIXED_LOOP = """\
+for step in range(16):
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, net(x * (1e6 if step == 12 else 1.0)))
+        scaled = optimizer.scale_loss(loss)
+    grads = tape.gradient(scaled, net.trainable_variables)
+    optimizer.apply_gradients(zip(grads, net.trainable_variables))
+    losses.append(float(loss))
+"""
+
+
+def test_a_mixed_precision_loop_replays_its_loss_scale_optimizer():
+    """A mixed_float16 model with a LossScaleOptimizer: eager's losses, weights and loss scale
+    (step 12 overflows and is skipped), and the optimizer call is replayed."""
+    notebook = execute_cells([
+        "%load_ext terra_nb", SETUP, MIXED_SETUP, MIXED_LOOP,
+        "eager = losses, [v.numpy() for v in net.variables + optimizer.variables]",
+        MIXED_SETUP, "%%terra --no-panel\n" + MIXED_LOOP,
+        "import terra_nb\nreport = terra_nb.report()\n"
+        f"close = dict(rtol={RUN_RTOL}, atol={ATOL})\n"
+        "np.testing.assert_allclose(losses, eager[0], **close)\n"
+        "for got, want in zip([v.numpy() for v in net.variables + optimizer.variables],"
+        " eager[1]):\n    np.testing.assert_allclose(got, want, **close)\n"
+        "print('scale', float(optimizer.dynamic_scale))\n"
+        "print('modes', [e.mode for e in report.timeline])\n"
+        "print('replayed', ' | '.join(n.message for n in report.notes if n.kind == 'replayed'))\n"])
+    assert errors_in(notebook) == []
+    shown = text_of(notebook.cells[-1])
+    assert "LossScaleOptimizer call" in shown, shown
+    assert "scale 16384.0" in shown, shown  # 32768 halved once by the overflow
+    modes = re.search(r"^modes (.*)$", shown, re.M).group(1)
+    assert modes.count("'co-executing'") >= 10, modes

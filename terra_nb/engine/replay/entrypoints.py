@@ -19,7 +19,8 @@ from terra_nb.engine.replay.guards import (
     api_key,
     slice_key,
 )
-from terra_nb.engine.replay.table import ApiFunction, MacroTable, replay_state
+from terra_nb.engine.replay.macro import replay_state
+from terra_nb.engine.replay.table import ApiFunction, MacroTable
 from terra_nb.engine.usercode import user_location
 
 _patched: dict = {}

@@ -27,9 +27,7 @@ their arguments (MacroTable.call_as_span), one replay per TraceGraph position wh
 from __future__ import annotations
 
 import dataclasses
-import threading
 
-import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
@@ -41,13 +39,12 @@ from terra_nb.engine.replay.guards import (
     PYTHON_VALUES,
     CallGuard,
     cannot_fail,
-    dtype_of,
     flatten,
     gradient_key,
     guard_difference,
     guard_key,
-    is_tensor_like,
 )
+from terra_nb.engine.replay.macro import build_macro, replay_macro, replay_state
 from terra_nb.engine.replay.plan import (
     FromArgument,
     FromOp,
@@ -117,18 +114,6 @@ class _GradientEntry:
     plan: object = None  # how to replay its ops, once two observations agreed
     results: list | None = None  # where each gradient comes from (see _describe)
     shared: dict | None = None  # external inputs that a forward op was given (ReplayPlan.defer)
-
-
-class _ReplayState(threading.local):
-    """Per thread: whether a library call is being observed or replayed, and for whom."""
-
-    observing = 0
-    replaying = 0
-    table: MacroTable | None = None
-    runner = None
-
-
-replay_state = _ReplayState()
 
 
 class ApiFunction:
@@ -211,7 +196,7 @@ class MacroTable:
             return result
         if entry.macro is not None:
             self.replayed_calls += 1
-            return _replay(entry, flat, runner, call_site, cannot_fail(obj, flat))
+            return replay_macro(entry, flat, runner, call_site, cannot_fail(obj, flat))
         if entry.banned:
             return original(obj, *args, **kwargs)
         return self._observe(entry, runner, original, obj, args, kwargs, flat, call_site,
@@ -235,7 +220,14 @@ class MacroTable:
         if runner.diverged_at != diverged_at:  # the path changed under it: observe again later
             entry.last_span = None
             return result
-        reason = _unstable(runner, start, flushes, call_site, obj, result)
+        reason = _unstable(runner, start, call_site, obj, result)
+        # A value it forced chose what its Python did: its recorded ops are that one choice,
+        # while a traced function turns a choice made through tf.cond into a graph conditional
+        # (and refuses to trace a Python branch on a tensor), so only a macro may stand for it.
+        forced = runner.flushes != flushes
+        sparse = "" if reason else _sparse_gradient(runner.cursor.path_from(start))
+        if forced and not reason and (sparse or as_span):
+            reason = Refusal.FORCED_VALUE.say()
         if reason and _built_during(entry.guard, obj):
             entry.banned = reason  # its first call: later calls have another guard
             return result
@@ -246,7 +238,6 @@ class MacroTable:
         stable = span == entry.last_span
         entry.last_span = span
         entry.deferred_seen = entry.deferred_seen or deferred
-        sparse = _sparse_gradient(runner.cursor.path_from(start))
         if sparse or as_span:
             if deferred and runner.is_deferring:  # its ops are pending: they can be described
                 stable = entry.span_ends.get(start.uid) == runner.cursor.uid
@@ -254,7 +245,14 @@ class MacroTable:
                 self._observe_as_span(entry, runner, start, flat, arguments, converted,
                                       result, first_new, read, stable, sparse, obj, call_site)
         elif stable and entry.deferred_seen:
-            macro, positions = _build_macro(original, obj, args, kwargs)
+            try:
+                macro, positions = build_macro(original, obj, args, kwargs)
+            except Exception:
+                if not forced:
+                    raise
+                self._refuse(entry, runner, _call_name(obj), call_site,
+                             Refusal.FORCED_VALUE.say())  # a Python branch on a tensor
+                return result
             if all(output.shape.is_fully_defined() for output in macro.outputs):
                 entry.macro, entry.tensor_positions = macro, positions
                 self.replayed_guards[(call_site, entry.guard.obj)] = entry.guard
@@ -410,10 +408,8 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
     return shared
 
 
-def _unstable(runner, start, flushes, call_site, obj, result) -> str:
+def _unstable(runner, start, call_site, obj, result) -> str:
     """Why this observed call may not be replayed ("" when it may)."""
-    if runner.flushes != flushes:
-        return Refusal.FORCED_VALUE.say()
     if runner.cursor is start:
         return Refusal.NO_OPS.say()
     depth = len(call_site)
@@ -559,42 +555,3 @@ def _replay_span(replay: _SpanReplay, runner, flat: list):
         else:
             leaves.append(result.value)
     return tf.nest.pack_sequence_as(replay.structure, leaves)
-
-
-def _build_macro(original, obj, args, kwargs):
-    flat = flatten(args, kwargs)
-    tensor_positions = [index for index, value in enumerate(flat) if is_tensor_like(value)]
-    specs = [tf.TensorSpec(np.shape(flat[index]), dtype_of(flat[index]))
-             for index in tensor_positions]
-
-    def body(*tensors):
-        values = list(flat)
-        for position, tensor in zip(tensor_positions, tensors, strict=True):
-            values[position] = tensor
-        call_args, call_kwargs = tf.nest.pack_sequence_as((args, kwargs), values,
-                                                          expand_composites=True)
-        return original(obj, *call_args, **call_kwargs)
-
-    replay_state.observing += 1  # the library calls it makes while traced are its own
-    try:
-        with internals.suspended():
-            concrete = tf.function(body, autograph=False).get_concrete_function(*specs)
-    finally:
-        replay_state.observing -= 1
-    return internals.TracedCall(concrete), tensor_positions
-
-
-def _replay(entry, flat: list, runner, call_site, checked: bool):
-    """Call the macro in place of the library call; its op is located at `call_site`, and
-    `checked` says Python found that its values cannot make it fail."""
-    tensors = [flat[index] for index in entry.tensor_positions]
-    tensors = [value if tf.is_tensor(value) else tf.convert_to_tensor(value) for value in tensors]
-    replay_state.replaying += 1
-    runner.call_site, runner.call_checked = call_site, checked
-    try:
-        return entry.macro(tensors)
-    finally:
-        runner.call_site, runner.call_checked = None, False
-        replay_state.replaying -= 1
-
-

@@ -1,0 +1,68 @@
+"""Macros: a stable library call replaced by one ConcreteFunction traced from it.
+
+`build_macro` traces the call (its arguments' tensors become the function's inputs, the rest
+stays as given); `replay_macro` calls it in the call's place, located at the user's call site.
+`replay_state` says, per thread, whether a library call is being observed or replayed, so the
+library calls made inside one are its own, not observed again.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from terra_nb.engine import internals
+from terra_nb.engine.replay.guards import dtype_of, flatten, is_tensor_like
+
+
+class _ReplayState(threading.local):
+    """Per thread: whether a library call is being observed or replayed, and for whom."""
+
+    observing = 0
+    replaying = 0
+    table = None  # the MacroTable
+    runner = None
+
+
+replay_state = _ReplayState()
+
+
+def build_macro(original, obj, args, kwargs):
+    flat = flatten(args, kwargs)
+    tensor_positions = [index for index, value in enumerate(flat) if is_tensor_like(value)]
+    specs = [tf.TensorSpec(np.shape(flat[index]), dtype_of(flat[index]))
+             for index in tensor_positions]
+
+    def body(*tensors):
+        values = list(flat)
+        for position, tensor in zip(tensor_positions, tensors, strict=True):
+            values[position] = tensor
+        call_args, call_kwargs = tf.nest.pack_sequence_as((args, kwargs), values,
+                                                          expand_composites=True)
+        return original(obj, *call_args, **call_kwargs)
+
+    replay_state.observing += 1  # the library calls it makes while traced are its own
+    try:
+        with internals.suspended():
+            concrete = tf.function(body, autograph=False).get_concrete_function(*specs)
+    finally:
+        replay_state.observing -= 1
+    return internals.TracedCall(concrete), tensor_positions
+
+
+def replay_macro(entry, flat: list, runner, call_site, checked: bool):
+    """Call the macro in place of the library call; its op is located at `call_site`, and
+    `checked` says Python found that its values cannot make it fail."""
+    tensors = [flat[index] for index in entry.tensor_positions]
+    tensors = [value if tf.is_tensor(value) else tf.convert_to_tensor(value) for value in tensors]
+    replay_state.replaying += 1
+    runner.call_site, runner.call_checked = call_site, checked
+    try:
+        return entry.macro(tensors)
+    finally:
+        runner.call_site, runner.call_checked = None, False
+        replay_state.replaying -= 1
+
+
