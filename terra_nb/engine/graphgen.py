@@ -427,3 +427,32 @@ def _small_integer_slots(inputs) -> set:
     """Slots of small integer inputs (resource handles are not integers)."""
     return {slot for slot, value in enumerate(inputs)
             if value.dtype.is_integer and value._num_elements() <= SMALL_CONSTANT}
+
+
+def first_part(nodes: list, fetched: set, min_tail: int) -> set | None:
+    """The uids of the first graph's nodes (see PythonRunner._split_head), or None when fewer
+    than `min_tail` graph ops would be left for a second."""
+    head = _computing(nodes, fetched)
+    effects = [position for position, node in enumerate(nodes) if _has_effect(node)]
+    last = max((position for position in effects if nodes[position].uid in head), default=-1)
+    head = _computing(nodes, fetched | {nodes[position].uid for position in effects
+                                        if position <= last})
+    rest = sum(op_count(node) for node in nodes if node.uid not in head)
+    return head if rest >= min_tail else None
+
+
+def _computing(nodes: list, wanted: set) -> set:
+    """The uids of the `wanted` nodes and of the nodes among `nodes` (in program order) that
+    they are computed from."""
+    needed = set(wanted)
+    for node in reversed(nodes):
+        if node.uid in needed:
+            needed.update(ref.node.uid for ref in node.inputs if ref.kind == FROM_NODE)
+    return needed & {node.uid for node in nodes}
+
+
+def _has_effect(node) -> bool:
+    """An op whose place among other such ops matters: it changes or reads state, or may
+    fail (eager execution stops there)."""
+    return (is_stateful(node) or may_fail(node)
+            or any(ref.kind == RESOURCE for ref in node.inputs))

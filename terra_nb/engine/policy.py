@@ -15,7 +15,7 @@ class SchedulingPolicy:
 
     # Python runs at most this many iterations ahead of the graph worker.
     run_ahead: int = 2
-    # graph ops left after the fetched values worth a second graph (skeleton.first_part)
+    # graph ops left after the fetched values worth a second graph (graphgen.first_part)
     split_min_tail: int = 8
     # paths from one start split when first compiled
     split_at_once_paths: int = 4

@@ -24,6 +24,7 @@ import tensorflow as tf
 from terra_nb.engine import events as ev
 from terra_nb.engine import graphgen, hostvalues, internals
 from terra_nb.engine.divergence import explain_divergence
+from terra_nb.engine.handlers import user_code_catches
 from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer
 from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay.entrypoints import is_replaying
@@ -98,7 +99,9 @@ class PythonRunner:
         self.segment_lazies: list = []
         self.segment_uids: set = set()
         self.fallible_jobs: list = []  # segments that may fail on this iteration's values
+        self.fallible_waited = 0  # how many of them were waited for
         self.segment_may_fail = False  # the pending segment holds a fallible op not checked
+        self.caught_here = False  # and the op just deferred may fail inside the user's `try`
         self.produced: dict = {}  # id(eager tensor) -> _Produced, this iteration
         self.lazy_refs: dict = {}  # (node uid, output index) -> weakref to its LazyTensor
         self.external_inputs: dict = {}  # (node uid, input slot) -> value fed there, deferred
@@ -251,7 +254,16 @@ class PythonRunner:
 
     def defer(self, node, inputs, refs, attrs, ctx, keep: bool = True):
         """Queue one op of the segment. Without `keep` (a replayed op whose outputs nothing
-        reads) it gets no LazyTensors: the graph computes them for its consumers."""
+        reads) it gets no LazyTensors: the graph computes them for its consumers. An op that
+        may fail inside the user's `try` runs at once: its error is the handler's now."""
+        outputs = self._queue(node, inputs, refs, attrs, ctx, keep)
+        if self.caught_here:
+            self.caught_here = False
+            self.flush()
+            self._wait_fallible()
+        return outputs
+
+    def _queue(self, node, inputs, refs, attrs, ctx, keep: bool):
         outside = {}
         segment_uids = self.segment_uids
         for slot, ref in enumerate(refs):
@@ -267,6 +279,7 @@ class PythonRunner:
         if graphgen.may_fail(node) and not (node.function is not None and self.call_checked) \
                 and not hostvalues.cannot_fail(node.op_type, inputs, attrs):
             self.segment_may_fail = True
+            self.caught_here = user_code_catches(self.stop_frame)
         if not keep:
             return None
         outputs = []
@@ -413,7 +426,7 @@ class PythonRunner:
             return None
         key = (start.uid, end.uid, frozenset(fetched))
         if key not in runner.split_heads:  # the path from start to cursor is the pending ops
-            runner.split_heads[key] = first_part([entry.node for entry in self.pending],
+            runner.split_heads[key] = graphgen.first_part([entry.node for entry in self.pending],
                                                  fetched, runner.policy.split_min_tail)
         head = runner.split_heads[key]
         if head is not None:
@@ -516,14 +529,20 @@ class PythonRunner:
                 raise
             if failed:
                 self.runner.drain()
-            for job in self.fallible_jobs:  # their errors belong to this iteration
-                self.runner.wait(job)
+            self._wait_fallible()  # their errors belong to this iteration
             self.runner.end_iteration()
         finally:
             self.finished = True
             self.produced.clear()
             self.lazy_refs.clear()
             self.external_inputs.clear()
+
+    def _wait_fallible(self) -> None:
+        """Wait for the submitted segments that may fail; the first error is raised (once)."""
+        jobs, self.fallible_waited = self.fallible_jobs[self.fallible_waited:], \
+            len(self.fallible_jobs)
+        for job in jobs:
+            self.runner.wait(job)
 
     @property
     def result_mode(self) -> str:
@@ -532,35 +551,6 @@ class PythonRunner:
         if self.fallback is not None:
             return ev.FALLBACK
         return ev.TRACING if self.retraced else ev.CO_EXECUTING
-
-
-def first_part(nodes: list, fetched: set, min_tail: int) -> set | None:
-    """The uids of the first graph's nodes (see PythonRunner._split_head), or None when fewer
-    than `min_tail` graph ops would be left for a second."""
-    head = _computing(nodes, fetched)
-    effects = [position for position, node in enumerate(nodes) if _has_effect(node)]
-    last = max((position for position in effects if nodes[position].uid in head), default=-1)
-    head = _computing(nodes, fetched | {nodes[position].uid for position in effects
-                                        if position <= last})
-    rest = sum(graphgen.op_count(node) for node in nodes if node.uid not in head)
-    return head if rest >= min_tail else None
-
-
-def _computing(nodes: list, wanted: set) -> set:
-    """The uids of the `wanted` nodes and of the nodes among `nodes` (in program order) that
-    they are computed from."""
-    needed = set(wanted)
-    for node in reversed(nodes):
-        if node.uid in needed:
-            needed.update(ref.node.uid for ref in node.inputs if ref.kind == FROM_NODE)
-    return needed & {node.uid for node in nodes}
-
-
-def _has_effect(node) -> bool:
-    """An op whose place among other such ops matters: it changes or reads state, or may
-    fail (eager execution stops there)."""
-    return (graphgen.is_stateful(node) or graphgen.may_fail(node)
-            or any(ref.kind == RESOURCE for ref in node.inputs))
 
 
 def _site(node, slot: int) -> tuple:
