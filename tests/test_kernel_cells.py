@@ -277,3 +277,16 @@ def test_a_mixed_precision_loop_replays_its_loss_scale_optimizer():
     assert "scale 16384.0" in shown, shown  # 32768 halved once by the overflow
     modes = re.search(r"^modes (.*)$", shown, re.M).group(1)
     assert modes.count("'co-executing'") >= 10, modes
+
+
+def test_ipython_syntax_inside_a_terra_cell_runs_each_iteration():
+    """`%env` and `!echo` lines in the loop run every iteration, as in a plain cell."""
+    notebook = execute_cells([
+        "%load_ext terra_nb", SETUP,
+        "%%terra --no-panel\nfor step in range(5):\n    total = tf.reduce_sum(x) * step\n"
+        "    %env TERRA_NB_STEP={step}\n    !echo shell step {step}\n",
+        "import os\nprint('env', os.environ['TERRA_NB_STEP'])\n"])
+    assert errors_in(notebook) == []
+    shown = text_of(notebook.cells[2])
+    assert [f"shell step {step}" in shown for step in range(5)] == [True] * 5, shown
+    assert "env 4" in text_of(notebook.cells[3])

@@ -210,3 +210,22 @@ def test_a_layer_class_defined_in_a_cell_runs_its_python_every_iteration(shell):
     assert shell.user_ns["total"] == 6.0
     modes = {event.mode for event in terra_nb.report().timeline}
     assert "co-executing" in modes
+
+
+def test_ipython_syntax_in_the_cell_runs_as_in_any_cell(shell):
+    """`%magic` and `!cmd` lines inside the loop run each iteration, as in a plain cell, and
+    line numbers stay the user's (the error names line 5 of the cell)."""
+    import os
+
+    result = run(shell, "%%terra --no-panel\nfor i in range(4):\n    x = tf.constant(float(i))\n"
+                        "    %env TERRA_NB_MAGIC_STEP={i}\n")
+    assert result.error_in_exec is None, result.error_in_exec
+    assert os.environ.pop("TERRA_NB_MAGIC_STEP") == "3"
+    result = run(shell, "%%terra --no-panel\nfor i in range(2):\n    %env TERRA_NB_X=1\n"
+                        "    y = 1\n    z = undefined_name\n")
+    assert isinstance(result.error_in_exec, NameError)
+    tb = result.error_in_exec.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    assert (tb.tb_frame.f_code.co_filename.startswith("<terra-cell-"), tb.tb_lineno) == (True, 5)
+    os.environ.pop("TERRA_NB_X", None)

@@ -17,6 +17,7 @@ import types
 import warnings
 
 from IPython.core.error import UsageError
+from IPython.core.inputtransformer2 import TransformerManager
 from IPython.core.magic import Magics, cell_magic, magics_class, output_can_be_silenced
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
@@ -241,7 +242,9 @@ def plan_cell(cell: str, line: str = "") -> CellPlan:
     result_name = f"__terra_nb_result_{digest}__"
     loop_name = f"__terra_nb_loop_{digest}__"
     try:
-        tree = ast.parse("\n" + cell, filename)
+        # IPython syntax (`%magic`, `!cmd`) becomes the Python IPython would run; each such
+        # line stays one line, so line numbers stay the user's
+        tree = ast.parse("\n" + TransformerManager().transform_cell(cell), filename)
         found = find_outermost_loop(tree.body)
         loop = copy.deepcopy(found[0][found[1]]) if found is not None else None
         has_loop = rewrite_iterations(tree, session_name, result_name, loop_name)
