@@ -148,6 +148,40 @@ def test_stateful_random_ops_give_fresh_values_each_iteration():
     assert len({tuple(draw) for draw in draws}) == 4
 
 
+def test_documented_limit_stateful_random_ops_draw_other_numbers_than_eager():
+    """README limit: under co-execution a stateful `tf.random.*` op draws fresh numbers, but
+    not eager's (as under tf.function); the traced iteration, run eagerly, draws eager's."""
+    tf.random.set_seed(7)
+    eager = [tf.random.uniform([3]).numpy() for _ in range(4)]
+    tf.random.set_seed(7)
+    session = _deferred_session()
+    draws = []
+    for _ in range(4):
+        with session.iteration():
+            draws.append(tf.random.uniform([3]).numpy())
+    assert modes(session)[1:] == [ev.CO_EXECUTING] * 3
+    np.testing.assert_array_equal(draws[0], eager[0])
+    assert not any(np.array_equal(draw, want) for draw, want in zip(draws[1:], eager[1:],
+                                                                    strict=True))
+
+
+def test_documented_limit_a_numpy_shape_argument_keeps_the_functions_python():
+    """README limit: a TensorFlow function whose Python reads a numpy argument's value (here
+    the shape of `tf.reshape`) is not replayed; it runs its Python each iteration, with a
+    note saying why, and the results stay eager's."""
+    table = tf.constant(np.arange(12, dtype=np.float32))
+    session = _deferred_session()
+    for _ in range(4):
+        with session.iteration():
+            shaped = tf.reshape(table, np.array([3, 4])) * 2.0
+    np.testing.assert_array_equal(shaped.numpy(), np.arange(12).reshape(3, 4) * 2.0)
+    notes = [note.message for note in session.events.of_type(ev.Note)
+             if note.kind == "not-replayed"]
+    assert len(notes) == 1 and notes[0].startswith("tf.reshape at test_engine_units.py:"), notes
+    assert notes[0].endswith("keeps running its Python: an argument's value decides a shape "
+                             "inside it"), notes
+
+
 def test_same_source_op_in_another_loop_trip_is_another_node():
     session = _deferred_session()
     x = tf.constant(1.0)

@@ -290,3 +290,20 @@ def test_ipython_syntax_inside_a_terra_cell_runs_each_iteration():
     shown = text_of(notebook.cells[2])
     assert [f"shell step {step}" in shown for step in range(5)] == [True] * 5, shown
     assert "env 4" in text_of(notebook.cells[3])
+
+
+def test_documented_limit_a_class_from_another_cell_is_located_by_the_kernels_file():
+    """README limit: a fallback inside a class defined in an earlier cell names the kernel's
+    file for that cell (`<digits>.py:<line>`), not `In [n]`; the line is right."""
+    notebook = execute_cells([
+        "%load_ext terra_nb", SETUP,
+        "class Scaled(keras.layers.Layer):\n    def call(self, x, step):\n"
+        "        if step == 4:\n            x = tf.nn.relu(x)  # a path first taken at step 4\n"
+        "        return x * 2.0\n",
+        "%%terra --no-panel\nlayer = Scaled()\nfor step in range(6):\n"
+        "    total = tf.reduce_sum(layer(x, step=step))\n",
+        "import terra_nb\nframe = terra_nb.report().fallbacks[0].user_frame\n"
+        "print('at', frame.filename.rsplit('/', 1)[-1], frame.lineno, frame.source)\n"])
+    assert errors_in(notebook) == []
+    shown = text_of(notebook.cells[-1])
+    assert re.search(r"^at \d+\.py 4 x = tf\.nn\.relu\(x\)", shown, re.M), shown

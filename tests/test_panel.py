@@ -363,3 +363,20 @@ def test_notebook_output_keeps_widget_and_summary(tmp_path):
     state = executed.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     assert model_id in state  # widget state saved with the notebook
     assert any("line 6: v = v + 1.0" in str(m["state"].get("value", "")) for m in state.values())
+
+
+def test_documented_limit_compare_leaves_objects_mutated_in_place_as_the_reruns_left_them(
+        shell):
+    """README limit: `--compare` restores variables and bindings, not Python objects mutated
+    in place: a list the loop appends to keeps the re-runs' appends too."""
+    shell.user_ns["seen"] = []
+    result = run(shell, (
+        "%%terra --compare --no-panel\n"
+        "w = tf.Variable(1.0)\n"
+        "for i in range(3):\n"
+        "    w.assign_add(1.0)\n"
+        "    seen.append(i)\n"
+    ))
+    assert result.success, result.error_in_exec
+    assert float(shell.user_ns["w"].numpy()) == 4.0  # restored to the run's own result
+    assert shell.user_ns["seen"][:3] == [0, 1, 2] and len(shell.user_ns["seen"]) > 3
