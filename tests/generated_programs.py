@@ -35,6 +35,7 @@ BEFORE = {
     "container_of_inputs": ((0.1,), (
         "pair = {{'x': x, 'sq': [tf.square(x)]}}\n"
         "x = pair['x'] + {p} * pair['sq'][0]")),
+    "data_stream": ((0.05,), "x = x * (tf.cast(next(stream) % 5, tf.float32) * {p} + 1.0)"),
 }
 
 INSIDE = {
@@ -67,6 +68,15 @@ INSIDE = {
     "shape_as_int": ((1.0,), "h = h * ({p} / int(tf.shape(h)[0]))"),
     "reshape_round_trip": ((0,), "h = tf.reshape(tf.reshape(h, [-1]), [-1, {H}])"),
     "assert_finite": ((0,), "h = tf.debugging.assert_all_finite(h, 'h must be finite')"),
+    "dropout": ((0,), "h = dropout(h, training=True)"),
+    # residual: a bias right before a normalization has no true gradient, only round-off,
+    # which Adam scales up to whole steps (tf.function differs from eager there as much)
+    "batch_norm": ((0.5,), "h = h + {p} * norm(h, training=True)"),
+    "gather_rows": ((1, 3), (
+        "h = tf.gather(h, [random.randrange(int(h.shape[0])) for _ in range({p})])")),
+    "gather_columns": ((0,), (
+        "h = tf.gather(h, tf.constant(random.sample(range({H}), {H})), axis=1)")),
+    "user_function": ((0.5, 2.0), "h = scaled(h, {p})"),
 }
 
 AFTER = {
@@ -105,7 +115,29 @@ AFTER = {
     "boolean_mask": ((0.0, 0.2), (
         "pos = tf.boolean_mask(h, h > {p})\n"
         "counts.setdefault('npos', []).append(int(tf.size(pos)))")),
+    "caught_exception": ((0.5, 1.0), (
+        "try:\n"
+        "    if float(loss) > {p}:\n"
+        "        raise ValueError(f'loss {{i}} is large')\n"
+        "    log.append('small')\n"
+        "except ValueError as error:\n"
+        "    log.append(str(error))")),
 }
+
+# statement name -> the objects it needs, made in `build` before the step (name -> source);
+# the variables of those objects are part of the compared state
+SETUP = {
+    # no `map`: an iterator with a map function takes ~0.4 s to delete here (tf.data's
+    # autotuning thread), which a few hundred programs turn into minutes
+    "data_stream": ("stream", "stream = iter(tf.data.Dataset.range(10_000))"),
+    "dropout": ("dropout", "dropout = keras.layers.Dropout(0.25)"),
+    "batch_norm": ("norm", "norm = keras.layers.BatchNormalization()"),
+    "user_function": ("scaled", (
+        "@tf.function(autograph=False)\n"
+        "def scaled(t, factor):\n"
+        "    return tf.tanh(t) * factor")),
+}
+LAYERS = ("dropout", "norm")  # setup objects whose variables are compared
 
 UPDATES = {
     "sgd": "keras.optimizers.SGD(0.1)",
@@ -145,6 +177,7 @@ class Program:
     iterations: int
     trace_iterations: int
     api: str  # harness.SESSION_API or harness.FUNCTION_API
+    choice: str = "measured"  # the scheduling policy: "measured" or a harness.MEASURED_CHOICES
 
 
 def _statements(vocabulary: dict, most: int):
@@ -154,8 +187,10 @@ def _statements(vocabulary: dict, most: int):
     return st.lists(one, max_size=most).map(tuple)
 
 
-def programs(apis=("session", "function")):
-    """The strategy of `Program`s."""
+def programs(apis=("session", "function"), iterations=(3, 6), choices=("measured",)):
+    """The strategy of `Program`s; longer ones (> 8 iterations) reach the split and the early
+    submission of segments, which `choices` can also force from the first fetch (a policy is
+    a Session option, so only programs run in a Session take one)."""
     return st.builds(
         Program,
         model=st.sampled_from(["raw", "dense"]),
@@ -166,10 +201,11 @@ def programs(apis=("session", "function")):
         before=_statements(BEFORE, 2),
         inside=_statements(INSIDE, 3),
         after=_statements(AFTER, 3),
-        iterations=st.integers(3, 6),
+        iterations=st.integers(*iterations),
         trace_iterations=st.integers(1, 2),
         api=st.sampled_from(list(apis)),
-    )
+        choice=st.sampled_from(list(choices)),
+    ).filter(lambda program: program.api == "session" or program.choice == "measured")
 
 
 # ---------------------------------------------------------------- rendering
@@ -196,7 +232,7 @@ def build(tmp):
     acc = tf.Variable(0.0, name="acc")
     log, counts = [], {{}}
 {model}
-{optimizer}
+{optimizer}{setup}
     def step(i):
         x = tf.constant(data[{batch}][i % 8])
 {body}
@@ -204,7 +240,8 @@ def build(tmp):
 
     def state():
         optimizer_state = [] if opt is None else [v.numpy() for v in opt.variables]
-        return [v.numpy() for v in params() + [acc]] + optimizer_state
+        layer_state = [v.numpy() for layer in [{layers}] for v in layer.variables]
+        return [v.numpy() for v in params() + [acc]] + optimizer_state + layer_state
 
     def effects():
         return {{"log": log, "counts": counts}}
@@ -265,10 +302,14 @@ def render(program: Program) -> str:
     body += _lines(AFTER, program.after, program.hidden)
     model = _RAW_MODEL if program.model == "raw" else _DENSE_MODEL
     optimizer = UPDATES[program.update] or "None"
+    used = {name for name, _ in program.before + program.inside + program.after}
+    setup = dict(SETUP[name] for name in sorted(used & SETUP.keys()))
     return _HEADER.format(
         W=WIDTH_MAX,
         model=model.format(W=WIDTH_MAX, H=program.hidden),
         optimizer=f"    opt = {optimizer}\n",
+        setup="".join(textwrap.indent(source, "    ") + "\n" for source in setup.values()),
+        layers=", ".join(name for name in LAYERS if name in setup),
         batch=BATCH[program.batch],
         body=textwrap.indent("\n".join(body), " " * 8),
     )

@@ -1,22 +1,44 @@
 """Generated programs, eager vs terra_nb, iteration by iteration (issue 9).
 
-`TERRA_NB_FUZZ_EXAMPLES` sets how many programs hypothesis draws (CI default below). A failure
-shrinks to a short program; its source is printed with the falsifying example.
+Two draws: a fixed corpus (`TERRA_NB_FUZZ_EXAMPLES` programs of 3-6 iterations, the same every
+run) and a fresh one (`TERRA_NB_FRESH_EXAMPLES` programs of 9-12 iterations, seeded by the commit or
+`TERRA_NB_FUZZ_SEED`). A failure shrinks to a short program; its source and the seed are printed
+with the falsifying example.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import subprocess
 
 import generated_programs as gen
 import harness
 import pytest
 from harness import differential
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, given, note, seed, settings
 
 from terra_nb.engine import events as ev
 
 EXAMPLES = int(os.environ.get("TERRA_NB_FUZZ_EXAMPLES", "300"))
+FRESH_EXAMPLES = int(os.environ.get("TERRA_NB_FRESH_EXAMPLES", "40"))
+
+
+def _fresh_seed() -> int:
+    """`TERRA_NB_FUZZ_SEED`, else the checked-out commit: each commit CI tests draws other
+    programs, and the same commit draws the same ones again here."""
+    if os.environ.get("TERRA_NB_FUZZ_SEED"):
+        return int(os.environ["TERRA_NB_FUZZ_SEED"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return random.SystemRandom().randrange(2**32)
+    return int(head[:8], 16)
+
+
+FRESH_SEED = _fresh_seed()
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -26,9 +48,26 @@ def test_generated_programs_match_eager(program):
     """Any mix of the vocabulary gives eager's results, prints, state and side effects, and
     co-execution was tried: an iteration after the traced ones deferred its ops (it
     co-executed, or fell back having deferred them)."""
+    _run_generated(program)
+
+
+@seed(FRESH_SEED)
+@settings(max_examples=FRESH_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(program=gen.programs(iterations=(9, 12), choices=("measured",) + harness.MEASURED_CHOICES))
+def test_a_fresh_draw_of_longer_programs_matches_eager(program):
+    """Programs long enough to split segments and submit them early, under each scheduling
+    choice, drawn from a seed of this commit (set TERRA_NB_FUZZ_SEED to repeat a draw)."""
+    note(f"TERRA_NB_FUZZ_SEED={FRESH_SEED}")
+    _run_generated(program)
+
+
+def _run_generated(program: gen.Program) -> None:
     note(gen.render(program))
+    options = {} if program.choice == "measured" else {
+        "policy": harness.measured_choice_policy(program.choice)}
     runs = differential(gen.load(program), program.iterations, apis=(program.api,),
-                        trace_iterations=program.trace_iterations)
+                        trace_iterations=program.trace_iterations, **options)
     session = runs[program.api].session
     modes = [event.mode for event in session.events.of_type(ev.IterationDone)]
     assert len(modes) == program.iterations
