@@ -228,11 +228,16 @@ def test_loops_over_a_dataset_co_execute_with_eagers_losses(loop):
         "np.testing.assert_array_equal(losses, eager_losses)\n"
         "print('modes', [e.mode for e in report.timeline])\n"
         "print('fallbacks', len(report.fallbacks))\n"])
+    shown, modes = _printed_modes(notebook)
+    assert "fallbacks 0" in shown, shown
+    assert modes.count("'co-executing'") >= 2, modes
+
+
+def _printed_modes(notebook) -> tuple[str, str]:
+    """A notebook that ran without errors: its last cell's text and the modes it printed."""
     assert errors_in(notebook) == []
     shown = text_of(notebook.cells[-1])
-    assert "fallbacks 0" in shown, shown
-    modes = re.search(r"^modes (.*)$", shown, re.M).group(1)
-    assert modes.count("'co-executing'") >= 2, modes
+    return shown, re.search(r"^modes (.*)$", shown, re.M).group(1)
 
 
 MIXED_SETUP = """\
@@ -271,11 +276,9 @@ def test_a_mixed_precision_loop_replays_its_loss_scale_optimizer():
         "print('scale', float(optimizer.dynamic_scale))\n"
         "print('modes', [e.mode for e in report.timeline])\n"
         "print('replayed', ' | '.join(n.message for n in report.notes if n.kind == 'replayed'))\n"])
-    assert errors_in(notebook) == []
-    shown = text_of(notebook.cells[-1])
+    shown, modes = _printed_modes(notebook)
     assert "LossScaleOptimizer call" in shown, shown
     assert "scale 16384.0" in shown, shown  # 32768 halved once by the overflow
-    modes = re.search(r"^modes (.*)$", shown, re.M).group(1)
     assert modes.count("'co-executing'") >= 10, modes
 
 
