@@ -30,6 +30,8 @@ replay_state = _ReplayState()
 
 
 def build_macro(original, obj, args, kwargs):
+    """The ConcreteFunction standing for `original(obj, *args, **kwargs)`, and the positions
+    of the flattened arguments that are its inputs; raises what tracing the call raises."""
     flat = flatten(args, kwargs)
     tensor_positions = [index for index, value in enumerate(flat) if is_tensor_like(value)]
     specs = [tf.TensorSpec(np.shape(flat[index]), dtype_of(flat[index]))
@@ -64,5 +66,3 @@ def replay_macro(entry, flat: list, runner, call_site, checked: bool):
     finally:
         runner.call_site, runner.call_checked = None, False
         replay_state.replaying -= 1
-
-
