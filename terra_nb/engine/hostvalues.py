@@ -192,11 +192,7 @@ def cannot_fail(op_type: str, inputs, attrs) -> bool:
         return _slice_in_bounds(op_type, inputs, attrs)
     if op_type not in INDEX_CHECKED_OPS:
         return False
-    low, high = _index_bound(op_type, inputs, attrs)
-    values = _known_value(inputs[1])
-    if high is None or values is None:
-        return False
-    return values.size == 0 or bool(low <= values.min() and values.max() < high)
+    return values_in_range(inputs[1], *_index_bound(op_type, inputs, attrs))
 
 
 def values_in_range(value, low: int, high: int | None, allowed=None) -> bool:

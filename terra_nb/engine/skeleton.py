@@ -539,8 +539,8 @@ class PythonRunner:
 
     def _wait_fallible(self) -> None:
         """Wait for the submitted segments that may fail; the first error is raised (once)."""
-        jobs, self.fallible_waited = self.fallible_jobs[self.fallible_waited:], \
-            len(self.fallible_jobs)
+        jobs = self.fallible_jobs[self.fallible_waited:]
+        self.fallible_waited = len(self.fallible_jobs)
         for job in jobs:
             self.runner.wait(job)
 

@@ -67,12 +67,11 @@ __all__ = [
     "a_tape_is_recording", "attr_protos", "call_concrete", "call_function_in_graph",
     "calling_function", "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "convert", "create_graph_op", "eager_context",
-    "function_op_types", "is_backward_function",
-    "gradient_module", "handling", "install_guard", "is_eager_value", "keep_running",
-    "lean_graph_calls",
-    "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient", "remove_guard",
-    "run_eagerly", "scratch_graph", "suspended", "tape_gradient", "tape_is_plain", "unwrap",
-    "variable_read", "variable_shape",
+    "function_op_types", "gradient_module", "handling", "install_guard", "is_backward_function",
+    "is_eager_value", "keep_running", "lean_graph_calls", "next_tensor_id",
+    "op_callbacks_registered", "op_def", "record_gradient", "remove_guard", "run_eagerly",
+    "scratch_graph", "suspended", "tape_gradient", "tape_is_plain", "unwrap", "variable_read",
+    "variable_shape",
 ]
 
 PRIVATE_SYMBOLS = (
