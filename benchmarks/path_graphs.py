@@ -137,8 +137,10 @@ def drive(program: Program, paths: int, min_steady: int, max_iterations: int) ->
     """Run until the trailing co-executed iterations are `min_steady` or more and took all
     `paths` paths (or `max_iterations` ran); record what those iterations submitted."""
     # One graph per iteration: the split after a fetched loss (a second graph for the
-    # backward pass) is orthogonal to the path choice measured here.
-    session = Session(program.name, policy=SchedulingPolicy(split_min_tail=sys.maxsize))
+    # backward pass) is orthogonal to the path choice measured here; and every co-executed
+    # iteration runs graphs (none interpreted while its graph is built).
+    session = Session(program.name, policy=SchedulingPolicy(
+        split_min_tail=sys.maxsize, compile_after_runs=1, build_in_background=False))
     _run_iteration(session, program, 0)
     runner = session.graph_runner
     submitted: dict[int, list] = {}

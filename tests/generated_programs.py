@@ -177,7 +177,8 @@ class Program:
     iterations: int
     trace_iterations: int
     api: str  # harness.SESSION_API or harness.FUNCTION_API
-    choice: str = "measured"  # the scheduling policy: "measured" or a harness.MEASURED_CHOICES
+    choice: str = "measured"  # the scheduling policy: "measured", a harness.MEASURED_CHOICES
+    # or a harness.WARM_UP_CHOICES key
 
 
 def _statements(vocabulary: dict, most: int):

@@ -51,11 +51,24 @@ class _SubmittedAtFirstFetch(SchedulingPolicy):
 
 
 def measured_choice_policy(choice: str) -> SchedulingPolicy:
-    """A policy taking `choice` at once: submitted early, or never that and split once run."""
+    """A policy taking `choice` at once: submitted early, or never that and split once run;
+    both build each path's graph at its first run, so these choices are about graphs; or
+    one of WARM_UP_CHOICES."""
+    if choice in WARM_UP_CHOICES:
+        return WARM_UP_CHOICES[choice]
     if choice == "submitted-early":
-        return _SubmittedAtFirstFetch()
+        return _SubmittedAtFirstFetch(compile_after_runs=1, build_in_background=False)
     return SchedulingPolicy(submit_at_fetched_after=10**9, new_graph_payback=0.0,
-                            split_after_runs=1)
+                            split_after_runs=1, compile_after_runs=1, build_in_background=False)
+
+
+# When a path's graph is built is the other scheduling choice (issue 20): by default its first
+# run is interpreted and its graph built on a builder thread once it repeats, so which
+# iterations run graphs depends on timing. Tests force either end.
+WARM_UP_CHOICES = {
+    "built-at-once": SchedulingPolicy(compile_after_runs=1, build_in_background=False),
+    "interpreted": SchedulingPolicy(compile_after_runs=10**9),
+}
 
 
 def seed_everything(seed: int = 0) -> None:

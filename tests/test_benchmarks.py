@@ -166,3 +166,28 @@ def test_path_graphs_measures_both_alternatives_with_equal_results(tmp_path):
     assert len(rows) == 6, rows
     assert all("not measured" not in row and "failed" not in row for row in rows), rows
     assert sum("| yes (" in row for row in rows) == 4, rows
+
+
+@pytest.mark.slow
+def test_warmup_reports_whole_run_totals_per_mode_and_a_profile(tmp_path):
+    """benchmarks.warmup (`make bench`, issue 20): each mode alone in a fresh process, totals
+    over the first steps with warm-up included, and where terra_nb's first steps went."""
+    command = [sys.executable, "-m", "benchmarks.warmup", "--programs", "faster_rcnn",
+               "--steps", "6", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [stem] = {path.rsplit(".", 1)[0] for path in os.listdir(tmp_path)}
+    assert stem.endswith("-warmup")
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
+    modes = report["results"]["faster_rcnn"]
+    assert modes["tf.function"]["error"].startswith("AttributeError")
+    eager, terra = modes["eager"], modes["terra_nb"]
+    assert len(eager["ms"]) == len(terra["ms"]) == 6
+    assert eager["first_vs_eager"] == eager["total_vs_eager"] == 1.0
+    assert terra["total_s"] == pytest.approx(sum(terra["ms"]) / 1e3)
+    assert terra["iteration_modes"][:2] == ["tracing", "tracing"]
+    # the engine's own iteration times account for the step times measured around them
+    assert sum(terra["ms"]) / 2 < sum(terra["first_ms_by_mode"].values()) <= sum(terra["ms"])
+    assert terra["recording_us_per_op"] > 0 and terra["replay_build_ms"] >= 0
+    markdown = (tmp_path / f"{stem}.md").read_text()
+    assert markdown.count("| faster_rcnn |") == 2 and "| failed |" in markdown

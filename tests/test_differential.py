@@ -43,7 +43,7 @@ FRESH_SEED = _fresh_seed()
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(program=gen.programs())
+@given(program=gen.programs(choices=("measured",) + tuple(harness.WARM_UP_CHOICES)))
 def test_generated_programs_match_eager(program):
     """Any mix of the vocabulary gives eager's results, prints, state and side effects, and
     co-execution was tried: an iteration after the traced ones deferred its ops (it
@@ -54,7 +54,8 @@ def test_generated_programs_match_eager(program):
 @seed(FRESH_SEED)
 @settings(max_examples=FRESH_EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(program=gen.programs(iterations=(9, 12), choices=("measured",) + harness.MEASURED_CHOICES))
+@given(program=gen.programs(iterations=(9, 12), choices=("measured",) + harness.MEASURED_CHOICES
+                            + tuple(harness.WARM_UP_CHOICES)))
 def test_a_fresh_draw_of_longer_programs_matches_eager(program):
     """Programs long enough to split segments and submit them early, under each scheduling
     choice, drawn from a seed of this commit (set TERRA_NB_FUZZ_SEED to repeat a draw)."""

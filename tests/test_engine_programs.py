@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import programs
 import pytest
-from harness import MEASURED_CHOICES, compare, measured_choice_policy, modes
+from harness import MEASURED_CHOICES, WARM_UP_CHOICES, compare, measured_choice_policy, modes
 
 from terra_nb.engine import events as ev
 from terra_nb.engine.tolerance import ITERATION_RTOL
@@ -26,7 +26,8 @@ STEADY = [
 def test_same_results_as_eager_with_full_skeleton(build):
     """Self-check mode re-runs all library Python: every iteration after tracing co-executes.
     These short runs hold the one-iteration bar throughout, tighter than RUN_RTOL."""
-    _, terra = compare(build, iterations=6, run_rtol=ITERATION_RTOL, self_check=True)
+    _, terra = compare(build, iterations=6, run_rtol=ITERATION_RTOL, self_check=True,
+                       policy=WARM_UP_CHOICES["built-at-once"])
     session = terra.session
     assert modes(session) == [ev.TRACING, ev.TRACING] + [ev.CO_EXECUTING] * 4
     assert session.events.of_type(ev.FallbackEvent) == []

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import modes
+from harness import WARM_UP_CHOICES, modes
 
 import terra_nb
 from terra_nb.engine import events as ev
@@ -72,8 +72,12 @@ def test_interception_is_per_thread():
     assert recorder.seen == []
 
 
+# these tests look at the graphs built: each path's graph is built at its first run
+BUILT_AT_ONCE = WARM_UP_CHOICES["built-at-once"]
+
+
 def _deferred_session():
-    return Session("unit", trace_iterations=1)
+    return Session("unit", trace_iterations=1, policy=BUILT_AT_ONCE)
 
 
 def test_deferred_ops_return_lazy_tensors_that_behave_like_eager_ones():
@@ -731,7 +735,7 @@ def test_a_segment_xla_cannot_compile_runs_without_xla():
 
     from harness import assert_same, run_program
 
-    session = Session("xla", xla=True)
+    session = Session("xla", xla=True, policy=BUILT_AT_ONCE)
     emitted_on = []
     session.events.subscribe(lambda event: emitted_on.append(threading.current_thread()))
     eager = run_program(_build_max_pool_cnn, 8)
@@ -750,7 +754,8 @@ def test_a_segment_drawing_random_numbers_runs_without_xla():
     import programs
     from harness import compare
 
-    _, terra = compare(programs.build_cnn_batchnorm, iterations=8, xla=True)
+    _, terra = compare(programs.build_cnn_batchnorm, iterations=8, xla=True,
+                       policy=BUILT_AT_ONCE)
     notes = [note.message for note in terra.session.events.of_type(ev.Note)
              if note.kind == "xla-refused"]
     assert any("Dropout" in note for note in notes), notes
@@ -1340,7 +1345,7 @@ def test_a_value_seen_changing_on_one_path_is_fed_on_paths_recorded_before():
         return tf.reduce_sum(data[:, offset:offset + length])
 
     expected = [float(step(index)) for index in range(len(schedule))]
-    session = Session("varying-sites", trace_iterations=2)
+    session = Session("varying-sites", trace_iterations=2, policy=BUILT_AT_ONCE)
     got = _co_executed(session, step, len(schedule))
     np.testing.assert_array_equal(got, expected)
     rebuilt = [event for event in session.events.of_type(ev.GraphBuilt)

@@ -18,6 +18,16 @@ from terra_nb.engine.session import Session
 
 STEPS = 12
 BAD_STEP = 7
+_choice = {"policy": None}
+
+
+@pytest.fixture(autouse=True, params=sorted(harness.WARM_UP_CHOICES))
+def _graphs_or_interpreted(request):
+    """Every test twice: each path's graph built at its first run, and its ops interpreted
+    (eager runs them one by one on the graph thread)."""
+    _choice["policy"] = harness.WARM_UP_CHOICES[request.param]
+    yield
+    _choice["policy"] = None
 
 
 def _run(build, co_execute: bool):
@@ -26,7 +36,7 @@ def _run(build, co_execute: bool):
     the raise, the session). The error is caught outside the frame that runs the loop."""
     keras.utils.set_random_seed(0)
     variables, step = build()
-    session = Session("graph-errors")
+    session = Session("graph-errors", policy=_choice["policy"])
     ran: list = []
     reached: list = []
 
@@ -161,7 +171,7 @@ def test_ops_python_checks_first_let_the_graph_overlap_the_next_step(build):
     no step waits for its graph at its end: the graph keeps overlapping the next step."""
     keras.utils.set_random_seed(0)
     _, step = build()
-    session = Session("checked-first")
+    session = Session("checked-first", policy=_choice["policy"])
     waited = []
     for index in range(BAD_STEP):
         with session.iteration() as iteration:
@@ -233,7 +243,7 @@ def test_a_try_around_the_loop_sees_the_error_at_the_failing_line_as_eagerly():
     for co_execute in (False, True):
         keras.utils.set_random_seed(0)
         variables, step = _slice_with_a_fed_start()
-        session = Session("try-around-the-loop")
+        session = Session("try-around-the-loop", policy=_choice["policy"])
         ran: list = []
         try:
             for index in range(STEPS):

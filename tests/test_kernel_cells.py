@@ -75,6 +75,7 @@ print("modes", sorted({e.mode for e in report.timeline}))
 print("block calls", calls["block"], "eagerly", eager_calls)
 np.testing.assert_allclose(losses, eager_losses, rtol=1e-3, atol=1e-6)
 print("replayed", " | ".join(n.message for n in report.notes if n.kind == "replayed"))
+print("graphs built", len(report.graphs))
 """
 
 
@@ -90,6 +91,8 @@ def test_model_classes_defined_in_cells_co_execute_and_their_python_runs_every_s
     replayed = re.search(r"^replayed (.*)$", shown, re.M).group(1)
     assert "Net call" not in replayed and "Block call" not in replayed
     assert "Dense call" in replayed  # the library layers inside the user's are replayed
+    # the graphs were built on the builder thread while the steps ran (issue 20)
+    assert int(re.search(r"^graphs built (\d+)$", shown, re.M).group(1)) > 0, shown
 
 
 FAILING = """\

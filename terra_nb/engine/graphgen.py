@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import time
 
 import numpy as np
@@ -39,7 +40,7 @@ STATEFUL_RANDOM_OPS = frozenset({
 
 def identity_attrs(op_type: str, attrs) -> tuple:
     """Hashable attrs for node identity; a stateful random op's seed2 is left out: each run
-    of the graph draws fresh numbers (see _graph_attrs)."""
+    of the graph draws fresh numbers (see graph_attrs)."""
     key = hashable(attrs)
     if op_type in STATEFUL_RANDOM_OPS and key:
         key = tuple(None if index > 0 and key[index - 1] == "seed2" else item
@@ -47,7 +48,9 @@ def identity_attrs(op_type: str, attrs) -> tuple:
     return key
 
 
-def _graph_attrs(node: Node) -> tuple:
+def graph_attrs(node: Node) -> tuple:
+    """The node's attrs for a run of its op: a stateful random op seeded by the user gets a
+    fresh seed2 (a graph would otherwise draw the traced numbers at every run)."""
     attrs = node.attrs or ()
     if node.op_type not in STATEFUL_RANDOM_OPS:
         return attrs
@@ -72,6 +75,9 @@ class CompiledSegment:
     xla_declined: str = ""  # why a segment asked to use XLA does not
     first_run_seconds: float = 0.0  # its first run, instantiation included (0 until run)
     waited_seconds: float = 0.0  # Python's waits for its later runs
+
+    def run(self, args: list) -> list:
+        return internals.call_concrete(self.function, args)
 
     @property
     def cost(self) -> float:
@@ -253,7 +259,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
     position_of = {node.uid: position for position, node in enumerate(path)}
     specs = [_input_spec(path[position].inputs[slot]) for position, slot in feeds]
     attrs = [None if node.function is not None
-             else internals.attr_protos(node.op_type, _graph_attrs(node)) for node in path]
+             else internals.attr_protos(node.op_type, graph_attrs(node)) for node in path]
 
     def segment(*args):
         graph = tf.compat.v1.get_default_graph()
@@ -404,23 +410,71 @@ def _probed_shapes(op_type, protos, inputs, refs, unknown: set) -> tuple | None:
     """The op's output shapes in a scratch graph where small integer inputs are constants
     unless `unknown`; None when the op cannot be built or a shape is not fully known."""
     constants = _small_integer_slots(inputs) - unknown
-    graph = internals.scratch_graph("terra_nb_shape_probe")
+    probe = _probe_graph()
+    graph = probe.graph
     with internals.suspended(), graph.as_default():
         tensors = []
         for slot, value in enumerate(inputs):
             if refs[slot].kind == RESOURCE:
                 tensors.append(graph.capture(value))
             elif slot in constants:
-                tensors.append(tf.constant(np.asarray(internals.unwrap(value))))
+                tensors.append(probe.constant(np.asarray(internals.unwrap(value))))
             else:
-                tensors.append(tf.compat.v1.placeholder(value.dtype, value.shape))
+                tensors.append(probe.placeholder(value.dtype, value._shape_tuple()))
         try:
-            operation = graph.create_op(op_type, tensors, None, attrs=protos)
+            operation = internals.create_graph_op(graph, op_type, tensors, None, "probe", protos)
         except (ValueError, TypeError):
             return None
+        probe.ops += 1
     if not all(output.shape.is_fully_defined() for output in operation.outputs):
         return None
     return tuple(tuple(output.shape.as_list()) for output in operation.outputs)
+
+
+class _ProbeGraph(threading.local):
+    """One scratch graph per thread for shape probes, its inputs made once per dtype and shape
+    (or constant value): a probe then adds one op (~0.2 ms) instead of building a graph and
+    its inputs (~1.5 ms, the fallback iterations' largest cost on a new image size).
+    Replaced once it holds PROBE_GRAPH_OPS ops."""
+
+    graph = None
+    ops = 0
+
+    def reset(self) -> None:
+        self.graph = internals.scratch_graph("terra_nb_shape_probe")
+        self.ops = 0
+        self.inputs: dict = {}
+
+    def placeholder(self, dtype, shape: tuple):
+        key = (dtype, shape)
+        if key not in self.inputs:
+            attrs = internals.attr_protos("Placeholder", ("dtype", dtype.as_datatype_enum,
+                                                          "shape", list(shape)))
+            self.inputs[key] = internals.create_graph_op(self.graph, "Placeholder", [], [dtype],
+                                                         "input", attrs).outputs[0]
+            self.ops += 1
+        return self.inputs[key]
+
+    def constant(self, value: np.ndarray):
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in self.inputs:
+            dtype = tf.dtypes.as_dtype(value.dtype)
+            attrs = internals.attr_protos("Const", ("value", tf.make_tensor_proto(value),
+                                                    "dtype", dtype.as_datatype_enum))
+            self.inputs[key] = internals.create_graph_op(self.graph, "Const", [], [dtype],
+                                                         "value", attrs).outputs[0]
+            self.ops += 1
+        return self.inputs[key]
+
+
+PROBE_GRAPH_OPS = 5000
+_probe = _ProbeGraph()
+
+
+def _probe_graph() -> _ProbeGraph:
+    if _probe.graph is None or _probe.ops >= PROBE_GRAPH_OPS:
+        _probe.reset()
+    return _probe
 
 
 def _small_integer_slots(inputs) -> set:

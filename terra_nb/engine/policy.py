@@ -13,6 +13,11 @@ import dataclasses
 class SchedulingPolicy:
     """The defaults are what the benchmark programs measured best on a 2-core CPU."""
 
+    # a segment's graph is built at its path's this-many-th run; earlier runs interpret its
+    # ops (engine/interpret.py)
+    compile_after_runs: int = 2
+    # graphs are built on a builder thread while their ops run interpreted (with overlap)
+    build_in_background: bool = True
     # Python runs at most this many iterations ahead of the graph worker.
     run_ahead: int = 2
     # graph ops left after the fetched values worth a second graph (graphgen.first_part)

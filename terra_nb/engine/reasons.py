@@ -47,6 +47,7 @@ class NoteKind(_Reason):
     GUARD_MISS = ("guard-miss", "a replayed library call runs its Python again: something it "
                   "reads changed (a shape, a flag, a Python argument), and what")
     LIBRARY_REPLAY = ("library-replay", "the iteration traced the path replayed calls make")
+    NOT_BUILT = ("not-built", "a path's graph could not be built; its ops run eagerly")
     XLA_REFUSED = ("xla-refused", "a graph segment XLA could not compile runs without XLA")
     COMPILED_WORK = ("compiled-work", "a Keras method that runs its own compiled graph runs "
                      "as it is")

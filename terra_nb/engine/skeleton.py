@@ -26,6 +26,7 @@ from terra_nb.engine import graphgen, hostvalues, internals
 from terra_nb.engine.divergence import explain_divergence
 from terra_nb.engine.handlers import user_code_catches
 from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer
+from terra_nb.engine.interpret import InterpretedSegment, observe_fed
 from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay.entrypoints import is_replaying
 from terra_nb.engine.schedule import DEFER, RECORD
@@ -394,6 +395,10 @@ class PythonRunner:
         while True:
             key, compiled = self.runner.segment_for(start, end, outputs, self.index, reason,
                                                     part, path)
+            if compiled is None:
+                observe_fed(pending)
+                return (InterpretedSegment(pending, outputs), InterpretedSegment.arguments(pending),
+                        lazies, key)
             args = _arguments(compiled, pending, self.graph.varying_sites)
             if args is not None:
                 return compiled, args, lazies, key

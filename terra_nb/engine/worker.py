@@ -8,6 +8,7 @@ line of the op that failed. XLA graphs that XLA cannot compile are rebuilt witho
 from __future__ import annotations
 
 import collections
+import functools
 import queue
 import sys
 import threading
@@ -57,16 +58,16 @@ class Job:
                 return  # eagerly, the failing op raised before any of these ops ran
             args = [_ready_value(value) for value in self.args]
             try:
-                values = internals.call_concrete(self.compiled.function, args)
+                values = self.compiled.run(args)
             except Exception as error:
                 if not (self.compiled.xla and _xla_could_not_compile(error)):
                     raise
                 self.compiled = self.runner.without_xla(self.key, self.compiled, error,
                                                         self.iteration)
-                values = internals.call_concrete(self.compiled.function, args)
+                values = self.compiled.run(args)
             for lazy, value in zip(self.lazies, values, strict=True):
                 lazy.set_value(value)
-            if not self.compiled.first_run_seconds:
+            if not self.compiled.first_run_seconds and self.compiled.seconds:
                 self.compiled.first_run_seconds = time.perf_counter() - start
                 self.first_run = True
         except BaseException as error:  # handed to whoever waits for this job
@@ -200,6 +201,16 @@ def _work(work: queue.SimpleQueue) -> None:
         del jobs
 
 
+def _build_all(builds: queue.SimpleQueue) -> None:
+    """The builder thread: build queued segments until told to stop (None)."""
+    while True:
+        build = builds.get()
+        if build is None:
+            return
+        build()
+        del build
+
+
 def _execute_all(jobs: list) -> None:
     for job in jobs:
         job.execute()
@@ -249,27 +260,76 @@ class GraphRunner:
         self._finished_jobs: list[Job] = []
         self._iteration_ends: collections.deque[Job] = collections.deque()
         self._worker_events: collections.deque = collections.deque()  # see take_worker_events
+        self._building: set = set()  # keys of segments being built (or that failed to build)
+        self._builds: queue.SimpleQueue | None = None
+        self._builder: threading.Thread | None = None
 
     def segment_for(self, start, end, outputs: tuple, iteration: int, reason: str,
                     part: str = "", path: list | None = None):
         """The graph of the path from `start` to `end` returning `outputs`, or of a `part` of
-        that path (`path`, the part's nodes): compiled the first time it is asked for."""
+        that path (`path`, the part's nodes): compiled once it was asked for
+        `policy.compile_after_runs` times; None before (its ops are then interpreted)."""
         key = _segment_key(start, end, outputs, part)
-        self._runs[key] = self._runs.get(key, 0) + 1
+        runs = self._runs[key] = self._runs.get(key, 0) + 1
         compiled = self._compiled.get(key)
         if compiled is None:
+            if runs < self.policy.compile_after_runs or key in self._building:
+                return key, None  # interpreted meanwhile (engine/interpret.py)
             path = path if part else end.path_from(start)
             self._ends_from.setdefault(start.uid, set()).add(end.uid)
-            compiled = graphgen.compile_segment(path, outputs, self.xla)
-            self._compiled[key] = compiled
+            if self.overlap and self.policy.build_in_background:
+                self._build_later(key, path, outputs, iteration, reason)
+                return key, None
+            compiled = self._build(key, path, outputs, iteration, reason)
             self.compile_seconds += compiled.seconds
-            self.events.emit(ev.GraphBuilt(iteration, len(path), len(compiled.feed_slots),
-                                           len(outputs), compiled.seconds, compiled.xla, reason))
-            if compiled.xla_declined:
-                self.events.emit(ev.Note(iteration, NoteKind.XLA_REFUSED,
-                                         f"a graph segment runs without XLA: "
-                                         f"{compiled.xla_declined}"))
+            self._emit_worker_events()
         return key, compiled
+
+    def _build(self, key, path: list, outputs: tuple, iteration: int, reason: str):
+        """Compile one segment and keep it; its events wait for the session's thread."""
+        compiled = graphgen.compile_segment(path, outputs, self.xla)
+        self._compiled[key] = compiled
+        self._worker_events.append(ev.GraphBuilt(iteration, len(path), len(compiled.feed_slots),
+                                                 len(outputs), compiled.seconds, compiled.xla,
+                                                 reason))
+        if compiled.xla_declined:
+            self._worker_events.append(ev.Note(iteration, NoteKind.XLA_REFUSED,
+                                               f"a graph segment runs without XLA: "
+                                               f"{compiled.xla_declined}"))
+        return compiled
+
+    def _build_later(self, key, path: list, outputs: tuple, iteration: int, reason: str):
+        """Build the segment on the builder thread; its ops are interpreted until it is in.
+
+        Python never waits for a compiler: building a 1,800-op segment takes ~0.4 s of op
+        creation and tracing, most of it Python, which the builder does while the skeleton
+        waits for graphs or kernels (GIL contention measured in docs/engine.md)."""
+        self._building.add(key)
+        if self._builder is None:
+            builds = queue.SimpleQueue()
+            builder = threading.Thread(target=_build_all, args=(builds,), daemon=True,
+                                       name="terra_nb-builder")
+            builder.start()
+            self._builds, self._builder = builds, builder
+            self._stop_builder = weakref.finalize(self, builds.put, None)
+        self._builds.put(functools.partial(self._build_in_background, key, path, outputs,
+                                           iteration, reason))
+
+    def _build_in_background(self, key, path, outputs, iteration, reason) -> None:
+        try:
+            self._build(key, path, outputs, iteration, reason)
+        except Exception as error:  # the path keeps running interpreted: eager's semantics
+            self._worker_events.append(ev.Note(
+                iteration, NoteKind.NOT_BUILT,
+                f"a graph of {len(path)} ops could not be built "
+                f"({type(error).__name__}: {str(error).strip()[:200]}); its ops keep running "
+                "eagerly"))
+            return
+        self._building.discard(key)
+
+    def _emit_worker_events(self) -> None:
+        for event in self.take_worker_events():
+            self.events.emit(event)
 
     def was_split(self, start, end, outputs: tuple) -> bool:
         """Whether this segment was run as two graphs before (it then always is)."""
@@ -407,6 +467,10 @@ class GraphRunner:
                 self._worker.join()
                 self._worker = None
                 self._queue = None
+            if self._builder is not None:
+                self._stop_builder()  # builds queued before it still finish first
+                self._builder.join()
+                self._builder = self._builds = None
 
     @property
     def graphs(self) -> int:

@@ -27,6 +27,7 @@ their arguments (MacroTable.call_as_span), one replay per TraceGraph position wh
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import tensorflow as tf
 
@@ -136,6 +137,7 @@ class MacroTable:
         self.entries: dict = {}
         self.gradients: dict = {}
         self.replayed_calls = 0
+        self.build_seconds = 0.0  # tracing the macros' functions (warm-up profile)
         self.established: list[str] = []  # replays set up since last taken (for a Note)
         self.compiled_work_reported: set = set()  # model.fit & co., told once per session
         self.refusals_reported: set = set()  # (call site, call, reason) told in a Note
@@ -245,6 +247,7 @@ class MacroTable:
                 self._observe_as_span(entry, runner, start, flat, arguments, converted,
                                       result, first_new, read, stable, sparse, obj, call_site)
         elif stable and entry.deferred_seen:
+            started = time.perf_counter()
             try:
                 macro, positions = build_macro(original, obj, args, kwargs)
             except Exception:
@@ -253,6 +256,7 @@ class MacroTable:
                 self._refuse(entry, runner, _call_name(obj), call_site,
                              Refusal.FORCED_VALUE.say())  # a Python branch on a tensor
                 return result
+            self.build_seconds += time.perf_counter() - started
             if all(output.shape.is_fully_defined() for output in macro.outputs):
                 entry.macro, entry.tensor_positions = macro, positions
                 self.replayed_guards[(call_site, entry.guard.obj)] = entry.guard

@@ -1,0 +1,250 @@
+"""Warm-up as a user meets it: `python -m benchmarks.warmup` (also run by `make bench`).
+
+A notebook user runs a cell for 10-100 steps, looks, changes something and reruns. What they
+feel is the total wall time of those steps, tracing, graph building and fallbacks included.
+Each (program, mode) runs alone in a fresh process (nothing compiled before, no other mode
+stealing a core from a background build) for `--steps` steps, each ending with `float(loss)`.
+Reported per program: total time over the first 20 and the first `--steps` steps against eager
+and tf.function, the steps until terra_nb settled, and its settled ratio (the last 20 steps'
+median against eager's).
+
+    python -m benchmarks.warmup [--programs a,b] [--steps 100] [--modes eager,...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+MODES = ("eager", "tf.function", "terra_nb")
+FIRST = 20  # the classroom demo's length: the first total reported
+TAIL = 20  # settled = the median of the last TAIL steps
+SETTLED_WITHIN = 2.0  # a step slower than this times the settled median is not settled
+
+
+def run_one(program_name: str, mode: str, steps: int) -> dict:
+    """Run one program in one mode in this process; per-step times and the engine's story."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import time
+
+    import tensorflow as tf
+
+    import terra_nb
+    from benchmarks.programs import build
+
+    tf.config.experimental.enable_op_determinism()
+    program = build(program_name, 0)
+    step, session = program.train_step, None
+    if mode == "tf.function":
+        step = tf.function(step)
+    elif mode == "terra_nb":
+        step = terra_nb.function(step)
+        session = step.session
+    times, losses, error = [], [], None
+    for index in range(steps):
+        batch = program.batch(index)
+        start = time.perf_counter()
+        try:
+            losses.append(float(step(*batch)))
+        except Exception as failure:  # a mode that cannot run the program is a result
+            error = f"{type(failure).__name__}: {str(failure).strip()[:200]}"
+            break
+        times.append((time.perf_counter() - start) * 1e3)
+    result = {"program": program_name, "mode": mode, "ms": times, "losses": losses,
+              "error": error}
+    if session is not None:
+        session.close()
+        result.update(warm_up_profile(session))
+    return result
+
+
+def warm_up_profile(session) -> dict:
+    """Where terra_nb's first FIRST steps went, from the engine's own records: each
+    iteration's mode, time and breakdown; graph construction (Python creating the ops and
+    tracing the function) and first runs (TensorFlow instantiating and optimising it, plus
+    one run); the library calls' functions traced for replay."""
+    from terra_nb.engine import events as ev
+
+    done = session.events.of_type(ev.IterationDone)
+    builds = session.events.of_type(ev.GraphBuilt)
+    early = [event for event in done if event.index < FIRST]
+    by_mode: dict = {}
+    for event in early:
+        by_mode[event.mode] = by_mode.get(event.mode, 0.0) + event.seconds * 1e3
+    tracing = [event for event in early if "recording" in event.breakdown]
+    recorded_ops = sum(event.ops for event in tracing)
+    segments = session.graph_runner.segments() if session.graph_runner else []
+    macros = session.macro_table
+    return {
+        "iteration_modes": [event.mode for event in done],
+        "graphs_built": len(builds),
+        "build_ms": sum(event.seconds for event in builds) * 1e3,
+        "fallbacks": len(session.events.of_type(ev.FallbackEvent)),
+        "first_ms_by_mode": by_mode,
+        "recording_us_per_op": (sum(event.breakdown["recording"] for event in tracing) * 1e6
+                                / recorded_ops if recorded_ops else None),
+        "first_graphs_built": sum(1 for event in builds if event.index < FIRST),
+        "first_build_ms": sum(event.seconds for event in builds if event.index < FIRST) * 1e3,
+        "first_runs_ms": sum(segment.first_run_seconds for segment in segments) * 1e3,
+        "graph_ops_built": sum(event.ops for event in builds),
+        "replay_build_ms": macros.build_seconds * 1e3 if macros is not None else None,
+    }
+
+
+def settled_after(times: list[float]) -> tuple[float, int]:
+    """The settled step time (median of the last TAIL steps) and how many steps came before
+    the last one slower than SETTLED_WITHIN times it."""
+    settled = statistics.median(times[-TAIL:])
+    slow = [index for index, ms in enumerate(times) if ms > SETTLED_WITHIN * settled]
+    return settled, (slow[-1] + 1 if slow else 0)
+
+
+def summarize(runs: dict, steps: int) -> dict:
+    """Totals and ratios of one program's modes (`runs`: mode -> run_one's result)."""
+    eager = runs["eager"]["ms"]
+    summary = {}
+    for mode, run in runs.items():
+        times = run["ms"]
+        row = {"error": run["error"], "ms": times}
+        if run["error"] or len(times) < steps:
+            summary[mode] = row
+            continue
+        settled, settle_steps = settled_after(times)
+        row.update({
+            "first_total_s": sum(times[:FIRST]) / 1e3, "total_s": sum(times) / 1e3,
+            "settled_ms": settled, "settle_steps": settle_steps,
+            "first_vs_eager": sum(eager[:FIRST]) / sum(times[:FIRST]),
+            "total_vs_eager": sum(eager) / sum(times),
+            "settled_vs_eager": statistics.median(eager[-TAIL:]) / settled,
+        })
+        row.update({key: value for key, value in run.items()
+                    if key not in ("ms", "losses", "error", "program", "mode")})
+        summary[mode] = row
+    return summary
+
+
+def table(results: dict, steps: int) -> str:
+    """The markdown table: one row per program."""
+    lines = [
+        f"| program | eager first {FIRST} s | terra_nb first {FIRST} vs eager | "
+        f"tf.function first {FIRST} vs eager | eager {steps} steps s | "
+        f"terra_nb {steps} vs eager | tf.function {steps} vs eager | "
+        f"terra_nb {steps} vs tf.function | terra_nb settled vs eager | steps to settle | "
+        "graphs built (build s) |",
+        "|---|" + "---|" * 10,
+    ]
+    for name, summary in results.items():
+        eager, function, terra = (summary.get(mode, {}) for mode in MODES)
+
+        def ratio(row, key):
+            return f"{row[key]:.2f}x" if key in row else "failed" if row.get("error") else "-"
+
+        versus = (f"{function['total_s'] / terra['total_s']:.2f}"
+                  if "total_s" in function and "total_s" in terra else "-")
+        build = (f"{terra['graphs_built']} ({terra['build_ms'] / 1e3:.1f})"
+                 if "graphs_built" in terra else "-")
+        lines.append(
+            f"| {name} | {eager.get('first_total_s', 0):.2f} | {ratio(terra, 'first_vs_eager')} "
+            f"| {ratio(function, 'first_vs_eager')} | {eager.get('total_s', 0):.1f} | "
+            f"{ratio(terra, 'total_vs_eager')} | {ratio(function, 'total_vs_eager')} | "
+            f"{versus} | {ratio(terra, 'settled_vs_eager')} | {terra.get('settle_steps', '-')} "
+            f"| {build} |")
+    return "\n".join(lines)
+
+
+def profile_table(results: dict) -> str:
+    """Where terra_nb's first FIRST steps went, per program (see warm_up_profile)."""
+    lines = [
+        f"| program | eager first {FIRST} s | terra_nb first {FIRST} s | tracing s | "
+        "fallback s | co-executed s | other s | recording µs/op | graphs built (s) | "
+        "first runs s (whole run) | replay functions traced s (whole run) |",
+        "|---|" + "---|" * 10,
+    ]
+    for name, summary in results.items():
+        eager, terra = summary.get("eager", {}), summary.get("terra_nb", {})
+        if "first_ms_by_mode" not in terra:
+            continue
+        modes = dict(terra["first_ms_by_mode"])
+        tracing, fallback = modes.pop("tracing", 0.0), modes.pop("fallback", 0.0)
+        co_executed = modes.pop("co-executing", 0.0)
+        per_op = terra["recording_us_per_op"]
+        replay = terra["replay_build_ms"]
+        lines.append(
+            f"| {name} | {eager.get('first_total_s', 0):.2f} | {terra['first_total_s']:.2f} | "
+            f"{tracing / 1e3:.2f} | {fallback / 1e3:.2f} | {co_executed / 1e3:.2f} | "
+            f"{sum(modes.values()) / 1e3:.2f} | {per_op:.0f} | "
+            f"{terra['first_graphs_built']} ({terra['first_build_ms'] / 1e3:.2f}) | "
+            f"{terra['first_runs_ms'] / 1e3:.2f} | "
+            f"{replay / 1e3:.2f} |" if per_op is not None and replay is not None else
+            f"| {name} | {eager.get('first_total_s', 0):.2f} | {terra['first_total_s']:.2f} |"
+            + " - |" * 8)
+    return "\n".join(lines)
+
+
+def header(machine: dict, steps: int) -> str:
+    return (
+        f"# Warm-up on {machine['id']}\n\n"
+        f"{machine['processor']}, {machine['cpus']} CPUs, {machine['gpus']} GPUs; Python "
+        f"{machine['python']}, TensorFlow {machine['tensorflow']}, Keras {machine['keras']}; "
+        f"terra_nb at {machine['terra_nb_source']}.\n\n"
+        f"Each program ran alone in a fresh process per mode for {steps} steps, each ending "
+        f"with `float(loss)`; totals include everything (tracing, graph building, fallbacks, "
+        f"first runs). Ratios are eager's total / the mode's (higher is faster). Settled: the "
+        f"median of the last {TAIL} steps against eager's; steps to settle: steps before the "
+        f"last one slower than {SETTLED_WITHIN:g}x the settled median.\n\n")
+
+
+def main(argv=None) -> None:
+    from benchmarks.programs import NAMES
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--programs", default=",".join(NAMES))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", default=None,
+                        help="folder for <machine>-warmup.json and .md (default: print only)")
+    parser.add_argument("--one", nargs=2, metavar=("PROGRAM", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args.one[1], args.steps)))
+        return
+    from benchmarks.__main__ import machine_info
+
+    machine = machine_info()
+    results = {}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in args.programs.split(","):
+        runs = {}
+        for mode in args.modes.split(","):
+            with tempfile.TemporaryFile("w+") as output:
+                done = subprocess.run([sys.executable, "-m", "benchmarks.warmup", "--one", name,
+                                       mode, "--steps", str(args.steps)], stdout=output,
+                                      stderr=subprocess.PIPE, text=True, cwd=root)
+                if done.returncode:
+                    sys.exit(f"{name} in mode {mode} crashed:\n{done.stderr[-3000:]}")
+                output.seek(0)
+                runs[mode] = json.loads(output.read().strip().splitlines()[-1])
+        results[name] = summarize(runs, args.steps)
+        print(table({name: results[name]}, args.steps).splitlines()[-1], flush=True)
+    text = (header(machine, args.steps) + table(results, args.steps)
+            + f"\n\nWhere terra_nb's first {FIRST} steps went (tracing: recording iterations, "
+              "including those that trace the ops of newly replayed library calls; other: "
+              "plain eager iterations of a back-off):\n\n" + profile_table(results) + "\n")
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"{machine['id']}-warmup")
+        with open(stem + ".json", "w") as handle:
+            json.dump({"machine": machine, "steps": args.steps, "results": results}, handle,
+                      indent=1)
+        with open(stem + ".md", "w") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()

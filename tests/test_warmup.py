@@ -1,0 +1,116 @@
+"""Warm-up (issue 20): a path's first run is interpreted (its ops run eagerly, in order, on the
+graph thread) and its graph is built once the path repeats, on a builder thread while the
+ops keep running interpreted; results are eager's either way."""
+
+from __future__ import annotations
+
+import linecache
+import threading
+
+import harness
+import numpy as np
+import programs
+import pytest
+import tensorflow as tf
+
+from terra_nb.engine import events as ev
+from terra_nb.engine.policy import SchedulingPolicy
+from terra_nb.engine.session import Session
+
+BUILT_AT_ONCE = SchedulingPolicy(compile_after_runs=1, build_in_background=False)
+BUILT_WHEN_REPEATED = SchedulingPolicy(build_in_background=False)
+
+
+def _built_at(session: Session) -> list[int]:
+    return [event.index for event in session.events.of_type(ev.GraphBuilt)]
+
+
+def test_a_paths_first_run_is_interpreted_and_its_graph_built_when_it_repeats():
+    """Without library replay the path is the same from the first co-executed iteration (2)
+    on: built at once it gets its graphs there; otherwise iteration 2 runs its ops
+    interpreted and a later one builds the graphs, with eager's results throughout."""
+    _, at_once = harness.compare(programs.build_mlp, 6, self_check=True, policy=BUILT_AT_ONCE)
+    _, repeated = harness.compare(programs.build_mlp, 6, self_check=True,
+                                  policy=BUILT_WHEN_REPEATED)
+    assert min(_built_at(at_once.session)) == 2
+    assert 2 < min(_built_at(repeated.session)) < 6
+    assert harness.modes(repeated.session)[2:] == [ev.CO_EXECUTING] * 4
+
+
+@pytest.mark.parametrize("build", [programs.build_mlp, programs.build_gan,
+                                   programs.build_path_change])
+def test_graphs_built_in_the_background_give_eagers_results(build):
+    """The default: graphs are built on a builder thread, each iteration runs whatever is
+    ready (graphs, else interpreted ops); the builder stops with the session."""
+    before = _builders()
+    _, terra = harness.compare(build, 12)
+    terra.session.close()
+    assert _built_at(terra.session), "no graph was built in 12 iterations"
+    assert ev.CO_EXECUTING in harness.modes(terra.session)
+    assert _builders() <= before
+
+
+def _builders() -> set:
+    return {thread for thread in threading.enumerate() if thread.name == "terra_nb-builder"}
+
+
+def test_a_value_that_changes_while_interpreted_is_fed_from_the_first_graph():
+    """Tracing saw a small Python value constant; it changed in the interpreted iteration, so
+    the graph built next feeds it instead of folding it, finding it stale and rebuilding."""
+    weight = tf.Variable(tf.ones((4,)))
+
+    def build():
+        weight.assign(tf.ones((4,)))
+
+        def step(index):
+            scale = tf.constant(1.0 if index < 2 else float(index))
+            weight.assign_add(scale * tf.ones((4,)))
+            return tf.reduce_sum(weight)
+
+        return step, lambda: [weight.numpy()]
+
+    _, terra = harness.compare(build, 6, policy=BUILT_WHEN_REPEATED)
+    reasons = [event.reason for event in terra.session.events.of_type(ev.GraphBuilt)]
+    assert reasons and not [reason for reason in reasons if "looked constant" in reason]
+
+
+def test_an_op_failing_while_interpreted_raises_at_the_users_line_with_eager_state():
+    """The first co-executed iteration runs interpreted; a gather past the end there fails
+    that step with eager's error type, from the user's line, with eager's variable values."""
+    table = tf.constant(np.arange(12, dtype=np.float32).reshape(4, 3))
+
+    def run(co_execute: bool):
+        total = tf.Variable(tf.zeros((3,)))
+        session = Session("interpreted-error", policy=BUILT_WHEN_REPEATED)
+        steps_ran = []
+        for index in range(4):
+            row = 9 if index == 2 else index
+            try:
+                if co_execute:
+                    with session.iteration():
+                        total.assign_add(tf.gather(table, tf.constant(row)))
+                else:
+                    total.assign_add(tf.gather(table, tf.constant(row)))
+            except tf.errors.InvalidArgumentError as error:
+                session.close()
+                return index, steps_ran, total.numpy(), _lines(error.__traceback__), session
+            steps_ran.append(index)
+        session.close()
+        return None, steps_ran, total.numpy(), "", session
+
+    eager = run(False)
+    got = run(True)
+    assert eager[0] == got[0] == 2 and got[1] == eager[1] == [0, 1]
+    np.testing.assert_array_equal(got[2], eager[2])
+    assert "tf.gather(table, tf.constant(row))" in got[3], got[3]
+    assert _built_at(got[4]) == []  # the failing step ran interpreted
+
+
+def _lines(traceback) -> str:
+    """The source lines of a traceback's frames in this file."""
+    lines = []
+    while traceback is not None:
+        if traceback.tb_frame.f_code.co_filename == __file__:
+            lines.append(linecache.getline(__file__, traceback.tb_lineno))
+        traceback = traceback.tb_next
+    return "".join(lines)
