@@ -114,3 +114,39 @@ def _lines(traceback) -> str:
             lines.append(linecache.getline(__file__, traceback.tb_lineno))
         traceback = traceback.tb_next
     return "".join(lines)
+
+
+def test_ops_inside_an_observed_library_call_get_the_locations_a_full_stack_walk_gives(
+        monkeypatch):
+    """Recording, an op inside an observed Keras call ends its location walk at the call
+    (whose call site is known): the locations, node identity, must be those of the whole
+    walk, user frames inside the call (a user layer in a Sequential) included."""
+    import keras
+
+    from terra_nb.engine import skeleton, usercode
+
+    class Scale(keras.layers.Layer):  # a user layer: its frames are part of op locations
+        def call(self, x):
+            return x * 2.0
+
+    walk = usercode.user_location
+    compared = []
+
+    def both(stop_frame, depth=2, known_above=None):
+        whole = walk(stop_frame, depth + 1)
+        compared.append((whole, walk(stop_frame, depth + 1, known_above), known_above))
+        return whole
+
+    monkeypatch.setattr(skeleton, "user_location", both)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), Scale(),
+                              keras.layers.Dense(2)])
+    session = Session("locations")
+    for _ in range(3):
+        with session.iteration():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(tf.ones((2, 4))))
+            tape.gradient(loss, model.trainable_variables)
+    session.close()
+    shortened = [(whole, short) for whole, short, above in compared if above is not None]
+    assert shortened, "no op ran inside an observed call"
+    assert [whole for whole, _ in shortened] == [short for _, short in shortened]

@@ -94,6 +94,9 @@ class PythonRunner:
         # same as the stack walk would find (only library frames lie between), known for free
         self.call_site = None
         self.call_checked = False  # the library call replayed now cannot fail on its values
+        # (a frame of the library call observed now, its call site): ops inside it end their
+        # location walk there (usercode.user_location)
+        self.observed_call = None
         self.cursor = graph.root
         self.segment_start = graph.root
         self.pending: list[_Pending] = []
@@ -121,7 +124,7 @@ class PythonRunner:
         self.ops += 1
         location = self.call_site
         if location is None:
-            location = user_location(self.stop_frame, depth=3)
+            location = user_location(self.stop_frame, depth=3, known_above=self.observed_call)
         refs = tuple(self._ref(value) for value in inputs)
         attrs_key = graphgen.identity_attrs(op_type, attrs)
         key = NodeKey(op_type, attrs_key, location, tuple(input_identity(ref) for ref in refs),

@@ -101,17 +101,23 @@ def _class_is_user(cls: type) -> bool:
 Location = tuple  # ((filename, lineno), ...) innermost first
 
 
-def user_location(stop_frame, depth: int = 2) -> Location:
+def user_location(stop_frame, depth: int = 2, known_above=None) -> Location:
     """The user frames from the caller `depth` levels up to `stop_frame` (inclusive).
 
     Terra's node-equality criterion is op type + attributes + program location; the location
     is this call-site stack. The loop-trip part is carried by the TraceGraph itself (nodes are a
     sequence per path). Called for every op, so the verdict is cached per code object.
+    `known_above` (a frame, the location of its caller) ends the walk at that frame: an op
+    inside an observed library call need not walk the stack above the call again.
     """
     frame = sys._getframe(depth)
     frames = []
     known = _is_user_code
+    above, location_above = known_above or (None, ())
     while frame is not None:
+        if frame is above:
+            frames.extend(location_above)
+            break
         code = frame.f_code
         user = known.get(code)
         if user is None:

@@ -27,6 +27,7 @@ their arguments (MacroTable.call_as_span), one replay per TraceGraph position wh
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import tensorflow as tf
@@ -213,12 +214,14 @@ class MacroTable:
         read: list = []
         arrays = [value for value in flat if isinstance(value, ARRAYS)]
         replay_state.observing += 1
+        outer, runner.observed_call = runner.observed_call, (sys._getframe(), call_site)
         try:
             with internals.collecting_variable_reads(read), \
                     internals.collecting_conversions(arrays) as converted:
                 result = original(obj, *args, **kwargs)
         finally:
             replay_state.observing -= 1
+            runner.observed_call = outer
         if runner.diverged_at != diverged_at:  # the path changed under it: observe again later
             entry.last_span = None
             return result
