@@ -51,6 +51,7 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+	$(PY) -m benchmarks.warmup --out benchmarks/results
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

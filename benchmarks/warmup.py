@@ -24,7 +24,8 @@ import tempfile
 MODES = ("eager", "tf.function", "terra_nb")
 FIRST = 20  # the classroom demo's length: the first total reported
 TAIL = 20  # settled = the median of the last TAIL steps
-SETTLED_WITHIN = 2.0  # a step slower than this times the settled median is not settled
+SETTLED_WITHIN = 2.0  # steps slower than this times the settled median are not settled
+WINDOW = 5  # ... judged by the median of this many consecutive steps
 
 
 def run_one(program_name: str, mode: str, steps: int) -> dict:
@@ -98,10 +99,13 @@ def warm_up_profile(session) -> dict:
 
 def settled_after(times: list[float]) -> tuple[float, int]:
     """The settled step time (median of the last TAIL steps) and how many steps came before
-    the last one slower than SETTLED_WITHIN times it."""
+    the run settled: after them, the median of every WINDOW consecutive steps is within
+    SETTLED_WITHIN times the settled time (one slow step, a garbage collection or a late
+    graph, does not unsettle a run; a stretch of them does)."""
     settled = statistics.median(times[-TAIL:])
-    slow = [index for index, ms in enumerate(times) if ms > SETTLED_WITHIN * settled]
-    return settled, (slow[-1] + 1 if slow else 0)
+    slow = [start for start in range(len(times) - WINDOW + 1)
+            if statistics.median(times[start:start + WINDOW]) > SETTLED_WITHIN * settled]
+    return settled, (slow[-1] + WINDOW if slow else 0)
 
 
 def summarize(runs: dict, steps: int) -> dict:
@@ -161,9 +165,9 @@ def profile_table(results: dict) -> str:
     """Where terra_nb's first FIRST steps went, per program (see warm_up_profile)."""
     lines = [
         f"| program | eager first {FIRST} s | terra_nb first {FIRST} s | tracing s | "
-        "fallback s | co-executed s | other s | recording µs/op | graphs built (s) | "
-        "first runs s (whole run) | replay functions traced s (whole run) |",
-        "|---|" + "---|" * 10,
+        "fallback s | co-executed s | other s | after the steps s | recording µs/op | "
+        "graphs built (s) | first runs s (whole run) | replay functions traced s (whole run) |",
+        "|---|" + "---|" * 11,
     ]
     for name, summary in results.items():
         eager, terra = summary.get("eager", {}), summary.get("terra_nb", {})
@@ -174,15 +178,17 @@ def profile_table(results: dict) -> str:
         co_executed = modes.pop("co-executing", 0.0)
         per_op = terra["recording_us_per_op"]
         replay = terra["replay_build_ms"]
+        inside = sum(terra["first_ms_by_mode"].values()) / 1e3
         lines.append(
             f"| {name} | {eager.get('first_total_s', 0):.2f} | {terra['first_total_s']:.2f} | "
             f"{tracing / 1e3:.2f} | {fallback / 1e3:.2f} | {co_executed / 1e3:.2f} | "
-            f"{sum(modes.values()) / 1e3:.2f} | {per_op:.0f} | "
+            f"{sum(modes.values()) / 1e3:.2f} | {terra['first_total_s'] - inside:.2f} | "
+            f"{per_op:.0f} | "
             f"{terra['first_graphs_built']} ({terra['first_build_ms'] / 1e3:.2f}) | "
             f"{terra['first_runs_ms'] / 1e3:.2f} | "
             f"{replay / 1e3:.2f} |" if per_op is not None and replay is not None else
             f"| {name} | {eager.get('first_total_s', 0):.2f} | {terra['first_total_s']:.2f} |"
-            + " - |" * 8)
+            + " - |" * 9)
     return "\n".join(lines)
 
 
@@ -195,8 +201,9 @@ def header(machine: dict, steps: int) -> str:
         f"Each program ran alone in a fresh process per mode for {steps} steps, each ending "
         f"with `float(loss)`; totals include everything (tracing, graph building, fallbacks, "
         f"first runs). Ratios are eager's total / the mode's (higher is faster). Settled: the "
-        f"median of the last {TAIL} steps against eager's; steps to settle: steps before the "
-        f"last one slower than {SETTLED_WITHIN:g}x the settled median.\n\n")
+        f"median of the last {TAIL} steps against eager's; steps to settle: after them every "
+        f"{WINDOW} consecutive steps have a median within {SETTLED_WITHIN:g}x the settled "
+        "median.\n\n")
 
 
 def main(argv=None) -> None:
@@ -208,10 +215,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default=None,
                         help="folder for <machine>-warmup.json and .md (default: print only)")
+    parser.add_argument("--render", metavar="JSON",
+                        help="only make the tables again from a saved <machine>-warmup.json")
     parser.add_argument("--one", nargs=2, metavar=("PROGRAM", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.steps)))
+        return
+    if args.render:
+        render(args.render, args.out)
         return
     from benchmarks.__main__ import machine_info
 
@@ -231,19 +243,33 @@ def main(argv=None) -> None:
                 runs[mode] = json.loads(output.read().strip().splitlines()[-1])
         results[name] = summarize(runs, args.steps)
         print(table({name: results[name]}, args.steps).splitlines()[-1], flush=True)
-    text = (header(machine, args.steps) + table(results, args.steps)
-            + f"\n\nWhere terra_nb's first {FIRST} steps went (tracing: recording iterations, "
-              "including those that trace the ops of newly replayed library calls; other: "
-              "plain eager iterations of a back-off):\n\n" + profile_table(results) + "\n")
+    write(machine, args.steps, results, args.out)
+
+
+def write(machine: dict, steps: int, results: dict, out: str | None) -> None:
+    text = (header(machine, steps) + table(results, steps)
+            + f"\n\nWhere terra_nb's first {FIRST} steps went, from the engine's records "
+              "(tracing: recording iterations, those that trace the ops of newly replayed "
+              "library calls included; other: plain eager iterations of a back-off; after "
+              "the steps: the waits for each step's loss after its iteration ended):\n\n"
+            + profile_table(results) + "\n")
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"{machine['id']}-warmup")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        stem = os.path.join(out, f"{machine['id']}-warmup")
         with open(stem + ".json", "w") as handle:
-            json.dump({"machine": machine, "steps": args.steps, "results": results}, handle,
+            json.dump({"machine": machine, "steps": steps, "results": results}, handle,
                       indent=1)
         with open(stem + ".md", "w") as handle:
             handle.write(text)
+
+
+def render(path: str, out: str | None) -> None:
+    """The tables again from a saved run (after a change to what is derived from it)."""
+    with open(path) as handle:
+        saved = json.load(handle)
+    results = {name: summarize(runs, saved["steps"]) for name, runs in saved["results"].items()}
+    write(saved["machine"], saved["steps"], results, out)
 
 
 if __name__ == "__main__":
