@@ -150,3 +150,19 @@ def test_ops_inside_an_observed_library_call_get_the_locations_a_full_stack_walk
     shortened = [(whole, short) for whole, short, above in compared if above is not None]
     assert shortened, "no op ran inside an observed call"
     assert [whole for whole, _ in shortened] == [short for _, short in shortened]
+
+
+def test_waits_for_interpreted_runs_do_not_argue_for_new_graphs():
+    """The rent-or-buy choices (splitting a segment, submitting a fetched value early) weigh
+    Python's waits for a graph's steady runs against what a graph cost; an interpreted run is
+    no graph run, and its long waits must not count."""
+    weights = tf.Variable(tf.ones((64, 64)))
+    session = Session("interpreted-waits", policy=BUILT_WHEN_REPEATED, self_check=True)
+    for _ in range(3):  # two tracing iterations, then one interpreted
+        with session.iteration():
+            loss = tf.reduce_sum(tf.matmul(weights, weights))
+        float(loss)
+    session.close()
+    assert harness.modes(session)[2] == ev.CO_EXECUTING and _built_at(session) == []
+    assert loss.node.fetches == 1 and loss.node.fetch_wait_seconds > 0
+    assert loss.node.steady_wait_seconds == 0.0

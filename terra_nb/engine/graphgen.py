@@ -13,6 +13,7 @@ import dataclasses
 import re
 import threading
 import time
+from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
@@ -75,6 +76,7 @@ class CompiledSegment:
     xla_declined: str = ""  # why a segment asked to use XLA does not
     first_run_seconds: float = 0.0  # its first run, instantiation included (0 until run)
     waited_seconds: float = 0.0  # Python's waits for its later runs
+    is_graph: ClassVar[bool] = True  # (an InterpretedSegment is not)
 
     def run(self, args: list) -> list:
         return internals.call_concrete(self.function, args)

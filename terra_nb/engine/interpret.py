@@ -22,6 +22,7 @@ from terra_nb.engine.tracegraph import RESOURCE
 class InterpretedSegment:
     """One flush's ops, run eagerly by `run`; it stands where a CompiledSegment would."""
 
+    is_graph = False
     xla = False
     seconds = 0.0
     first_run_seconds = 0.0

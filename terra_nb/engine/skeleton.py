@@ -348,7 +348,7 @@ class PythonRunner:
             lazy.node.fetch_wait_seconds += waited
             lazy.node.last_fetch_wait = waited
             job = lazy._job
-            if job is not None and job.done.is_set() and not job.first_run:
+            if job is not None and job.done.is_set() and job.steady:
                 lazy.node.steady_wait_seconds += waited
                 lazy.node.graph_cost = job.compiled.cost
         return lazy._value

@@ -50,6 +50,12 @@ class Job:
         self.seconds = 0.0
         self.first_run = False  # the first run of its graph (instantiation included)
 
+    @property
+    def steady(self) -> bool:
+        """A run of a graph past its first: Python's waits for it count for the policy's
+        rent-or-buy choices (an interpreted run is not one)."""
+        return self.compiled.is_graph and not self.first_run
+
     def execute(self) -> None:
         start = time.perf_counter()
         try:
@@ -67,7 +73,7 @@ class Job:
                 values = self.compiled.run(args)
             for lazy, value in zip(self.lazies, values, strict=True):
                 lazy.set_value(value)
-            if not self.compiled.first_run_seconds and self.compiled.seconds:
+            if self.compiled.is_graph and not self.compiled.first_run_seconds:
                 self.compiled.first_run_seconds = time.perf_counter() - start
                 self.first_run = True
         except BaseException as error:  # handed to whoever waits for this job
@@ -425,7 +431,7 @@ class GraphRunner:
             job.done.wait()
             waited = time.perf_counter() - start
             self.wait_seconds += waited
-            if not job.first_run:
+            if job.steady:
                 job.compiled.waited_seconds += waited
         job.wait(value_needed)
 
