@@ -166,3 +166,13 @@ def test_waits_for_interpreted_runs_do_not_argue_for_new_graphs():
     assert harness.modes(session)[2] == ev.CO_EXECUTING and _built_at(session) == []
     assert loss.node.fetches == 1 and loss.node.fetch_wait_seconds > 0
     assert loss.node.steady_wait_seconds == 0.0
+
+
+def test_the_breakdown_tells_interpreted_iterations_from_graph_ones():
+    """The panel and the timeline show where warm-up goes: the graph thread's time is split
+    into graphs and interpreted ops."""
+    _, terra = harness.compare(programs.build_mlp, 6, self_check=True, overlap=False,
+                               policy=BUILT_WHEN_REPEATED)
+    done = terra.session.events.of_type(ev.IterationDone)
+    assert done[2].breakdown["interpreted"] > 0 and done[2].breakdown["graph"] == 0
+    assert done[-1].breakdown["graph"] > 0 and done[-1].breakdown["interpreted"] == 0

@@ -284,13 +284,14 @@ class _Iteration:
         return 0 if self.run is None else self.run.ops
 
     def _breakdown(self, seconds: float) -> dict:
-        """Where the iteration's wall time went. `graph` ran on the graph thread, overlapping
-        the rest; `recording` is the part of a tracing iteration spent recording, not running.
+        """Where the iteration's wall time went. `graph` and `interpreted` (ops of a path whose
+        graph is not built yet) ran on the graph thread, overlapping the rest; `recording` is
+        the part of a tracing iteration spent recording, not running.
         """
         if self.run is None:
             return {"eager": seconds}
         graph_runner = self.session.graph_runner
-        graph = graph_runner.take_graph_seconds()
+        graph, interpreted = graph_runner.take_run_seconds()
         compile_ = graph_runner.compile_seconds - self._compile_seconds
         if self.run.result_mode == ev.TRACING:
             return {"tracing": seconds, "recording": self.run.recording_seconds}
@@ -301,6 +302,7 @@ class _Iteration:
         return {
             "skeleton": max(seconds - waits - compile_ - fallback, 0.0),
             "graph": graph,
+            "interpreted": interpreted,
             "compile": compile_,
             "fetch_waits": waits,
             "fallback": fallback,

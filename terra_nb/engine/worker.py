@@ -457,11 +457,13 @@ class GraphRunner:
     def busy(self) -> bool:
         return self._last is not None and not self._last.done.is_set()
 
-    def take_graph_seconds(self) -> float:
-        """Graph time of the jobs finished since the last call (for per-iteration breakdowns)."""
+    def take_run_seconds(self) -> tuple[float, float]:
+        """The graph thread's time in graphs and in interpreted ops, for the jobs finished
+        since the last call (per-iteration breakdowns)."""
         done = [job for job in self._finished_jobs if job.done.is_set()]
         self._finished_jobs = [job for job in self._finished_jobs if not job.done.is_set()]
-        return sum(job.seconds for job in done)
+        graphs = sum(job.seconds for job in done if job.compiled.is_graph)
+        return graphs, sum(job.seconds for job in done) - graphs
 
     def close(self) -> None:
         """Finish all work and stop the worker thread (it never outlives its session)."""

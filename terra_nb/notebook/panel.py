@@ -46,7 +46,7 @@ BADGE_WORDS = {
     ev.EAGER: "eager (--eager)",
     ev.BASELINE: "measuring eager",
 }
-_BREAKDOWN_WORDS = {"fetch_waits": "fetch waits"}
+_BREAKDOWN_WORDS = {"fetch_waits": "fetch waits", "interpreted": "interpreted ops"}
 
 
 class Panel:
