@@ -157,12 +157,7 @@ class Session:
 
             internals.remove_guard(drain_unless_owner=self._runner)
             self._runner.close()
-            self._emit_worker_events()
-
-    def _emit_worker_events(self) -> None:
-        """Emit, from this (the session's) thread, what the graph worker queued."""
-        for event in self._runner.take_worker_events():
-            self.events.emit(event)
+            self._runner.emit_worker_events()
 
 
 class _Iteration:
@@ -233,7 +228,7 @@ class _Iteration:
             self._leave_blocks()
             runner = self.session.graph_runner
             if runner is not None:
-                self.session._emit_worker_events()
+                runner.emit_worker_events()
             if self.run is not None and runner.busy:
                 from terra_nb.engine import internals
                 from terra_nb.engine.graphgen import NEXT_ELEMENT_OPS

@@ -265,7 +265,7 @@ class GraphRunner:
         self._last_token = None  # the pending ops of the last queued submission
         self._finished_jobs: list[Job] = []
         self._iteration_ends: collections.deque[Job] = collections.deque()
-        self._worker_events: collections.deque = collections.deque()  # see take_worker_events
+        self._worker_events: collections.deque = collections.deque()  # see emit_worker_events
         self._building: set = set()  # keys of segments being built (or that failed to build)
         self._builds: queue.SimpleQueue | None = None
         self._builder: threading.Thread | None = None
@@ -288,7 +288,7 @@ class GraphRunner:
                 return key, None
             compiled = self._build(key, path, outputs, iteration, reason)
             self.compile_seconds += compiled.seconds
-            self._emit_worker_events()
+            self.emit_worker_events()
         return key, compiled
 
     def _build(self, key, path: list, outputs: tuple, iteration: int, reason: str):
@@ -333,10 +333,6 @@ class GraphRunner:
             return
         self._building.discard(key)
 
-    def _emit_worker_events(self) -> None:
-        for event in self.take_worker_events():
-            self.events.emit(event)
-
     def was_split(self, start, end, outputs: tuple) -> bool:
         """Whether this segment was run as two graphs before (it then always is)."""
         return _segment_key(start, end, outputs) in self._split
@@ -376,13 +372,12 @@ class GraphRunner:
             f"XLA could not compile a graph segment ({reason}); it runs without XLA"))
         return plain
 
-    def take_worker_events(self) -> list:
-        """Events that happened on the graph thread since last taken, for the session's thread
-        to emit (subscribers such as the panel are called on the thread that emits)."""
-        taken = []
+    def emit_worker_events(self) -> None:
+        """Emit, from the calling (the session's) thread, the events the graph and builder
+        threads queued since last emitted: subscribers such as the panel are called on the
+        thread that emits."""
         while self._worker_events:
-            taken.append(self._worker_events.popleft())
-        return taken
+            self.events.emit(self._worker_events.popleft())
 
     def submit(self, parts: list, iteration: int, token) -> list[Job]:
         """Queue the parts of one segment, each (compiled, args, lazies, key), in one step.
