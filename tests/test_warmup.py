@@ -5,6 +5,8 @@ ops keep running interpreted; results are eager's either way."""
 from __future__ import annotations
 
 import linecache
+import subprocess
+import sys
 import threading
 
 import harness
@@ -176,3 +178,36 @@ def test_the_breakdown_tells_interpreted_iterations_from_graph_ones():
     done = terra.session.events.of_type(ev.IterationDone)
     assert done[2].breakdown["interpreted"] > 0 and done[2].breakdown["graph"] == 0
     assert done[-1].breakdown["graph"] > 0 and done[-1].breakdown["interpreted"] == 0
+
+
+_ENDS_WHILE_BUILDING = """
+import sys, time
+import tensorflow as tf
+import terra_nb
+
+weight = tf.Variable(tf.ones((16, 16)))
+
+@terra_nb.function
+def step(x):
+    for _ in range(400):
+        x = tf.tanh(tf.matmul(x, weight) * 0.01 + x)
+    return tf.reduce_sum(x)
+
+for _ in range(4):  # the fourth queues a 1,600-op graph on the builder thread
+    step(tf.ones((4, 16)))
+time.sleep(float(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_a_script_that_ends_while_a_graph_is_being_built_exits_cleanly(tmp_path):
+    """Daemon threads still inside TensorFlow's C++ when the interpreter finalizes abort the
+    process; the engine stops its threads at exit. (Before the fix, 6 of 7 such runs aborted
+    with "terminate called after throwing an instance of ''".)"""
+    script = tmp_path / "ends_while_building.py"
+    script.write_text(_ENDS_WHILE_BUILDING)
+    for nap in ("0.05", "0.15"):
+        done = subprocess.run([sys.executable, str(script), nap], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr

@@ -7,6 +7,7 @@ line of the op that failed. XLA graphs that XLA cannot compile are rebuilt witho
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import queue
@@ -197,6 +198,37 @@ def _stop_worker(work: queue.SimpleQueue) -> None:
     _switch_interval.release()
 
 
+class _LiveThreads:
+    """The engine's graph and builder threads, stopped and joined when the interpreter exits.
+
+    They are daemon threads, so a session never keeps the process alive; but a daemon thread
+    still inside TensorFlow's C++ (building a graph) when the interpreter finalizes aborts the
+    process ("terminate called after throwing an instance of ''"), e.g. a script that ends
+    while a segment is being built. At exit, queued builds are skipped and each thread stops.
+    """
+
+    def __init__(self) -> None:
+        self.exiting = threading.Event()
+        self._threads = weakref.WeakKeyDictionary()  # thread -> its queue
+
+    def add(self, thread: threading.Thread, work: queue.SimpleQueue) -> None:
+        self._threads[thread] = work
+
+    def remove(self, thread: threading.Thread) -> None:
+        self._threads.pop(thread, None)
+
+    def stop_all(self) -> None:
+        self.exiting.set()
+        for thread, work in list(self._threads.items()):
+            work.put(None)
+            thread.join()
+        self._threads.clear()
+
+
+_live_threads = _LiveThreads()
+atexit.register(_live_threads.stop_all)
+
+
 def _work(work: queue.SimpleQueue) -> None:
     """The graph thread: run submitted segments in order until told to stop (None)."""
     while True:
@@ -211,7 +243,7 @@ def _build_all(builds: queue.SimpleQueue) -> None:
     """The builder thread: build queued segments until told to stop (None)."""
     while True:
         build = builds.get()
-        if build is None:
+        if build is None or _live_threads.exiting.is_set():
             return
         build()
         del build
@@ -316,6 +348,7 @@ class GraphRunner:
             builder = threading.Thread(target=_build_all, args=(builds,), daemon=True,
                                        name="terra_nb-builder")
             builder.start()
+            _live_threads.add(builder, builds)
             self._builds, self._builder = builds, builder
             self._stop_builder = weakref.finalize(self, builds.put, None)
         self._builds.put(functools.partial(self._build_in_background, key, path, outputs,
@@ -400,6 +433,7 @@ class GraphRunner:
             worker = threading.Thread(target=_work, args=(work,), name="terra_nb-graph",
                                       daemon=True)
             worker.start()
+            _live_threads.add(worker, work)
             _switch_interval.hold()
             self._queue, self._worker = work, worker
             # A runner dropped without close() (an unreferenced terra_nb.function) stops its
@@ -468,11 +502,13 @@ class GraphRunner:
             if self._worker is not None:
                 self._stop_worker()
                 self._worker.join()
+                _live_threads.remove(self._worker)
                 self._worker = None
                 self._queue = None
             if self._builder is not None:
                 self._stop_builder()  # builds queued before it still finish first
                 self._builder.join()
+                _live_threads.remove(self._builder)
                 self._builder = self._builds = None
 
     @property
