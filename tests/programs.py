@@ -110,6 +110,30 @@ def build_transformer():
     return step, _all_variables(embed, block, head, optimizer)
 
 
+def build_varying_lengths():
+    """Token sequences of four lengths in turn (bucketed text): the library calls inside the
+    notebook-style block see a new sequence length at most steps."""
+    rng = np.random.default_rng(8)
+    lengths = (7, 10, 13, 9)
+    batches = [rng.integers(0, 50, size=(4, length + 1)).astype("int32") for length in lengths]
+    embed = keras.layers.Embedding(50, 16)
+    block = TransformerBlock(16, 2)
+    head = keras.layers.Dense(50)
+    optimizer = keras.optimizers.Adam(1e-3)
+
+    def step(i):
+        batch = tf.constant(batches[i % len(batches)])
+        with tf.GradientTape() as tape:
+            logits = head(block(embed(batch[:, :-1]), training=True))
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=batch[:, 1:], logits=logits))
+        variables = embed.trainable_variables + block.trainable_variables + head.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss
+
+    return step, _all_variables(embed, block, head, optimizer)
+
+
 def build_gan():
     rng = np.random.default_rng(4)
     real_data = rng.normal(loc=2.0, size=(6, 16, 4)).astype("float32")

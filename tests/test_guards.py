@@ -14,7 +14,10 @@ from terra_nb.engine.replay.guards import (
     LayerState,
     PythonArgument,
     TensorArgument,
+    admits,
     guard_difference,
+    relaxed_guard,
+    sizes_text,
 )
 from terra_nb.engine.report import Report
 from terra_nb.engine.session import Session
@@ -43,6 +46,25 @@ def test_guard_difference_names_the_part_that_changed():
         "attribute rate", "dropout.rate changed: 0.2 -> 0.5")
     recording = _guard()._replace(signature=(1, (), True))
     assert guard_difference(_guard(), recording) == ("tape", "a gradient tape records it now")
+
+
+def test_a_guard_relaxes_only_the_sizes_that_changed():
+    """Two keys that differ in a tensor's sizes give one guard with those sizes unknown; it
+    admits any size there, nothing else (another rank, dtype, state or Python argument)."""
+    relaxed = relaxed_guard(_guard((4, 3)), _guard((2, 3)))
+    assert relaxed.arguments == (TensorArgument("float32", (None, 3)),)
+    assert sizes_text(relaxed) == "float32(?, 3)"
+    assert admits(relaxed, _guard((9, 3))) and admits(relaxed, _guard((4, 3)))
+    assert not admits(relaxed, _guard((9, 4)))
+    assert not admits(relaxed, _guard((9, 3, 1)))
+    assert not admits(relaxed, _guard((9, 3), trainable=(False,)))
+    assert not admits(relaxed, _guard((9, 3))._replace(
+        arguments=(TensorArgument("float16", (9, 3)),)))
+    assert relaxed_guard(relaxed, _guard((5, 7))).arguments[0].shape == (None, None)
+    assert relaxed_guard(_guard((4, 3)), _guard((4, 3))) is None  # nothing changed
+    assert relaxed_guard(_guard((4, 3)), _guard((4, 3, 1))) is None  # another rank
+    assert relaxed_guard(_guard((4, 3)), _guard((2, 3), trainable=(False,))) is None
+    assert relaxed_guard(_guard((4, 3), training=True), _guard((2, 3), training=False)) is None
 
 
 def _run(dense, batches, frozen_from=None):

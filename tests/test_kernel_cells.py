@@ -95,6 +95,54 @@ def test_model_classes_defined_in_cells_co_execute_and_their_python_runs_every_s
     assert int(re.search(r"^graphs built (\d+)$", shown, re.M).group(1)) > 0, shown
 
 
+LENGTHS_LOOP = """\
+%%terra
+class Tagger(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.embed = keras.layers.Embedding(30, 8)
+        self.mix = keras.layers.Dense(8, activation="relu")
+        self.norm = keras.layers.LayerNormalization()
+        self.head = keras.layers.Dense(30)
+
+    def call(self, tokens):
+        return self.head(self.norm(self.mix(self.embed(tokens))))
+
+
+keras.utils.set_random_seed(0)
+tagger = Tagger()
+tag_optimizer = keras.optimizers.Adam(1e-2)
+rng = np.random.default_rng(5)
+sequences = [rng.integers(0, 30, size=(4, n)).astype("int32") for n in (5, 8, 11, 6)]
+tag_losses = []
+for step in range(16):
+    tokens = tf.constant(sequences[step % 4])
+    with tf.GradientTape() as tape:
+        logits = tagger(tokens)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tokens, logits))
+    grads = tape.gradient(loss, tagger.trainable_variables)
+    tag_optimizer.apply_gradients(zip(grads, tagger.trainable_variables))
+    tag_losses.append(float(loss))
+"""
+LENGTHS_CHECK = (
+    f"np.testing.assert_allclose(tag_losses, eager_tag_losses, rtol={RUN_RTOL}, atol={ATOL})\n"
+    'print("replayed", " | ".join(n.message for n in terra_nb.report().notes'
+    ' if n.kind == "replayed"))\n')
+
+
+def test_library_calls_met_with_new_sequence_lengths_are_traced_once_for_any_length():
+    """A model defined in the cell trains on sequences of four lengths: its library layers,
+    replayed for one length, are traced once more with the length unknown, and the report
+    says so; losses are eager's."""
+    eager_loop = LENGTHS_LOOP.removeprefix("%%terra\n")
+    notebook = execute_cells(["%load_ext terra_nb", SETUP, eager_loop,
+                              "eager_tag_losses = tag_losses\nimport terra_nb", LENGTHS_LOOP,
+                              LENGTHS_CHECK])
+    assert errors_in(notebook) == []
+    replayed = text_of(notebook.cells[-1])
+    assert re.search(r"Dense call at [^ ]+:\d+ \(any float32\(4, \?, 8\)\)", replayed), replayed
+
+
 FAILING = """\
 %%terra
 class Faulty(keras.layers.Layer):

@@ -4,6 +4,7 @@ ops keep running interpreted; results are eager's either way."""
 
 from __future__ import annotations
 
+import collections
 import linecache
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import tensorflow as tf
 
 from terra_nb.engine import events as ev
 from terra_nb.engine.policy import SchedulingPolicy
+from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.session import Session
 
 BUILT_AT_ONCE = SchedulingPolicy(compile_after_runs=1, build_in_background=False)
@@ -178,6 +180,33 @@ def test_the_breakdown_tells_interpreted_iterations_from_graph_ones():
     done = terra.session.events.of_type(ev.IterationDone)
     assert done[2].breakdown["interpreted"] > 0 and done[2].breakdown["graph"] == 0
     assert done[-1].breakdown["graph"] > 0 and done[-1].breakdown["interpreted"] == 0
+
+
+def _sizes_served(table) -> list[set]:
+    """Per macro traced with sizes unknown, the argument shapes of the keys it serves."""
+    served = collections.defaultdict(set)
+    for (_, key), entry in table.entries.items():
+        if entry.macro is not None and entry.relaxed is not None:
+            served[id(entry)].add(key.arguments[0].shape)
+    return list(served.values())
+
+
+def test_a_call_met_with_new_sizes_is_traced_once_for_any_size():
+    """Sequences of four lengths in turn: a library call replayed for one length is traced
+    once more, with the sequence dimension unknown, when a second length is stable, and that
+    function serves the other lengths without tracing again. Results are eager's, and fewer
+    functions are traced than with one per length."""
+    _, relaxed = harness.compare(programs.build_varying_lengths, 16)
+    _, exact = harness.compare(programs.build_varying_lengths, 16,
+                               policy=SchedulingPolicy(relax_shapes=False))
+    table = relaxed.session.macro_table
+    assert table.traced < exact.session.macro_table.traced
+    assert any(len(shapes) >= 3 for shapes in _sizes_served(table)), _sizes_served(table)
+    assert not _sizes_served(exact.session.macro_table)
+    replayed = " ".join(note.message for note in relaxed.session.events.of_type(ev.Note)
+                        if note.kind == NoteKind.REPLAYED)
+    assert "LayerNormalization call at programs.py:" in replayed, replayed
+    assert "(any float32(4, ?, 16))" in replayed, replayed
 
 
 _ENDS_WHILE_BUILDING = """

@@ -18,6 +18,9 @@ class SchedulingPolicy:
     compile_after_runs: int = 2
     # graphs are built on a builder thread while their ops run interpreted (with overlap)
     build_in_background: bool = True
+    # a library call replayed before and met with a tensor argument of another size is traced
+    # once more with the dimensions that changed unknown; that one function serves every size
+    relax_shapes: bool = True
     # Python runs at most this many iterations ahead of the graph worker.
     run_ahead: int = 2
     # graph ops left after the fetched values worth a second graph (graphgen.first_part)

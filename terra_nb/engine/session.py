@@ -93,7 +93,7 @@ class Session:
             if not self.self_check:
                 from terra_nb.engine.replay.table import MacroTable
 
-                macros = MacroTable()
+                macros = MacroTable(self.policy.relax_shapes)
             graph = TraceGraph()
             runner = GraphRunner(self.events, self.xla, self.overlap, self.policy)
             # one assignment: an interrupt cannot leave the engine half made

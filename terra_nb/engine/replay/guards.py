@@ -234,6 +234,56 @@ def guard_difference(before: CallGuard, now: CallGuard) -> tuple[str, str]:
     return "signature", "its positional and keyword arguments changed"
 
 
+def relaxed_guard(before: CallGuard, now: CallGuard) -> CallGuard | None:
+    """The guard of one macro serving both keys (TorchDynamo's automatic dynamic shapes):
+    `before` with None in each tensor-argument dimension that `now` changed. None when the
+    keys differ in anything else (object, state, signature, Python values, a tensor's dtype
+    or rank) or not at all."""
+    if (before.obj, before.state, before.signature) != (now.obj, now.state, now.signature) \
+            or len(before.arguments) != len(now.arguments):
+        return None
+    arguments, changed = [], False
+    for old, new in zip(before.arguments, now.arguments, strict=True):
+        if old == new:
+            arguments.append(old)
+        elif _same_kind_of_tensor(old, new):
+            arguments.append(TensorArgument(old.dtype, tuple(
+                size if size == other else None
+                for size, other in zip(old.shape, new.shape, strict=True))))
+            changed = True
+        else:
+            return None
+    return before._replace(arguments=tuple(arguments)) if changed else None
+
+
+def admits(relaxed: CallGuard, key: CallGuard) -> bool:
+    """Whether `key` meets a relaxed guard: equal to it but in the dimensions it left None."""
+    if (relaxed.obj, relaxed.state, relaxed.signature) != (key.obj, key.state, key.signature) \
+            or len(relaxed.arguments) != len(key.arguments):
+        return False
+    for guarded, given in zip(relaxed.arguments, key.arguments, strict=True):
+        if guarded != given and not (
+                _same_kind_of_tensor(guarded, given)
+                and all(size is None or size == other
+                        for size, other in zip(guarded.shape, given.shape, strict=True))):
+            return False
+    return True
+
+
+def sizes_text(guard: CallGuard) -> str:
+    """A relaxed guard's tensor arguments with unknown sizes, e.g. `float32(8, ?, 32)`."""
+    return ", ".join(
+        argument.dtype + "(" + ", ".join("?" if size is None else str(size)
+                                         for size in argument.shape) + ")"
+        for argument in guard.arguments
+        if isinstance(argument, TensorArgument) and None in argument.shape)
+
+
+def _same_kind_of_tensor(old, new) -> bool:
+    return (isinstance(old, TensorArgument) and isinstance(new, TensorArgument)
+            and old.dtype == new.dtype and len(old.shape) == len(new.shape))
+
+
 def _attribute_difference(before: tuple, now: tuple) -> tuple[str, str]:
     """The first plain attribute whose value changed, named with its layer (by Keras name)."""
     for old, new in zip(before, now, strict=True):

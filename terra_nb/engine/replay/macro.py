@@ -29,12 +29,15 @@ class _ReplayState(threading.local):
 replay_state = _ReplayState()
 
 
-def build_macro(original, obj, args, kwargs):
+def build_macro(original, obj, args, kwargs, relaxed=None):
     """The ConcreteFunction standing for `original(obj, *args, **kwargs)`, and the positions
-    of the flattened arguments that are its inputs; raises what tracing the call raises."""
+    of the flattened arguments that are its inputs; raises what tracing the call raises.
+    With a `relaxed` guard (guards.relaxed_guard), its tensor inputs have the guard's shapes:
+    the dimensions seen to change are unknown."""
     flat = flatten(args, kwargs)
     tensor_positions = [index for index, value in enumerate(flat) if is_tensor_like(value)]
-    specs = [tf.TensorSpec(np.shape(flat[index]), dtype_of(flat[index]))
+    specs = [tf.TensorSpec(relaxed.arguments[index].shape if relaxed else np.shape(flat[index]),
+                           dtype_of(flat[index]))
              for index in tensor_positions]
 
     def body(*tensors):

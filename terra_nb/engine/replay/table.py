@@ -34,30 +34,34 @@ import tensorflow as tf
 
 from terra_nb.engine import events as ev
 from terra_nb.engine import internals
-from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
 from terra_nb.engine.reasons import NoteKind, Refusal
 from terra_nb.engine.replay.guards import (
     ARRAYS,
-    PYTHON_VALUES,
     CallGuard,
+    admits,
     cannot_fail,
     flatten,
     gradient_key,
     guard_difference,
     guard_key,
+    relaxed_guard,
+    sizes_text,
 )
 from terra_nb.engine.replay.macro import build_macro, replay_macro, replay_state
 from terra_nb.engine.replay.plan import (
-    FromArgument,
-    FromOp,
-    PythonValue,
     ReplayPlan,
     Unreplayable,
     describe_gradient,
     rebuild_gradient,
     result_keys,
 )
-from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
+from terra_nb.engine.replay.span import (
+    NOT_HERE,
+    deferred_span,
+    describe_call,
+    replay_span,
+)
+from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE
 
 SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
 
@@ -75,22 +79,6 @@ def _gathers_from_variable(node) -> bool:
 
 
 @dataclasses.dataclass
-class _SpanReplay:
-    """A stable library call replayed as the TraceGraph span it recorded, op by op."""
-
-    plan: object  # its nodes, and how to replay them (plan.ReplayPlan)
-    arguments: tuple  # (flat argument position, reference it must have) it reads
-    bound: tuple  # ((node uid, input slot), flat argument position)
-    results: tuple  # per result leaf: FromOp, FromArgument or PythonValue
-    structure: object  # the result's nesting
-    variables: tuple  # trainable variables it read (gradient tapes watch them)
-    conversions: tuple  # (position of a numpy argument its ops read, dtype it was converted to)
-
-
-_NOT_HERE = object()  # a span replay that does not fit where the program is
-
-
-@dataclasses.dataclass
 class _Entry:
     """What is known of one guard key."""
 
@@ -100,11 +88,14 @@ class _Entry:
     banned: str = ""
     macro: object = None
     tensor_positions: list | None = None
+    # the relaxed guard (guards.relaxed_guard) its macro is traced for, when its key differs
+    # from the call's replayed one only in sizes; that macro serves every key the guard admits
+    relaxed: object = None
     # Span replays are kept per TraceGraph position (the node the call starts after): one call
     # site reached at several places of an iteration (a helper called for q, k and v, a layer
     # used twice) records another span at each.
     span_ends: dict = dataclasses.field(default_factory=dict)  # start uid -> last end uid
-    span_replays: dict = dataclasses.field(default_factory=dict)  # start uid -> _SpanReplay
+    span_replays: dict = dataclasses.field(default_factory=dict)  # start uid -> SpanReplay
 
 
 @dataclasses.dataclass
@@ -134,11 +125,14 @@ class ApiFunction:
 class MacroTable:
     """The macros of one Session, keyed by guard key."""
 
-    def __init__(self) -> None:
+    def __init__(self, relax_shapes: bool = True) -> None:
+        self.relax_shapes = relax_shapes
         self.entries: dict = {}
+        self.relaxed_entries: dict = {}  # (call site, id of the object) -> [_Entry]
         self.gradients: dict = {}
         self.replayed_calls = 0
         self.build_seconds = 0.0  # tracing the macros' functions (warm-up profile)
+        self.traced = 0  # functions traced for macros
         self.established: list[str] = []  # replays set up since last taken (for a Note)
         self.compiled_work_reported: set = set()  # model.fit & co., told once per session
         self.refusals_reported: set = set()  # (call site, call, reason) told in a Note
@@ -158,7 +152,7 @@ class MacroTable:
 
     @property
     def macros(self) -> int:
-        return sum(1 for entry in self.entries.values() if entry.macro is not None)
+        return len({id(entry) for entry in self.entries.values() if entry.macro is not None})
 
     def call(self, runner, original, obj, args: tuple, kwargs: dict, call_site):
         __tracebackhide__ = True
@@ -167,10 +161,37 @@ class MacroTable:
         if key is None:
             return original(obj, *args, **kwargs)
         entry = self.entries.get((call_site, key))
-        if entry is None:
-            entry = self.entries[(call_site, key)] = _Entry(key)
-            self._tell_guard_miss(runner, obj, call_site, key)
+        if entry is None or (entry.macro is None and not entry.banned and self.relaxed_entries):
+            relaxed = self._admitting(call_site, key)
+            if relaxed is not None:
+                entry = self.entries[(call_site, key)] = relaxed
+            elif entry is None:
+                entry = self.entries[(call_site, key)] = _Entry(key)
+                self._tell_guard_miss(runner, obj, call_site, key)
         return self._run(entry, runner, original, obj, args, kwargs, flat, call_site, False)
+
+    def _admitting(self, call_site, key) -> _Entry | None:
+        """The entry of a macro traced for sizes unknown that serves this key, if any."""
+        for entry in self.relaxed_entries.get((call_site, key.obj), ()):
+            if admits(entry.relaxed, key):
+                return entry
+        return None
+
+    def _relaxable(self, call_site, key):
+        """The relaxed guard for a key that differs only in sizes from the call's replayed
+        one, or else from another key met at its call site (a sequence length seen before the
+        first macro): one function then serves both. None when there is none, or relaxing
+        is off."""
+        if not self.relax_shapes:
+            return None
+        replayed = self.replayed_guards.get((call_site, key.obj))
+        relaxed = relaxed_guard(replayed, key) if replayed is not None else None
+        for (site, other), entry in self.entries.items():
+            if relaxed is not None:
+                break
+            if site == call_site and isinstance(other, CallGuard) and entry.guard is other:
+                relaxed = relaxed_guard(other, key)
+        return relaxed
 
     def call_as_span(self, runner, original, obj, args: tuple, kwargs: dict, flat: list, key,
                      call_site):
@@ -192,8 +213,8 @@ class MacroTable:
         __tracebackhide__ = True
         span_replay = entry.span_replays.get(runner.cursor.uid) if entry.span_replays else None
         if span_replay is not None:
-            result = _replay_span(span_replay, runner, flat)
-            if result is _NOT_HERE:  # another path reached this call: its ops say where
+            result = replay_span(span_replay, runner, flat)
+            if result is NOT_HERE:  # another path reached this call: its ops say where
                 return original(obj, *args, **kwargs)
             self.replayed_calls += 1
             return result
@@ -250,7 +271,27 @@ class MacroTable:
                 self._observe_as_span(entry, runner, start, flat, arguments, converted,
                                       result, first_new, read, stable, sparse, obj, call_site)
         elif stable and entry.deferred_seen:
-            started = time.perf_counter()
+            self._establish(entry, runner, original, obj, args, kwargs, call_site, forced,
+                            result)
+        return result
+
+    def _establish(self, entry, runner, original, obj, args, kwargs, call_site, forced,
+                   result) -> None:
+        """Trace the macro of a stable call: for the relaxed guard if it has one and the
+        function traced so fits what the call returned, else for its own sizes."""
+        started = time.perf_counter()
+        macro = None
+        entry.relaxed = self._relaxable(call_site, entry.guard)
+        if entry.relaxed is not None:
+            try:
+                macro, positions = build_macro(original, obj, args, kwargs, entry.relaxed)
+            except Exception:  # its Python needs the sizes: traced for them below
+                macro = None
+            if macro is not None and not _fits(macro, result):
+                macro = None
+            if macro is None:
+                entry.relaxed = None
+        if macro is None:
             try:
                 macro, positions = build_macro(original, obj, args, kwargs)
             except Exception:
@@ -258,17 +299,21 @@ class MacroTable:
                     raise
                 self._refuse(entry, runner, _call_name(obj), call_site,
                              Refusal.FORCED_VALUE.say())  # a Python branch on a tensor
-                return result
-            self.build_seconds += time.perf_counter() - started
-            if all(output.shape.is_fully_defined() for output in macro.outputs):
-                entry.macro, entry.tensor_positions = macro, positions
-                self.replayed_guards[(call_site, entry.guard.obj)] = entry.guard
-                self.established.append(
-                    f"{type(obj).__name__} call at {_call_site_text(call_site)}")
-            else:
-                self._refuse(entry, runner, _call_name(obj), call_site,
-                             Refusal.VALUE_DEPENDENT_SHAPES.say())
-        return result
+                return
+        self.build_seconds += time.perf_counter() - started
+        self.traced += 1
+        if entry.relaxed is None and not all(output.shape.is_fully_defined()
+                                             for output in macro.outputs):
+            self._refuse(entry, runner, _call_name(obj), call_site,
+                         Refusal.VALUE_DEPENDENT_SHAPES.say())
+            return
+        entry.macro, entry.tensor_positions = macro, positions
+        self.replayed_guards[(call_site, entry.guard.obj)] = entry.relaxed or entry.guard
+        what = f"{type(obj).__name__} call at {_call_site_text(call_site)}"
+        if entry.relaxed is not None:
+            self.relaxed_entries.setdefault((call_site, entry.guard.obj), []).append(entry)
+            what += f" (any {sizes_text(entry.relaxed)})"
+        self.established.append(what)
 
     def _observe_as_span(self, entry, runner, start, flat, arguments, converted, result,
                          first_new, read, stable, sparse, obj, call_site):
@@ -276,7 +321,7 @@ class MacroTable:
         is replayed as the span of ops it recorded, once a deferred observation describes it
         and agrees with the one before."""
         try:
-            replay = _describe_call(runner, start, flat, arguments, converted, result,
+            replay = describe_call(runner, start, flat, arguments, converted, result,
                                     first_new, read)
         except Unreplayable as error:
             reason = f"{sparse}, and as its ops: {error}" if sparse else str(error)
@@ -389,7 +434,7 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
         raise Unreplayable(Refusal.FORCED_VALUE.say())
     if runner.cursor is start:
         raise Unreplayable(Refusal.NO_OPS.say())
-    span, pending = _deferred_span(runner, start)
+    span, pending = deferred_span(runner, start)
     members = {node.uid for node in span}
     given = {id(value): key for key, value in runner.external_inputs.items()
              if key[0] not in members}
@@ -409,7 +454,7 @@ def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
             elif getattr(value, "_id", -1) < first_new or seen is None or not seen.matches(value):
                 # made before it and not given to a forward op, or made by it but not the
                 # value first seen there (TF's gradient functions make the same constants
-                # from the same ops and shapes every time; unlike _own_constant this does not
+                # from the same ops and shapes every time; unlike own_constant this does not
                 # refuse a slot marked varying: the loss-scale test's gradients need that)
                 raise Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
     return shared
@@ -434,6 +479,20 @@ def _unstable(runner, start, call_site, obj, result) -> str:
     return ""
 
 
+def _fits(macro, result) -> bool:
+    """Whether a function traced with sizes unknown returns what the call returned: as many
+    tensors, each of its dtype and rank, each size it knows the same. (Traced for its own
+    sizes, the call's output shapes had to be fully known: a function of its input sizes,
+    not of values.)"""
+    returned = [value for value in tf.nest.flatten(result, expand_composites=True)
+                if tf.is_tensor(value)]
+    outputs = macro.outputs
+    return len(returned) == len(outputs) and all(
+        output.dtype == value.dtype and output.shape.rank == len(value.shape)
+        and output.shape.is_compatible_with(value.shape)
+        for output, value in zip(outputs, returned, strict=True))
+
+
 def _built_during(guard, obj) -> bool:
     """Whether the call made the object's variables (Keras builds a layer or an optimizer at
     its first call): what it ran then is not what it runs from now on."""
@@ -447,118 +506,3 @@ def _sparse_gradient(span: list) -> str:
         if _gathers_from_variable(node):
             return Refusal.SPARSE_GRADIENT.say(op_type=node.op_type)
     return ""
-
-
-def _deferred_span(runner, start) -> tuple[list, list]:
-    """The nodes since `start` and their pending entries (else Unreplayable): only ops all
-    deferred in the current segment can be replayed from what Python gave them."""
-    span = runner.cursor.path_from(start)
-    pending = runner.pending[-len(span):]
-    if len(pending) != len(span) or any(item.node is not node
-                                        for item, node in zip(pending, span, strict=True)):
-        raise Unreplayable(Refusal.SPLIT_OVER_SEGMENTS.say())
-    return span, pending
-
-
-def _describe_call(runner, start, flat, arguments: dict, converted: dict, result,
-                   first_new: int, read: list) -> _SpanReplay:
-    """How to replay an observed, deferred call from its span (else Unreplayable, with why):
-    which argument feeds each input that is not the library's own constant, and where each
-    result comes from. A numpy argument feeds the inputs its one conversion to a tensor
-    (`converted`) fed: the replay converts it again, to the same dtype."""
-    span, pending = _deferred_span(runner, start)
-    members = {node.uid for node in span}
-    by_reference = {}
-    for position, reference in arguments.items():
-        by_reference.setdefault(reference, position)
-    by_identity = {id(flat[position]): position for position in arguments}
-    converted_to = {}  # flat position of a numpy argument -> the dtype it was converted to
-    for position, value in enumerate(flat):
-        if isinstance(value, ARRAYS):
-            tensors = converted.get(id(value), ())
-            if len(tensors) != 1:
-                raise Unreplayable(Refusal.NUMPY_CONVERSIONS.say(
-                    conversions=len(tensors)))
-            by_identity[id(tensors[0])] = position
-            converted_to[position] = tensors[0].dtype
-    bound, used = [], set()
-    for node, item in zip(span, pending, strict=True):
-        if node.function is not None or node.op_type in STATEFUL_RANDOM_OPS:
-            raise Unreplayable(Refusal.PYTHON_OP.say(op_type=node.op_type))
-        for slot, ref in enumerate(node.inputs):
-            if ref.kind == RESOURCE or (ref.kind == FROM_NODE and ref.node.uid in members):
-                continue
-            if ref.kind == FROM_NODE:
-                position = by_reference.get(input_identity(ref))
-                if position is None:
-                    raise Unreplayable(Refusal.EARLIER_TENSOR.say())
-            else:
-                value = item.outside[slot]
-                position = by_identity.get(id(value))
-                if position is None:
-                    if _own_constant(node.externals.get(slot), value, first_new):
-                        continue
-                    raise Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
-            if runner.decides_shape(node, slot):
-                raise Unreplayable(Refusal.SHAPE_DECIDING_ARGUMENT.say())
-            bound.append(((node.uid, slot), position))
-            used.add(position)
-    leaves = tf.nest.flatten(result)
-    results = []
-    for leaf in leaves:
-        if isinstance(leaf, internals.LazyTensor) and leaf._source is runner \
-                and leaf.node.uid in members:
-            results.append(FromOp(leaf.node.uid, leaf.index))
-        elif id(leaf) in by_identity and flat[by_identity[id(leaf)]] is leaf:
-            results.append(FromArgument(by_identity[id(leaf)]))
-        elif isinstance(leaf, PYTHON_VALUES):
-            results.append(PythonValue(leaf))
-        else:
-            raise Unreplayable(Refusal.FOREIGN_RESULT.say(type_name=type(leaf).__name__))
-    structure = tf.nest.pack_sequence_as(result, list(range(len(leaves))))
-    variables = tuple({id(variable): variable for variable in read}.values())
-    plan = ReplayPlan(span, [result for result in results if isinstance(result, FromOp)],
-                       [slot for slot, _ in bound])
-    return _SpanReplay(plan, tuple((position, arguments[position]) for position in sorted(used)
-                             if position in arguments),
-                       tuple(bound), tuple(results), structure, variables,
-                       tuple((position, dtype) for position, dtype in converted_to.items()
-                             if position in used))
-
-
-def _own_constant(seen, value, first_new: int) -> bool:
-    """The library made this value itself, the same every time: a cached constant (the same
-    object) or one made inside the call equal to the first seen there."""
-    if seen is None:
-        return False
-    if value is seen.first:
-        return True
-    return getattr(value, "_id", -1) >= first_new and not seen.varying and seen.matches(value)
-
-
-def _replay_span(replay: _SpanReplay, runner, flat: list):
-    """Defer the call's recorded ops again, its arguments fed in (see MacroTable.call)."""
-    for position, reference in replay.arguments:
-        value = flat[position]
-        if not internals.is_eager_value(value) or runner.reference_of(value) != reference:
-            return _NOT_HERE
-    values = flat
-    if replay.conversions:
-        values = list(flat)
-        for position, dtype in replay.conversions:
-            values[position] = internals.convert(flat[position], dtype)
-    bound = {slot: values[position] for slot, position in replay.bound}
-    for variable in replay.variables:
-        internals.variable_read(variable)
-    value_of = replay.plan.defer(runner, bound, record=internals.a_tape_is_recording())
-    if value_of is None:
-        return _NOT_HERE
-    leaves = []
-    for result in replay.results:
-        if isinstance(result, FromOp):
-            leaves.append(value_of(result))
-        elif isinstance(result, FromArgument):
-            leaves.append(flat[result.position])
-        else:
-            leaves.append(result.value)
-    return tf.nest.pack_sequence_as(replay.structure, leaves)

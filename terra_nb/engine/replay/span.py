@@ -1,0 +1,154 @@
+"""Span replays: a library call a traced function cannot stand for (tensor slicing, API
+functions, a call whose sparse gradient a traced call would densify), replayed as the
+TraceGraph span of ops it recorded, its arguments fed in (see table.MacroTable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from terra_nb.engine import internals
+from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
+from terra_nb.engine.reasons import Refusal
+from terra_nb.engine.replay.guards import ARRAYS, PYTHON_VALUES
+from terra_nb.engine.replay.plan import (
+    FromArgument,
+    FromOp,
+    PythonValue,
+    ReplayPlan,
+    Unreplayable,
+)
+from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE, input_identity
+
+
+@dataclasses.dataclass
+class SpanReplay:
+    """A stable library call replayed as the TraceGraph span it recorded, op by op."""
+
+    plan: object  # its nodes, and how to replay them (plan.ReplayPlan)
+    arguments: tuple  # (flat argument position, reference it must have) it reads
+    bound: tuple  # ((node uid, input slot), flat argument position)
+    results: tuple  # per result leaf: FromOp, FromArgument or PythonValue
+    structure: object  # the result's nesting
+    variables: tuple  # trainable variables it read (gradient tapes watch them)
+    conversions: tuple  # (position of a numpy argument its ops read, dtype it was converted to)
+
+
+NOT_HERE = object()  # a span replay that does not fit where the program is
+
+
+def deferred_span(runner, start) -> tuple[list, list]:
+    """The nodes since `start` and their pending entries (else Unreplayable): only ops all
+    deferred in the current segment can be replayed from what Python gave them."""
+    span = runner.cursor.path_from(start)
+    pending = runner.pending[-len(span):]
+    if len(pending) != len(span) or any(item.node is not node
+                                        for item, node in zip(pending, span, strict=True)):
+        raise Unreplayable(Refusal.SPLIT_OVER_SEGMENTS.say())
+    return span, pending
+
+
+def describe_call(runner, start, flat, arguments: dict, converted: dict, result,
+                   first_new: int, read: list) -> SpanReplay:
+    """How to replay an observed, deferred call from its span (else Unreplayable, with why):
+    which argument feeds each input that is not the library's own constant, and where each
+    result comes from. A numpy argument feeds the inputs its one conversion to a tensor
+    (`converted`) fed: the replay converts it again, to the same dtype."""
+    span, pending = deferred_span(runner, start)
+    members = {node.uid for node in span}
+    by_reference = {}
+    for position, reference in arguments.items():
+        by_reference.setdefault(reference, position)
+    by_identity = {id(flat[position]): position for position in arguments}
+    converted_to = {}  # flat position of a numpy argument -> the dtype it was converted to
+    for position, value in enumerate(flat):
+        if isinstance(value, ARRAYS):
+            tensors = converted.get(id(value), ())
+            if len(tensors) != 1:
+                raise Unreplayable(Refusal.NUMPY_CONVERSIONS.say(
+                    conversions=len(tensors)))
+            by_identity[id(tensors[0])] = position
+            converted_to[position] = tensors[0].dtype
+    bound, used = [], set()
+    for node, item in zip(span, pending, strict=True):
+        if node.function is not None or node.op_type in STATEFUL_RANDOM_OPS:
+            raise Unreplayable(Refusal.PYTHON_OP.say(op_type=node.op_type))
+        for slot, ref in enumerate(node.inputs):
+            if ref.kind == RESOURCE or (ref.kind == FROM_NODE and ref.node.uid in members):
+                continue
+            if ref.kind == FROM_NODE:
+                position = by_reference.get(input_identity(ref))
+                if position is None:
+                    raise Unreplayable(Refusal.EARLIER_TENSOR.say())
+            else:
+                value = item.outside[slot]
+                position = by_identity.get(id(value))
+                if position is None:
+                    if own_constant(node.externals.get(slot), value, first_new):
+                        continue
+                    raise Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
+            if runner.decides_shape(node, slot):
+                raise Unreplayable(Refusal.SHAPE_DECIDING_ARGUMENT.say())
+            bound.append(((node.uid, slot), position))
+            used.add(position)
+    leaves = tf.nest.flatten(result)
+    results = []
+    for leaf in leaves:
+        if isinstance(leaf, internals.LazyTensor) and leaf._source is runner \
+                and leaf.node.uid in members:
+            results.append(FromOp(leaf.node.uid, leaf.index))
+        elif id(leaf) in by_identity and flat[by_identity[id(leaf)]] is leaf:
+            results.append(FromArgument(by_identity[id(leaf)]))
+        elif isinstance(leaf, PYTHON_VALUES):
+            results.append(PythonValue(leaf))
+        else:
+            raise Unreplayable(Refusal.FOREIGN_RESULT.say(type_name=type(leaf).__name__))
+    structure = tf.nest.pack_sequence_as(result, list(range(len(leaves))))
+    variables = tuple({id(variable): variable for variable in read}.values())
+    plan = ReplayPlan(span, [result for result in results if isinstance(result, FromOp)],
+                       [slot for slot, _ in bound])
+    return SpanReplay(plan, tuple((position, arguments[position]) for position in sorted(used)
+                             if position in arguments),
+                       tuple(bound), tuple(results), structure, variables,
+                       tuple((position, dtype) for position, dtype in converted_to.items()
+                             if position in used))
+
+
+def own_constant(seen, value, first_new: int) -> bool:
+    """The library made this value itself, the same every time: a cached constant (the same
+    object) or one made inside the call equal to the first seen there."""
+    if seen is None:
+        return False
+    if value is seen.first:
+        return True
+    return getattr(value, "_id", -1) >= first_new and not seen.varying and seen.matches(value)
+
+
+def replay_span(replay: SpanReplay, runner, flat: list):
+    """Defer the call's recorded ops again, its arguments fed in (see MacroTable.call)."""
+    for position, reference in replay.arguments:
+        value = flat[position]
+        if not internals.is_eager_value(value) or runner.reference_of(value) != reference:
+            return NOT_HERE
+    values = flat
+    if replay.conversions:
+        values = list(flat)
+        for position, dtype in replay.conversions:
+            values[position] = internals.convert(flat[position], dtype)
+    bound = {slot: values[position] for slot, position in replay.bound}
+    for variable in replay.variables:
+        internals.variable_read(variable)
+    value_of = replay.plan.defer(runner, bound, record=internals.a_tape_is_recording())
+    if value_of is None:
+        return NOT_HERE
+    leaves = []
+    for result in replay.results:
+        if isinstance(result, FromOp):
+            leaves.append(value_of(result))
+        elif isinstance(result, FromArgument):
+            leaves.append(flat[result.position])
+        else:
+            leaves.append(result.value)
+    return tf.nest.pack_sequence_as(replay.structure, leaves)
