@@ -268,7 +268,9 @@ def build_switch(branches: list[Submission], lowered: bool) -> Built:
     for segment in segments:
         for position, slot in segment.feed_slots:
             node = segment.path[position]
-            union_feeds.setdefault((node.uid, slot), graphgen._input_spec(node.inputs[slot]))
+            ref = node.inputs[slot]
+            union_feeds.setdefault((node.uid, slot),
+                                   tf.TensorSpec(ref.shape, tf.dtypes.as_dtype(ref.dtype)))
     union_outputs: dict = {}  # (node uid, output index) -> (node, output index)
     for segment in segments:
         for output in segment.outputs:

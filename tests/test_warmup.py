@@ -209,6 +209,69 @@ def test_a_call_met_with_new_sizes_is_traced_once_for_any_size():
     assert "(any float32(4, ?, 16))" in replayed, replayed
 
 
+BUILT_IN_LINE = SchedulingPolicy(build_in_background=False)
+
+
+def _build_row_counts():
+    """Three row counts in turn; the count is also a Python number in the update."""
+    weight = tf.Variable(tf.ones((4, 4)))
+
+    def step(index):
+        rows = (3, 5, 7)[index % 3]
+        x = tf.ones((rows, 4)) * float(index % 4 + 1)
+        weight.assign_sub(0.01 * tf.matmul(tf.transpose(x), tf.tanh(x @ weight)) / rows)
+        return tf.reduce_sum(x @ weight)
+
+    return step, lambda: [weight]
+
+
+def test_paths_that_differ_in_sizes_and_small_values_share_one_graph():
+    """Each row count is its own path (lazy tensors keep their real shapes), but the second
+    path's graph is built with the row count unknown and fed, and serves the third path from
+    its next run; results are eager's. Without relaxing, every path builds its own graph."""
+    _, shared = harness.compare(_build_row_counts, 15, policy=BUILT_IN_LINE)
+    _, own = harness.compare(_build_row_counts, 15,
+                             policy=SchedulingPolicy(build_in_background=False,
+                                                     relax_shapes=False))
+    runner = shared.session.graph_runner
+    assert runner.shared_graphs >= 1
+    reasons = [event.reason for event in shared.session.events.of_type(ev.GraphBuilt)]
+    assert any(reason.endswith("for paths of other sizes too") for reason in reasons), reasons
+    assert own.session.graph_runner.shared_graphs == 0
+    assert len(_built_at(own.session)) > len(_built_at(shared.session))
+
+
+def test_an_op_failing_in_a_shared_graph_raises_at_the_users_line_with_eager_state():
+    """A gather past the end on a path served by another path's graph: eager's error type,
+    from the user's line, with eager's variable values."""
+    table = tf.constant(np.arange(12, dtype=np.float32).reshape(4, 3))
+
+    def run(co_execute: bool):
+        total = tf.Variable(tf.zeros((3,)))
+        session = Session("shared-error", policy=BUILT_IN_LINE)
+        for index in range(16):
+            rows, row = (2, 3, 4)[index % 3], 9 if index == 14 else index % 4
+            try:
+                if co_execute:
+                    with session.iteration():
+                        total.assign_add(tf.reduce_sum(tf.ones((rows, 3)), 0)
+                                         + tf.gather(table, tf.constant(row)))
+                else:
+                    total.assign_add(tf.reduce_sum(tf.ones((rows, 3)), 0)
+                                     + tf.gather(table, tf.constant(row)))
+            except tf.errors.InvalidArgumentError as error:
+                session.close()
+                return index, total.numpy(), _lines(error.__traceback__), session
+        session.close()
+        return None, total.numpy(), "", session
+
+    eager, got = run(False), run(True)
+    assert eager[0] == got[0] == 14
+    np.testing.assert_array_equal(got[1], eager[1])
+    assert "tf.gather(table, tf.constant(row)))" in got[2], got[2]
+    assert got[3].graph_runner.shared_graphs >= 1
+
+
 _ENDS_WHILE_BUILDING = """
 import sys, time
 import tensorflow as tf

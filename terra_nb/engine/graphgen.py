@@ -76,6 +76,8 @@ class CompiledSegment:
     xla_declined: str = ""  # why a segment asked to use XLA does not
     first_run_seconds: float = 0.0  # its first run, instantiation included (0 until run)
     waited_seconds: float = 0.0  # Python's waits for its later runs
+    sizes: tuple = ()  # (fed inputs' shapes, each node's output shapes) it was built for
+    named: list | None = None  # the path whose node uids name its ops (shared: another's)
     is_graph: ClassVar[bool] = True  # (an InterpretedSegment is not)
 
     def run(self, args: list) -> list:
@@ -91,10 +93,22 @@ class CompiledSegment:
         """The path node an error message names (graph ops are named after their node)."""
         for match in _NODE_NAME.finditer(message):
             uid = int(match.group(1))
-            for node in self.path:
+            for position, node in enumerate(self.named or self.path):
                 if node.uid == uid:
-                    return node
+                    return self.path[position]
         return None
+
+    def serving(self, path: list, outputs: tuple) -> CompiledSegment | None:
+        """This graph as the graph of another path of the same structure (structure_key),
+        when it admits that path's sizes and folds the same values; else None."""
+        feeds, nodes = _sizes_of(path, self.feed_slots)
+        if not (_admit(self.sizes[0], feeds) and _admit(self.sizes[1], nodes)):
+            return None
+        if _refolded(self, path):
+            return None
+        return dataclasses.replace(self, path=path, outputs=outputs, seconds=0.0,
+                                   first_run_seconds=0.0, waited_seconds=0.0,
+                                   named=self.named or self.path)
 
 
 # Ops whose output shape depends on input values beyond small integers (a mask's contents):
@@ -196,13 +210,75 @@ def feed_and_fold_plan(path: list[Node]) -> tuple[list, list]:
     return feeds, folded
 
 
+def structure_key(path: list[Node], outputs: tuple) -> tuple:
+    """What a segment's graph is apart from its sizes and the values it is given: per node
+    its op (or the traced function it calls), attributes and where each input comes from (a
+    node by position, a resource by identity, anything else by dtype and rank), and the
+    outputs by position. Paths of one structure that differ in sizes (a sequence length) or
+    in small Python values (the causal mask's length) can share one graph built with those
+    sizes unknown and those values fed."""
+    position_of = {node.uid: position for position, node in enumerate(path)}
+    nodes = []
+    for node in path:
+        inputs = []
+        for ref in node.inputs:
+            if ref.kind == FROM_NODE and ref.node.uid in position_of:
+                inputs.append((position_of[ref.node.uid], ref.index))
+            elif ref.kind == RESOURCE:
+                inputs.append(("resource", id(ref.handle)))
+            else:
+                inputs.append((ref.dtype, len(ref.shape)))
+        called = node.function.name if node.function is not None else None
+        nodes.append((node.op_type, identity_attrs(node.op_type, node.attrs), called,
+                      tuple(inputs), node.output_dtypes))
+    return tuple(nodes), tuple((position_of[node.uid], index) for node, index in outputs)
+
+
+def plan_for_sizes(built: CompiledSegment, path: list[Node]) -> tuple[tuple, list, list]:
+    """The sizes and plan of one graph for `built`'s paths and `path` (same structure): the
+    sizes that differ unknown, and the folded values that differ (or vary on `path`) fed."""
+    fed = _refolded(built, path)
+    feed_slots = sorted(built.feed_slots + fed)
+    feeds, nodes = _sizes_of(path, feed_slots)
+    known = dict(zip(built.feed_slots, built.sizes[0], strict=True))
+    old_feeds = tuple(known.get(slot, shape) for slot, shape in zip(
+        feed_slots, _sizes_of(built.path, feed_slots)[0], strict=True))
+    sizes = (_merged(old_feeds, feeds), _merged(built.sizes[1], nodes))
+    return sizes, feed_slots, [slot for slot in built.folded_slots if slot not in fed]
+
+
+def _refolded(built: CompiledSegment, path: list[Node]) -> list:
+    """The slots `built` folds where `path` has another value, or a value that varies."""
+    return [(position, slot) for position, slot in built.folded_slots
+            if _varying(path[position], slot) or not path[position].externals[slot].matches(
+                built.path[position].externals[slot].first_value)]
+
+
+def _sizes_of(path: list[Node], feed_slots) -> tuple[tuple, tuple]:
+    return (tuple(path[position].inputs[slot].shape for position, slot in feed_slots),
+            tuple(node.output_shapes for node in path))
+
+
+def _merged(old, new):
+    """Shapes (nested in tuples) with each size that differs made unknown (None)."""
+    if isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new):
+        return tuple(_merged(a, b) for a, b in zip(old, new, strict=True))
+    return old if old == new else None
+
+
+def _admit(known, given) -> bool:
+    """Whether shapes `given` fit shapes `known` (None sizes admit any)."""
+    if isinstance(known, tuple) and isinstance(given, tuple):
+        return len(known) == len(given) and all(
+            _admit(a, b) for a, b in zip(known, given, strict=True))
+    return known is None or known == given
+
+
 def _varying(node: Node, slot: int) -> bool:
     seen = node.externals.get(slot)
     return seen is None or seen.varying
 
 
-def _input_spec(ref) -> tf.TensorSpec:
-    return tf.TensorSpec(ref.shape, tf.dtypes.as_dtype(ref.dtype))
 
 
 def _kept_running(graph, called: list) -> list:
@@ -246,20 +322,23 @@ def _fold_static_outputs(function, results: list) -> list:
 
 
 def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
-                    plan: tuple | None = None) -> CompiledSegment:
+                    plan: tuple | None = None, sizes: tuple | None = None) -> CompiledSegment:
     """Build the ConcreteFunction that runs `path` and returns `outputs`.
 
-    `plan` (feed slots, folded slots) reuses another compilation's arguments.
+    `plan` (feed slots, folded slots) reuses another compilation's arguments; `sizes` (see
+    plan_for_sizes) gives shapes with unknown sizes for a graph serving several paths.
     """
     start = time.perf_counter()
     feeds, folded = plan if plan is not None else feed_and_fold_plan(path)
+    sizes = sizes or _sizes_of(path, feeds)
     declined = (_changing_compile_time_constant(path, feeds) or _draws_random_numbers(path)
                 if xla else "")
     xla = xla and not declined
     folded_set = set(folded)
     feed_index = {slot: index for index, slot in enumerate(feeds)}
     position_of = {node.uid: position for position, node in enumerate(path)}
-    specs = [_input_spec(path[position].inputs[slot]) for position, slot in feeds]
+    specs = [tf.TensorSpec(shape, tf.dtypes.as_dtype(path[position].inputs[slot].dtype))
+             for (position, slot), shape in zip(feeds, sizes[0], strict=True)]
     attrs = [None if node.function is not None
              else internals.attr_protos(node.op_type, graph_attrs(node)) for node in path]
 
@@ -297,7 +376,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
                             internals.keep_running(graph, operation)
                         fallible.append(operation)
             for index, tensor in enumerate(results):
-                tensor.set_shape(node.output_shapes[index])
+                tensor.set_shape(sizes[1][position][index])
                 values[(node.uid, index)] = tensor
         return [values[(node.uid, index)] for node, index in outputs]
 
@@ -305,7 +384,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
         function = tf.function(segment, autograph=False, jit_compile=xla or None)
         concrete = function.get_concrete_function(*specs)
     return CompiledSegment(concrete, path, feeds, folded, outputs,
-                           time.perf_counter() - start, xla, declined)
+                           time.perf_counter() - start, xla, declined, sizes=sizes)
 
 
 # Op inputs XLA must know when it compiles (slice bounds, shapes, axes): a fed value there

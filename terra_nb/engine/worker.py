@@ -301,6 +301,13 @@ class GraphRunner:
         self._building: set = set()  # keys of segments being built (or that failed to build)
         self._builds: queue.SimpleQueue | None = None
         self._builder: threading.Thread | None = None
+        # one graph for paths that differ only in sizes and small values (graphgen.
+        # structure_key); not with XLA, which compiles for each size anyway
+        self._shares_graphs = self.policy.relax_shapes and not xla
+        self._structures: dict = {}  # segment key -> its structure
+        self._by_structure: dict = {}  # structure -> the graph built last for it
+        self._not_served: dict = {}  # segment key -> id of the graph that did not serve it
+        self.shared_graphs = 0  # segments served by a graph built for another path
 
     def segment_for(self, start, end, outputs: tuple, iteration: int, reason: str,
                     part: str = "", path: list | None = None):
@@ -310,6 +317,8 @@ class GraphRunner:
         key = _segment_key(start, end, outputs, part)
         runs = self._runs[key] = self._runs.get(key, 0) + 1
         compiled = self._compiled.get(key)
+        if compiled is None and self._shares_graphs:
+            compiled = self._served(key, start, end, outputs, part, path)
         if compiled is None:
             if runs < self.policy.compile_after_runs or key in self._building:
                 return key, None  # interpreted meanwhile (engine/interpret.py)
@@ -323,9 +332,51 @@ class GraphRunner:
             self.emit_worker_events()
         return key, compiled
 
+    def _served(self, key, start, end, outputs: tuple, part: str, path: list | None):
+        """The graph built for another path of this segment's structure, serving it from its
+        first run, when it admits its sizes and values (else None)."""
+        if not self._by_structure:
+            return None
+        if key not in self._structures:
+            path = path if part else end.path_from(start)
+            self._structures[key] = graphgen.structure_key(path, outputs)
+        built = self._by_structure.get(self._structures[key])
+        if built is None or self._not_served.get(key) == id(built):
+            return None
+        served = built.serving(path if part else end.path_from(start), outputs)
+        if served is None:
+            self._not_served[key] = id(built)
+            return None
+        self._compiled[key] = served
+        self.shared_graphs += 1
+        return served
+
     def _build(self, key, path: list, outputs: tuple, iteration: int, reason: str):
-        """Compile one segment and keep it; its events wait for the session's thread."""
-        compiled = graphgen.compile_segment(path, outputs, self.xla)
+        """Compile one segment and keep it; its events wait for the session's thread. A
+        graph built for another path of its structure makes this one a graph for both: the
+        sizes that differ unknown, the small values that differ fed."""
+        built = structure = None
+        if self._shares_graphs:
+            structure = self._structures.setdefault(key, graphgen.structure_key(path, outputs))
+            built = self._by_structure.get(structure)
+            served = built.serving(path, outputs) if built is not None else None
+            if served is not None:  # built while this one waited in the queue
+                self._compiled[key] = served
+                self.shared_graphs += 1
+                return served
+        compiled = None
+        if built is not None:
+            sizes, feeds, folded = graphgen.plan_for_sizes(built, path)
+            try:
+                compiled = graphgen.compile_segment(path, outputs, self.xla, (feeds, folded),
+                                                    sizes)
+                reason = f"{reason}, for paths of other sizes too"
+            except Exception:  # an op that needs the sizes: built for its own below
+                structure = None
+        if compiled is None:
+            compiled = graphgen.compile_segment(path, outputs, self.xla)
+        if structure is not None:
+            self._by_structure[structure] = compiled
         self._compiled[key] = compiled
         self._worker_events.append(ev.GraphBuilt(iteration, len(path), len(compiled.feed_slots),
                                                  len(outputs), compiled.seconds, compiled.xla,
@@ -393,6 +444,7 @@ class GraphRunner:
 
     def forget(self, key) -> None:
         self._compiled.pop(key, None)
+        self._structures.pop(key, None)
 
     def without_xla(self, key, compiled, error, iteration: int):
         """A segment XLA cannot compile runs as a plain graph from now on, and we say so."""
