@@ -126,6 +126,8 @@ for step in range(16):
 """
 LENGTHS_CHECK = (
     f"np.testing.assert_allclose(tag_losses, eager_tag_losses, rtol={RUN_RTOL}, atol={ATOL})\n"
+    "import gc\n"
+    'print("frozen objects after the cell", gc.get_freeze_count())\n'
     'print("replayed", " | ".join(n.message for n in terra_nb.report().notes'
     ' if n.kind == "replayed"))\n')
 
@@ -140,6 +142,8 @@ def test_library_calls_met_with_new_sequence_lengths_are_traced_once_for_any_len
                               LENGTHS_CHECK])
     assert errors_in(notebook) == []
     replayed = text_of(notebook.cells[-1])
+    # objects frozen out of full collections while the loop ran are put back at its end
+    assert "frozen objects after the cell 0\n" in replayed, replayed
     assert re.search(r"Dense call at [^ ]+:\d+ \(any float32\(4, \?, 8\)\)", replayed), replayed
 
 

@@ -5,6 +5,7 @@ ops keep running interpreted; results are eager's either way."""
 from __future__ import annotations
 
 import collections
+import gc
 import linecache
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
+from terra_nb.engine.heap import FrozenHeap
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.session import Session
@@ -270,6 +272,41 @@ def test_an_op_failing_in_a_shared_graph_raises_at_the_users_line_with_eager_sta
     np.testing.assert_array_equal(got[1], eager[1])
     assert "tf.gather(table, tf.constant(row)))" in got[2], got[2]
     assert got[3].graph_runner.shared_graphs >= 1
+
+
+def test_objects_made_before_a_session_are_left_out_of_full_collections_while_it_runs(
+        monkeypatch):
+    """From a session's first recording iteration to its close, the objects that existed
+    before are frozen out of full collections; the last session to close puts them back, and
+    a process that froze objects itself is left as it was."""
+    heap = FrozenHeap()
+    monkeypatch.setattr("terra_nb.engine.heap.frozen_heap", heap)
+    before = gc.get_freeze_count()
+    first, second = Session("heap-1"), Session("heap-2")
+    for session in (first, second):
+        with session.iteration():
+            tf.reduce_sum(tf.ones((2, 2)) * 2.0)
+    assert heap._holders == 2 and gc.get_freeze_count() > 0
+    first.close()
+    assert heap._holders == 1 and gc.get_freeze_count() > 0
+    second.close()
+    second.close()
+    assert heap._holders == 0 and gc.get_freeze_count() == before
+    off = Session("heap-off", policy=SchedulingPolicy(freeze_heap=False))
+    with off.iteration():
+        tf.reduce_sum(tf.ones((2, 2)))
+    assert heap._holders == 0
+    off.close()
+    gc.freeze()
+    try:
+        frozen_by_user = gc.get_freeze_count()
+        third = Session("heap-3")
+        with third.iteration():
+            tf.reduce_sum(tf.ones((2, 2)))
+        third.close()
+        assert gc.get_freeze_count() >= frozen_by_user
+    finally:
+        gc.unfreeze()
 
 
 _ENDS_WHILE_BUILDING = """

@@ -21,6 +21,9 @@ class SchedulingPolicy:
     # a library call replayed before and met with a tensor argument of another size is traced
     # once more with the dimensions that changed unknown; that one function serves every size
     relax_shapes: bool = True
+    # while a session runs, objects made before it are left out of Python's full garbage
+    # collections (engine/heap.py)
+    freeze_heap: bool = True
     # Python runs at most this many iterations ahead of the graph worker.
     run_ahead: int = 2
     # graph ops left after the fetched values worth a second graph (graphgen.first_part)

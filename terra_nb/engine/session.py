@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import weakref
 
 from terra_nb.engine import events as ev
 from terra_nb.engine.policy import SchedulingPolicy
@@ -51,6 +52,7 @@ class Session:
         self._runner = None
         self._macros = None
         self._told_op_callbacks = False
+        self._heap_release = None  # puts back the objects frozen while it runs (engine/heap.py)
 
     def start_run(self) -> None:
         """The next iteration starts a new run of the program (a cell's loop run again): with
@@ -146,12 +148,23 @@ class Session:
         if self._entered is not None:
             self._entered._abandon()
 
+    def _hold_heap(self) -> None:
+        """Leave the objects made before it out of full collections until it closes."""
+        if self._heap_release is None and self.policy.freeze_heap:
+            from terra_nb.engine.heap import frozen_heap
+
+            frozen_heap.hold()
+            self._heap_release = weakref.finalize(self, frozen_heap.release)
+
     def close(self) -> None:
         """Finish all pending graph work and stop the graph thread; safe to call twice.
 
         The session can still run more iterations afterwards (a new thread starts).
         """
         self._finish_interrupted_exit()
+        if self._heap_release is not None:
+            release, self._heap_release = self._heap_release, None
+            release()
         if self._runner is not None:
             from terra_nb.engine import internals
 
@@ -188,6 +201,7 @@ class _Iteration:
             from terra_nb.engine.skeleton import PythonRunner
 
             graph, graph_runner = session._engine()
+            session._hold_heap()
             self._compile_seconds = graph_runner.compile_seconds
             self._wait_seconds = graph_runner.wait_seconds
             self.run = PythonRunner(graph, graph_runner, session.events, self.index, mode,
