@@ -89,33 +89,21 @@ class TransformerBlock(keras.layers.Layer):
 
 
 def build_transformer():
-    rng = np.random.default_rng(3)
-    tokens = rng.integers(0, 50, size=(4, 4, 10)).astype("int32")
-    embed = keras.layers.Embedding(50, 16)
-    block = TransformerBlock(16, 2)
-    head = keras.layers.Dense(50)
-    optimizer = keras.optimizers.Adam(1e-3)
-
-    def step(i):
-        batch = tf.constant(tokens[i % 4])
-        with tf.GradientTape() as tape:
-            hidden = block(embed(batch[:, :-1]), training=True)
-            logits = head(hidden)
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=batch[:, 1:], logits=logits))
-        variables = embed.trainable_variables + block.trainable_variables + head.trainable_variables
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
-
-    return step, _all_variables(embed, block, head, optimizer)
+    tokens = np.random.default_rng(3).integers(0, 50, size=(4, 4, 10)).astype("int32")
+    return _token_program(list(tokens))
 
 
 def build_varying_lengths():
     """Token sequences of four lengths in turn (bucketed text): the library calls inside the
     notebook-style block see a new sequence length at most steps."""
     rng = np.random.default_rng(8)
-    lengths = (7, 10, 13, 9)
-    batches = [rng.integers(0, 50, size=(4, length + 1)).astype("int32") for length in lengths]
+    return _token_program([rng.integers(0, 50, size=(4, length + 1)).astype("int32")
+                           for length in (7, 10, 13, 9)])
+
+
+def _token_program(batches: list):
+    """Next-token training of an embedding, a TransformerBlock and a head, on `batches` in
+    turn."""
     embed = keras.layers.Embedding(50, 16)
     block = TransformerBlock(16, 2)
     head = keras.layers.Dense(50)
