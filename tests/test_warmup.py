@@ -188,7 +188,7 @@ def _sizes_served(table) -> list[set]:
     """Per macro traced with sizes unknown, the argument shapes of the keys it serves."""
     served = collections.defaultdict(set)
     for (_, key), entry in table.entries.items():
-        if entry.macro is not None and entry.relaxed is not None:
+        if entry.macro is not None and entry.relaxed is not None and key != entry.relaxed:
             served[id(entry)].add(key.arguments[0].shape)
     return list(served.values())
 

@@ -279,8 +279,6 @@ def _varying(node: Node, slot: int) -> bool:
     return seen is None or seen.varying
 
 
-
-
 def _kept_running(graph, called: list) -> list:
     """The ops that make a called function's ops that may fail run, and finish before the
     stateful ops after the call: an identity of each of its outputs. (A graph prunes an

@@ -343,12 +343,17 @@ class GraphRunner:
         built = self._by_structure.get(self._structures[key])
         if built is None or self._not_served.get(key) == id(built):
             return None
-        served = built.serving(path if part else end.path_from(start), outputs)
+        served = self._serve(key, built, path if part else end.path_from(start), outputs)
         if served is None:
             self._not_served[key] = id(built)
-            return None
-        self._compiled[key] = served
-        self.shared_graphs += 1
+        return served
+
+    def _serve(self, key, built, path: list, outputs: tuple):
+        """`built` as this segment's graph, when it serves the path (else None)."""
+        served = built.serving(path, outputs)
+        if served is not None:
+            self._compiled[key] = served
+            self.shared_graphs += 1
         return served
 
     def _build(self, key, path: list, outputs: tuple, iteration: int, reason: str):
@@ -357,12 +362,12 @@ class GraphRunner:
         sizes that differ unknown, the small values that differ fed."""
         built = structure = None
         if self._shares_graphs:
-            structure = self._structures.setdefault(key, graphgen.structure_key(path, outputs))
+            if key not in self._structures:
+                self._structures[key] = graphgen.structure_key(path, outputs)
+            structure = self._structures[key]
             built = self._by_structure.get(structure)
-            served = built.serving(path, outputs) if built is not None else None
+            served = self._serve(key, built, path, outputs) if built is not None else None
             if served is not None:  # built while this one waited in the queue
-                self._compiled[key] = served
-                self.shared_graphs += 1
                 return served
         compiled = None
         if built is not None:

@@ -239,8 +239,7 @@ def relaxed_guard(before: CallGuard, now: CallGuard) -> CallGuard | None:
     `before` with None in each tensor-argument dimension that `now` changed. None when the
     keys differ in anything else (object, state, signature, Python values, a tensor's dtype
     or rank) or not at all."""
-    if (before.obj, before.state, before.signature) != (now.obj, now.state, now.signature) \
-            or len(before.arguments) != len(now.arguments):
+    if not _alike_but_arguments(before, now):
         return None
     arguments, changed = [], False
     for old, new in zip(before.arguments, now.arguments, strict=True):
@@ -258,8 +257,7 @@ def relaxed_guard(before: CallGuard, now: CallGuard) -> CallGuard | None:
 
 def admits(relaxed: CallGuard, key: CallGuard) -> bool:
     """Whether `key` meets a relaxed guard: equal to it but in the dimensions it left None."""
-    if (relaxed.obj, relaxed.state, relaxed.signature) != (key.obj, key.state, key.signature) \
-            or len(relaxed.arguments) != len(key.arguments):
+    if not _alike_but_arguments(relaxed, key):
         return False
     for guarded, given in zip(relaxed.arguments, key.arguments, strict=True):
         if guarded != given and not (
@@ -277,6 +275,12 @@ def sizes_text(guard: CallGuard) -> str:
                                          for size in argument.shape) + ")"
         for argument in guard.arguments
         if isinstance(argument, TensorArgument) and None in argument.shape)
+
+
+def _alike_but_arguments(one: CallGuard, other: CallGuard) -> bool:
+    """Same object, state and signature, and as many arguments."""
+    return ((one.obj, one.state, one.signature) == (other.obj, other.state, other.signature)
+            and len(one.arguments) == len(other.arguments))
 
 
 def _same_kind_of_tensor(old, new) -> bool:

@@ -51,7 +51,7 @@ def deferred_span(runner, start) -> tuple[list, list]:
 
 
 def describe_call(runner, start, flat, arguments: dict, converted: dict, result,
-                   first_new: int, read: list) -> SpanReplay:
+                  first_new: int, read: list) -> SpanReplay:
     """How to replay an observed, deferred call from its span (else Unreplayable, with why):
     which argument feeds each input that is not the library's own constant, and where each
     result comes from. A numpy argument feeds the inputs its one conversion to a tensor
@@ -108,12 +108,12 @@ def describe_call(runner, start, flat, arguments: dict, converted: dict, result,
     structure = tf.nest.pack_sequence_as(result, list(range(len(leaves))))
     variables = tuple({id(variable): variable for variable in read}.values())
     plan = ReplayPlan(span, [result for result in results if isinstance(result, FromOp)],
-                       [slot for slot, _ in bound])
+                      [slot for slot, _ in bound])
     return SpanReplay(plan, tuple((position, arguments[position]) for position in sorted(used)
-                             if position in arguments),
-                       tuple(bound), tuple(results), structure, variables,
-                       tuple((position, dtype) for position, dtype in converted_to.items()
-                             if position in used))
+                                  if position in arguments),
+                      tuple(bound), tuple(results), structure, variables,
+                      tuple((position, dtype) for position, dtype in converted_to.items()
+                            if position in used))
 
 
 def own_constant(seen, value, first_new: int) -> bool:

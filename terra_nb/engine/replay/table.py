@@ -179,19 +179,17 @@ class MacroTable:
 
     def _relaxable(self, call_site, key):
         """The relaxed guard for a key that differs only in sizes from the call's replayed
-        one, or else from another key met at its call site (a sequence length seen before the
-        first macro): one function then serves both. None when there is none, or relaxing
-        is off."""
-        if not self.relax_shapes:
-            return None
+        macro (None when there is none, or relaxing is off). Only a macro: traced for its own
+        sizes, its outputs' shapes were fully known, so they follow from its input sizes and
+        not from input values; a function traced with sizes unknown cannot tell the two apart
+        (a key merely met there, never traced, proves nothing of the kind)."""
         replayed = self.replayed_guards.get((call_site, key.obj))
-        relaxed = relaxed_guard(replayed, key) if replayed is not None else None
-        for (site, other), entry in self.entries.items():
-            if relaxed is not None:
-                break
-            if site == call_site and isinstance(other, CallGuard) and entry.guard is other:
-                relaxed = relaxed_guard(other, key)
-        return relaxed
+        if not self.relax_shapes or replayed is None:
+            return None
+        entry = self.entries.get((call_site, replayed))
+        if entry is None or entry.macro is None:
+            return None
+        return relaxed_guard(replayed, key)
 
     def call_as_span(self, runner, original, obj, args: tuple, kwargs: dict, flat: list, key,
                      call_site):
@@ -312,6 +310,7 @@ class MacroTable:
         what = f"{type(obj).__name__} call at {_call_site_text(call_site)}"
         if entry.relaxed is not None:
             self.relaxed_entries.setdefault((call_site, entry.guard.obj), []).append(entry)
+            self.entries[(call_site, entry.relaxed)] = entry
             what += f" (any {sizes_text(entry.relaxed)})"
         self.established.append(what)
 
