@@ -177,19 +177,25 @@ class MacroTable:
                 return entry
         return None
 
-    def _relaxable(self, call_site, key):
+    def _relaxable(self, call_site, key) -> tuple:
         """The relaxed guard for a key that differs only in sizes from the call's replayed
-        macro (None when there is none, or relaxing is off). Only a macro: traced for its own
-        sizes, its outputs' shapes were fully known, so they follow from its input sizes and
-        not from input values; a function traced with sizes unknown cannot tell the two apart
-        (a key merely met there, never traced, proves nothing of the kind)."""
+        macro, else from another key met at its call site (a length seen while tracing), and
+        whether a macro traced for exact sizes vouches for it; (None, False) when there is
+        none, or relaxing is off."""
+        if not self.relax_shapes:
+            return None, False
         replayed = self.replayed_guards.get((call_site, key.obj))
-        if not self.relax_shapes or replayed is None:
-            return None
-        entry = self.entries.get((call_site, replayed))
-        if entry is None or entry.macro is None:
-            return None
-        return relaxed_guard(replayed, key)
+        entry = self.entries.get((call_site, replayed)) if replayed is not None else None
+        if entry is not None and entry.macro is not None:
+            relaxed = relaxed_guard(replayed, key)
+            if relaxed is not None:
+                return relaxed, True
+        for (site, other), met in self.entries.items():
+            if site == call_site and isinstance(other, CallGuard) and met.guard is other:
+                relaxed = relaxed_guard(other, key)
+                if relaxed is not None:
+                    return relaxed, False
+        return None, False
 
     def call_as_span(self, runner, original, obj, args: tuple, kwargs: dict, flat: list, key,
                      call_site):
@@ -276,19 +282,28 @@ class MacroTable:
     def _establish(self, entry, runner, original, obj, args, kwargs, call_site, forced,
                    result) -> None:
         """Trace the macro of a stable call: for the relaxed guard if it has one and the
-        function traced so fits what the call returned, else for its own sizes."""
+        function traced so fits what the call returned, else for its own sizes.
+
+        A relaxed function cannot tell output sizes that follow from input sizes from sizes
+        that follow from input values (refused: value-dependent-shapes). Traced for exact
+        sizes, the outputs' shapes must be fully known: the call's replayed macro vouches for
+        that, or else the call is also traced for its own sizes, only to check."""
         started = time.perf_counter()
-        macro = None
-        entry.relaxed = self._relaxable(call_site, entry.guard)
-        if entry.relaxed is not None:
+        macro = exact = None
+        relaxed, vouched = self._relaxable(call_site, entry.guard)
+        if relaxed is not None:
             try:
-                macro, positions = build_macro(original, obj, args, kwargs, entry.relaxed)
+                macro, positions = build_macro(original, obj, args, kwargs, relaxed)
+                if not vouched:
+                    exact = build_macro(original, obj, args, kwargs)
             except Exception:  # its Python needs the sizes: traced for them below
+                macro = exact = None
+            if macro is not None and not (_fits(macro, result) and (vouched or all(
+                    output.shape.is_fully_defined() for output in exact[0].outputs))):
                 macro = None
-            if macro is not None and not _fits(macro, result):
-                macro = None
-            if macro is None:
-                entry.relaxed = None
+        entry.relaxed = relaxed if macro is not None else None
+        if macro is None and exact is not None:
+            macro, positions = exact
         if macro is None:
             try:
                 macro, positions = build_macro(original, obj, args, kwargs)
@@ -299,7 +314,7 @@ class MacroTable:
                              Refusal.FORCED_VALUE.say())  # a Python branch on a tensor
                 return
         self.build_seconds += time.perf_counter() - started
-        self.traced += 1
+        self.traced += 2 if exact is not None and entry.relaxed is not None else 1
         if entry.relaxed is None and not all(output.shape.is_fully_defined()
                                              for output in macro.outputs):
             self._refuse(entry, runner, _call_name(obj), call_site,
