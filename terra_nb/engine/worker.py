@@ -317,12 +317,16 @@ class GraphRunner:
         key = _segment_key(start, end, outputs, part)
         runs = self._runs[key] = self._runs.get(key, 0) + 1
         compiled = self._compiled.get(key)
+
+        def path_of() -> list:
+            return path if part else end.path_from(start)
+
         if compiled is None and self._shares_graphs:
-            compiled = self._served(key, start, end, outputs, part, path)
+            compiled = self._served(key, outputs, path_of)
         if compiled is None:
             if runs < self.policy.compile_after_runs or key in self._building:
                 return key, None  # interpreted meanwhile (engine/interpret.py)
-            path = path if part else end.path_from(start)
+            path = path_of()
             self._ends_from.setdefault(start.uid, set()).add(end.uid)
             if self.overlap and self.policy.build_in_background:
                 self._build_later(key, path, outputs, iteration, reason)
@@ -332,21 +336,26 @@ class GraphRunner:
             self.emit_worker_events()
         return key, compiled
 
-    def _served(self, key, start, end, outputs: tuple, part: str, path: list | None):
+    def _served(self, key, outputs: tuple, path_of):
         """The graph built for another path of this segment's structure, serving it from its
-        first run, when it admits its sizes and values (else None)."""
+        first run, when it admits its sizes and values (else None). `path_of()` gives the
+        segment's nodes, walked only when needed."""
         if not self._by_structure:
             return None
-        if key not in self._structures:
-            path = path if part else end.path_from(start)
-            self._structures[key] = graphgen.structure_key(path, outputs)
-        built = self._by_structure.get(self._structures[key])
+        path = None if key in self._structures else path_of()
+        built = self._by_structure.get(self._structure(key, path, outputs))
         if built is None or self._not_served.get(key) == id(built):
             return None
-        served = self._serve(key, built, path if part else end.path_from(start), outputs)
+        served = self._serve(key, built, path or path_of(), outputs)
         if served is None:
             self._not_served[key] = id(built)
         return served
+
+    def _structure(self, key, path: list | None, outputs: tuple) -> tuple:
+        """The segment's structure (graphgen.structure_key), worked out once per key."""
+        if key not in self._structures:
+            self._structures[key] = graphgen.structure_key(path, outputs)
+        return self._structures[key]
 
     def _serve(self, key, built, path: list, outputs: tuple):
         """`built` as this segment's graph, when it serves the path (else None)."""
@@ -362,9 +371,7 @@ class GraphRunner:
         sizes that differ unknown, the small values that differ fed."""
         built = structure = None
         if self._shares_graphs:
-            if key not in self._structures:
-                self._structures[key] = graphgen.structure_key(path, outputs)
-            structure = self._structures[key]
+            structure = self._structure(key, path, outputs)
             built = self._by_structure.get(structure)
             served = self._serve(key, built, path, outputs) if built is not None else None
             if served is not None:  # built while this one waited in the queue
