@@ -412,8 +412,9 @@ class GraphRunner:
                                        name="terra_nb-builder")
             builder.start()
             _live_threads.add(builder, builds)
-            self._builds, self._builder = builds, builder
-            self._stop_builder = weakref.finalize(self, builds.put, None)
+            # one statement: an interrupt cannot leave a builder that close() cannot stop
+            self._builds, self._builder, self._stop_builder = (
+                builds, builder, weakref.finalize(self, builds.put, None))
         self._builds.put(functools.partial(self._build_in_background, key, path, outputs,
                                            iteration, reason))
 
@@ -499,10 +500,11 @@ class GraphRunner:
             worker.start()
             _live_threads.add(worker, work)
             _switch_interval.hold()
-            self._queue, self._worker = work, worker
             # A runner dropped without close() (an unreferenced terra_nb.function) stops its
-            # thread: the thread holds only the queue, never the runner.
-            self._stop_worker = weakref.finalize(self, _stop_worker, work)
+            # thread: the thread holds only the queue, never the runner. One statement: an
+            # interrupt cannot leave a worker that close() cannot stop.
+            self._queue, self._worker, self._stop_worker = (
+                work, worker, weakref.finalize(self, _stop_worker, work))
         for job in jobs:
             for lazy in job.lazies:
                 lazy._job = job
