@@ -184,6 +184,24 @@ def test_the_breakdown_tells_interpreted_iterations_from_graph_ones():
     assert done[-1].breakdown["graph"] > 0 and done[-1].breakdown["interpreted"] == 0
 
 
+def test_a_graph_slower_than_python_shows_as_run_ahead_waits_not_fetch_waits():
+    """Steps that fetch nothing never wait for a value; when the graph is the slower side,
+    Python waits at the run-ahead limit instead, and the breakdown says which wait it was."""
+    weights = tf.Variable(tf.random.normal((384, 384), seed=1) / 20.0)
+    session = Session("run-ahead", policy=BUILT_AT_ONCE)
+    for _ in range(12):
+        with session.iteration():
+            product = weights
+            for _ in range(24):
+                product = tf.tanh(tf.matmul(product, weights))
+            weights.assign_add(1e-3 * product)
+    session.close()
+    co = [event for event in session.events.of_type(ev.IterationDone)
+          if event.mode == ev.CO_EXECUTING]
+    assert len(co) >= 8
+    assert all(event.breakdown["fetch_waits"] == 0.0 for event in co)
+    assert sum(event.breakdown["run_ahead_waits"] for event in co) > 0
+
 def _sizes_served(table) -> list[set]:
     """Per macro traced with sizes unknown, the argument shapes of the keys it serves."""
     served = collections.defaultdict(set)

@@ -25,7 +25,7 @@ from terra_nb.engine.reasons import FallbackKind
 MODE_ORDER = (ev.EAGER, ev.BASELINE, ev.TRACING, ev.CO_EXECUTING, ev.FALLBACK, ev.BACKOFF)
 # Breakdown keys in display order; "eager" and "tracing" are whole-iteration times.
 BREAKDOWN_ORDER = ("eager", "tracing", "skeleton", "graph", "interpreted", "fetch_waits",
-                   "compile")
+                   "run_ahead_waits", "compile")
 # Op types that call an already-compiled function (their insides are graph time already).
 CALL_OP_TYPES = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
 COMPILED_SHARE = 0.2  # calls at least this share of the traced ops: no speedup is claimed

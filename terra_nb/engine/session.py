@@ -187,7 +187,7 @@ class _Iteration:
         session = self.session
         session._finish_interrupted_exit()
         mode = session.schedule.mode_for(self.index, session._op_callbacks_registered(self.index))
-        self._compile_seconds = self._wait_seconds = 0.0
+        self._compile_seconds = self._wait_seconds = self._run_ahead_seconds = 0.0
         graph_runner = session.graph_runner
         if graph_runner is not None:
             from terra_nb.engine import internals
@@ -204,6 +204,7 @@ class _Iteration:
             session._hold_heap()
             self._compile_seconds = graph_runner.compile_seconds
             self._wait_seconds = graph_runner.wait_seconds
+            self._run_ahead_seconds = graph_runner.run_ahead_seconds
             self.run = PythonRunner(graph, graph_runner, session.events, self.index, mode,
                                     sys._getframe(1))
         try:
@@ -294,8 +295,10 @@ class _Iteration:
 
     def _breakdown(self, seconds: float) -> dict:
         """Where the iteration's wall time went. `graph` and `interpreted` (ops of a path whose
-        graph is not built yet) ran on the graph thread, overlapping the rest; `recording` is
-        the part of a tracing iteration spent recording, not running.
+        graph is not built yet) ran on the graph thread, overlapping the rest; `fetch_waits` is
+        Python waiting for a value (or before running eagerly), `run_ahead_waits` Python waiting
+        because it was `policy.run_ahead` iterations ahead of the graph; `recording` is the
+        part of a tracing iteration spent recording, not running.
         """
         if self.run is None:
             return {"eager": seconds}
@@ -305,14 +308,16 @@ class _Iteration:
         if self.run.result_mode == ev.TRACING:
             return {"tracing": seconds, "recording": self.run.recording_seconds}
         waits = graph_runner.wait_seconds - self._wait_seconds
+        run_ahead = graph_runner.run_ahead_seconds - self._run_ahead_seconds
         fallback = 0.0
         if self.run.diverged_at is not None:
             fallback = max(time.perf_counter() - self.run.diverged_at, 0.0)
         return {
-            "skeleton": max(seconds - waits - compile_ - fallback, 0.0),
+            "skeleton": max(seconds - waits - run_ahead - compile_ - fallback, 0.0),
             "graph": graph,
             "interpreted": interpreted,
             "compile": compile_,
             "fetch_waits": waits,
+            "run_ahead_waits": run_ahead,
             "fallback": fallback,
         }

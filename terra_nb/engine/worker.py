@@ -287,7 +287,8 @@ class GraphRunner:
         self.split_heads: dict = {}  # (start uid, end uid, fetched uids) -> first part's uids
         self._split: set = set()  # keys of the segments run as two graphs
         self.compile_seconds = 0.0
-        self.wait_seconds = 0.0
+        self.wait_seconds = 0.0  # Python waiting for a value or before running eagerly
+        self.run_ahead_seconds = 0.0  # Python waiting because it was too far ahead
         self._queue: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
         self._last: Job | None = None  # the last job a drain has not waited for
@@ -519,13 +520,17 @@ class GraphRunner:
         self._last_token = self._queue.put(jobs) or token
         return jobs
 
-    def wait(self, job: Job, value_needed: bool = True) -> None:
-        """Block until `job` is done (a fetch); its error, if any, is raised here."""
+    def wait(self, job: Job, value_needed: bool = True, run_ahead: bool = False) -> None:
+        """Block until `job` is done (a fetch, or a `run_ahead` bound reached); its error, if
+        any, is raised here."""
         if not job.done.is_set():
             start = time.perf_counter()
             job.done.wait()
             waited = time.perf_counter() - start
-            self.wait_seconds += waited
+            if run_ahead:
+                self.run_ahead_seconds += waited
+            else:
+                self.wait_seconds += waited
             if job.steady:
                 job.compiled.waited_seconds += waited
         job.wait(value_needed)
@@ -540,7 +545,7 @@ class GraphRunner:
         while self._iteration_ends and self._iteration_ends[0].done.is_set():
             self._iteration_ends.popleft()
         if len(self._iteration_ends) > self.policy.run_ahead:
-            self.wait(self._iteration_ends.popleft(), value_needed=False)
+            self.wait(self._iteration_ends.popleft(), value_needed=False, run_ahead=True)
 
     def drain(self) -> None:
         """Wait for every submitted segment (before anything runs eagerly)."""

@@ -46,7 +46,8 @@ BADGE_WORDS = {
     ev.EAGER: "eager (--eager)",
     ev.BASELINE: "measuring eager",
 }
-_BREAKDOWN_WORDS = {"fetch_waits": "fetch waits", "interpreted": "interpreted ops"}
+_BREAKDOWN_WORDS = {"fetch_waits": "fetch waits", "run_ahead_waits": "run-ahead waits",
+                    "interpreted": "interpreted ops"}
 
 
 class Panel:

@@ -14,7 +14,8 @@ from terra_nb.notebook.panel import MODE_COLORS
 
 PART_COLORS = {
     "eager": "#4a78b5", "tracing": "#d89b00", "skeleton": "#8da0cb", "graph": "#2e8b57",
-    "interpreted": "#66c2a5", "fetch_waits": "#e78ac3", "compile": "#a6761d",
+    "interpreted": "#66c2a5", "fetch_waits": "#e78ac3", "run_ahead_waits": "#fdb4d8",
+    "compile": "#a6761d",
     "other": "#bbbbbb",
 }
 
