@@ -1333,6 +1333,35 @@ def test_segments_run_with_lean_grappler_options_on_the_calling_thread_only():
     assert context.context().function_call_options is before
 
 
+
+def test_half_precision_graphs_and_calls_run_without_op_fusion(monkeypatch):
+    """Eager execution rounds float16 after every op; Grappler's fused kernels (MatMul, bias
+    and activation as one, on CPUs with float16 kernels) round once. Segments and traced
+    calls computing in half precision run with the remapper off; float32 ones keep it."""
+    from tensorflow.python.eager import context
+
+    @tf.function(autograph=False)
+    def dense(x, w, b):
+        return tf.nn.relu(tf.matmul(x, w) + b)
+
+    def remapping(attrs: tuple) -> int:
+        config = tf.compat.v1.ConfigProto.FromString(attrs[attrs.index("config_proto") + 1])
+        return config.graph_options.rewrite_options.remapping
+
+    attrs = tuple(item for pair in context.context().function_call_options.as_attrs().items()
+                  for item in pair)
+    for dtype, expected in ((tf.float16, 2), (tf.float32, 0)):
+        concrete = dense.get_concrete_function(*[tf.TensorSpec(shape, dtype)
+                                                 for shape in ((2, 3), (3, 4), (4,))])
+        assert internals.computes_in_half_precision(concrete.graph) == (dtype == tf.float16)
+        monkeypatch.setattr(internals.ops, "calling_function", lambda: concrete)
+        name = f"dense_{dtype.name}_{id(concrete)}"
+        assert remapping(internals.unfused_if_half(name, attrs)) == expected
+    with internals.lean_graph_calls(unfused=True):
+        config = tf.compat.v1.ConfigProto.FromString(
+            context.context().function_call_options.config_proto_serialized)
+    assert config.graph_options.rewrite_options.remapping == 2
+
 def test_a_value_seen_changing_on_one_path_is_fed_on_paths_recorded_before():
     """A slice offset folded into one path's graph and then seen to change marks its site;
     another path, recorded before that, feeds the offset from its first graph instead of

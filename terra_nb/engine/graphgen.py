@@ -78,10 +78,11 @@ class CompiledSegment:
     waited_seconds: float = 0.0  # Python's waits for its later runs
     sizes: tuple = ()  # (fed inputs' shapes, each node's output shapes) it was built for
     named: list | None = None  # the path whose node uids name its ops (shared: another's)
+    unfused: bool = False  # computes in half precision: run without op fusion, as eager
     is_graph: ClassVar[bool] = True  # (an InterpretedSegment is not)
 
     def run(self, args: list) -> list:
-        return internals.call_concrete(self.function, args)
+        return internals.call_concrete(self.function, args, self.unfused)
 
     @property
     def cost(self) -> float:
@@ -382,7 +383,8 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
         function = tf.function(segment, autograph=False, jit_compile=xla or None)
         concrete = function.get_concrete_function(*specs)
     return CompiledSegment(concrete, path, feeds, folded, outputs,
-                           time.perf_counter() - start, xla, declined, sizes=sizes)
+                           time.perf_counter() - start, xla, declined, sizes=sizes,
+                           unfused=internals.computes_in_half_precision(concrete.graph))
 
 
 # Op inputs XLA must know when it compiles (slice bounds, shapes, axes): a fed value there

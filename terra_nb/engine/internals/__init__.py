@@ -42,6 +42,7 @@ from terra_nb.engine.internals.ops import (
     calling_function,
     collecting_conversions,
     collecting_variable_reads,
+    computes_in_half_precision,
     convert,
     create_graph_op,
     eager_context,
@@ -57,6 +58,7 @@ from terra_nb.engine.internals.ops import (
     run_eagerly,
     scratch_graph,
     suspended,
+    unfused_if_half,
     unwrap,
     variable_read,
     variable_shape,
@@ -66,12 +68,12 @@ __all__ = [
     "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
     "a_tape_is_recording", "attr_protos", "call_concrete", "call_function_in_graph",
     "calling_function", "check_private_symbols", "collecting_conversions",
-    "collecting_variable_reads", "convert", "create_graph_op", "eager_context",
-    "function_op_types", "gradient_module", "handling", "install_guard", "is_backward_function",
-    "is_eager_value", "keep_running", "lean_graph_calls", "next_tensor_id",
+    "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
+    "eager_context", "function_op_types", "gradient_module", "handling", "install_guard",
+    "is_backward_function", "is_eager_value", "keep_running", "lean_graph_calls", "next_tensor_id",
     "op_callbacks_registered", "op_def", "record_gradient", "remove_guard", "run_eagerly",
-    "scratch_graph", "suspended", "tape_gradient", "tape_is_plain", "unwrap", "variable_read",
-    "variable_shape",
+    "scratch_graph", "suspended", "tape_gradient", "tape_is_plain", "unfused_if_half", "unwrap",
+    "variable_read", "variable_shape",
 ]
 
 PRIVATE_SYMBOLS = (

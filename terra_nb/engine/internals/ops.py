@@ -12,6 +12,7 @@ import threading
 from typing import Protocol
 
 import numpy as np
+from tensorflow.core.protobuf import config_pb2
 from tensorflow.python import pywrap_tfe
 from tensorflow.python.eager import (
     context,
@@ -485,21 +486,59 @@ def convert(value, dtype):
 # round of every pass. Remapping (op fusion), constant folding and arithmetic stay.
 _LEAN_REWRITES = {"disable_tfg_optimizer": True, "memory_optimization": 1,  # NO_MEM_OPT
                   "meta_optimizer_iterations": 1, "layout_optimizer": 2}  # ONE, OFF
+_REMAPPING_OFF = {"remapping": 2}  # OFF
 
 
 @functools.cache
-def _lean_call_options():
+def _lean_call_options(unfused: bool = False):
     config = context.context().config
     config.allow_soft_placement = True
-    for field, value in _LEAN_REWRITES.items():
+    rewrites = {**_LEAN_REWRITES, **_REMAPPING_OFF} if unfused else _LEAN_REWRITES
+    for field, value in rewrites.items():
         setattr(config.graph_options.rewrite_options, field, value)
     return context.FunctionCallOptions(config_proto=config)
 
 
-def lean_graph_calls() -> _Swapped:
+def lean_graph_calls(unfused: bool = False) -> _Swapped:
     """Compiled segments are instantiated with the lean Grappler configuration: the options
-    are the calling thread's, so the user's own tf.functions keep theirs."""
-    return _Swapped(context.context(), "function_call_options", _lean_call_options())
+    are the calling thread's, so the user's own tf.functions keep theirs. `unfused` also
+    turns off op fusion (Grappler's remapper), for functions computing in half precision:
+    on CPUs with float16 kernels (AVX512-FP16) a fused MatMul, bias and activation rounds
+    once where eager execution, running the ops one by one, rounds after each."""
+    return _Swapped(context.context(), "function_call_options", _lean_call_options(unfused))
+
+
+_HALF_PRECISION = frozenset({dtypes.float16, dtypes.bfloat16})
+_HALF_FUNCTIONS: dict = {}  # a traced function's name -> whether it computes in half precision
+_UNFUSED_CONFIGS: dict = {}  # a call's serialized ConfigProto -> the same, remapper off
+
+
+def computes_in_half_precision(graph) -> bool:
+    """Whether any op of a function graph outputs float16 or bfloat16 (see lean_graph_calls)."""
+    return any(output.dtype in _HALF_PRECISION
+               for op in graph.get_operations() for output in op.outputs)
+
+
+def unfused_if_half(op_type: str, attrs: tuple) -> tuple:
+    """The attrs of a traced function's call op (an op with no OpDef), with op fusion off when
+    the function computes in half precision (see lean_graph_calls). Every call of such a
+    function the engine sees, TensorFlow's own gradient calls included, gets the same attrs,
+    so they keep one node identity."""
+    half = _HALF_FUNCTIONS.get(op_type)
+    if half is None:
+        function = calling_function()
+        half = function is not None and computes_in_half_precision(function.graph)
+        _HALF_FUNCTIONS[op_type] = half
+    if not half or "config_proto" not in attrs[::2]:
+        return attrs
+    slot = attrs.index("config_proto") + 1
+    unfused = _UNFUSED_CONFIGS.get(attrs[slot])
+    if unfused is None:
+        config = config_pb2.ConfigProto.FromString(attrs[slot])
+        for field, value in _REMAPPING_OFF.items():
+            setattr(config.graph_options.rewrite_options, field, value)
+        unfused = _UNFUSED_CONFIGS[attrs[slot]] = config.SerializeToString()
+    return attrs[:slot] + (unfused,) + attrs[slot + 1:]
 
 
 def current_handler() -> OpHandler | None:
