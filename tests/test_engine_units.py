@@ -1334,19 +1334,20 @@ def test_segments_run_with_lean_grappler_options_on_the_calling_thread_only():
 
 
 
-def test_half_precision_graphs_and_calls_run_without_op_fusion(monkeypatch):
-    """Eager execution rounds float16 after every op; Grappler's fused kernels (MatMul, bias
-    and activation as one, on CPUs with float16 kernels) round once. Segments and traced
-    calls computing in half precision run with the remapper off; float32 ones keep it."""
+def test_traced_calls_run_lean_and_half_precision_ones_without_op_fusion(monkeypatch):
+    """Traced function calls run with the lean Grappler configuration. Eager execution rounds
+    float16 after every op; Grappler's fused kernels (MatMul, bias and activation as one, on
+    CPUs with float16 kernels) round once: segments and traced calls computing in half
+    precision run with the remapper off; float32 ones keep it."""
     from tensorflow.python.eager import context
 
     @tf.function(autograph=False)
     def dense(x, w, b):
         return tf.nn.relu(tf.matmul(x, w) + b)
 
-    def remapping(attrs: tuple) -> int:
+    def rewrites(attrs: tuple):
         config = tf.compat.v1.ConfigProto.FromString(attrs[attrs.index("config_proto") + 1])
-        return config.graph_options.rewrite_options.remapping
+        return config.graph_options.rewrite_options
 
     attrs = tuple(item for pair in context.context().function_call_options.as_attrs().items()
                   for item in pair)
@@ -1354,9 +1355,10 @@ def test_half_precision_graphs_and_calls_run_without_op_fusion(monkeypatch):
         concrete = dense.get_concrete_function(*[tf.TensorSpec(shape, dtype)
                                                  for shape in ((2, 3), (3, 4), (4,))])
         assert internals.computes_in_half_precision(concrete.graph) == (dtype == tf.float16)
-        monkeypatch.setattr(internals.ops, "calling_function", lambda: concrete)
+        monkeypatch.setattr(internals.ops, "calling_function", lambda found=concrete: found)
         name = f"dense_{dtype.name}_{id(concrete)}"
-        assert remapping(internals.unfused_if_half(name, attrs)) == expected
+        lean = rewrites(internals.lean_call_attrs(name, attrs))
+        assert lean.remapping == expected and lean.meta_optimizer_iterations == 1
     with internals.lean_graph_calls(unfused=True):
         config = tf.compat.v1.ConfigProto.FromString(
             context.context().function_call_options.config_proto_serialized)

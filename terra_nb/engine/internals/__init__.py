@@ -50,6 +50,7 @@ from terra_nb.engine.internals.ops import (
     install_guard,
     is_eager_value,
     keep_running,
+    lean_call_attrs,
     lean_graph_calls,
     next_tensor_id,
     op_callbacks_registered,
@@ -58,7 +59,6 @@ from terra_nb.engine.internals.ops import (
     run_eagerly,
     scratch_graph,
     suspended,
-    unfused_if_half,
     unwrap,
     variable_read,
     variable_shape,
@@ -72,7 +72,7 @@ __all__ = [
     "eager_context", "function_op_types", "gradient_module", "handling", "install_guard",
     "is_backward_function", "is_eager_value", "keep_running", "lean_graph_calls", "next_tensor_id",
     "op_callbacks_registered", "op_def", "record_gradient", "remove_guard", "run_eagerly",
-    "scratch_graph", "suspended", "tape_gradient", "tape_is_plain", "unfused_if_half", "unwrap",
+    "scratch_graph", "suspended", "tape_gradient", "tape_is_plain", "lean_call_attrs", "unwrap",
     "variable_read", "variable_shape",
 ]
 

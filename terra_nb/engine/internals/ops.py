@@ -510,7 +510,7 @@ def lean_graph_calls(unfused: bool = False) -> _Swapped:
 
 _HALF_PRECISION = frozenset({dtypes.float16, dtypes.bfloat16})
 _HALF_FUNCTIONS: dict = {}  # a traced function's name -> whether it computes in half precision
-_UNFUSED_CONFIGS: dict = {}  # a call's serialized ConfigProto -> the same, remapper off
+_LEAN_CONFIGS: dict = {}  # (a call's serialized ConfigProto, half) -> its lean variant
 
 
 def computes_in_half_precision(graph) -> bool:
@@ -519,26 +519,28 @@ def computes_in_half_precision(graph) -> bool:
                for op in graph.get_operations() for output in op.outputs)
 
 
-def unfused_if_half(op_type: str, attrs: tuple) -> tuple:
-    """The attrs of a traced function's call op (an op with no OpDef), with op fusion off when
-    the function computes in half precision (see lean_graph_calls). Every call of such a
-    function the engine sees, TensorFlow's own gradient calls included, gets the same attrs,
-    so they keep one node identity."""
+def lean_call_attrs(op_type: str, attrs: tuple) -> tuple:
+    """The attrs of a traced function's call op (an op with no OpDef) as the engine runs it:
+    its Grappler configuration made lean, op fusion off too when the function computes in
+    half precision (see lean_graph_calls). A replayed library call's first run instantiates
+    its function; lean, that costs about half. Every call of a function the engine sees,
+    TensorFlow's own gradient calls included, gets the same attrs, so it keeps one node
+    identity."""
+    if "config_proto" not in attrs[::2]:
+        return attrs
     half = _HALF_FUNCTIONS.get(op_type)
     if half is None:
         function = calling_function()
         half = function is not None and computes_in_half_precision(function.graph)
         _HALF_FUNCTIONS[op_type] = half
-    if not half or "config_proto" not in attrs[::2]:
-        return attrs
     slot = attrs.index("config_proto") + 1
-    unfused = _UNFUSED_CONFIGS.get(attrs[slot])
-    if unfused is None:
+    lean = _LEAN_CONFIGS.get((attrs[slot], half))
+    if lean is None:
         config = config_pb2.ConfigProto.FromString(attrs[slot])
-        for field, value in _REMAPPING_OFF.items():
+        for field, value in {**_LEAN_REWRITES, **(_REMAPPING_OFF if half else {})}.items():
             setattr(config.graph_options.rewrite_options, field, value)
-        unfused = _UNFUSED_CONFIGS[attrs[slot]] = config.SerializeToString()
-    return attrs[:slot] + (unfused,) + attrs[slot + 1:]
+        lean = _LEAN_CONFIGS[(attrs[slot], half)] = config.SerializeToString()
+    return attrs[:slot] + (lean,) + attrs[slot + 1:]
 
 
 def current_handler() -> OpHandler | None:
