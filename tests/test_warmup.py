@@ -184,6 +184,24 @@ def test_the_breakdown_tells_interpreted_iterations_from_graph_ones():
     assert done[-1].breakdown["graph"] > 0 and done[-1].breakdown["interpreted"] == 0
 
 
+def test_a_graph_runs_without_grappler_until_its_runs_pay_for_optimizing_it():
+    """A graph's first instantiation skips Grappler (half the cost on large graphs); once its
+    later runs took `optimize_graphs_after` times that first run it is instantiated again,
+    optimized, and that run counts as a first run. Results are eager's either way."""
+    at_once = SchedulingPolicy(compile_after_runs=1, build_in_background=False,
+                                     optimize_graphs_after=0.0)
+    never = SchedulingPolicy(compile_after_runs=1, build_in_background=False,
+                             optimize_graphs_after=1e9)
+    _, upgraded = harness.compare(programs.build_mlp, 8, self_check=True, policy=at_once)
+    _, quick = harness.compare(programs.build_mlp, 8, self_check=True, policy=never)
+    upgraded_segments = upgraded.session.graph_runner.segments()
+    quick_segments = quick.session.graph_runner.segments()
+    assert upgraded_segments and quick_segments
+    assert all(segment.optimized and not segment.optimizing for segment in upgraded_segments)
+    assert not any(segment.optimized for segment in quick_segments)
+    assert all(segment.later_run_seconds > 0 for segment in quick_segments)
+
+
 def test_a_graph_slower_than_python_shows_as_run_ahead_waits_not_fetch_waits():
     """Steps that fetch nothing never wait for a value; when the graph is the slower side,
     Python waits at the run-ahead limit instead, and the breakdown says which wait it was."""

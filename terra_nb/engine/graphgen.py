@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import threading
 import time
 from typing import ClassVar
 
-import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
@@ -79,10 +77,31 @@ class CompiledSegment:
     sizes: tuple = ()  # (fed inputs' shapes, each node's output shapes) it was built for
     named: list | None = None  # the path whose node uids name its ops (shared: another's)
     unfused: bool = False  # computes in half precision: run without op fusion, as eager
+    optimized: bool = False  # instantiated with Grappler (see ran); XLA segments always are
+    optimizing: bool = False  # its next run instantiates it optimized
+    later_run_seconds: float = 0.0  # its runs after the first, unoptimized
     is_graph: ClassVar[bool] = True  # (an InterpretedSegment is not)
 
     def run(self, args: list) -> list:
-        return internals.call_concrete(self.function, args, self.unfused)
+        return internals.call_concrete(self.function, args, self.unfused,
+                                       quick=not (self.optimized or self.xla))
+
+    def ran(self, seconds: float, optimize_after: float) -> bool:
+        """Count a run of `seconds`; True for a first run (TensorFlow instantiating the
+        function). A graph first runs without Grappler, which halves a large graph's
+        instantiation; once its later runs took `optimize_after` times that first run, it is
+        instantiated once more, optimized (fusions, constant folding), which pays only over a
+        long run (docs/engine.md, Graph options)."""
+        first = not self.first_run_seconds or self.optimizing
+        if not self.first_run_seconds:
+            self.first_run_seconds = seconds
+        elif self.optimizing:
+            self.optimizing = False
+        elif not (self.optimized or self.xla):
+            self.later_run_seconds += seconds
+            if self.later_run_seconds >= optimize_after * self.first_run_seconds:
+                self.optimized = self.optimizing = True
+        return first
 
     @property
     def cost(self) -> float:
@@ -463,105 +482,6 @@ def is_stateful(node: Node) -> bool:
         return True
     definition = internals.op_def(node.op_type)
     return definition is not None and definition.is_stateful
-
-
-def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple:
-    """Input slots whose *values* decide the op's output shapes.
-
-    Candidates are small integer inputs. The op is built in a scratch graph with the
-    candidates as placeholders (unknown values); if the outputs' shapes are still fully known,
-    no value matters. Otherwise each candidate is tried alone.
-    """
-    candidates = sorted(_small_integer_slots(inputs))
-    if not candidates or internals.op_def(op_type) is None:
-        return ()
-    protos = internals.attr_protos(op_type, attrs)
-    if _probed_shapes(op_type, protos, inputs, refs, set(candidates)) is not None:
-        return ()
-    return tuple(slot for slot in candidates
-                 if _probed_shapes(op_type, protos, inputs, refs, {slot}) is None)
-
-
-def output_shapes_for(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple | None:
-    """The static output shapes the op has for these input values (None if not all known)."""
-    return _probed_shapes(op_type, internals.attr_protos(op_type, attrs), inputs, refs, set())
-
-
-def _probed_shapes(op_type, protos, inputs, refs, unknown: set) -> tuple | None:
-    """The op's output shapes in a scratch graph where small integer inputs are constants
-    unless `unknown`; None when the op cannot be built or a shape is not fully known."""
-    constants = _small_integer_slots(inputs) - unknown
-    probe = _probe_graph()
-    graph = probe.graph
-    with internals.suspended(), graph.as_default():
-        tensors = []
-        for slot, value in enumerate(inputs):
-            if refs[slot].kind == RESOURCE:
-                tensors.append(graph.capture(value))
-            elif slot in constants:
-                tensors.append(probe.constant(np.asarray(internals.unwrap(value))))
-            else:
-                tensors.append(probe.placeholder(value.dtype, value._shape_tuple()))
-        try:
-            operation = internals.create_graph_op(graph, op_type, tensors, None, "probe", protos)
-        except (ValueError, TypeError):
-            return None
-        probe.ops += 1
-    if not all(output.shape.is_fully_defined() for output in operation.outputs):
-        return None
-    return tuple(tuple(output.shape.as_list()) for output in operation.outputs)
-
-
-class _ProbeGraph(threading.local):
-    """One scratch graph per thread for shape probes, its inputs made once per dtype and shape
-    (or constant value): a probe then adds one op (~0.2 ms) instead of building a graph and
-    its inputs (~1.5 ms, the fallback iterations' largest cost on a new image size).
-    Replaced once it holds PROBE_GRAPH_OPS ops."""
-
-    graph = None
-    ops = 0
-
-    def reset(self) -> None:
-        self.graph = internals.scratch_graph("terra_nb_shape_probe")
-        self.ops = 0
-        self.inputs: dict = {}
-
-    def placeholder(self, dtype, shape: tuple):
-        key = (dtype, shape)
-        if key not in self.inputs:
-            attrs = internals.attr_protos("Placeholder", ("dtype", dtype.as_datatype_enum,
-                                                          "shape", list(shape)))
-            self.inputs[key] = internals.create_graph_op(self.graph, "Placeholder", [], [dtype],
-                                                         "input", attrs).outputs[0]
-            self.ops += 1
-        return self.inputs[key]
-
-    def constant(self, value: np.ndarray):
-        key = (value.dtype.str, value.shape, value.tobytes())
-        if key not in self.inputs:
-            dtype = tf.dtypes.as_dtype(value.dtype)
-            attrs = internals.attr_protos("Const", ("value", tf.make_tensor_proto(value),
-                                                    "dtype", dtype.as_datatype_enum))
-            self.inputs[key] = internals.create_graph_op(self.graph, "Const", [], [dtype],
-                                                         "value", attrs).outputs[0]
-            self.ops += 1
-        return self.inputs[key]
-
-
-PROBE_GRAPH_OPS = 5000
-_probe = _ProbeGraph()
-
-
-def _probe_graph() -> _ProbeGraph:
-    if _probe.graph is None or _probe.ops >= PROBE_GRAPH_OPS:
-        _probe.reset()
-    return _probe
-
-
-def _small_integer_slots(inputs) -> set:
-    """Slots of small integer inputs (resource handles are not integers)."""
-    return {slot for slot, value in enumerate(inputs)
-            if value.dtype.is_integer and value._num_elements() <= SMALL_CONSTANT}
 
 
 def first_part(nodes: list, fetched: set, min_tail: int) -> set | None:

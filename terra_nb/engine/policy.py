@@ -24,6 +24,9 @@ class SchedulingPolicy:
     # while a session runs, objects made before it are left out of Python's full garbage
     # collections (engine/heap.py)
     freeze_heap: bool = True
+    # a graph runs without Grappler until its later runs took this many times its first run;
+    # it is then instantiated once more, optimized (graphgen.CompiledSegment.ran)
+    optimize_graphs_after: float = 5.0
     # Python runs at most this many iterations ahead of the graph worker.
     run_ahead: int = 2
     # graph ops left after the fetched values worth a second graph (graphgen.first_part)

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
-from terra_nb.engine import graphgen, hostvalues, internals
+from terra_nb.engine import graphgen, hostvalues, internals, shapeprobe
 from terra_nb.engine.divergence import explain_divergence
 from terra_nb.engine.handlers import user_code_catches
 from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer
@@ -210,14 +210,14 @@ class PythonRunner:
         if slots is None:
             if self.mode == DEFER:
                 return ()
-            slots = graphgen.shape_deciding_inputs(op_type, attrs, inputs, refs)
+            slots = shapeprobe.shape_deciding_inputs(op_type, attrs, inputs, refs)
             _SHAPE_VALUE_SLOTS[signature] = slots
         if not slots:
             return ()
         values = tuple(np.asarray(inputs[slot]).tobytes() for slot in slots)
         shapes = _SHAPES_FOR_VALUES.get((signature, values))
         if shapes is None:
-            shapes = graphgen.output_shapes_for(op_type, attrs, inputs, refs) or values
+            shapes = shapeprobe.output_shapes_for(op_type, attrs, inputs, refs) or values
             if len(_SHAPES_FOR_VALUES) >= _SHAPES_FOR_VALUES_LIMIT:
                 _SHAPES_FOR_VALUES.clear()
             _SHAPES_FOR_VALUES[(signature, values)] = shapes

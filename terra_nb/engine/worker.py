@@ -74,9 +74,9 @@ class Job:
                 values = self.compiled.run(args)
             for lazy, value in zip(self.lazies, values, strict=True):
                 lazy.set_value(value)
-            if self.compiled.is_graph and not self.compiled.first_run_seconds:
-                self.compiled.first_run_seconds = time.perf_counter() - start
-                self.first_run = True
+            if self.compiled.is_graph:
+                self.first_run = self.compiled.ran(time.perf_counter() - start,
+                                                   self.runner.policy.optimize_graphs_after)
         except BaseException as error:  # handed to whoever waits for this job
             self.error = error
         finally:

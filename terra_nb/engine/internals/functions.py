@@ -29,14 +29,14 @@ from terra_nb.engine.internals.ops import (
 )
 
 
-def call_concrete(function, args: list, unfused: bool = False) -> list:
+def call_concrete(function, args: list, unfused: bool = False, quick: bool = False) -> list:
     """Call a compiled segment through its flat-call path (cheaper than `function(*args)`);
-    `unfused`: see `lean_graph_calls`.
+    `unfused`, `quick`: see `lean_graph_calls`.
 
     Gradient tapes were already told about every deferred op, one by one; the graph call that
     computes them must not be recorded again.
     """
-    with suspended(), record.stop_recording(), lean_graph_calls(unfused):
+    with suspended(), record.stop_recording(), lean_graph_calls(unfused, quick):
         outputs = function._call_flat(args, function.captured_inputs)
     if outputs is None:
         return []

@@ -373,7 +373,7 @@ def create_graph_op(graph, op_type: str, inputs: list, dtypes: list, name: str, 
 
 def call_function_in_graph(function, inputs: list) -> list:
     """Call an AtomicFunction from inside the graph being built (a PartitionedCall op)."""
-    attrs = _lean_call_options().as_attrs()
+    attrs = _lean_call_options(computes_in_half_precision(function.graph)).as_attrs()
     return list(atomic_function.make_call_op_in_graph(function, inputs, attrs))
 
 
@@ -490,22 +490,26 @@ _REMAPPING_OFF = {"remapping": 2}  # OFF
 
 
 @functools.cache
-def _lean_call_options(unfused: bool = False):
+def _lean_call_options(unfused: bool = False, quick: bool = False):
     config = context.context().config
     config.allow_soft_placement = True
     rewrites = {**_LEAN_REWRITES, **_REMAPPING_OFF} if unfused else _LEAN_REWRITES
     for field, value in rewrites.items():
         setattr(config.graph_options.rewrite_options, field, value)
+    config.graph_options.rewrite_options.disable_meta_optimizer = quick
     return context.FunctionCallOptions(config_proto=config)
 
 
-def lean_graph_calls(unfused: bool = False) -> _Swapped:
+def lean_graph_calls(unfused: bool = False, quick: bool = False) -> _Swapped:
     """Compiled segments are instantiated with the lean Grappler configuration: the options
     are the calling thread's, so the user's own tf.functions keep theirs. `unfused` also
     turns off op fusion (Grappler's remapper), for functions computing in half precision:
     on CPUs with float16 kernels (AVX512-FP16) a fused MatMul, bias and activation rounds
-    once where eager execution, running the ops one by one, rounds after each."""
-    return _Swapped(context.context(), "function_call_options", _lean_call_options(unfused))
+    once where eager execution, running the ops one by one, rounds after each. `quick` turns
+    Grappler off: about half the instantiation, and the traced calls inside keep their own
+    (lean) instantiations instead of being inlined and optimized again."""
+    return _Swapped(context.context(), "function_call_options",
+                    _lean_call_options(unfused, quick))
 
 
 _HALF_PRECISION = frozenset({dtypes.float16, dtypes.bfloat16})
