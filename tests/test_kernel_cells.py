@@ -365,3 +365,64 @@ def test_documented_limit_a_class_from_another_cell_is_located_by_the_kernels_fi
     assert errors_in(notebook) == []
     shown = text_of(notebook.cells[-1])
     assert re.search(r"^at \d+\.py 4 x = tf\.nn\.relu\(x\)", shown, re.M), shown
+
+
+MIRRORED_SETUP = """\
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+rng = np.random.default_rng(0)
+features = rng.normal(size=(256, 16)).astype("float32")
+targets = rng.integers(0, 4, size=(256,))
+loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+"""
+MIRRORED_MODEL = """\
+keras.utils.set_random_seed(0)
+with strategy.scope():
+    net = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
+                            keras.layers.Dense(4)])
+    optimizer = keras.optimizers.Adam(1e-2)
+batches = iter(strategy.experimental_distribute_dataset(
+    tf.data.Dataset.from_tensor_slices((features, targets)).batch(64).repeat()))
+
+
+def replica_step(x, y):
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, net(x, training=True)) / 64.0
+    grads = tape.gradient(loss, net.trainable_variables)
+    optimizer.apply_gradients(zip(grads, net.trainable_variables))
+    return loss
+
+losses = []
+"""
+MIRRORED_LOOP = """\
+for step in range(10):
+    x, y = next(batches)
+    per_replica = strategy.run(replica_step, args=(x, y))
+    losses.append(float(strategy.reduce("SUM", per_replica, axis=None)))
+"""
+
+
+def test_a_mirrored_strategy_loop_runs_its_replicas_as_eagerly_and_says_so():
+    """`strategy.run` under MirroredStrategy over two logical CPUs: the replica functions run
+    on TensorFlow's replica threads, which terra_nb does not see, so the call runs plainly
+    eager after the pending work (a note says so) and the losses and weights are eager's.
+    Before, the calling thread's part (the all-reduced optimizer update) was deferred while
+    replica threads read the variables: losses left eager's by 0.7%."""
+    notebook = execute_cells([
+        MIRRORED_SETUP, "%load_ext terra_nb", MIRRORED_MODEL, MIRRORED_LOOP,
+        "eager = losses, [v.numpy() for v in net.variables]",
+        MIRRORED_MODEL, "%%terra --no-panel\n" + MIRRORED_LOOP,
+        "import terra_nb\nreport = terra_nb.report()\n"
+        "np.testing.assert_array_equal(losses, eager[0])\n"
+        "for got, want in zip([v.numpy() for v in net.variables], eager[1]):\n"
+        "    np.testing.assert_array_equal(got, want)\n"
+        "print('modes', [e.mode for e in report.timeline])\n"
+        "print('notes', ' | '.join(n.message for n in report.notes))\n"])
+    shown, modes = _printed_modes(notebook)
+    assert "MirroredStrategy.run runs the replica functions on TensorFlow's replica threads" \
+        in shown, shown
+    assert modes.count("'co-executing'") >= 6, modes

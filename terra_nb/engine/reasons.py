@@ -51,6 +51,8 @@ class NoteKind(_Reason):
     XLA_REFUSED = ("xla-refused", "a graph segment XLA could not compile runs without XLA")
     COMPILED_WORK = ("compiled-work", "a Keras method that runs its own compiled graph runs "
                      "as it is")
+    REPLICA_THREADS = ("replica-threads", "a tf.distribute strategy's `run` executes on "
+                       "TensorFlow's replica threads: it runs plainly eager, as it is")
 
 
 class Refusal(_Reason):

@@ -212,11 +212,10 @@ class _Iteration:
             if self.run is not None:
                 self._handling = internals.handling(self.run)
                 self._handling.__enter__()
-                if session.macro_table is not None:
-                    from terra_nb.engine.replay.entrypoints import replaying
+                from terra_nb.engine.replay.entrypoints import replaying
 
-                    self._replaying = replaying(session.macro_table, self.run)
-                    self._replaying.__enter__()
+                self._replaying = replaying(session.macro_table, self.run)
+                self._replaying.__enter__()
             self.start = time.perf_counter()
             return self
         except BaseException:  # interrupted before the body runs: nothing stays installed
@@ -236,7 +235,7 @@ class _Iteration:
                     innermost_user_frame(graph_error.__traceback__)))
             raise
         finally:
-            if self._replaying is not None:
+            if self._replaying is not None and self.session.macro_table is not None:
                 replayed = self.session.macro_table.take_established()
                 if replayed:
                     self.session.events.emit(ev.Note(self.index, NoteKind.REPLAYED, replayed))

@@ -134,7 +134,6 @@ class MacroTable:
         self.build_seconds = 0.0  # tracing the macros' functions (warm-up profile)
         self.traced = 0  # functions traced for macros
         self.established: list[str] = []  # replays set up since last taken (for a Note)
-        self.compiled_work_reported: set = set()  # model.fit & co., told once per session
         self.refusals_reported: set = set()  # (call site, call, reason) told in a Note
         self.span_keys_per_site: dict = {}  # call site -> keys of call_as_span seen there
         self.replayed_guards: dict = {}  # (call site, id of the object) -> its last replayed
