@@ -70,10 +70,10 @@ __all__ = [
     "calling_function", "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
     "eager_context", "function_op_types", "gradient_module", "handling", "install_guard",
-    "is_backward_function", "is_eager_value", "keep_running", "lean_graph_calls", "next_tensor_id",
-    "op_callbacks_registered", "op_def", "record_gradient", "remove_guard", "run_eagerly",
-    "scratch_graph", "suspended", "tape_gradient", "tape_is_plain", "lean_call_attrs", "unwrap",
-    "variable_read", "variable_shape",
+    "is_backward_function", "is_eager_value", "keep_running", "lean_call_attrs",
+    "lean_graph_calls", "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient",
+    "remove_guard", "run_eagerly", "scratch_graph", "suspended", "tape_gradient", "tape_is_plain",
+    "unwrap", "variable_read", "variable_shape",
 ]
 
 PRIVATE_SYMBOLS = (
