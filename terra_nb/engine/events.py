@@ -103,6 +103,7 @@ class EventLog:
         self._events: list = []
         self._subscribers: list[Callable[[object], None]] = []
         self._lock = threading.Lock()
+        self._once: set = set()  # keys of the events emitted once (emit_once)
 
     def emit(self, event) -> None:
         with self._lock:
@@ -110,6 +111,14 @@ class EventLog:
             subscribers = list(self._subscribers)
         for callback in subscribers:
             callback(event)
+
+    def emit_once(self, event, key) -> None:
+        """Emit `event` unless one was emitted under `key` before (a note told once a run)."""
+        with self._lock:
+            if key in self._once:
+                return
+            self._once.add(key)
+        self.emit(event)
 
     def subscribe(self, callback: Callable[[object], None]) -> Callable[[], None]:
         """Call `callback(event)` for each new event; returns an unsubscribe function."""

@@ -128,7 +128,8 @@ class CompiledSegment:
             return None
         return dataclasses.replace(self, path=path, outputs=outputs, seconds=0.0,
                                    first_run_seconds=0.0, waited_seconds=0.0,
-                                   named=self.named or self.path)
+                                   named=self.named or self.path, optimizing=False,
+                                   later_run_seconds=0.0)
 
 
 # Ops whose output shape depends on input values beyond small integers (a mask's contents):

@@ -373,7 +373,7 @@ def create_graph_op(graph, op_type: str, inputs: list, dtypes: list, name: str, 
 
 def call_function_in_graph(function, inputs: list) -> list:
     """Call an AtomicFunction from inside the graph being built (a PartitionedCall op)."""
-    attrs = _lean_call_options(computes_in_half_precision(function.graph)).as_attrs()
+    attrs = _lean_call_options(_in_half_precision(function.name.decode(), function)).as_attrs()
     return list(atomic_function.make_call_op_in_graph(function, inputs, attrs))
 
 
@@ -523,6 +523,15 @@ def computes_in_half_precision(graph) -> bool:
                for op in graph.get_operations() for output in op.outputs)
 
 
+def _in_half_precision(name: str, function) -> bool:
+    """computes_in_half_precision of a traced function's graph, worked out once per name."""
+    half = _HALF_FUNCTIONS.get(name)
+    if half is None:
+        half = function is not None and computes_in_half_precision(function.graph)
+        _HALF_FUNCTIONS[name] = half
+    return half
+
+
 def lean_call_attrs(op_type: str, attrs: tuple) -> tuple:
     """The attrs of a traced function's call op (an op with no OpDef) as the engine runs it:
     its Grappler configuration made lean, op fusion off too when the function computes in
@@ -534,9 +543,7 @@ def lean_call_attrs(op_type: str, attrs: tuple) -> tuple:
         return attrs
     half = _HALF_FUNCTIONS.get(op_type)
     if half is None:
-        function = calling_function()
-        half = function is not None and computes_in_half_precision(function.graph)
-        _HALF_FUNCTIONS[op_type] = half
+        half = _in_half_precision(op_type, calling_function())
     slot = attrs.index("config_proto") + 1
     lean = _LEAN_CONFIGS.get((attrs[slot], half))
     if lean is None:

@@ -217,9 +217,7 @@ def _as_it_is_entry(kind: NoteKind, says: str):
             runner.flush()
             runner.runner.drain()
             name = f"{type(obj).__name__}.{getattr(original, '__name__', 'call')}"
-            message = f"{name} {says}"
-            if not any(note.message == message for note in runner.events.of_type(ev.Note)):
-                runner.events.emit(ev.Note(runner.index, kind, message))
+            runner.events.emit_once(ev.Note(runner.index, kind, f"{name} {says}"), name)
             replay_state.observing += 1
             try:
                 with internals.suspended():
