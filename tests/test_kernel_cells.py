@@ -390,6 +390,7 @@ batches = iter(strategy.experimental_distribute_dataset(
 
 
 def replica_step(x, y):
+    replica_calls.append(len(replica_calls))
     with tf.GradientTape() as tape:
         loss = loss_fn(y, net(x, training=True)) / 64.0
     grads = tape.gradient(loss, net.trainable_variables)
@@ -397,6 +398,7 @@ def replica_step(x, y):
     return loss
 
 losses = []
+replica_calls = []
 """
 MIRRORED_LOOP = """\
 for step in range(10):
@@ -406,23 +408,51 @@ for step in range(10):
 """
 
 
-def test_a_mirrored_strategy_loop_runs_its_replicas_as_eagerly_and_says_so():
-    """`strategy.run` under MirroredStrategy over two logical CPUs: the replica functions run
-    on TensorFlow's replica threads, which terra_nb does not see, so the call runs plainly
-    eager after the pending work (a note says so) and the losses and weights are eager's.
-    Before, the calling thread's part (the all-reduced optimizer update) was deferred while
-    replica threads read the variables: losses left eager's by 0.7%."""
+def test_a_mirrored_strategy_loop_co_executes_its_replicas_with_eager_results():
+    """`strategy.run` under MirroredStrategy over two logical CPUs: the replica threads' ops
+    are deferred and replayed per replica (their Keras calls are told apart by replica), the
+    Python in the replica function runs once per replica and step as eagerly, and losses and
+    weights are bitwise eager's. Before replica threads were seen, only the calling thread's
+    part was deferred and the replicas read stale variables (losses off by 0.7%)."""
     notebook = execute_cells([
         MIRRORED_SETUP, "%load_ext terra_nb", MIRRORED_MODEL, MIRRORED_LOOP,
-        "eager = losses, [v.numpy() for v in net.variables]",
+        "eager = losses, [v.numpy() for v in net.variables], list(replica_calls)",
         MIRRORED_MODEL, "%%terra --no-panel\n" + MIRRORED_LOOP,
         "import terra_nb\nreport = terra_nb.report()\n"
         "np.testing.assert_array_equal(losses, eager[0])\n"
         "for got, want in zip([v.numpy() for v in net.variables], eager[1]):\n"
         "    np.testing.assert_array_equal(got, want)\n"
+        "assert replica_calls == eager[2] and len(replica_calls) == 20, replica_calls\n"
         "print('modes', [e.mode for e in report.timeline])\n"
         "print('notes', ' | '.join(n.message for n in report.notes))\n"])
     shown, modes = _printed_modes(notebook)
-    assert "MirroredStrategy.run runs the replica functions on TensorFlow's replica threads" \
-        in shown, shown
+    assert re.search(r"Sequential call at \d+\.py:\d+ \(replica 0\)", shown), shown
+    assert re.search(r"Sequential call at \d+\.py:\d+ \(replica 1\)", shown), shown
+    assert "handed work to the strategy's calling thread (merge_call)" in shown, shown
     assert modes.count("'co-executing'") >= 6, modes
+
+
+def test_an_op_under_a_device_block_keeps_its_device_in_the_graph():
+    """A `with tf.device(...)` block in a step: the deferred op says it lives on that device
+    (as the eager tensor would), and the compiled graph places it there; the op outside the
+    block stays unplaced."""
+    notebook = execute_cells([
+        MIRRORED_SETUP, "%load_ext terra_nb",
+        "import terra_nb\nw = tf.Variable(tf.ones([4]))\nseen = []\n\n\n"
+        "def step(i):\n"
+        "    with tf.device('/cpu:1'):\n"
+        "        doubled = w * 2.0 + float(i)\n"
+        "    seen.append(doubled.device)\n"
+        "    w.assign_add(doubled * 0.01)\n"
+        "    return tf.reduce_sum(doubled)\n\n\n"
+        "run = terra_nb.function(step)\ntotals = [float(run(i)) for i in range(8)]\n",
+        "print('devices', sorted(set(seen)))\n"
+        "ops = [op for segment in run.session.graph_runner.segments()\n"
+        "       for op in segment.function.graph.get_operations() if op.type == 'Mul']\n"
+        "print('graph devices', sorted({op.device for op in ops}))\n"
+        "print('modes', [e.mode for e in run.report().timeline])\n"])
+    assert errors_in(notebook) == []
+    shown = text_of(notebook.cells[-1])
+    assert "devices ['/job:localhost/replica:0/task:0/device:CPU:1']" in shown, shown
+    assert "graph devices ['', '/job:localhost/replica:0/task:0/device:CPU:1']" in shown, shown
+    assert "'co-executing'" in shown, shown

@@ -378,7 +378,7 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
                 else:
                     inputs.append(args[feed_index[(position, slot)]])
             waits = fallible if fallible and is_stateful(node) else []
-            with graph.control_dependencies(waits):
+            with graph.control_dependencies(waits), graph.device(node.device or None):
                 if node.function is not None:
                     called = internals.call_function_in_graph(node.function, inputs)
                     results = _fold_static_outputs(node.function, called)

@@ -55,8 +55,9 @@ class InterpretedSegment:
                 else:  # FROM_NODE: an earlier op of this segment
                     inputs.append(values[(ref.node.uid, ref.index)])
             try:  # the real execute: no handler sees it, no tape records it (told already)
-                results = internals.run_eagerly(node.op_type, len(node.output_dtypes), inputs,
-                                                graph_attrs(node), ctx)
+                with ctx.device(node.device or None):
+                    results = internals.run_eagerly(node.op_type, len(node.output_dtypes),
+                                                    inputs, graph_attrs(node), ctx)
             except Exception:
                 self.failed_node = node
                 raise

@@ -51,8 +51,6 @@ class NoteKind(_Reason):
     XLA_REFUSED = ("xla-refused", "a graph segment XLA could not compile runs without XLA")
     COMPILED_WORK = ("compiled-work", "a Keras method that runs its own compiled graph runs "
                      "as it is")
-    REPLICA_THREADS = ("replica-threads", "a tf.distribute strategy's `run` executes on "
-                       "TensorFlow's replica threads: it runs plainly eager, as it is")
 
 
 class Refusal(_Reason):
@@ -82,6 +80,8 @@ class Refusal(_Reason):
     SHAPE_DECIDING_ARGUMENT = ("shape-deciding-argument",
                                "an argument's value decides a shape inside it")
     FOREIGN_RESULT = ("foreign-result", "it returned a {type_name} made outside its ops")
+    MERGE_CALL = ("merge-call", "it handed work to the strategy's calling thread "
+                  "(merge_call), where other replicas' ops ran in the middle of it")
     SPARSE_GRADIENT = ("sparse-gradient",
                        "its {op_type} has a sparse gradient that a traced call would densify")
 

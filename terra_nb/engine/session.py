@@ -88,6 +88,7 @@ class Session:
 
     def _engine(self):
         if self._graph is None:
+            from terra_nb.engine import replicas  # noqa: F401  (replica threads co-execute)
             from terra_nb.engine.tracegraph import TraceGraph
             from terra_nb.engine.worker import GraphRunner
 

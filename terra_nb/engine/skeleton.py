@@ -130,7 +130,8 @@ class PythonRunner:
             attrs = internals.lean_call_attrs(op_type, attrs)
         attrs_key = graphgen.identity_attrs(op_type, attrs)
         key = NodeKey(op_type, attrs_key, location, tuple(input_identity(ref) for ref in refs),
-                      self._shape_values(op_type, attrs, attrs_key, refs, inputs))
+                      self._shape_values(op_type, attrs, attrs_key, refs, inputs),
+                      ctx.device_name or "")
         if self.mode == DEFER:
             child = self.cursor.children.get(key)
             if child is not None:
@@ -176,6 +177,8 @@ class PythonRunner:
             child = self.graph.add_child(self.cursor, key, op_type, attrs, location, refs,
                                          outputs, island, ctx.scope_name)
             child.function = function
+            child.device = key.device
+            child.output_devices = tuple(output.device for output in outputs)
             child.host_value = (not island and function is None
                                 and hostvalues.is_host_value(op_type, outputs))
             if op_type in hostvalues.INDEX_CHECKED_OPS:

@@ -74,6 +74,7 @@ class NodeKey(NamedTuple):
     location: tuple  # the user's call-site stack
     inputs: tuple  # each input's reference, with nodes by uid and resources by id
     shape_values: tuple  # output shapes decided by input values (see PythonRunner._shape_values)
+    device: str  # the device the op was asked to run on ("" for TensorFlow's choice)
 
 SMALL_CONSTANT = 64  # an external input with at most this many elements may be folded
 
@@ -136,7 +137,7 @@ class Node:
         "uid", "op_type", "attrs", "location", "inputs", "output_dtypes", "output_shapes",
         "parent", "children", "visits", "island", "externals", "scope", "host_value", "mirrored",
         "function", "fetches", "fetch_wait_seconds", "last_fetch_wait", "submit_early",
-        "host_memo", "steady_wait_seconds", "graph_cost", "fallible",
+        "host_memo", "steady_wait_seconds", "graph_cost", "fallible", "device", "output_devices",
         "__weakref__",
     )
 
@@ -165,6 +166,8 @@ class Node:
         self.submit_early = False  # its segment is submitted once it is deferred (runner)
         self.fallible = None  # whether it may fail on its values (graphgen.may_fail, once)
         self.host_memo = None  # (inputs, outputs) of its last computation in Python's thread
+        self.device = ""  # the device it was asked to run on (a replica's, a `tf.device` block)
+        self.output_devices = ()  # where eager execution put its outputs
 
     def learn_outputs(self, outputs) -> None:
         """The outputs of a node first recorded where it raised (the end of a dataset)."""

@@ -15,6 +15,7 @@ import os
 import site
 import sys
 import sysconfig
+import threading
 import types
 
 from terra_nb.engine.events import UserFrame
@@ -127,7 +128,50 @@ def user_location(stop_frame, depth: int = 2, known_above=None) -> Location:
         if frame is stop_frame:
             break
         frame = frame.f_back
+    else:
+        frames.extend(_thread_base.location)
     return tuple(frames)
+
+
+_REPLICA_PREFIX = "<replica "
+
+
+def replica_frame(replica_id: int) -> tuple:
+    """The frame that tells a replica's ops from another replica's (same lines)."""
+    return (f"{_REPLICA_PREFIX}{replica_id}>", 0)
+
+
+def replica_of(location: Location) -> int | None:
+    """Which tf.distribute replica ran the code at `location`, if one did."""
+    for filename, _ in location:
+        if filename.startswith(_REPLICA_PREFIX):
+            return int(filename[len(_REPLICA_PREFIX):-1])
+    return None
+
+
+class _ThreadBase(threading.local):
+    location: Location = ()
+
+
+_thread_base = _ThreadBase()
+
+
+class located_below:
+    """Within this thread, let every location end with `location`: the frames of a thread
+    that runs user code for another one (a tf.distribute replica thread) stop at its own
+    bottom, and the location of the call that started it (with the replica) completes them."""
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self.previous = ()
+
+    def __enter__(self):
+        self.previous, _thread_base.location = _thread_base.location, self.location
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _thread_base.location = self.previous
+        return False
 
 
 def user_frame_of(location: Location) -> UserFrame | None:

@@ -45,6 +45,7 @@ from terra_nb.engine.internals.ops import (
     computes_in_half_precision,
     convert,
     create_graph_op,
+    current_handler,
     eager_context,
     handling,
     install_guard,
@@ -63,17 +64,21 @@ from terra_nb.engine.internals.ops import (
     variable_read,
     variable_shape,
 )
+from terra_nb.engine.internals.replicas import PRIVATE_SYMBOLS as _REPLICA_SYMBOLS
+from terra_nb.engine.internals.replicas import follow_into_replica_threads, merge_calls
 
 __all__ = [
     "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
     "a_tape_is_recording", "attr_protos", "call_concrete", "call_function_in_graph",
     "calling_function", "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
-    "eager_context", "function_op_types", "gradient_module", "handling", "install_guard",
-    "is_backward_function", "is_eager_value", "keep_running", "lean_call_attrs",
-    "lean_graph_calls", "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient",
-    "remove_guard", "run_eagerly", "scratch_graph", "suspended", "tape_gradient", "tape_is_plain",
-    "unwrap", "variable_read", "variable_shape",
+    "current_handler",
+    "eager_context", "follow_into_replica_threads", "function_op_types", "gradient_module",
+    "handling", "install_guard", "is_backward_function", "is_eager_value", "keep_running",
+    "lean_call_attrs", "lean_graph_calls", "merge_calls", "next_tensor_id",
+    "op_callbacks_registered", "op_def", "record_gradient", "remove_guard", "run_eagerly",
+    "scratch_graph", "suspended", "tape_gradient", "tape_is_plain", "unwrap", "variable_read",
+    "variable_shape",
 ]
 
 PRIVATE_SYMBOLS = (
@@ -104,7 +109,7 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.framework.constant_op", "convert_to_eager_tensor"),
     ("tensorflow.python.eager.backprop", "_handle_or_self"),
     ("tensorflow.python.framework.func_graph", "FuncGraph"),
-)
+) + _REPLICA_SYMBOLS
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
 _CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")

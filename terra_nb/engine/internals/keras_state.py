@@ -5,14 +5,21 @@ keyword arguments a loss passes to its function."""
 from __future__ import annotations
 
 from keras.src.backend.common import global_state
+from keras.src.backend.tensorflow import optimizer as tf_optimizer
 
 PRIVATE_KERAS_SYMBOLS = (
     ("keras.layers.Layer", "_flatten_layers"),
     ("keras.src.backend.common.global_state", "get_global_attribute"),
+    ("keras.src.backend.tensorflow.optimizer.TFOptimizer", "_distributed_tf_update_step"),
 )
 # read with getattr, absent on some classes: an optimizer's `_learning_rate`, a loss wrapper's
 # `_fn_kwargs`, a layer's `_call_context_args`
 """Keras internals read here (checked by a test, like PRIVATE_SYMBOLS)."""
+
+
+DistributedOptimizer = tf_optimizer.TFOptimizer
+"""The TensorFlow side of every Keras optimizer; under a tf.distribute strategy its
+`_distributed_tf_update_step` is the merge function that updates each replica's variables."""
 
 
 def layers_of(layer) -> list:

@@ -55,6 +55,10 @@ class LazyTensor(ops._EagerTensorBase):
 
     @property
     def device(self):
+        """Where eager execution put this output (a replica's values live on its device)."""
+        devices = self.node.output_devices
+        if self.index < len(devices):
+            return devices[self.index]
         return context.context().device_name or "/job:localhost/replica:0/task:0/device:CPU:0"
 
     @property

@@ -559,6 +559,11 @@ def current_handler() -> OpHandler | None:
     return _slot.handler
 
 
+def intercepting() -> bool:
+    """Whether an iteration's op handler (not a drain guard) takes this thread's ops."""
+    return _slot.handler is not None and not isinstance(_slot.handler, _DrainGuard)
+
+
 def scratch_graph(name: str):
     """An empty function graph to build ops in without running them (shape inference)."""
     return func_graph.FuncGraph(name)

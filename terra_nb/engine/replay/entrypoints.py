@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from terra_nb.engine import events as ev
 from terra_nb.engine import internals
+from terra_nb.engine.internals import keras_state
 from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay.guards import (
     VARIABLE_TYPES,
@@ -236,15 +237,6 @@ def _as_it_is_entry(kind: NoteKind, says: str):
 _compiled_work_entry = _as_it_is_entry(
     NoteKind.COMPILED_WORK,
     "runs its own compiled graph; terra_nb runs it as it is and has nothing to speed up there")
-# A strategy runs the replica functions on its own threads and all-reduces from the calling
-# one: co-executing the calling thread's part alone let replica threads read variables whose
-# updates were still deferred (eager's losses left by 0.7% under MirroredStrategy).
-_replica_run_entry = _as_it_is_entry(
-    NoteKind.REPLICA_THREADS,
-    "runs the replica functions on TensorFlow's replica threads: terra_nb runs it plainly "
-    "eager, as it is (the rest of the iteration co-executes)")
-
-
 def is_replaying() -> bool:
     """True while this thread runs a macro in place of library Python."""
     return replay_state.replaying > 0
@@ -257,10 +249,10 @@ def _entry_points():
         (keras.layers.Layer, "__call__", _make_entry_point),
         (keras.losses.Loss, "__call__", _make_entry_point),
         (keras.optimizers.Optimizer, "apply_gradients", _apply_gradients_entry),
+        (keras_state.DistributedOptimizer, "_distributed_tf_update_step", _make_entry_point),
         (keras.Model, "fit", _compiled_work_entry),
         (keras.Model, "evaluate", _compiled_work_entry),
         (keras.Model, "predict", _compiled_work_entry),
-        (tf.distribute.Strategy, "run", _replica_run_entry),
         (internals.gradient_module, "imperative_grad", _gradient_entry),
         (tf.GradientTape, "gradient", _tape_gradient_entry),
         (tf.Tensor, "__getitem__", _slice_entry),

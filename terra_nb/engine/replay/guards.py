@@ -143,7 +143,7 @@ class TensorArgument(NamedTuple):
 
 
 class VariableArgument(NamedTuple):
-    marker: str  # "variable": a variable is guarded by identity
+    marker: str  # "variable" or "strategy": guarded by identity
     identity: int
 
 
@@ -164,6 +164,8 @@ def guard_key(obj, args, kwargs, flat: list) -> CallGuard | None:
             arguments.append(TensorArgument(dtype_of(value).name, tuple(np.shape(value))))
         elif isinstance(value, VARIABLE_TYPES):
             arguments.append(VariableArgument("variable", id(value)))
+        elif isinstance(value, tf.distribute.Strategy):
+            arguments.append(VariableArgument("strategy", id(value)))
         elif isinstance(value, PYTHON_VALUES):
             arguments.append(PythonArgument(type(value).__name__, value))
         else:
@@ -312,7 +314,7 @@ def _argument_text(argument) -> str:
     if isinstance(argument, TensorArgument):
         return f"{argument.dtype}{argument.shape}"
     if isinstance(argument, VariableArgument):
-        return "a variable"
+        return f"a {argument.marker}"
     return f"{argument.type_name} {argument.value!r}"
 
 

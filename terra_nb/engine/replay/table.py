@@ -62,6 +62,7 @@ from terra_nb.engine.replay.span import (
     replay_span,
 )
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE
+from terra_nb.engine.usercode import replica_of
 
 SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
 
@@ -235,6 +236,7 @@ class MacroTable:
         arguments = {position: runner.reference_of(value) for position, value in enumerate(flat)
                      if internals.is_eager_value(value)}
         first_new = internals.next_tensor_id()
+        merges = internals.merge_calls()
         read: list = []
         arrays = [value for value in flat if isinstance(value, ARRAYS)]
         replay_state.observing += 1
@@ -250,6 +252,8 @@ class MacroTable:
             entry.last_span = None
             return result
         reason = _unstable(runner, start, call_site, obj, result)
+        if not reason and internals.merge_calls() != merges:
+            reason = Refusal.MERGE_CALL.say()
         # A value it forced chose what its Python did: its recorded ops are that one choice,
         # while a traced function turns a choice made through tf.cond into a graph conditional
         # (and refuses to trace a Python branch on a tensor), so only a macro may stand for it.
@@ -351,7 +355,7 @@ class MacroTable:
         """The call keeps running its Python for this guard key; the user is told once per
         call site and reason (a Note), unless it ran no op at all (nothing to replay)."""
         entry.banned = reason
-        told = (call_site, what, reason)
+        told = (call_site[:1], what, reason)  # once for all replicas and callers
         if reason == Refusal.NO_OPS.say() or told in self.refusals_reported:
             return
         self.refusals_reported.add(told)
@@ -437,7 +441,9 @@ def _call_site_text(call_site) -> str:
     if not call_site:
         return "?"
     filename, lineno = call_site[0]
-    return f"{filename.rsplit('/', 1)[-1]}:{lineno}"
+    replica = replica_of(call_site)
+    on_replica = f" (replica {replica})" if replica is not None else ""
+    return f"{filename.rsplit('/', 1)[-1]}:{lineno}{on_replica}"
 
 
 def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
