@@ -52,6 +52,7 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(PY) -m benchmarks
 	$(PY) -m benchmarks.warmup --out benchmarks/results
+	$(PY) -m benchmarks.distribute --out benchmarks/results
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

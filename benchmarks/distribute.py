@@ -43,6 +43,7 @@ def _mlp(strategy):
                                   keras.layers.Dense(256, activation="relu"),
                                   keras.layers.Dense(10)])
         optimizer = keras.optimizers.Adam(1e-3)
+        optimizer.build(model.trainable_variables)  # tf.function cannot create them mirrored
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
     data = tf.data.Dataset.from_tensor_slices((features, labels)).batch(MLP_BATCH).repeat()
     batches = iter(strategy.experimental_distribute_dataset(data))
@@ -137,7 +138,8 @@ def table(results: dict, steps: int) -> str:
     for program, summary in results.items():
         for name, row in summary.items():
             if row["error"]:
-                lines.append(f"| {program} | {name} | failed: {row['error'][:60]} |"
+                error = " ".join(row["error"].split())[:60]
+                lines.append(f"| {program} | {name} | failed: {error} |"
                              + " - |" * 6)
                 continue
             lines.append(

@@ -83,3 +83,17 @@ def test_profiling_notebook_breakdown_and_fewer_fetch_waits_after_the_fix():
     # A step that fetches waits for its value; a step that does not fetch never waits for
     # one (a graph slower than Python shows as run-ahead waits instead).
     assert float(match.group(2)) == 0.0 < float(match.group(1))
+
+
+@pytest.mark.slow
+def test_distribute_notebook_runs_one_loop_on_one_device_and_mirrored_as_eagerly():
+    _, shown = run_notebook("06_distribute.ipynb")
+    rows = dict(re.findall(r"^(one device, eager|one device, %%terra|mirrored, eager|"
+                           r"mirrored, %%terra) +(total .*)$", shown, re.M))
+    assert len(rows) == 4, shown
+    for name, row in rows.items():
+        calls = 80 if name.startswith("mirrored") else 40
+        assert f"replica calls {calls}  max |loss - eager| 0.0e+00" in row, (name, row)
+    assert "[replicas] MirroredStrategy.run co-executes 2 local replicas (CPU:0, CPU:1)" in shown
+    assert re.search(r"Sequential call at \d+\.py:\d+ \(replica 1\)", shown)
+    assert "co-executing" in shown

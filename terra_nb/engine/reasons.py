@@ -49,6 +49,8 @@ class NoteKind(_Reason):
     LIBRARY_REPLAY = ("library-replay", "the iteration traced the path replayed calls make")
     NOT_BUILT = ("not-built", "a path's graph could not be built; its ops run eagerly")
     XLA_REFUSED = ("xla-refused", "a graph segment XLA could not compile runs without XLA")
+    REPLICAS = ("replicas", "a tf.distribute strategy's replica functions co-execute, each "
+                "on its own device")
     COMPILED_WORK = ("compiled-work", "a Keras method that runs its own compiled graph runs "
                      "as it is")
 

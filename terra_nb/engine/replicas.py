@@ -9,7 +9,9 @@ be taken for one another's.
 
 from __future__ import annotations
 
+from terra_nb.engine import events as ev
 from terra_nb.engine import internals
+from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay.macro import replay_state
 from terra_nb.engine.skeleton import PythonRunner
 from terra_nb.engine.usercode import Location, located_below, replica_frame, user_location
@@ -41,13 +43,25 @@ class _ReplicaRun:
         return False
 
 
-def _replica_run(replica_id: int, device: str) -> _ReplicaRun | None:
+def _replica_run(strategy, replica_id: int, device: str) -> _ReplicaRun | None:
     """Called on the thread that starts a replica thread (see internals.replicas)."""
     handler = internals.current_handler()
     if not isinstance(handler, PythonRunner):
         return None
+    name = type(strategy).__name__
+    devices = strategy.extended.worker_devices
+    handler.events.emit_once(ev.Note(handler.index, NoteKind.REPLICAS, (
+        f"{name}.run co-executes {len(devices)} local replica"
+        f"{'' if len(devices) == 1 else 's'} ({', '.join(_short(d) for d in devices)}): "
+        "each replica's ops are deferred from its own thread and its library calls replayed "
+        "on their own; the all-reduce runs as one traced function")), ("replicas", name))
     location = (replica_frame(replica_id),) + user_location(handler.stop_frame, depth=2)
     return _ReplicaRun(handler, location)
+
+
+def _short(device: str) -> str:
+    """`/job:localhost/replica:0/task:0/device:CPU:1` -> `CPU:1`."""
+    return device.rsplit("device:", 1)[-1]
 
 
 internals.follow_into_replica_threads(_replica_run)

@@ -43,8 +43,8 @@ _merge_calls = _MergeCalls()
 
 
 def follow_into_replica_threads(capture: Callable) -> None:
-    """Call `capture(replica_id, device)` on the thread that starts each replica thread; what
-    it returns (a context manager, or None) is entered around the replica thread's run."""
+    """Call `capture(strategy, replica_id, device)` on the thread that starts each replica
+    thread; what it returns (a context manager, or None) is entered around its run."""
     global _started_by
     _started_by = capture
 
@@ -60,8 +60,8 @@ def _init(original):
         original(self, *args, **kwargs)
         capture = _started_by
         device = self.devices[0] if self.devices else ""
-        self._terra_nb_context = capture(self.replica_id_in_sync_group, device) \
-            if capture is not None else None
+        self._terra_nb_context = capture(self.distribution, self.replica_id_in_sync_group,
+                                         device) if capture is not None else None
 
     __init__.__wrapped__ = original
     return __init__
