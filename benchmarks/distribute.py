@@ -101,7 +101,8 @@ def run_one(program: str, placement: str, mode: str, steps: int) -> dict:
         try:
             losses.append(float(step(tf.constant(index) if mode == "tf.function" else index)))
         except Exception as failure:  # a mode that cannot run the program is a result
-            error = f"{type(failure).__name__}: {str(failure).strip()[:200]}"
+            cause = (str(failure).strip().splitlines() or [""])[-1].strip()  # after the trace
+            error = f"{type(failure).__name__}: {cause[:200]}"
             break
         times.append((time.perf_counter() - start) * 1e3)
     modes = [event.mode for event in step.report().timeline] if mode == "terra_nb" else []

@@ -408,14 +408,21 @@ for step in range(10):
 """
 
 
-def test_a_mirrored_strategy_loop_co_executes_its_replicas_with_eager_results():
+@pytest.mark.parametrize("reduction", ["CollectiveAllReduce", "ReductionToOneDevice"])
+def test_a_mirrored_strategy_loop_co_executes_its_replicas_with_eager_results(reduction):
     """`strategy.run` under MirroredStrategy over two logical CPUs: the replica threads' ops
     are deferred and replayed per replica (their Keras calls are told apart by replica), the
     Python in the replica function runs once per replica and step as eagerly, and losses and
-    weights are bitwise eager's. Before replica threads were seen, only the calling thread's
-    part was deferred and the replicas read stale variables (losses off by 0.7%)."""
+    weights are bitwise eager's, whether the all-reduce is collective (one traced function) or
+    reduces to one device (ops deferred one by one on the calling thread). Before replica
+    threads were seen, only the calling thread's part was deferred and the replicas read
+    stale variables (losses off by 0.7%)."""
+    setup = MIRRORED_SETUP + (
+        f"strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'], "
+        f"cross_device_ops=tf.distribute.{reduction}())\n"
+        if reduction == "ReductionToOneDevice" else "")
     notebook = execute_cells([
-        MIRRORED_SETUP, "%load_ext terra_nb", MIRRORED_MODEL, MIRRORED_LOOP,
+        setup, "%load_ext terra_nb", MIRRORED_MODEL, MIRRORED_LOOP,
         "eager = losses, [v.numpy() for v in net.variables], list(replica_calls)",
         MIRRORED_MODEL, "%%terra --no-panel\n" + MIRRORED_LOOP,
         "import terra_nb\nreport = terra_nb.report()\n"
