@@ -390,10 +390,12 @@ batches = iter(strategy.experimental_distribute_dataset(
 
 
 def replica_step(x, y):
-    replica_calls.append(len(replica_calls))
     with tf.GradientTape() as tape:
         loss = loss_fn(y, net(x, training=True)) / 64.0
+    replica_calls.append(float(loss))  # a fetch on the replica's thread
     grads = tape.gradient(loss, net.trainable_variables)
+    if replica_calls[-1] > 1.2:  # and a Python branch on it
+        grads = [grad * 0.5 for grad in grads]
     optimizer.apply_gradients(zip(grads, net.trainable_variables))
     return loss
 
@@ -412,11 +414,11 @@ for step in range(10):
 def test_a_mirrored_strategy_loop_co_executes_its_replicas_with_eager_results(reduction):
     """`strategy.run` under MirroredStrategy over two logical CPUs: the replica threads' ops
     are deferred and replayed per replica (their Keras calls are told apart by replica), the
-    Python in the replica function runs once per replica and step as eagerly, and losses and
-    weights are bitwise eager's, whether the all-reduce is collective (one traced function) or
-    reduces to one device (ops deferred one by one on the calling thread). Before replica
-    threads were seen, only the calling thread's part was deferred and the replicas read
-    stale variables (losses off by 0.7%)."""
+    Python in the replica function (a fetch, a branch on it) runs once per replica and step as
+    eagerly, and losses and weights are bitwise eager's, whether the all-reduce is collective
+    (one traced function) or reduces to one device (ops deferred one by one on the calling
+    thread). Before replica threads were seen, only the calling thread's part was deferred and
+    the replicas read stale variables (losses off by 0.7%)."""
     setup = MIRRORED_SETUP + (
         f"strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'], "
         f"cross_device_ops=tf.distribute.{reduction}())\n"
