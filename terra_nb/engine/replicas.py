@@ -43,7 +43,7 @@ class _ReplicaRun:
         return False
 
 
-def _replica_run(strategy, replica_id: int, device: str) -> _ReplicaRun | None:
+def _replica_run(strategy, replica_id: int) -> _ReplicaRun | None:
     """Called on the thread that starts a replica thread (see internals.replicas)."""
     handler = internals.current_handler()
     if not isinstance(handler, PythonRunner):

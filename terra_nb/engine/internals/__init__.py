@@ -64,6 +64,7 @@ from terra_nb.engine.internals.ops import (
     variable_read,
     variable_shape,
 )
+from terra_nb.engine.internals.replicas import PRIVATE_MEMBERS as _REPLICA_MEMBERS
 from terra_nb.engine.internals.replicas import PRIVATE_SYMBOLS as _REPLICA_SYMBOLS
 from terra_nb.engine.internals.replicas import follow_into_replica_threads, merge_calls
 
@@ -145,4 +146,6 @@ def check_private_symbols() -> list[str]:
         if not hasattr(atomic_function.AtomicFunction, member)
     ]
     missing += [f"Graph.{member}" for member in _GRAPH_MEMBERS if not hasattr(tf_ops.Graph, member)]
+    missing += [f"{owner.__name__}.{member}" for owner, member in _REPLICA_MEMBERS
+                if not hasattr(owner, member)]
     return missing

@@ -30,9 +30,16 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.distribute.mirrored_run", "_MirroredReplicaContext"),
     ("tensorflow.python.distribute.cross_device_ops", "CollectiveAllReduce"),
 )
+PRIVATE_MEMBERS = (
+    (mirrored_run._MirroredReplicaThread, "run"),
+    (mirrored_run._MirroredReplicaContext, "_merge_call"),
+    (cross_device_ops.CollectiveAllReduce, "_all_reduce_per_replica_values"),
+)
+"""Methods hooked here (their instance attributes read: a replica thread's `distribution`
+and `replica_id_in_sync_group`, the all-reduce's `_devices`)."""
 
 _ReplicaThread = mirrored_run._MirroredReplicaThread
-_started_by = None  # the engine's capture: (replica id, device) -> context manager, or None
+_started_by = None  # the engine's capture: (strategy, replica id) -> context manager, or None
 
 
 class _MergeCalls(threading.local):
@@ -43,8 +50,8 @@ _merge_calls = _MergeCalls()
 
 
 def follow_into_replica_threads(capture: Callable) -> None:
-    """Call `capture(strategy, replica_id, device)` on the thread that starts each replica
-    thread; what it returns (a context manager, or None) is entered around its run."""
+    """Call `capture(strategy, replica_id)` on the thread that starts each replica thread;
+    what it returns (a context manager, or None) is entered around its run."""
     global _started_by
     _started_by = capture
 
@@ -59,9 +66,8 @@ def _init(original):
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         capture = _started_by
-        device = self.devices[0] if self.devices else ""
-        self._terra_nb_context = capture(self.distribution, self.replica_id_in_sync_group,
-                                         device) if capture is not None else None
+        self._terra_nb_context = capture(self.distribution, self.replica_id_in_sync_group) \
+            if capture is not None else None
 
     __init__.__wrapped__ = original
     return __init__
