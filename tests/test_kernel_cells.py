@@ -472,3 +472,51 @@ def test_an_op_under_a_device_block_keeps_its_device_in_the_graph():
     assert "devices ['/job:localhost/replica:0/task:0/device:CPU:1']" in shown, shown
     assert "graph devices ['', '/job:localhost/replica:0/task:0/device:CPU:1']" in shown, shown
     assert "'co-executing'" in shown, shown
+
+
+DEEP_LOOP = """\
+class Deep(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.blocks = [keras.layers.Dense(16, activation="relu") for _ in range(4)]
+        self.head = keras.layers.Dense(10)
+
+    def call(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+keras.utils.set_random_seed(0)
+model = Deep()
+optimizer = keras.optimizers.Adam(1e-2)
+loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+losses = []
+for step in range(12):
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x))
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    losses.append(float(loss))
+"""
+
+
+def test_an_optimizer_updating_layers_of_one_width_traces_one_update_per_shape():
+    """Four hidden layers of one width, defined in the cell: the replayed optimizer call
+    traced one update per variable shape that repeats (three 16x16 kernels, four biases; the
+    first kernel's shape is its own) and the note says so; losses and weights are eager's."""
+    notebook = execute_cells([
+        "%load_ext terra_nb", SETUP, DEEP_LOOP,
+        "eager = losses, [v.numpy() for v in model.variables + optimizer.variables]",
+        "%%terra --no-panel\n" + DEEP_LOOP,
+        "import terra_nb\nreport = terra_nb.report()\n"
+        f"close = dict(rtol={RUN_RTOL}, atol={ATOL})\n"
+        "np.testing.assert_allclose(losses, eager[0], **close)\n"
+        "for got, want in zip([v.numpy() for v in model.variables + optimizer.variables],"
+        " eager[1]):\n    np.testing.assert_allclose(got, want, **close)\n"
+        "print('modes', [e.mode for e in report.timeline])\n"
+        "print('replayed', ' | '.join(n.message for n in report.notes if n.kind == 'replayed'))\n"])
+    shown, modes = _printed_modes(notebook)
+    assert re.search(r"Adam call at [^|]+updates of 7 variables traced as 2 shared functions",
+                     shown), shown
+    assert modes.count("'co-executing'") >= 8, modes

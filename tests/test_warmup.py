@@ -5,6 +5,7 @@ ops keep running interpreted; results are eager's either way."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import linecache
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import threading
 
 import harness
+import keras
 import numpy as np
 import programs
 import pytest
@@ -21,6 +23,7 @@ from terra_nb.engine import events as ev
 from terra_nb.engine.heap import FrozenHeap
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.reasons import NoteKind
+from terra_nb.engine.replay import updates
 from terra_nb.engine.session import Session
 
 BUILT_AT_ONCE = SchedulingPolicy(compile_after_runs=1, build_in_background=False)
@@ -376,3 +379,78 @@ def test_a_script_that_ends_while_a_graph_is_being_built_exits_cleanly(tmp_path)
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "terminate called" not in done.stderr
+
+
+def _deep_mlp(optimizer_class):
+    """Three hidden layers of one width: their kernels share one shape, their biases another."""
+    def build():
+        harness.seed_everything()
+        model = keras.Sequential([keras.Input((16,))] + [
+            keras.layers.Dense(16, activation="relu") for _ in range(3)] + [
+            keras.layers.Dense(4)])
+        return model, optimizer_class(learning_rate=1e-2)
+    return build
+
+
+def _loss_scaled_adam(learning_rate):
+    return keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(learning_rate))
+
+
+@pytest.mark.parametrize("optimizer_class",
+                         sorted(updates.SHAREABLE, key=lambda c: c.__name__) + [_loss_scaled_adam],
+                         ids=lambda cls: cls.__name__)
+def test_an_optimizers_updates_of_one_shape_share_a_function_with_the_same_results(
+        optimizer_class):
+    """Traced as one function per variable shape, called with each variable's own slots,
+    Keras' optimizers update every variable and slot exactly as traced one by one."""
+    data = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
+    finals, said = [], []
+    for shared in (False, True):
+        model, optimizer = _deep_mlp(optimizer_class)()
+
+        def gradients(model=model):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(data) ** 2)
+            return tape.gradient(loss, model.trainable_variables)
+
+        optimizer.apply_gradients(zip(gradients(), model.trainable_variables))  # builds slots
+        sharing = updates.sharing_updates(optimizer) if shared else contextlib.nullcontext()
+
+        def apply(*grads, sharing=sharing, model=model, optimizer=optimizer):
+            with sharing:
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+        grads = gradients()
+        apply_traced = tf.function(apply, autograph=False).get_concrete_function(
+            *[tf.TensorSpec(grad.shape, grad.dtype) for grad in grads])
+        for _ in range(2):
+            apply_traced(*gradients())
+        finals.append([variable.numpy() for variable in model.variables + optimizer.variables])
+        said.append(str(sharing))
+    for unshared, shared in zip(*finals, strict=True):
+        np.testing.assert_array_equal(shared, unshared)
+    assert said[1] == "updates of 6 variables traced as 2 shared functions", said
+
+
+def test_a_replayed_optimizer_call_says_its_updates_shared_functions_and_gives_eagers_results():
+    """A program whose layers repeat one width: its replayed apply_gradients traces one
+    update per shape, and the run is eager's."""
+    def build():
+        model, optimizer = _deep_mlp(keras.optimizers.Adam)()
+        data = tf.constant(np.random.default_rng(1).normal(size=(8, 16)).astype("float32"))
+
+        def step(index):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((model(data) - float(index % 3)) ** 2)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        return step, lambda: [variable.numpy() for variable in model.variables]
+
+    _, terra = harness.compare(build, 8)
+    replayed = [event.message for event in terra.session.events.of_type(ev.Note)
+                if event.kind == NoteKind.REPLAYED]
+    assert any("Adam call at" in message and
+               "updates of 6 variables traced as 2 shared functions" in message
+               for message in replayed), replayed

@@ -26,6 +26,7 @@ from terra_nb.engine.internals.functions import (
     TracedCall,
     a_tape_is_recording,
     call_concrete,
+    call_with_captures,
     function_op_types,
     gradient_module,
     is_backward_function,
@@ -71,7 +72,7 @@ from terra_nb.engine.internals.replicas import follow_into_replica_threads, merg
 __all__ = [
     "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
     "a_tape_is_recording", "attr_protos", "call_concrete", "call_function_in_graph",
-    "calling_function", "check_private_symbols", "collecting_conversions",
+    "call_with_captures", "calling_function", "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
     "current_handler", "eager_context", "follow_into_replica_threads", "function_op_types",
     "gradient_module", "handling", "install_guard", "is_backward_function", "is_eager_value",

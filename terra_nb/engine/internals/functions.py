@@ -43,6 +43,12 @@ def call_concrete(function, args: list, unfused: bool = False, quick: bool = Fal
     return outputs if isinstance(outputs, (list, tuple)) else [outputs]
 
 
+def call_with_captures(function, tensors: list, captures: list):
+    """Call a ConcreteFunction with `captures` in place of the captured inputs it was traced
+    with (other variables of the same shapes, say); as `function(*tensors)` otherwise."""
+    return function._call_flat(tensors, captures)
+
+
 class TracedCall:
     """A ConcreteFunction the skeleton calls in place of a stable library call (a macro).
 

@@ -1,9 +1,11 @@
 """The private Keras state the replay guards read: a layer's nested layers, the call
 arguments it inherits from Keras' call context, an optimizer's learning rate object, the
-keyword arguments a loss passes to its function."""
+keyword arguments a loss passes to its function; and the optimizer's variable positions and
+slot lists shared updates (replay/updates.py) map between variables."""
 
 from __future__ import annotations
 
+import keras
 from keras.src.backend.common import global_state
 from keras.src.backend.tensorflow import optimizer as tf_optimizer
 
@@ -11,9 +13,10 @@ PRIVATE_KERAS_SYMBOLS = (
     ("keras.layers.Layer", "_flatten_layers"),
     ("keras.src.backend.common.global_state", "get_global_attribute"),
     ("keras.src.backend.tensorflow.optimizer.TFOptimizer", "_distributed_tf_update_step"),
+    ("keras.optimizers.Optimizer", "_get_variable_index"),
 )
-# read with getattr, absent on some classes: an optimizer's `_learning_rate`, a loss wrapper's
-# `_fn_kwargs`, a layer's `_call_context_args`
+# read with getattr, absent on some classes: an optimizer's `_learning_rate` and
+# `_trainable_variables`, a loss wrapper's `_fn_kwargs`, a layer's `_call_context_args`
 """Keras internals read here (checked by a test, like PRIVATE_SYMBOLS)."""
 
 
@@ -47,3 +50,24 @@ def loss_function_arguments(loss) -> dict:
     """The keyword arguments a loss wrapper passes to its function (`from_logits`): set at
     construction, read at every call."""
     return getattr(loss, "_fn_kwargs", None) or {}
+
+
+def optimized_variables(optimizer) -> list:
+    """The variables the optimizer was built for, in the order of its slot lists."""
+    return list(getattr(optimizer, "_trainable_variables", ()))
+
+
+def variable_index(optimizer, variable) -> int | None:
+    """The position of `variable` among the optimized variables (None if not one of them)."""
+    try:
+        return optimizer._get_variable_index(variable)
+    except KeyError:
+        return None
+
+
+def slot_lists(optimizer, count: int) -> dict:
+    """name -> list of the optimizer's attributes holding one Keras variable per optimized
+    variable, by its position (Adam's `_momentums`, SGD's `momentums`)."""
+    return {name: value for name, value in vars(optimizer).items()
+            if isinstance(value, list) and count and len(value) == count
+            and all(isinstance(item, keras.Variable) for item in value)}

@@ -9,12 +9,14 @@ library calls made inside one are its own, not observed again.
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
 from terra_nb.engine.replay.guards import dtype_of, flatten, is_tensor_like
+from terra_nb.engine.replay.updates import sharing_updates
 
 
 class _ReplayState(threading.local):
@@ -29,11 +31,18 @@ class _ReplayState(threading.local):
 replay_state = _ReplayState()
 
 
-def build_macro(original, obj, args, kwargs, relaxed=None):
+class BuiltMacro(NamedTuple):
+    call: internals.TracedCall
+    tensor_positions: list  # of the flattened arguments that are the function's inputs
+    shared_updates: str  # how an optimizer's updates shared traced functions, or ""
+
+
+def build_macro(original, obj, args, kwargs, relaxed=None) -> BuiltMacro:
     """The ConcreteFunction standing for `original(obj, *args, **kwargs)`, and the positions
     of the flattened arguments that are its inputs; raises what tracing the call raises.
     With a `relaxed` guard (guards.relaxed_guard), its tensor inputs have the guard's shapes:
-    the dimensions seen to change are unknown."""
+    the dimensions seen to change are unknown. An optimizer's updates of variables of one
+    shape share one traced function (updates.py)."""
     flat = flatten(args, kwargs)
     tensor_positions = [index for index, value in enumerate(flat) if is_tensor_like(value)]
     specs = [tf.TensorSpec(relaxed.arguments[index].shape if relaxed else np.shape(flat[index]),
@@ -48,13 +57,14 @@ def build_macro(original, obj, args, kwargs, relaxed=None):
                                                           expand_composites=True)
         return original(obj, *call_args, **call_kwargs)
 
+    sharing = sharing_updates(obj)
     replay_state.observing += 1  # the library calls it makes while traced are its own
     try:
-        with internals.suspended():
+        with internals.suspended(), sharing:
             concrete = tf.function(body, autograph=False).get_concrete_function(*specs)
     finally:
         replay_state.observing -= 1
-    return internals.TracedCall(concrete), tensor_positions
+    return BuiltMacro(internals.TracedCall(concrete), tensor_positions, str(sharing))
 
 
 def replay_macro(entry, flat: list, runner, call_site, checked: bool):

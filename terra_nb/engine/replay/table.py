@@ -26,6 +26,7 @@ their arguments (MacroTable.call_as_span), one replay per TraceGraph position wh
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 import time
@@ -144,8 +145,10 @@ class MacroTable:
         """What is replayed from now on, since the last call ("" if nothing new)."""
         if not self.established:
             return ""
-        shown = ", ".join(self.established[:6])
-        more = len(self.established) - 6
+        counts = collections.Counter(self.established)  # one line calling 4 blocks: "x4"
+        texts = [text + (f" x{counts[text]}" if counts[text] > 1 else "") for text in counts]
+        shown = ", ".join(texts[:6])
+        more = len(texts) - 6
         self.established = []
         return ("no longer runs its library Python (replayed): " + shown
                 + (f" and {more} more" if more > 0 else ""))
@@ -292,24 +295,24 @@ class MacroTable:
         sizes, the outputs' shapes must be fully known: the call's replayed macro vouches for
         that, or else the call is also traced for its own sizes, only to check."""
         started = time.perf_counter()
-        macro = exact = None
+        built = exact = None
         relaxed, vouched = self._relaxable(call_site, entry.guard)
         if relaxed is not None:
             try:
-                macro, positions = build_macro(original, obj, args, kwargs, relaxed)
+                built = build_macro(original, obj, args, kwargs, relaxed)
                 if not vouched:
                     exact = build_macro(original, obj, args, kwargs)
             except Exception:  # its Python needs the sizes: traced for them below
-                macro = exact = None
-            if macro is not None and not (_fits(macro, result) and (vouched or all(
-                    output.shape.is_fully_defined() for output in exact[0].outputs))):
-                macro = None
-        entry.relaxed = relaxed if macro is not None else None
-        if macro is None and exact is not None:
-            macro, positions = exact
-        if macro is None:
+                built = exact = None
+            if built is not None and not (_fits(built.call, result) and (vouched or all(
+                    output.shape.is_fully_defined() for output in exact.call.outputs))):
+                built = None
+        entry.relaxed = relaxed if built is not None else None
+        if built is None and exact is not None:
+            built = exact
+        if built is None:
             try:
-                macro, positions = build_macro(original, obj, args, kwargs)
+                built = build_macro(original, obj, args, kwargs)
             except Exception:
                 if not forced:
                     raise
@@ -319,13 +322,15 @@ class MacroTable:
         self.build_seconds += time.perf_counter() - started
         self.traced += 2 if exact is not None and entry.relaxed is not None else 1
         if entry.relaxed is None and not all(output.shape.is_fully_defined()
-                                             for output in macro.outputs):
+                                             for output in built.call.outputs):
             self._refuse(entry, runner, _call_name(obj), call_site,
                          Refusal.VALUE_DEPENDENT_SHAPES.say())
             return
-        entry.macro, entry.tensor_positions = macro, positions
+        entry.macro, entry.tensor_positions = built.call, built.tensor_positions
         self.replayed_guards[(call_site, entry.guard.obj)] = entry.relaxed or entry.guard
         what = f"{type(obj).__name__} call at {_call_site_text(call_site)}"
+        if built.shared_updates:
+            what += f" ({built.shared_updates})"
         if entry.relaxed is not None:
             self.relaxed_entries.setdefault((call_site, entry.guard.obj), []).append(entry)
             self.entries[(call_site, entry.relaxed)] = entry
