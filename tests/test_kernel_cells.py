@@ -501,10 +501,11 @@ for step in range(12):
 """
 
 
-def test_an_optimizer_updating_layers_of_one_width_traces_one_update_per_shape():
-    """Four hidden layers of one width, defined in the cell: the replayed optimizer call
-    traced one update per variable shape that repeats (three 16x16 kernels, four biases; the
-    first kernel's shape is its own) and the note says so; losses and weights are eager's."""
+def test_layers_and_optimizer_updates_of_one_width_share_their_traced_functions():
+    """Four hidden layers of one width, defined in the cell: the three 16-to-16 layers call
+    one traced function with their own weights, the replayed optimizer call traced one
+    update per variable shape that repeats (three 16x16 kernels, four biases; the first
+    kernel's shape is its own), and the notes say so; losses and weights are eager's."""
     notebook = execute_cells([
         "%load_ext terra_nb", SETUP, DEEP_LOOP,
         "eager = losses, [v.numpy() for v in model.variables + optimizer.variables]",
@@ -519,4 +520,8 @@ def test_an_optimizer_updating_layers_of_one_width_traces_one_update_per_shape()
     shown, modes = _printed_modes(notebook)
     assert re.search(r"Adam call at [^|]+updates of 7 variables traced as 2 shared functions",
                      shown), shown
+    # the 16-to-16 blocks call one function with their own weights; the first block does not
+    assert re.search(r"Dense call at <terra-cell-\w+>:10 x2, "
+                     r"Dense call at <terra-cell-\w+>:10 \(shares the function of an identical "
+                     r"layer\) x2", shown), shown
     assert modes.count("'co-executing'") >= 8, modes

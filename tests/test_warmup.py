@@ -454,3 +454,40 @@ def test_a_replayed_optimizer_call_says_its_updates_shared_functions_and_gives_e
     assert any("Adam call at" in message and
                "updates of 6 variables traced as 2 shared functions" in message
                for message in replayed), replayed
+
+
+def test_identical_layers_share_one_traced_function_with_eagers_results():
+    """Three blocks of one configuration (Dense, BatchNormalization, Dropout: weights, moving
+    statistics and a seed each their own) call one traced function with their own
+    variables; freezing the middle block half way makes it a layer of its own again. Losses,
+    weights, moving statistics and seeds are eager's throughout."""
+    def build():
+        harness.seed_everything()
+        blocks = [keras.Sequential([keras.layers.Dense(16, activation="relu"),
+                                    keras.layers.BatchNormalization(),
+                                    keras.layers.Dropout(0.2)]) for _ in range(3)]
+        head = keras.layers.Dense(4)
+        optimizer = keras.optimizers.SGD(1e-2)
+        data = tf.constant(np.random.default_rng(2).normal(size=(8, 16)).astype("float32"))
+
+        def step(index):
+            blocks[1].trainable = index < 6
+            with tf.GradientTape() as tape:
+                x = data
+                for block in blocks:
+                    x = block(x, training=True)
+                loss = tf.reduce_mean(head(x) ** 2)
+            weights = [weight for layer in blocks + [head]
+                       for weight in layer.trainable_variables]
+            grads = tape.gradient(loss, weights)
+            optimizer.apply_gradients(zip(grads, weights))
+            return loss
+
+        return step, lambda: [variable.numpy() for layer in blocks + [head]
+                              for variable in layer.variables]
+
+    _, terra = harness.compare(build, 12)
+    replayed = " | ".join(event.message for event in terra.session.events.of_type(ev.Note)
+                          if event.kind == NoteKind.REPLAYED)
+    assert "Sequential call" in replayed and "shares the function of an identical layer" \
+        in replayed, replayed

@@ -62,8 +62,13 @@ class TracedCall:
     forward accumulators) takes TensorFlow's path.
     """
 
-    def __init__(self, function) -> None:
+    def __init__(self, function, captures: list | None = None,
+                 variables: list | None = None) -> None:
+        """`captures` and `variables`: another layer's, in place of the ones the function
+        was traced with (a twin's, see replay/twins.py)."""
         self.function = function
+        self.captures = captures
+        self.variables = variables
         self._plan: _TapePlan | None = None
 
     @property
@@ -75,15 +80,17 @@ class TracedCall:
         `function(*tensors)`); gradient tapes and the active handler see the call as usual.
         Returns the function's structured outputs."""
         function = self.function
-        captured = function.captured_inputs
+        captured = function.captured_inputs if self.captures is None else self.captures
         plan = self._plan
         if plan is not None and plan.usable and record.could_possibly_record() \
                 and context.executing_eagerly():
-            plan.read_variables()  # first: a tape watching them watches the call
+            _read(self.variables if self.variables is not None else plan.variables)
             args = tensors + captured
             if (gradients_util.PossibleTapeGradientTypes(args) == _FIRST_ORDER
                     and not forwardprop_util.pack_tangents(args).indices):
                 return function.function_type.pack_output(plan.call(args))
+        if self.variables is not None:  # TensorFlow's call reads the traced-for variables
+            _read(self.variables)
         outputs = function._call_flat(tensors, captured)
         if plan is None:
             self._plan = _TapePlan.of(function)
@@ -91,6 +98,14 @@ class TracedCall:
 
 
 _FIRST_ORDER = gradients_util.POSSIBLE_GRADIENT_TYPES_FIRST_ORDER
+
+
+def _read(variables) -> None:
+    """Tell the tapes a call reads these variables (first: a tape watching them watches the
+    call), as TensorFlow's call does."""
+    for variable in variables:
+        if variable.trainable:
+            tape.variable_accessed(variable)
 
 
 class _TapePlan:
@@ -136,12 +151,6 @@ class _TapePlan:
             index is not None or isinstance(capture, EagerTensor)
             or getattr(capture, "graph", None) is not forward_graph
             for index, capture in self.captures)
-
-    def read_variables(self) -> None:
-        """Tell the tapes the function reads its variables, as a call does."""
-        for variable in self.variables:
-            if variable.trainable:
-                tape.variable_accessed(variable)
 
     def call(self, args: list) -> list:
         """The forward function's outputs, its tape entry recorded (variables already read)."""

@@ -34,7 +34,7 @@ replay_state = _ReplayState()
 class BuiltMacro(NamedTuple):
     call: internals.TracedCall
     tensor_positions: list  # of the flattened arguments that are the function's inputs
-    shared_updates: str  # how an optimizer's updates shared traced functions, or ""
+    note: str  # what the replayed note adds (functions shared in it), or ""
 
 
 def build_macro(original, obj, args, kwargs, relaxed=None) -> BuiltMacro:

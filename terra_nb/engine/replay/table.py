@@ -48,7 +48,7 @@ from terra_nb.engine.replay.guards import (
     relaxed_guard,
     sizes_text,
 )
-from terra_nb.engine.replay.macro import build_macro, replay_macro, replay_state
+from terra_nb.engine.replay.macro import BuiltMacro, build_macro, replay_macro, replay_state
 from terra_nb.engine.replay.plan import (
     ReplayPlan,
     Unreplayable,
@@ -62,6 +62,7 @@ from terra_nb.engine.replay.span import (
     describe_call,
     replay_span,
 )
+from terra_nb.engine.replay.twins import Twins, twin_key
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE
 from terra_nb.engine.usercode import replica_of
 
@@ -139,6 +140,7 @@ class MacroTable:
         self.refusals_reported: set = set()  # (call site, call, reason) told in a Note
         self.span_keys_per_site: dict = {}  # call site -> keys of call_as_span seen there
         self.replayed_guards: dict = {}  # (call site, id of the object) -> its last replayed
+        self.twins = Twins()
         self.guard_misses_reported: set = set()  # ((call site, id), part of the guard) told
 
     def take_established(self) -> str:
@@ -299,9 +301,9 @@ class MacroTable:
         relaxed, vouched = self._relaxable(call_site, entry.guard)
         if relaxed is not None:
             try:
-                built = build_macro(original, obj, args, kwargs, relaxed)
+                built = self._build(original, obj, args, kwargs, entry.guard, relaxed)
                 if not vouched:
-                    exact = build_macro(original, obj, args, kwargs)
+                    exact = self._build(original, obj, args, kwargs, entry.guard)
             except Exception:  # its Python needs the sizes: traced for them below
                 built = exact = None
             if built is not None and not (_fits(built.call, result) and (vouched or all(
@@ -312,7 +314,7 @@ class MacroTable:
             built = exact
         if built is None:
             try:
-                built = build_macro(original, obj, args, kwargs)
+                built = self._build(original, obj, args, kwargs, entry.guard)
             except Exception:
                 if not forced:
                     raise
@@ -329,13 +331,22 @@ class MacroTable:
         entry.macro, entry.tensor_positions = built.call, built.tensor_positions
         self.replayed_guards[(call_site, entry.guard.obj)] = entry.relaxed or entry.guard
         what = f"{type(obj).__name__} call at {_call_site_text(call_site)}"
-        if built.shared_updates:
-            what += f" ({built.shared_updates})"
+        if built.note:
+            what += f" ({built.note})"
         if entry.relaxed is not None:
             self.relaxed_entries.setdefault((call_site, entry.guard.obj), []).append(entry)
             self.entries[(call_site, entry.relaxed)] = entry
             what += f" (any {sizes_text(entry.relaxed)})"
         self.established.append(what)
+
+    def _build(self, original, obj, args, kwargs, guard, relaxed=None) -> BuiltMacro:
+        """`build_macro`, or the function traced for a twin of the layer (twins.py)."""
+        key = twin_key(obj, original, guard, relaxed)
+        built = self.twins.find(key, obj)
+        if built is None:
+            built = build_macro(original, obj, args, kwargs, relaxed)
+            self.twins.add(key, obj, built)
+        return built
 
     def _observe_as_span(self, entry, runner, start, flat, arguments, converted, result,
                          first_new, read, stable, sparse, obj, call_site):
