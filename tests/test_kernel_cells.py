@@ -489,16 +489,7 @@ class Deep(keras.Model):
 
 keras.utils.set_random_seed(0)
 model = Deep()
-optimizer = keras.optimizers.Adam(1e-2)
-loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-losses = []
-for step in range(12):
-    with tf.GradientTape() as tape:
-        loss = loss_fn(y, model(x))
-    grads = tape.gradient(loss, model.trainable_variables)
-    optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    losses.append(float(loss))
-"""
+""" + LOOP[LOOP.index("optimizer = "):]  # the loop of LOOP, on this model
 
 
 def test_layers_and_optimizer_updates_of_one_width_share_their_traced_functions():
