@@ -135,7 +135,7 @@ class MacroTable:
         self.gradients: dict = {}
         self.replayed_calls = 0
         self.build_seconds = 0.0  # tracing the macros' functions (warm-up profile)
-        self.traced = 0  # functions traced for macros
+        self.traced = 0  # functions traced for macros (a twin's is not traced again)
         self.established: list[str] = []  # replays set up since last taken (for a Note)
         self.refusals_reported: set = set()  # (call site, call, reason) told in a Note
         self.span_keys_per_site: dict = {}  # call site -> keys of call_as_span seen there
@@ -322,7 +322,6 @@ class MacroTable:
                              Refusal.FORCED_VALUE.say())  # a Python branch on a tensor
                 return
         self.build_seconds += time.perf_counter() - started
-        self.traced += 2 if exact is not None and entry.relaxed is not None else 1
         if entry.relaxed is None and not all(output.shape.is_fully_defined()
                                              for output in built.call.outputs):
             self._refuse(entry, runner, _call_name(obj), call_site,
@@ -345,6 +344,7 @@ class MacroTable:
         built = self.twins.find(key, obj)
         if built is None:
             built = build_macro(original, obj, args, kwargs, relaxed)
+            self.traced += 1
             self.twins.add(key, obj, built)
         return built
 

@@ -64,10 +64,9 @@ class _SharedUpdates:
         self.shared_specs = {spec for spec, count in counts.items() if count > 1}
         self.slot_lists = keras_state.slot_lists(optimizer, len(variables))
         in_slots = {id(slot) for slots in self.slot_lists.values() for slot in slots}
-        self.own_variables = {id(variable) for variable in optimizer.variables
-                              if id(variable) not in in_slots}
-        self.own = {id(variable.handle) for variable in optimizer.variables
-                    if id(variable) not in in_slots}
+        own = [variable for variable in optimizer.variables if id(variable) not in in_slots]
+        self.own_variables = {id(variable) for variable in own}
+        self.own_handles = {id(variable.handle) for variable in own}
         self.updates: dict = {}  # key -> (ConcreteFunction, capture roles) or None
         self.calls: collections.Counter = collections.Counter()  # key -> variables updated
 
@@ -115,7 +114,7 @@ class _SharedUpdates:
         function, roles = shared
         self.calls[key] += 1
         captures = [variable.handle if role is None
-                    else getattr(optimizer, role)[index].handle if isinstance(role, str)
+                    else self.slot_lists[role][index].handle if isinstance(role, str)
                     else role for role in roles]
         return internals.call_with_captures(function, arguments, captures)
 
@@ -131,7 +130,7 @@ class _SharedUpdates:
                 roles.append(None)
             elif id(capture) in slots:
                 roles.append(slots[id(capture)])
-            elif id(capture) in self.own:
+            elif id(capture) in self.own_handles:
                 roles.append(capture)
             else:
                 return None
