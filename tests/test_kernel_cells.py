@@ -516,3 +516,36 @@ def test_layers_and_optimizer_updates_of_one_width_share_their_traced_functions(
                      r"Dense call at <terra-cell-\w+>:10 \(shares the function of an identical "
                      r"layer\) x2", shown), shown
     assert modes.count("'co-executing'") >= 8, modes
+
+
+FETCHING_LOOP = """\
+weight = tf.Variable(1.0)
+totals = []
+for step in range(45):
+    x = tf.constant(float(step % 3))
+    total = 0.0
+    for k in range(30):
+        total += float(x * weight + float(k))  # the value of every small op is fetched
+    weight.assign_add(0.001)
+    totals.append(total)
+"""
+
+
+def test_a_loop_slower_co_executed_than_eager_runs_plainly_eager_and_says_why():
+    """Python that fetches every small op's value waits for the graph thread at each fetch:
+    ~9x slower co-executed than eagerly on this machine (a margin the judgement relies on).
+    The cell then runs plainly eager between retries, a note says why, and the values are
+    eager's."""
+    notebook = execute_cells([
+        "%load_ext terra_nb", SETUP, FETCHING_LOOP,
+        "eager_totals, eager_weight = totals, float(weight)",
+        "%%terra --no-panel\n" + FETCHING_LOOP,
+        "import terra_nb\nreport = terra_nb.report()\n"
+        "assert totals == eager_totals and float(weight) == eager_weight\n"
+        "print('modes', [e.mode for e in report.timeline])\n"
+        "print('not paying', ' | '.join(n.message for n in report.notes"
+        " if n.kind == 'not-paying'))\n"])
+    shown, modes = _printed_modes(notebook)
+    assert modes.count("'eager back-off'") >= 6, modes
+    assert re.search(r"^not paying co-execution took [\d.]+ ms per iteration over the last 10, "
+                     r"plain eager [\d.]+ ms; the next 2 run plainly eager", shown, re.M), shown

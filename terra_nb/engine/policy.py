@@ -48,6 +48,26 @@ class SchedulingPolicy:
     max_backoff_level: int = 6
     # with a baseline, a run's iterations 1, 1 + period, ... run plainly eagerly
     baseline_period: int = 100
+    # whether co-execution's pay-off is weighed (engine/payoff.py): where its iterations take
+    # longer than eager's, iterations run plainly eager (back-off periods, as on divergence)
+    payoff_check: bool = True
+    # ... by the mean of this many co-execution iterations (tracing, co-executing, fallback)
+    payoff_window: int = 10
+    # ... or, retrying after a pay-off back-off (warm-up long over), this many
+    payoff_retry_window: int = 4
+    # ... first judged once this many co-execution iterations ran: warm-up (tracing, first
+    # graph runs, new paths) is not judged. The benchmark programs' 10-iteration windows ended
+    # at 20 took up to 1.6x eager (yolov3, music_transformer), ended at 30 at most 0.62x
+    payoff_first_judged: int = 20
+    # ... allowed this multiple of eager's time while fewer than `payoff_settled_after`
+    # co-execution iterations ran, eager's time (1x) after
+    payoff_warmup_allowance: float = 3.0
+    payoff_settled_after: int = 30
+    # eager is not timed when the window's mean is within its allowance of this share of a
+    # tracing iteration's time less its recording: a tracing iteration runs every op eagerly
+    # and records it, never faster than eager and at most ~4x slower (1.3 ms eager steps of
+    # small ops: 5-6.6 ms tracing); the benchmark programs' settled windows are 0.04-0.15 of it
+    payoff_clearly_below: float = 0.25
 
     def new_graphs_pay(self, waited: float, cost: float) -> bool:
         """Whether Python's waits for a graph's later runs have paid for new graphs costing

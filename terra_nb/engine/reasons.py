@@ -42,6 +42,8 @@ class NoteKind(_Reason):
                     "iterations run plainly eager while they are registered")
     BACKOFF = ("backoff", "the program diverged in several iterations in a row; some run "
                "plainly eager before co-execution is tried again")
+    NOT_PAYING = ("not-paying", "co-executed iterations took longer than plain eager ones; "
+                  "some run plainly eager before co-execution is tried again")
     REPLAYED = ("replayed", "library calls that no longer run their Python: they are replayed")
     NOT_REPLAYED = ("not-replayed", "a library call that keeps running its Python, and why")
     GUARD_MISS = ("guard-miss", "a replayed library call runs its Python again: something it "

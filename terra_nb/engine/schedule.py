@@ -1,14 +1,16 @@
 """Schedule: the mode each iteration of a session runs in, and the state that decides it.
 
 Tracing iterations first (record), then co-executing ones (defer); plain eager iterations
-for `--eager`, for the measured eager baseline, and for back-off after repeated divergence.
-One object holds every counter this needs, so the iteration's state is in one place."""
+for `--eager`, for the measured eager baseline, and for back-off after repeated divergence or
+when co-execution did not pay (engine/payoff.py). One object holds every counter this needs,
+so the iteration's state is in one place."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from terra_nb.engine import events as ev
+from terra_nb.engine.payoff import Payoff, Verdict
 from terra_nb.engine.policy import SchedulingPolicy
 
 RECORD = "record"  # a tracing iteration: each op runs eagerly and is recorded
@@ -29,6 +31,10 @@ class Schedule:
     diverged_in_a_row: int = 0
     backoff_level: int = 0  # back-off periods last 2**level iterations
     backoff_left: int = 0  # plain eager iterations still to run before trying again
+    payoff: Payoff = None  # whether co-execution is faster than eager (made from policy)
+
+    def __post_init__(self) -> None:
+        self.payoff = Payoff(self.policy)
 
     def mode_for(self, index: int, eager_now: bool = False) -> str:
         """RECORD or DEFER, or the mode of a plain eager iteration: EAGER (`--eager`, or
@@ -36,11 +42,14 @@ class Schedule:
         or BASELINE (with `baseline`, the second iteration of each run and every
         `policy.baseline_period`-th after it run plainly eagerly, so each speedup is measured
         against eager time taken in the run itself, not against tracing iterations, which also
-        record)."""
+        record; and once when the pay-off check needs eager's time)."""
         if self.eager or eager_now:
             return ev.EAGER
         if self.backoff_left > 0:
             return ev.BACKOFF
+        if self.payoff.measure:
+            self.payoff.measure = False
+            return ev.BASELINE
         if self.baseline and (index - self.run_start) % self.policy.baseline_period == 1:
             return ev.BASELINE
         if self.recorded < self.trace_iterations:
@@ -48,12 +57,19 @@ class Schedule:
             return RECORD
         return DEFER
 
-    def after(self, mode: str) -> bool:
-        """Count diverging iterations; back off to plain eager, exponentially, when they
-        repeat. True when a back-off period starts.
+    def after(self, done: ev.IterationDone) -> bool | Verdict:
+        """Count diverging iterations and weigh co-execution's pay-off; back off to plain
+        eager, exponentially, when either says so. True when a back-off period starts because
+        iterations diverged, the Verdict when one starts because co-execution did not pay.
 
-        A program that diverges on every iteration (a new shape each step, say) then costs
-        almost nothing: back-off iterations run with no interception at all."""
+        A program that diverges on every iteration (a new shape each step) or that runs slower
+        co-executed than eager then costs almost nothing more than eager: back-off iterations
+        run with no interception at all."""
+        verdict = self.payoff.after(done)
+        if verdict is not None:
+            self.backoff_left = 2 ** self.payoff.level
+            return verdict
+        mode = done.mode
         if mode == ev.BACKOFF:
             self.backoff_left -= 1
             return False
@@ -68,4 +84,5 @@ class Schedule:
             return False
         self.backoff_level = min(self.backoff_level + 1, self.policy.max_backoff_level)
         self.backoff_left = 2 ** self.backoff_level
+        self.payoff.restart()
         return True

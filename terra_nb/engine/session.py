@@ -115,14 +115,22 @@ class Session:
     def baseline(self) -> bool:
         return self.schedule.baseline
 
-    def _after(self, index: int, mode: str) -> None:
+    def _after(self, done: ev.IterationDone) -> None:
         """Update the schedule with how the iteration ended; say so when a back-off starts."""
-        if self.schedule.after(mode):
+        backoff = self.schedule.after(done)
+        if backoff is True:
             self.events.emit(ev.Note(
-                index, NoteKind.BACKOFF,
+                done.index, NoteKind.BACKOFF,
                 f"the program diverged from its trace in {self.schedule.diverged_in_a_row} "
                 f"iterations in a row; the next {self.schedule.backoff_left} run plainly "
                 "eager, then co-execution is tried again"))
+        elif backoff:
+            self.events.emit(ev.Note(
+                done.index, NoteKind.NOT_PAYING,
+                f"co-execution took {backoff.seconds * 1e3:.1f} ms per iteration over the "
+                f"last {backoff.iterations}, plain eager {backoff.eager_seconds * 1e3:.1f} ms; "
+                f"the next {self.schedule.backoff_left} run plainly eager, then co-execution "
+                "is tried again"))
 
     def _op_callbacks_registered(self, index: int) -> bool:
         """Whether TensorFlow op callbacks (`tf.debugging.enable_check_numerics`) see the ops:
@@ -254,10 +262,10 @@ class _Iteration:
             session.events.emit(ev.IterationFailed(self.index, error_type.__name__, str(error),
                                                    innermost_user_frame(traceback)))
             return False
-        mode = self._mode()
-        session.events.emit(ev.IterationDone(self.index, mode, seconds,
-                                             self._breakdown(seconds), self._ops()))
-        session._after(self.index, mode)
+        done = ev.IterationDone(self.index, self._mode(), seconds, self._breakdown(seconds),
+                                self._ops())
+        session.events.emit(done)
+        session._after(done)
         return False
 
     def _leave_blocks(self) -> None:
