@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
+from terra_nb.engine import internals
 from terra_nb.engine.heap import FrozenHeap
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.reasons import NoteKind
@@ -491,3 +492,42 @@ def test_identical_layers_share_one_traced_function_with_eagers_results():
                           if event.kind == NoteKind.REPLAYED)
     assert "Sequential call" in replayed and "shares the function of an identical layer" \
         in replayed, replayed
+
+
+@pytest.mark.parametrize("build", [programs.build_mlp, programs.build_gan])
+def test_graphs_instantiated_ahead_give_eagers_results(build):
+    """With `instantiate_ahead`, the builder thread calls each new graph once with scratch
+    variables and seen values before it is used: results stay eager's (the scratch call
+    touches none of the program's variables) and the first runs only run."""
+    _, terra = harness.compare(build, 14, policy=SchedulingPolicy(instantiate_ahead=True))
+    terra.session.close()
+    ahead = [segment for segment in terra.session.graph_runner.segments()
+             if segment.instantiated_seconds > 0]
+    assert ahead, "no graph was instantiated ahead in 14 iterations"
+    assert all(segment.first_run_seconds >= segment.instantiated_seconds for segment in ahead
+               if segment.first_run_seconds)
+
+
+def test_only_functions_touching_nothing_but_their_variables_are_instantiated_ahead():
+    weight = tf.Variable([1.0, 2.0])
+
+    def update(x):
+        weight.assign_add(x * 2.0)
+        return tf.reduce_sum(weight)
+
+    def draw(x):
+        return x + tf.random.uniform([2])
+
+    def show(x):
+        tf.print(x)
+        return x
+
+    specs = [tf.TensorSpec([2], tf.float32)]
+    x = tf.constant([0.5, 0.5])
+    updating = tf.function(update, autograph=False).get_concrete_function(*specs)
+    assert internals.instantiate_ahead(updating, [x], unfused=False, quick=True)
+    np.testing.assert_array_equal(weight.numpy(), [1.0, 2.0])  # a scratch copy was updated
+    assert float(updating(x)) == 5.0
+    for stateful in (draw, show):
+        function = tf.function(stateful, autograph=False).get_concrete_function(*specs)
+        assert not internals.instantiate_ahead(function, [x], unfused=False, quick=True)

@@ -10,6 +10,7 @@ are captured, so the graph updates the real variables. Grappler is on; `xla` set
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from typing import ClassVar
@@ -73,6 +74,7 @@ class CompiledSegment:
     xla: bool
     xla_declined: str = ""  # why a segment asked to use XLA does not
     first_run_seconds: float = 0.0  # its first run, instantiation included (0 until run)
+    instantiated_seconds: float = 0.0  # instantiated ahead of its first run (instantiate_ahead)
     waited_seconds: float = 0.0  # Python's waits for its later runs
     sizes: tuple = ()  # (fed inputs' shapes, each node's output shapes) it was built for
     named: list | None = None  # the path whose node uids name its ops (shared: another's)
@@ -94,7 +96,7 @@ class CompiledSegment:
         long run (docs/engine.md, Graph options)."""
         first = not self.first_run_seconds or self.optimizing
         if not self.first_run_seconds:
-            self.first_run_seconds = seconds
+            self.first_run_seconds = seconds + self.instantiated_seconds
         elif self.optimizing:
             self.optimizing = False
         elif not (self.optimized or self.xla):
@@ -127,9 +129,45 @@ class CompiledSegment:
         if _refolded(self, path):
             return None
         return dataclasses.replace(self, path=path, outputs=outputs, seconds=0.0,
-                                   first_run_seconds=0.0, waited_seconds=0.0,
+                                   first_run_seconds=0.0, instantiated_seconds=0.0,
+                                   waited_seconds=0.0,
                                    named=self.named or self.path, optimizing=False,
                                    later_run_seconds=0.0)
+
+
+def instantiate_ahead(compiled: CompiledSegment) -> None:
+    """Instantiate the graph before its first run, on the builder thread
+    (internals.instantiate_ahead), given values this path was seen with: each fed Python
+    value's first one, zeros (False) for a value of an earlier segment unless it is a small
+    integer a shape, axis or bound may come from (a shape-deciding input, any input of a
+    traced function): scratch values there could fail an op, and nothing is done."""
+    if compiled.xla:
+        return
+    args = []
+    for position, slot in compiled.feed_slots:
+        node = compiled.path[position]
+        ref = node.inputs[slot]
+        seen = node.externals.get(slot)
+        if seen is not None and isinstance(seen.first, internals.EagerTensor):
+            args.append(seen.first)
+            continue
+        dtype = tf.dtypes.as_dtype(ref.dtype)
+        shape = ref.node.output_shapes[ref.index] if ref.kind == FROM_NODE else (None,)
+        if None in shape or not (dtype.is_floating or dtype.is_bool or dtype.is_integer):
+            return
+        if dtype.is_integer and math.prod(shape) <= SMALL_CONSTANT and (
+                node.function is not None or _decides_shapes(node, slot)):
+            return
+        args.append(tf.zeros(shape, dtype))
+    start = time.perf_counter()
+    if internals.instantiate_ahead(compiled.function, args, compiled.unfused,
+                                   quick=not compiled.optimized):
+        compiled.instantiated_seconds = time.perf_counter() - start
+
+
+def _decides_shapes(node: Node, slot: int) -> bool:
+    slots = _XLA_COMPILE_TIME_INPUTS.get(node.op_type, ())
+    return slot in slots or slot - len(node.inputs) in slots
 
 
 # Ops whose output shape depends on input values beyond small integers (a mask's contents):

@@ -18,6 +18,11 @@ class SchedulingPolicy:
     compile_after_runs: int = 2
     # graphs are built on a builder thread while their ops run interpreted (with overlap)
     build_in_background: bool = True
+    # a graph built on the builder thread is instantiated there before it is used
+    # (graphgen.instantiate_ahead): its first run no longer holds up Python, but the path runs
+    # interpreted for longer. Off: over 100 steps every benchmark program lost 2-17% (first
+    # 20 steps: eight of ten gained up to 19%; docs/engine.md, Warm-up)
+    instantiate_ahead: bool = False
     # a library call replayed before and met with a tensor argument of another size is traced
     # once more with the dimensions that changed unknown; that one function serves every size
     relax_shapes: bool = True

@@ -366,10 +366,13 @@ class GraphRunner:
             self.shared_graphs += 1
         return served
 
-    def _build(self, key, path: list, outputs: tuple, iteration: int, reason: str):
+    def _build(self, key, path: list, outputs: tuple, iteration: int, reason: str,
+               ahead: bool = False):
         """Compile one segment and keep it; its events wait for the session's thread. A
         graph built for another path of its structure makes this one a graph for both: the
-        sizes that differ unknown, the small values that differ fed."""
+        sizes that differ unknown, the small values that differ fed. `ahead` (the builder
+        thread, with `policy.instantiate_ahead`): instantiated before it is kept, so its first
+        run only runs."""
         built = structure = None
         if self._shares_graphs:
             structure = self._structure(key, path, outputs)
@@ -388,6 +391,8 @@ class GraphRunner:
                 structure = None
         if compiled is None:
             compiled = graphgen.compile_segment(path, outputs, self.xla)
+        if ahead and self.policy.instantiate_ahead:
+            graphgen.instantiate_ahead(compiled)
         if structure is not None:
             self._by_structure[structure] = compiled
         self._compiled[key] = compiled
@@ -421,7 +426,7 @@ class GraphRunner:
 
     def _build_in_background(self, key, path, outputs, iteration, reason) -> None:
         try:
-            self._build(key, path, outputs, iteration, reason)
+            self._build(key, path, outputs, iteration, reason, ahead=True)
         except Exception as error:  # the path keeps running interpreted: eager's semantics
             self._worker_events.append(ev.Note(
                 iteration, NoteKind.NOT_BUILT,

@@ -34,6 +34,7 @@ from terra_nb.engine.internals.functions import (
     tape_gradient,
     tape_is_plain,
 )
+from terra_nb.engine.internals.instantiate import instantiate_ahead
 from terra_nb.engine.internals.lazy import LazyTensor
 from terra_nb.engine.internals.ops import (
     EagerTensor,
@@ -75,9 +76,10 @@ __all__ = [
     "call_with_captures", "calling_function", "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
     "current_handler", "eager_context", "follow_into_replica_threads", "function_op_types",
-    "gradient_module", "handling", "install_guard", "is_backward_function", "is_eager_value",
-    "keep_running", "lean_call_attrs", "lean_graph_calls", "merge_calls", "next_tensor_id",
-    "op_callbacks_registered", "op_def", "record_gradient", "remove_guard", "run_eagerly",
+    "gradient_module", "handling", "install_guard", "instantiate_ahead", "is_backward_function",
+    "is_eager_value", "keep_running", "lean_call_attrs", "lean_graph_calls", "merge_calls",
+    "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient", "remove_guard",
+    "run_eagerly",
     "scratch_graph", "suspended", "tape_gradient", "tape_is_plain", "unwrap", "variable_read",
     "variable_shape",
 ]
@@ -103,6 +105,7 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.eager.tape", "variable_accessed"),
     ("tensorflow.python.eager.context", "FunctionCallOptions"),
     ("tensorflow.python.eager.record", "record_operation"),
+    ("tensorflow.python.eager.record", "stop_recording"),
     ("tensorflow.python.eager.forwardprop_util", "pack_tangents"),
     ("tensorflow.python.eager.backprop_util", "IsTrainable"),
     ("tensorflow.python.ops.gradients_util", "PossibleTapeGradientTypes"),
