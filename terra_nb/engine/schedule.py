@@ -31,7 +31,7 @@ class Schedule:
     diverged_in_a_row: int = 0
     backoff_level: int = 0  # back-off periods last 2**level iterations
     backoff_left: int = 0  # plain eager iterations still to run before trying again
-    payoff: Payoff = None  # whether co-execution is faster than eager (made from policy)
+    payoff: Payoff = dataclasses.field(init=False)  # is co-execution faster than eager?
 
     def __post_init__(self) -> None:
         self.payoff = Payoff(self.policy)
