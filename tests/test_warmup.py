@@ -433,6 +433,53 @@ def test_an_optimizers_updates_of_one_shape_share_a_function_with_the_same_resul
     assert said[1] == "updates of 6 variables traced as 2 shared functions", said
 
 
+def test_an_optimizers_next_macro_reuses_its_traced_updates(monkeypatch):
+    """The same optimizer call traced again (for sizes that changed, say) calls the updates
+    traced the first time: only the variables of a shape of their own run `update_step`'s
+    Python again, and every variable and slot ends as with updates traced one by one."""
+    data = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
+    finals, python_updates = [], []
+    for shared in (False, True):
+        model, optimizer = _deep_mlp(keras.optimizers.Adam)()
+        ran = []
+        original = keras.optimizers.Adam.update_step
+
+        def counted(self, *args, original=original, ran=ran):
+            ran.append(1)
+            return original(self, *args)
+
+        monkeypatch.setattr(keras.optimizers.Adam, "update_step", counted)
+
+        def gradients(model=model):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(data) ** 2)
+            return tape.gradient(loss, model.trainable_variables)
+
+        optimizer.apply_gradients(zip(gradients(), model.trainable_variables))  # builds slots
+        grads = gradients()
+        specs = [tf.TensorSpec(grad.shape, grad.dtype) for grad in grads]
+        traces = []
+        for _ in range(2):  # two macros of one call
+            ran.clear()
+
+            def apply(*grads, model=model, optimizer=optimizer, shared=shared):
+                sharing = updates.sharing_updates(optimizer) if shared \
+                    else contextlib.nullcontext()
+                with sharing:
+                    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+            traces.append(tf.function(apply, autograph=False).get_concrete_function(*specs))
+            python_updates.append(len(ran))
+        for traced in traces:
+            traced(*gradients())
+        finals.append([variable.numpy() for variable in model.variables + optimizer.variables])
+    for unshared, shared in zip(*finals, strict=True):
+        np.testing.assert_array_equal(shared, unshared)
+    # unshared: 8 variables each time; shared: 2 traced updates and the 2 variables of shapes
+    # of their own, then those 2 only
+    assert python_updates == [8, 8, 4, 2], python_updates
+
+
 def test_a_replayed_optimizer_call_says_its_updates_shared_functions_and_gives_eagers_results():
     """A program whose layers repeat one width: its replayed apply_gradients traces one
     update per shape, and the run is eager's."""

@@ -10,12 +10,15 @@ shares get one traced update, made at the first of them and called for each of t
 with its own variable and slots in place of the first's (the function's captured inputs):
 the same ops on the same values. A capture that is none of these (the variable, one of its
 slots, a variable of the optimizer's own) keeps that shape's updates traced one by one.
+The traced updates stay with the optimizer for its next macros (the same call traced again
+for sizes that changed, say), as long as its own variables are the same ones.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import weakref
 
 import keras
 import tensorflow as tf
@@ -43,6 +46,11 @@ def sharing_updates(obj):
     return _SharedUpdates(obj)
 
 
+# optimizer -> (the handles of its own variables, its traced updates: key -> (ConcreteFunction,
+# capture roles) or None)
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class _NotShared(contextlib.nullcontext):
     def __str__(self) -> str:
         return ""
@@ -67,7 +75,10 @@ class _SharedUpdates:
         own = [variable for variable in optimizer.variables if id(variable) not in in_slots]
         self.own_variables = {id(variable) for variable in own}
         self.own_handles = {id(variable.handle) for variable in own}
-        self.updates: dict = {}  # key -> (ConcreteFunction, capture roles) or None
+        handles = frozenset(self.own_handles)
+        if _TRACED.get(optimizer, (None,))[0] != handles:
+            _TRACED[optimizer] = (handles, {})
+        self.updates: dict = _TRACED[optimizer][1]  # key -> (function, capture roles) or None
         self.calls: collections.Counter = collections.Counter()  # key -> variables updated
 
     def __enter__(self):
@@ -80,7 +91,7 @@ class _SharedUpdates:
 
     def __str__(self) -> str:
         """What the panel says: how many updates ran as how many traced functions."""
-        shared = [key for key, update in self.updates.items() if update is not None]
+        shared = [key for key in self.calls if self.updates[key] is not None]
         if not shared:
             return ""
         return (f"updates of {sum(self.calls[key] for key in shared)} variables traced as "
