@@ -166,6 +166,7 @@ def instantiate_ahead(compiled: CompiledSegment) -> None:
 
 
 def _decides_shapes(node: Node, slot: int) -> bool:
+    """Whether the op's input `slot` is a shape, axis or bound (_XLA_COMPILE_TIME_INPUTS)."""
     slots = _XLA_COMPILE_TIME_INPUTS.get(node.op_type, ())
     return slot in slots or slot - len(node.inputs) in slots
 
@@ -508,8 +509,7 @@ def _changing_compile_time_constant(path: list[Node], feeds: list) -> str:
     """Why XLA would recompile this segment at every new fed value ("" if it would not)."""
     for position, slot in feeds:
         node = path[position]
-        slots = _XLA_COMPILE_TIME_INPUTS.get(node.op_type, ())
-        if slot in slots or slot - len(node.inputs) in slots:
+        if _decides_shapes(node, slot):
             where = f" at {node.location[0][0]}:{node.location[0][1]}" if node.location else ""
             return (f"{node.op_type}{where} takes a value that changes between steps where XLA "
                     "needs a compile-time constant; XLA would compile again for every value")

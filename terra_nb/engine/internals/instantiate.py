@@ -17,7 +17,7 @@ import tensorflow as tf
 from tensorflow.python.eager import record
 from tensorflow.python.ops import resource_variable_ops
 
-from terra_nb.engine.internals.ops import lean_graph_calls, op_def, suspended
+from terra_nb.engine.internals.ops import lean_graph_calls, op_def, suspended, variable_shape
 
 # Stateful ops whose only state is the variable they are given.
 VARIABLE_OPS = frozenset({
@@ -77,14 +77,11 @@ def _scratch_captures(captured: list) -> tuple[list, list] | None:
         if tensor.dtype != tf.resource:
             captures.append(tensor)
             continue
+        shape = variable_shape(tensor)
         data = resource_variable_ops.get_eager_safe_handle_data(tensor)
-        if not data.is_set or len(data.shape_and_type) != 1:
+        if shape is None or len(data.shape_and_type) != 1:
             return None
-        shape_and_type = data.shape_and_type[0]
-        shape = [dim.size for dim in shape_and_type.shape.dim]
-        if shape_and_type.shape.unknown_rank or any(size < 0 for size in shape):
-            return None
-        dtype = tf.dtypes.as_dtype(shape_and_type.dtype)
+        dtype = tf.dtypes.as_dtype(data.shape_and_type[0].dtype)
         total += math.prod(shape) * dtype.size
         if total > SCRATCH_BYTES:
             return None
