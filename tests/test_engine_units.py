@@ -1145,7 +1145,7 @@ def test_a_fetched_value_ends_its_segment_early_only_when_python_waited_for_it()
     stays."""
     from terra_nb.engine.tracegraph import Node
 
-    policy = SchedulingPolicy()
+    policy = SchedulingPolicy(early_submission=True)
     node = Node(1, None, "Mean", (), (), (), (), False, "")
     node.fetches, node.last_fetch_wait = policy.submit_at_fetched_after, 0.0001
     node.graph_cost, node.steady_wait_seconds = 0.3, 0.4
@@ -1160,6 +1160,19 @@ def test_a_fetched_value_ends_its_segment_early_only_when_python_waited_for_it()
     assert policy.submit_early(node)
     node.last_fetch_wait = 0.0  # the wait it removed does not undo it
     assert policy.submit_early(node)
+
+
+def test_early_submission_is_off_by_default():
+    """The default policy never submits a segment early, however long Python waited: on the
+    benchmark programs the new graphs cost more than the overlap they bought."""
+    from terra_nb.engine.tracegraph import Node
+
+    policy = SchedulingPolicy()
+    node = Node(1, None, "Mean", (), (), (), (), False, "")
+    node.fetches, node.last_fetch_wait = 100, 1.0
+    node.graph_cost, node.steady_wait_seconds = 0.1, 10.0
+    assert not policy.submit_early(node)
+    assert SchedulingPolicy(early_submission=True).submit_early(node)
 
 
 def test_a_logged_loss_from_a_replayed_call_is_submitted_as_soon_as_it_is_deferred():
@@ -1196,7 +1209,8 @@ def test_a_logged_loss_from_a_replayed_call_is_submitted_as_soon_as_it_is_deferr
     layer, optimizer = build()
     submitted.clear()
     session = Session("early-loss", policy=SchedulingPolicy(
-        submit_at_fetched_after=2, submit_early_min_wait=0.0, new_graph_payback=0.0))
+        early_submission=True, submit_at_fetched_after=2, submit_early_min_wait=0.0,
+        new_graph_payback=0.0))
     got = _co_executed(session, make_step(layer, optimizer), 16)
     session.close()
     np.testing.assert_array_equal(got, expected)

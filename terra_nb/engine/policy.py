@@ -40,6 +40,12 @@ class SchedulingPolicy:
     split_at_once_paths: int = 4
     # a segment compiled whole is split once this hot: each new graph's first run is slow
     split_after_runs: int = 8
+    # whether a fetched value's segment may be submitted as soon as it is deferred (the forward
+    # graph running while Python defers the backward pass). Off: with library replay Python's
+    # backward pass is a few replayed calls, and the new graphs cost more than they overlap
+    # (over 100 steps: bert_qa 3.55 -> 2.92 s, sdpoint 3.07 -> 2.62, bert_cls 2.98 -> 2.66,
+    # none slower; docs/engine.md, Warm-up)
+    early_submission: bool = False
     # fetches of an op after which its segment may be submitted as soon as it is deferred ...
     submit_at_fetched_after: int = 8
     # ... when Python still waited this long (s) for it
@@ -88,7 +94,8 @@ class SchedulingPolicy:
         what the graph holding the node did (building, first run): chosen only once Python has
         waited that long for the node's value from graphs past their first run (as
         `splits`). Once chosen it stays: the waits it removes no longer argue for it."""
-        if not node.submit_early and node.fetches >= self.submit_at_fetched_after \
+        if self.early_submission and not node.submit_early \
+                and node.fetches >= self.submit_at_fetched_after \
                 and node.last_fetch_wait >= self.submit_early_min_wait \
                 and self.new_graphs_pay(node.steady_wait_seconds, node.graph_cost):
             node.submit_early = True
