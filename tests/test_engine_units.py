@@ -1210,7 +1210,7 @@ def test_a_logged_loss_from_a_replayed_call_is_submitted_as_soon_as_it_is_deferr
     submitted.clear()
     session = Session("early-loss", policy=SchedulingPolicy(
         early_submission=True, submit_at_fetched_after=2, submit_early_min_wait=0.0,
-        new_graph_payback=0.0))
+        new_graph_payback=0.0, build_in_background=False))
     got = _co_executed(session, make_step(layer, optimizer), 16)
     session.close()
     np.testing.assert_array_equal(got, expected)

@@ -138,9 +138,11 @@ class CompiledSegment:
 def instantiate_ahead(compiled: CompiledSegment) -> None:
     """Instantiate the graph before its first run, on the builder thread
     (internals.instantiate_ahead), given values this path was seen with: each fed Python
-    value's first one, zeros (False) for a value of an earlier segment unless it is a small
-    integer a shape, axis or bound may come from (a shape-deciding input, any input of a
-    traced function): scratch values there could fail an op, and nothing is done."""
+    value's first one, a small integer from an earlier segment as its op first computed it,
+    zeros (False) for other values of an earlier segment unless it is a small integer a
+    shape, axis or bound may come from (a shape-deciding input, any input of a traced
+    function) never seen: scratch values there could fail an op (TensorFlow logs the
+    failure), and nothing is done."""
     if compiled.xla:
         return
     args = []
@@ -150,6 +152,10 @@ def instantiate_ahead(compiled: CompiledSegment) -> None:
         seen = node.externals.get(slot)
         if seen is not None and isinstance(seen.first, internals.EagerTensor):
             args.append(seen.first)
+            continue
+        small = ref.node.small_values if ref.kind == FROM_NODE else None
+        if small is not None and ref.index in small:
+            args.append(small[ref.index])
             continue
         dtype = tf.dtypes.as_dtype(ref.dtype)
         shape = ref.node.output_shapes[ref.index] if ref.kind == FROM_NODE else (None,)

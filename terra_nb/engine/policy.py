@@ -20,9 +20,9 @@ class SchedulingPolicy:
     build_in_background: bool = True
     # a graph built on the builder thread is instantiated there before it is used
     # (graphgen.instantiate_ahead): its first run no longer holds up Python, but the path runs
-    # interpreted for longer. Off: over 100 steps nine of the ten benchmark programs lost 3-15%
-    # (over the first 20 all ten gained 2-20%; docs/engine.md, Warm-up)
-    instantiate_ahead: bool = False
+    # interpreted for longer. On: the benchmark programs' first 20 steps took 8% less in all
+    # (gpt2 22%, music_transformer 13%), their 100 steps 1-2% more (docs/engine.md, Warm-up)
+    instantiate_ahead: bool = True
     # a library call replayed before and met with a tensor argument of another size is traced
     # once more with the dimensions that changed unknown; that one function serves every size
     relax_shapes: bool = True

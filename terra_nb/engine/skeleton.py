@@ -34,6 +34,7 @@ from terra_nb.engine.tracegraph import (
     EXTERNAL,
     FROM_NODE,
     RESOURCE,
+    SMALL_CONSTANT,
     External,
     IslandOutput,
     NodeKey,
@@ -179,6 +180,9 @@ class PythonRunner:
             child.function = function
             child.device = key.device
             child.output_devices = tuple(output.device for output in outputs)
+            child.small_values = {
+                index: output for index, output in enumerate(outputs)
+                if output.dtype.is_integer and output._num_elements() <= SMALL_CONSTANT} or None
             child.host_value = (not island and function is None
                                 and hostvalues.is_host_value(op_type, outputs))
             if op_type in hostvalues.INDEX_CHECKED_OPS:
