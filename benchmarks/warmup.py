@@ -67,8 +67,9 @@ def run_one(program_name: str, mode: str, steps: int) -> dict:
 def warm_up_profile(session) -> dict:
     """Where terra_nb's first FIRST steps went, from the engine's own records: each
     iteration's mode, time and breakdown; graph construction (Python creating the ops and
-    tracing the function) and first runs (TensorFlow instantiating and optimising it, plus
-    one run); the library calls' functions traced for replay."""
+    tracing the function) and first runs (TensorFlow instantiating and optimising it, on the
+    builder thread when instantiated ahead, plus one run); the library calls' functions traced
+    for replay."""
     from terra_nb.engine import events as ev
 
     done = session.events.of_type(ev.IterationDone)
@@ -166,7 +167,8 @@ def profile_table(results: dict) -> str:
     lines = [
         f"| program | eager first {FIRST} s | terra_nb first {FIRST} s | tracing s | "
         "fallback s | co-executed s | other s | after the steps s | recording µs/op | "
-        "graphs built (s) | first runs s (whole run) | replay functions traced s (whole run) |",
+        "graphs built (s) | first runs s (whole run, instantiated ahead included) | "
+        "replay functions traced s (whole run) |",
         "|---|" + "---|" * 11,
     ]
     for name, summary in results.items():
