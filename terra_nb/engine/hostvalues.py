@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
-from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE, SMALL_CONSTANT
+from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE, is_small_integer
 
 # Ops whose value follows from their inputs' static shapes: known without running the graph.
 SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
@@ -34,8 +34,7 @@ def is_host_value(op_type: str, outputs) -> bool:
     definition = internals.op_def(op_type)
     if definition is None or definition.is_stateful or not outputs:
         return False
-    return all(output.dtype.is_integer and output._num_elements() <= SMALL_CONSTANT
-               for output in outputs)
+    return all(is_small_integer(output) for output in outputs)
 
 
 def host_values(node, inputs: list, attrs, ctx) -> list:

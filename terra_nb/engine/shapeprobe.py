@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
-from terra_nb.engine.tracegraph import RESOURCE, SMALL_CONSTANT
+from terra_nb.engine.tracegraph import RESOURCE, is_small_integer
 
 
 def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple:
@@ -109,5 +109,4 @@ def _probe_graph() -> _ProbeGraph:
 
 def _small_integer_slots(inputs) -> set:
     """Slots of small integer inputs (resource handles are not integers)."""
-    return {slot for slot, value in enumerate(inputs)
-            if value.dtype.is_integer and value._num_elements() <= SMALL_CONSTANT}
+    return {slot for slot, value in enumerate(inputs) if is_small_integer(value)}

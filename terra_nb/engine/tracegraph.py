@@ -79,6 +79,11 @@ class NodeKey(NamedTuple):
 SMALL_CONSTANT = 64  # an external input with at most this many elements may be folded
 
 
+def is_small_integer(tensor) -> bool:
+    """An integer tensor of at most SMALL_CONSTANT elements: a shape, an axis, a bound."""
+    return tensor.dtype.is_integer and tensor._num_elements() <= SMALL_CONSTANT
+
+
 def input_identity(ref) -> tuple:
     """A value reference as node identity sees it: a node by its uid, a resource by its
     object's id, an external value by its dtype and shape."""
