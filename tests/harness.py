@@ -12,6 +12,7 @@ import dataclasses
 import io
 import os
 import random
+import threading
 
 import numpy as np
 
@@ -20,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from terra_nb.engine import threads  # noqa: E402
 from terra_nb.engine.policy import SchedulingPolicy  # noqa: E402
 from terra_nb.engine.session import Session  # noqa: E402
 from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL, RUN_RTOL  # noqa: E402
@@ -293,3 +295,17 @@ def differential(build, iterations: int, apis=(SESSION_API, FUNCTION_API), **ses
         runs[api] = observe(build, iterations, api, **session_options)
         assert_same_observed(eager, runs[api])
     return runs
+
+
+def finish_queued_builds() -> None:
+    """Wait until the builder thread has done every job queued before this call."""
+    done = threading.Event()
+    threads.builder.put(done.set)
+    assert done.wait(120), "the builder thread did not get through its queue"
+
+
+def close_after_builds(session) -> None:
+    """Close `session` once its queued builds are done (closing drops the builds not yet
+    started), for tests that look at the graphs built."""
+    finish_queued_builds()
+    session.close()

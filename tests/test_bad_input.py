@@ -180,7 +180,7 @@ def test_keyboard_interrupt_in_a_cell_then_the_next_run_works(shell, user_ns):
     import time
 
     def graph_threads():
-        return {t for t in threading.enumerate() if t.name.startswith("terra_nb")}
+        return {t for t in threading.enumerate() if t.name == "terra_nb-graph"}
 
     in_python = threading.Event()
     shell.user_ns["in_python"] = in_python

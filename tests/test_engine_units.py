@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import WARM_UP_CHOICES, modes
+from harness import WARM_UP_CHOICES, close_after_builds, modes
 
 import terra_nb
 from terra_nb.engine import events as ev
@@ -1033,7 +1033,7 @@ def test_the_first_graph_holds_what_the_fetched_value_is_computed_from(step):
     eager_losses, eager_variables = run(None)
     session = Session("split-by-dependency", trace_iterations=1)
     losses, variables = run(session)
-    session.close()
+    close_after_builds(session)
     np.testing.assert_array_equal(losses, eager_losses)
     for value, expected in zip(variables, eager_variables, strict=True):
         np.testing.assert_array_equal(value, expected)
@@ -1075,7 +1075,7 @@ def test_only_a_programs_first_paths_are_split_when_first_compiled():
     for branch in branches:
         with session.iteration():
             losses.append(float(_branch_step(weights, branch)))
-    session.close()
+    close_after_builds(session)
     np.testing.assert_array_equal(losses, eager)
     np.testing.assert_array_equal(weights.numpy(), eager_weights.numpy())
     split = {op for segment in session.graph_runner.segments()

@@ -41,7 +41,8 @@ def _innermost_line_here(error: BaseException):
 
 
 def _graph_threads() -> set[threading.Thread]:
-    return {thread for thread in threading.enumerate() if thread.name.startswith("terra_nb")}
+    """A session's graph threads (the builder thread serves the whole process)."""
+    return {thread for thread in threading.enumerate() if thread.name == "terra_nb-graph"}
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
-from terra_nb.engine import internals
+from terra_nb.engine import internals, threads
 from terra_nb.engine.heap import FrozenHeap
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.reasons import NoteKind
@@ -51,18 +51,64 @@ def test_a_paths_first_run_is_interpreted_and_its_graph_built_when_it_repeats():
 @pytest.mark.parametrize("build", [programs.build_mlp, programs.build_gan,
                                    programs.build_path_change])
 def test_graphs_built_in_the_background_give_eagers_results(build):
-    """The default: graphs are built on a builder thread, each iteration runs whatever is
-    ready (graphs, else interpreted ops); the builder stops with the session."""
-    before = _builders()
+    """The default: graphs are built on the builder thread, each iteration runs whatever is
+    ready (graphs, else interpreted ops); one builder thread serves every session."""
     _, terra = harness.compare(build, 12)
-    terra.session.close()
+    harness.close_after_builds(terra.session)
     assert _built_at(terra.session), "no graph was built in 12 iterations"
     assert ev.CO_EXECUTING in harness.modes(terra.session)
-    assert _builders() <= before
+    assert len(_builders()) == 1
 
 
 def _builders() -> set:
     return {thread for thread in threading.enumerate() if thread.name == "terra_nb-builder"}
+
+
+def test_one_builder_thread_serves_every_session():
+    """Sessions one after another (cells) hand their builds to the same thread, which keeps
+    TensorFlow's per-thread kernel lookups of the graphs it instantiated before."""
+    seen = []
+    for _ in range(2):
+        _, terra = harness.compare(programs.build_mlp, 5)
+        harness.close_after_builds(terra.session)
+        seen.append(_builders())
+    assert len(seen[0]) == 1 and seen[0] == seen[1]
+
+
+def test_closing_a_session_drops_its_builds_not_started_and_a_rerun_builds_them():
+    """A cell's session closes without waiting for builds (with the builder busy elsewhere,
+    close() returns: waiting would hang here); those that had not started are dropped, and
+    the same session run again builds its graphs, with eager's values throughout."""
+    gate, busy = threading.Event(), threading.Event()
+
+    def elsewhere():
+        busy.set()
+        gate.wait(60)
+
+    threads.builder.put(elsewhere)
+    assert busy.wait(60)
+    weight = tf.Variable(tf.zeros((4,)))
+    session = Session("closed-builds")
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            with session.iteration():
+                weight.assign_add(tf.ones((4,)) * 2.0)
+                float(tf.reduce_sum(weight))
+        session.close()
+
+    try:
+        run(5)
+        assert session.graph_runner._building, "no build was queued in 5 iterations"
+    finally:
+        gate.set()
+    harness.finish_queued_builds()
+    assert not session.graph_runner._building and session.graph_runner.graphs == 0
+    run(4)
+    harness.finish_queued_builds()
+    run(1)
+    assert _built_at(session)
+    np.testing.assert_array_equal(weight.numpy(), np.full((4,), 20.0, np.float32))
 
 
 def test_a_value_that_changes_while_interpreted_is_fed_from_the_first_graph():
@@ -548,7 +594,7 @@ def test_graphs_instantiated_ahead_give_eagers_results(build):
     variables and seen values before it is used: results stay eager's (the scratch call
     touches none of the program's variables) and the first runs only run."""
     _, terra = harness.compare(build, 14, policy=SchedulingPolicy(instantiate_ahead=True))
-    terra.session.close()
+    harness.close_after_builds(terra.session)
     ahead = [segment for segment in terra.session.graph_runner.segments()
              if segment.instantiated_seconds > 0]
     assert ahead, "no graph was instantiated ahead in 14 iterations"
@@ -563,7 +609,7 @@ def test_a_small_integer_from_an_earlier_graph_is_given_as_first_computed():
     left to their first run. Results stay eager's."""
     _, terra = harness.compare(programs.build_varying_lengths, 20,
                                policy=SchedulingPolicy(instantiate_ahead=True))
-    terra.session.close()
+    harness.close_after_builds(terra.session)
 
     def fed_small_integer(segment) -> bool:
         for position, slot in segment.feed_slots:

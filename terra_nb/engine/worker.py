@@ -7,17 +7,15 @@ line of the op that failed. XLA graphs that XLA cannot compile are rebuilt witho
 
 from __future__ import annotations
 
-import atexit
 import collections
 import functools
 import queue
-import sys
 import threading
 import time
 import weakref
 
 from terra_nb.engine import events as ev
-from terra_nb.engine import graphgen, internals
+from terra_nb.engine import graphgen, internals, threads
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.reasons import NoteKind
 
@@ -158,77 +156,6 @@ def _at_user_line(error: BaseException, compiled) -> BaseException:
     return error
 
 
-class _SwitchInterval:
-    """While a graph thread runs, Python hands the GIL over every 0.1 ms instead of 5 ms.
-
-    The skeleton holds the GIL almost all the time; the graph thread needs it about twice per
-    graph call (to start the call, and when the call returns), each time waiting up to one
-    interval. Measured on bert_cls' three segments next to a busy Python thread: 32 ms at
-    5 ms, 9.1 ms at 0.5 ms, 7.0 ms at 0.1 ms (3.9 ms alone, 5.5 ms next to a busy process).
-    No thread waits, no hand-over happens: the skeleton pays nothing for it. Restored when
-    the last graph thread stops.
-    """
-
-    FAST = 0.0001
-
-    def __init__(self) -> None:
-        self._holders = 0
-        self._saved = sys.getswitchinterval()
-        self._lock = threading.Lock()
-
-    def hold(self) -> None:
-        with self._lock:
-            if self._holders == 0:
-                self._saved = sys.getswitchinterval()
-                sys.setswitchinterval(min(self._saved, self.FAST))
-            self._holders += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            if self._holders == 0:
-                sys.setswitchinterval(self._saved)
-
-
-_switch_interval = _SwitchInterval()
-
-
-def _stop_worker(work: queue.SimpleQueue) -> None:
-    work.put(None)
-    _switch_interval.release()
-
-
-class _LiveThreads:
-    """The engine's graph and builder threads, stopped and joined when the interpreter exits.
-
-    They are daemon threads, so a session never keeps the process alive; but a daemon thread
-    still inside TensorFlow's C++ (building a graph) when the interpreter finalizes aborts the
-    process ("terminate called after throwing an instance of ''"), e.g. a script that ends
-    while a segment is being built. At exit, queued builds are skipped and each thread stops.
-    """
-
-    def __init__(self) -> None:
-        self.exiting = threading.Event()
-        self._threads = weakref.WeakKeyDictionary()  # thread -> its queue
-
-    def add(self, thread: threading.Thread, work: queue.SimpleQueue) -> None:
-        self._threads[thread] = work
-
-    def remove(self, thread: threading.Thread) -> None:
-        self._threads.pop(thread, None)
-
-    def stop_all(self) -> None:
-        self.exiting.set()
-        for thread, work in list(self._threads.items()):
-            work.put(None)
-            thread.join()
-        self._threads.clear()
-
-
-_live_threads = _LiveThreads()
-atexit.register(_live_threads.stop_all)
-
-
 def _work(work: queue.SimpleQueue) -> None:
     """The graph thread: run submitted segments in order until told to stop (None)."""
     while True:
@@ -237,16 +164,6 @@ def _work(work: queue.SimpleQueue) -> None:
             return
         _execute_all(jobs)
         del jobs
-
-
-def _build_all(builds: queue.SimpleQueue) -> None:
-    """The builder thread: build queued segments until told to stop (None)."""
-    while True:
-        build = builds.get()
-        if build is None or _live_threads.exiting.is_set():
-            return
-        build()
-        del build
 
 
 def _execute_all(jobs: list) -> None:
@@ -300,8 +217,7 @@ class GraphRunner:
         self._iteration_ends: collections.deque[Job] = collections.deque()
         self._worker_events: collections.deque = collections.deque()  # see emit_worker_events
         self._building: set = set()  # keys of segments being built (or that failed to build)
-        self._builds: queue.SimpleQueue | None = None
-        self._builder: threading.Thread | None = None
+        self._closed = False  # builds it queued that have not started are dropped
         # one graph for paths that differ only in sizes and small values (graphgen.
         # structure_key); not with XLA, which compiles for each size anyway
         self._shares_graphs = self.policy.relax_shapes and not xla
@@ -412,19 +328,14 @@ class GraphRunner:
         creation and tracing, most of it Python, which the builder does while the skeleton
         waits for graphs or kernels (GIL contention measured in docs/engine.md)."""
         self._building.add(key)
-        if self._builder is None:
-            builds = queue.SimpleQueue()
-            builder = threading.Thread(target=_build_all, args=(builds,), daemon=True,
-                                       name="terra_nb-builder")
-            builder.start()
-            _live_threads.add(builder, builds)
-            # one statement: an interrupt cannot leave a builder that close() cannot stop
-            self._builds, self._builder, self._stop_builder = (
-                builds, builder, weakref.finalize(self, builds.put, None))
-        self._builds.put(functools.partial(self._build_in_background, key, path, outputs,
-                                           iteration, reason))
+        self._closed = False
+        threads.builder.put(functools.partial(self._build_in_background, key, path, outputs,
+                                       iteration, reason))
 
     def _build_in_background(self, key, path, outputs, iteration, reason) -> None:
+        if self._closed:  # its session ended before the build started: built if met again
+            self._building.discard(key)
+            return
         try:
             self._build(key, path, outputs, iteration, reason, ahead=True)
         except Exception as error:  # the path keeps running interpreted: eager's semantics
@@ -504,13 +415,13 @@ class GraphRunner:
             worker = threading.Thread(target=_work, args=(work,), name="terra_nb-graph",
                                       daemon=True)
             worker.start()
-            _live_threads.add(worker, work)
-            _switch_interval.hold()
+            threads.live_threads.add(worker, work)
+            threads.switch_interval.hold()
             # A runner dropped without close() (an unreferenced terra_nb.function) stops its
             # thread: the thread holds only the queue, never the runner. One statement: an
             # interrupt cannot leave a worker that close() cannot stop.
             self._queue, self._worker, self._stop_worker = (
-                work, worker, weakref.finalize(self, _stop_worker, work))
+                work, worker, weakref.finalize(self, threads.stop_worker, work))
         for job in jobs:
             for lazy in job.lazies:
                 lazy._job = job
@@ -571,21 +482,20 @@ class GraphRunner:
         return graphs, sum(job.seconds for job in done) - graphs
 
     def close(self) -> None:
-        """Finish all work and stop the worker thread (it never outlives its session)."""
+        """Finish all graph work and stop the worker thread (it never outlives its session).
+        Builds not started yet are dropped, and one under way finishes on the builder thread
+        without the session waiting for it (a cell of 20 steps waited up to 1.1 s for its
+        queued builds): a segment met again is built then."""
+        self._closed = True
         try:
             self.drain()
         finally:
             if self._worker is not None:
                 self._stop_worker()
                 self._worker.join()
-                _live_threads.remove(self._worker)
+                threads.live_threads.remove(self._worker)
                 self._worker = None
                 self._queue = None
-            if self._builder is not None:
-                self._stop_builder()  # builds queued before it still finish first
-                self._builder.join()
-                _live_threads.remove(self._builder)
-                self._builder = self._builds = None
 
     @property
     def graphs(self) -> int:
