@@ -6,7 +6,9 @@ Each (program, mode) runs alone in a fresh process (nothing compiled before, no 
 stealing a core from a background build) for `--steps` steps, each ending with `float(loss)`.
 Reported per program: total time over the first 20 and the first `--steps` steps against eager
 and tf.function, the steps until terra_nb settled, and its settled ratio (the last 20 steps'
-median against eager's).
+median against eager's). Then, in the same process, a rerun as after editing the cell: the
+first 20 steps of a new `terra_nb.function` (a new session) or a new `tf.function` on the
+same model, against eager's next 20 steps there.
 
     python -m benchmarks.warmup [--programs a,b] [--steps 100] [--modes eager,...] [--out DIR]
 """
@@ -40,27 +42,38 @@ def run_one(program_name: str, mode: str, steps: int) -> dict:
 
     tf.config.experimental.enable_op_determinism()
     program = build(program_name, 0)
-    step, session = program.train_step, None
-    if mode == "tf.function":
-        step = tf.function(step)
-    elif mode == "terra_nb":
-        step = terra_nb.function(step)
-        session = step.session
-    times, losses, error = [], [], None
-    for index in range(steps):
-        batch = program.batch(index)
-        start = time.perf_counter()
-        try:
-            losses.append(float(step(*batch)))
-        except Exception as failure:  # a mode that cannot run the program is a result
-            error = f"{type(failure).__name__}: {str(failure).strip()[:200]}"
-            break
-        times.append((time.perf_counter() - start) * 1e3)
+
+    def fresh_step():
+        if mode == "tf.function":
+            return tf.function(program.train_step)
+        if mode == "terra_nb":
+            return terra_nb.function(program.train_step)
+        return program.train_step
+
+    def run(step, first: int, count: int) -> tuple[list, list, str | None]:
+        times, losses = [], []
+        for index in range(first, first + count):
+            batch = program.batch(index)
+            start = time.perf_counter()
+            try:
+                losses.append(float(step(*batch)))
+            except Exception as failure:  # a mode that cannot run the program is a result
+                return times, losses, f"{type(failure).__name__}: {str(failure).strip()[:200]}"
+            times.append((time.perf_counter() - start) * 1e3)
+        return times, losses, None
+
+    step = fresh_step()
+    times, losses, error = run(step, 0, steps)
     result = {"program": program_name, "mode": mode, "ms": times, "losses": losses,
               "error": error}
-    if session is not None:
-        session.close()
-        result.update(warm_up_profile(session))
+    if mode == "terra_nb":
+        step.session.close()
+        result.update(warm_up_profile(step.session))
+    if error is None:
+        rerun = fresh_step()
+        result["rerun_ms"] = run(rerun, steps, FIRST)[0]
+        if mode == "terra_nb":
+            rerun.session.close()
     return result
 
 
@@ -120,6 +133,9 @@ def summarize(runs: dict, steps: int) -> dict:
             summary[mode] = row
             continue
         settled, settle_steps = settled_after(times)
+        rerun, eager_rerun = run.get("rerun_ms", []), runs["eager"].get("rerun_ms", [])
+        if len(rerun) == FIRST and len(eager_rerun) == FIRST:
+            row["rerun_vs_eager"] = sum(eager_rerun) / sum(rerun)
         row.update({
             "first_total_s": sum(times[:FIRST]) / 1e3, "total_s": sum(times) / 1e3,
             "settled_ms": settled, "settle_steps": settle_steps,
@@ -128,7 +144,7 @@ def summarize(runs: dict, steps: int) -> dict:
             "settled_vs_eager": statistics.median(eager[-TAIL:]) / settled,
         })
         row.update({key: value for key, value in run.items()
-                    if key not in ("ms", "losses", "error", "program", "mode")})
+                    if key not in ("ms", "losses", "error", "program", "mode", "rerun_ms")})
         summary[mode] = row
     return summary
 
@@ -140,8 +156,9 @@ def table(results: dict, steps: int) -> str:
         f"tf.function first {FIRST} vs eager | eager {steps} steps s | "
         f"terra_nb {steps} vs eager | tf.function {steps} vs eager | "
         f"terra_nb {steps} vs tf.function | terra_nb settled vs eager | steps to settle | "
-        "graphs built (build s) |",
-        "|---|" + "---|" * 10,
+        f"graphs built (build s) | rerun: terra_nb first {FIRST} vs eager | "
+        f"rerun: tf.function first {FIRST} vs eager |",
+        "|---|" + "---|" * 12,
     ]
     for name, summary in results.items():
         eager, function, terra = (summary.get(mode, {}) for mode in MODES)
@@ -158,7 +175,7 @@ def table(results: dict, steps: int) -> str:
             f"| {ratio(function, 'first_vs_eager')} | {eager.get('total_s', 0):.1f} | "
             f"{ratio(terra, 'total_vs_eager')} | {ratio(function, 'total_vs_eager')} | "
             f"{versus} | {ratio(terra, 'settled_vs_eager')} | {terra.get('settle_steps', '-')} "
-            f"| {build} |")
+            f"| {build} | {ratio(terra, 'rerun_vs_eager')} | {ratio(function, 'rerun_vs_eager')} |")
     return "\n".join(lines)
 
 
@@ -205,7 +222,9 @@ def header(machine: dict, steps: int) -> str:
         f"first runs). Ratios are eager's total / the mode's (higher is faster). Settled: the "
         f"median of the last {TAIL} steps against eager's; steps to settle: after them every "
         f"{WINDOW} consecutive steps have a median within {SETTLED_WITHIN:g}x the settled "
-        "median.\n\n")
+        f"median. Rerun: then, in the same process, the first {FIRST} steps of a new "
+        "`terra_nb.function` (a new session, as after editing the cell) or `tf.function` on "
+        f"the same model, against eager's next {FIRST} steps there.\n\n")
 
 
 def main(argv=None) -> None:
