@@ -167,6 +167,7 @@ class Session:
 
     def close(self) -> None:
         """Finish all pending graph work and stop the graph thread; safe to call twice.
+        Builds it queued that have not started are dropped, not waited for.
 
         The session can still run more iterations afterwards (a new thread starts).
         """
