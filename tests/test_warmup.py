@@ -647,3 +647,36 @@ def test_only_functions_touching_nothing_but_their_variables_are_instantiated_ah
     for stateful in (draw, show):
         function = tf.function(stateful, autograph=False).get_concrete_function(*specs)
         assert not internals.instantiate_ahead(function, [x], unfused=False, quick=True)
+
+
+def test_a_later_session_replays_the_functions_an_earlier_one_traced_for_its_objects():
+    """A cell edited and run again is a new session on the same model: its stable library
+    calls replay the functions the first session traced for those objects (nothing is
+    traced again), with eager's losses and variables; a model built anew is traced for
+    itself."""
+
+    def run(sessions) -> tuple[list, list]:
+        harness.seed_everything()
+        step, state = programs.build_mlp()
+        losses = []
+        for session in sessions:
+            for index in range(6):
+                if session is None:
+                    losses.append(float(step(index)))
+                    continue
+                with session.iteration():
+                    losses.append(float(step(index)))
+            if session is not None:
+                session.close()
+        return losses, state()
+
+    eager_losses, eager_variables = run([None, None])
+    first, second, rebuilt = Session("first"), Session("second"), Session("rebuilt")
+    losses, variables = run([first, second])
+    run([rebuilt])
+    assert first.macro_table.traced > 0
+    assert second.macro_table.macros > 0 and second.macro_table.traced == 0
+    assert rebuilt.macro_table.traced > 0
+    np.testing.assert_allclose(losses, eager_losses, rtol=harness.RUN_RTOL, atol=harness.ATOL)
+    for value, expected in zip(variables, eager_variables, strict=True):
+        np.testing.assert_allclose(value, expected, rtol=harness.RUN_RTOL, atol=harness.ATOL)

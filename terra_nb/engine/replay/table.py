@@ -48,6 +48,7 @@ from terra_nb.engine.replay.guards import (
     relaxed_guard,
     sizes_text,
 )
+from terra_nb.engine.replay.kept import KEPT
 from terra_nb.engine.replay.macro import BuiltMacro, build_macro, replay_macro, replay_state
 from terra_nb.engine.replay.plan import (
     ReplayPlan,
@@ -339,12 +340,19 @@ class MacroTable:
         self.established.append(what)
 
     def _build(self, original, obj, args, kwargs, guard, relaxed=None) -> BuiltMacro:
-        """`build_macro`, or the function traced for a twin of the layer (twins.py)."""
+        """`build_macro`, or the function traced for a twin of the layer (twins.py), or the
+        one an earlier session traced for this very call (kept.py)."""
         key = twin_key(obj, original, guard, relaxed)
         built = self.twins.find(key, obj)
         if built is None:
-            built = build_macro(original, obj, args, kwargs, relaxed)
-            self.traced += 1
+            flat = flatten(args, kwargs)
+            kept = not tf.distribute.has_strategy()  # each replica traces its own
+            built = KEPT.find(obj, original, guard, relaxed, flat) if kept else None
+            if built is None:
+                built = build_macro(original, obj, args, kwargs, relaxed)
+                self.traced += 1
+                if kept:
+                    KEPT.keep(obj, original, guard, relaxed, flat, built)
             self.twins.add(key, obj, built)
         return built
 
