@@ -556,3 +556,43 @@ def test_a_loop_slower_co_executed_than_eager_runs_plainly_eager_and_says_why():
     assert modes.count("'eager back-off'") >= 6, modes
     assert re.search(r"^not paying co-execution took [\d.]+ ms per iteration over the last 10, "
                      r"plain eager [\d.]+ ms; the next 2 run plainly eager", shown, re.M), shown
+
+
+KEPT_SETUP = """\
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                          keras.layers.Dense(10)])
+optimizer = keras.optimizers.Adam(1e-2)
+loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+losses = []
+
+
+def train_step():
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x))
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return float(loss)
+"""
+
+
+def test_an_edited_cell_replays_the_library_calls_its_first_version_traced():
+    """A `%%terra` cell edited and run again is a new session on the same model: its library
+    calls replay the functions the first version traced (nothing traced again), with eager's
+    losses over both runs."""
+    notebook = execute_cells([
+        "%load_ext terra_nb", SETUP, KEPT_SETUP,
+        "for step in range(16):\n    losses.append(train_step())\neager_losses = losses",
+        KEPT_SETUP,
+        "%%terra --no-panel\nfor step in range(8):\n    losses.append(train_step())\n",
+        "%%terra --no-panel\nfor step in range(8):  # edited\n    losses.append(train_step())\n",
+        f"np.testing.assert_allclose(losses, eager_losses, rtol={RUN_RTOL}, atol={ATOL})\n"
+        "magics = get_ipython().magics_manager.registry['TerraMagics']\n"
+        "first, second = [session for _, session in list(magics._sessions.values())[-2:]]\n"
+        "print('traced', first.macro_table.traced, second.macro_table.traced,"
+        " second.macro_table.macros)\n"])
+    assert errors_in(notebook) == []
+    shown = text_of(notebook.cells[-1])
+    first, second, replayed = map(int, re.search(r"^traced (\d+) (\d+) (\d+)$", shown,
+                                                 re.M).groups())
+    assert first > 0 and second == 0 and replayed > 0, shown
