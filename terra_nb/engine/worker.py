@@ -330,7 +330,7 @@ class GraphRunner:
         self._building.add(key)
         self._closed = False
         threads.builder.put(functools.partial(self._build_in_background, key, path, outputs,
-                                       iteration, reason))
+                                              iteration, reason))
 
     def _build_in_background(self, key, path, outputs, iteration, reason) -> None:
         if self._closed:  # its session ended before the build started: built if met again

@@ -32,7 +32,9 @@ class KeptMacros:
         if kept is None:
             return None
         built, references = kept
-        if [reference() for reference in references] != [obj, *_named(guard, flat)]:
+        guarded = [obj, *_named(guard, flat)]
+        if len(references) != len(guarded) or not all(
+                reference() is value for reference, value in zip(references, guarded)):
             return None
         return built
 
