@@ -649,11 +649,11 @@ def test_only_functions_touching_nothing_but_their_variables_are_instantiated_ah
         assert not internals.instantiate_ahead(function, [x], unfused=False, quick=True)
 
 
-def test_a_later_session_replays_the_functions_an_earlier_one_traced_for_its_objects():
+def test_a_later_session_replays_the_functions_and_graphs_an_earlier_one_made():
     """A cell edited and run again is a new session on the same model: its stable library
     calls replay the functions the first session traced for those objects (nothing is
-    traced again), with eager's losses and variables; a model built anew is traced for
-    itself."""
+    traced again) and its segments run the graphs the first session built (none is built
+    again), with eager's losses and variables; a model built anew is traced for itself."""
 
     def run(sessions) -> tuple[list, list]:
         harness.seed_everything()
@@ -667,7 +667,7 @@ def test_a_later_session_replays_the_functions_an_earlier_one_traced_for_its_obj
                 with session.iteration():
                     losses.append(float(step(index)))
             if session is not None:
-                session.close()
+                harness.close_after_builds(session)
         return losses, state()
 
     eager_losses, eager_variables = run([None, None])
@@ -677,6 +677,9 @@ def test_a_later_session_replays_the_functions_an_earlier_one_traced_for_its_obj
     assert first.macro_table.traced > 0
     assert second.macro_table.macros > 0 and second.macro_table.traced == 0
     assert rebuilt.macro_table.traced > 0
+    # the graphs the first session built serve the second: it builds none and runs them
+    assert _built_at(first) and not _built_at(second), (_built_at(first), _built_at(second))
+    assert second.graph_runner.shared_graphs > 0
     np.testing.assert_allclose(losses, eager_losses, rtol=harness.RUN_RTOL, atol=harness.ATOL)
     for value, expected in zip(variables, eager_variables, strict=True):
         np.testing.assert_allclose(value, expected, rtol=harness.RUN_RTOL, atol=harness.ATOL)

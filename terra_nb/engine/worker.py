@@ -181,6 +181,13 @@ def _ready_value(value):
 
 
 
+# structure (graphgen.structure_key) -> the graph built last for it, for every session of
+# the process while a session holds that graph: a session run again on the same model (a cell
+# edited and rerun) is served the graphs of the earlier one instead of building them again;
+# the structure names each variable the graph captures by identity
+_GRAPHS_BY_STRUCTURE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 def _segment_key(start, end, outputs: tuple, part: str = "") -> tuple:
     return (start.uid, end.uid, tuple((node.uid, index) for node, index in outputs), part)
 
@@ -222,7 +229,7 @@ class GraphRunner:
         # structure_key); not with XLA, which compiles for each size anyway
         self._shares_graphs = self.policy.relax_shapes and not xla
         self._structures: dict = {}  # segment key -> its structure
-        self._by_structure: dict = {}  # structure -> the graph built last for it
+        self._by_structure = _GRAPHS_BY_STRUCTURE
         self._not_served: dict = {}  # segment key -> id of the graph that did not serve it
         self.shared_graphs = 0  # segments served by a graph built for another path
 
