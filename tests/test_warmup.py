@@ -660,10 +660,12 @@ def test_a_later_session_replays_the_functions_and_graphs_an_earlier_one_made():
         step, state = programs.build_mlp()
         losses = []
         for session in sessions:
-            for index in range(6):
+            for index in range(10):
                 if session is None:
                     losses.append(float(step(index)))
                     continue
+                if index == 7:  # the graphs are in: the last steps run them
+                    harness.finish_queued_builds()
                 with session.iteration():
                     losses.append(float(step(index)))
             if session is not None:
@@ -680,6 +682,13 @@ def test_a_later_session_replays_the_functions_and_graphs_an_earlier_one_made():
     # the graphs the first session built serve the second: it builds none and runs them
     assert _built_at(first) and not _built_at(second), (_built_at(first), _built_at(second))
     assert second.graph_runner.shared_graphs > 0
+    # a served graph's later runs are weighed against the run that instantiated it
+    first_runs = {id(segment.function): segment.first_run_seconds
+                  for segment in first.graph_runner.segments()}
+    served = [segment for segment in second.graph_runner.segments() if segment.named]
+    assert any(first_runs[id(segment.function)] > 0 for segment in served)
+    assert all(segment.served_first_run_seconds == first_runs[id(segment.function)]
+               for segment in served)
     np.testing.assert_allclose(losses, eager_losses, rtol=harness.RUN_RTOL, atol=harness.ATOL)
     for value, expected in zip(variables, eager_variables, strict=True):
         np.testing.assert_allclose(value, expected, rtol=harness.RUN_RTOL, atol=harness.ATOL)

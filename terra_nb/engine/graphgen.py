@@ -82,6 +82,9 @@ class CompiledSegment:
     optimized: bool = False  # instantiated with Grappler (see ran); XLA segments always are
     optimizing: bool = False  # its next run instantiates it optimized
     later_run_seconds: float = 0.0  # its runs after the first, unoptimized
+    # serving another path: the first run of the graph it serves from, which instantiated it
+    # (its own first run only runs it); what its later runs are weighed against
+    served_first_run_seconds: float = 0.0
     is_graph: ClassVar[bool] = True  # (an InterpretedSegment is not)
 
     def run(self, args: list) -> list:
@@ -101,7 +104,8 @@ class CompiledSegment:
             self.optimizing = False
         elif not (self.optimized or self.xla):
             self.later_run_seconds += seconds
-            if self.later_run_seconds >= optimize_after * self.first_run_seconds:
+            instantiation = self.served_first_run_seconds or self.first_run_seconds
+            if self.later_run_seconds >= optimize_after * instantiation:
                 self.optimized = self.optimizing = True
         return first
 
@@ -132,7 +136,9 @@ class CompiledSegment:
                                    first_run_seconds=0.0, instantiated_seconds=0.0,
                                    waited_seconds=0.0,
                                    named=self.named or self.path, optimizing=False,
-                                   later_run_seconds=0.0)
+                                   later_run_seconds=0.0,
+                                   served_first_run_seconds=(self.served_first_run_seconds
+                                                             or self.first_run_seconds))
 
 
 def instantiate_ahead(compiled: CompiledSegment) -> None:
