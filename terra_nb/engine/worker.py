@@ -180,7 +180,6 @@ def _ready_value(value):
     return value
 
 
-
 # structure (graphgen.structure_key) -> the graph built last for it, for every session of
 # the process while a session holds that graph: a session run again on the same model (a cell
 # edited and rerun) is served the graphs of the earlier one instead of building them again;
