@@ -1,0 +1,90 @@
+"""Shape rules (issue 20): the ops the skeleton asks about most (elementwise shape arithmetic,
+Reshape) are answered by their shape rules instead of a scratch-graph probe. The answers must
+be the probe's, which are TensorFlow's shape functions: node identity depends on them."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from terra_nb.engine import internals, shapeprobe
+from terra_nb.engine.session import Session
+from terra_nb.engine.tracegraph import EXTERNAL, External
+
+
+class _StaticInput:
+    """A recorded value whose static shape has unknown sizes (what a graph serving several
+    sizes sees), standing in for a tensor in a probe."""
+
+    dtype = tf.float32
+
+    def __init__(self, shape: tuple) -> None:
+        self.shape = shape
+
+    def _shape_tuple(self) -> tuple:
+        return self.shape
+
+    def _num_elements(self) -> int:
+        return -1
+
+
+def _refs(inputs) -> tuple:
+    return tuple(External(EXTERNAL, value.dtype.as_datatype_enum, value._shape_tuple())
+                 for value in inputs)
+
+
+RESHAPE_INPUTS = [(2, 3), (6,), (0, 3), (4, 0, 2), (), (1,), (None, 3), (None,)]
+RESHAPE_TARGETS = [[6], [-1], [3, 2], [-1, 2], [2, -1, 1], [0, -1], [-1, -1], [4], [], [1],
+                   [-2, 3], [0], [0, 3], [-1, 0], [3, -1], [6, 1, 1]]
+
+
+@pytest.mark.parametrize("shape,target", list(itertools.product(RESHAPE_INPUTS, RESHAPE_TARGETS)))
+def test_reshape_rules_give_the_probes_answers(shape, target):
+    """Which input decides Reshape's output shape, and the shape a target gives: the rule's
+    answer is the probe's, for valid and invalid targets, inputs with no elements and inputs
+    whose static shape has unknown sizes."""
+    value = tf.zeros(shape) if None not in shape else _StaticInput(shape)
+    inputs = [value, tf.constant(target, dtype=tf.int32)]
+    attrs = ("T", tf.float32.as_datatype_enum, "Tshape", tf.int32.as_datatype_enum)
+    refs = _refs(inputs)
+    assert shapeprobe.shape_deciding_inputs("Reshape", attrs, inputs, refs) == \
+        shapeprobe.probed_deciding_inputs("Reshape", attrs, inputs, refs)
+    probed = shapeprobe._probed_shapes("Reshape", internals.attr_protos("Reshape", attrs),
+                                       inputs, refs, set())
+    assert shapeprobe.output_shapes_for("Reshape", attrs, inputs, refs) == probed
+
+
+def test_elementwise_ops_met_while_tracing_are_never_decided_by_values(monkeypatch):
+    """Every op the skeleton asks about that the rules answer as elementwise (no input value
+    decides its shape), met in a traced program's integer shape arithmetic, gets the answer
+    the probe gives; and the program meets each kind the test names."""
+    asked = []
+    real = shapeprobe.shape_deciding_inputs
+
+    def both(op_type, attrs, inputs, refs):
+        asked.append((op_type, real(op_type, attrs, inputs, refs),
+                      shapeprobe.probed_deciding_inputs(op_type, attrs, inputs, refs)))
+        return asked[-1][1]
+
+    monkeypatch.setattr(shapeprobe, "shape_deciding_inputs", both)
+    sizes = tf.constant([4, 3], dtype=tf.int32)
+    session = Session("elementwise-shapes")
+    with session.iteration():
+        doubled = sizes * 2 + 1
+        halved = tf.math.floordiv(doubled, 2) - tf.math.floormod(doubled, 3)
+        clipped = tf.maximum(tf.minimum(halved, 5), 1)
+        chosen = tf.where(clipped > 2, clipped, -clipped)
+        wide = tf.cast(tf.abs(chosen), tf.int64)
+        flat = tf.reshape(tf.ones(tf.cast(wide, tf.int32)), [-1])
+        total = tf.reduce_sum(tf.reshape(flat, tf.concat([[2], [-1]], axis=0)))
+    session.close()
+    assert float(total) == float(np.prod(np.maximum(np.minimum(
+        (np.array([4, 3]) * 2 + 1) // 2 - (np.array([4, 3]) * 2 + 1) % 3, 5), 1)))
+    ruled = {op for op, _, _ in asked if op in shapeprobe.SHAPES_FROM_SHAPES}
+    assert {"Mul", "AddV2", "FloorDiv", "FloorMod", "Sub", "Maximum", "Minimum", "Greater",
+            "SelectV2", "Neg", "Abs", "Cast"} <= ruled
+    assert any(op == "Reshape" for op, _, _ in asked)
+    assert [rule for _, rule, _ in asked] == [probe for _, _, probe in asked]
