@@ -27,9 +27,6 @@ class _StaticInput:
     def _shape_tuple(self) -> tuple:
         return self.shape
 
-    def _num_elements(self) -> int:
-        return -1
-
 
 def _refs(inputs) -> tuple:
     return tuple(External(EXTERNAL, value.dtype.as_datatype_enum, value._shape_tuple())
