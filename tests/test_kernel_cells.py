@@ -502,8 +502,8 @@ model = Deep()
 def test_layers_and_optimizer_updates_of_one_width_share_their_traced_functions():
     """Four hidden layers of one width, defined in the cell: the three 16-to-16 layers call
     one traced function with their own weights, the replayed optimizer call traced one
-    update per variable shape that repeats (three 16x16 kernels, four biases; the first
-    kernel's shape is its own), and the notes say so; losses and weights are eager's."""
+    update per variable rank (five kernels of three shapes, five biases of two), and the
+    notes say so; losses and weights are eager's."""
     notebook = execute_cells([
         "%load_ext terra_nb", SETUP, DEEP_LOOP,
         "eager = losses, [v.numpy() for v in model.variables + optimizer.variables]",
@@ -516,7 +516,7 @@ def test_layers_and_optimizer_updates_of_one_width_share_their_traced_functions(
         "print('modes', [e.mode for e in report.timeline])\n"
         "print('replayed', ' | '.join(n.message for n in report.notes if n.kind == 'replayed'))\n"])
     shown, modes = _printed_modes(notebook)
-    assert re.search(r"Adam call at [^|]+updates of 7 variables traced as 2 shared functions",
+    assert re.search(r"Adam call at [^|]+updates of 10 variables traced as 2 shared functions",
                      shown), shown
     # the 16-to-16 blocks call one function with their own weights; the first block does not
     assert re.search(r"Dense call at <terra-cell-\w+>:10 x2, "

@@ -18,7 +18,7 @@ from tensorflow.python.eager import (
 )
 from tensorflow.python.eager import imperative_grad as gradient_module
 from tensorflow.python.framework import dtypes, indexed_slices, ops
-from tensorflow.python.ops import array_ops, gradients_util
+from tensorflow.python.ops import array_ops, gradients_util, handle_data_util
 
 from terra_nb.engine.internals.ops import (
     EagerTensor,
@@ -47,6 +47,21 @@ def call_with_captures(function, tensors: list, captures: list):
     """Call a ConcreteFunction with `captures` in place of the captured inputs it was traced
     with (other variables of the same shapes, say); as `function(*tensors)` otherwise."""
     return function._call_flat(tensors, captures)
+
+
+def capture_with_unknown_sizes(handles: list) -> None:
+    """Capture variable handles into the function being traced with their variables' sizes
+    unknown (rank and dtype kept): the ops that read or assign them then know no sizes, so
+    the function serves any variable of that rank and dtype passed in their place
+    (`call_with_captures`), and no static size of the first one is left in its body."""
+    graph = ops.get_default_graph()
+    for handle in handles:
+        placeholder = graph.capture(handle)
+        data = handle_data_util.get_resource_handle_data(placeholder)
+        for shape_and_type in data.shape_and_type:
+            for dim in shape_and_type.shape.dim:
+                dim.size = -1
+        handle_data_util.set_handle_data(placeholder, data)
 
 
 class TracedCall:

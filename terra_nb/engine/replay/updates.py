@@ -1,17 +1,20 @@
-"""Shared optimizer updates: one traced function per variable shape, called for each variable.
+"""Shared optimizer updates: one traced function per variable rank and dtype, called for
+each variable.
 
 The macro of an optimizer call (macro.py) traces the update of every variable: Adam's ~20
 ops for each of a transformer's ~70 variables, 0.25-0.45 ms of Python apiece, half a second
 of the iteration that builds the replays. Keras' own optimizers compute a variable's update
 from its gradient, the learning rate, the variable, its slots (looked up by the variable's
 index) and the optimizer's shared variables, with Python that depends only on shapes and
-dtypes. While such a macro is traced, the variables whose shape and dtype another variable
-shares get one traced update, made at the first of them and called for each of the others
-with its own variable and slots in place of the first's (the function's captured inputs):
-the same ops on the same values. A capture that is none of these (the variable, one of its
-slots, a variable of the optimizer's own) keeps that shape's updates traced one by one.
-The traced updates stay with the optimizer for its next macros (the same call traced again
-for sizes that changed, say), as long as its own variables are the same ones.
+dtypes, and all but Adafactor's never reads a shape: the same ops for any sizes. While such
+a macro is traced, the variables of one rank and dtype get one traced update, made at the
+first of them with every size unknown (its gradient's, and its variable's and slots' as the
+function captures them) and called for each of the others with its own variable and slots
+in place of the first's (the function's captured inputs): the same ops on the same values.
+Adafactor's updates are shared by exact shape. A capture that is none of these (the
+variable, one of its slots, a variable of the optimizer's own) keeps those updates traced
+one by one. The traced updates stay with the optimizer for its next macros (the same call
+traced again for sizes that changed, say), as long as its own variables are the same ones.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from terra_nb.engine.internals import keras_state
 SHAREABLE = frozenset(getattr(keras.optimizers, name) for name in (
     "SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Nadam", "Ftrl", "Lion",
     "Lamb", "Adafactor"))
+# ... and of those, the ones whose `update_step` never reads a shape (Adafactor factors its
+# second moments by the variable's shape)
+SIZE_FREE = SHAREABLE - {keras.optimizers.Adafactor}
 
 
 def sharing_updates(obj):
@@ -60,6 +66,10 @@ def _spec(value) -> tuple:
     return tuple(value.shape), tf.as_dtype(value.dtype).name
 
 
+def _rank_spec(value) -> tuple:
+    return (None,) * len(value.shape), tf.as_dtype(value.dtype).name
+
+
 class _SharedUpdates:
     """While entered, `optimizer.update_step` is this object's `update` (an instance
     attribute over the class' method, removed on exit)."""
@@ -67,8 +77,10 @@ class _SharedUpdates:
     def __init__(self, optimizer) -> None:
         self.optimizer = optimizer
         self.update_step = type(optimizer).update_step
+        self.any_size = type(optimizer) in SIZE_FREE
+        self.spec = _rank_spec if self.any_size else _spec
         variables = keras_state.optimized_variables(optimizer)
-        counts = collections.Counter(_spec(variable) for variable in variables)
+        counts = collections.Counter(self.spec(variable) for variable in variables)
         self.shared_specs = {spec for spec, count in counts.items() if count > 1}
         self.slot_lists = keras_state.slot_lists(optimizer, len(variables))
         in_slots = {id(slot) for slots in self.slot_lists.values() for slot in slots}
@@ -102,19 +114,23 @@ class _SharedUpdates:
         optimizer = self.optimizer
         rate_is_argument = _is_graph_tensor(learning_rate)
         index = keras_state.variable_index(optimizer, variable)
-        if (index is None or _spec(variable) not in self.shared_specs
+        if (index is None or self.spec(variable) not in self.shared_specs
                 or not _is_graph_tensor(gradient)
                 or not (rate_is_argument or id(learning_rate) in self.own_variables)):
             return self.update_step(optimizer, gradient, variable, learning_rate)
         arguments = [gradient, learning_rate] if rate_is_argument else [gradient]
-        key = (_spec(variable),) + tuple(_spec(argument) for argument in arguments)
+        key = (self.spec(variable),) + tuple(self.spec(argument) for argument in arguments)
         if key not in self.updates:
             def traced(grad, *rate):
+                if self.any_size:
+                    internals.capture_with_unknown_sizes(
+                        [variable.handle] + [slots[index].handle
+                                             for slots in self.slot_lists.values()])
                 return self.update_step(optimizer, grad, variable,
                                         rate[0] if rate else learning_rate)
 
             function = tf.function(traced, autograph=False).get_concrete_function(
-                    *[tf.TensorSpec(argument.shape, argument.dtype) for argument in arguments])
+                *[tf.TensorSpec(self.spec(argument)[0], argument.dtype) for argument in arguments])
             roles = self._roles(function.captured_inputs, variable, index)
             self.updates[key] = None if roles is None else (function, roles)
             self.calls[key] += 1
