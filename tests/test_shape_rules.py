@@ -1,5 +1,6 @@
 """Shape rules (issue 20): the ops the skeleton asks about most (elementwise shape arithmetic,
-Reshape) are answered by their shape rules instead of a scratch-graph probe. The answers must
+Reshape, Fill, reductions, BroadcastGradientArgs) are answered by their shape rules instead
+of a scratch-graph probe. The answers must
 be the probe's, which are TensorFlow's shape functions: node identity depends on them."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from terra_nb.engine import internals, shapeprobe, skeleton
+from terra_nb.engine import internals, shapeprobe, shaperules, skeleton
 from terra_nb.engine.session import Session
 from terra_nb.engine.tracegraph import EXTERNAL, External
 
@@ -45,13 +46,67 @@ def test_reshape_rules_give_the_probes_answers(shape, target):
     whose static shape has unknown sizes."""
     value = tf.zeros(shape) if None not in shape else _StaticInput(shape)
     inputs = [value, tf.constant(target, dtype=tf.int32)]
-    attrs = ("T", tf.float32.as_datatype_enum, "Tshape", tf.int32.as_datatype_enum)
+    _assert_rules_agree("Reshape", ("T", tf.float32.as_datatype_enum,
+                                    "Tshape", tf.int32.as_datatype_enum), inputs)
+
+
+def _assert_rules_agree(op_type: str, attrs: tuple, inputs: list) -> None:
+    """The rule's answers (or the probe's, where no rule answers) are the probe's."""
     refs = _refs(inputs)
-    assert shapeprobe.shape_deciding_inputs("Reshape", attrs, inputs, refs) == \
-        shapeprobe.probed_deciding_inputs("Reshape", attrs, inputs, refs)
-    probed = shapeprobe._probed_shapes("Reshape", internals.attr_protos("Reshape", attrs),
-                                       inputs, refs, set())
-    assert shapeprobe.output_shapes_for("Reshape", attrs, inputs, refs) == probed
+    assert shapeprobe.shape_deciding_inputs(op_type, attrs, inputs, refs) == \
+        shapeprobe.probed_deciding_inputs(op_type, attrs, inputs, refs)
+    probed = shapeprobe._probed_shapes(op_type, internals.attr_protos(op_type, attrs), inputs,
+                                       refs, set())
+    assert shapeprobe.output_shapes_for(op_type, attrs, inputs, refs) == probed
+
+
+@pytest.mark.parametrize("dims", [[], [3], [2, 0], [2, 3, 1], [-1, 2]])
+@pytest.mark.parametrize("value", [1.5, 7])  # an integer value is a probe candidate too
+def test_fill_rules_give_the_probes_answers(dims, value):
+    inputs = [tf.constant(dims, dtype=tf.int32), tf.constant(value)]
+    _assert_rules_agree("Fill", ("T", inputs[1].dtype.as_datatype_enum,
+                                 "index_type", tf.int32.as_datatype_enum), inputs)
+
+
+REDUCED = [("Sum", tf.float32), ("Prod", tf.int32), ("Max", tf.float32), ("Mean", tf.float32),
+           ("All", tf.bool)]
+
+
+@pytest.mark.parametrize("op_type,dtype", REDUCED, ids=[op for op, _ in REDUCED])
+@pytest.mark.parametrize("shape", [(), (3,), (2, 3), (2, 0, 4)])
+@pytest.mark.parametrize("axes", [[], [0], [-1], [0, 1], [1, 1], [2], [-3], 0, -1, [[0]]],
+                         ids=str)
+@pytest.mark.parametrize("keep_dims", [False, True])
+def test_reduction_rules_give_the_probes_answers(op_type, dtype, shape, axes, keep_dims):
+    """Reductions over valid and invalid axes (out of range, repeated, a scalar, a matrix),
+    of scalars, of empty inputs and of small integer inputs, dimensions kept or not."""
+    inputs = [tf.zeros(shape, dtype=dtype), tf.constant(axes, dtype=tf.int32)]
+    types = () if dtype == tf.bool else ("T", dtype.as_datatype_enum)
+    _assert_rules_agree(op_type, ("keep_dims", keep_dims) + types
+                        + ("Tidx", tf.int32.as_datatype_enum), inputs)
+
+
+@pytest.mark.parametrize("shapes", [([2, 3], [3]), ([1], [4, 1]), ([], []), ([2, 1], [2, 5])],
+                         ids=str)
+def test_broadcast_gradient_args_rules_give_the_probes_answers(shapes):
+    inputs = [tf.constant(shape, dtype=tf.int32) for shape in shapes]
+    _assert_rules_agree("BroadcastGradientArgs", ("T", tf.int32.as_datatype_enum), inputs)
+
+
+def test_the_rules_answer_the_common_cases_themselves():
+    """Where the rules answer (not the probe): which inputs decide, and the shapes."""
+    int32 = tf.int32.as_datatype_enum
+    reshape = [tf.zeros((2, 3)), tf.constant([3, -1])]
+    assert shaperules.answer("Reshape", (), reshape) == ((1,), ((3, 2),))
+    assert shaperules.answer("Fill", (), [tf.constant([2, 4]), tf.constant(0.0)]) == \
+        ((0,), ((2, 4),))
+    summed = [tf.zeros((2, 3, 4)), tf.constant([0, -1])]
+    assert shaperules.answer("Sum", ("keep_dims", False, "T", 1, "Tidx", int32), summed) == \
+        ((1,), ((3,),))
+    assert shaperules.answer("Sum", ("keep_dims", True, "T", 1, "Tidx", int32), summed) == \
+        ((1,), ((1, 3, 1),))
+    assert shaperules.answer("BroadcastGradientArgs", (), [tf.constant([2]), tf.constant([1])]) \
+        == ((0, 1), None)
 
 
 def test_elementwise_ops_met_while_tracing_are_never_decided_by_values(monkeypatch):
@@ -81,7 +136,7 @@ def test_elementwise_ops_met_while_tracing_are_never_decided_by_values(monkeypat
     session.close()
     assert float(total) == float(np.prod(np.maximum(np.minimum(
         (np.array([4, 3]) * 2 + 1) // 2 - (np.array([4, 3]) * 2 + 1) % 3, 5), 1)))
-    ruled = {op for op, _, _ in asked if op in shapeprobe.SHAPES_FROM_SHAPES}
+    ruled = {op for op, _, _ in asked if op in shaperules.SHAPES_FROM_SHAPES}
     assert {"Mul", "AddV2", "FloorDiv", "FloorMod", "Sub", "Maximum", "Minimum", "Greater",
             "SelectV2", "Neg", "Abs", "Cast"} <= ruled
     assert any(op == "Reshape" for op, _, _ in asked)

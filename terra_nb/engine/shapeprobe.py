@@ -5,24 +5,13 @@ once per distinct value; the op is built in a scratch graph, never run."""
 
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np
 import tensorflow as tf
 
-from terra_nb.engine import internals
+from terra_nb.engine import internals, shaperules
 from terra_nb.engine.tracegraph import RESOURCE, is_small_integer
-
-# Ops whose output shapes follow from their inputs' shapes alone (elementwise arithmetic and
-# comparisons, casts): no input value decides them. Met in the shape arithmetic of Keras' and
-# TensorFlow's gradient code on small integers; answered without a probe.
-SHAPES_FROM_SHAPES = frozenset({
-    "AddV2", "Add", "Sub", "Mul", "RealDiv", "FloorDiv", "FloorMod", "TruncateDiv",
-    "TruncateMod", "Maximum", "Minimum", "Less", "LessEqual", "Greater", "GreaterEqual",
-    "Equal", "NotEqual", "LogicalAnd", "LogicalOr", "LogicalNot", "Cast", "Neg", "Abs",
-    "Sign", "Square", "Identity", "Select", "SelectV2", "ZerosLike", "OnesLike",
-})
 
 
 def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple:
@@ -30,16 +19,14 @@ def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple)
 
     Candidates are small integer inputs. The op is built in a scratch graph with the
     candidates as placeholders (unknown values); if the outputs' shapes are still fully known,
-    no value matters. Otherwise each candidate is tried alone. Elementwise ops and a valid
-    Reshape of a tensor of known shape (a quarter of the probing time in the benchmark
-    programs' first steps) are answered by their shape rules instead.
+    no value matters. Otherwise each candidate is tried alone. The ops asked about most are
+    answered by their shape rules instead, where a rule is sure (shaperules.py).
     """
-    if op_type in SHAPES_FROM_SHAPES:
+    if op_type in shaperules.SHAPES_FROM_SHAPES:
         return ()
-    if op_type == "Reshape":
-        rule = _reshape_rule(inputs)
-        if rule is not None:
-            return rule[0]
+    answer = shaperules.answer(op_type, attrs, inputs)
+    if answer is not None:
+        return answer[0]
     return probed_deciding_inputs(op_type, attrs, inputs, refs)
 
 
@@ -57,33 +44,10 @@ def probed_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple
 
 def output_shapes_for(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple | None:
     """The static output shapes the op has for these input values (None if not all known)."""
-    if op_type == "Reshape":
-        rule = _reshape_rule(inputs)
-        if rule is not None:
-            return rule[1]
+    answer = shaperules.answer(op_type, attrs, inputs)
+    if answer is not None:
+        return answer[1]
     return _probed_shapes(op_type, internals.attr_protos(op_type, attrs), inputs, refs, set())
-
-
-def _reshape_rule(inputs: list) -> tuple | None:
-    """(deciding inputs, output shapes) of a Reshape by TensorFlow's shape rule, for an input
-    of known shape and a target that is valid for it and not a scalar's; None otherwise (the
-    probe answers). Its target decides the shape unless it has one entry: TensorFlow's shape
-    function then gives that entry the input's element count."""
-    shape = inputs[0]._shape_tuple()
-    if None in shape:
-        return None
-    target = [int(size) for size in np.asarray(internals.unwrap(inputs[1])).reshape(-1)]
-    if not target or any(size < -1 for size in target) or target.count(-1) > 1:
-        return None
-    elements = math.prod(shape)
-    known = math.prod(size for size in target if size != -1)
-    if -1 in target:
-        if known == 0 or elements % known:
-            return None
-        target = [elements // known if size == -1 else size for size in target]
-    elif known != elements:
-        return None
-    return ((1,) if len(target) > 1 else ()), (tuple(target),)
 
 
 def _probed_shapes(op_type, protos, inputs, refs, unknown: set) -> tuple | None:
