@@ -1,6 +1,6 @@
 """Shape rules (issue 20): the ops the skeleton asks about most (elementwise shape arithmetic,
-Reshape, Fill, reductions, BroadcastGradientArgs) are answered by their shape rules instead
-of a scratch-graph probe. The answers must
+Reshape, Fill, reductions, StridedSlice, BroadcastGradientArgs) are answered by their shape
+rules instead of a scratch-graph probe. The answers must
 be the probe's, which are TensorFlow's shape functions: node identity depends on them."""
 
 from __future__ import annotations
@@ -93,6 +93,44 @@ def test_broadcast_gradient_args_rules_give_the_probes_answers(shapes):
     _assert_rules_agree("BroadcastGradientArgs", ("T", tf.int32.as_datatype_enum), inputs)
 
 
+def _slices(count: int):
+    """StridedSlice specs, valid and not: begin, end and strides over a prefix of the axes,
+    begin, end and shrink masks, now and then an ellipsis or a new axis."""
+    rng = np.random.default_rng(3)
+    for _ in range(count):
+        shape = [(5,), (4, 6), (2, 3, 4), (0, 3), (1, 7)][rng.integers(5)]
+        named = int(rng.integers(1, len(shape) + 1))
+        masks = {name: int(rng.integers(0, 1 << named)) for name in (
+            "begin_mask", "end_mask", "shrink_axis_mask")}
+        masks["ellipsis_mask"] = int(rng.integers(2)) * (rng.random() < 0.1)
+        masks["new_axis_mask"] = int(rng.integers(2)) * (rng.random() < 0.1)
+        yield (shape, [int(value) for value in rng.integers(-4, 5, named)],
+               [int(value) for value in rng.integers(-4, 8, named)],
+               [int(value) for value in rng.choice([1, 2, -1, 3], named)], masks)
+
+
+@pytest.mark.parametrize("shape,begin,end,strides,masks", list(_slices(300)))
+def test_strided_slice_rules_give_the_probes_answers(shape, begin, end, strides, masks):
+    """Which of begin, end and strides decide a slice's shape: shrunk and whole axes, axes
+    not named, negative strides, empty inputs, out-of-range indices; an ellipsis or a new
+    axis is left to the probe."""
+    inputs = [tf.zeros(shape)] + [tf.constant(values, dtype=tf.int32)
+                                  for values in (begin, end, strides)]
+    attrs = ("T", tf.float32.as_datatype_enum, "Index", tf.int32.as_datatype_enum,
+             *[item for name in sorted(masks) for item in (name, masks[name])])
+    _assert_rules_agree("StridedSlice", attrs, inputs)
+
+
+@pytest.mark.parametrize("shape", [[], [3], [2, 0], [2, 3, 1], [-1, 2]], ids=str)
+def test_strided_slice_grad_rules_give_the_probes_answers(shape):
+    inputs = [tf.constant(shape, dtype=tf.int32), tf.constant([0]), tf.constant([1]),
+              tf.constant([1]), tf.zeros((1,))]
+    _assert_rules_agree("StridedSliceGrad", (
+        "T", tf.float32.as_datatype_enum, "Index", tf.int32.as_datatype_enum,
+        "begin_mask", 0, "end_mask", 0, "ellipsis_mask", 0, "new_axis_mask", 0,
+        "shrink_axis_mask", 0), inputs)
+
+
 def test_the_rules_answer_the_common_cases_themselves():
     """Where the rules answer (not the probe): which inputs decide, and the shapes."""
     int32 = tf.int32.as_datatype_enum
@@ -107,6 +145,15 @@ def test_the_rules_answer_the_common_cases_themselves():
         ((1,), ((1, 3, 1),))
     assert shaperules.answer("BroadcastGradientArgs", (), [tf.constant([2]), tf.constant([1])]) \
         == ((0, 1), None)
+    masks = ("ellipsis_mask", 0, "new_axis_mask", 0)
+    columns = [tf.zeros((4, 6)), tf.constant([0, 1]), tf.constant([0, 0]), tf.constant([1, 1])]
+    assert shaperules.answer("StridedSlice", masks + ("begin_mask", 1, "end_mask", 3,
+                                                      "shrink_axis_mask", 0), columns) == \
+        ((1, 2, 3), shaperules.PROBE)  # x[:, 1:]: the bounds decide the columns
+    row = [tf.zeros((4, 6)), tf.constant([2]), tf.constant([3]), tf.constant([1])]
+    assert shaperules.answer("StridedSlice", masks + ("begin_mask", 0, "end_mask", 0,
+                                                      "shrink_axis_mask", 1), row) == \
+        ((3,), shaperules.PROBE)  # x[2]: one row whatever its index
 
 
 def test_elementwise_ops_met_while_tracing_are_never_decided_by_values(monkeypatch):

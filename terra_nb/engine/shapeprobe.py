@@ -22,11 +22,9 @@ def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple)
     no value matters. Otherwise each candidate is tried alone. The ops asked about most are
     answered by their shape rules instead, where a rule is sure (shaperules.py).
     """
-    if op_type in shaperules.SHAPES_FROM_SHAPES:
-        return ()
-    answer = shaperules.answer(op_type, attrs, inputs)
-    if answer is not None:
-        return answer[0]
+    deciding = shaperules.answer(op_type, attrs, inputs)[0]
+    if deciding is not shaperules.PROBE:
+        return deciding
     return probed_deciding_inputs(op_type, attrs, inputs, refs)
 
 
@@ -44,9 +42,9 @@ def probed_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple
 
 def output_shapes_for(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple | None:
     """The static output shapes the op has for these input values (None if not all known)."""
-    answer = shaperules.answer(op_type, attrs, inputs)
-    if answer is not None:
-        return answer[1]
+    shapes = shaperules.answer(op_type, attrs, inputs)[1]
+    if shapes is not shaperules.PROBE:
+        return shapes
     return _probed_shapes(op_type, internals.attr_protos(op_type, attrs), inputs, refs, set())
 
 

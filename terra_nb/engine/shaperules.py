@@ -1,7 +1,7 @@
-"""Shape rules: the answers of shape probes (shapeprobe.py) for the ops met most, from the
-ops' own shape functions instead of a scratch graph. Each rule answers only where it is sure
+"""Shape rules: the answers of shape probes (shapeprobe.py) for the ops asked about most, from
+the ops' own shape functions instead of a scratch graph. A rule answers only where it is sure
 to give what TensorFlow's shape function gives (tests/test_shape_rules.py compares them);
-anything else is left to the probe."""
+anything else is left to the probe (PROBE)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import math
 import numpy as np
 
 from terra_nb.engine import internals
+
+PROBE = "probe"  # a rule's answer to a question it leaves to the probe
 
 # Ops whose output shapes follow from their inputs' shapes alone (elementwise arithmetic and
 # comparisons, casts): no input value decides them. Met in the shape arithmetic of Keras' and
@@ -25,68 +27,96 @@ SHAPES_FROM_SHAPES = frozenset({
 REDUCTIONS = frozenset({"Sum", "Mean", "Max", "Min", "Prod", "All", "Any", "EuclideanNorm"})
 
 
-def answer(op_type: str, attrs: tuple, inputs: list) -> tuple | None:
+def answer(op_type: str, attrs: tuple, inputs: list) -> tuple:
     """(the input slots whose values decide the op's output shapes, the output shapes these
-    values give or None where they are not all known) by the op's shape rule; None where no
-    rule answers for these inputs. (Elementwise ops: SHAPES_FROM_SHAPES.)"""
+    values give or None where they are not all known), each PROBE where no rule is sure."""
+    if op_type in SHAPES_FROM_SHAPES:
+        return (), PROBE
     if op_type == "Reshape":
         return _reshape(inputs)
-    if op_type == "Fill":
+    if op_type in ("Fill", "StridedSliceGrad"):  # the shape is the first input's value
         return _fill(inputs)
     if op_type in REDUCTIONS:
         return _reduction(attrs, inputs)
+    if op_type == "StridedSlice":
+        return _strided_slice(attrs, inputs), PROBE
     if op_type == "BroadcastGradientArgs":  # its shape function never knows the lengths
         return (0, 1), None
-    return None
+    return PROBE, PROBE
 
 
 def _values(value) -> np.ndarray:
     return np.asarray(internals.unwrap(value))
 
 
-def _reshape(inputs: list) -> tuple | None:
+def _reshape(inputs: list) -> tuple:
     """A Reshape of an input of known shape to a target valid for it, not a scalar's: the
     target decides the shape unless it has one entry (TensorFlow's shape function then gives
     that entry the input's element count)."""
     shape = inputs[0]._shape_tuple()
     if None in shape:
-        return None
+        return PROBE, PROBE
     target = [int(size) for size in _values(inputs[1]).reshape(-1)]
     if not target or any(size < -1 for size in target) or target.count(-1) > 1:
-        return None
+        return PROBE, PROBE
     elements = math.prod(shape)
     known = math.prod(size for size in target if size != -1)
     if -1 in target:
         if known == 0 or elements % known:
-            return None
+            return PROBE, PROBE
         target = [elements // known if size == -1 else size for size in target]
     elif known != elements:
-        return None
+        return PROBE, PROBE
     return ((1,) if len(target) > 1 else ()), (tuple(target),)
 
 
-def _fill(inputs: list) -> tuple | None:
-    """A Fill with valid dims: they decide the shape, unless there are none (a scalar)."""
+def _fill(inputs: list) -> tuple:
+    """An op whose output shape is its first input's value (Fill's dims, StridedSliceGrad's
+    shape), when valid: that value decides the shape, unless it is empty (a scalar)."""
     dims = _values(inputs[0])
     if dims.ndim != 1 or (dims < 0).any():
-        return None
+        return PROBE, PROBE
     return ((0,) if dims.size else ()), (tuple(int(size) for size in dims),)
 
 
-def _reduction(attrs: tuple, inputs: list) -> tuple | None:
+def _reduction(attrs: tuple, inputs: list) -> tuple:
     """A reduction of an input of known shape over valid axes: the axes decide the shape,
     unless the input is a scalar whose dimensions are kept."""
     shape = inputs[0]._shape_tuple()
     keep_dims = dict(zip(attrs[::2], attrs[1::2], strict=True)).get("keep_dims")
     axes = _values(inputs[1])
     if None in shape or not isinstance(keep_dims, bool) or axes.ndim > 1:
-        return None
+        return PROBE, PROBE
     rank = len(shape)
     if any(not -rank <= int(axis) < rank for axis in axes.reshape(-1)):
-        return None
+        return PROBE, PROBE
     reduced = {int(axis) % rank for axis in axes.reshape(-1)}
     if keep_dims:
         output = tuple(1 if axis in reduced else size for axis, size in enumerate(shape))
     else:
         output = tuple(size for axis, size in enumerate(shape) if axis not in reduced)
     return (() if keep_dims and rank == 0 else (1,)), (output,)
+
+
+def _strided_slice(attrs: tuple, inputs: list):
+    """Which inputs decide a valid StridedSlice's shape (no ellipsis, no new axis): its strides
+    always do (unknown strides leave TensorFlow's shape function no shape at all); its begin
+    and end do unless every dimension they name is shrunk to one index or taken whole (begin
+    and end masked; the dimensions they do not name are whole)."""
+    masks = dict(zip(attrs[::2], attrs[1::2], strict=True))
+    shape = inputs[0]._shape_tuple()
+    begin, end, strides = (_values(value) for value in inputs[1:4])
+    if None in shape or masks.get("ellipsis_mask") != 0 or masks.get("new_axis_mask") != 0 \
+            or not begin.ndim == end.ndim == strides.ndim == 1 \
+            or not len(begin) == len(end) == len(strides) <= len(shape) or (strides == 0).any():
+        return PROBE
+    shrink, begin_mask, end_mask = (masks.get(name, 0) for name in (
+        "shrink_axis_mask", "begin_mask", "end_mask"))
+    free = False
+    for axis in range(len(begin)):
+        if shrink >> axis & 1:  # one index, with stride 1 (TensorFlow refuses others)
+            if int(strides[axis]) != 1 or not -shape[axis] <= int(begin[axis]) < shape[axis]:
+                return PROBE
+        elif not (begin_mask >> axis & 1 and end_mask >> axis & 1):
+            free = True
+    return (1, 2, 3) if free else (3,)
