@@ -98,7 +98,7 @@ def _reduction(attrs: tuple, inputs: list) -> tuple:
     return (() if keep_dims and rank == 0 else (1,)), (output,)
 
 
-def _strided_slice(attrs: tuple, inputs: list):
+def _strided_slice(attrs: tuple, inputs: list) -> tuple | str:
     """Which inputs decide a valid StridedSlice's shape (no ellipsis, no new axis): its strides
     always do (unknown strides leave TensorFlow's shape function no shape at all); its begin
     and end do unless every dimension they name is shrunk to one index or taken whole (begin
