@@ -99,10 +99,11 @@ def _reduction(attrs: tuple, inputs: list) -> tuple:
 
 
 def _strided_slice(attrs: tuple, inputs: list) -> tuple | str:
-    """Which inputs decide a valid StridedSlice's shape (no ellipsis, no new axis): its strides
-    always do (unknown strides leave TensorFlow's shape function no shape at all); its begin
-    and end do unless every dimension they name is shrunk to one index or taken whole (begin
-    and end masked; the dimensions they do not name are whole)."""
+    """Which inputs decide a StridedSlice's shape (no ellipsis, no new axis, no zero stride): its
+    strides always do (unknown strides leave TensorFlow's shape function no shape at all); its
+    begin and end do unless every dimension they name is shrunk to one index or taken whole
+    (begin and end masked; the dimensions they do not name are whole). Whether a shrunk index
+    is in range does not matter to that shape function (nor to this answer)."""
     masks = dict(zip(attrs[::2], attrs[1::2], strict=True))
     shape = inputs[0]._shape_tuple()
     begin, end, strides = (_values(value) for value in inputs[1:4])
@@ -115,7 +116,7 @@ def _strided_slice(attrs: tuple, inputs: list) -> tuple | str:
     free = False
     for axis in range(len(begin)):
         if shrink >> axis & 1:  # one index, with stride 1 (TensorFlow refuses others)
-            if int(strides[axis]) != 1 or not -shape[axis] <= int(begin[axis]) < shape[axis]:
+            if int(strides[axis]) != 1:
                 return PROBE
         elif not (begin_mask >> axis & 1 and end_mask >> axis & 1):
             free = True
