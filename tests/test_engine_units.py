@@ -370,7 +370,7 @@ def test_a_traced_call_records_its_tape_entry_as_tensorflow_does(monkeypatch):
     """A replayed library call records its tape entry from a plan worked out once, not by
     TensorFlow's per-call path: gradients through it (connected, unconnected, through an
     integer output, an IndexedSlices output gradient) are eager's; a persistent tape keeps
-    TensorFlow's path."""
+    TensorFlow's path. Its outputs stay the call's own after TensorFlow's taped call."""
     weights = tf.Variable([[1.0, -2.0], [0.5, 3.0]])
 
     def body(x, ids):
@@ -413,6 +413,11 @@ def test_a_traced_call_records_its_tape_entry_as_tensorflow_does(monkeypatch):
                 np.testing.assert_array_equal(have, want, err_msg=name)
     assert traced._plan is not None and traced._plan.usable
     assert len(planned_calls) == 2 * len(targets) - 1
+    # TensorFlow's taped call appended its side outputs to the traced graph's outputs; the
+    # call still returns its own four (a later key fitting this function is checked on them)
+    assert len(concrete.outputs) > 4
+    assert [(output.dtype, tuple(output.shape)) for output in traced.outputs] == [
+        (tf.float32, (3, 2)), (tf.float32, ()), (tf.int32, (2,)), (tf.float32, (2, 2))]
     only_weights = gradients(lambda: traced([x, ids]), targets["every output"], watch_x=False)
     assert len(planned_calls) == 2 * len(targets)  # the tape watches the call's variables
     np.testing.assert_array_equal(

@@ -703,3 +703,38 @@ def test_a_later_session_replays_the_functions_and_graphs_an_earlier_one_made():
     np.testing.assert_allclose(losses, eager_losses, rtol=harness.RUN_RTOL, atol=harness.ATOL)
     for value, expected in zip(variables, eager_variables, strict=True):
         np.testing.assert_allclose(value, expected, rtol=harness.RUN_RTOL, atol=harness.ATOL)
+
+
+def test_a_later_session_relaxes_sizes_with_the_functions_an_earlier_one_traced():
+    """Reruns on sequences of four lengths: the third session meets the keys the second
+    traced its functions for any length under, so it finds those functions, which the second
+    called under a tape (TensorFlow then appends its side outputs to their graphs); they
+    still fit and serve every length: the third traces nothing (before, the side outputs made
+    them look unfit, and its calls were traced again per length). Losses and variables are
+    eager's."""
+
+    def run(sessions) -> tuple[list, list]:
+        harness.seed_everything()
+        step, state = programs.build_varying_lengths()
+        losses = []
+        for session in sessions:
+            for index in range(16):
+                if session is None:
+                    losses.append(float(step(index)))
+                    continue
+                with session.iteration():
+                    losses.append(float(step(index)))
+            if session is not None:
+                session.close()
+        return losses, state()
+
+    eager_losses, eager_variables = run([None, None, None])
+    sessions = [Session("first"), Session("second"), Session("third")]
+    losses, variables = run(sessions)
+    assert all(_sizes_served(session.macro_table) for session in sessions[:2])
+    second, third = sessions[1].macro_table, sessions[2].macro_table
+    assert third.traced == 0  # every function, relaxed or not, is the second session's
+    assert len(_sizes_served(third)) == len(_sizes_served(second))
+    np.testing.assert_allclose(losses, eager_losses, rtol=harness.RUN_RTOL, atol=harness.ATOL)
+    for value, expected in zip(variables, eager_variables, strict=True):
+        np.testing.assert_allclose(value, expected, rtol=harness.RUN_RTOL, atol=harness.ATOL)

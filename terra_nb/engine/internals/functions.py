@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import tensorflow as tf
 from tensorflow.python import pywrap_tfe
 from tensorflow.python.eager import (
     backprop,
@@ -87,8 +88,14 @@ class TracedCall:
         self._plan: _TapePlan | None = None
 
     @property
-    def outputs(self):
-        return self.function.outputs
+    def outputs(self) -> list:
+        """The tensors the traced call returns. Not `ConcreteFunction.outputs`: TensorFlow's
+        first call under a tape appends the side outputs its backward function needs to the
+        traced graph's outputs, so a function called before (a twin's, an earlier session's)
+        would show more outputs than the call returns."""
+        return [output for output in tf.nest.flatten(self.function.structured_outputs,
+                                                     expand_composites=True)
+                if isinstance(output, tf.Tensor)]
 
     def __call__(self, tensors: list):
         """Call with the flat tensor arguments, skipping argument binding (the costly part of
