@@ -4,10 +4,10 @@ Where Python picks a path per step (`random.choice`), the engine compiles one Co
 per path segment and looks it up by path (`GraphRunner.segment_for`). The alternative is one
 ConcreteFunction for every seen path: a fed int32 path index picks the branch with
 `tf.switch_case`; the paths' common prefix runs before the switch; each branch is that path's
-rest built by graphgen itself (`compile_segment`, called from inside the switch); outputs a
-branch does not make are zeros. TensorFlow lowers the Case op to Switch/Merge by default (the
-untaken branches stay in the graph, as dead nodes); the unlowered Case op, which calls only the
-taken branch's function, is measured as well.
+rest built by the engine itself (`segmentdef.compile_segment`, called from inside the switch);
+outputs a branch does not make are zeros. TensorFlow lowers the Case op to Switch/Merge by
+default (the untaken branches stay in the graph, as dead nodes); the unlowered Case op, which
+calls only the taken branch's function, is measured as well.
 
 Programs: SDPoint (benchmarks/programs/sdpoint.py, 3 paths) and a synthetic MLP with
 `--choices` independent Python coin flips per step (2**choices paths). Each runs under a Session
@@ -45,7 +45,7 @@ from benchmarks.__main__ import RESULTS, machine_info  # noqa: E402
 from benchmarks.programs import sdpoint  # noqa: E402
 from benchmarks.programs._common import Program, batches, seed_all, variables_of  # noqa: E402
 from terra_nb.engine import events as ev  # noqa: E402
-from terra_nb.engine import graphgen, internals  # noqa: E402
+from terra_nb.engine import graphgen, internals, segmentdef  # noqa: E402
 from terra_nb.engine.policy import SchedulingPolicy  # noqa: E402
 from terra_nb.engine.session import Session  # noqa: E402
 from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL  # noqa: E402
@@ -223,7 +223,7 @@ def build_per_path(branches: list[Submission]) -> Built:
     for branch in branches:
         segment = branch.segment
         plan = (segment.feed_slots, segment.folded_slots)
-        functions.append(graphgen.compile_segment(segment.path, segment.outputs, plan=plan)
+        functions.append(segmentdef.compile_segment(segment.path, segment.outputs, plan=plan)
                          .function)
     seconds = time.perf_counter() - start
     outputs = [{_output_key(output): position
@@ -293,7 +293,7 @@ def build_switch(branches: list[Submission], lowered: bool) -> Built:
         rests.append(rest)
     prefix_function = None
     if prefix:
-        prefix_function = graphgen.compile_segment(
+        prefix_function = segmentdef.compile_segment(
             prefix, tuple(prefix_needed.values()), plan=(list(prefix_feeds),
                                                          list(prefix_folded))).function
 
@@ -374,7 +374,7 @@ def _rest_of_path(segment, shared: int, prefix_uids: set) -> RestOfPath:
     outputs = tuple(output for output in segment.outputs if output[0].uid in members)
     function = None
     if rest:
-        function = graphgen.compile_segment(rest, outputs, plan=(feeds, sorted(folded))).function
+        function = segmentdef.compile_segment(rest, outputs, plan=(feeds, sorted(folded))).function
     return RestOfPath(function, sources, prefix_outputs,
                       [_output_key(output) for output in outputs])
 

@@ -127,7 +127,7 @@ class CompiledSegment:
     def serving(self, path: list, outputs: tuple) -> CompiledSegment | None:
         """This graph as the graph of another path of the same structure (structure_key),
         when it admits that path's sizes and folds the same values; else None."""
-        feeds, nodes = _sizes_of(path, self.feed_slots)
+        feeds, nodes = sizes_of(path, self.feed_slots)
         if not (_admit(self.sizes[0], feeds) and _admit(self.sizes[1], nodes)):
             return None
         if _refolded(self, path):
@@ -311,10 +311,10 @@ def plan_for_sizes(built: CompiledSegment, path: list[Node]) -> tuple[tuple, lis
     sizes that differ unknown, and the folded values that differ (or vary on `path`) fed."""
     fed = _refolded(built, path)
     feed_slots = sorted(built.feed_slots + fed)
-    feeds, nodes = _sizes_of(path, feed_slots)
+    feeds, nodes = sizes_of(path, feed_slots)
     known = dict(zip(built.feed_slots, built.sizes[0], strict=True))
     old_feeds = tuple(known.get(slot, shape) for slot, shape in zip(
-        feed_slots, _sizes_of(built.path, feed_slots)[0], strict=True))
+        feed_slots, sizes_of(built.path, feed_slots)[0], strict=True))
     sizes = (_merged(old_feeds, feeds), _merged(built.sizes[1], nodes))
     return sizes, feed_slots, [slot for slot in built.folded_slots if slot not in fed]
 
@@ -326,7 +326,7 @@ def _refolded(built: CompiledSegment, path: list[Node]) -> list:
                 built.path[position].externals[slot].first_value)]
 
 
-def _sizes_of(path: list[Node], feed_slots) -> tuple[tuple, tuple]:
+def sizes_of(path: list[Node], feed_slots) -> tuple[tuple, tuple]:
     return (tuple(path[position].inputs[slot].shape for position, slot in feed_slots),
             tuple(node.output_shapes for node in path))
 
@@ -351,113 +351,6 @@ def _varying(node: Node, slot: int) -> bool:
     return seen is None or seen.varying
 
 
-def _kept_running(graph, called: list) -> list:
-    """The ops that make a called function's ops that may fail run, and finish before the
-    stateful ops after the call: an identity of each of its outputs. (A graph prunes an
-    inlined function's ops whose values nothing reads, and control edges on the call reach
-    only the function's stateful ops; eagerly every op ran, and failed if it failed.)"""
-    kept = []
-    for output in called:
-        identity = tf.identity(output).op
-        internals.keep_running(graph, identity)
-        kept.append(identity)
-    return kept
-
-
-def _fold_static_outputs(function, results: list) -> list:
-    """A traced call's outputs whose values its own graph fixes, as constants of the segment.
-
-    A replayed library call's forward function exports intermediates for its backward one,
-    constants among them (the gather axis of a deterministic sparse cross-entropy). The
-    backward uses such a value where XLA needs a compile-time constant (a slice bound), and
-    XLA's constant analysis sees the forward call as one node: every input of the call then
-    must be constant too, back through the whole model, so the data and every weight read
-    before it become compile-time constants and XLA recompiles the segment at every call.
-    Taken from the callee's graph instead, the value no longer depends on the call.
-    """
-    graph = getattr(function, "graph", None)
-    outputs = getattr(graph, "outputs", None)
-    if not outputs or len(outputs) != len(results):
-        return results
-    folded = list(results)
-    for index, tensor in enumerate(outputs):
-        if tensor.dtype in (tf.resource, tf.variant) or not tensor.shape.is_fully_defined():
-            continue
-        if tensor.shape.num_elements() > SMALL_CONSTANT:
-            continue
-        value = tf.get_static_value(tensor)
-        if value is not None:
-            folded[index] = tf.constant(value, dtype=results[index].dtype)
-    return folded
-
-
-def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
-                    plan: tuple | None = None, sizes: tuple | None = None) -> CompiledSegment:
-    """Build the ConcreteFunction that runs `path` and returns `outputs`.
-
-    `plan` (feed slots, folded slots) reuses another compilation's arguments; `sizes` (see
-    plan_for_sizes) gives shapes with unknown sizes for a graph serving several paths.
-    """
-    start = time.perf_counter()
-    feeds, folded = plan if plan is not None else feed_and_fold_plan(path)
-    sizes = sizes or _sizes_of(path, feeds)
-    declined = (_changing_compile_time_constant(path, feeds) or _draws_random_numbers(path)
-                if xla else "")
-    xla = xla and not declined
-    folded_set = set(folded)
-    feed_index = {slot: index for index, slot in enumerate(feeds)}
-    position_of = {node.uid: position for position, node in enumerate(path)}
-    specs = [tf.TensorSpec(shape, tf.dtypes.as_dtype(path[position].inputs[slot].dtype))
-             for (position, slot), shape in zip(feeds, sizes[0], strict=True)]
-    attrs = [None if node.function is not None
-             else internals.attr_protos(node.op_type, graph_attrs(node)) for node in path]
-
-    def segment(*args):
-        graph = tf.compat.v1.get_default_graph()
-        values: dict = {}
-        fallible: list = []
-        for position, node in enumerate(path):
-            inputs = []
-            for slot, ref in enumerate(node.inputs):
-                if ref.kind == FROM_NODE and ref.node.uid in position_of:
-                    inputs.append(values[(ref.node.uid, ref.index)])
-                elif ref.kind == RESOURCE:
-                    inputs.append(graph.capture(ref.handle))
-                elif (position, slot) in folded_set:
-                    constant = node.externals[slot].first_value
-                    inputs.append(tf.constant(constant, dtype=tf.dtypes.as_dtype(ref.dtype)))
-                else:
-                    inputs.append(args[feed_index[(position, slot)]])
-            waits = fallible if fallible and is_stateful(node) else []
-            with graph.control_dependencies(waits), graph.device(node.device or None):
-                if node.function is not None:
-                    called = internals.call_function_in_graph(node.function, inputs)
-                    results = _fold_static_outputs(node.function, called)
-                    if may_fail(node):
-                        fallible += _kept_running(graph, called)
-                else:
-                    operation = internals.create_graph_op(
-                        graph, node.op_type, inputs,
-                        [tf.dtypes.as_dtype(dtype) for dtype in node.output_dtypes],
-                        f"terra_n{node.uid}", attrs[position])
-                    results = operation.outputs
-                    if may_fail(node):
-                        if not is_stateful(node):  # stateful ops run anyway
-                            internals.keep_running(graph, operation)
-                        fallible.append(operation)
-            for index, tensor in enumerate(results):
-                tensor.set_shape(sizes[1][position][index])
-                values[(node.uid, index)] = tensor
-        return [values[(node.uid, index)] for node, index in outputs]
-
-    with internals.suspended():
-        function = tf.function(segment, autograph=False, jit_compile=xla or None)
-        concrete = function.get_concrete_function(*specs)
-    return CompiledSegment(concrete, path, feeds, folded, outputs,
-                           time.perf_counter() - start, xla, declined, sizes=sizes,
-                           unfused=internals.computes_in_half_precision(concrete.graph))
-
-
 # Op inputs XLA must know when it compiles (slice bounds, shapes, axes): a fed value there
 # makes XLA compile the segment again for every new value (e.g. a random crop's offset).
 _XLA_COMPILE_TIME_INPUTS = {
@@ -477,7 +370,7 @@ _STATELESS_RANDOM_PREFIXES = ("StatelessRandom", "StatelessTruncated", "Stateles
                               "StatelessParameterized")
 
 
-def _draws_random_numbers(path: list[Node]) -> str:
+def draws_random_numbers(path: list[Node]) -> str:
     """XLA draws other numbers than TensorFlow's kernels from the same seeds (Keras Dropout
     masks differ under tf.function(jit_compile=True) too); such a segment runs without XLA so
     results stay eager's ("" when the segment draws none)."""
@@ -517,7 +410,7 @@ def op_count(node: Node) -> int:
     return 1 if node.function is None else _function_ops(node.function)[1]
 
 
-def _changing_compile_time_constant(path: list[Node], feeds: list) -> str:
+def changing_compile_time_constant(path: list[Node], feeds: list) -> str:
     """Why XLA would recompile this segment at every new fed value ("" if it would not)."""
     for position, slot in feeds:
         node = path[position]

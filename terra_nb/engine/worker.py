@@ -15,7 +15,7 @@ import time
 import weakref
 
 from terra_nb.engine import events as ev
-from terra_nb.engine import graphgen, internals, threads
+from terra_nb.engine import graphgen, internals, segmentdef, threads
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.reasons import NoteKind
 
@@ -306,13 +306,13 @@ class GraphRunner:
         if built is not None:
             sizes, feeds, folded = graphgen.plan_for_sizes(built, path)
             try:
-                compiled = graphgen.compile_segment(path, outputs, self.xla, (feeds, folded),
+                compiled = segmentdef.compile_segment(path, outputs, self.xla, (feeds, folded),
                                                     sizes)
                 reason = f"{reason}, for paths of other sizes too"
             except Exception:  # an op that needs the sizes: built for its own below
                 structure = None
         if compiled is None:
-            compiled = graphgen.compile_segment(path, outputs, self.xla)
+            compiled = segmentdef.compile_segment(path, outputs, self.xla)
         if ahead and self.policy.instantiate_ahead:
             graphgen.instantiate_ahead(compiled)
         if structure is not None:
@@ -385,7 +385,7 @@ class GraphRunner:
     def without_xla(self, key, compiled, error, iteration: int):
         """A segment XLA cannot compile runs as a plain graph from now on, and we say so."""
         plan = (compiled.feed_slots, compiled.folded_slots)
-        plain = graphgen.compile_segment(compiled.path, compiled.outputs, xla=False, plan=plan)
+        plain = segmentdef.compile_segment(compiled.path, compiled.outputs, xla=False, plan=plan)
         self._compiled[key] = plain
         reason = str(error).strip().splitlines()[0][:200]
         self._worker_events.append(ev.Note(

@@ -35,6 +35,8 @@ from terra_nb.engine.internals.functions import (
     tape_gradient,
     tape_is_plain,
 )
+from terra_nb.engine.internals.imported import PRIVATE_SYMBOLS as _IMPORT_SYMBOLS
+from terra_nb.engine.internals.imported import call_node, import_nodes
 from terra_nb.engine.internals.instantiate import instantiate_ahead
 from terra_nb.engine.internals.lazy import LazyTensor
 from terra_nb.engine.internals.ops import (
@@ -73,12 +75,13 @@ from terra_nb.engine.internals.replicas import follow_into_replica_threads, merg
 
 __all__ = [
     "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
-    "a_tape_is_recording", "attr_protos", "call_concrete", "call_function_in_graph",
+    "a_tape_is_recording", "attr_protos", "call_concrete", "call_function_in_graph", "call_node",
     "call_with_captures", "calling_function", "capture_with_unknown_sizes",
     "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
     "current_handler", "eager_context", "follow_into_replica_threads", "function_op_types",
-    "gradient_module", "handling", "install_guard", "instantiate_ahead", "is_backward_function",
+    "gradient_module", "handling", "import_nodes", "install_guard", "instantiate_ahead",
+    "is_backward_function",
     "is_eager_value", "keep_running", "lean_call_attrs", "lean_graph_calls", "merge_calls",
     "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient", "remove_guard",
     "run_eagerly",
@@ -117,12 +120,12 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.framework.constant_op", "convert_to_eager_tensor"),
     ("tensorflow.python.eager.backprop", "_handle_or_self"),
     ("tensorflow.python.framework.func_graph", "FuncGraph"),
-) + _REPLICA_SYMBOLS
+) + _REPLICA_SYMBOLS + _IMPORT_SYMBOLS
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
 _CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")
 _ATOMIC_FUNCTION_MEMBERS = ("call_flat", "function_type")
-_GRAPH_MEMBERS = ("_create_op_internal",)
+_GRAPH_MEMBERS = ("_create_op_internal", "_add_function_recursive")
 _TAPE_MEMBERS = ("_tape", "_recording", "_persistent", "_pop_tape", "_watched_variables")
 
 
