@@ -43,7 +43,6 @@ from terra_nb.engine.internals.ops import (
     EagerTensor,
     EagerTensorBase,
     attr_protos,
-    call_function_in_graph,
     calling_function,
     collecting_conversions,
     collecting_variable_reads,
@@ -75,7 +74,7 @@ from terra_nb.engine.internals.replicas import follow_into_replica_threads, merg
 
 __all__ = [
     "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
-    "a_tape_is_recording", "attr_protos", "call_concrete", "call_function_in_graph", "call_node",
+    "a_tape_is_recording", "attr_protos", "call_concrete", "call_node",
     "call_with_captures", "calling_function", "capture_with_unknown_sizes",
     "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
@@ -102,7 +101,6 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.eager.context", "context"),
     ("tensorflow.python.eager.polymorphic_function.concrete_function", "ConcreteFunction"),
     ("tensorflow.python.eager.polymorphic_function.atomic_function", "AtomicFunction"),
-    ("tensorflow.python.eager.polymorphic_function.atomic_function", "make_call_op_in_graph"),
     ("tensorflow.python.ops.resource_variable_ops", "get_eager_safe_handle_data"),
     ("tensorflow.python.ops.handle_data_util", "get_resource_handle_data"),
     ("tensorflow.python.ops.handle_data_util", "set_handle_data"),

@@ -26,9 +26,9 @@ _READ_ONLY_INPUTS: dict = {}  # function name -> its read-only resource input in
 
 
 def call_node(node_def, function, input_dtypes: list) -> None:
-    """Make `node_def` the call op of an AtomicFunction that `call_function_in_graph` would
-    add (`make_call_op_in_graph`): the same op type and attributes, the engine's lean call
-    options among them."""
+    """Make `node_def` the call op of an AtomicFunction that TensorFlow's
+    `make_call_op_in_graph` would add: the same op type and attributes, with the engine's
+    lean call options (see lean_graph_calls)."""
     name = function.name.decode() if isinstance(function.name, bytes) else function.name
     node_def.op = ("StatefulPartitionedCall" if function.call_options.is_stateful
                    else "PartitionedCall")

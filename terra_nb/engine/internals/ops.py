@@ -371,12 +371,6 @@ def create_graph_op(graph, op_type: str, inputs: list, dtypes: list, name: str, 
                                      compute_device=True)
 
 
-def call_function_in_graph(function, inputs: list) -> list:
-    """Call an AtomicFunction from inside the graph being built (a PartitionedCall op)."""
-    attrs = _lean_call_options(_in_half_precision(function.name.decode(), function)).as_attrs()
-    return list(atomic_function.make_call_op_in_graph(function, inputs, attrs))
-
-
 def keep_running(graph, operation) -> None:
     """Run `operation` at every call of the function `graph` (a FuncGraph being built) is
     traced into, even when nothing reads its outputs."""
