@@ -1,4 +1,5 @@
-"""Graph generation: a segment of one TraceGraph path becomes one ConcreteFunction.
+"""Graph generation: what the ConcreteFunction of a segment of one TraceGraph path holds
+(built by segmentdef.compile_segment).
 
 A segment runs from one sync point to the next (iteration start, a fetch, iteration end). Its
 inputs are feeds: values made by Python (data batches, numpy results, Python numbers that change)

@@ -129,7 +129,10 @@ def write_segment(path: list[Node], feeds: list, folded: list) -> WrittenSegment
             internals.call_node(graph_def.node[-1], node.function, dtypes)
             written.functions.append(node.function)
             results = [(name, index) for index in range(len(node.output_dtypes))]
-            if may_fail(node):
+            if may_fail(node):  # an identity of each output keeps the call's ops running:
+                # a graph prunes an inlined function's ops whose values nothing reads, and
+                # control edges on the call reach only its stateful ops, while eagerly every
+                # op ran, and failed if it failed
                 for index in range(len(results)):
                     kept = _add(graph_def, f"terra_k{node.uid}_{index}",
                                 [f"{name}:{index}"] + waits, node.device)
