@@ -38,7 +38,6 @@ class WrittenSegment:
     """A segment's ops as a GraphDef, and where to find each node's results after import."""
 
     graph_def: object  # a GraphDef
-    node_names: list  # per path position, the name of its op
     results: list  # per path position, per output: (op name, output index) giving its value
     resources: list  # the resource handles read, in the order of their import inputs
     functions: list  # the AtomicFunctions its call ops call
@@ -100,7 +99,7 @@ def write_segment(path: list[Node], feeds: list, folded: list) -> WrittenSegment
     feed_index = {slot: index for index, slot in enumerate(feeds)}
     folded_set = set(folded)
     resources: dict = {}  # id(handle) -> (import input name, handle)
-    written = WrittenSegment(graph_def, [], [], [], [], [])
+    written = WrittenSegment(graph_def, [], [], [], [])
     fallible: list = []  # names of the ops that may fail so far
     for position, node in enumerate(path):
         inputs, dtypes = [], []
@@ -154,7 +153,6 @@ def write_segment(path: list[Node], feeds: list, folded: list) -> WrittenSegment
                 if not is_stateful(node):  # stateful ops run anyway
                     written.kept_running.append(name)
                 fallible.append(name)
-        written.node_names.append(name)
         written.results.append(results)
     written.resources = [handle for _, handle in resources.values()]
     return written
