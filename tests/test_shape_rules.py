@@ -111,9 +111,9 @@ def _slices(count: int):
 
 @pytest.mark.parametrize("shape,begin,end,strides,masks", list(_slices(300)))
 def test_strided_slice_rules_give_the_probes_answers(shape, begin, end, strides, masks):
-    """Which of begin, end and strides decide a slice's shape: shrunk and whole axes, axes
-    not named, negative strides, empty inputs, out-of-range indices; an ellipsis or a new
-    axis is left to the probe."""
+    """Which of begin, end and strides decide a slice's shape, and the shape they give:
+    shrunk and whole axes, axes not named, negative strides, empty inputs, out-of-range
+    indices; an ellipsis or a new axis is left to the probe."""
     inputs = [tf.zeros(shape)] + [tf.constant(values, dtype=tf.int32)
                                   for values in (begin, end, strides)]
     attrs = ("T", tf.float32.as_datatype_enum, "Index", tf.int32.as_datatype_enum,
@@ -149,11 +149,19 @@ def test_the_rules_answer_the_common_cases_themselves():
     columns = [tf.zeros((4, 6)), tf.constant([0, 1]), tf.constant([0, 0]), tf.constant([1, 1])]
     assert shaperules.answer("StridedSlice", masks + ("begin_mask", 1, "end_mask", 3,
                                                       "shrink_axis_mask", 0), columns) == \
-        ((1, 2, 3), shaperules.PROBE)  # x[:, 1:]: the bounds decide the columns
+        ((1, 2, 3), ((4, 5),))  # x[:, 1:]: the bounds decide the columns
     row = [tf.zeros((4, 6)), tf.constant([2]), tf.constant([3]), tf.constant([1])]
     assert shaperules.answer("StridedSlice", masks + ("begin_mask", 0, "end_mask", 0,
                                                       "shrink_axis_mask", 1), row) == \
-        ((3,), shaperules.PROBE)  # x[2]: one row whatever its index
+        ((3,), ((6,),))  # x[2]: one row whatever its index
+    backwards = [tf.zeros((7,)), tf.constant([-2]), tf.constant([0]), tf.constant([-2])]
+    assert shaperules.answer("StridedSlice", masks + ("begin_mask", 0, "end_mask", 0,
+                                                      "shrink_axis_mask", 0), backwards) == \
+        ((1, 2, 3), ((3,),))  # x[-2:0:-2]: indices 5, 3, 1
+    beyond = [tf.zeros((4, 6)), tf.constant([9]), tf.constant([10]), tf.constant([1])]
+    assert shaperules.answer("StridedSlice", masks + ("begin_mask", 0, "end_mask", 0,
+                                                      "shrink_axis_mask", 1), beyond) == \
+        ((3,), shaperules.PROBE)  # x[9] of 4 rows: TensorFlow's shape function fails
 
 
 def test_elementwise_ops_met_while_tracing_are_never_decided_by_values(monkeypatch):

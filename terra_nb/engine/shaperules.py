@@ -39,7 +39,7 @@ def answer(op_type: str, attrs: tuple, inputs: list) -> tuple:
     if op_type in REDUCTIONS:
         return _reduction(attrs, inputs)
     if op_type == "StridedSlice":
-        return _strided_slice(attrs, inputs), PROBE
+        return _strided_slice(attrs, inputs)
     if op_type == "BroadcastGradientArgs":  # its shape function never knows the lengths
         return (0, 1), None
     return PROBE, PROBE
@@ -98,26 +98,53 @@ def _reduction(attrs: tuple, inputs: list) -> tuple:
     return (() if keep_dims and rank == 0 else (1,)), (output,)
 
 
-def _strided_slice(attrs: tuple, inputs: list) -> tuple | str:
+def _strided_slice(attrs: tuple, inputs: list) -> tuple:
     """Which inputs decide a StridedSlice's shape (no ellipsis, no new axis, no zero stride): its
     strides always do (unknown strides leave TensorFlow's shape function no shape at all); its
     begin and end do unless every dimension they name is shrunk to one index or taken whole
     (begin and end masked; the dimensions they do not name are whole). Whether a shrunk index
-    is in range does not matter to that shape function (nor to this answer)."""
+    is in range does not matter to that shape function (nor to this answer); the shape these
+    values give is left to the probe when one is not (TensorFlow's shape function fails)."""
     masks = dict(zip(attrs[::2], attrs[1::2], strict=True))
     shape = inputs[0]._shape_tuple()
     begin, end, strides = (_values(value) for value in inputs[1:4])
     if None in shape or masks.get("ellipsis_mask") != 0 or masks.get("new_axis_mask") != 0 \
             or not begin.ndim == end.ndim == strides.ndim == 1 \
             or not len(begin) == len(end) == len(strides) <= len(shape) or (strides == 0).any():
-        return PROBE
+        return PROBE, PROBE
     shrink, begin_mask, end_mask = (masks.get(name, 0) for name in (
         "shrink_axis_mask", "begin_mask", "end_mask"))
-    free = False
-    for axis in range(len(begin)):
-        if shrink >> axis & 1:  # one index, with stride 1 (TensorFlow refuses others)
+    free, in_range, output = False, True, []
+    for axis, size in enumerate(shape):
+        if axis >= len(begin):
+            output.append(size)
+        elif shrink >> axis & 1:  # one index, with stride 1 (TensorFlow refuses others)
             if int(strides[axis]) != 1:
-                return PROBE
-        elif not (begin_mask >> axis & 1 and end_mask >> axis & 1):
-            free = True
-    return (1, 2, 3) if free else (3,)
+                return PROBE, PROBE
+            in_range = in_range and -size <= int(begin[axis]) < size
+        else:
+            if not (begin_mask >> axis & 1 and end_mask >> axis & 1):
+                free = True
+            output.append(_slice_length(size, int(begin[axis]), int(end[axis]),
+                                        int(strides[axis]), begin_mask >> axis & 1,
+                                        end_mask >> axis & 1))
+    return ((1, 2, 3) if free else (3,)), ((tuple(output),) if in_range else PROBE)
+
+
+def _slice_length(size: int, begin: int, end: int, stride: int, whole_start: int,
+                  whole_end: int) -> int:
+    """How many elements a slice of one dimension takes (TensorFlow's canonical bounds: a
+    masked bound is the dimension's end in the stride's direction, a negative one counts from
+    the end, both clamped to the dimension)."""
+    low, high = (0, size) if stride > 0 else (-1, size - 1)
+
+    def bound(value: int, masked: int, first: bool) -> int:
+        if masked:
+            return (low if first else high) if stride > 0 else (high if first else low)
+        value = value + size if value < 0 else value
+        return min(max(value, low), high)
+
+    length = bound(end, whole_end, False) - bound(begin, whole_start, True)
+    if length == 0 or (length < 0) != (stride < 0):
+        return 0
+    return -(-abs(length) // abs(stride))
