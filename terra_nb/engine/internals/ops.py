@@ -365,8 +365,9 @@ def calling_function(max_depth: int = 8):
 
 
 def create_graph_op(graph, op_type: str, inputs: list, dtypes: list, name: str, attrs):
-    """Add one op to a graph being built: `Graph.create_op` without its deprecation wrapper,
-    which inspects the call's signature every time (a quarter of a segment's build time)."""
+    """Add one op to a graph being built (a shape probe's scratch graph): `Graph.create_op`
+    without its deprecation wrapper, which inspects the call's signature every time (it was a
+    quarter of a segment's build time when segments were built op by op)."""
     return graph._create_op_internal(op_type, inputs, dtypes, name=name, attrs=attrs,
                                      compute_device=True)
 
