@@ -49,6 +49,9 @@ class NoteKind(_Reason):
     GUARD_MISS = ("guard-miss", "a replayed library call runs its Python again: something it "
                   "reads changed (a shape, a flag, a Python argument), and what")
     LIBRARY_REPLAY = ("library-replay", "the iteration traced the path replayed calls make")
+    MADE_VARIABLES = ("made-variables", "the iteration traced again a path last traced while "
+                      "the program created variables (a Keras optimizer makes its slots at its "
+                      "first step): what it runs now differs from what it ran then")
     NOT_BUILT = ("not-built", "a path's graph could not be built; its ops run eagerly")
     XLA_REFUSED = ("xla-refused", "a graph segment XLA could not compile runs without XLA")
     REPLICAS = ("replicas", "a tf.distribute strategy's replica functions co-execute, each "

@@ -117,6 +117,8 @@ class PythonRunner:
         self.recording_seconds = 0.0  # tracing cost beyond running the ops themselves
         self.diverged_at: float | None = None
         self.retraced = ""  # why the iteration left co-execution without a fallback, if it did
+        self.makes_variables = False  # it recorded a VarHandleOp: it created a variable
+        self.recorded_nodes: list = []  # the TraceGraph nodes it added
 
     # ------------------------------------------------------------ op handler
 
@@ -135,7 +137,7 @@ class PythonRunner:
                       ctx.device_name or "")
         if self.mode == DEFER:
             child = self.cursor.children.get(key)
-            if child is not None:
+            if child is not None and not child.made_variables:
                 if child.island:
                     self.flush()
                     if op_type not in graphgen.NEXT_ELEMENT_OPS \
@@ -146,7 +148,7 @@ class PythonRunner:
                 if self.runner.overlap and self.runner.policy.submit_early(child):
                     self.flush()
                 return outputs
-            self._diverge(op_type, key, location, refs)
+            self._diverge(op_type, key, location, refs, child is not None)
             # a key made while deferring leaves out shape values of a signature not seen yet
             key = key._replace(shape_values=self._shape_values(op_type, attrs, attrs_key,
                                                                refs, inputs))
@@ -161,6 +163,9 @@ class PythonRunner:
         recorded = time.perf_counter()
         child = self._node_for(key, op_type, attrs, location, refs, outputs, ctx)
         child.visits += 1
+        child.made_variables = False
+        if op_type == "VarHandleOp":
+            self.makes_variables = True
         child.observe_externals([internals.unwrap(value) for value in inputs])
         self._share_varying(child)
         self._register(child, outputs)
@@ -177,6 +182,7 @@ class PythonRunner:
                                                         and not internals.op_def(op_type))
             child = self.graph.add_child(self.cursor, key, op_type, attrs, location, refs,
                                          outputs, island, ctx.scope_name)
+            self.recorded_nodes.append(child)
             child.function = function
             child.device = key.device
             child.output_devices = tuple(output.device for output in outputs)
@@ -515,11 +521,19 @@ class PythonRunner:
 
     # ------------------------------------------------------------ divergence
 
-    def _diverge(self, op_type, key, location, refs) -> None:
+    def _diverge(self, op_type, key, location, refs, made_variables: bool = False) -> None:
+        """Leave co-execution: what is pending runs, and the rest of the iteration is recorded.
+        A fallback, unless the op's node exists but was recorded only by iterations that
+        created variables (see finish), or a replayed library call issued it."""
         self.diverged_at = time.perf_counter()
         self.flush()
         self.runner.drain()
         self.mode = RECORD
+        if made_variables:
+            self.retraced = "the path was traced while the program created variables"
+            self.events.emit(ev.Note(self.index, NoteKind.MADE_VARIABLES,
+                                     f"{self.retraced}; this iteration traced it again"))
+            return
         if is_replaying():
             self.retraced = "library calls are replayed from compiled functions now"
             self.events.emit(ev.Note(self.index, NoteKind.LIBRARY_REPLAY,
@@ -536,7 +550,17 @@ class PythonRunner:
         """End of the iteration: everything pending is submitted. After a failure Python
         waits for it, so state is what eager execution leaves at the failing line; segments
         holding ops that can fail on values are waited for, so their errors are this
-        iteration's."""
+        iteration's.
+
+        The nodes an iteration that created variables added are marked: what such an
+        iteration ran (a Keras optimizer's first step builds its slots, Fill and Assign where
+        later steps read them) is not what the path runs next time, so a co-executed
+        iteration reaching one records from there instead of deferring the path's ops only to
+        diverge at its end (a program of several input lengths meets iteration 0's length
+        again). Recording an iteration that does not create variables clears the mark."""
+        if self.makes_variables:
+            for node in self.recorded_nodes:
+                node.made_variables = True
         try:
             try:
                 self.flush()
