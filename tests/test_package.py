@@ -63,7 +63,8 @@ def test_load_extension_drops_tensorflow_startup_lines_unless_user_chose_a_level
     if preset is None:
         assert shown == [], done.stderr
     else:
-        assert "oneDNN custom operations" in shown and "cuInit" in shown, done.stderr
+        # oneDNN's line is written on Intel hosts only; these two on any host without a GPU
+        assert "cuInit" in shown and "absl::InitializeLog" in shown, done.stderr
 
 
 def test_only_known_startup_lines_are_dropped():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from terra_nb.engine import internals, shapeprobe, shaperules, skeleton
+from terra_nb.engine import internals, shapeprobe, shaperules
 from terra_nb.engine.session import Session
 from terra_nb.engine.tracegraph import EXTERNAL, External
 
@@ -177,7 +177,7 @@ def test_elementwise_ops_met_while_tracing_are_never_decided_by_values(monkeypat
         return asked[-1][1]
 
     monkeypatch.setattr(shapeprobe, "shape_deciding_inputs", both)
-    monkeypatch.setattr(skeleton, "_SHAPE_VALUE_SLOTS", {})  # asked once per process
+    monkeypatch.setattr(shapeprobe, "_SHAPE_VALUE_SLOTS", {})  # asked once per process
     sizes = tf.constant([4, 3], dtype=tf.int32)
     session = Session("elementwise-shapes")
     with session.iteration():

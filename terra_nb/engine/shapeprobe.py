@@ -11,7 +11,59 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals, shaperules
+from terra_nb.engine.hostvalues import is_integer
 from terra_nb.engine.tracegraph import RESOURCE, is_small_integer
+
+# op signature -> input slots whose values decide output shapes (see shape_values)
+_SHAPE_VALUE_SLOTS: dict = {}
+# (op signature, those values) -> output shapes they give
+_SHAPES_FOR_VALUES: dict = {}
+_SHAPES_FOR_VALUES_LIMIT = 100_000
+
+
+def shape_values(op_type, attrs, attrs_key, refs, inputs, may_probe: bool) -> tuple:
+    """The output shapes an op gets from the values of its shape-deciding inputs (Fill's
+    dims, Reshape's shape, a slice's begin and end): part of node identity, because the
+    TraceGraph records static shapes. The values themselves are fed, so a slice whose
+    offset changes but whose size does not keeps its node. Which inputs decide shapes is
+    found once per op signature (unless `may_probe`, an op signature not seen yet has none),
+    and the shapes once per distinct value, by shape inference; when inference cannot tell,
+    the values themselves are the key."""
+    if internals.op_def(op_type) is None or not any(is_integer(ref) for ref in refs):
+        return ()  # a traced function's output shapes are its signature's
+    signature = _shape_signature(op_type, attrs_key, refs)
+    slots = _SHAPE_VALUE_SLOTS.get(signature)
+    if slots is None:
+        if not may_probe:
+            return ()
+        slots = shape_deciding_inputs(op_type, attrs, inputs, refs)
+        _SHAPE_VALUE_SLOTS[signature] = slots
+    if not slots:
+        return ()
+    values = tuple(np.asarray(inputs[slot]).tobytes() for slot in slots)
+    shapes = _SHAPES_FOR_VALUES.get((signature, values))
+    if shapes is None:
+        shapes = output_shapes_for(op_type, attrs, inputs, refs) or values
+        if len(_SHAPES_FOR_VALUES) >= _SHAPES_FOR_VALUES_LIMIT:
+            _SHAPES_FOR_VALUES.clear()
+        _SHAPES_FOR_VALUES[(signature, values)] = shapes
+    return shapes
+
+
+def deciding_slots_found(op_type, attrs_key, refs) -> tuple | None:
+    """The shape-deciding input slots found for this op signature; None if not asked yet."""
+    return _SHAPE_VALUE_SLOTS.get(_shape_signature(op_type, attrs_key, refs))
+
+
+def _shape_signature(op_type, attrs_key, refs) -> tuple:
+    """What decides which inputs of an op decide its output shapes (_SHAPE_VALUE_SLOTS)."""
+    return (op_type, attrs_key, tuple(_signature_of(ref) for ref in refs))
+
+
+def _signature_of(ref):
+    if ref.kind == RESOURCE:
+        return (RESOURCE,)
+    return (ref.dtype, ref.shape)
 
 
 def shape_deciding_inputs(op_type: str, attrs: tuple, inputs: list, refs: tuple) -> tuple:

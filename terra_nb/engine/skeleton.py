@@ -46,23 +46,6 @@ from terra_nb.engine.tracegraph import (
 from terra_nb.engine.usercode import user_location
 from terra_nb.engine.worker import GraphRunner
 
-# op signature -> input slots whose values decide output shapes (see _shape_values)
-_SHAPE_VALUE_SLOTS: dict = {}
-# (op signature, those values) -> output shapes they give
-_SHAPES_FOR_VALUES: dict = {}
-_SHAPES_FOR_VALUES_LIMIT = 100_000
-
-
-def _signature_of(ref):
-    if ref.kind == RESOURCE:
-        return (RESOURCE,)
-    return (ref.dtype, ref.shape)
-
-
-def _shape_signature(op_type, attrs_key, refs) -> tuple:
-    """What decides which inputs of an op decide its output shapes (_SHAPE_VALUE_SLOTS)."""
-    return (op_type, attrs_key, tuple(_signature_of(ref) for ref in refs))
-
 
 class _Produced(NamedTuple):
     """An eager tensor an op of this iteration produced: output `index` of `node`."""
@@ -133,7 +116,8 @@ class PythonRunner:
             attrs = internals.lean_call_attrs(op_type, attrs)
         attrs_key = graphgen.identity_attrs(op_type, attrs)
         key = NodeKey(op_type, attrs_key, location, tuple(input_identity(ref) for ref in refs),
-                      self._shape_values(op_type, attrs, attrs_key, refs, inputs),
+                      shapeprobe.shape_values(op_type, attrs, attrs_key, refs, inputs,
+                                              self.mode != DEFER),
                       ctx.device_name or "")
         if self.mode == DEFER:
             child = self.cursor.children.get(key)
@@ -150,8 +134,8 @@ class PythonRunner:
                 return outputs
             self._diverge(op_type, key, location, refs, child is not None)
             # a key made while deferring leaves out shape values of a signature not seen yet
-            key = key._replace(shape_values=self._shape_values(op_type, attrs, attrs_key,
-                                                               refs, inputs))
+            key = key._replace(shape_values=shapeprobe.shape_values(op_type, attrs, attrs_key,
+                                                                    refs, inputs, True))
             entered = time.perf_counter()  # its wait for the graph is a fetch wait, not recording
         ran = time.perf_counter()
         try:
@@ -206,34 +190,6 @@ class PythonRunner:
                 sites.add(site)
             elif site in sites:
                 seen.varying = True
-
-    def _shape_values(self, op_type, attrs, attrs_key, refs, inputs) -> tuple:
-        """The output shapes an op gets from the values of its shape-deciding inputs (Fill's
-        dims, Reshape's shape, a slice's begin and end): part of node identity, because the
-        TraceGraph records static shapes. The values themselves are fed, so a slice whose
-        offset changes but whose size does not keeps its node. Which inputs decide shapes is
-        found once per op signature, and the shapes once per distinct value, by shape
-        inference (graphgen); when inference cannot tell, the values themselves are the key.
-        """
-        if internals.op_def(op_type) is None or not any(is_integer(ref) for ref in refs):
-            return ()  # a traced function's output shapes are its signature's
-        signature = _shape_signature(op_type, attrs_key, refs)
-        slots = _SHAPE_VALUE_SLOTS.get(signature)
-        if slots is None:
-            if self.mode == DEFER:
-                return ()
-            slots = shapeprobe.shape_deciding_inputs(op_type, attrs, inputs, refs)
-            _SHAPE_VALUE_SLOTS[signature] = slots
-        if not slots:
-            return ()
-        values = tuple(np.asarray(inputs[slot]).tobytes() for slot in slots)
-        shapes = _SHAPES_FOR_VALUES.get((signature, values))
-        if shapes is None:
-            shapes = shapeprobe.output_shapes_for(op_type, attrs, inputs, refs) or values
-            if len(_SHAPES_FOR_VALUES) >= _SHAPES_FOR_VALUES_LIMIT:
-                _SHAPES_FOR_VALUES.clear()
-            _SHAPES_FOR_VALUES[(signature, values)] = shapes
-        return shapes
 
     def _ref(self, value):
         if isinstance(value, internals.LazyTensor):
@@ -511,8 +467,7 @@ class PythonRunner:
         if not is_integer(ref):
             return False
         attrs = graphgen.identity_attrs(node.op_type, node.attrs)
-        signature = _shape_signature(node.op_type, attrs, node.inputs)
-        slots = _SHAPE_VALUE_SLOTS.get(signature)
+        slots = shapeprobe.deciding_slots_found(node.op_type, attrs, node.inputs)
         return slots is None or slot in slots
 
     def current(self, key):

@@ -73,7 +73,7 @@ class NodeKey(NamedTuple):
     attrs: tuple  # hashable attributes (a stateful random op's seed2 left out)
     location: tuple  # the user's call-site stack
     inputs: tuple  # each input's reference, with nodes by uid and resources by id
-    shape_values: tuple  # output shapes decided by input values (see PythonRunner._shape_values)
+    shape_values: tuple  # output shapes decided by input values (see shapeprobe.shape_values)
     device: str  # the device the op was asked to run on ("" for TensorFlow's choice)
 
 SMALL_CONSTANT = 64  # an external input with at most this many elements may be folded
