@@ -127,7 +127,7 @@ def test_a_value_that_changes_while_interpreted_is_fed_from_the_first_graph():
 
         return step, lambda: [weight.numpy()]
 
-    _, terra = harness.compare(build, 6, policy=BUILT_WHEN_REPEATED)
+    _, terra = harness.compare(build, 6, policy=BUILT_WHEN_REPEATED, trace_iterations=2)
     reasons = [event.reason for event in terra.session.events.of_type(ev.GraphBuilt)]
     assert reasons and not [reason for reason in reasons if "looked constant" in reason]
 
@@ -215,7 +215,8 @@ def test_waits_for_interpreted_runs_do_not_argue_for_new_graphs():
     Python's waits for a graph's steady runs against what a graph cost; an interpreted run is
     no graph run, and its long waits must not count."""
     weights = tf.Variable(tf.ones((64, 64)))
-    session = Session("interpreted-waits", policy=BUILT_WHEN_REPEATED, self_check=True)
+    session = Session("interpreted-waits", policy=BUILT_WHEN_REPEATED, self_check=True,
+                      trace_iterations=2)
     for _ in range(3):  # two tracing iterations, then one interpreted
         with session.iteration():
             loss = tf.reduce_sum(tf.matmul(weights, weights))
@@ -312,6 +313,36 @@ def test_a_path_traced_while_variables_were_made_is_traced_again_not_co_executed
     assert [event.index for event in events.of_type(ev.FallbackEvent)] == [2, 3]
     modes = harness.modes(terra.session)
     assert (modes[4], modes[8]) == (ev.TRACING, ev.CO_EXECUTING), modes
+
+
+def test_a_second_tracing_iteration_only_when_the_first_made_variables():
+    """By default a session traces one iteration, and a second when the first created
+    variables. A first session on a fresh Keras model (its first step builds the optimizer's
+    slots) traces two; a second session on the same model (the cell run again: every
+    variable exists) co-executes from its second iteration. Losses and variables are eager's."""
+    def run(co_execute: bool):
+        harness.seed_everything()
+        step, state = programs.build_mlp()
+        losses, sessions = [], []
+        for rerun in range(2):
+            session = Session(f"rerun-{rerun}") if co_execute else None
+            for index in range(4):
+                with session.iteration() if session else contextlib.nullcontext():
+                    loss = step(4 * rerun + index)
+                losses.append(float(loss))
+            if session is not None:
+                session.close()
+                sessions.append(session)
+        return losses, state(), sessions
+
+    eager_losses, eager_state, _ = run(co_execute=False)
+    losses, final_state, (first, rerun) = run(co_execute=True)
+    assert harness.modes(first)[:3] == [ev.TRACING] * 2 + [ev.CO_EXECUTING]
+    assert harness.modes(rerun)[:2] == [ev.TRACING, ev.CO_EXECUTING]
+    assert first.events.of_type(ev.FallbackEvent) == rerun.events.of_type(ev.FallbackEvent) == []
+    np.testing.assert_allclose(losses, eager_losses, rtol=harness.RUN_RTOL, atol=harness.ATOL)
+    for have, want in zip(final_state, eager_state, strict=True):
+        np.testing.assert_allclose(have, want, rtol=harness.RUN_RTOL, atol=harness.ATOL)
 
 
 BUILT_IN_LINE = SchedulingPolicy(build_in_background=False)

@@ -15,7 +15,7 @@ class CoExecutedFunction:
     Returned tensors behave like eager ones.
     """
 
-    def __init__(self, fn, *, trace_iterations: int, xla: bool, eager: bool,
+    def __init__(self, fn, *, trace_iterations: int | None, xla: bool, eager: bool,
                  self_check: bool) -> None:
         functools.update_wrapper(self, fn)
         self._fn = fn
@@ -44,11 +44,12 @@ class CoExecutedFunction:
         return functools.partial(self.__call__, instance)
 
 
-def function(fn=None, *, trace_iterations: int = DEFAULT_TRACE_ITERATIONS, xla: bool = False,
-             eager: bool = False, self_check: bool = False):
+def function(fn=None, *, trace_iterations: int | None = DEFAULT_TRACE_ITERATIONS,
+             xla: bool = False, eager: bool = False, self_check: bool = False):
     """Decorate a training step so each call is co-executed (Terra) instead of run eagerly.
 
-    `trace_iterations`: calls run eagerly while recording before co-execution starts.
+    `trace_iterations`: calls run eagerly while recording before co-execution starts (by
+    default one, and a second when the first created variables).
     `xla`: compile the graphs with XLA. `eager`: never co-execute (profile only).
     `self_check`: never replay library code; every call runs its own Python (slower).
     """

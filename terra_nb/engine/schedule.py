@@ -23,10 +23,11 @@ class Schedule:
     (`after`)."""
 
     policy: SchedulingPolicy
-    trace_iterations: int
+    trace_iterations: int | None  # None: one, and a second when the first made variables
     eager: bool = False  # `--eager`: every iteration plainly eager
     baseline: bool = False  # measure eager time within each run (see mode_for)
     recorded: int = 0  # tracing iterations started
+    first_made_variables: bool = False  # the first tracing iteration created variables
     run_start: int = 0  # the first iteration of the current run of the program
     diverged_in_a_row: int = 0
     backoff_level: int = 0  # back-off periods last 2**level iterations
@@ -52,19 +53,31 @@ class Schedule:
             return ev.BASELINE
         if self.baseline and (index - self.run_start) % self.policy.baseline_period == 1:
             return ev.BASELINE
-        if self.recorded < self.trace_iterations:
+        if self.recorded < self._tracing_iterations():
             self.recorded += 1
             return RECORD
         return DEFER
 
-    def after(self, done: ev.IterationDone) -> bool | Verdict:
+    def _tracing_iterations(self) -> int:
+        """How many iterations trace. By default one, and a second when the first created
+        variables: a fresh Keras model builds its layers and optimizer slots then, so the
+        first iteration's path is not the steady one, while a model that exists already (a
+        cell run again) has its steady path from the first iteration on (docs/engine.md)."""
+        if self.trace_iterations is not None:
+            return self.trace_iterations
+        return 2 if self.first_made_variables else 1
+
+    def after(self, done: ev.IterationDone, made_variables: bool = False) -> bool | Verdict:
         """Count diverging iterations and weigh co-execution's pay-off; back off to plain
         eager, exponentially, when either says so. True when a back-off period starts because
         iterations diverged, the Verdict when one starts because co-execution did not pay.
+        `made_variables`: the iteration created variables (see _tracing_iterations).
 
         A program that diverges on every iteration (a new shape each step) or that runs slower
         co-executed than eager then costs almost nothing more than eager: back-off iterations
         run with no interception at all."""
+        if done.mode == ev.TRACING and self.recorded == 1 and made_variables:
+            self.first_made_variables = True
         verdict = self.payoff.after(done)
         if verdict is not None:
             self.backoff_left = 2 ** self.payoff.level

@@ -19,7 +19,8 @@ from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.schedule import DEFER, RECORD, Schedule
 from terra_nb.engine.usercode import innermost_user_frame
 
-DEFAULT_TRACE_ITERATIONS = 2
+# None: one tracing iteration, and a second when the first made variables (schedule.py)
+DEFAULT_TRACE_ITERATIONS = None
 
 
 class Session:
@@ -29,7 +30,7 @@ class Session:
         self,
         name: str = "",
         *,
-        trace_iterations: int = DEFAULT_TRACE_ITERATIONS,
+        trace_iterations: int | None = DEFAULT_TRACE_ITERATIONS,
         xla: bool = False,
         eager: bool = False,
         self_check: bool = False,
@@ -37,7 +38,7 @@ class Session:
         baseline: bool = False,
         policy: SchedulingPolicy | None = None,
     ) -> None:
-        if trace_iterations < 1:
+        if trace_iterations is not None and trace_iterations < 1:
             raise ValueError(f"trace_iterations must be at least 1, got {trace_iterations}")
         self.name = name
         self.xla = xla
@@ -104,7 +105,7 @@ class Session:
         return self._graph, self._runner
 
     @property
-    def trace_iterations(self) -> int:
+    def trace_iterations(self) -> int | None:
         return self.schedule.trace_iterations
 
     @property
@@ -115,9 +116,9 @@ class Session:
     def baseline(self) -> bool:
         return self.schedule.baseline
 
-    def _after(self, done: ev.IterationDone) -> None:
+    def _after(self, done: ev.IterationDone, made_variables: bool) -> None:
         """Update the schedule with how the iteration ended; say so when a back-off starts."""
-        backoff = self.schedule.after(done)
+        backoff = self.schedule.after(done, made_variables)
         if backoff is True:
             self.events.emit(ev.Note(
                 done.index, NoteKind.BACKOFF,
@@ -266,7 +267,7 @@ class _Iteration:
         done = ev.IterationDone(self.index, self._mode(), seconds, self._breakdown(seconds),
                                 self._ops())
         session.events.emit(done)
-        session._after(done)
+        session._after(done, self.run is not None and self.run.makes_variables)
         return False
 
     def _leave_blocks(self) -> None:

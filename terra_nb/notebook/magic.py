@@ -47,8 +47,8 @@ class TerraMagics(Magics):
         type=int,
         default=DEFAULT_TRACE_ITERATIONS,
         metavar="N",
-        help=f"iterations to run eagerly while recording ops before co-executing "
-        f"(default {DEFAULT_TRACE_ITERATIONS})",
+        help="iterations to run eagerly while recording ops before co-executing "
+        "(default: one, and a second when the first creates variables)",
     )
     @argument("--xla", action="store_true", help="compile the graph with XLA")
     @argument(
@@ -206,7 +206,7 @@ def _parse_options(magic, line: str):
         options = parse_argstring(magic, line)
     except (UsageError, ValueError) as error:
         raise UsageError(f"%%terra: {error} (see %%terra? for the options)") from None
-    if options.trace < 1:
+    if options.trace is not None and options.trace < 1:
         raise UsageError(f"%%terra: --trace must be at least 1, got {options.trace}")
     return options
 
