@@ -93,17 +93,19 @@ def build_transformer():
     return _token_program(list(tokens))
 
 
-def build_varying_lengths():
+def build_varying_lengths(log_loss: bool = False):
     """Token sequences of four lengths in turn (bucketed text): the library calls inside the
-    notebook-style block see a new sequence length at most steps."""
+    notebook-style block see a new sequence length at most steps. `log_loss`: each step
+    reads the loss's value before its backward pass, as a loop logging it does."""
     rng = np.random.default_rng(8)
     return _token_program([rng.integers(0, 50, size=(4, length + 1)).astype("int32")
-                           for length in (7, 10, 13, 9)])
+                           for length in (7, 10, 13, 9)], log_loss)
 
 
-def _token_program(batches: list):
+def _token_program(batches: list, log_loss: bool = False):
     """Next-token training of an embedding, a TransformerBlock and a head, on `batches` in
     turn."""
+    logged = []
     embed = keras.layers.Embedding(50, 16)
     block = TransformerBlock(16, 2)
     head = keras.layers.Dense(50)
@@ -115,6 +117,8 @@ def _token_program(batches: list):
             logits = head(block(embed(batch[:, :-1]), training=True))
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=batch[:, 1:], logits=logits))
+        if log_loss:
+            logged.append(float(loss))
         variables = embed.trainable_variables + block.trainable_variables + head.trainable_variables
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss

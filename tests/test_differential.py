@@ -75,10 +75,11 @@ def _run_generated(program: gen.Program) -> None:
     modes = [event.mode for event in session.events.of_type(ev.IterationDone)]
     assert len(modes) == program.iterations
     assert session.events.of_type(ev.IterationFailed) == []
-    # a co-executed iteration that met a path traced while variables were made records it
-    # again from there (a made-variables note): co-execution was tried there too
+    # a co-executed iteration that met a path traced while variables were made, or ops that
+    # replayed library calls changed, records it again from there (a made-variables or
+    # library-replay note): co-execution was tried there too
     retraced = [note for note in session.events.of_type(ev.Note)
-                if note.kind == NoteKind.MADE_VARIABLES]
+                if note.kind in (NoteKind.MADE_VARIABLES, NoteKind.LIBRARY_REPLAY)]
     assert ev.CO_EXECUTING in modes or ev.FALLBACK in modes or retraced, modes
 
 

@@ -2,6 +2,7 @@
 meets a new guard (another input shape, a flipped `trainable` flag, another Python argument)
 runs its Python again, and the user is told what changed, once per call site and part."""
 
+import harness
 import keras
 import numpy as np
 import tensorflow as tf
@@ -15,6 +16,7 @@ from terra_nb.engine.replay.guards import (
     PythonArgument,
     TensorArgument,
     admits,
+    differs_by_building,
     guard_difference,
     relaxed_guard,
     sizes_text,
@@ -23,12 +25,58 @@ from terra_nb.engine.report import Report
 from terra_nb.engine.session import Session
 
 
-def _guard(shape=(4, 3), trainable=(True,), training=None):
+def _guard(shape=(4, 3), trainable=(True,), training=None, variables=2, built=True, rate=0.1):
     arguments = (TensorArgument("float32", shape),)
     if training is not None:
         arguments += (PythonArgument("bool", training),)
-    return CallGuard(7, LayerState(trainable, 2, "float32", (), ()), arguments,
+    attributes = (Attributes(("built", "rate"), (built, rate)),)
+    return CallGuard(7, LayerState(trainable, variables, "float32", (), attributes), arguments,
                      (len(arguments), (), False))
+
+
+def test_building_changes_only_the_variable_count_and_the_built_flag():
+    """A layer's first call builds it: the guard its next call meets differs in those two
+    parts only, and the call is traced for it at once (MacroTable._establish_at_once); any
+    other change is the call's own Python changing state, which tracing would change again."""
+    unbuilt = _guard(variables=0, built=False)
+    assert differs_by_building(unbuilt, _guard())
+    assert differs_by_building(_guard(built=False), _guard())
+    assert not differs_by_building(unbuilt, _guard(rate=0.2))
+    assert not differs_by_building(unbuilt, _guard(shape=(2, 3)))
+    assert not differs_by_building(unbuilt, _guard(trainable=(False,)))
+
+
+def test_a_call_observed_clean_while_recording_is_replayed_from_the_next_iteration():
+    """A built model's call, and plain SGD's first call (it only sets `built`, so its next
+    call meets another guard, which it is traced for), are traced into functions in the
+    first tracing iteration: the second records them as one call each, and the third
+    co-executes without recording again. Losses and variables are eager's. (A first call
+    that creates variables runs host ops, which the checks refuse: such a layer is traced
+    after its second call.)"""
+    def build():
+        rng = np.random.default_rng(5)
+        xs = rng.normal(size=(4, 8, 6)).astype("float32")
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
+                                  keras.layers.Dense(1)])
+        optimizer = keras.optimizers.SGD(0.05)
+
+        def step(i):
+            x = tf.constant(xs[i % 4])
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x) - 1.0))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        return step, lambda: [v.numpy() for v in model.variables + optimizer.variables]
+
+    _, terra = harness.compare(build, 5, trace_iterations=2)
+    events = terra.session.events
+    first = [note.message for note in events.of_type(ev.Note)
+             if note.kind == NoteKind.REPLAYED and note.index == 0]
+    assert first and "Sequential call" in first[0] and "SGD call" in first[0], first
+    assert harness.modes(terra.session) == [ev.TRACING] * 2 + [ev.CO_EXECUTING] * 3
+    assert not [note for note in events.of_type(ev.Note) if note.kind == NoteKind.LIBRARY_REPLAY]
 
 
 def test_guard_difference_names_the_part_that_changed():

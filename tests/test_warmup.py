@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import gc
 import linecache
 import subprocess
@@ -319,7 +320,9 @@ def test_a_second_tracing_iteration_only_when_the_first_made_variables():
     """By default a session traces one iteration, and a second when the first created
     variables. A first session on a fresh Keras model (its first step builds the optimizer's
     slots) traces two; a second session on the same model (the cell run again: every
-    variable exists) co-executes from its second iteration. Losses and variables are eager's."""
+    variable exists) traces one. Later iterations that record are those whose ops replayed
+    library calls changed (a library-replay note), and both co-execute by their fourth.
+    Losses and variables are eager's."""
     def run(co_execute: bool):
         harness.seed_everything()
         step, state = programs.build_mlp()
@@ -337,8 +340,15 @@ def test_a_second_tracing_iteration_only_when_the_first_made_variables():
 
     eager_losses, eager_state, _ = run(co_execute=False)
     losses, final_state, (first, rerun) = run(co_execute=True)
-    assert harness.modes(first)[:3] == [ev.TRACING] * 2 + [ev.CO_EXECUTING]
-    assert harness.modes(rerun)[:2] == [ev.TRACING, ev.CO_EXECUTING]
+    assert (first.schedule.recorded, rerun.schedule.recorded) == (2, 1)
+    for session, scheduled in ((first, 2), (rerun, 1)):
+        modes = harness.modes(session)
+        retraced = [note.index for note in session.events.of_type(ev.Note)
+                    if note.kind == NoteKind.LIBRARY_REPLAY]
+        assert modes[:scheduled] == [ev.TRACING] * scheduled, modes
+        assert [index for index, mode in enumerate(modes)
+                if mode == ev.TRACING and index >= scheduled] == retraced, (modes, retraced)
+        assert modes[3] == ev.CO_EXECUTING, modes
     assert first.events.of_type(ev.FallbackEvent) == rerun.events.of_type(ev.FallbackEvent) == []
     np.testing.assert_allclose(losses, eager_losses, rtol=harness.RUN_RTOL, atol=harness.ATOL)
     for have, want in zip(final_state, eager_state, strict=True):
@@ -664,9 +674,10 @@ def test_a_small_integer_from_an_earlier_graph_is_given_as_first_computed():
     """A graph fed a small integer by the graph before it (a shape a relaxed library call's
     forward function returns to its backward function) is instantiated ahead with the value
     that op first computed; scratch zeros there could fail an op, so such graphs used to be
-    left to their first run. Results stay eager's."""
-    _, terra = harness.compare(programs.build_varying_lengths, 20,
-                               policy=SchedulingPolicy(instantiate_ahead=True))
+    left to their first run. Results stay eager's. (The step reads its loss before the
+    backward pass, so each path is split there and the second graph is fed those shapes.)"""
+    _, terra = harness.compare(functools.partial(programs.build_varying_lengths, log_loss=True),
+                               20, policy=SchedulingPolicy(instantiate_ahead=True))
     harness.close_after_builds(terra.session)
 
     def fed_small_integer(segment) -> bool:

@@ -257,6 +257,25 @@ def relaxed_guard(before: CallGuard, now: CallGuard) -> CallGuard | None:
     return before._replace(arguments=tuple(arguments)) if changed else None
 
 
+def differs_by_building(before: CallGuard, now: CallGuard) -> bool:
+    """Whether two keys of one call differ only in what building its object changes (a
+    layer's or an optimizer's first call): variable counts and `built` flags."""
+    return ((before.obj, before.arguments, before.signature)
+            == (now.obj, now.arguments, now.signature)
+            and _unbuilt(before.state) == _unbuilt(now.state))
+
+
+def _unbuilt(state):
+    """The state with its variable count and its objects' `built` flags left out."""
+    if hasattr(state, "variable_count"):
+        state = state._replace(variable_count=None)
+    return state._replace(attributes=tuple(
+        Attributes(part.names, tuple(None if name == "built" else value
+                                     for name, value in zip(part.names, part.values,
+                                                            strict=True)))
+        for part in state.attributes))
+
+
 def admits(relaxed: CallGuard, key: CallGuard) -> bool:
     """Whether `key` meets a relaxed guard: equal to it but in the dimensions it left None."""
     if not _alike_but_arguments(relaxed, key):

@@ -41,6 +41,7 @@ from terra_nb.engine.replay.guards import (
     CallGuard,
     admits,
     cannot_fail,
+    differs_by_building,
     flatten,
     gradient_key,
     guard_difference,
@@ -89,6 +90,7 @@ class _Entry:
     guard: object  # the key (guards.CallGuard for Keras calls)
     last_span: tuple | None = None
     deferred_seen: bool = False
+    tried_at_once: bool = False  # traced after its first clean observation while recording
     banned: str = ""
     macro: object = None
     tensor_positions: list | None = None
@@ -286,12 +288,43 @@ class MacroTable:
         elif stable and entry.deferred_seen:
             self._establish(entry, runner, original, obj, args, kwargs, call_site, forced,
                             result)
+        elif not deferred and not entry.tried_at_once:
+            self._establish_at_once(entry, runner, original, obj, args, kwargs, flat,
+                                    call_site, result)
         return result
 
+    def _establish_at_once(self, entry, runner, original, obj, args, kwargs, flat, call_site,
+                           result) -> None:
+        """Trace the macro of a call whose first observation under its guard, in a recording
+        iteration, ran clean, so that the next iteration runs it (docs/engine.md, Library
+        replay). A layer's or an optimizer's first call builds it (its variables, its `built`
+        flag), which changes its guard: it is traced for the guard it has built, which its
+        next call meets. A call that changed any other part of its guard is not traced (its
+        Python changes it at every call: tracing would change it once more)."""
+        entry.tried_at_once = True
+        key = guard_key(obj, args, kwargs, flat)
+        if key is None:
+            return
+        if key != entry.guard:
+            if not differs_by_building(entry.guard, key):
+                return
+            entry = self.entries.setdefault((call_site, key), _Entry(key))
+            if entry.tried_at_once or entry.macro is not None or entry.banned:
+                return
+            entry.tried_at_once = True
+        self._establish(entry, runner, original, obj, args, kwargs, call_site, False, result,
+                        at_once=True)
+
     def _establish(self, entry, runner, original, obj, args, kwargs, call_site, forced,
-                   result) -> None:
+                   result, at_once: bool = False) -> None:
         """Trace the macro of a stable call: for the relaxed guard if it has one and the
         function traced so fits what the call returned, else for its own sizes.
+
+        `at_once`: the call's first observation under its guard, in a recording iteration,
+        ran clean; its macro is traced now, so the next iteration runs it instead of a later
+        one (docs/engine.md). If tracing fails (a Python branch on a tensor, which a
+        recording iteration cannot see), the call is left to the two observations of a
+        stable call, one of them deferred, where a forced value shows.
 
         A relaxed function cannot tell output sizes that follow from input sizes from sizes
         that follow from input values (refused: value-dependent-shapes). Traced for exact
@@ -317,6 +350,8 @@ class MacroTable:
             try:
                 built = self._build(original, obj, args, kwargs, entry.guard)
             except Exception:
+                if at_once:
+                    return
                 if not forced:
                     raise
                 self._refuse(entry, runner, _call_name(obj), call_site,
