@@ -5,6 +5,7 @@ runs its Python again, and the user is told what changed, once per call site and
 import harness
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
@@ -46,19 +47,22 @@ def test_building_changes_only_the_variable_count_and_the_built_flag():
     assert not differs_by_building(unbuilt, _guard(trainable=(False,)))
 
 
-def test_a_call_observed_clean_while_recording_is_replayed_from_the_next_iteration():
-    """A built model's call, and plain SGD's first call (it only sets `built`, so its next
-    call meets another guard, which it is traced for), are traced into functions in the
-    first tracing iteration: the second records them as one call each, and the third
-    co-executes without recording again. Losses and variables are eager's. (A first call
-    that creates variables runs host ops, which the checks refuse: such a layer is traced
-    after its second call.)"""
+@pytest.mark.parametrize("optimizer_class", [keras.optimizers.SGD, keras.optimizers.Adam])
+def test_a_call_observed_clean_while_recording_is_replayed_from_the_next_iteration(
+        optimizer_class):
+    """A built model's call and the optimizer's first call are traced into functions in the
+    first tracing iteration, for the guard their objects have after it (building only makes
+    variables and sets `built`): the second iteration records them as one call each, and
+    the third co-executes without recording again. Plain SGD's first call only sets `built`;
+    Adam's makes its slots, by host ops the checks allow only in a building call. (A
+    Sequential without an Input gains an InputLayer when built: another guard, left to the
+    second call.) Losses and variables are eager's."""
     def build():
         rng = np.random.default_rng(5)
         xs = rng.normal(size=(4, 8, 6)).astype("float32")
         model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
                                   keras.layers.Dense(1)])
-        optimizer = keras.optimizers.SGD(0.05)
+        optimizer = optimizer_class(0.05)
 
         def step(i):
             x = tf.constant(xs[i % 4])
@@ -74,9 +78,42 @@ def test_a_call_observed_clean_while_recording_is_replayed_from_the_next_iterati
     events = terra.session.events
     first = [note.message for note in events.of_type(ev.Note)
              if note.kind == NoteKind.REPLAYED and note.index == 0]
-    assert first and "Sequential call" in first[0] and "SGD call" in first[0], first
+    optimizer = f"{optimizer_class.__name__} call"
+    assert first and "Sequential call" in first[0] and optimizer in first[0], first
     assert harness.modes(terra.session) == [ev.TRACING] * 2 + [ev.CO_EXECUTING] * 3
     assert not [note for note in events.of_type(ev.Note) if note.kind == NoteKind.LIBRARY_REPLAY]
+
+
+def test_an_optimizer_given_a_sparse_gradient_is_traced_for_any_row_count():
+    """An Embedding's gradient is IndexedSlices with a row per looked-up id, so their count
+    follows the batch: the optimizer's function is traced with it unknown from the start
+    and serves every length without tracing again. Losses and variables are eager's."""
+    def build():
+        rng = np.random.default_rng(3)
+        batches = [rng.integers(0, 20, size=(4, length)) for length in (5, 7, 9, 5, 7, 9)]
+        targets = rng.normal(size=(4, 1)).astype("float32")
+        embedding, head = keras.layers.Embedding(20, 6), keras.layers.Dense(1)
+        optimizer = keras.optimizers.Adam(0.01)
+
+        def step(i):
+            tokens = tf.constant(batches[i])
+            with tf.GradientTape() as tape:
+                pooled = tf.reduce_mean(embedding(tokens), axis=1)
+                loss = tf.reduce_mean(tf.square(head(pooled) - targets))
+            variables = embedding.trainable_variables + head.trainable_variables
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            return loss
+
+        return step, lambda: [v.numpy() for v in
+                              embedding.variables + head.variables + optimizer.variables]
+
+    _, terra = harness.compare(build, 6, trace_iterations=2)
+    replayed = " ".join(note.message for note in terra.session.events.of_type(ev.Note)
+                        if note.kind == NoteKind.REPLAYED)
+    assert replayed.count("Adam call") == 1, replayed
+    assert "(any float32(?, 6), int64(?))" in replayed, replayed
+    assert not [note for note in terra.session.events.of_type(ev.Note)
+                if note.kind == NoteKind.GUARD_MISS and "Adam" in note.message]
 
 
 def test_guard_difference_names_the_part_that_changed():

@@ -539,13 +539,10 @@ for step in range(60):
 
 
 def test_a_loop_slower_co_executed_than_eager_runs_plainly_eager_and_says_why():
-    """Python that fetches every small op's value waits for the graph thread at each fetch:
-    ~9x slower co-executed than eagerly on the Xeon host, less on the AMD EPYC one, where
-    under the full suite a retry judged within the warm-up allowance (3x eager) passed
-    (45 steps then ended with 5 back-off iterations). The cell then runs
-    plainly eager between retries, a note says why, and the values are eager's. 60 steps:
-    once past the allowance (30 co-executed iterations), back-off periods double within the
-    run on either host."""
+    """Python that fetches every small op's value waits for the graph thread at each fetch,
+    so co-executed it is slower than eagerly. The cell then runs plainly eager between
+    retries, a note says why, and the values are eager's. 60 steps: once past the warm-up
+    allowance (30 co-executed iterations), back-off periods double within the run."""
     notebook = execute_cells([
         "%load_ext terra_nb", SETUP, FETCHING_LOOP,
         "eager_totals, eager_weight = totals, float(weight)",

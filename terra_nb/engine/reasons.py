@@ -67,6 +67,7 @@ class Refusal(_Reason):
     NO_OPS = ("no-ops", "it ran no TensorFlow op")
     LEFT_PATH = ("left-path", "the program left the traced path")
     USER_CODE = ("user-code", "user code or a host op ran inside it")
+    MADE_VARIABLES = ("made-variables", "it made variables")
     CUSTOM_GRADIENT = ("custom-gradient",
                        "user code (a custom gradient) or a host op ran inside it")
     KERAS_MASK = ("keras-mask", "it returned a Keras mask")

@@ -257,6 +257,22 @@ def relaxed_guard(before: CallGuard, now: CallGuard) -> CallGuard | None:
     return before._replace(arguments=tuple(arguments)) if changed else None
 
 
+def sparse_rows_unknown(key: CallGuard, args: tuple, kwargs: dict) -> CallGuard | None:
+    """The guard with each IndexedSlices argument's row count unknown (None when the call
+    has no such argument): a sparse gradient holds a row per looked-up id, so its row count
+    follows the batch and would miss an exact guard at the next batch size."""
+    rows = {id(part) for value in tf.nest.flatten((args, kwargs))
+            if isinstance(value, tf.IndexedSlices) for part in (value.values, value.indices)}
+    if not rows:
+        return None
+    arguments = tuple(
+        argument._replace(shape=(None, *argument.shape[1:]))
+        if id(value) in rows and isinstance(argument, TensorArgument) and argument.shape
+        else argument
+        for argument, value in zip(key.arguments, flatten(args, kwargs), strict=True))
+    return key._replace(arguments=arguments) if arguments != key.arguments else None
+
+
 def differs_by_building(before: CallGuard, now: CallGuard) -> bool:
     """Whether two keys of one call differ only in what building its object changes (a
     layer's or an optimizer's first call): variable counts and `built` flags."""

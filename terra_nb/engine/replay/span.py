@@ -152,3 +152,23 @@ def replay_span(replay: SpanReplay, runner, flat: list):
         else:
             leaves.append(result.value)
     return tf.nest.pack_sequence_as(replay.structure, leaves)
+
+
+def sparse_gradient(span: list) -> str:
+    """Why a traced call could not stand for this span ("" when it could)."""
+    for node in span:
+        if _gathers_from_variable(node):
+            return Refusal.SPARSE_GRADIENT.say(op_type=node.op_type)
+    return ""
+
+
+def _gathers_from_variable(node) -> bool:
+    """A gather from a variable has an IndexedSlices gradient for that variable. Through a
+    traced call's backward function it would arrive dense, and optimizers update dense and
+    sparse gradients differently (e.g. Adam's moments of rows not gathered)."""
+    if node.op_type in ("ResourceGather", "ResourceGatherNd"):
+        return True
+    if node.op_type not in ("GatherV2", "Gather") or not node.inputs:
+        return False
+    params = node.inputs[0]
+    return params.kind == FROM_NODE and params.node.op_type == "ReadVariableOp"

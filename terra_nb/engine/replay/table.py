@@ -9,7 +9,9 @@ defers as a single op and the graph inlines, or, when a traced function cannot s
 by its recorded ops (see MacroTable._observe_as_span). Stable means, on two consecutive
 observations with the same guard key, it produced the same TraceGraph span, ran no user code
 (no op located in a user frame below the call site, no user-defined class among the layers),
-forced no value, left no Keras mask or layer loss, and at least one observation was deferred.
+forced no value, left no Keras mask or layer loss, and at least one observation was deferred;
+a call whose first observation, in a recording iteration, passed the same checks (or only
+made its object's variables) is traced at once (MacroTable._establish_at_once).
 
 The guard key is everything the call's Python reads that may change: the object, the dtypes
 and shapes of tensor arguments, the values of Python arguments (e.g. `training`), the
@@ -48,6 +50,7 @@ from terra_nb.engine.replay.guards import (
     guard_key,
     relaxed_guard,
     sizes_text,
+    sparse_rows_unknown,
 )
 from terra_nb.engine.replay.kept import KEPT
 from terra_nb.engine.replay.macro import BuiltMacro, build_macro, replay_macro, replay_state
@@ -63,24 +66,13 @@ from terra_nb.engine.replay.span import (
     deferred_span,
     describe_call,
     replay_span,
+    sparse_gradient,
 )
 from terra_nb.engine.replay.twins import Twins, twin_key
-from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE
+from terra_nb.engine.tracegraph import EXTERNAL
 from terra_nb.engine.usercode import replica_of
 
 SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
-
-
-def _gathers_from_variable(node) -> bool:
-    """A gather from a variable has an IndexedSlices gradient for that variable. Through a
-    traced call's backward function it would arrive dense, and optimizers update dense and
-    sparse gradients differently (e.g. Adam's moments of rows not gathered)."""
-    if node.op_type in ("ResourceGather", "ResourceGatherNd"):
-        return True
-    if node.op_type not in ("GatherV2", "Gather") or not node.inputs:
-        return False
-    params = node.inputs[0]
-    return params.kind == FROM_NODE and params.node.op_type == "ReadVariableOp"
 
 
 @dataclasses.dataclass
@@ -266,11 +258,16 @@ class MacroTable:
         # while a traced function turns a choice made through tf.cond into a graph conditional
         # (and refuses to trace a Python branch on a tensor), so only a macro may stand for it.
         forced = runner.flushes != flushes
-        sparse = "" if reason else _sparse_gradient(runner.cursor.path_from(start))
+        building = reason == Refusal.MADE_VARIABLES.say()
+        sparse = "" if reason and not building else sparse_gradient(
+            runner.cursor.path_from(start))
         if forced and not reason and (sparse or as_span):
             reason = Refusal.FORCED_VALUE.say()
         if reason and _built_during(entry.guard, obj):
             entry.banned = reason  # its first call: later calls have another guard
+            if building and not (deferred or as_span or sparse or entry.tried_at_once):
+                self._establish_at_once(entry, runner, original, obj, args, kwargs, flat,
+                                        call_site, result)
             return result
         if reason:
             self._refuse(entry, runner, _call_name(obj), call_site, reason)
@@ -296,11 +293,12 @@ class MacroTable:
     def _establish_at_once(self, entry, runner, original, obj, args, kwargs, flat, call_site,
                            result) -> None:
         """Trace the macro of a call whose first observation under its guard, in a recording
-        iteration, ran clean, so that the next iteration runs it (docs/engine.md, Library
-        replay). A layer's or an optimizer's first call builds it (its variables, its `built`
-        flag), which changes its guard: it is traced for the guard it has built, which its
-        next call meets. A call that changed any other part of its guard is not traced (its
-        Python changes it at every call: tracing would change it once more)."""
+        iteration, ran clean (or only made its object's variables), so that the next
+        iteration runs it (docs/engine.md, Library replay). A layer's or an optimizer's first
+        call builds it (its variables, its `built` flag), which changes its guard: it is
+        traced for the guard it has built, which its next call meets. A call that changed
+        any other part of its guard is not traced (its Python changes it at every call:
+        tracing would change it once more)."""
         entry.tried_at_once = True
         key = guard_key(obj, args, kwargs, flat)
         if key is None:
@@ -320,28 +318,31 @@ class MacroTable:
         """Trace the macro of a stable call: for the relaxed guard if it has one and the
         function traced so fits what the call returned, else for its own sizes.
 
-        `at_once`: the call's first observation under its guard, in a recording iteration,
-        ran clean; its macro is traced now, so the next iteration runs it instead of a later
-        one (docs/engine.md). If tracing fails (a Python branch on a tensor, which a
-        recording iteration cannot see), the call is left to the two observations of a
-        stable call, one of them deferred, where a forced value shows.
+        `at_once` (see _establish_at_once): a trace that fails leaves the call to the two
+        observations of a stable call, one of them deferred, where a forced value shows.
 
         A relaxed function cannot tell output sizes that follow from input sizes from sizes
         that follow from input values (refused: value-dependent-shapes). Traced for exact
         sizes, the outputs' shapes must be fully known: the call's replayed macro vouches for
-        that, or else the call is also traced for its own sizes, only to check."""
+        that, or the relaxed function's own outputs do when all their sizes are known, or
+        else the call is also traced for its own sizes, only to check. A call given
+        IndexedSlices (an optimizer given an embedding's gradient) is relaxed in their row
+        counts from its first trace."""
         started = time.perf_counter()
         built = exact = None
         relaxed, vouched = self._relaxable(call_site, entry.guard)
+        if relaxed is None and self.relax_shapes:
+            relaxed = sparse_rows_unknown(entry.guard, args, kwargs)
         if relaxed is not None:
             try:
                 built = self._build(original, obj, args, kwargs, entry.guard, relaxed)
+                vouched = vouched or _fully_shaped(built.call)
                 if not vouched:
                     exact = self._build(original, obj, args, kwargs, entry.guard)
             except Exception:  # its Python needs the sizes: traced for them below
                 built = exact = None
-            if built is not None and not (_fits(built.call, result) and (vouched or all(
-                    output.shape.is_fully_defined() for output in exact.call.outputs))):
+            if built is not None and not (_fits(built.call, result) and (
+                    vouched or _fully_shaped(exact.call))):
                 built = None
         entry.relaxed = relaxed if built is not None else None
         if built is None and exact is not None:
@@ -358,8 +359,7 @@ class MacroTable:
                              Refusal.FORCED_VALUE.say())  # a Python branch on a tensor
                 return
         self.build_seconds += time.perf_counter() - started
-        if entry.relaxed is None and not all(output.shape.is_fully_defined()
-                                             for output in built.call.outputs):
+        if entry.relaxed is None and not _fully_shaped(built.call):
             self._refuse(entry, runner, _call_name(obj), call_site,
                          Refusal.VALUE_DEPENDENT_SHAPES.say())
             return
@@ -544,17 +544,20 @@ def _unstable(runner, start, call_site, obj, result) -> str:
         return Refusal.NO_OPS.say()
     depth = len(call_site)
     node = runner.cursor
+    made_variables = False
     while node is not start:
         if node is None:
             return Refusal.LEFT_PATH.say()
-        if len(node.location) > depth or node.island:
+        if node.op_type == "VarHandleOp" and len(node.location) <= depth:
+            made_variables = True
+        elif len(node.location) > depth or node.island:
             return Refusal.USER_CODE.say()
         node = node.parent
     if any(hasattr(value, "_keras_mask") for value in tf.nest.flatten(result)):
         return Refusal.KERAS_MASK.say()
     if getattr(obj, "losses", None):
         return Refusal.LAYER_LOSSES.say()
-    return ""
+    return Refusal.MADE_VARIABLES.say() if made_variables else ""
 
 
 def _fits(macro, result) -> bool:
@@ -571,16 +574,13 @@ def _fits(macro, result) -> bool:
         for output, value in zip(outputs, returned, strict=True))
 
 
+def _fully_shaped(function) -> bool:
+    """Whether every output's shape is known whatever the inputs' values."""
+    return all(output.shape.is_fully_defined() for output in function.outputs)
+
+
 def _built_during(guard, obj) -> bool:
     """Whether the call made the object's variables (Keras builds a layer or an optimizer at
     its first call): what it ran then is not what it runs from now on."""
     count = getattr(getattr(guard, "state", None), "variable_count", None)
     return count is not None and len(obj.variables) != count
-
-
-def _sparse_gradient(span: list) -> str:
-    """Why a traced call could not stand for this span ("" when it could)."""
-    for node in span:
-        if _gathers_from_variable(node):
-            return Refusal.SPARSE_GRADIENT.say(op_type=node.op_type)
-    return ""
