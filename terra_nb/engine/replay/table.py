@@ -83,6 +83,7 @@ class _Entry:
     last_span: tuple | None = None
     deferred_seen: bool = False
     tried_at_once: bool = False  # traced after its first clean observation while recording
+    replayed: bool = False  # its macro was called (a recorded path holds it)
     banned: str = ""
     macro: object = None
     tensor_positions: list | None = None
@@ -224,6 +225,7 @@ class MacroTable:
             return result
         if entry.macro is not None:
             self.replayed_calls += 1
+            entry.replayed = True
             return replay_macro(entry, flat, runner, call_site, cannot_fail(obj, flat))
         if entry.banned:
             return original(obj, *args, **kwargs)
@@ -371,6 +373,10 @@ class MacroTable:
         if entry.relaxed is not None:
             self.relaxed_entries.setdefault((call_site, entry.guard.obj), []).append(entry)
             self.entries[(call_site, entry.relaxed)] = entry
+            for (site, other), met in list(self.entries.items()):
+                if (site == call_site and not met.replayed and isinstance(other, CallGuard)
+                        and admits(entry.relaxed, other)):
+                    self.entries[(site, other)] = entry  # no path calls its macro yet
             what += f" (any {sizes_text(entry.relaxed)})"
         self.established.append(what)
 
