@@ -1,6 +1,7 @@
 """Guards of replayed library calls say which part missed: a call site that was replayed and
-meets a new guard (another input shape, a flipped `trainable` flag, another Python argument)
-runs its Python again, and the user is told what changed, once per call site and part."""
+meets a new guard (a flipped `trainable` flag, another Python argument) runs its Python
+again, and the user is told what changed, once per call site and part; another input size
+is traced for any size before it runs."""
 
 import harness
 import keras
@@ -162,9 +163,10 @@ def _run(dense, batches, frozen_from=None):
 
 
 def test_a_replayed_call_meeting_a_new_guard_says_what_changed_once():
-    """A Dense call replayed for batches of 4 meets batches of 2 (twice: told once), then its
-    layer is frozen: each change is told as a guard-miss note with the part and its values,
-    results stay eager's, and the call is replayed again under each new guard."""
+    """A Dense call replayed for batches of 4 meets batches of 2, then its layer is frozen.
+    The new size is not a miss: the call is traced for any batch size before it runs, and
+    a replayed note says so. The frozen layer is a guard miss, told once with the part and
+    its values; results stay eager's, and the call is replayed again under the new guard."""
     rng = np.random.default_rng(0)
     batches = [tf.constant(rng.normal(size=(4 if index < 6 else 2, 3)), tf.float32)
                for index in range(14)]
@@ -186,12 +188,13 @@ def test_a_replayed_call_meeting_a_new_guard_says_what_changed_once():
     np.testing.assert_array_equal(got, eager)
     misses = [note for note in session.events.of_type(ev.Note) if note.kind == NoteKind.GUARD_MISS]
     messages = [note.message for note in misses]
-    assert len(misses) == 2, messages
+    assert len(misses) == 1, messages
     assert "Dense call at test_guards.py:" in messages[0]
-    assert messages[0].endswith("argument 0 changed: float32(4, 3) -> float32(2, 3)"), messages
-    assert misses[0].index == 6
-    assert messages[1].endswith("its trainable flags changed: (True,) -> (False,)"), messages
-    assert misses[1].index == 10
+    assert messages[0].endswith("its trainable flags changed: (True,) -> (False,)"), messages
+    assert misses[0].index == 10
+    relaxed = [note.message for note in session.events.of_type(ev.Note)
+               if note.kind == NoteKind.REPLAYED and note.index == 6]
+    assert relaxed and relaxed[0].endswith("(any float32(?, 3))"), relaxed
     explained = Report.from_session(session).explain()
     assert all(message in explained for message in messages)
     replayed_under = set(session.macro_table.replayed_guards.values())

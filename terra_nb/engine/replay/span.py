@@ -20,7 +20,7 @@ from terra_nb.engine.replay.plan import (
     ReplayPlan,
     Unreplayable,
 )
-from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE, input_identity
+from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
 
 
 @dataclasses.dataclass
@@ -172,3 +172,36 @@ def _gathers_from_variable(node) -> bool:
         return False
     params = node.inputs[0]
     return params.kind == FROM_NODE and params.node.op_type == "ReadVariableOp"
+
+
+def shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
+    """Check that an observed gradient computation may be replayed (else Unreplayable, with
+    why); return which of its external inputs are values a forward op was given."""
+    if runner.flushes != flushes:
+        raise Unreplayable(Refusal.FORCED_VALUE.say())
+    if runner.cursor is start:
+        raise Unreplayable(Refusal.NO_OPS.say())
+    span, pending = deferred_span(runner, start)
+    members = {node.uid for node in span}
+    given = {id(value): key for key, value in runner.external_inputs.items()
+             if key[0] not in members}
+    depth = len(call_site)
+    shared = {}
+    for node, entry in zip(span, pending, strict=True):
+        if node.island or len(node.location) > depth:
+            raise Unreplayable(Refusal.CUSTOM_GRADIENT.say())
+        for slot, value in entry.outside.items():
+            if node.inputs[slot][0] != EXTERNAL:
+                continue
+            seen = node.externals.get(slot)
+            if seen is not None and value is seen.first:
+                continue  # a cached constant: the same object every time
+            if id(value) in given:
+                shared[(node.uid, slot)] = given[id(value)]
+            elif getattr(value, "_id", -1) < first_new or seen is None or not seen.matches(value):
+                # made before it and not given to a forward op, or made by it but not the
+                # value first seen there (TF's gradient functions make the same constants
+                # from the same ops and shapes every time; unlike own_constant this does not
+                # refuse a slot marked varying: the loss-scale test's gradients need that)
+                raise Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
+    return shared

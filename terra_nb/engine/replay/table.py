@@ -63,13 +63,12 @@ from terra_nb.engine.replay.plan import (
 )
 from terra_nb.engine.replay.span import (
     NOT_HERE,
-    deferred_span,
     describe_call,
     replay_span,
+    shared_inputs,
     sparse_gradient,
 )
 from terra_nb.engine.replay.twins import Twins, twin_key
-from terra_nb.engine.tracegraph import EXTERNAL
 from terra_nb.engine.usercode import replica_of
 
 SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
@@ -168,7 +167,9 @@ class MacroTable:
                 entry = self.entries[(call_site, key)] = relaxed
             elif entry is None:
                 entry = self.entries[(call_site, key)] = _Entry(key)
-                self._tell_guard_miss(runner, obj, call_site, key)
+                if not self._relax_before_running(entry, original, obj, args, kwargs,
+                                                  call_site):
+                    self._tell_guard_miss(runner, obj, call_site, key)
         return self._run(entry, runner, original, obj, args, kwargs, flat, call_site, False)
 
     def _admitting(self, call_site, key) -> _Entry | None:
@@ -365,6 +366,33 @@ class MacroTable:
             self._refuse(entry, runner, _call_name(obj), call_site,
                          Refusal.VALUE_DEPENDENT_SHAPES.say())
             return
+        self._install(entry, built, obj, call_site)
+
+    def _relax_before_running(self, entry, original, obj, args, kwargs, call_site) -> bool:
+        """A replayed call met with new sizes (nothing else changed) is traced with them
+        unknown before it runs, and runs as that function: its iteration records one call,
+        not its Python, so the next of that size need not record again (a library-replay
+        retrace). The function must fit what the replayed one returns (as many tensors, each
+        of its dtype and rank, each size it knows the same); if not, or if its Python needs
+        the sizes, the call runs its Python and is observed, as before."""
+        relaxed, vouched = self._relaxable(call_site, entry.guard)
+        if not vouched:
+            return False
+        replayed = self.entries[(call_site, self.replayed_guards[(call_site, entry.guard.obj)])]
+        started = time.perf_counter()
+        try:
+            built = self._build(original, obj, args, kwargs, entry.guard, relaxed)
+        except Exception:  # its Python needs the sizes
+            return False
+        self.build_seconds += time.perf_counter() - started
+        if not _fits(built.call, replayed.macro.outputs):
+            return False
+        entry.relaxed = relaxed
+        self._install(entry, built, obj, call_site)
+        return True
+
+    def _install(self, entry, built, obj, call_site) -> None:
+        """Replay the call from now on with the function `built` traced for it."""
         entry.macro, entry.tensor_positions = built.call, built.tensor_positions
         self.replayed_guards[(call_site, entry.guard.obj)] = entry.relaxed or entry.guard
         what = f"{type(obj).__name__} call at {_call_site_text(call_site)}"
@@ -478,7 +506,7 @@ class MacroTable:
             entry.last = None
             return result
         try:
-            shared = _shared_inputs(runner, start, flushes, call_site, first_new)
+            shared = shared_inputs(runner, start, flushes, call_site, first_new)
             results = [describe_gradient(value, runner) for value in result]
         except Unreplayable as error:
             self._refuse(entry, runner, "gradient", call_site, str(error))
@@ -509,39 +537,6 @@ def _call_site_text(call_site) -> str:
     replica = replica_of(call_site)
     on_replica = f" (replica {replica})" if replica is not None else ""
     return f"{filename.rsplit('/', 1)[-1]}:{lineno}{on_replica}"
-
-
-def _shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
-    """Check that an observed gradient computation may be replayed (else Unreplayable, with
-    why); return which of its external inputs are values a forward op was given."""
-    if runner.flushes != flushes:
-        raise Unreplayable(Refusal.FORCED_VALUE.say())
-    if runner.cursor is start:
-        raise Unreplayable(Refusal.NO_OPS.say())
-    span, pending = deferred_span(runner, start)
-    members = {node.uid for node in span}
-    given = {id(value): key for key, value in runner.external_inputs.items()
-             if key[0] not in members}
-    depth = len(call_site)
-    shared = {}
-    for node, entry in zip(span, pending, strict=True):
-        if node.island or len(node.location) > depth:
-            raise Unreplayable(Refusal.CUSTOM_GRADIENT.say())
-        for slot, value in entry.outside.items():
-            if node.inputs[slot][0] != EXTERNAL:
-                continue
-            seen = node.externals.get(slot)
-            if seen is not None and value is seen.first:
-                continue  # a cached constant: the same object every time
-            if id(value) in given:
-                shared[(node.uid, slot)] = given[id(value)]
-            elif getattr(value, "_id", -1) < first_new or seen is None or not seen.matches(value):
-                # made before it and not given to a forward op, or made by it but not the
-                # value first seen there (TF's gradient functions make the same constants
-                # from the same ops and shapes every time; unlike own_constant this does not
-                # refuse a slot marked varying: the loss-scale test's gradients need that)
-                raise Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
-    return shared
 
 
 def _unstable(runner, start, call_site, obj, result) -> str:
