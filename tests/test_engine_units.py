@@ -131,6 +131,51 @@ def test_constants_that_never_change_are_folded_into_the_graph():
     assert compiled.feed_slots == []
 
 
+def test_a_graph_orders_each_variables_reads_and_writes_as_eagerly_and_runs_every_update():
+    """Segments are traced without TensorFlow's automatic control dependencies; the written
+    graph carries their edges: a write after the reads before it, a read after the write,
+    and an update nothing reads still runs."""
+    session = _deferred_session()
+    counter, updates = tf.Variable(1.0), tf.Variable(0.0)
+    results = []
+    for _ in range(3):
+        with session.iteration():
+            before = counter.read_value()
+            counter.assign(before + 1.0)
+            after = counter.read_value()
+            updates.assign_add(1.0)
+            results.append(after * 2.0 + before)
+    assert [float(result) for result in results] == [5.0, 8.0, 11.0]
+    assert (counter.numpy(), updates.numpy()) == (4.0, 3.0)
+    (compiled,) = session.graph_runner.segments()
+    graph = compiled.function.graph
+    first_read, second_read = (op for op in graph.get_operations()
+                               if op.type == "ReadVariableOp")
+    (write,) = (op for op in graph.get_operations() if op.type == "AssignVariableOp")
+    (update,) = (op for op in graph.get_operations() if op.type == "AssignAddVariableOp")
+    assert write.control_inputs == [first_read]
+    assert second_read.control_inputs == [write]
+    assert update in graph.control_outputs and write in graph.control_outputs
+
+
+@pytest.mark.parametrize("value", [
+    np.arange(6, dtype=np.int64).reshape(2, 3).T,  # not contiguous
+    np.array(3, np.int32), np.array([True, False]), np.ones((2, 2), np.float16),
+    np.zeros((0, 3), np.float32), np.array([1 + 2j], np.complex64),
+    np.array([1.5], dtype=tf.bfloat16.as_numpy_dtype), np.float32(2.5),
+    np.array([b"ab", b"c"], dtype=object)], ids=lambda value: str(np.asarray(value).dtype))
+def test_a_folded_constant_holds_its_value_in_the_written_graph(value):
+    """Numeric arrays are written as their bytes, other values through make_tensor_proto."""
+    from terra_nb.engine import segmentdef
+
+    dtype = tf.string if np.asarray(value).dtype == object else tf.dtypes.as_dtype(value.dtype)
+    graph_def = tf.compat.v1.GraphDef()
+    segmentdef._constant(graph_def, "folded", value, dtype.as_datatype_enum)
+    written = tf.make_ndarray(graph_def.node[0].attr["value"].tensor)
+    assert written.shape == np.shape(value)
+    np.testing.assert_array_equal(written, value)
+
+
 def test_variables_equal_eager_after_each_iteration():
     session = _deferred_session()
     eager_variable, terra_variable = tf.Variable([1.0, -2.0]), tf.Variable([1.0, -2.0])

@@ -6,15 +6,23 @@ inference, attribute conversion, the Python Operation), a folded constant throug
 `tf.constant` ~110 µs: 130-160 ms for a 300-op segment of music_transformer (650-700 graph
 ops with its constants), on the builder thread and under the GIL. The same segment written
 as protobuf nodes takes ~8 ms and TensorFlow imports it in one call. The imported ops sit in
-the FuncGraph the segment's `tf.function` traces, so automatic control dependencies, captures
-and the signature are TensorFlow's own, as before.
+the FuncGraph the segment's `tf.function` traces, so its signature is TensorFlow's own; the
+placeholders of the variables it captures are imported too, in one call, and registered as
+its captures (internals.capture_resources).
+
+That function is traced without automatic control dependencies: they made an Identity op by
+op for each of the segment's outputs and read every op's attributes back, half of what was
+left of a build (bert_cls' 37-op segment: ~240 -> ~100 ms of CPU). The GraphDef carries the
+same edges instead (`ControlOrder`), worked out from the recorded ops.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 
+import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
@@ -31,6 +39,52 @@ from terra_nb.engine.graphgen import (
 from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE, SMALL_CONSTANT, Node
 
 RESOURCE_DTYPE = tf.resource.as_datatype_enum
+
+
+class ControlOrder:
+    """The control edges TensorFlow's automatic control dependencies add between a function's
+    ops, for a segment's ops in program order: an op using a resource waits for the last op
+    that wrote it, and a write also for the reads since; a stateful op using no resource
+    waits for the last such op; calls sharing a collective manager run in order; every
+    stateful op runs (`ordered`), whether or not its outputs are read."""
+
+    def __init__(self) -> None:
+        self.last_write: dict = {}  # resource -> the op that last wrote it
+        self.reads_since: dict = collections.defaultdict(list)  # resource -> reads since
+        self.last_unresourced = None  # the last stateful op using no resource
+        self.last_collective: dict = {}  # collective manager id -> its last call
+        self.aliases: dict = {}  # an Identity's resource output -> the resource it passes
+        self.ordered: list = []
+
+    def waits(self, name: str, op_type: str, resources: list, collectives: list) -> list:
+        """The control inputs of op `name`; `resources`: (input, whether only read) of each
+        resource input it is given."""
+        edges = []
+        stateful = internals.ordered_as_stateful(op_type)
+        if stateful:
+            self.ordered.append(name)
+        touched = set()
+        for given, read_only in resources:
+            resource = self.aliases.get(given, given)
+            if resource in touched:
+                continue
+            touched.add(resource)
+            if resource in self.last_write:
+                edges.append(self.last_write[resource])
+            if read_only:
+                self.reads_since[resource].append(name)
+            else:
+                edges.extend(self.reads_since.pop(resource, ()))
+                self.last_write[resource] = name
+        if stateful and not resources:
+            if self.last_unresourced is not None:
+                edges.append(self.last_unresourced)
+            self.last_unresourced = name
+        for manager in collectives:
+            if manager in self.last_collective:
+                edges.append(self.last_collective[manager])
+            self.last_collective[manager] = name
+        return [f"^{edge}" for edge in dict.fromkeys(edges)]
 
 
 @dataclasses.dataclass
@@ -66,8 +120,8 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
     def segment(*args):
         graph = tf.compat.v1.get_default_graph()
         input_map = {f"terra_arg{index}:0": arg for index, arg in enumerate(args)}
-        input_map.update({f"terra_resource{index}:0": graph.capture(handle)
-                          for index, handle in enumerate(written.resources)})
+        input_map.update({f"terra_resource{index}:0": placeholder for index, placeholder
+                          in enumerate(internals.capture_resources(graph, written.resources))})
         operations = dict(zip(names, internals.import_nodes(
             graph, written.graph_def, input_map, written.functions, names), strict=True))
         for name in written.kept_running:
@@ -81,7 +135,8 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
         return [values[(node.uid, index)] for node, index in outputs]
 
     with internals.suspended():
-        function = tf.function(segment, autograph=False, jit_compile=xla or None)
+        function = tf.function(segment, autograph=False, jit_compile=xla or None,
+                               experimental_attributes=internals.WITHOUT_AUTOMATIC_CONTROL)
         concrete = function.get_concrete_function(*specs)
     return CompiledSegment(concrete, path, feeds, folded, outputs,
                            time.perf_counter() - start, xla, declined, sizes=sizes,
@@ -92,28 +147,40 @@ def write_segment(path: list[Node], feeds: list, folded: list) -> WrittenSegment
     """The path's ops as GraphDef nodes, as `Graph.create_op` would have made them one by
     one: an op named after its node (error messages name it), each fed input an import input
     (`terra_argN`), each folded one a constant, each resource an import input bound to its
-    capture; a stateful op after an op that may fail waits for it, as eagerly it runs only
-    if that op did not fail, and an op that may fail runs even when nothing reads it."""
+    capture; ops wait for each other as `ControlOrder` says, a stateful op also for the ops
+    before it that may fail, as eagerly it runs only if they did not fail; an op that may
+    fail runs even when nothing reads it."""
     graph_def = tf.compat.v1.GraphDef()
     position_of = {node.uid: position for position, node in enumerate(path)}
     feed_index = {slot: index for index, slot in enumerate(feeds)}
     folded_set = set(folded)
     resources: dict = {}  # id(handle) -> (import input name, handle)
     written = WrittenSegment(graph_def, [], [], [], [])
+    order = ControlOrder()
     fallible: list = []  # names of the ops that may fail so far
     for position, node in enumerate(path):
-        inputs, dtypes = [], []
+        inputs, dtypes, used = [], [], []
+        if node.function is not None:
+            name, op_type = f"call_{node.uid}", internals.call_op_type(node.function)
+            read_only = set(internals.read_only_inputs(node.function))
+        else:
+            name, op_type = f"terra_n{node.uid}", node.op_type
+            read_only = range(len(node.inputs)) if internals.reads_resources_only(
+                op_type) else ()
         for slot, ref in enumerate(node.inputs):
             if ref.kind == FROM_NODE and ref.node.uid in position_of:
-                name, output = written.results[position_of[ref.node.uid]][ref.index]
-                inputs.append(f"{name}:{output}")
+                made, output = written.results[position_of[ref.node.uid]][ref.index]
+                inputs.append(f"{made}:{output}")
                 dtypes.append(ref.node.output_dtypes[ref.index])
+                if dtypes[-1] == RESOURCE_DTYPE:
+                    used.append((inputs[-1], slot in read_only))
                 continue
             if ref.kind == RESOURCE:
                 known = resources.setdefault(
                     id(ref.handle), (f"terra_resource{len(resources)}", ref.handle))
                 inputs.append(f"{known[0]}:0")
                 dtypes.append(RESOURCE_DTYPE)
+                used.append((inputs[-1], slot in read_only))
                 continue
             if (position, slot) in folded_set:
                 inputs.append(_constant(graph_def, f"terra_c{node.uid}_{slot}",
@@ -121,9 +188,13 @@ def write_segment(path: list[Node], feeds: list, folded: list) -> WrittenSegment
             else:
                 inputs.append(f"terra_arg{feed_index[(position, slot)]}:0")
             dtypes.append(ref.dtype)
-        waits = [f"^{name}" for name in fallible] if fallible and is_stateful(node) else []
-        if node.function is not None:
-            name = f"call_{node.uid}"  # not terra_nN: an error inside names its own op
+            if ref.dtype == RESOURCE_DTYPE:
+                used.append((inputs[-1], slot in read_only))
+        waits = order.waits(name, op_type, used, internals.collective_ids(node.function)
+                            if node.function is not None else ())
+        if fallible and is_stateful(node):
+            waits += [wait for wait in (f"^{made}" for made in fallible) if wait not in waits]
+        if node.function is not None:  # named call_N: an error inside names its own op
             _add(graph_def, name, inputs + waits, node.device)
             internals.call_node(graph_def.node[-1], node.function, dtypes)
             written.functions.append(node.function)
@@ -143,7 +214,6 @@ def write_segment(path: list[Node], feeds: list, folded: list) -> WrittenSegment
                 results[index] = (_constant(graph_def, f"terra_s{node.uid}_{index}", value,
                                             node.output_dtypes[index], waits), 0)
         else:
-            name = f"terra_n{node.uid}"
             op = _add(graph_def, name, inputs + waits, node.device)
             op.op = node.op_type
             for key, value in internals.attr_protos(node.op_type, graph_attrs(node)).items():
@@ -153,7 +223,10 @@ def write_segment(path: list[Node], feeds: list, folded: list) -> WrittenSegment
                 if not is_stateful(node):  # stateful ops run anyway
                     written.kept_running.append(name)
                 fallible.append(name)
+            if op_type == "Identity" and dtypes[0] == RESOURCE_DTYPE:
+                order.aliases[f"{name}:0"] = order.aliases.get(inputs[0], inputs[0])
         written.results.append(results)
+    written.kept_running.extend(order.ordered)
     written.resources = [handle for _, handle in resources.values()]
     return written
 
@@ -168,11 +241,21 @@ def _add(graph_def, name: str, inputs: list, device: str):
 
 
 def _constant(graph_def, name: str, value, dtype: int, waits: tuple = ()) -> str:
+    """A Const node of `value`; a numeric array's bytes are copied as they are (~10 µs),
+    other values go through `tf.make_tensor_proto` (~200 µs)."""
     node = _add(graph_def, name, list(waits), "")
     node.op = "Const"
     node.attr["dtype"].type = dtype
-    node.attr["value"].tensor.CopyFrom(
-        tf.make_tensor_proto(value, dtype=tf.dtypes.as_dtype(dtype)))
+    tensor = node.attr["value"].tensor
+    kind = tf.dtypes.as_dtype(dtype)
+    if (isinstance(value, np.ndarray) and value.dtype.kind in "biufc"
+            and value.dtype == kind.as_numpy_dtype):
+        tensor.dtype = dtype
+        for size in value.shape:
+            tensor.tensor_shape.dim.add(size=size)
+        tensor.tensor_content = value.tobytes()
+    else:
+        tensor.CopyFrom(tf.make_tensor_proto(value, dtype=kind))
     return name
 
 

@@ -36,7 +36,17 @@ from terra_nb.engine.internals.functions import (
     tape_is_plain,
 )
 from terra_nb.engine.internals.imported import PRIVATE_SYMBOLS as _IMPORT_SYMBOLS
-from terra_nb.engine.internals.imported import call_node, import_nodes
+from terra_nb.engine.internals.imported import (
+    WITHOUT_AUTOMATIC_CONTROL,
+    call_node,
+    call_op_type,
+    capture_resources,
+    collective_ids,
+    import_nodes,
+    ordered_as_stateful,
+    read_only_inputs,
+    reads_resources_only,
+)
 from terra_nb.engine.internals.instantiate import instantiate_ahead
 from terra_nb.engine.internals.lazy import LazyTensor
 from terra_nb.engine.internals.ops import (
@@ -74,7 +84,9 @@ from terra_nb.engine.internals.replicas import follow_into_replica_threads, merg
 
 __all__ = [
     "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
-    "a_tape_is_recording", "attr_protos", "call_concrete", "call_node",
+    "WITHOUT_AUTOMATIC_CONTROL", "a_tape_is_recording", "attr_protos", "call_concrete",
+    "call_node", "call_op_type", "capture_resources", "collective_ids", "ordered_as_stateful",
+    "read_only_inputs", "reads_resources_only",
     "call_with_captures", "calling_function", "capture_with_unknown_sizes",
     "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",

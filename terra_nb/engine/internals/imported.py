@@ -2,16 +2,20 @@
 (protobuf, ~10 µs a node) and imported by TensorFlow in one call, instead of one
 `Graph.create_op` per op (~60 µs each, most of it Python: shape inference, attribute
 conversion, the Python Operation). The imported ops sit in the FuncGraph the segment's
-`tf.function` traces, so automatic control dependencies, captures and the function's
-signature are TensorFlow's own, as for ops created one by one."""
+`tf.function` traces, so the function's signature is TensorFlow's own. Its automatic control
+dependencies are not: the GraphDef carries the same control edges, written
+from the recorded ops (segmentdef.ControlOrder), with the facts about op types below."""
 
 from __future__ import annotations
 
+import tensorflow as tf
 from tensorflow.python.eager.polymorphic_function import attributes
+from tensorflow.python.framework import auto_control_deps as automatic_control
 from tensorflow.python.framework import auto_control_deps_utils as acd
 from tensorflow.python.framework import importer
+from tensorflow.python.ops import handle_data_util
 
-from terra_nb.engine.internals.ops import _in_half_precision, _lean_call_options
+from terra_nb.engine.internals.ops import _in_half_precision, _lean_call_options, op_def
 
 PRIVATE_SYMBOLS = (
     ("tensorflow.python.framework.importer", "import_graph_def"),
@@ -20,9 +24,57 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.framework.auto_control_deps_utils", "READ_ONLY_RESOURCE_INPUTS_ATTR"),
     ("tensorflow.python.framework.auto_control_deps_utils", "COLLECTIVE_MANAGER_IDS"),
     ("tensorflow.python.eager.polymorphic_function.attributes", "XLA_COMPILE"),
+    ("tensorflow.python.eager.polymorphic_function.attributes", "DISABLE_ACD"),
+    ("tensorflow.python.ops.handle_data_util", "set_handle_data"),
+    ("tensorflow.python.framework.auto_control_deps_utils", "RESOURCE_READ_OPS"),
+    ("tensorflow.python.framework.auto_control_deps", "ASYNC_STATEFUL_OPS"),
+    ("tensorflow.python.framework.auto_control_deps", "LEGACY_RANDOM_OPS"),
+    ("tensorflow.python.framework.auto_control_deps", "SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS"),
+    ("tensorflow.python.framework.auto_control_deps", "_ALLOWLIST_STATELESS_OPS"),
 )
 
+# A segment's tf.function attributes: no automatic control dependencies. They cost half a
+# segment's build (an Identity made op by op for each output, every op's attributes read
+# back) and the GraphDef already holds their edges.
+WITHOUT_AUTOMATIC_CONTROL = {attributes.DISABLE_ACD: True}
+
 _READ_ONLY_INPUTS: dict = {}  # function name -> its read-only resource input indices
+_NOT_ORDERED = (automatic_control.ASYNC_STATEFUL_OPS | automatic_control.LEGACY_RANDOM_OPS
+                | automatic_control.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS)
+
+
+def reads_resources_only(op_type: str) -> bool:
+    """Whether an op of this type only reads the resources it is given (ReadVariableOp)."""
+    return op_type in acd.RESOURCE_READ_OPS
+
+
+def ordered_as_stateful(op_type: str) -> bool:
+    """Whether automatic control dependencies keep an op of this type running and order it
+    after the stateful ops before it (auto_control_deps.op_is_stateful, by op type)."""
+    definition = op_def(op_type)
+    return (((definition is None or definition.is_stateful) and op_type not in _NOT_ORDERED)
+            or op_type in automatic_control._ALLOWLIST_STATELESS_OPS)
+
+
+def read_only_inputs(function) -> list:
+    """The indices of the resource inputs a traced function only reads (cached per name)."""
+    name = function.name.decode() if isinstance(function.name, bytes) else function.name
+    read_only = _READ_ONLY_INPUTS.get(name)
+    if read_only is None:
+        read_only = _READ_ONLY_INPUTS[name] = acd.get_read_only_resource_input_indices_graph(
+            function.graph)
+    return read_only
+
+
+def call_op_type(function) -> str:
+    """The op type of a call of `function` (an AtomicFunction) in a graph."""
+    return ("StatefulPartitionedCall" if function.call_options.is_stateful
+            else "PartitionedCall")
+
+
+def collective_ids(function) -> list:
+    """The collective manager ids a traced function uses (its calls are kept in order)."""
+    return list(function._call_options.collective_manager_ids_used)
 
 
 def call_node(node_def, function, input_dtypes: list) -> None:
@@ -30,8 +82,7 @@ def call_node(node_def, function, input_dtypes: list) -> None:
     `make_call_op_in_graph` would add: the same op type and attributes, with the engine's
     lean call options (see lean_graph_calls)."""
     name = function.name.decode() if isinstance(function.name, bytes) else function.name
-    node_def.op = ("StatefulPartitionedCall" if function.call_options.is_stateful
-                   else "PartitionedCall")
+    node_def.op = call_op_type(function)
     attrs = node_def.attr
     attrs["Tin"].list.type.extend(input_dtypes)
     attrs["Tout"].list.type.extend(
@@ -43,13 +94,37 @@ def call_node(node_def, function, input_dtypes: list) -> None:
     xla = function.cached_definition.attr.get(attributes.XLA_COMPILE)
     if xla is not None:
         attrs[attributes.XLA_COMPILE].CopyFrom(xla)
-    read_only = _READ_ONLY_INPUTS.get(name)
-    if read_only is None:
-        read_only = _READ_ONLY_INPUTS[name] = acd.get_read_only_resource_input_indices_graph(
-            function.graph)
-    attrs[acd.READ_ONLY_RESOURCE_INPUTS_ATTR].list.i.extend(read_only)
-    attrs[acd.COLLECTIVE_MANAGER_IDS].list.i.extend(
-        function._call_options.collective_manager_ids_used)
+    attrs[acd.READ_ONLY_RESOURCE_INPUTS_ATTR].list.i.extend(read_only_inputs(function))
+    attrs[acd.COLLECTIVE_MANAGER_IDS].list.i.extend(collective_ids(function))
+
+
+def capture_resources(graph, handles: list) -> list:
+    """Placeholders in `graph` (a FuncGraph being traced) for eager resource handles, each
+    registered as the capture of its handle, as `graph.capture` makes them (~0.5 ms each,
+    the op made through Python) but imported in one call; a packed handle (a distributed
+    variable's) is captured by `graph.capture`."""
+    graph_def = tf.compat.v1.GraphDef()
+    for index, handle in enumerate(handles):
+        if not handle.is_packed:
+            node = graph_def.node.add()
+            node.name, node.op = f"terra_resource{index}", "Placeholder"
+            node.attr["dtype"].type = tf.resource.as_datatype_enum
+            node.attr["shape"].shape.CopyFrom(handle.shape.as_proto())
+    names = [node.name for node in graph_def.node]
+    with graph.control_dependencies(None):
+        made = iter(importer.import_graph_def(graph_def, return_elements=names, name=""))
+    captured = []
+    for handle in handles:
+        if handle.is_packed:
+            captured.append(graph.capture(handle))
+            continue
+        placeholder = next(made).outputs[0]
+        handle_data_util.set_handle_data(placeholder, handle._handle_data)
+        graph.function_captures.add_or_replace(key=id(handle), external=handle,
+                                               internal=placeholder, is_by_ref=False)
+        graph.inputs.append(placeholder)
+        captured.append(placeholder)
+    return captured
 
 
 def import_nodes(graph, graph_def, input_map: dict, functions: list, names: list) -> list:
