@@ -49,20 +49,21 @@ def test_building_changes_only_the_variable_count_and_the_built_flag():
 
 
 @pytest.mark.parametrize("optimizer_class", [keras.optimizers.SGD, keras.optimizers.Adam])
+@pytest.mark.parametrize("made_with_input", [True, False])
 def test_a_call_observed_clean_while_recording_is_replayed_from_the_next_iteration(
-        optimizer_class):
+        optimizer_class, made_with_input):
     """A built model's call and the optimizer's first call are traced into functions in the
     first tracing iteration, for the guard their objects have after it (building only makes
     variables and sets `built`): the second iteration records them as one call each, and
     the third co-executes without recording again. Plain SGD's first call only sets `built`;
-    Adam's makes its slots, by host ops the checks allow only in a building call. (A
-    Sequential without an Input gains an InputLayer when built: another guard, left to the
-    second call.) Losses and variables are eager's."""
+    Adam's makes its slots, by host ops the checks allow only in a building call. A
+    Sequential made without an Input gains an InputLayer when built, which its guard leaves
+    out. Losses and variables are eager's."""
     def build():
         rng = np.random.default_rng(5)
         xs = rng.normal(size=(4, 8, 6)).astype("float32")
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
-                                  keras.layers.Dense(1)])
+        model = keras.Sequential([keras.Input((6,))] * made_with_input + [
+            keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
         optimizer = optimizer_class(0.05)
 
         def step(i):

@@ -179,7 +179,10 @@ def _object_state(obj):
     if isinstance(obj, keras.layers.Layer):
         if is_user_class(type(obj)):
             return None  # decided before walking a user layer's sub-layers, at every call
-        layers = keras_state.layers_of(obj)
+        # An InputLayer passes its input on and is fixed when made: a Sequential made
+        # without one gains one when built, which does not change what it computes
+        layers = [layer for layer in keras_state.layers_of(obj)
+                  if not isinstance(layer, keras.layers.InputLayer)]
         if any(is_user_class(type(layer)) for layer in layers):
             return None
         inherited = keras_state.inherited_call_arguments(obj)
