@@ -1,5 +1,6 @@
 """Shape rules (issue 20): the ops the skeleton asks about most (elementwise shape arithmetic,
-Reshape, Fill, reductions, StridedSlice, BroadcastGradientArgs) are answered by their shape
+Reshape, Fill, reductions, StridedSlice, BroadcastGradientArgs, convolution gradients,
+ExpandDims, Tile, ConcatV2) are answered by their shape
 rules instead of a scratch-graph probe. The answers must
 be the probe's, which are TensorFlow's shape functions: node identity depends on them."""
 
@@ -109,11 +110,30 @@ def _slices(count: int):
                [int(value) for value in rng.choice([1, 2, -1, 3], named)], masks)
 
 
-@pytest.mark.parametrize("shape,begin,end,strides,masks", list(_slices(300)))
+def _ellipsis_slices(count: int):
+    """StridedSlice specs with an ellipsis somewhere in them (`x[..., 2:4]`, `x[1, ...]`),
+    now and then two, or one past the spec, or a spec longer than the input's rank."""
+    rng = np.random.default_rng(5)
+    for _ in range(count):
+        shape = [(5,), (4, 6), (2, 3, 4), (0, 3), (1, 7, 2)][rng.integers(5)]
+        named = int(rng.integers(1, len(shape) + 2))
+        masks = {name: int(rng.integers(0, 1 << named)) for name in (
+            "begin_mask", "end_mask", "shrink_axis_mask")}
+        masks["ellipsis_mask"] = 1 << int(rng.integers(named + (rng.random() < 0.1)))
+        if rng.random() < 0.1:
+            masks["ellipsis_mask"] |= 1 << int(rng.integers(named))
+        masks["new_axis_mask"] = 0
+        yield (shape, [int(value) for value in rng.integers(-4, 5, named)],
+               [int(value) for value in rng.integers(-4, 8, named)],
+               [int(value) for value in rng.choice([1, 2, -1, 3], named)], masks)
+
+
+@pytest.mark.parametrize("shape,begin,end,strides,masks",
+                         list(_slices(300)) + list(_ellipsis_slices(300)))
 def test_strided_slice_rules_give_the_probes_answers(shape, begin, end, strides, masks):
     """Which of begin, end and strides decide a slice's shape, and the shape they give:
-    shrunk and whole axes, axes not named, negative strides, empty inputs, out-of-range
-    indices; an ellipsis or a new axis is left to the probe."""
+    shrunk and whole axes, axes not named or under an ellipsis, negative strides, empty
+    inputs, out-of-range indices; a new axis is left to the probe."""
     inputs = [tf.zeros(shape)] + [tf.constant(values, dtype=tf.int32)
                                   for values in (begin, end, strides)]
     attrs = ("T", tf.float32.as_datatype_enum, "Index", tf.int32.as_datatype_enum,
@@ -129,6 +149,60 @@ def test_strided_slice_grad_rules_give_the_probes_answers(shape):
         "T", tf.float32.as_datatype_enum, "Index", tf.int32.as_datatype_enum,
         "begin_mask", 0, "end_mask", 0, "ellipsis_mask", 0, "new_axis_mask", 0,
         "shrink_axis_mask", 0), inputs)
+
+
+FLOAT, INT32 = tf.float32.as_datatype_enum, tf.int32.as_datatype_enum
+CONVOLUTION = ("T", FLOAT, "strides", [1, 1, 1, 1], "use_cudnn_on_gpu", True, "padding", b"SAME",
+               "explicit_paddings", [], "data_format", b"NHWC", "dilations", [1, 1, 1, 1])
+SIZES = [[5, 6, 6, 2], [7, 6, 6, 2], [5, 6, 6, 3], [5, 9, 9, 2], [6, 6], [5, 6, 6],
+         [-1, 6, 6, 2], [3, 3, 2, 4], [3, 3, 2, 5], [0, 3, 2, 4]]
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=str)
+@pytest.mark.parametrize("batch", [5, None])
+def test_convolution_gradient_rules_give_the_probes_answers(sizes, batch):
+    """The input gradient's sizes (merged with the incoming gradient's batch) and the filter
+    gradient's sizes decide their shapes."""
+    gradient = tf.zeros((batch, 6, 6, 4)) if batch else _StaticInput((None, 6, 6, 4))
+    _assert_rules_agree("Conv2DBackpropInput", CONVOLUTION,
+                        [tf.constant(sizes), tf.zeros((3, 3, 2, 4)), gradient])
+    _assert_rules_agree("Conv2DBackpropFilter", CONVOLUTION,
+                        [tf.zeros((5, 6, 6, 2)), tf.constant(sizes), gradient])
+
+
+@pytest.mark.parametrize("data", [(), (3,), (2, 3), (None, 3), "integers"], ids=str)
+@pytest.mark.parametrize("axis", [0, -1, 1, 2, -3, 3, [0], [[0]], [0, 1]], ids=str)
+def test_expand_dims_rules_give_the_probes_answers(data, axis):
+    value = _data(data)
+    _assert_rules_agree("ExpandDims", ("T", value.dtype.as_datatype_enum, "Tdim", INT32),
+                        [value, tf.constant(axis)])
+
+
+@pytest.mark.parametrize("data", [(), (3,), (2, 3), (0, 2), (None, 3), "integers"], ids=str)
+@pytest.mark.parametrize("multiples", [[], [2], [2, 3], [0, 1], [1, 1, 1], [-1, 2]], ids=str)
+def test_tile_rules_give_the_probes_answers(data, multiples):
+    value = _data(data)
+    _assert_rules_agree("Tile", ("T", value.dtype.as_datatype_enum, "Tmultiples", INT32),
+                        [value, tf.constant(multiples, dtype=tf.int32)])
+
+
+@pytest.mark.parametrize("parts", [[(2, 3), (2, 4)], [(3,), (2,)], [(2, 3), (5, 3)],
+                                   [(2, 3), (2, 3), (2, 1)], [(), ()], [(2, 3), (3,)],
+                                   [(None, 3), (2, 3)], ["integers", "integers"]], ids=str)
+@pytest.mark.parametrize("axis", [0, 1, -1, 2, -3, [0]], ids=str)
+def test_concat_rules_give_the_probes_answers(parts, axis):
+    """Shape vectors are concatenated too (integer inputs are probe candidates)."""
+    values = [_data(part) for part in parts]
+    _assert_rules_agree("ConcatV2", ("N", len(values), "T", values[0].dtype.as_datatype_enum,
+                                     "Tidx", INT32), values + [tf.constant(axis)])
+
+
+def _data(shape):
+    """A float input of this shape (a recorded static shape if a size is unknown), or a
+    small integer vector, which a probe also takes as a candidate."""
+    if shape == "integers":
+        return tf.constant([2, 3])
+    return tf.zeros(shape) if None not in shape else _StaticInput(shape)
 
 
 def test_the_rules_answer_the_common_cases_themselves():
@@ -158,6 +232,23 @@ def test_the_rules_answer_the_common_cases_themselves():
     assert shaperules.answer("StridedSlice", masks + ("begin_mask", 0, "end_mask", 0,
                                                       "shrink_axis_mask", 0), backwards) == \
         ((1, 2, 3), ((3,),))  # x[-2:0:-2]: indices 5, 3, 1
+    boxes = tf.zeros((16, 4, 4, 2, 9))
+    last = ("ellipsis_mask", 1, "new_axis_mask", 0, "begin_mask", 0, "end_mask", 0)
+    assert shaperules.answer("StridedSlice", last + ("shrink_axis_mask", 2), [
+        boxes, tf.constant([0, 4]), tf.constant([0, 5]), tf.constant([1, 1])]) == \
+        ((3,), ((16, 4, 4, 2),))  # x[..., 4]
+    assert shaperules.answer("StridedSlice", last + ("shrink_axis_mask", 0), [
+        boxes, tf.constant([0, 2]), tf.constant([0, 4]), tf.constant([1, 1])]) == \
+        ((1, 2, 3), ((16, 4, 4, 2, 2),))  # x[..., 2:4]
+    gradient = [tf.constant([5, 6, 6, 2]), tf.zeros((3, 3, 2, 4)), tf.zeros((5, 6, 6, 4))]
+    assert shaperules.answer("Conv2DBackpropInput", CONVOLUTION, gradient) == \
+        ((0,), ((5, 6, 6, 2),))
+    assert shaperules.answer("ExpandDims", (), [tf.zeros((2, 3)), tf.constant(-1)]) == \
+        ((1,), ((2, 3, 1),))
+    assert shaperules.answer("Tile", (), [tf.zeros((2, 3)), tf.constant([2, 1])]) == \
+        ((1,), ((4, 3),))
+    assert shaperules.answer("ConcatV2", (), [tf.zeros((2, 3)), tf.zeros((2, 1)),
+                                              tf.constant(1)]) == ((2,), ((2, 4),))
     beyond = [tf.zeros((4, 6)), tf.constant([9]), tf.constant([10]), tf.constant([1])]
     assert shaperules.answer("StridedSlice", masks + ("begin_mask", 0, "end_mask", 0,
                                                       "shrink_axis_mask", 1), beyond) == \

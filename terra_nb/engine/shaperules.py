@@ -42,6 +42,14 @@ def answer(op_type: str, attrs: tuple, inputs: list) -> tuple:
         return _strided_slice(attrs, inputs)
     if op_type == "BroadcastGradientArgs":  # its shape function never knows the lengths
         return (0, 1), None
+    if op_type in ("Conv2DBackpropInput", "Conv2DBackpropFilter"):
+        return _convolution_gradient(op_type, inputs)
+    if op_type == "ExpandDims":
+        return _expand_dims(inputs)
+    if op_type == "Tile":
+        return _tile(inputs)
+    if op_type == "ConcatV2":
+        return _concat(inputs)
     return PROBE, PROBE
 
 
@@ -99,36 +107,54 @@ def _reduction(attrs: tuple, inputs: list) -> tuple:
 
 
 def _strided_slice(attrs: tuple, inputs: list) -> tuple:
-    """Which inputs decide a StridedSlice's shape (no ellipsis, no new axis, no zero stride): its
-    strides always do (unknown strides leave TensorFlow's shape function no shape at all); its
-    begin and end do unless every dimension they name is shrunk to one index or taken whole
-    (begin and end masked; the dimensions they do not name are whole). Whether a shrunk index
-    is in range does not matter to that shape function (nor to this answer); the shape these
-    values give is left to the probe when one is not (TensorFlow's shape function fails)."""
+    """Which inputs decide a StridedSlice's shape (no new axis, no zero stride, at most one
+    ellipsis, within the spec): its strides always do (unknown strides leave TensorFlow's shape
+    function no shape at all); its begin and end do unless every dimension they name is
+    shrunk to one index or taken whole (begin and end masked; the dimensions they do not
+    name, and those an ellipsis stands for, are whole). Whether a shrunk index is in range
+    does not matter to that shape function (nor to this answer); the shape these values give
+    is left to the probe when one is not (TensorFlow's shape function fails)."""
     masks = dict(zip(attrs[::2], attrs[1::2], strict=True))
     shape = inputs[0]._shape_tuple()
     begin, end, strides = (_values(value) for value in inputs[1:4])
-    if None in shape or masks.get("ellipsis_mask") != 0 or masks.get("new_axis_mask") != 0 \
+    if None in shape or masks.get("new_axis_mask") != 0 \
             or not begin.ndim == end.ndim == strides.ndim == 1 \
-            or not len(begin) == len(end) == len(strides) <= len(shape) or (strides == 0).any():
+            or not len(begin) == len(end) == len(strides) or (strides == 0).any():
+        return PROBE, PROBE
+    named = _named_axes(len(shape), len(begin), masks.get("ellipsis_mask"))
+    if named is None:
         return PROBE, PROBE
     shrink, begin_mask, end_mask = (masks.get(name, 0) for name in (
         "shrink_axis_mask", "begin_mask", "end_mask"))
     free, in_range, output = False, True, []
-    for axis, size in enumerate(shape):
-        if axis >= len(begin):
+    for size, index in zip(shape, named, strict=True):
+        if index is None:
             output.append(size)
-        elif shrink >> axis & 1:  # one index, with stride 1 (TensorFlow refuses others)
-            if int(strides[axis]) != 1:
+        elif shrink >> index & 1:  # one index, with stride 1 (TensorFlow refuses others)
+            if int(strides[index]) != 1:
                 return PROBE, PROBE
-            in_range = in_range and -size <= int(begin[axis]) < size
+            in_range = in_range and -size <= int(begin[index]) < size
         else:
-            if not (begin_mask >> axis & 1 and end_mask >> axis & 1):
+            if not (begin_mask >> index & 1 and end_mask >> index & 1):
                 free = True
-            output.append(_slice_length(size, int(begin[axis]), int(end[axis]),
-                                        int(strides[axis]), begin_mask >> axis & 1,
-                                        end_mask >> axis & 1))
+            output.append(_slice_length(size, int(begin[index]), int(end[index]),
+                                        int(strides[index]), begin_mask >> index & 1,
+                                        end_mask >> index & 1))
     return ((1, 2, 3) if free else (3,)), ((tuple(output),) if in_range else PROBE)
+
+
+def _named_axes(rank: int, spec: int, ellipsis) -> list | None:
+    """For each dimension of a sliced input, the index of the slice spec entry naming it, or
+    None where it is taken whole (not named, or under the ellipsis); None when the spec does
+    not fit the rank or its ellipsis is not one entry within it."""
+    if ellipsis == 0:
+        return list(range(spec)) + [None] * (rank - spec) if spec <= rank else None
+    if not isinstance(ellipsis, int) or ellipsis & (ellipsis - 1) \
+            or ellipsis >= 1 << spec or spec - 1 > rank:
+        return None
+    at = ellipsis.bit_length() - 1
+    return (list(range(at)) + [None] * (rank - spec + 1)
+            + list(range(at + 1, spec)))
 
 
 def _slice_length(size: int, begin: int, end: int, stride: int, whole_start: int,
@@ -148,3 +174,57 @@ def _slice_length(size: int, begin: int, end: int, stride: int, whole_start: int
     if length == 0 or (length < 0) != (stride < 0):
         return 0
     return -(-abs(length) // abs(stride))
+
+
+def _convolution_gradient(op_type: str, inputs: list) -> tuple:
+    """A convolution's gradient for its input or its filter: the sizes given (input 0 or 1)
+    decide its shape and are it when they name all four dimensions, non-negative; the input
+    gradient's batch must be the incoming gradient's (TensorFlow merges the two)."""
+    slot = 0 if op_type == "Conv2DBackpropInput" else 1
+    sizes = _values(inputs[slot])
+    if sizes.shape != (4,) or (sizes < 0).any():
+        return (slot,), PROBE
+    if slot == 0 and inputs[2]._shape_tuple()[:1] != (int(sizes[0]),):
+        return (slot,), PROBE
+    return (slot,), (tuple(int(size) for size in sizes),)
+
+
+def _expand_dims(inputs: list) -> tuple:
+    """ExpandDims of an input of known shape and a one-element axis in [-rank - 1, rank]: the
+    axis decides the shape, a dimension of one there. (Otherwise the probe answers: with an
+    unknown size or a bad axis, an integer input's value could matter to it.)"""
+    shape = inputs[0]._shape_tuple()
+    axis = _values(inputs[1])
+    if None in shape or axis.size != 1 or not -len(shape) - 1 <= int(axis.item()) <= len(shape):
+        return PROBE, PROBE
+    position = int(axis.item()) % (len(shape) + 1)
+    return (1,), (shape[:position] + (1,) + shape[position:],)
+
+
+def _tile(inputs: list) -> tuple:
+    """Tile of an input of known shape, not a scalar, one multiple per dimension, none
+    negative: the multiples decide the shape, each dimension times its multiple."""
+    shape = inputs[0]._shape_tuple()
+    multiples = _values(inputs[1])
+    if None in shape or not shape or multiples.shape != (len(shape),) or (multiples < 0).any():
+        return PROBE, PROBE
+    return (1,), (tuple(size * int(times) for size, times in zip(shape, multiples,
+                                                                  strict=True)),)
+
+
+def _concat(inputs: list) -> tuple:
+    """ConcatV2 of inputs of known shapes, one rank above zero, alike but along a valid axis
+    (its last input, which decides the shape): their sizes along it add up."""
+    *parts, axis = inputs
+    shapes = [part._shape_tuple() for part in parts]
+    rank = len(shapes[0])
+    axis = _values(axis)
+    if any(None in shape or len(shape) != rank for shape in shapes) or not rank \
+            or axis.shape != () or not -rank <= int(axis) < rank:
+        return PROBE, PROBE
+    along = int(axis) % rank
+    if any(shape[:along] + shape[along + 1:] != shapes[0][:along] + shapes[0][along + 1:]
+           for shape in shapes):
+        return PROBE, PROBE
+    return (len(parts),), (shapes[0][:along] + (sum(shape[along] for shape in shapes),)
+                           + shapes[0][along + 1:],)
