@@ -398,6 +398,20 @@ def test_paths_that_differ_in_sizes_and_small_values_share_one_graph():
     assert len(_built_at(own.session)) > len(_built_at(shared.session))
 
 
+def test_the_first_graph_of_sizes_met_before_any_build_serves_them_all():
+    """The three row counts all run interpreted before the first path repeats: the graph
+    built then has the row count unknown and fed from the start, and serves the other two
+    paths; results are eager's. (A graph built for its own sizes first made a second build
+    for the next size.)"""
+    _, run = harness.compare(_build_row_counts, 15, policy=BUILT_IN_LINE)
+    built = run.session.events.of_type(ev.GraphBuilt)
+    assert len(built) == 1, built
+    assert built[0].reason.endswith("for paths of other sizes too"), built[0]
+    assert run.session.graph_runner.shared_graphs == 2
+    modes = harness.modes(run.session)
+    assert modes[-6:] == [ev.CO_EXECUTING] * 6, modes
+
+
 def test_an_op_failing_in_a_shared_graph_raises_at_the_users_line_with_eager_state():
     """A gather past the end on a path served by another path's graph: eager's error type,
     from the user's line, with eager's variable values."""

@@ -320,6 +320,25 @@ def plan_for_sizes(built: CompiledSegment, path: list[Node]) -> tuple[tuple, lis
     return sizes, feed_slots, [slot for slot in built.folded_slots if slot not in fed]
 
 
+def plan_for_paths(path: list[Node], others: list) -> tuple[tuple, list, list] | None:
+    """The sizes and plan of one graph for `path` and `others` (paths of its structure met
+    before any graph of it was built): the sizes that differ unknown, the values folded on
+    `path` that another path has otherwise (or that vary there) fed; None when the others
+    differ in neither."""
+    feeds, folded = feed_and_fold_plan(path)
+    fed = [(position, slot) for position, slot in folded if any(
+        _varying(other[position], slot) or not other[position].externals[slot].matches(
+            path[position].externals[slot].first_value) for other in others)]
+    feed_slots = sorted(feeds + fed)
+    own = sizes = sizes_of(path, feed_slots)
+    for other in others:
+        theirs = sizes_of(other, feed_slots)
+        sizes = (_merged(sizes[0], theirs[0]), _merged(sizes[1], theirs[1]))
+    if not fed and sizes == own:
+        return None
+    return sizes, feed_slots, [slot for slot in folded if slot not in fed]
+
+
 def _refolded(built: CompiledSegment, path: list[Node]) -> list:
     """The slots `built` folds where `path` has another value, or a value that varies."""
     return [(position, slot) for position, slot in built.folded_slots

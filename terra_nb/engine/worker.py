@@ -228,6 +228,7 @@ class GraphRunner:
         # structure_key); not with XLA, which compiles for each size anyway
         self._shares_graphs = self.policy.relax_shapes and not xla
         self._structures: dict = {}  # segment key -> its structure
+        self._paths_met: dict = {}  # structure -> {segment key: its path}
         self._by_structure = _GRAPHS_BY_STRUCTURE
         self._not_served: dict = {}  # segment key -> id of the graph that did not serve it
         self.shared_graphs = 0  # segments served by a graph built for another path
@@ -277,7 +278,8 @@ class GraphRunner:
     def _structure(self, key, path: list | None, outputs: tuple) -> tuple:
         """The segment's structure (graphgen.structure_key), worked out once per key."""
         if key not in self._structures:
-            self._structures[key] = graphgen.structure_key(path, outputs)
+            structure = self._structures[key] = graphgen.structure_key(path, outputs)
+            self._paths_met.setdefault(structure, {})[key] = path
         return self._structures[key]
 
     def _serve(self, key, built, path: list, outputs: tuple):
@@ -302,9 +304,15 @@ class GraphRunner:
             served = self._serve(key, built, path, outputs) if built is not None else None
             if served is not None:  # built while this one waited in the queue
                 return served
-        compiled = None
+        compiled = plan = None
         if built is not None:
-            sizes, feeds, folded = graphgen.plan_for_sizes(built, path)
+            plan = graphgen.plan_for_sizes(built, path)
+        elif structure is not None:  # paths of its structure met meanwhile, none built
+            met = dict(self._paths_met.get(structure, {}))  # (the session's thread adds)
+            others = [other for other_key, other in met.items() if other_key != key]
+            plan = graphgen.plan_for_paths(path, others) if others else None
+        if plan is not None:
+            sizes, feeds, folded = plan
             try:
                 compiled = segmentdef.compile_segment(path, outputs, self.xla, (feeds, folded),
                                                     sizes)
