@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from terra_nb.engine import events as ev
 from terra_nb.engine import internals, threads
-from terra_nb.engine.heap import FrozenHeap
+from terra_nb.engine.heap import YOUNG_THRESHOLD, FrozenHeap
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay import updates
@@ -446,21 +446,36 @@ def test_an_op_failing_in_a_shared_graph_raises_at_the_users_line_with_eager_sta
 def test_objects_made_before_a_session_are_left_out_of_full_collections_while_it_runs(
         monkeypatch):
     """From a session's first recording iteration to its close, the objects that existed
-    before are frozen out of full collections; the last session to close puts them back, and
-    a process that froze objects itself is left as it was."""
+    before are frozen out of full collections and the young generation is collected less
+    often; the last session to close puts both back, and a process that froze objects itself
+    or collects less often already is left as it was."""
     heap = FrozenHeap()
     monkeypatch.setattr("terra_nb.engine.heap.frozen_heap", heap)
-    before = gc.get_freeze_count()
-    first, second = Session("heap-1"), Session("heap-2")
-    for session in (first, second):
-        with session.iteration():
-            tf.reduce_sum(tf.ones((2, 2)) * 2.0)
-    assert heap._holders == 2 and gc.get_freeze_count() > 0
-    first.close()
-    assert heap._holders == 1 and gc.get_freeze_count() > 0
-    second.close()
-    second.close()
-    assert heap._holders == 0 and gc.get_freeze_count() == before
+    before, outer = gc.get_freeze_count(), gc.get_threshold()  # (sessions left open raise it)
+    thresholds = (700, *outer[1:])
+    gc.set_threshold(*thresholds)
+    try:
+        first, second = Session("heap-1"), Session("heap-2")
+        for session in (first, second):
+            with session.iteration():
+                tf.reduce_sum(tf.ones((2, 2)) * 2.0)
+        assert heap._holders == 2 and gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, *thresholds[1:])
+        first.close()
+        assert heap._holders == 1 and gc.get_freeze_count() > 0
+        second.close()
+        second.close()
+        assert heap._holders == 0 and gc.get_freeze_count() == before
+        assert gc.get_threshold() == thresholds
+        gc.set_threshold(5 * YOUNG_THRESHOLD, *thresholds[1:])
+        fifth = Session("heap-5")
+        with fifth.iteration():
+            tf.reduce_sum(tf.ones((2, 2)))
+        assert gc.get_threshold()[0] == 5 * YOUNG_THRESHOLD
+        fifth.close()
+        assert gc.get_threshold()[0] == 5 * YOUNG_THRESHOLD
+    finally:
+        gc.set_threshold(*outer)
     off = Session("heap-off", policy=SchedulingPolicy(freeze_heap=False))
     with off.iteration():
         tf.reduce_sum(tf.ones((2, 2)))

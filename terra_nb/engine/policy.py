@@ -27,7 +27,7 @@ class SchedulingPolicy:
     # once more with the dimensions that changed unknown; that one function serves every size
     relax_shapes: bool = True
     # while a session runs, objects made before it are left out of Python's full garbage
-    # collections (engine/heap.py)
+    # collections, and young objects are collected less often (engine/heap.py)
     freeze_heap: bool = True
     # a graph runs without Grappler until its later runs took this many times its first run;
     # it is then instantiated once more, optimized (graphgen.CompiledSegment.ran)
