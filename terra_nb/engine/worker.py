@@ -263,9 +263,8 @@ class GraphRunner:
     def _served(self, key, outputs: tuple, path_of):
         """The graph built for another path of this segment's structure, serving it from its
         first run, when it admits its sizes and values (else None). `path_of()` gives the
-        segment's nodes, walked only when needed."""
-        if not self._by_structure:
-            return None
+        segment's nodes, walked only when needed. Its structure is worked out even when no
+        graph is built yet: the first graph built is then built for every path of it met."""
         path = None if key in self._structures else path_of()
         built = self._by_structure.get(self._structure(key, path, outputs))
         if built is None or self._not_served.get(key) == id(built):
