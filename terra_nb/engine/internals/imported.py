@@ -56,9 +56,13 @@ def ordered_as_stateful(op_type: str) -> bool:
             or op_type in automatic_control._ALLOWLIST_STATELESS_OPS)
 
 
+def _function_name(function) -> str:
+    return function.name.decode() if isinstance(function.name, bytes) else function.name
+
+
 def read_only_inputs(function) -> list:
     """The indices of the resource inputs a traced function only reads (cached per name)."""
-    name = function.name.decode() if isinstance(function.name, bytes) else function.name
+    name = _function_name(function)
     read_only = _READ_ONLY_INPUTS.get(name)
     if read_only is None:
         read_only = _READ_ONLY_INPUTS[name] = acd.get_read_only_resource_input_indices_graph(
@@ -81,7 +85,7 @@ def call_node(node_def, function, input_dtypes: list) -> None:
     """Make `node_def` the call op of an AtomicFunction that TensorFlow's
     `make_call_op_in_graph` would add: the same op type and attributes, with the engine's
     lean call options (see lean_graph_calls)."""
-    name = function.name.decode() if isinstance(function.name, bytes) else function.name
+    name = _function_name(function)
     node_def.op = call_op_type(function)
     attrs = node_def.attr
     attrs["Tin"].list.type.extend(input_dtypes)
