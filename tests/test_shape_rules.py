@@ -1,6 +1,6 @@
 """Shape rules (issue 20): the ops the skeleton asks about most (elementwise shape arithmetic,
 Reshape, Fill, reductions, StridedSlice, BroadcastGradientArgs, convolution gradients,
-ExpandDims, Tile, ConcatV2) are answered by their shape
+ExpandDims, Tile, ConcatV2, Transpose, Slice, Pad, GatherV2) are answered by their shape
 rules instead of a scratch-graph probe. The answers must
 be the probe's, which are TensorFlow's shape functions: node identity depends on them."""
 
@@ -197,6 +197,58 @@ def test_concat_rules_give_the_probes_answers(parts, axis):
                                      "Tidx", INT32), values + [tf.constant(axis)])
 
 
+@pytest.mark.parametrize("data", [(), (3,), (2, 3), (3, 3), (2, 3, 4), (0, 2), (None, 3),
+                                  "integers"], ids=str)
+@pytest.mark.parametrize("perm", [[], [0], [1, 0], [0, 1], [2, 0, 1], [1, 1], [-1, 0], [0, 2],
+                                  [0, 1, 2], [[1, 0]]], ids=str)
+def test_transpose_rules_give_the_probes_answers(data, perm):
+    """Permutations and not (repeated, negative, out of range), square inputs (whose shape
+    TensorFlow knows whatever the permutation) and shape vectors."""
+    value = _data(data)
+    _assert_rules_agree("Transpose", ("T", value.dtype.as_datatype_enum, "Tperm", INT32),
+                        [value, tf.constant(perm, dtype=tf.int32)])
+
+
+@pytest.mark.parametrize("data", [(5,), (4, 6), (0, 3), (None, 3), "integers"], ids=str)
+@pytest.mark.parametrize("begin,size", [([1], [2]), ([0], [-1]), ([2], [-1]), ([5], [0]),
+                                        ([4], [2]), ([-1], [1]), ([1], [-2]), ([0, 1], [2, -1]),
+                                        ([1, 0], [3, 6]), ([3, 2], [-1, -1]), ([0, 0], [5, 1]),
+                                        ([0, 7], [1, -1]), ([0], [2, 2])], ids=str)
+def test_slice_rules_give_the_probes_answers(data, begin, size):
+    """Begins and sizes inside and outside the input, sizes of -1 (to the end), of 0 and
+    below -1, ranks that do not match, shape vectors."""
+    value = _data(data)
+    _assert_rules_agree("Slice", ("T", value.dtype.as_datatype_enum, "Index", INT32),
+                        [value, tf.constant(begin, dtype=tf.int32),
+                         tf.constant(size, dtype=tf.int32)])
+
+
+@pytest.mark.parametrize("data", [(), (3,), (2, 3), (0, 2), (None, 3), "integers"], ids=str)
+@pytest.mark.parametrize("paddings", [[[1, 2]], [[0, 0]], [[1, 0], [0, 2]], [[0, 0], [0, 0]],
+                                      [[-1, 0]], [[1, 1], [1, 1], [1, 1]], [], [[1], [2]]],
+                         ids=str)
+def test_pad_rules_give_the_probes_answers(data, paddings):
+    value = _data(data)
+    _assert_rules_agree("Pad", ("T", value.dtype.as_datatype_enum, "Tpaddings", INT32),
+                        [value, tf.constant(paddings, dtype=tf.int32, shape=(
+                            len(paddings), len(paddings[0]) if paddings else 2))])
+
+
+@pytest.mark.parametrize("params", [(5,), (4, 6), (3, 3), (2, 3, 4), (0, 3), (None, 3),
+                                    "integers"], ids=str)
+@pytest.mark.parametrize("indices", [(), (3,), (2, 2), (0,)], ids=str)
+@pytest.mark.parametrize("axis", [0, 1, -1, 2, -3, 3, [0]], ids=str)
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_gather_rules_give_the_probes_answers(params, indices, axis, batch_dims):
+    """Along valid and invalid axes, scalar and empty indices, with batch dimensions (left to
+    the probe), of shape vectors."""
+    value = _data(params)
+    _assert_rules_agree("GatherV2", ("batch_dims", batch_dims,
+                                     "Tparams", value.dtype.as_datatype_enum,
+                                     "Tindices", INT32, "Taxis", INT32),
+                        [value, tf.zeros(indices, dtype=tf.int32), tf.constant(axis)])
+
+
 def _data(shape):
     """A float input of this shape (a recorded static shape if a size is unknown), or a
     small integer vector, which a probe also takes as a candidate."""
@@ -249,6 +301,14 @@ def test_the_rules_answer_the_common_cases_themselves():
         ((1,), ((4, 3),))
     assert shaperules.answer("ConcatV2", (), [tf.zeros((2, 3)), tf.zeros((2, 1)),
                                               tf.constant(1)]) == ((2,), ((2, 4),))
+    assert shaperules.answer("Transpose", (), [tf.zeros((2, 3, 4)), tf.constant([0, 2, 1])]) \
+        == ((1,), ((2, 4, 3),))
+    assert shaperules.answer("Slice", (), [tf.zeros((4, 6)), tf.constant([1, 2]),
+                                           tf.constant([2, -1])]) == ((1, 2), ((2, 4),))
+    assert shaperules.answer("Pad", (), [tf.zeros((2, 3)), tf.constant([[1, 0], [2, 2]])]) == \
+        ((1,), ((3, 7),))
+    assert shaperules.answer("GatherV2", ("batch_dims", 0), [
+        tf.zeros((4, 6)), tf.zeros((2, 5), tf.int32), tf.constant(-1)]) == ((2,), ((4, 2, 5),))
     beyond = [tf.zeros((4, 6)), tf.constant([9]), tf.constant([10]), tf.constant([1])]
     assert shaperules.answer("StridedSlice", masks + ("begin_mask", 0, "end_mask", 0,
                                                       "shrink_axis_mask", 1), beyond) == \

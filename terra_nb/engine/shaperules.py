@@ -50,6 +50,14 @@ def answer(op_type: str, attrs: tuple, inputs: list) -> tuple:
         return _tile(inputs)
     if op_type == "ConcatV2":
         return _concat(inputs)
+    if op_type == "Transpose":
+        return _transpose(inputs)
+    if op_type == "Slice":
+        return _slice(inputs)
+    if op_type == "Pad":
+        return _pad(inputs)
+    if op_type == "GatherV2":
+        return _gather(attrs, inputs)
     return PROBE, PROBE
 
 
@@ -228,3 +236,58 @@ def _concat(inputs: list) -> tuple:
         return PROBE, PROBE
     return (len(parts),), (shapes[0][:along] + (sum(shape[along] for shape in shapes),)
                            + shapes[0][along + 1:],)
+
+
+def _transpose(inputs: list) -> tuple:
+    """Transpose of an input of known shape, not all of whose sizes are equal (TensorFlow
+    knows that shape whatever the permutation), by a permutation of its dimensions: the
+    permutation decides the shape. (TensorFlow's shape function takes some permutations that
+    are not; those are left to the probe.)"""
+    shape = inputs[0]._shape_tuple()
+    perm = _values(inputs[1])
+    if None in shape or len(set(shape)) < 2 or perm.shape != (len(shape),) \
+            or sorted(int(axis) for axis in perm) != list(range(len(shape))):
+        return PROBE, PROBE
+    return (1,), (tuple(shape[int(axis)] for axis in perm),)
+
+
+def _slice(inputs: list) -> tuple:
+    """Slice of an input of known shape, with a begin and a size per dimension inside it (a
+    size of -1 runs to the end): the sizes decide the shape, the begins too where a size is
+    -1."""
+    shape = inputs[0]._shape_tuple()
+    begin, size = _values(inputs[1]), _values(inputs[2])
+    if None in shape or begin.shape != (len(shape),) or size.shape != (len(shape),):
+        return PROBE, PROBE
+    output = []
+    for dimension, start, length in zip(shape, begin.tolist(), size.tolist(), strict=True):
+        if not 0 <= start <= dimension or not (length == -1 or 0 <= length <= dimension - start):
+            return PROBE, PROBE
+        output.append(dimension - start if length == -1 else length)
+    return ((1, 2) if (size == -1).any() else (2,)), (tuple(output),)
+
+
+def _pad(inputs: list) -> tuple:
+    """Pad of an input of known shape, not a scalar, by non-negative amounts before and after
+    each dimension: the paddings decide the shape."""
+    shape = inputs[0]._shape_tuple()
+    paddings = _values(inputs[1])
+    if None in shape or not shape or paddings.shape != (len(shape), 2) or (paddings < 0).any():
+        return PROBE, PROBE
+    return (1,), (tuple(size + int(before) + int(after)
+                        for size, (before, after) in zip(shape, paddings, strict=True)),)
+
+
+def _gather(attrs: tuple, inputs: list) -> tuple:
+    """GatherV2 without batch dimensions, of params and indices of known shapes, along a valid
+    axis (its third input, which decides the shape unless the result is a scalar): the
+    indices' shape in place of that dimension."""
+    batch_dims = dict(zip(attrs[::2], attrs[1::2], strict=True)).get("batch_dims", 0)
+    params, indices = inputs[0]._shape_tuple(), inputs[1]._shape_tuple()
+    axis = _values(inputs[2])
+    if batch_dims != 0 or None in params or None in indices or not params \
+            or axis.shape != () or not -len(params) <= int(axis) < len(params):
+        return PROBE, PROBE
+    along = int(axis) % len(params)
+    output = params[:along] + indices + params[along + 1:]
+    return ((2,) if output else ()), (output,)  # a scalar is one whatever the axis
