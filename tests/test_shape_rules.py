@@ -1,6 +1,7 @@
 """Shape rules (issue 20): the ops the skeleton asks about most (elementwise shape arithmetic,
 Reshape, Fill, reductions, StridedSlice, BroadcastGradientArgs, convolution gradients,
-ExpandDims, Tile, ConcatV2, Transpose, Slice, Pad, GatherV2) are answered by their shape
+ExpandDims, Tile, ConcatV2, Transpose, Slice, Pad, GatherV2, image resizes, Range,
+unsorted segment reductions) are answered by their shape
 rules instead of a scratch-graph probe. The answers must
 be the probe's, which are TensorFlow's shape functions: node identity depends on them."""
 
@@ -249,6 +250,50 @@ def test_gather_rules_give_the_probes_answers(params, indices, axis, batch_dims)
                         [value, tf.zeros(indices, dtype=tf.int32), tf.constant(axis)])
 
 
+@pytest.mark.parametrize("images", [(2, 5, 6, 3), (1, 4, 4, 1), (2, 0, 4, 1), (5, 6, 3),
+                                    (None, 5, 6, 3)], ids=str)
+@pytest.mark.parametrize("size", [[3, 4], [10, 12], [1, 1], [0, 2], [-1, 2], [3], [[3, 4]]],
+                         ids=str)
+@pytest.mark.parametrize("op_type", ["ResizeBilinear", "ResizeNearestNeighbor"])
+def test_resize_rules_give_the_probes_answers(images, size, op_type):
+    value = _data(images)
+    _assert_rules_agree(op_type, ("T", FLOAT, "align_corners", False,
+                                  "half_pixel_centers", True),
+                        [value, tf.constant(size, dtype=tf.int32)])
+
+
+@pytest.mark.parametrize("start,limit,delta", [(0, 5, 1), (2, 9, 3), (5, 0, -2), (3, 3, 1),
+                                               (0, 5, -1), (0, 5, 0), (-4, 4, 2), (7, 2, 1),
+                                               (0, [5], 1)], ids=str)
+def test_range_rules_give_the_probes_answers(start, limit, delta):
+    """Lengths of ranges up and down, empty, and invalid ones (a zero step, a step away from
+    the limit, a vector bound)."""
+    _assert_rules_agree("Range", ("Tidx", INT32), [tf.constant(value, dtype=tf.int32)
+                                                   for value in (start, limit, delta)])
+
+
+@pytest.mark.parametrize("data,ids", [((6,), (6,)), ((6, 3), (6,)), ((2, 3, 4), (2, 3)),
+                                      ((6, 3), (5,)), ((6, 3), (3,)), ((None, 3), (6,)),
+                                      ((0, 2), (0,)), ((6,), ())], ids=str)
+@pytest.mark.parametrize("count", [4, 0, -1, [4]], ids=str)
+def test_segment_rules_give_the_probes_answers(data, ids, count):
+    """Ids that begin the data's shape or do not, a scalar id, empty data, a negative or
+    vector number of segments."""
+    value = _data(data)
+    _assert_rules_agree("UnsortedSegmentSum", ("T", FLOAT, "Tindices", INT32,
+                                               "Tnumsegments", INT32),
+                        [value, tf.zeros(ids, dtype=tf.int32), tf.constant(count)])
+
+
+@pytest.mark.parametrize("data", [(3, 3), (2, 4, 5), (0, 2), "integers"], ids=str)
+@pytest.mark.parametrize("lower,upper", [(-1, 0), (0, 0), (1, 2), (-1, -1)], ids=str)
+def test_band_part_rules_give_the_probes_answers(data, lower, upper):
+    """A causal mask's band: its bounds never decide its shape."""
+    value = _data(data)
+    _assert_rules_agree("MatrixBandPart", ("T", value.dtype.as_datatype_enum, "Tindex", INT32),
+                        [value, tf.constant(lower), tf.constant(upper)])
+
+
 def _data(shape):
     """A float input of this shape (a recorded static shape if a size is unknown), or a
     small integer vector, which a probe also takes as a candidate."""
@@ -309,6 +354,12 @@ def test_the_rules_answer_the_common_cases_themselves():
         ((1,), ((3, 7),))
     assert shaperules.answer("GatherV2", ("batch_dims", 0), [
         tf.zeros((4, 6)), tf.zeros((2, 5), tf.int32), tf.constant(-1)]) == ((2,), ((4, 2, 5),))
+    assert shaperules.answer("ResizeBilinear", (), [tf.zeros((2, 8, 8, 3)),
+                                                    tf.constant([4, 6])]) == ((1,), ((2, 4, 6, 3),))
+    assert shaperules.answer("Range", (), [tf.constant(5), tf.constant(0), tf.constant(-2)]) \
+        == ((0, 1, 2), ((3,),))
+    assert shaperules.answer("UnsortedSegmentSum", (), [
+        tf.zeros((6, 3)), tf.zeros((6,), tf.int32), tf.constant(4)]) == ((2,), ((4, 3),))
     beyond = [tf.zeros((4, 6)), tf.constant([9]), tf.constant([10]), tf.constant([1])]
     assert shaperules.answer("StridedSlice", masks + ("begin_mask", 0, "end_mask", 0,
                                                       "shrink_axis_mask", 1), beyond) == \

@@ -21,6 +21,7 @@ SHAPES_FROM_SHAPES = frozenset({
     "TruncateMod", "Maximum", "Minimum", "Less", "LessEqual", "Greater", "GreaterEqual",
     "Equal", "NotEqual", "LogicalAnd", "LogicalOr", "LogicalNot", "Cast", "Neg", "Abs",
     "Sign", "Square", "Identity", "Select", "SelectV2", "ZerosLike", "OnesLike",
+    "MatrixBandPart",
 })
 
 # Reductions over the axes their second input lists (TensorFlow's ReductionShape)
@@ -58,6 +59,13 @@ def answer(op_type: str, attrs: tuple, inputs: list) -> tuple:
         return _pad(inputs)
     if op_type == "GatherV2":
         return _gather(attrs, inputs)
+    if op_type in ("ResizeBilinear", "ResizeNearestNeighbor"):
+        return _resize(inputs)
+    if op_type == "Range":
+        return _range(inputs)
+    if op_type in ("UnsortedSegmentSum", "UnsortedSegmentMax", "UnsortedSegmentMin",
+                   "UnsortedSegmentProd"):
+        return _segments(inputs)
     return PROBE, PROBE
 
 
@@ -291,3 +299,36 @@ def _gather(attrs: tuple, inputs: list) -> tuple:
     along = int(axis) % len(params)
     output = params[:along] + indices + params[along + 1:]
     return ((2,) if output else ()), (output,)  # a scalar is one whatever the axis
+
+
+def _resize(inputs: list) -> tuple:
+    """An image resize of a batch of known shape to a new height and width, both positive:
+    the size decides the shape."""
+    shape = inputs[0]._shape_tuple()
+    size = _values(inputs[1])
+    if None in shape or len(shape) != 4 or size.shape != (2,) or (size <= 0).any():
+        return PROBE, PROBE
+    return (1,), ((shape[0], int(size[0]), int(size[1]), shape[3]),)
+
+
+def _range(inputs: list) -> tuple:
+    """A Range of integer scalars, its step not zero and pointing from start to limit: start,
+    limit and step decide its length."""
+    start, limit, delta = (_values(value) for value in inputs)
+    if any(value.shape != () or value.dtype.kind not in "iu" for value in (start, limit, delta)):
+        return PROBE, PROBE
+    start, limit, delta = int(start), int(limit), int(delta)
+    if delta == 0 or (limit - start) * delta < 0:
+        return PROBE, PROBE
+    return (0, 1, 2), ((-((start - limit) // delta),),)
+
+
+def _segments(inputs: list) -> tuple:
+    """An unsorted segment reduction of data of known shape by segment ids whose shape
+    begins it, into a non-negative number of segments: that number decides the shape."""
+    data, ids = inputs[0]._shape_tuple(), inputs[1]._shape_tuple()
+    count = _values(inputs[2])
+    if None in data or None in ids or data[:len(ids)] != ids or count.shape != () \
+            or int(count) < 0:
+        return PROBE, PROBE
+    return (2,), ((int(count),) + data[len(ids):],)
