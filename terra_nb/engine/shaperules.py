@@ -5,6 +5,7 @@ anything else is left to the probe (PROBE)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -26,6 +27,9 @@ SHAPES_FROM_SHAPES = frozenset({
 
 # Reductions over the axes their second input lists (TensorFlow's ReductionShape)
 REDUCTIONS = frozenset({"Sum", "Mean", "Max", "Min", "Prod", "All", "Any", "EuclideanNorm"})
+# Reductions of data into as many segments as their third input says
+SEGMENT_REDUCTIONS = frozenset({"UnsortedSegmentSum", "UnsortedSegmentMax", "UnsortedSegmentMin",
+                                "UnsortedSegmentProd"})
 
 
 def answer(op_type: str, attrs: tuple, inputs: list) -> tuple:
@@ -33,40 +37,12 @@ def answer(op_type: str, attrs: tuple, inputs: list) -> tuple:
     values give or None where they are not all known), each PROBE where no rule is sure."""
     if op_type in SHAPES_FROM_SHAPES:
         return (), PROBE
-    if op_type == "Reshape":
-        return _reshape(inputs)
-    if op_type in ("Fill", "StridedSliceGrad"):  # the shape is the first input's value
-        return _fill(inputs)
-    if op_type in REDUCTIONS:
-        return _reduction(attrs, inputs)
-    if op_type == "StridedSlice":
-        return _strided_slice(attrs, inputs)
     if op_type == "BroadcastGradientArgs":  # its shape function never knows the lengths
         return (0, 1), None
-    if op_type in ("Conv2DBackpropInput", "Conv2DBackpropFilter"):
-        return _convolution_gradient(op_type, inputs)
-    if op_type == "ExpandDims":
-        return _expand_dims(inputs)
-    if op_type == "Tile":
-        return _tile(inputs)
-    if op_type == "ConcatV2":
-        return _concat(inputs)
-    if op_type == "Transpose":
-        return _transpose(inputs)
-    if op_type == "Slice":
-        return _slice(inputs)
-    if op_type == "Pad":
-        return _pad(inputs)
-    if op_type == "GatherV2":
-        return _gather(attrs, inputs)
-    if op_type in ("ResizeBilinear", "ResizeNearestNeighbor"):
-        return _resize(inputs)
-    if op_type == "Range":
-        return _range(inputs)
-    if op_type in ("UnsortedSegmentSum", "UnsortedSegmentMax", "UnsortedSegmentMin",
-                   "UnsortedSegmentProd"):
-        return _segments(inputs)
-    return PROBE, PROBE
+    if op_type in _RULES_WITH_ATTRS:
+        return _RULES_WITH_ATTRS[op_type](attrs, inputs)
+    rule = _RULES.get(op_type)
+    return rule(inputs) if rule is not None else (PROBE, PROBE)
 
 
 def _values(value) -> np.ndarray:
@@ -192,11 +168,10 @@ def _slice_length(size: int, begin: int, end: int, stride: int, whole_start: int
     return -(-abs(length) // abs(stride))
 
 
-def _convolution_gradient(op_type: str, inputs: list) -> tuple:
-    """A convolution's gradient for its input or its filter: the sizes given (input 0 or 1)
-    decide its shape and are it when they name all four dimensions, non-negative; the input
-    gradient's batch must be the incoming gradient's (TensorFlow merges the two)."""
-    slot = 0 if op_type == "Conv2DBackpropInput" else 1
+def _convolution_gradient(slot: int, inputs: list) -> tuple:
+    """A convolution's gradient for its input or its filter: the sizes given (input `slot`, 0
+    or 1) decide its shape and are it when they name all four dimensions, non-negative; the
+    input gradient's batch must be the incoming gradient's (TensorFlow merges the two)."""
     sizes = _values(inputs[slot])
     if sizes.shape != (4,) or (sizes < 0).any():
         return (slot,), PROBE
@@ -332,3 +307,18 @@ def _segments(inputs: list) -> tuple:
             or int(count) < 0:
         return PROBE, PROBE
     return (2,), ((int(count),) + data[len(ids):],)
+
+
+# op type -> its rule, given the op's inputs
+_RULES = {
+    "Reshape": _reshape,
+    "Fill": _fill, "StridedSliceGrad": _fill,  # the shape is the first input's value
+    "Conv2DBackpropInput": functools.partial(_convolution_gradient, 0),
+    "Conv2DBackpropFilter": functools.partial(_convolution_gradient, 1),
+    "ExpandDims": _expand_dims, "Tile": _tile, "ConcatV2": _concat, "Transpose": _transpose,
+    "Slice": _slice, "Pad": _pad, "ResizeBilinear": _resize, "ResizeNearestNeighbor": _resize,
+    "Range": _range, **dict.fromkeys(SEGMENT_REDUCTIONS, _segments),
+}
+# op type -> its rule, given the op's attributes and inputs
+_RULES_WITH_ATTRS = {"StridedSlice": _strided_slice, "GatherV2": _gather,
+                     **dict.fromkeys(REDUCTIONS, _reduction)}
