@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
-from terra_nb.engine import internals, threads
+from terra_nb.engine import graphgen, internals, threads
 from terra_nb.engine.heap import YOUNG_THRESHOLD, FrozenHeap
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.reasons import NoteKind
@@ -396,6 +396,27 @@ def test_paths_that_differ_in_sizes_and_small_values_share_one_graph():
     assert any(reason.endswith("for paths of other sizes too") for reason in reasons), reasons
     assert own.session.graph_runner.shared_graphs == 0
     assert len(_built_at(own.session)) > len(_built_at(shared.session))
+
+
+def test_an_operand_from_the_path_and_a_float_scalar_are_other_structures():
+    """`shifted / 4.0` and `4.0 / shifted` must not share a graph: their structures once wrote
+    the operand made at position 1 as (1, 0), a float32 scalar's (dtype, rank) too, and a
+    graph served the other order (a KeyError at best)."""
+    data = tf.constant([1.0, 2.0])
+    keys = []
+    for flip in (False, True):
+        session = Session("operand-order", trace_iterations=1)
+        with session.iteration():
+            shifted = data * 1.0 - 0.5
+            _ = 4.0 / shifted if flip else shifted / 4.0
+        session.close()
+        path, node = [], session.trace_graph.root
+        while node.children:
+            node = next(iter(node.children.values()))
+            path.append(node)
+        assert [node.op_type for node in path] == ["Mul", "Sub", "RealDiv"]
+        keys.append(graphgen.structure_key(path, ((path[-1], 0),)))
+    assert keys[0] != keys[1]
 
 
 def test_the_first_graph_of_sizes_met_before_any_build_serves_them_all():

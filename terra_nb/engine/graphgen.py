@@ -296,11 +296,11 @@ def structure_key(path: list[Node], outputs: tuple) -> tuple:
         inputs = []
         for ref in node.inputs:
             if ref.kind == FROM_NODE and ref.node.uid in position_of:
-                inputs.append((position_of[ref.node.uid], ref.index))
+                inputs.append(("node", position_of[ref.node.uid], ref.index))
             elif ref.kind == RESOURCE:
                 inputs.append(("resource", id(ref.handle)))
-            else:
-                inputs.append((ref.dtype, len(ref.shape)))
+            else:  # tagged: a float scalar's (1, 0) is not node 1's output 0
+                inputs.append(("value", ref.dtype, len(ref.shape)))
         called = node.function.name if node.function is not None else None
         nodes.append((node.op_type, identity_attrs(node.op_type, node.attrs), called,
                       tuple(inputs), node.output_dtypes))
