@@ -1,7 +1,7 @@
 """Shape rules (issue 20): the ops the skeleton asks about most (elementwise shape arithmetic,
 Reshape, Fill, reductions, StridedSlice, BroadcastGradientArgs, convolution gradients,
 ExpandDims, Tile, ConcatV2, Transpose, Slice, Pad, GatherV2, image resizes, Range,
-unsorted segment reductions) are answered by their shape
+unsorted segment reductions, Split) are answered by their shape
 rules instead of a scratch-graph probe. The answers must
 be the probe's, which are TensorFlow's shape functions: node identity depends on them."""
 
@@ -294,6 +294,18 @@ def test_band_part_rules_give_the_probes_answers(data, lower, upper):
                         [value, tf.constant(lower), tf.constant(upper)])
 
 
+@pytest.mark.parametrize("data", [(4, 6), (6,), (3, 3), (2, 4, 6), (0, 2), (5, 2), (None, 4),
+                                  "integers"], ids=str)
+@pytest.mark.parametrize("axis", [0, 1, -1, 2, -3, [0]], ids=str)
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_split_rules_give_the_probes_answers(data, axis, parts):
+    """Equal parts along valid and invalid axes, sizes the parts do not divide, square
+    inputs and a single part (whose shapes TensorFlow may know whatever the axis)."""
+    value = _data(data)
+    _assert_rules_agree("Split", ("num_split", parts, "T", value.dtype.as_datatype_enum),
+                        [tf.constant(axis), value])
+
+
 def _data(shape):
     """A float input of this shape (a recorded static shape if a size is unknown), or a
     small integer vector, which a probe also takes as a candidate."""
@@ -360,6 +372,8 @@ def test_the_rules_answer_the_common_cases_themselves():
         == ((0, 1, 2), ((3,),))
     assert shaperules.answer("UnsortedSegmentSum", (), [
         tf.zeros((6, 3)), tf.zeros((6,), tf.int32), tf.constant(4)]) == ((2,), ((4, 3),))
+    assert shaperules.answer("Split", ("num_split", 2), [tf.constant(1), tf.zeros((4, 6))]) \
+        == ((0,), ((4, 3), (4, 3)))
     beyond = [tf.zeros((4, 6)), tf.constant([9]), tf.constant([10]), tf.constant([1])]
     assert shaperules.answer("StridedSlice", masks + ("begin_mask", 0, "end_mask", 0,
                                                       "shrink_axis_mask", 1), beyond) == \

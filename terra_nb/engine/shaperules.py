@@ -309,6 +309,20 @@ def _segments(inputs: list) -> tuple:
     return (2,), ((int(count),) + data[len(ids):],)
 
 
+def _split(attrs: tuple, inputs: list) -> tuple:
+    """Split of an input of known shape, not all of whose sizes are equal, into two or more
+    equal parts along a valid axis (its first input, which decides the shapes)."""
+    parts = dict(zip(attrs[::2], attrs[1::2], strict=True)).get("num_split")
+    axis, shape = _values(inputs[0]), inputs[1]._shape_tuple()
+    if None in shape or len(set(shape)) < 2 or not isinstance(parts, int) or parts < 2 \
+            or axis.shape != () or not -len(shape) <= int(axis) < len(shape) \
+            or shape[int(axis)] % parts:
+        return PROBE, PROBE
+    along = int(axis) % len(shape)
+    part = shape[:along] + (shape[along] // parts,) + shape[along + 1:]
+    return (0,), (part,) * parts
+
+
 # op type -> its rule, given the op's inputs
 _RULES = {
     "Reshape": _reshape,
@@ -320,5 +334,5 @@ _RULES = {
     "Range": _range, **dict.fromkeys(SEGMENT_REDUCTIONS, _segments),
 }
 # op type -> its rule, given the op's attributes and inputs
-_RULES_WITH_ATTRS = {"StridedSlice": _strided_slice, "GatherV2": _gather,
+_RULES_WITH_ATTRS = {"StridedSlice": _strided_slice, "GatherV2": _gather, "Split": _split,
                      **dict.fromkeys(REDUCTIONS, _reduction)}
