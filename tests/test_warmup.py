@@ -719,9 +719,9 @@ def test_identical_layers_share_one_traced_function_with_eagers_results():
 
 @pytest.mark.parametrize("build", [programs.build_mlp, programs.build_gan])
 def test_graphs_instantiated_ahead_give_eagers_results(build):
-    """With `instantiate_ahead`, the builder thread calls each new graph once with scratch
-    variables and seen values before it is used: results stay eager's (the scratch call
-    touches none of the program's variables) and the first runs only run."""
+    """With `instantiate_ahead`, the builder thread instantiates each new graph through a
+    call refused before it starts: results stay eager's (nothing of it ran) and the first
+    runs only run."""
     _, terra = harness.compare(build, 14, policy=SchedulingPolicy(instantiate_ahead=True))
     harness.close_after_builds(terra.session)
     ahead = [segment for segment in terra.session.graph_runner.segments()
@@ -731,12 +731,12 @@ def test_graphs_instantiated_ahead_give_eagers_results(build):
                if segment.first_run_seconds)
 
 
-def test_a_small_integer_from_an_earlier_graph_is_given_as_first_computed():
+def test_a_graph_fed_a_small_integer_by_an_earlier_graph_is_instantiated_ahead():
     """A graph fed a small integer by the graph before it (a shape a relaxed library call's
-    forward function returns to its backward function) is instantiated ahead with the value
-    that op first computed; scratch zeros there could fail an op, so such graphs used to be
-    left to their first run. Results stay eager's. (The step reads its loss before the
-    backward pass, so each path is split there and the second graph is fed those shapes.)"""
+    forward function returns to its backward function) is instantiated ahead too: no value
+    is given to anything, so none could fail an op (such graphs were once left to their
+    first run). Results stay eager's. (The step reads its loss before the backward pass, so
+    each path is split there and the second graph is fed those shapes.)"""
     _, terra = harness.compare(functools.partial(programs.build_varying_lengths, log_loss=True),
                                20, policy=SchedulingPolicy(instantiate_ahead=True))
     harness.close_after_builds(terra.session)
@@ -754,29 +754,39 @@ def test_a_small_integer_from_an_earlier_graph_is_given_as_first_computed():
     assert any(segment.instantiated_seconds > 0 for segment in fed)
 
 
-def test_only_functions_touching_nothing_but_their_variables_are_instantiated_ahead():
+def test_instantiating_ahead_runs_nothing_of_a_stateful_function(capfd):
+    """Instantiated ahead, a function that updates a variable, prints and draws random
+    numbers changes nothing and prints nothing; its real call then does all of it once."""
     weight = tf.Variable([1.0, 2.0])
 
     def update(x):
         weight.assign_add(x * 2.0)
-        return tf.reduce_sum(weight)
-
-    def draw(x):
-        return x + tf.random.uniform([2])
-
-    def show(x):
-        tf.print(x)
-        return x
+        tf.print("update ran")
+        return tf.reduce_sum(weight) + tf.random.uniform([], maxval=0.5)
 
     specs = [tf.TensorSpec([2], tf.float32)]
-    x = tf.constant([0.5, 0.5])
-    updating = tf.function(update, autograph=False).get_concrete_function(*specs)
-    assert internals.instantiate_ahead(updating, [x], unfused=False, quick=True)
-    np.testing.assert_array_equal(weight.numpy(), [1.0, 2.0])  # a scratch copy was updated
-    assert float(updating(x)) == 5.0
-    for stateful in (draw, show):
-        function = tf.function(stateful, autograph=False).get_concrete_function(*specs)
-        assert not internals.instantiate_ahead(function, [x], unfused=False, quick=True)
+    function = tf.function(update, autograph=False).get_concrete_function(*specs)
+    assert internals.instantiate_ahead(function, unfused=False, quick=True)
+    np.testing.assert_array_equal(weight.numpy(), [1.0, 2.0])
+    assert "update ran" not in capfd.readouterr().err
+    total = float(function(tf.constant([0.5, 0.5])))
+    np.testing.assert_array_equal(weight.numpy(), [2.0, 3.0])
+    assert 5.0 <= total < 5.5
+    assert capfd.readouterr().err.count("update ran") == 1
+
+
+def test_functions_fed_a_resource_are_left_to_their_first_run():
+    """A function given a variable's handle as an argument has no empty value to take:
+    it is not instantiated ahead, and its first call runs it as usual."""
+    weight = tf.Variable([1.0, 2.0])
+
+    def read(handle):
+        return tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32)
+
+    function = tf.function(read, autograph=False).get_concrete_function(
+        tf.TensorSpec([], tf.resource))
+    assert not internals.instantiate_ahead(function, unfused=False, quick=True)
+    np.testing.assert_array_equal(function(weight.handle).numpy(), [1.0, 2.0])
 
 
 def test_a_later_session_replays_the_functions_and_graphs_an_earlier_one_made():

@@ -11,7 +11,6 @@ are captured, so the graph updates the real variables. Grappler is on; `xla` set
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
 from typing import ClassVar
@@ -23,7 +22,6 @@ from terra_nb.engine.tracegraph import (
     EXTERNAL,
     FROM_NODE,
     RESOURCE,
-    SMALL_CONSTANT,
     Node,
     hashable,
 )
@@ -143,37 +141,12 @@ class CompiledSegment:
 
 
 def instantiate_ahead(compiled: CompiledSegment) -> None:
-    """Instantiate the graph before its first run, on the builder thread
-    (internals.instantiate_ahead), given values this path was seen with: each fed Python
-    value's first one, a small integer from an earlier segment as its op first computed it,
-    zeros (False) for other values of an earlier segment unless it is a small integer a
-    shape, axis or bound may come from (a shape-deciding input, any input of a traced
-    function) never seen: scratch values there could fail an op (TensorFlow logs the
-    failure), and nothing is done."""
+    """Instantiate the graph before its first run, on the builder thread, running nothing
+    (internals.instantiate_ahead). XLA compiles at the first run, for its inputs' sizes."""
     if compiled.xla:
         return
-    args = []
-    for position, slot in compiled.feed_slots:
-        node = compiled.path[position]
-        ref = node.inputs[slot]
-        seen = node.externals.get(slot)
-        if seen is not None and isinstance(seen.first, internals.EagerTensor):
-            args.append(seen.first)
-            continue
-        small = ref.node.small_values if ref.kind == FROM_NODE else None
-        if small is not None and ref.index in small:
-            args.append(small[ref.index])
-            continue
-        dtype = tf.dtypes.as_dtype(ref.dtype)
-        shape = ref.node.output_shapes[ref.index] if ref.kind == FROM_NODE else (None,)
-        if None in shape or not (dtype.is_floating or dtype.is_bool or dtype.is_integer):
-            return
-        if dtype.is_integer and math.prod(shape) <= SMALL_CONSTANT and (
-                node.function is not None or _decides_shapes(node, slot)):
-            return
-        args.append(tf.zeros(shape, dtype))
     start = time.perf_counter()
-    if internals.instantiate_ahead(compiled.function, args, compiled.unfused,
+    if internals.instantiate_ahead(compiled.function, compiled.unfused,
                                    quick=not compiled.optimized):
         compiled.instantiated_seconds = time.perf_counter() - start
 

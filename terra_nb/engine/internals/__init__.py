@@ -121,6 +121,8 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.pywrap_tfe", "TFE_Py_RecordGradient"),
     ("tensorflow.python.eager.tape", "variable_accessed"),
     ("tensorflow.python.eager.context", "FunctionCallOptions"),
+    ("tensorflow.python.eager.execute", "execute_with_cancellation"),
+    ("tensorflow.python.eager.cancellation", "CancellationManager"),
     ("tensorflow.python.eager.record", "record_operation"),
     ("tensorflow.python.eager.record", "stop_recording"),
     ("tensorflow.python.eager.forwardprop_util", "pack_tangents"),

@@ -2,91 +2,82 @@
 
 TensorFlow instantiates a function at its first call (placement, inlining of the functions it
 calls, one kernel per op: 0.15-0.3 ms per op, 200-450 ms for the benchmark programs' larger
-graphs), and keeps the instantiated kernel for later calls with inputs of the same types,
-whatever variables they are given. A call with scratch variables of the same dtypes and shapes
-made on the builder thread therefore pays the instantiation there, with the GIL released for
-its C++ work (measured: a 385 ms instantiation slowed a Python loop on the other core by 7%),
-and the first real call only runs. Done only for functions whose stateful ops touch nothing but
-the variables they are given: the scratch call then changes no state the program can see."""
+graphs), and keeps the instantiated kernel for later calls with inputs of the same dtypes and
+devices, whatever their sizes. A call made with a CancellationManager already cancelled is
+instantiated and then refused before any of its ops runs ("Function was cancelled before it
+was started"): on the builder thread it pays the instantiation there, with the GIL released
+for its C++ work (measured: a 385 ms instantiation slowed a Python loop on the other core by
+7%), changes nothing the program can see, and the first real call only runs. So any graph can
+be instantiated ahead, given its real variables and an empty value of each input's dtype:
+nothing is copied, no value can fail an op, and stateful ops need not be left out.
+
+TensorFlow checks the cancellation where it runs a function asynchronously; a runtime set to
+run small functions synchronously (`allow_small_function_optimizations`) starts them without
+that check. So a probe, once per process, calls a function that adds to a variable the same
+way, and nothing is instantiated ahead unless it was refused and the variable is untouched."""
 
 from __future__ import annotations
 
-import math
+import functools
+import itertools
 
 import tensorflow as tf
-from tensorflow.python.eager import record
-from tensorflow.python.ops import resource_variable_ops
+from tensorflow.python.eager import cancellation, context, execute, record
 
-from terra_nb.engine.internals.ops import lean_graph_calls, op_def, suspended, variable_shape
+from terra_nb.engine.internals.ops import lean_graph_calls, suspended
 
-# Stateful ops whose only state is the variable they are given.
-VARIABLE_OPS = frozenset({
-    "ReadVariableOp", "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
-    "ResourceGather", "ResourceGatherNd", "VariableShape", "VarIsInitializedOp",
-    "ResourceStridedSliceAssign",
-    "StatefulPartitionedCall",  # its body is checked with the rest
-})
-VARIABLE_OP_PREFIXES = ("ResourceApply", "ResourceSparseApply", "ResourceScatter")
-# Stateless ops that check values: given scratch values they could fail, and TensorFlow logs
-# a failing op even when the error is caught.
-VALUE_CHECKS = frozenset({"CheckNumerics", "CheckNumericsV2", "Assert", "Cholesky",
-                          "MatrixInverse", "MatrixSolve"})
-SCRATCH_BYTES = 1 << 28  # larger models are not copied for it
+_NOT_STARTED = "cancelled before it was started"
 
 
-def instantiate_ahead(function, args: list, unfused: bool, quick: bool) -> bool:
-    """Call `function` (a ConcreteFunction) once with `args` and a scratch copy of each
-    variable it captures, as `call_concrete` would call it; False when it is not safe to
-    (see the module docstring) and nothing ran. Errors of the scratch call are dropped: the
-    instantiation comes before the run."""
-    if not _touches_only_its_variables(function):
+def instantiate_ahead(function, unfused: bool, quick: bool) -> bool:
+    """Instantiate `function` (a ConcreteFunction) as `call_concrete` would call it, running
+    nothing; False when nothing was done: an input has no empty value (a resource or variant
+    one), the instantiation failed (the real call then raises its own error), or this runtime
+    would start a cancelled call."""
+    if context.context().is_async() or not _cancelled_calls_start_nothing():
         return False
-    scratch = _scratch_captures(function.captured_inputs)
-    if scratch is None:
+    captured = list(function.captured_inputs)
+    placeholders = function.inputs[:len(function.inputs) - len(captured)]
+    if any(tensor.dtype in (tf.resource, tf.variant) for tensor in placeholders):
         return False
-    variables, captures = scratch  # the scratch variables live until the call returns
+    try:
+        args = [tf.zeros([size or 0 for size in tensor.shape.as_list()]
+                         if tensor.shape.rank is not None else [], tensor.dtype)
+                for tensor in placeholders]
+    except (TypeError, ValueError):  # a dtype without zeros (a quantized one)
+        return False
+    return _refused(function, args + captured, unfused, quick)
+
+
+def _refused(function, inputs: list, unfused: bool, quick: bool) -> bool:
+    """Call `function` with a cancelled CancellationManager; whether it was refused before
+    it started (and so instantiated, had it not been)."""
+    cancelled = cancellation.CancellationManager()
+    cancelled.start_cancel()
+    ctx = context.context()
     with suspended(), record.stop_recording(), lean_graph_calls(unfused, quick):
+        attrs = tuple(itertools.chain(*ctx.function_call_options.as_attrs().items()))
         try:
-            function._call_flat(args, captures)
-        except Exception:  # scratch values: the real call raises its own errors
-            pass
-    return True
-
-
-def _touches_only_its_variables(function) -> bool:
-    graph_def = function.graph.as_graph_def()
-    nodes = list(graph_def.node)
-    for called in graph_def.library.function:
-        nodes += called.node_def
-    for node in nodes:
-        if node.op in VALUE_CHECKS:
+            execute.execute_with_cancellation(
+                function.name.decode(), num_outputs=len(function.outputs), inputs=inputs,
+                attrs=attrs, ctx=ctx, cancellation_manager=cancelled)
+        except tf.errors.CancelledError as error:
+            return _NOT_STARTED in error.message
+        except Exception:  # its first real call raises the error itself
             return False
-        definition = op_def(node.op)
-        if definition is None or not definition.is_stateful:
-            continue  # a function call by name is in the library, checked with it
-        if node.op not in VARIABLE_OPS and not node.op.startswith(VARIABLE_OP_PREFIXES):
-            return False
-    return True
+    return False
 
 
-def _scratch_captures(captured: list) -> tuple[list, list] | None:
-    """Zeroed variables like each captured variable, on its device, and the other captures as
-    they are; None when a resource is not a plain variable or the copies would be too big."""
-    variables, captures, total = [], [], 0
-    for tensor in captured:
-        if tensor.dtype != tf.resource:
-            captures.append(tensor)
-            continue
-        shape = variable_shape(tensor)
-        data = resource_variable_ops.get_eager_safe_handle_data(tensor)
-        if shape is None or len(data.shape_and_type) != 1:
-            return None
-        dtype = tf.dtypes.as_dtype(data.shape_and_type[0].dtype)
-        total += math.prod(shape) * dtype.size
-        if total > SCRATCH_BYTES:
-            return None
-        with tf.device(tensor.device):
-            variable = tf.Variable(tf.zeros(shape, dtype), trainable=False)
-        variables.append(variable)
-        captures.append(variable.handle)
-    return variables, captures
+@functools.cache
+def _cancelled_calls_start_nothing() -> bool:
+    """Whether a cancelled call of a function that adds to a variable is refused, the
+    variable untouched (see the module docstring)."""
+    counter = tf.Variable(0.0, trainable=False)
+
+    def count():
+        counter.assign_add(1.0)
+        return counter.read_value()
+
+    probe = tf.function(count, autograph=False).get_concrete_function()
+    refused = _refused(probe, list(probe.captured_inputs), unfused=False, quick=True)
+    return refused and float(counter.numpy()) == 0.0
