@@ -299,9 +299,8 @@ def plan_for_paths(path: list[Node], others: list) -> tuple[tuple, list, list] |
     `path` that another path has otherwise (or that vary there) fed; None when the others
     differ in neither."""
     feeds, folded = feed_and_fold_plan(path)
-    fed = [(position, slot) for position, slot in folded if any(
-        _varying(other[position], slot) or not other[position].externals[slot].matches(
-            path[position].externals[slot].first_value) for other in others)]
+    fed = [(position, slot) for position, slot in folded
+           if any(_folds_otherwise(path, other, position, slot) for other in others)]
     feed_slots = sorted(feeds + fed)
     own = sizes = sizes_of(path, feed_slots)
     for other in others:
@@ -315,8 +314,14 @@ def plan_for_paths(path: list[Node], others: list) -> tuple[tuple, list, list] |
 def _refolded(built: CompiledSegment, path: list[Node]) -> list:
     """The slots `built` folds where `path` has another value, or a value that varies."""
     return [(position, slot) for position, slot in built.folded_slots
-            if _varying(path[position], slot) or not path[position].externals[slot].matches(
-                built.path[position].externals[slot].first_value)]
+            if _folds_otherwise(built.path, path, position, slot)]
+
+
+def _folds_otherwise(folding: list[Node], other: list[Node], position: int, slot: int) -> bool:
+    """Whether the value `folding` folds at (position, slot) varies on path `other`, or is
+    another value there."""
+    return _varying(other[position], slot) or not other[position].externals[slot].matches(
+        folding[position].externals[slot].first_value)
 
 
 def sizes_of(path: list[Node], feed_slots) -> tuple[tuple, tuple]:
