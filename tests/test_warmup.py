@@ -9,6 +9,7 @@ import contextlib
 import functools
 import gc
 import linecache
+import math
 import subprocess
 import sys
 import threading
@@ -28,7 +29,7 @@ from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay import updates
 from terra_nb.engine.session import Session
 from terra_nb.engine.tolerance import ROUND_OFF_ATOL
-from terra_nb.engine.tracegraph import FROM_NODE
+from terra_nb.engine.tracegraph import FROM_NODE, SMALL_CONSTANT
 
 BUILT_AT_ONCE = SchedulingPolicy(compile_after_runs=1, build_in_background=False)
 BUILT_WHEN_REPEATED = SchedulingPolicy(build_in_background=False)
@@ -744,7 +745,10 @@ def test_a_graph_fed_a_small_integer_by_an_earlier_graph_is_instantiated_ahead()
     def fed_small_integer(segment) -> bool:
         for position, slot in segment.feed_slots:
             ref = segment.path[position].inputs[slot]
-            if ref.kind == FROM_NODE and ref.index in (ref.node.small_values or ()):
+            if ref.kind != FROM_NODE or not tf.dtypes.as_dtype(ref.dtype).is_integer:
+                continue
+            shape = ref.node.output_shapes[ref.index]
+            if None not in shape and math.prod(shape) <= SMALL_CONSTANT:
                 return True
         return False
 

@@ -41,7 +41,6 @@ from terra_nb.engine.tracegraph import (
     Resource,
     TraceGraph,
     input_identity,
-    is_small_integer,
 )
 from terra_nb.engine.usercode import user_location
 from terra_nb.engine.worker import GraphRunner
@@ -170,8 +169,6 @@ class PythonRunner:
             child.function = function
             child.device = key.device
             child.output_devices = tuple(output.device for output in outputs)
-            child.small_values = {index: output for index, output in enumerate(outputs)
-                                  if is_small_integer(output)} or None
             child.host_value = (not island and function is None
                                 and hostvalues.is_host_value(op_type, outputs))
             if op_type in hostvalues.INDEX_CHECKED_OPS:

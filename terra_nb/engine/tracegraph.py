@@ -143,7 +143,7 @@ class Node:
         "parent", "children", "visits", "island", "externals", "scope", "host_value", "mirrored",
         "function", "fetches", "fetch_wait_seconds", "last_fetch_wait", "submit_early",
         "host_memo", "steady_wait_seconds", "graph_cost", "fallible", "device", "output_devices",
-        "small_values", "made_variables", "__weakref__",
+        "made_variables", "__weakref__",
     )
 
     def __init__(self, uid, parent, op_type, attrs, location, inputs, outputs, island, scope):
@@ -173,7 +173,6 @@ class Node:
         self.host_memo = None  # (inputs, outputs) of its last computation in Python's thread
         self.device = ""  # the device it was asked to run on (a replica's, a `tf.device` block)
         self.output_devices = ()  # where eager execution put its outputs
-        self.small_values = None  # {output index: small integer value} when first recorded
         # recorded only by iterations that created variables (skeleton.PythonRunner.finish)
         self.made_variables = False
 
