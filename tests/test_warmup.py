@@ -793,6 +793,30 @@ def test_functions_fed_a_resource_are_left_to_their_first_run():
     np.testing.assert_array_equal(function(weight.handle).numpy(), [1.0, 2.0])
 
 
+def test_this_runtime_refuses_a_cancelled_call_before_it_starts():
+    """Instantiating ahead relies on it (internals/instantiate.py): a TensorFlow that ran a
+    cancelled function's ops would turn it off, and this test tells which runtime did."""
+    from terra_nb.engine.internals import instantiate
+
+    assert instantiate._cancelled_calls_start_nothing()
+
+
+@pytest.mark.parametrize("build", [programs.build_mlp, programs.build_gan])
+def test_a_runtime_that_starts_cancelled_calls_gets_no_graph_instantiated_ahead(build,
+                                                                                monkeypatch):
+    """Where a cancelled call would run (a runtime running small functions synchronously),
+    no graph is instantiated ahead: each first run instantiates its graph, with eager's
+    results."""
+    from terra_nb.engine.internals import instantiate
+
+    monkeypatch.setattr(instantiate, "_cancelled_calls_start_nothing", lambda: False)
+    _, terra = harness.compare(build, 14, policy=SchedulingPolicy(instantiate_ahead=True))
+    harness.close_after_builds(terra.session)
+    segments = terra.session.graph_runner.segments()
+    assert any(segment.first_run_seconds > 0 for segment in segments), "no graph ran"
+    assert all(segment.instantiated_seconds == 0 for segment in segments)
+
+
 def test_a_later_session_replays_the_functions_and_graphs_an_earlier_one_made():
     """A cell edited and run again is a new session on the same model: its stable library
     calls replay the functions the first session traced for those objects (nothing is
