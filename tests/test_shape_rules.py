@@ -1,7 +1,7 @@
 """Shape rules (issue 20): the ops the skeleton asks about most (elementwise shape arithmetic,
 Reshape, Fill, reductions, StridedSlice, BroadcastGradientArgs, convolution gradients,
 ExpandDims, Tile, ConcatV2, Transpose, Slice, Pad, GatherV2, image resizes, Range,
-unsorted segment reductions, Split) are answered by their shape
+unsorted segment reductions, Split, BroadcastTo, AvgPoolGrad) are answered by their shape
 rules instead of a scratch-graph probe. The answers must
 be the probe's, which are TensorFlow's shape functions: node identity depends on them."""
 
@@ -306,6 +306,30 @@ def test_split_rules_give_the_probes_answers(data, axis, parts):
                         [tf.constant(axis), value])
 
 
+@pytest.mark.parametrize("data", [(), (3,), (1, 3), (2, 3), (2, 1), (0, 3), (None, 3),
+                                  "integers"], ids=str)
+@pytest.mark.parametrize("target", [[], [3], [2, 3], [4, 2, 3], [2, 1], [0, 3], [2, 0],
+                                    [-1, 3], [3, 2], [1], [[2, 3]], [4, 1, 3]], ids=str)
+def test_broadcast_to_rules_give_the_probes_answers(data, target):
+    """Targets the input broadcasts to, of its rank and more, and ones it does not (a size
+    that is neither 1 nor the target's, a smaller rank, negative and empty sizes)."""
+    value = _data(data)
+    _assert_rules_agree("BroadcastTo", ("T", value.dtype.as_datatype_enum, "Tidx", INT32),
+                        [value, tf.constant(target, dtype=tf.int32)])
+
+
+@pytest.mark.parametrize("sizes", [[5, 6, 6, 2], [5, 9, 9, 2], [0, 6, 6, 2], [6, 6],
+                                   [-1, 6, 6, 2], [2, 5, 6, 6, 2]], ids=str)
+@pytest.mark.parametrize("batch", [5, 3, None])
+def test_pool_gradient_rules_give_the_probes_answers(sizes, batch):
+    """The original input's sizes decide AvgPoolGrad's shape, whatever the incoming
+    gradient's batch."""
+    gradient = tf.zeros((batch, 3, 3, 2)) if batch else _StaticInput((None, 3, 3, 2))
+    attrs = ("ksize", [1, 2, 2, 1], "strides", [1, 2, 2, 1], "padding", b"VALID",
+             "data_format", b"NHWC", "T", FLOAT)
+    _assert_rules_agree("AvgPoolGrad", attrs, [tf.constant(sizes), gradient])
+
+
 def _data(shape):
     """A float input of this shape (a recorded static shape if a size is unknown), or a
     small integer vector, which a probe also takes as a candidate."""
@@ -374,6 +398,10 @@ def test_the_rules_answer_the_common_cases_themselves():
         tf.zeros((6, 3)), tf.zeros((6,), tf.int32), tf.constant(4)]) == ((2,), ((4, 3),))
     assert shaperules.answer("Split", ("num_split", 2), [tf.constant(1), tf.zeros((4, 6))]) \
         == ((0,), ((4, 3), (4, 3)))
+    assert shaperules.answer("BroadcastTo", (), [tf.zeros((1, 3)), tf.constant([4, 2, 3])]) \
+        == ((1,), ((4, 2, 3),))
+    assert shaperules.answer("AvgPoolGrad", (), [tf.constant([5, 6, 6, 2]),
+                                                 tf.zeros((5, 3, 3, 2))]) == ((0,), ((5, 6, 6, 2),))
     beyond = [tf.zeros((4, 6)), tf.constant([9]), tf.constant([10]), tf.constant([1])]
     assert shaperules.answer("StridedSlice", masks + ("begin_mask", 0, "end_mask", 0,
                                                       "shrink_axis_mask", 1), beyond) == \

@@ -323,6 +323,31 @@ def _split(attrs: tuple, inputs: list) -> tuple:
     return (0,), (part,) * parts
 
 
+def _broadcast_to(inputs: list) -> tuple:
+    """BroadcastTo of an input of known shape to a shape of at least its rank, each of its
+    dimensions 1 or the target's there, no target size negative: the target is the shape,
+    and decides it where a size comes from it alone (TensorFlow's shape function takes a
+    dimension above 1 from the input)."""
+    shape = inputs[0]._shape_tuple()
+    target = _values(inputs[1])
+    if None in shape or target.ndim != 1 or (target < 0).any() or target.size < len(shape):
+        return PROBE, PROBE
+    output = tuple(int(size) for size in target)
+    if any(size not in (1, wanted) for size, wanted in zip(reversed(shape), reversed(output))):
+        return PROBE, PROBE
+    decides = len(output) > len(shape) or any(size <= 1 for size in shape)
+    return ((1,) if decides else ()), (output,)
+
+
+def _pool_gradient(inputs: list) -> tuple:
+    """AvgPoolGrad: the original input's sizes (its first input) decide its shape and are
+    it when they name four dimensions, none negative."""
+    sizes = _values(inputs[0])
+    if sizes.shape != (4,) or (sizes < 0).any():
+        return PROBE, PROBE
+    return (0,), (tuple(int(size) for size in sizes),)
+
+
 # op type -> its rule, given the op's inputs
 _RULES = {
     "Reshape": _reshape,
@@ -332,6 +357,7 @@ _RULES = {
     "ExpandDims": _expand_dims, "Tile": _tile, "ConcatV2": _concat, "Transpose": _transpose,
     "Slice": _slice, "Pad": _pad, "ResizeBilinear": _resize, "ResizeNearestNeighbor": _resize,
     "Range": _range, **dict.fromkeys(SEGMENT_REDUCTIONS, _segments),
+    "BroadcastTo": _broadcast_to, "AvgPoolGrad": _pool_gradient,
 }
 # op type -> its rule, given the op's attributes and inputs
 _RULES_WITH_ATTRS = {"StridedSlice": _strided_slice, "GatherV2": _gather, "Split": _split,
