@@ -135,7 +135,8 @@ def test_user_exception_is_the_users_and_state_is_eagers(place, api, no_new_thre
     iterations = FAIL_AT + 3
     eager_states, eager_errors, _ = _run(place, "eager", iterations)
     states, errors, session = _run(place, api, iterations)
-    assert list(errors) == list(eager_errors) == [FAIL_AT]
+    assert list(errors) == list(eager_errors) == [FAIL_AT], {
+        index: "".join(traceback.format_exception(error)) for index, error in errors.items()}
     error, expected = errors[FAIL_AT], eager_errors[FAIL_AT]
     assert type(error) is type(expected)
     assert str(error) == str(expected)
