@@ -54,7 +54,7 @@ def graph_attrs(node: Node) -> tuple:
     if node.op_type not in STATEFUL_RANDOM_OPS:
         return attrs
     fresh = list(attrs)
-    seeds = dict(zip(attrs[::2], attrs[1::2], strict=True))
+    seeds = internals.attr_map(attrs)
     if seeds.get("seed") or seeds.get("seed2"):
         fresh[fresh.index("seed2") + 1] = tf.compat.v1.random.get_seed(None)[1]
     return tuple(fresh)
@@ -234,8 +234,7 @@ def _may_fail(node: Node) -> bool:
                     else _FUNCTION_FALLIBLE_OPS)
         return not fallible.isdisjoint(internals.function_op_types(node.function))
     if node.op_type == "StridedSlice":
-        return bool(dict(zip(node.attrs[::2], node.attrs[1::2], strict=True))
-                    .get("shrink_axis_mask"))
+        return bool(internals.attr_map(node.attrs).get("shrink_axis_mask"))
     return node.op_type in FALLIBLE_OPS or node.op_type == "Slice"
 
 

@@ -170,7 +170,7 @@ def _index_bound(op_type: str, inputs, attrs) -> tuple[float, int | None]:
         return 0, shape[axis]
     if op_type == "ResourceGather":
         shape = internals.variable_shape(inputs[0])
-        batch_dims = dict(zip(attrs[::2], attrs[1::2], strict=True)).get("batch_dims", 0)
+        batch_dims = internals.attr_map(attrs).get("batch_dims", 0)
         if shape is None or batch_dims >= len(shape):
             return 0, None
         return 0, shape[batch_dims]
@@ -216,7 +216,7 @@ def _slice_in_bounds(op_type: str, inputs, attrs) -> bool:
         return size is not None and len(begin) == len(size) == len(shape) and all(
             dim is not None and 0 <= start <= dim and (length == -1 or 0 <= length <= dim - start)
             for start, length, dim in zip(begin.tolist(), size.tolist(), shape, strict=False))
-    masks = dict(zip(attrs[::2], attrs[1::2], strict=True))
+    masks = internals.attr_map(attrs)
     ellipsis, new_axis = masks.get("ellipsis_mask", 0), masks.get("new_axis_mask", 0)
     shrink = masks.get("shrink_axis_mask", 0)
     consumed = len(begin) - bin(new_axis).count("1") - bool(ellipsis)  # input axes named

@@ -83,7 +83,7 @@ def _reduction(attrs: tuple, inputs: list) -> tuple:
     """A reduction of an input of known shape over valid axes: the axes decide the shape,
     unless the input is a scalar whose dimensions are kept."""
     shape = inputs[0]._shape_tuple()
-    keep_dims = dict(zip(attrs[::2], attrs[1::2], strict=True)).get("keep_dims")
+    keep_dims = internals.attr_map(attrs).get("keep_dims")
     axes = _values(inputs[1])
     if None in shape or not isinstance(keep_dims, bool) or axes.ndim > 1:
         return PROBE, PROBE
@@ -106,7 +106,7 @@ def _strided_slice(attrs: tuple, inputs: list) -> tuple:
     name, and those an ellipsis stands for, are whole). Whether a shrunk index is in range
     does not matter to that shape function (nor to this answer); the shape these values give
     is left to the probe when one is not (TensorFlow's shape function fails)."""
-    masks = dict(zip(attrs[::2], attrs[1::2], strict=True))
+    masks = internals.attr_map(attrs)
     shape = inputs[0]._shape_tuple()
     begin, end, strides = (_values(value) for value in inputs[1:4])
     if None in shape or masks.get("new_axis_mask") != 0 \
@@ -265,7 +265,7 @@ def _gather(attrs: tuple, inputs: list) -> tuple:
     """GatherV2 without batch dimensions, of params and indices of known shapes, along a valid
     axis (its third input, which decides the shape unless the result is a scalar): the
     indices' shape in place of that dimension."""
-    batch_dims = dict(zip(attrs[::2], attrs[1::2], strict=True)).get("batch_dims", 0)
+    batch_dims = internals.attr_map(attrs).get("batch_dims", 0)
     params, indices = inputs[0]._shape_tuple(), inputs[1]._shape_tuple()
     axis = _values(inputs[2])
     if batch_dims != 0 or None in params or None in indices or not params \
@@ -312,7 +312,7 @@ def _segments(inputs: list) -> tuple:
 def _split(attrs: tuple, inputs: list) -> tuple:
     """Split of an input of known shape, not all of whose sizes are equal, into two or more
     equal parts along a valid axis (its first input, which decides the shapes)."""
-    parts = dict(zip(attrs[::2], attrs[1::2], strict=True)).get("num_split")
+    parts = internals.attr_map(attrs).get("num_split")
     axis, shape = _values(inputs[0]), inputs[1]._shape_tuple()
     if None in shape or len(set(shape)) < 2 or not isinstance(parts, int) or parts < 2 \
             or axis.shape != () or not -len(shape) <= int(axis) < len(shape) \

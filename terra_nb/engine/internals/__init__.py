@@ -52,6 +52,7 @@ from terra_nb.engine.internals.lazy import LazyTensor
 from terra_nb.engine.internals.ops import (
     EagerTensor,
     EagerTensorBase,
+    attr_map,
     attr_protos,
     calling_function,
     collecting_conversions,
@@ -84,7 +85,7 @@ from terra_nb.engine.internals.replicas import follow_into_replica_threads, merg
 
 __all__ = [
     "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
-    "WITHOUT_AUTOMATIC_CONTROL", "a_tape_is_recording", "attr_protos", "call_concrete",
+    "WITHOUT_AUTOMATIC_CONTROL", "a_tape_is_recording", "attr_map", "attr_protos", "call_concrete",
     "call_node", "call_op_type", "capture_resources", "collective_ids", "ordered_as_stateful",
     "read_only_inputs", "reads_resources_only",
     "call_with_captures", "calling_function", "capture_with_unknown_sizes",

@@ -255,17 +255,20 @@ def op_def(op_type: str):
     return op_def_registry.get(op_type)
 
 
+def attr_map(attrs: tuple | None) -> dict:
+    """An eager attrs tuple (name, value, name, value, ...) as a name -> value dict."""
+    attrs = attrs or ()
+    return dict(zip(attrs[::2], attrs[1::2], strict=True))
+
+
 def attr_protos(op_type: str, attrs: tuple) -> dict:
     """Convert an eager attrs tuple (name, value, name, value, ...) into AttrValue protos."""
     from tensorflow.core.framework import attr_value_pb2
 
     definition = op_def(op_type)
     kinds = {attr.name: attr.type for attr in definition.attr}
-    protos = {}
-    attrs = attrs or ()
-    for name, value in zip(attrs[::2], attrs[1::2], strict=True):
-        protos[name] = _attr_value(attr_value_pb2.AttrValue, kinds[name], value)
-    return protos
+    return {name: _attr_value(attr_value_pb2.AttrValue, kinds[name], value)
+            for name, value in attr_map(attrs).items()}
 
 
 def _attr_value(proto_class, kind: str, value):
