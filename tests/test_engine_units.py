@@ -593,6 +593,43 @@ def test_tensor_slicing_is_replayed_and_a_moving_slice_stays_bounded():
     assert replayed, "no slice was replayed"
 
 
+def test_a_span_recorded_while_tracing_is_replayed_after_one_deferred_observation():
+    """An API function and a slice observed in a tracing iteration, then deferred at the
+    same TraceGraph position and ending at the same node, are replayed from the next
+    iteration on: the first co-executed iteration describes them, the second replays them."""
+    from terra_nb.engine.reasons import NoteKind
+
+    data = tf.constant(np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4))
+    weights = tf.Variable(tf.ones([4, 4]))
+
+    def step(index):
+        mixed = tf.transpose(tf.einsum("bld,de->ble", data, weights), (0, 2, 1))
+        weights.assign_sub(0.001 * tf.ones([4, 4]) * tf.reduce_mean(mixed[:, 1:]))
+        return tf.reduce_sum(mixed)
+
+    expected = [float(step(index)) for index in range(6)]
+    after_eager = weights.numpy()
+    weights.assign(tf.ones([4, 4]))
+    session = Session("span-after-tracing")
+    replayed_before = []
+    got = []
+    for index in range(6):
+        replayed_before.append(session.macro_table.replayed_calls
+                               if session.macro_table else 0)
+        got.extend(_co_executed(session, lambda _, index=index: step(index), 1))
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(weights.numpy(), after_eager)
+    first = modes(session).index(ev.CO_EXECUTING)
+    assert set(modes(session)[:first]) == {ev.TRACING}
+    assert modes(session)[first:] == [ev.CO_EXECUTING] * (6 - first)
+    notes = [note for note in session.events.of_type(ev.Note)
+             if note.kind == NoteKind.REPLAYED]
+    assert notes and notes[0].index == first, [(note.index, note.message) for note in notes]
+    assert "tf.transpose" in notes[0].message and "slicing" in notes[0].message, notes[0].message
+    assert replayed_before[first + 1] == replayed_before[first], replayed_before
+    assert replayed_before[first + 2] >= replayed_before[first + 1] + 2, replayed_before
+
+
 def test_replayed_layer_sees_the_training_flag_it_inherits():
     """A library layer inside a user layer gets `training` from Keras' call context, not
     from its own arguments: a replay made in training mode must not answer in eval mode."""

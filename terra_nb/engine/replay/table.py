@@ -285,6 +285,8 @@ class MacroTable:
                 entry.span_ends[start.uid] = runner.cursor.uid
                 self._observe_as_span(entry, runner, start, flat, arguments, converted,
                                       result, first_new, read, stable, sparse, obj, call_site)
+            elif not deferred:  # recorded: its first deferred observation can agree with it
+                entry.span_ends[start.uid] = runner.cursor.uid
         elif stable and entry.deferred_seen:
             self._establish(entry, runner, original, obj, args, kwargs, call_site, forced,
                             result)
