@@ -630,6 +630,52 @@ def test_a_span_recorded_while_tracing_is_replayed_after_one_deferred_observatio
     assert replayed_before[first + 2] >= replayed_before[first + 1] + 2, replayed_before
 
 
+def test_a_gradient_first_observed_beside_observed_calls_is_replayed_one_step_sooner():
+    """A gradient whose forward reads numpy targets converted inside API calls and operators:
+    its first deferred observation is made while those calls still run their Python, the
+    second while they are replayed, and the values its ops share with the forward ops differ
+    between the two. The second is taken, so the gradient is replayed from the iteration after
+    it, with eager's losses and weights."""
+    from terra_nb.engine.reasons import NoteKind
+
+    rng = np.random.default_rng(3)
+    masks = (rng.random((10, 8, 4)) > 0.5).astype(np.float32)
+    targets = rng.normal(size=(10, 8, 4)).astype(np.float32)
+    inputs = tf.constant(rng.normal(size=(8, 5)).astype(np.float32))
+
+    def run(session):
+        keras.utils.set_random_seed(0)
+        dense = keras.layers.Dense(4)
+        dense.build((None, 5))
+        optimizer = keras.optimizers.SGD(0.1)
+        optimizer.build(dense.trainable_variables)
+        losses = []
+        for step in range(10):
+            context = session.iteration() if session else contextlib.nullcontext()
+            with context:
+                with tf.GradientTape() as tape:
+                    out = dense(inputs)
+                    found = np.float32(max(masks[step].sum(), 1.0))
+                    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
+                        masks[step], out)) + tf.reduce_sum(
+                        masks[step] * (out - targets[step]) ** 2) / found
+                gradients = tape.gradient(loss, dense.trainable_variables)
+                optimizer.apply_gradients(zip(gradients, dense.trainable_variables))
+            losses.append(float(loss))
+        return losses, [variable.numpy() for variable in dense.weights]
+
+    session = Session("gradient-beside-observed-calls")
+    (expected, weights), (got, got_weights) = run(None), run(session)
+    np.testing.assert_allclose(got, expected, rtol=ITERATION_RTOL, atol=ATOL)
+    for want, have in zip(weights, got_weights, strict=True):
+        np.testing.assert_allclose(have, want, rtol=ITERATION_RTOL, atol=ATOL)
+    first = modes(session).index(ev.CO_EXECUTING)
+    assert modes(session)[first:] == [ev.CO_EXECUTING] * (10 - first)
+    established = [note.index for note in session.events.of_type(ev.Note)
+                   if note.kind == NoteKind.REPLAYED and "gradient at" in note.message]
+    assert established == [first + 1], (first, established)
+
+
 def test_replayed_layer_sees_the_training_flag_it_inherits():
     """A library layer inside a user layer gets `training` from Keras' call context, not
     from its own arguments: a replay made in training mode must not answer in eval mode."""

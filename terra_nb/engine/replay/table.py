@@ -100,7 +100,9 @@ class _Entry:
 class _GradientEntry:
     """What is known of one gradient computation (one guard key of `imperative_grad`)."""
 
-    last: tuple | None = None  # the span and results of the last observation
+    last: tuple | None = None  # the span, results and shared inputs of the last observation
+    # ... made while a library call of its iteration ran its Python (see MacroTable.gradient)
+    last_provisional: bool = False
     banned: str = ""
     plan: object = None  # how to replay its ops, once two observations agreed
     results: list | None = None  # where each gradient comes from (see _describe)
@@ -137,6 +139,7 @@ class MacroTable:
         self.replayed_guards: dict = {}  # (call site, id of the object) -> its last replayed
         self.twins = Twins()
         self.guard_misses_reported: set = set()  # ((call site, id), part of the guard) told
+        self.observed_in: int | None = None  # the iteration that last observed a library call
 
     def take_established(self) -> str:
         """What is replayed from now on, since the last call ("" if nothing new)."""
@@ -234,6 +237,7 @@ class MacroTable:
                              as_span)
 
     def _observe(self, entry, runner, original, obj, args, kwargs, flat, call_site, as_span):
+        self.observed_in = runner.index
         start, flushes, deferred = runner.cursor, runner.flushes, runner.is_deferring
         diverged_at = runner.diverged_at
         arguments = {position: runner.reference_of(value) for position, value in enumerate(flat)
@@ -483,7 +487,10 @@ class MacroTable:
         so far, hence the tape's contents), the call site, the targets, the sources and the
         unconnected-gradients mode. Stable: two observations gave the same span and results,
         it forced no value, ran no user code (custom gradients) and read no value made before
-        it other than through TraceGraph edges."""
+        it other than through TraceGraph edges; and the same values given to forward ops
+        (`shared`), unless the first was made while a library call of its iteration ran its
+        Python: the forward's values then came from that Python (a numpy target converted
+        there), not from replays as from then on, and the second one's are taken."""
         __tracebackhide__ = True
         key = gradient_key(runner, target, sources, unconnected, call_site)
         if key is None:
@@ -515,11 +522,13 @@ class MacroTable:
             return result
         span = runner.cursor.path_from(start)
         observed = (tuple(node.uid for node in span), tuple(results), tuple(shared.items()))
-        if observed == entry.last:
+        last = entry.last
+        if last is not None and observed[:2] == last[:2] \
+                and (observed[2] == last[2] or entry.last_provisional):
             entry.results, entry.shared = results, shared
             entry.plan = ReplayPlan(span, result_keys(results), shared)
             self.established.append(f"gradient at {_call_site_text(call_site)} ({len(span)} ops)")
-        entry.last = observed
+        entry.last, entry.last_provisional = observed, self.observed_in == runner.index
         return result
 
 
