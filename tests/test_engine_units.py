@@ -176,6 +176,32 @@ def test_a_folded_constant_holds_its_value_in_the_written_graph(value):
     np.testing.assert_array_equal(written, value)
 
 
+def test_a_value_folded_into_many_inputs_is_one_constant_of_the_graph():
+    """The same folded value (a scale, an axis) feeding many ops is written once, and the
+    graph computes what eager does."""
+    session = _deferred_session()
+    x = tf.constant(np.arange(12, dtype=np.float32).reshape(3, 4))
+
+    def step():
+        y = x
+        for _ in range(6):
+            y = tf.reduce_sum(y * np.float32(0.5), axis=1, keepdims=True) + y * 0.25
+        return y
+
+    expected = step().numpy()
+    for _ in range(3):
+        with session.iteration():
+            got = step()
+        np.testing.assert_array_equal(got.numpy(), expected)
+    (compiled,) = session.graph_runner.segments()
+    graph = compiled.function.graph
+    constants = [tf.make_ndarray(op.get_attr("value")) for op in graph.get_operations()
+                 if op.type == "Const"]
+    assert len(compiled.folded_slots) >= 12, compiled.folded_slots  # scales, axes: 6 rounds
+    keys = [(value.dtype.str, value.shape, value.tobytes()) for value in constants]
+    assert len(keys) == len(set(keys)) and len(keys) <= 4, keys
+
+
 def test_variables_equal_eager_after_each_iteration():
     session = _deferred_session()
     eager_variable, terra_variable = tf.Variable([1.0, -2.0]), tf.Variable([1.0, -2.0])
