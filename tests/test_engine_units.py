@@ -1508,35 +1508,37 @@ def test_segments_run_with_lean_grappler_options_on_the_calling_thread_only():
 
 
 
-def test_traced_calls_run_lean_and_half_precision_ones_without_op_fusion(monkeypatch):
-    """Traced function calls run with the lean Grappler configuration. Eager execution rounds
-    float16 after every op; Grappler's fused kernels (MatMul, bias and activation as one, on
-    CPUs with float16 kernels) round once: segments and traced calls computing in half
-    precision run with the remapper off; float32 ones keep it."""
+def test_traced_calls_run_quick_and_half_precision_segments_without_op_fusion():
+    """Traced function calls the engine runs eagerly have Grappler off and the rest of their
+    configuration kept. Eager execution rounds float16 after every op; Grappler's fused
+    kernels (MatMul, bias and activation as one, on CPUs with float16 kernels) round once:
+    segments computing in half precision run with the remapper off, float32 ones keep it."""
     from tensorflow.python.eager import context
 
     @tf.function(autograph=False)
     def dense(x, w, b):
         return tf.nn.relu(tf.matmul(x, w) + b)
 
-    def rewrites(attrs: tuple):
-        config = tf.compat.v1.ConfigProto.FromString(attrs[attrs.index("config_proto") + 1])
-        return config.graph_options.rewrite_options
+    def config_of(attrs: tuple):
+        return tf.compat.v1.ConfigProto.FromString(attrs[attrs.index("config_proto") + 1])
 
     attrs = tuple(item for pair in context.context().function_call_options.as_attrs().items()
                   for item in pair)
-    for dtype, expected in ((tf.float16, 2), (tf.float32, 0)):
+    quick, expected = config_of(internals.quick_call_attrs(attrs)), config_of(attrs)
+    assert not expected.graph_options.rewrite_options.disable_meta_optimizer
+    expected.graph_options.rewrite_options.disable_meta_optimizer = True
+    assert quick == expected
+    assert internals.quick_call_attrs(("Tin", [], "Tout", [])) == ("Tin", [], "Tout", [])
+    for dtype in (tf.float16, tf.float32):
         concrete = dense.get_concrete_function(*[tf.TensorSpec(shape, dtype)
                                                  for shape in ((2, 3), (3, 4), (4,))])
         assert internals.computes_in_half_precision(concrete.graph) == (dtype == tf.float16)
-        monkeypatch.setattr(internals.ops, "calling_function", lambda found=concrete: found)
-        name = f"dense_{dtype.name}_{id(concrete)}"
-        lean = rewrites(internals.lean_call_attrs(name, attrs))
-        assert lean.remapping == expected and lean.meta_optimizer_iterations == 1
-    with internals.lean_graph_calls(unfused=True):
-        config = tf.compat.v1.ConfigProto.FromString(
-            context.context().function_call_options.config_proto_serialized)
-    assert config.graph_options.rewrite_options.remapping == 2
+    for unfused, remapping in ((True, 2), (False, 0)):
+        with internals.lean_graph_calls(unfused=unfused):
+            config = tf.compat.v1.ConfigProto.FromString(
+                context.context().function_call_options.config_proto_serialized)
+        assert config.graph_options.rewrite_options.remapping == remapping
+
 
 def test_a_value_seen_changing_on_one_path_is_fed_on_paths_recorded_before():
     """A slice offset folded into one path's graph and then seen to change marks its site;

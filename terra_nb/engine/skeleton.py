@@ -112,7 +112,7 @@ class PythonRunner:
             location = user_location(self.stop_frame, depth=3, known_above=self.observed_call)
         refs = tuple(self._ref(value) for value in inputs)
         if internals.op_def(op_type) is None:
-            attrs = internals.lean_call_attrs(op_type, attrs)
+            attrs = internals.quick_call_attrs(attrs)
         attrs_key = graphgen.identity_attrs(op_type, attrs)
         key = NodeKey(op_type, attrs_key, location, tuple(input_identity(ref) for ref in refs),
                       shapeprobe.shape_values(op_type, attrs, attrs_key, refs, inputs,

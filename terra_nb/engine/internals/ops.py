@@ -512,7 +512,7 @@ def lean_graph_calls(unfused: bool = False, quick: bool = False) -> _Swapped:
 
 _HALF_PRECISION = frozenset({dtypes.float16, dtypes.bfloat16})
 _HALF_FUNCTIONS: dict = {}  # a traced function's name -> whether it computes in half precision
-_LEAN_CONFIGS: dict = {}  # (a call's serialized ConfigProto, half) -> its lean variant
+_QUICK_CONFIGS: dict = {}  # a call's serialized ConfigProto -> it with Grappler off
 
 
 def computes_in_half_precision(graph) -> bool:
@@ -530,26 +530,24 @@ def _in_half_precision(name: str, function) -> bool:
     return half
 
 
-def lean_call_attrs(op_type: str, attrs: tuple) -> tuple:
-    """The attrs of a traced function's call op (an op with no OpDef) as the engine runs it:
-    its Grappler configuration made lean, op fusion off too when the function computes in
-    half precision (see lean_graph_calls). A replayed library call's first run instantiates
-    its function; lean, that costs about half. Every call of a function the engine sees,
-    TensorFlow's own gradient calls included, gets the same attrs, so it keeps one node
-    identity."""
+def quick_call_attrs(attrs: tuple) -> tuple:
+    """The attrs of a traced function's call op (an op with no OpDef) as the engine runs it
+    eagerly (tracing, interpreted and fallback iterations): Grappler off. A replayed library
+    call's first eager run instantiates its function, and so does TensorFlow's first call of
+    its backward function; without Grappler that costs about half of the lean configuration's
+    (see lean_graph_calls), and the function computes op by op, as eager execution does (no
+    fused kernel rounds float16 once). Graphs calling it keep their own options. Every call of
+    a function the engine sees, TensorFlow's own gradient calls included, gets the same attrs,
+    so it keeps one node identity."""
     if "config_proto" not in attrs[::2]:
         return attrs
-    half = _HALF_FUNCTIONS.get(op_type)
-    if half is None:
-        half = _in_half_precision(op_type, calling_function())
     slot = attrs.index("config_proto") + 1
-    lean = _LEAN_CONFIGS.get((attrs[slot], half))
-    if lean is None:
+    quick = _QUICK_CONFIGS.get(attrs[slot])
+    if quick is None:
         config = config_pb2.ConfigProto.FromString(attrs[slot])
-        for field, value in {**_LEAN_REWRITES, **(_REMAPPING_OFF if half else {})}.items():
-            setattr(config.graph_options.rewrite_options, field, value)
-        lean = _LEAN_CONFIGS[(attrs[slot], half)] = config.SerializeToString()
-    return attrs[:slot] + (lean,) + attrs[slot + 1:]
+        config.graph_options.rewrite_options.disable_meta_optimizer = True
+        quick = _QUICK_CONFIGS[attrs[slot]] = config.SerializeToString()
+    return attrs[:slot] + (quick,) + attrs[slot + 1:]
 
 
 def current_handler() -> OpHandler | None:
