@@ -702,6 +702,79 @@ def test_a_gradient_first_observed_beside_observed_calls_is_replayed_one_step_so
     assert established == [first + 1], (first, established)
 
 
+@pytest.mark.parametrize("built_first", [True, False], ids=["built-before", "built-by-call"])
+def test_library_calls_observed_while_recording_are_written_from_their_ops_not_traced(
+        monkeypatch, built_first):
+    """A library call observed clean in a tracing iteration (a model, a loss, an optimizer)
+    gets its function written from the ops it recorded instead of running its Python again in
+    a trace; the steps compute what eager does, gradients and batch-norm statistics included.
+    A first call that built its model or optimizer is written without the ops that made its
+    variables (weights, moving statistics, slots)."""
+    from terra_nb.engine.reasons import NoteKind
+    from terra_nb.engine.replay import table as table_module
+
+    x = tf.constant(np.random.default_rng(0).normal(size=(12, 6)).astype(np.float32))
+    y = tf.constant(np.arange(12) % 3, dtype=tf.int32)
+
+    def run(session=None) -> tuple[list, list]:
+        keras.utils.set_random_seed(3)
+        layers = [keras.layers.Dense(8), keras.layers.BatchNormalization(),
+                  keras.layers.ReLU(), keras.layers.Dense(3)]
+        model = keras.Sequential([keras.Input((6,)), *layers] if built_first else layers)
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        losses = []
+        for _ in range(6):
+            with session.iteration() if session else contextlib.nullcontext():
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(y, model(x, training=True))
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            losses.append(float(loss))
+        return losses, [variable.numpy() for variable in model.variables + optimizer.variables]
+
+    traced = []
+    build_macro = table_module.build_macro
+    monkeypatch.setattr(table_module, "build_macro", lambda original, obj, *rest: (
+        traced.append(type(obj).__name__), build_macro(original, obj, *rest))[1])
+    eager_losses, eager_state = run()
+    session = Session("written-macros")
+    losses, state = run(session)
+    session.close()
+    np.testing.assert_allclose(losses, eager_losses, rtol=RUN_RTOL, atol=ATOL)
+    for got, expected in zip(state, eager_state, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=RUN_RTOL, atol=ATOL)
+    assert ev.CO_EXECUTING in modes(session), modes(session)
+    assert session.macro_table.written == 3 and traced == [], (session.macro_table.written,
+                                                               traced)
+    replayed = " | ".join(note.message for note in session.events.of_type(ev.Note)
+                          if note.kind == NoteKind.REPLAYED)
+    assert "Sequential call at" in replayed and "(from its recorded ops)" in replayed, replayed
+
+
+def test_custom_gradients_and_values_read_by_library_code_are_told_not_the_engines():
+    """What tells a call its recorded ops do not describe: a tape entry of its own (a custom
+    gradient) or a value read in Python by code that is neither TensorFlow's nor terra_nb's
+    (a branch on a tensor); terra_nb's own reads of the values it records do not count."""
+    from terra_nb.engine.tracegraph import ExternalInput
+
+    @tf.custom_gradient
+    def doubled(value):
+        return value * 2.0, lambda upstream: upstream * 5.0
+
+    x = tf.constant([1.0, 2.0])
+    entries, reads = internals.effects_beside_ops()
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        doubled(x)
+    assert internals.effects_beside_ops() == (entries + 1, reads)
+    assert bool(x[0] > 0)
+    x.numpy()
+    assert internals.effects_beside_ops() == (entries + 1, reads + 2)
+    ExternalInput(x)  # terra_nb reading a value it records
+    assert internals.effects_beside_ops() == (entries + 1, reads + 2)
+
+
 def test_replayed_layer_sees_the_training_flag_it_inherits():
     """A library layer inside a user layer gets `training` from Keras' call context, not
     from its own arguments: a replay made in training mode must not answer in eval mode."""

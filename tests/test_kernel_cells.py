@@ -500,11 +500,12 @@ model = Deep()
 """ + LOOP[LOOP.index("optimizer = "):]  # the loop of LOOP, on this model
 
 
-def test_layers_and_optimizer_updates_of_one_width_share_their_traced_functions():
-    """Four hidden layers of one width, defined in the cell: the three 16-to-16 layers call
-    one traced function with their own weights, the replayed optimizer call traced one
-    update per variable rank (five kernels of three shapes, five biases of two), and the
-    notes say so; losses and weights are eager's."""
+def test_layers_of_one_width_share_one_function_written_from_their_recorded_ops():
+    """Four hidden layers of one width, defined in the cell and built by their first call:
+    their functions, the loss's and the optimizer's (whose first call made its slots) are
+    written from the ops the first iteration recorded, not traced; the three 16-to-16 layers
+    call one function with their own weights, and the notes say so; losses and weights
+    (optimizer slots included) are eager's."""
     notebook = execute_cells([
         "%load_ext terra_nb", SETUP, DEEP_LOOP,
         "eager = losses, [v.numpy() for v in model.variables + optimizer.variables]",
@@ -517,10 +518,11 @@ def test_layers_and_optimizer_updates_of_one_width_share_their_traced_functions(
         "print('modes', [e.mode for e in report.timeline])\n"
         "print('replayed', ' | '.join(n.message for n in report.notes if n.kind == 'replayed'))\n"])
     shown, modes = _printed_modes(notebook)
-    assert re.search(r"Adam call at [^|]+updates of 10 variables traced as 2 shared functions",
-                     shown), shown
+    for call in ("Adam call", "SparseCategoricalCrossentropy call", "Dense call"):
+        assert re.search(call + r" at <terra-cell-\w+>:\d+ \(from its recorded ops\)",
+                         shown), (call, shown)
     # the 16-to-16 blocks call one function with their own weights; the first block does not
-    assert re.search(r"Dense call at <terra-cell-\w+>:10 x2, "
+    assert re.search(r"Dense call at <terra-cell-\w+>:10 \(from its recorded ops\) x2, "
                      r"Dense call at <terra-cell-\w+>:10 \(shares the function of an identical "
                      r"layer\) x2", shown), shown
     assert modes.count("'co-executing'") >= 8, modes
@@ -577,10 +579,10 @@ def train_step():
 """
 
 
-def test_an_edited_cell_replays_the_library_calls_its_first_version_traced():
+def test_an_edited_cell_replays_the_library_calls_its_first_version_made():
     """A `%%terra` cell edited and run again is a new session on the same model: its library
-    calls replay the functions the first version traced (nothing traced again), with eager's
-    losses over both runs."""
+    calls replay the functions the first version made (written from recorded ops or traced;
+    nothing made again), with eager's losses over both runs."""
     notebook = execute_cells([
         "%load_ext terra_nb", SETUP, KEPT_SETUP,
         "for step in range(16):\n    losses.append(train_step())\neager_losses = losses",
@@ -590,10 +592,11 @@ def test_an_edited_cell_replays_the_library_calls_its_first_version_traced():
         f"np.testing.assert_allclose(losses, eager_losses, rtol={RUN_RTOL}, atol={ATOL})\n"
         "magics = get_ipython().magics_manager.registry['TerraMagics']\n"
         "first, second = [session for _, session in list(magics._sessions.values())[-2:]]\n"
-        "print('traced', first.macro_table.traced, second.macro_table.traced,"
-        " second.macro_table.macros)\n"])
+        "made = [table.traced + table.written for table in"
+        " (first.macro_table, second.macro_table)]\n"
+        "print('made', *made, second.macro_table.macros)\n"])
     assert errors_in(notebook) == []
     shown = text_of(notebook.cells[-1])
-    first, second, replayed = map(int, re.search(r"^traced (\d+) (\d+) (\d+)$", shown,
+    first, second, replayed = map(int, re.search(r"^made (\d+) (\d+) (\d+)$", shown,
                                                  re.M).groups())
     assert first > 0 and second == 0 and replayed > 0, shown

@@ -26,6 +26,9 @@ class SchedulingPolicy:
     # a library call replayed before and met with a tensor argument of another size is traced
     # once more with the dimensions that changed unknown; that one function serves every size
     relax_shapes: bool = True
+    # a library call observed clean while recording gets its function written from the ops
+    # it recorded instead of traced from its Python (replay/recorded.py; docs/engine.md)
+    write_recorded_calls: bool = True
     # while a session runs, objects made before it are left out of Python's full garbage
     # collections, and young objects are collected less often (engine/heap.py)
     freeze_heap: bool = True

@@ -114,24 +114,9 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
     specs = [tf.TensorSpec(shape, tf.dtypes.as_dtype(path[position].inputs[slot].dtype))
              for (position, slot), shape in zip(feeds, sizes[0], strict=True)]
     written = write_segment(path, feeds, folded)
-    names = sorted({name for results in written.results for name, _ in results}
-                   | set(written.kept_running))
 
     def segment(*args):
-        graph = tf.compat.v1.get_default_graph()
-        input_map = {f"terra_arg{index}:0": arg for index, arg in enumerate(args)}
-        input_map.update({f"terra_resource{index}:0": placeholder for index, placeholder
-                          in enumerate(internals.capture_resources(graph, written.resources))})
-        operations = dict(zip(names, internals.import_nodes(
-            graph, written.graph_def, input_map, written.functions, names), strict=True))
-        for name in written.kept_running:
-            internals.keep_running(graph, operations[name])
-        values = {}
-        for position, node in enumerate(path):
-            for index, (name, output) in enumerate(written.results[position]):
-                tensor = operations[name].outputs[output]
-                tensor.set_shape(sizes[1][position][index])
-                values[(node.uid, index)] = tensor
+        values = import_written(written, path, args, sizes[1])
         return [values[(node.uid, index)] for node, index in outputs]
 
     with internals.suspended():
@@ -143,13 +128,38 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
                            unfused=internals.computes_in_half_precision(concrete.graph))
 
 
-def write_segment(path: list[Node], feeds: list, folded: list) -> WrittenSegment:
+def import_written(written: WrittenSegment, path: list[Node], args, output_sizes) -> dict:
+    """Import a written path into the graph being traced, `args` given to its fed inputs in
+    order; the value of each (node uid, output index), of the sizes `output_sizes` (per
+    node, per output)."""
+    graph = tf.compat.v1.get_default_graph()
+    names = sorted({name for results in written.results for name, _ in results}
+                   | set(written.kept_running))
+    input_map = {f"terra_arg{index}:0": arg for index, arg in enumerate(args)}
+    input_map.update({f"terra_resource{index}:0": placeholder for index, placeholder
+                      in enumerate(internals.capture_resources(graph, written.resources))})
+    operations = dict(zip(names, internals.import_nodes(
+        graph, written.graph_def, input_map, written.functions, names), strict=True))
+    for name in written.kept_running:
+        internals.keep_running(graph, operations[name])
+    values = {}
+    for position, node in enumerate(path):
+        for index, (name, output) in enumerate(written.results[position]):
+            tensor = operations[name].outputs[output]
+            tensor.set_shape(output_sizes[position][index])
+            values[(node.uid, index)] = tensor
+    return values
+
+
+def write_segment(path: list[Node], feeds: list, folded: list,
+                  captured: dict | None = None) -> WrittenSegment:
     """The path's ops as GraphDef nodes, as `Graph.create_op` would have made them one by
     one: an op named after its node (error messages name it), each fed input an import input
     (`terra_argN`), each folded one a constant, each resource an import input bound to its
     capture; ops wait for each other as `ControlOrder` says, a stateful op also for the ops
     before it that may fail, as eagerly it runs only if they did not fail; an op that may
-    fail runs even when nothing reads it."""
+    fail runs even when nothing reads it. `captured`: (position, slot) -> a resource handle
+    made by an op left out of the path (a variable its call made), captured too."""
     graph_def = tf.compat.v1.GraphDef()
     position_of = {node.uid: position for position, node in enumerate(path)}
     feed_index = {slot: index for index, slot in enumerate(feeds)}
@@ -176,9 +186,10 @@ def write_segment(path: list[Node], feeds: list, folded: list) -> WrittenSegment
                 if dtypes[-1] == RESOURCE_DTYPE:
                     used.append((inputs[-1], slot in read_only))
                 continue
-            if ref.kind == RESOURCE:
+            if ref.kind == RESOURCE or (captured and (position, slot) in captured):
+                handle = ref.handle if ref.kind == RESOURCE else captured[(position, slot)]
                 known = resources.setdefault(
-                    id(ref.handle), (f"terra_resource{len(resources)}", ref.handle))
+                    id(handle), (f"terra_resource{len(resources)}", handle))
                 inputs.append(f"{known[0]}:0")
                 dtypes.append(RESOURCE_DTYPE)
                 used.append((inputs[-1], slot in read_only))

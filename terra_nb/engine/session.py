@@ -97,7 +97,7 @@ class Session:
             if not self.self_check:
                 from terra_nb.engine.replay.table import MacroTable
 
-                macros = MacroTable(self.policy.relax_shapes)
+                macros = MacroTable(self.policy.relax_shapes, self.policy.write_recorded_calls)
             graph = TraceGraph()
             runner = GraphRunner(self.events, self.xla, self.overlap, self.policy)
             # one assignment: an interrupt cannot leave the engine half made

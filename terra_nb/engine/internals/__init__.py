@@ -49,6 +49,7 @@ from terra_nb.engine.internals.imported import (
 )
 from terra_nb.engine.internals.instantiate import instantiate_ahead
 from terra_nb.engine.internals.lazy import LazyTensor
+from terra_nb.engine.internals.observed import effects_beside_ops
 from terra_nb.engine.internals.ops import (
     EagerTensor,
     EagerTensorBase,
@@ -91,9 +92,9 @@ __all__ = [
     "call_with_captures", "calling_function", "capture_with_unknown_sizes",
     "check_private_symbols", "collecting_conversions",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
-    "current_handler", "eager_context", "follow_into_replica_threads", "function_op_types",
-    "gradient_module", "handling", "import_nodes", "install_guard", "instantiate_ahead",
-    "is_backward_function",
+    "current_handler", "eager_context", "effects_beside_ops", "follow_into_replica_threads",
+    "function_op_types", "gradient_module", "handling", "import_nodes", "install_guard",
+    "instantiate_ahead", "is_backward_function",
     "is_eager_value", "keep_running", "quick_call_attrs", "lean_graph_calls", "merge_calls",
     "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient", "remove_guard",
     "run_eagerly",

@@ -451,3 +451,8 @@ def api_key(value, flat: list):
     return None
 
 
+def built_during(guard, obj) -> bool:
+    """Whether the call made the object's variables (Keras builds a layer or an optimizer at
+    its first call): what it ran then is not what it runs from now on."""
+    count = getattr(getattr(guard, "state", None), "variable_count", None)
+    return count is not None and len(obj.variables) != count

@@ -79,3 +79,22 @@ def replay_macro(entry, flat: list, runner, call_site, checked: bool):
     finally:
         runner.call_site, runner.call_checked = None, False
         replay_state.replaying -= 1
+
+
+def fits(macro, result) -> bool:
+    """Whether a function traced with sizes unknown returns what the call returned: as many
+    tensors, each of its dtype and rank, each size it knows the same. (Traced for its own
+    sizes, the call's output shapes had to be fully known: a function of its input sizes,
+    not of values.)"""
+    returned = [value for value in tf.nest.flatten(result, expand_composites=True)
+                if tf.is_tensor(value)]
+    outputs = macro.outputs
+    return len(returned) == len(outputs) and all(
+        output.dtype == value.dtype and output.shape.rank == len(value.shape)
+        and output.shape.is_compatible_with(value.shape)
+        for output, value in zip(outputs, returned, strict=True))
+
+
+def fully_shaped(function) -> bool:
+    """Whether every output's shape is known whatever the inputs' values."""
+    return all(output.shape.is_fully_defined() for output in function.outputs)

@@ -42,6 +42,7 @@ from terra_nb.engine.replay.guards import (
     ARRAYS,
     CallGuard,
     admits,
+    built_during,
     cannot_fail,
     differs_by_building,
     flatten,
@@ -53,7 +54,14 @@ from terra_nb.engine.replay.guards import (
     sparse_rows_unknown,
 )
 from terra_nb.engine.replay.kept import KEPT
-from terra_nb.engine.replay.macro import BuiltMacro, build_macro, replay_macro, replay_state
+from terra_nb.engine.replay.macro import (
+    BuiltMacro,
+    build_macro,
+    fits,
+    fully_shaped,
+    replay_macro,
+    replay_state,
+)
 from terra_nb.engine.replay.plan import (
     ReplayPlan,
     Unreplayable,
@@ -61,6 +69,7 @@ from terra_nb.engine.replay.plan import (
     rebuild_gradient,
     result_keys,
 )
+from terra_nb.engine.replay.recorded import RecordedCall, macro_from_recording, recorded_call
 from terra_nb.engine.replay.span import (
     NOT_HERE,
     describe_call,
@@ -125,14 +134,16 @@ class ApiFunction:
 class MacroTable:
     """The macros of one Session, keyed by guard key."""
 
-    def __init__(self, relax_shapes: bool = True) -> None:
+    def __init__(self, relax_shapes: bool = True, write_recorded: bool = True) -> None:
         self.relax_shapes = relax_shapes
+        self.write_recorded = write_recorded  # see recorded.py
         self.entries: dict = {}
         self.relaxed_entries: dict = {}  # (call site, id of the object) -> [_Entry]
         self.gradients: dict = {}
         self.replayed_calls = 0
         self.build_seconds = 0.0  # tracing the macros' functions (warm-up profile)
         self.traced = 0  # functions traced for macros (a twin's is not traced again)
+        self.written = 0  # ... written from a recorded call's ops instead (recorded.py)
         self.established: list[str] = []  # replays set up since last taken (for a Note)
         self.refusals_reported: set = set()  # (call site, call, reason) told in a Note
         self.span_keys_per_site: dict = {}  # call site -> keys of call_as_span seen there
@@ -246,6 +257,7 @@ class MacroTable:
         merges = internals.merge_calls()
         read: list = []
         arrays = [value for value in flat if isinstance(value, ARRAYS)]
+        effects = internals.effects_beside_ops()
         replay_state.observing += 1
         outer, runner.observed_call = runner.observed_call, (sys._getframe(), call_site)
         try:
@@ -270,11 +282,12 @@ class MacroTable:
             runner.cursor.path_from(start))
         if forced and not reason and (sparse or as_span):
             reason = Refusal.FORCED_VALUE.say()
-        if reason and _built_during(entry.guard, obj):
+        if reason and built_during(entry.guard, obj):
             entry.banned = reason  # its first call: later calls have another guard
             if building and not (deferred or as_span or sparse or entry.tried_at_once):
+                recorded = recorded_call(runner, start, arguments, read, effects, result)
                 self._establish_at_once(entry, runner, original, obj, args, kwargs, flat,
-                                        call_site, result)
+                                        call_site, result, recorded)
             return result
         if reason:
             self._refuse(entry, runner, _call_name(obj), call_site, reason)
@@ -295,19 +308,21 @@ class MacroTable:
             self._establish(entry, runner, original, obj, args, kwargs, call_site, forced,
                             result)
         elif not deferred and not entry.tried_at_once:
+            recorded = recorded_call(runner, start, arguments, read, effects, result)
             self._establish_at_once(entry, runner, original, obj, args, kwargs, flat,
-                                    call_site, result)
+                                    call_site, result, recorded)
         return result
 
     def _establish_at_once(self, entry, runner, original, obj, args, kwargs, flat, call_site,
-                           result) -> None:
-        """Trace the macro of a call whose first observation under its guard, in a recording
+                           result, recorded: RecordedCall | None = None) -> None:
+        """Make the macro of a call whose first observation under its guard, in a recording
         iteration, ran clean (or only made its object's variables), so that the next
         iteration runs it (docs/engine.md, Library replay). A layer's or an optimizer's first
         call builds it (its variables, its `built` flag), which changes its guard: it is
         traced for the guard it has built, which its next call meets. A call that changed
         any other part of its guard is not traced (its Python changes it at every call:
-        tracing would change it once more)."""
+        tracing would change it once more). `recorded`: what the observation recorded, from
+        which the function may be written instead of traced (recorded.py)."""
         entry.tried_at_once = True
         key = guard_key(obj, args, kwargs, flat)
         if key is None:
@@ -320,10 +335,10 @@ class MacroTable:
                 return
             entry.tried_at_once = True
         self._establish(entry, runner, original, obj, args, kwargs, call_site, False, result,
-                        at_once=True)
+                        at_once=True, recorded=recorded)
 
     def _establish(self, entry, runner, original, obj, args, kwargs, call_site, forced,
-                   result, at_once: bool = False) -> None:
+                   result, at_once: bool = False, recorded: RecordedCall | None = None) -> None:
         """Trace the macro of a stable call: for the relaxed guard if it has one and the
         function traced so fits what the call returned, else for its own sizes.
 
@@ -345,20 +360,20 @@ class MacroTable:
         if relaxed is not None:
             try:
                 built = self._build(original, obj, args, kwargs, entry.guard, relaxed)
-                vouched = vouched or _fully_shaped(built.call)
+                vouched = vouched or fully_shaped(built.call)
                 if not vouched:
                     exact = self._build(original, obj, args, kwargs, entry.guard)
             except Exception:  # its Python needs the sizes: traced for them below
                 built = exact = None
-            if built is not None and not (_fits(built.call, result) and (
-                    vouched or _fully_shaped(exact.call))):
+            if built is not None and not (fits(built.call, result) and (
+                    vouched or fully_shaped(exact.call))):
                 built = None
         entry.relaxed = relaxed if built is not None else None
         if built is None and exact is not None:
             built = exact
         if built is None:
             try:
-                built = self._build(original, obj, args, kwargs, entry.guard)
+                built = self._build(original, obj, args, kwargs, entry.guard, recorded=recorded)
             except Exception:
                 if at_once:
                     return
@@ -368,7 +383,7 @@ class MacroTable:
                              Refusal.FORCED_VALUE.say())  # a Python branch on a tensor
                 return
         self.build_seconds += time.perf_counter() - started
-        if entry.relaxed is None and not _fully_shaped(built.call):
+        if entry.relaxed is None and not fully_shaped(built.call):
             self._refuse(entry, runner, _call_name(obj), call_site,
                          Refusal.VALUE_DEPENDENT_SHAPES.say())
             return
@@ -391,7 +406,7 @@ class MacroTable:
         except Exception:  # its Python needs the sizes
             return False
         self.build_seconds += time.perf_counter() - started
-        if not _fits(built.call, replayed.macro.outputs):
+        if not fits(built.call, replayed.macro.outputs):
             return False
         entry.relaxed = relaxed
         self._install(entry, built, obj, call_site)
@@ -414,9 +429,11 @@ class MacroTable:
             what += f" (any {sizes_text(entry.relaxed)})"
         self.established.append(what)
 
-    def _build(self, original, obj, args, kwargs, guard, relaxed=None) -> BuiltMacro:
+    def _build(self, original, obj, args, kwargs, guard, relaxed=None,
+               recorded: RecordedCall | None = None) -> BuiltMacro:
         """`build_macro`, or the function traced for a twin of the layer (twins.py), or the
-        one an earlier session traced for this very call (kept.py)."""
+        one an earlier session traced for this very call (kept.py), or, for exact sizes,
+        the one written from its `recorded` ops (recorded.py)."""
         key = twin_key(obj, original, guard, relaxed)
         built = self.twins.find(key, obj)
         if built is None:
@@ -424,8 +441,12 @@ class MacroTable:
             kept = not tf.distribute.has_strategy()  # each replica traces its own
             built = KEPT.find(obj, original, guard, relaxed, flat) if kept else None
             if built is None:
-                built = build_macro(original, obj, args, kwargs, relaxed)
-                self.traced += 1
+                if recorded is not None and relaxed is None and self.write_recorded:
+                    built = macro_from_recording(recorded, obj, flat)
+                    self.written += built is not None
+                if built is None:
+                    built = build_macro(original, obj, args, kwargs, relaxed)
+                    self.traced += 1
                 if kept:
                     KEPT.keep(obj, original, guard, relaxed, flat, built)
             self.twins.add(key, obj, built)
@@ -570,29 +591,3 @@ def _unstable(runner, start, call_site, obj, result) -> str:
     if getattr(obj, "losses", None):
         return Refusal.LAYER_LOSSES.say()
     return Refusal.MADE_VARIABLES.say() if made_variables else ""
-
-
-def _fits(macro, result) -> bool:
-    """Whether a function traced with sizes unknown returns what the call returned: as many
-    tensors, each of its dtype and rank, each size it knows the same. (Traced for its own
-    sizes, the call's output shapes had to be fully known: a function of its input sizes,
-    not of values.)"""
-    returned = [value for value in tf.nest.flatten(result, expand_composites=True)
-                if tf.is_tensor(value)]
-    outputs = macro.outputs
-    return len(returned) == len(outputs) and all(
-        output.dtype == value.dtype and output.shape.rank == len(value.shape)
-        and output.shape.is_compatible_with(value.shape)
-        for output, value in zip(outputs, returned, strict=True))
-
-
-def _fully_shaped(function) -> bool:
-    """Whether every output's shape is known whatever the inputs' values."""
-    return all(output.shape.is_fully_defined() for output in function.outputs)
-
-
-def _built_during(guard, obj) -> bool:
-    """Whether the call made the object's variables (Keras builds a layer or an optimizer at
-    its first call): what it ran then is not what it runs from now on."""
-    count = getattr(getattr(guard, "state", None), "variable_count", None)
-    return count is not None and len(obj.variables) != count

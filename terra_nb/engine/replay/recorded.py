@@ -1,0 +1,204 @@
+"""Macros written from a recorded call: the function standing for a stable library call made
+from the ops its first observation recorded, instead of tracing its Python once more.
+
+Tracing a Keras call into a ConcreteFunction runs its Python again in graph mode, where
+TensorFlow builds each op through Python (~0.3-0.4 ms per graph op): sdpoint's first
+iteration spent ~130 ms of its ~400 ms tracing eight calls. A call observed clean in a
+recording iteration has all its ops in the TraceGraph already: written as one GraphDef
+(segmentdef.write_segment) and imported into a function whose inputs are the call's tensor
+arguments, the same call takes a few milliseconds. Its ops are eager's own, so the function
+computes what eager computed. A first call that built its layer or optimizer also made its
+variables: the ops that made them (each new handle, its initial value and first assignment)
+are left out, and the handles, like those of variables made earlier in the iteration, are
+captured as the function's variables.
+
+Only a call whose recorded ops tell everything it does is written so: a call of Keras' own
+layers, losses and optimizers (written to be traced: Keras compiles them with tf.function and
+XLA, so their Python chooses nothing by a tensor's value, which a recording iteration sees
+only when read through Python, not through numpy's buffer protocol), that made no tape entry
+of its own (a custom gradient's backward function is not in its ops) and read no value in
+Python; every op recorded in this iteration (its outside values are this call's), none a
+function call, island or stateful random op; inputs that are its tensor arguments, its
+variables or small constants of the library, no argument deciding an output's shape; results
+that are its ops' outputs, its arguments, variables (read after its updates, as a traced
+function returns them) or Python values. Any other call is traced as before.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import NamedTuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from terra_nb.engine import internals
+from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
+from terra_nb.engine.internals import keras_state
+from terra_nb.engine.replay.guards import (
+    ARRAYS,
+    PYTHON_VALUES,
+    VARIABLE_TYPES,
+    dtype_of,
+    is_tensor_like,
+)
+from terra_nb.engine.replay.macro import BuiltMacro
+from terra_nb.engine.segmentdef import import_written, write_segment
+from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
+
+
+class RecordedCall(NamedTuple):
+    """What a recording iteration saw of one library call."""
+
+    span: list  # the TraceGraph nodes of its ops
+    arguments: dict  # flat argument position -> input identity, for its eager tensors
+    variables: tuple  # the trainable variables it read
+    tells_all: bool  # it made no tape entry of its own and read no value (internals.observed)
+    runner: object  # the iteration's PythonRunner
+    result: object  # what it returned
+
+
+def recorded_call(runner, start, arguments: dict, read: list, effects: tuple,
+                  result) -> RecordedCall:
+    """What the call observed since TraceGraph node `start` recorded (`effects`:
+    `internals.effects_beside_ops()` before it ran)."""
+    return RecordedCall(runner.cursor.path_from(start), arguments, tuple(read),
+                        internals.effects_beside_ops() == effects, runner, result)
+
+
+class _Sources(NamedTuple):
+    """The ops of a written call, and where their inputs and its results come from."""
+
+    path: list  # its recorded ops, less those that made its variables
+    captured: dict  # (path position, input slot) -> the handle of a variable it made
+    feeds: list  # (span position, input slot) given a tensor argument
+    fed_from: list  # ... the flat argument position giving it
+    folded: list  # (span position, input slot) holding a constant of the library
+    results: list  # per result leaf: ("op", uid, index), ("argument", position) or ("value", v)
+
+
+def macro_from_recording(recorded: RecordedCall, obj, flat: list) -> BuiltMacro | None:
+    """The function of the call of `obj` written from its recorded ops, or None where it
+    must be traced (see the module's docstring)."""
+    if not recorded.span or not recorded.tells_all or not _keras_own(obj):
+        return None
+    if any(isinstance(value, ARRAYS) or (is_tensor_like(value) and position
+                                         not in recorded.arguments)
+           for position, value in enumerate(flat)):
+        return None
+    plan = _plan(recorded, flat)
+    if plan is None:
+        return None
+    span = plan.path
+    positions = sorted(set(plan.fed_from) | {source[1] for source in plan.results
+                                             if source[0] == "argument"})
+    input_of = {position: index for index, position in enumerate(positions)}
+    written = write_segment(span, plan.feeds, plan.folded, plan.captured)
+    output_sizes = [node.output_shapes for node in span]
+
+    def body(*tensors):
+        values = import_written(written, span, [tensors[input_of[position]]
+                                                for position in plan.fed_from], output_sizes)
+        with tf.control_dependencies(tf.compat.v1.get_default_graph().control_outputs):
+            leaves = [values[(source[1], source[2])] if source[0] == "op"
+                      else tensors[input_of[source[1]]] if source[0] == "argument"
+                      else tf.identity(source[1]) if source[0] == "variable"
+                      else source[1] for source in plan.results]
+        return tf.nest.pack_sequence_as(recorded.result, leaves)
+
+    specs = [tf.TensorSpec(np.shape(flat[position]), dtype_of(flat[position]))
+             for position in positions]
+    with internals.suspended():
+        concrete = tf.function(
+            body, autograph=False, experimental_attributes=internals.WITHOUT_AUTOMATIC_CONTROL
+        ).get_concrete_function(*specs)
+    variables = {id(variable): variable for variable in recorded.variables}.values()
+    concrete.set_variables(list(variables))  # a tape watching them watches the call
+    return BuiltMacro(internals.TracedCall(concrete), positions, "from its recorded ops")
+
+
+def _keras_own(obj) -> bool:
+    """Whether `obj` and, for a layer, every layer in it are of Keras' own classes."""
+    objects = keras_state.layers_of(obj) if isinstance(obj, keras.layers.Layer) else [obj]
+    return all(type(each).__module__.startswith("keras.") for each in objects)
+
+
+def _made_variables(span: list) -> set:
+    """The uids of the span's ops that made variables: a handle, its initial value, its first
+    assignment (ops whose every reader is one of them)."""
+    handles = {node.uid for node in span if node.op_type == "VarHandleOp"}
+    if not handles:
+        return handles
+    made, assigned = set(handles), set()
+    readers = collections.defaultdict(set)
+    for node in span:
+        for ref in node.inputs:
+            if ref.kind == FROM_NODE:
+                readers[ref.node.uid].add(node.uid)
+        if node.op_type == "AssignVariableOp" and node.inputs[0].kind == FROM_NODE:
+            handle = node.inputs[0].node.uid
+            if handle in handles and handle not in assigned:
+                assigned.add(handle)
+                made.add(node.uid)
+    for node in reversed(span):
+        if readers[node.uid] and readers[node.uid] <= made:
+            made.add(node.uid)
+    return made
+
+
+def _plan(recorded: RecordedCall, flat: list) -> _Sources | None:
+    """The ops to write, where each of their inputs comes from and each result leaf, or
+    None."""
+    runner = recorded.runner
+    made = _made_variables(recorded.span)
+    handle_of = {produced.node.uid: produced.output for produced in runner.produced.values()
+                 if produced.node.op_type == "VarHandleOp"}  # variables made this iteration
+    path = [node for node in recorded.span if node.uid not in made]
+    members = {node.uid for node in path}
+    by_identity: dict = {}
+    for position, identity in recorded.arguments.items():
+        by_identity.setdefault(identity, position)
+    by_object = {id(flat[position]): position for position in recorded.arguments}
+    sources = _Sources(path, {}, [], [], [], [])
+    for position, node in enumerate(path):
+        if (node.visits != 1 or node.function is not None or node.island
+                or node.op_type in STATEFUL_RANDOM_OPS):
+            return None
+        for slot, ref in enumerate(node.inputs):
+            if ref.kind == RESOURCE or (ref.kind == FROM_NODE and ref.node.uid in members):
+                continue
+            if ref.kind == FROM_NODE and ref.node.uid in handle_of:
+                sources.captured[(position, slot)] = handle_of[ref.node.uid]
+                continue
+            if ref.kind == FROM_NODE:
+                argument = by_identity.get(input_identity(ref))
+            else:
+                seen = node.externals.get(slot)
+                if ref.kind != EXTERNAL or seen is None:
+                    return None
+                argument = by_object.get(id(seen.first))
+                if argument is None:
+                    if seen.first_value is None:  # too large to be the library's constant
+                        return None
+                    sources.folded.append((position, slot))
+                    continue
+            if argument is None or runner.decides_shape(node, slot):
+                return None
+            sources.feeds.append((position, slot))
+            sources.fed_from.append(argument)
+    for leaf in tf.nest.flatten(recorded.result):
+        if leaf is None or isinstance(leaf, PYTHON_VALUES):
+            sources.results.append(("value", leaf))
+        elif isinstance(leaf, VARIABLE_TYPES):  # its value after the call's updates, as a
+            sources.results.append(("variable", leaf))  # traced function returns it
+        elif not isinstance(leaf, internals.EagerTensor):
+            return None
+        elif by_object.get(id(leaf)) is not None:
+            sources.results.append(("argument", by_object[id(leaf)]))
+        else:
+            identity = runner.reference_of(leaf)
+            if identity[0] != FROM_NODE or identity[1] not in members or len(identity) != 3:
+                return None
+            sources.results.append(("op", identity[1], identity[2]))
+    return sources
