@@ -185,7 +185,7 @@ def profile_table(results: dict) -> str:
         f"| program | eager first {FIRST} s | terra_nb first {FIRST} s | tracing s | "
         "fallback s | co-executed s | other s | after the steps s | recording µs/op | "
         "graphs built (s) | first runs s (whole run, instantiated ahead included) | "
-        "replay functions traced s (whole run) |",
+        "replay functions made s (whole run; written or traced) |",
         "|---|" + "---|" * 11,
     ]
     for name, summary in results.items():
