@@ -128,10 +128,11 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
                            unfused=internals.computes_in_half_precision(concrete.graph))
 
 
-def import_written(written: WrittenSegment, path: list[Node], args, output_sizes) -> dict:
+def import_written(written: WrittenSegment, path: list[Node], args,
+                   output_sizes: tuple | None = None) -> dict:
     """Import a written path into the graph being traced, `args` given to its fed inputs in
     order; the value of each (node uid, output index), of the sizes `output_sizes` (per
-    node, per output)."""
+    node, per output) where given, else of the sizes TensorFlow infers."""
     graph = tf.compat.v1.get_default_graph()
     names = sorted({name for results in written.results for name, _ in results}
                    | set(written.kept_running))
@@ -146,7 +147,8 @@ def import_written(written: WrittenSegment, path: list[Node], args, output_sizes
     for position, node in enumerate(path):
         for index, (name, output) in enumerate(written.results[position]):
             tensor = operations[name].outputs[output]
-            tensor.set_shape(output_sizes[position][index])
+            if output_sizes is not None:
+                tensor.set_shape(output_sizes[position][index])
             values[(node.uid, index)] = tensor
     return values
 

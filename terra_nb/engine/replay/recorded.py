@@ -21,7 +21,9 @@ Python; every op recorded in this iteration (its outside values are this call's)
 function call, island or stateful random op; inputs that are its tensor arguments, its
 variables or small constants of the library, no argument deciding an output's shape; results
 that are its ops' outputs, its arguments, variables (read after its updates, as a traced
-function returns them) or Python values. Any other call is traced as before.
+function returns them) or Python values, each of a size TensorFlow infers from the
+arguments' (not taken from the recording: a size that follows from a value is the trace's
+to refuse). Any other call is traced as before.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from terra_nb.engine.replay.guards import (
     dtype_of,
     is_tensor_like,
 )
-from terra_nb.engine.replay.macro import BuiltMacro
+from terra_nb.engine.replay.macro import BuiltMacro, fully_shaped
 from terra_nb.engine.segmentdef import import_written, write_segment
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
 
@@ -95,11 +97,10 @@ def macro_from_recording(recorded: RecordedCall, obj, flat: list) -> BuiltMacro 
                                              if source[0] == "argument"})
     input_of = {position: index for index, position in enumerate(positions)}
     written = write_segment(span, plan.feeds, plan.folded, plan.captured)
-    output_sizes = [node.output_shapes for node in span]
 
     def body(*tensors):
         values = import_written(written, span, [tensors[input_of[position]]
-                                                for position in plan.fed_from], output_sizes)
+                                                for position in plan.fed_from])
         with tf.control_dependencies(tf.compat.v1.get_default_graph().control_outputs):
             leaves = [values[(source[1], source[2])] if source[0] == "op"
                       else tensors[input_of[source[1]]] if source[0] == "argument"
@@ -115,6 +116,8 @@ def macro_from_recording(recorded: RecordedCall, obj, flat: list) -> BuiltMacro 
         ).get_concrete_function(*specs)
     variables = {id(variable): variable for variable in recorded.variables}.values()
     concrete.set_variables(list(variables))  # a tape watching them watches the call
+    if not fully_shaped(concrete):  # sizes that follow from values: the trace decides
+        return None
     return BuiltMacro(internals.TracedCall(concrete), positions, "from its recorded ops")
 
 
