@@ -66,8 +66,8 @@ def _flatten_into(values, flat: list) -> bool:
 
 
 def is_tensor_like(value) -> bool:
-    if isinstance(value, VARIABLE_TYPES):
-        return False
+    if isinstance(value, PYTHON_VALUES) or isinstance(value, VARIABLE_TYPES):
+        return False  # first: tf.is_tensor takes ~8 µs to say no to a bool (a Protocol check)
     return tf.is_tensor(value) or isinstance(value, np.ndarray)
 
 
