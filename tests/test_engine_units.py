@@ -752,6 +752,40 @@ def test_library_calls_observed_while_recording_are_written_from_their_ops_not_t
     assert "Sequential call at" in replayed and "(from its recorded ops)" in replayed, replayed
 
 
+def test_a_model_holding_a_preprocessing_layer_is_traced_not_written(monkeypatch):
+    """Keras' preprocessing layers are made for data pipelines and some read their inputs
+    through numpy, which a recording does not see: a model holding one is traced, as before;
+    the loss beside it is written. Results are eager's."""
+    from terra_nb.engine.replay import table as table_module
+
+    x = tf.constant(np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32))
+
+    def run(session=None) -> list:
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([keras.Input((4,)),
+                                  keras.layers.Normalization(mean=0.5, variance=2.0),
+                                  keras.layers.Dense(1)])
+        loss_fn = keras.losses.MeanSquaredError()
+        losses = []
+        for _ in range(4):
+            with session.iteration() if session else contextlib.nullcontext():
+                loss = loss_fn(tf.ones((8, 1)), model(x))
+            losses.append(float(loss))
+        return losses
+
+    traced = []
+    build_macro = table_module.build_macro
+    monkeypatch.setattr(table_module, "build_macro", lambda original, obj, *rest: (
+        traced.append(type(obj).__name__), build_macro(original, obj, *rest))[1])
+    expected = run()
+    session = Session("preprocessing-traced")
+    got = run(session)
+    session.close()
+    np.testing.assert_allclose(got, expected, rtol=RUN_RTOL, atol=ATOL)
+    assert traced == ["Sequential"] and session.macro_table.written == 1, (
+        traced, session.macro_table.written)
+
+
 def test_custom_gradients_and_values_read_by_library_code_are_told_not_the_engines():
     """What tells a call its recorded ops do not describe: a tape entry of its own (a custom
     gradient) or a value read in Python by code that is neither TensorFlow's nor terra_nb's

@@ -15,7 +15,8 @@ captured as the function's variables.
 Only a call whose recorded ops tell everything it does is written so: a call of Keras' own
 layers, losses and optimizers (written to be traced: Keras compiles them with tf.function and
 XLA, so their Python chooses nothing by a tensor's value, which a recording iteration sees
-only when read through Python, not through numpy's buffer protocol), that made no tape entry
+only when read through Python, not through numpy's buffer protocol), its preprocessing layers
+excepted (made for data pipelines, some convert their inputs to numpy), that made no tape entry
 of its own (a custom gradient's backward function is not in its ops) and read no value in
 Python; every op recorded in this iteration (its outside values are this call's), none a
 function call, island or stateful random op; inputs that are its tensor arguments, its
@@ -74,10 +75,12 @@ class _Sources(NamedTuple):
 
     path: list  # its recorded ops, less those that made its variables
     captured: dict  # (path position, input slot) -> the handle of a variable it made
-    feeds: list  # (span position, input slot) given a tensor argument
+    feeds: list  # (path position, input slot) given a tensor argument
     fed_from: list  # ... the flat argument position giving it
-    folded: list  # (span position, input slot) holding a constant of the library
-    results: list  # per result leaf: ("op", uid, index), ("argument", position) or ("value", v)
+    folded: list  # (path position, input slot) holding a constant of the library
+    # per result leaf: ("op", uid, index), ("argument", position), ("variable", variable) or
+    # ("value", a Python value)
+    results: list
 
 
 def macro_from_recording(recorded: RecordedCall, obj, flat: list) -> BuiltMacro | None:
@@ -122,9 +125,14 @@ def macro_from_recording(recorded: RecordedCall, obj, flat: list) -> BuiltMacro 
 
 
 def _keras_own(obj) -> bool:
-    """Whether `obj` and, for a layer, every layer in it are of Keras' own classes."""
+    """Whether `obj` and, for a layer, every layer in it are of Keras' own classes, none of
+    them a preprocessing layer."""
     objects = keras_state.layers_of(obj) if isinstance(obj, keras.layers.Layer) else [obj]
-    return all(type(each).__module__.startswith("keras.") for each in objects)
+    return all(type(each).__module__.startswith("keras.")
+               and not type(each).__module__.startswith(_PREPROCESSING) for each in objects)
+
+
+_PREPROCESSING = "keras.src.layers.preprocessing."
 
 
 def _made_variables(span: list) -> set:

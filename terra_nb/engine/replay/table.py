@@ -339,8 +339,9 @@ class MacroTable:
 
     def _establish(self, entry, runner, original, obj, args, kwargs, call_site, forced,
                    result, at_once: bool = False, recorded: RecordedCall | None = None) -> None:
-        """Trace the macro of a stable call: for the relaxed guard if it has one and the
-        function traced so fits what the call returned, else for its own sizes.
+        """Make the macro of a stable call: traced for the relaxed guard if it has one and
+        the function traced so fits what the call returned, else for its own sizes (written
+        from its `recorded` ops instead where they tell all, see recorded.py).
 
         `at_once` (see _establish_at_once): a trace that fails leaves the call to the two
         observations of a stable call, one of them deferred, where a forced value shows.
