@@ -163,8 +163,7 @@ def _plan(recorded: RecordedCall, flat: list) -> _Sources | None:
     None."""
     runner = recorded.runner
     made = _made_variables(recorded.span)
-    handle_of = {produced.node.uid: produced.output for produced in runner.produced.values()
-                 if produced.node.op_type == "VarHandleOp"}  # variables made this iteration
+    handle_of = None  # VarHandleOp uid -> the handle it made this iteration, once needed
     path = [node for node in recorded.span if node.uid not in made]
     members = {node.uid for node in path}
     by_identity: dict = {}
@@ -179,9 +178,14 @@ def _plan(recorded: RecordedCall, flat: list) -> _Sources | None:
         for slot, ref in enumerate(node.inputs):
             if ref.kind == RESOURCE or (ref.kind == FROM_NODE and ref.node.uid in members):
                 continue
-            if ref.kind == FROM_NODE and ref.node.uid in handle_of:
-                sources.captured[(position, slot)] = handle_of[ref.node.uid]
-                continue
+            if ref.kind == FROM_NODE and ref.node.op_type == "VarHandleOp":
+                if handle_of is None:  # walked only for a call using a variable made now
+                    handle_of = {produced.node.uid: produced.output
+                                 for produced in runner.produced.values()
+                                 if produced.node.op_type == "VarHandleOp"}
+                if ref.node.uid in handle_of:
+                    sources.captured[(position, slot)] = handle_of[ref.node.uid]
+                    continue
             if ref.kind == FROM_NODE:
                 argument = by_identity.get(input_identity(ref))
             else:
