@@ -24,6 +24,7 @@ import tensorflow as tf
 from terra_nb.engine import events as ev
 from terra_nb.engine import graphgen, hostvalues, internals, shapeprobe
 from terra_nb.engine.divergence import explain_divergence
+from terra_nb.engine.gradientwindows import GradientWindows
 from terra_nb.engine.handlers import user_code_catches
 from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer
 from terra_nb.engine.interpret import InterpretedSegment, observe_fed
@@ -61,7 +62,7 @@ class _Pending(NamedTuple):
     outside: dict  # input slot -> value
 
 
-class PythonRunner:
+class PythonRunner(GradientWindows):
     """The op handler of one iteration (see module docstring)."""
 
     def __init__(self, graph: TraceGraph, runner: GraphRunner, events: ev.EventLog,
@@ -101,6 +102,7 @@ class PythonRunner:
         self.retraced = ""  # why the iteration left co-execution without a fallback, if it did
         self.makes_variables = False  # it recorded a VarHandleOp: it created a variable
         self.recorded_nodes: list = []  # the TraceGraph nodes it added
+        GradientWindows.__init__(self)
 
     # ------------------------------------------------------------ op handler
 
@@ -525,6 +527,7 @@ class PythonRunner:
             self.runner.end_iteration()
         finally:
             self.finished = True
+            internals.forget_marks(self)
             self.produced.clear()
             self.lazy_refs.clear()
             self.external_inputs.clear()

@@ -35,6 +35,8 @@ from terra_nb.engine.internals.functions import (
     tape_gradient,
     tape_is_plain,
 )
+from terra_nb.engine.internals.gradients import PRIVATE_SYMBOLS as _GRADIENT_SYMBOLS
+from terra_nb.engine.internals.gradients import forget_marks
 from terra_nb.engine.internals.imported import PRIVATE_SYMBOLS as _IMPORT_SYMBOLS
 from terra_nb.engine.internals.imported import (
     WITHOUT_AUTOMATIC_CONTROL,
@@ -90,7 +92,7 @@ __all__ = [
     "call_node", "call_op_type", "capture_resources", "collective_ids", "ordered_as_stateful",
     "read_only_inputs", "reads_resources_only",
     "call_with_captures", "calling_function", "capture_with_unknown_sizes",
-    "check_private_symbols", "collecting_conversions",
+    "check_private_symbols", "collecting_conversions", "forget_marks",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
     "current_handler", "eager_context", "effects_beside_ops", "follow_into_replica_threads",
     "function_op_types", "gradient_module", "handling", "import_nodes", "install_guard",
@@ -134,7 +136,7 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.framework.constant_op", "convert_to_eager_tensor"),
     ("tensorflow.python.eager.backprop", "_handle_or_self"),
     ("tensorflow.python.framework.func_graph", "FuncGraph"),
-) + _REPLICA_SYMBOLS + _IMPORT_SYMBOLS
+) + _REPLICA_SYMBOLS + _IMPORT_SYMBOLS + _GRADIENT_SYMBOLS
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
 _CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")

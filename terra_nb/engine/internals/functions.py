@@ -79,13 +79,27 @@ class TracedCall:
     """
 
     def __init__(self, function, captures: list | None = None,
-                 variables: list | None = None) -> None:
+                 variables: list | None = None, written_gradient=None) -> None:
         """`captures` and `variables`: another layer's, in place of the ones the function
-        was traced with (a twin's, see replay/twins.py)."""
+        was traced with (a twin's, see replay/twins.py). `written_gradient()`: the call's
+        forward and backward functions written from its recorded gradient ops
+        (replay/backward.py; None where they cannot be), asked at its first call under a
+        tape, in place of TensorFlow building them."""
         self.function = function
         self.captures = captures
         self.variables = variables
-        self._plan: _TapePlan | None = None
+        self._plan: _TapePlan | _WrittenTapePlan | None = None
+        self._written_gradient = written_gradient
+        self.calls_through_tensorflow = 0  # under a tape, TensorFlow's path taken
+
+    @property
+    def gradient(self) -> str | None:
+        """Where a first-order tape's gradient of this call comes from: "written" (its
+        recorded gradient ops), "tensorflow" (the backward function TensorFlow built), or
+        None before its first call under a tape."""
+        if isinstance(self._plan, _WrittenTapePlan):
+            return "written"
+        return None if self._plan is None else "tensorflow"
 
     @property
     def outputs(self) -> list:
@@ -104,15 +118,23 @@ class TracedCall:
         function = self.function
         captured = function.captured_inputs if self.captures is None else self.captures
         plan = self._plan
+        if plan is None and self._written_gradient is not None and self.captures is None \
+                and record.could_possibly_record() and context.executing_eagerly():
+            written, self._written_gradient = self._written_gradient(), None
+            if written is not None:
+                plan = self._plan = _WrittenTapePlan(function, written)
         if plan is not None and plan.usable and record.could_possibly_record() \
                 and context.executing_eagerly():
             _read(self.variables if self.variables is not None else plan.variables)
             args = tensors + captured
             if (gradients_util.PossibleTapeGradientTypes(args) == _FIRST_ORDER
-                    and not forwardprop_util.pack_tangents(args).indices):
+                    and not forwardprop_util.pack_tangents(args).indices
+                    and plan.admits(args)):
                 return function.function_type.pack_output(plan.call(args))
         if self.variables is not None:  # TensorFlow's call reads the traced-for variables
             _read(self.variables)
+        if record.could_possibly_record():
+            self.calls_through_tensorflow += 1
         outputs = function._call_flat(tensors, captured)
         if plan is None:
             self._plan = _TapePlan.of(function)
@@ -174,13 +196,12 @@ class _TapePlan:
             or getattr(capture, "graph", None) is not forward_graph
             for index, capture in self.captures)
 
+    def admits(self, args: list) -> bool:
+        return True
+
     def call(self, args: list) -> list:
         """The forward function's outputs, its tape entry recorded (variables already read)."""
-        handler = current_handler()
-        if handler is not None and self.direct and cancellation.context() is None:
-            outputs = call_handled(handler, self.forward, self.name, self.num_outputs, args)
-        else:
-            outputs = self.forward.call_flat(*args)
+        outputs = _call_forward(self, args)
         captured = [capture if index is None else outputs[index]
                     for index, capture in self.captures]
         record.record_operation(self.name, outputs[:self.recorded], args,
@@ -205,6 +226,63 @@ class _TapePlan:
             if len(gradients) >= self.gradient_inputs:
                 break
         return backward._call_flat(gradients, captured)
+
+
+def _call_forward(plan, args: list) -> list:
+    """A tape plan's forward function called, straight to the thread's op handler when it
+    may be."""
+    handler = current_handler()
+    if handler is not None and plan.direct and cancellation.context() is None:
+        return call_handled(handler, plan.forward, plan.name, plan.num_outputs, args)
+    return plan.forward.call_flat(*args)
+
+
+class _WrittenTapePlan:
+    """A TracedCall's tape plan from the forward and backward functions written from its
+    recorded gradient ops (replay/backward.py's WrittenGradient)."""
+
+    usable = True
+
+    def __init__(self, function, written) -> None:
+        self.variables = function.graph.variables
+        forward = written.forward
+        self.forward = forward._inference_function
+        self.name = self.forward.cached_definition.signature.name
+        self.num_outputs = len(forward.outputs)
+        self.direct = all(output.dtype != dtypes.resource for output in forward.outputs)
+        self.results = self.num_outputs - len(written.sides)
+        self.result_specs = [(output.shape, output.dtype)
+                             for output in forward.outputs[:self.results]]
+        self.backward = written.backward
+        self.inputs = len(forward.inputs)
+        self.arguments = written.arguments  # places among the call's inputs
+        self.slots = written.gradient_slots
+        self.unconnected = written.unconnected
+
+    def admits(self, args: list) -> bool:
+        """Whether the written gradient serves this call: no input that got no gradient when
+        it was recorded is watched now."""
+        return not any(record.should_record_backprop([args[slot]])
+                       for slot in self.unconnected)
+
+    def call(self, args: list) -> list:
+        outputs = _call_forward(self, args)
+        saved = list(outputs[self.results:]) + [args[slot] for slot in self.arguments]
+        record.record_operation(self.name, outputs[:self.results], args,
+                                functools.partial(self._gradient, saved))
+        return outputs
+
+    def _gradient(self, saved: list, *output_gradients):
+        upstream = []
+        for gradient, (shape, dtype) in zip(output_gradients, self.result_specs, strict=True):
+            if isinstance(gradient, indexed_slices.IndexedSlices):
+                gradient = ops.convert_to_tensor(gradient)
+            upstream.append(array_ops.zeros(shape, dtype) if gradient is None else gradient)
+        gradients = [None] * self.inputs
+        computed = self.backward._call_flat(upstream + saved, self.backward.captured_inputs)
+        for slot, gradient in zip(self.slots, computed, strict=True):
+            gradients[slot] = gradient
+        return gradients
 
 
 def tape_gradient(tape, targets: list, sources: list, unconnected_gradients) -> list:

@@ -18,6 +18,7 @@ from terra_nb.engine import usercode
 class _Counts(threading.local):
     tape_entries = 0
     host_reads = 0
+    read_values: list | None = None  # every tensor read, while a gradient function runs
 
 
 _counts = _Counts()
@@ -33,6 +34,8 @@ def _record_operation(*args, **kwargs):
 
 
 def _numpy(self):
+    if _counts.read_values is not None:
+        _counts.read_values.append(self)
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_TENSORFLOW_DIR):
         frame = frame.f_back
@@ -49,3 +52,13 @@ def effects_beside_ops() -> tuple[int, int]:
     """This thread's counts so far of tape entries other than single ops' own, and of tensor
     values read by code outside TensorFlow and terra_nb."""
     return _counts.tape_entries, _counts.host_reads
+
+
+def start_collecting_reads() -> list:
+    """From now on this thread's tensor reads, by anyone, are appended to the list returned."""
+    _counts.read_values = []
+    return _counts.read_values
+
+
+def stop_collecting_reads() -> None:
+    _counts.read_values = None

@@ -30,6 +30,7 @@ to refuse). Any other call is traced as before.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import NamedTuple
 
 import keras
@@ -39,6 +40,7 @@ import tensorflow as tf
 from terra_nb.engine import internals
 from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
 from terra_nb.engine.internals import keras_state
+from terra_nb.engine.replay import backward
 from terra_nb.engine.replay.guards import (
     ARRAYS,
     PYTHON_VALUES,
@@ -81,6 +83,7 @@ class _Sources(NamedTuple):
     # per result leaf: ("op", uid, index), ("argument", position), ("variable", variable) or
     # ("value", a Python value)
     results: list
+    arguments_by_object: dict  # id of each eager tensor argument -> its flat position
 
 
 def macro_from_recording(recorded: RecordedCall, obj, flat: list) -> BuiltMacro | None:
@@ -95,33 +98,68 @@ def macro_from_recording(recorded: RecordedCall, obj, flat: list) -> BuiltMacro 
     plan = _plan(recorded, flat)
     if plan is None:
         return None
-    span = plan.path
     positions = sorted(set(plan.fed_from) | {source[1] for source in plan.results
                                              if source[0] == "argument"})
+    written = write_segment(plan.path, plan.feeds, plan.folded, plan.captured)
+    specs = [tf.TensorSpec(np.shape(flat[position]), dtype_of(flat[position]))
+             for position in positions]
+    concrete = _function(recorded, plan, written, positions, specs)
+    if not fully_shaped(concrete):  # sizes that follow from values: the trace decides
+        return None
+    gradient = functools.partial(_written_gradient, recorded, plan, written, positions, specs,
+                                 concrete) if any(source[0] == "op"
+                                                  for source in plan.results) else None
+    return BuiltMacro(internals.TracedCall(concrete, written_gradient=gradient), positions,
+                      "from its recorded ops")
+
+
+def _function(recorded: RecordedCall, plan: _Sources, written, positions: list, specs: list,
+              sides: list | None = None):
+    """The ConcreteFunction of the written call: its results in the call's structure, or
+    (given `sides`, op outputs) its tensor results then those values, as one list."""
     input_of = {position: index for index, position in enumerate(positions)}
-    written = write_segment(span, plan.feeds, plan.folded, plan.captured)
 
     def body(*tensors):
-        values = import_written(written, span, [tensors[input_of[position]]
-                                                for position in plan.fed_from])
+        values = import_written(written, plan.path, [tensors[input_of[position]]
+                                                     for position in plan.fed_from])
         with tf.control_dependencies(tf.compat.v1.get_default_graph().control_outputs):
             leaves = [values[(source[1], source[2])] if source[0] == "op"
                       else tensors[input_of[source[1]]] if source[0] == "argument"
                       else tf.identity(source[1]) if source[0] == "variable"
                       else source[1] for source in plan.results]
-        return tf.nest.pack_sequence_as(recorded.result, leaves)
+        if sides is None:
+            return tf.nest.pack_sequence_as(recorded.result, leaves)
+        return [leaf for leaf in leaves if isinstance(leaf, tf.Tensor)] + [
+            values[side] for side in sides]
 
-    specs = [tf.TensorSpec(np.shape(flat[position]), dtype_of(flat[position]))
-             for position in positions]
     with internals.suspended():
         concrete = tf.function(
             body, autograph=False, experimental_attributes=internals.WITHOUT_AUTOMATIC_CONTROL
         ).get_concrete_function(*specs)
     variables = {id(variable): variable for variable in recorded.variables}.values()
     concrete.set_variables(list(variables))  # a tape watching them watches the call
-    if not fully_shaped(concrete):  # sizes that follow from values: the trace decides
-        return None
-    return BuiltMacro(internals.TracedCall(concrete), positions, "from its recorded ops")
+    return concrete
+
+
+def _written_gradient(recorded: RecordedCall, plan: _Sources, written, positions: list,
+                      specs: list, concrete):
+    """The call's forward and backward written from its recorded gradient ops, or None."""
+    captured = concrete.captured_inputs
+    results = [output for output in tf.nest.flatten(concrete.structured_outputs,
+                                                    expand_composites=True)
+               if isinstance(output, tf.Tensor)]
+
+    def forward_with(sides: list):
+        forward = _function(recorded, plan, written, positions, specs, sides)
+        if [id(handle) for handle in forward.captured_inputs] != [id(handle)
+                                                                  for handle in captured]:
+            raise backward.Refused
+        return forward
+
+    with internals.suspended():
+        return backward.write_gradient(recorded, plan, positions,
+                                       [(output.shape, output.dtype) for output in results],
+                                       forward_with, captured)
 
 
 def _keras_own(obj) -> bool:
@@ -170,7 +208,7 @@ def _plan(recorded: RecordedCall, flat: list) -> _Sources | None:
     for position, identity in recorded.arguments.items():
         by_identity.setdefault(identity, position)
     by_object = {id(flat[position]): position for position in recorded.arguments}
-    sources = _Sources(path, {}, [], [], [], [])
+    sources = _Sources(path, {}, [], [], [], [], by_object)
     for position, node in enumerate(path):
         if (node.visits != 1 or node.function is not None or node.island
                 or node.op_type in STATEFUL_RANDOM_OPS):

@@ -1,0 +1,145 @@
+"""A written library call's gradient written from the gradient ops eager execution ran for it
+in the recording iteration (replay/backward.py), and the cases that keep TensorFlow's."""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from harness import modes
+
+from terra_nb.engine import events as ev
+from terra_nb.engine.session import Session
+from terra_nb.engine.tolerance import ATOL, RUN_RTOL
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _gradients(session) -> list:
+    """How the tape gradient of each replayed call called under a tape was made."""
+    return sorted(entry.macro.gradient for entry in session.macro_table.entries.values()
+                  if entry.macro is not None and entry.macro.gradient is not None)
+
+
+def _close(got, expected) -> None:
+    for got_value, expected_value in zip(got, expected, strict=True):
+        np.testing.assert_allclose(got_value, expected_value, rtol=RUN_RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("built_first", [True, False], ids=["built-before", "built-by-call"])
+def test_written_calls_get_their_gradients_from_the_ops_eager_ran(built_first):
+    """A model (dense, batch-norm, relu) and its loss, written from their recorded ops, get
+    their backward functions written from the gradient ops the first iteration ran: no
+    gradient graph is built through TensorFlow's Python, and losses, weights, batch-norm
+    statistics and optimizer slots are eager's."""
+    x = tf.constant(np.random.default_rng(0).normal(size=(12, 6)).astype(np.float32))
+    y = tf.constant(np.arange(12) % 3, dtype=tf.int32)
+
+    def run(session=None) -> tuple[list, list]:
+        keras.utils.set_random_seed(3)
+        layers = [keras.layers.Dense(8), keras.layers.BatchNormalization(),
+                  keras.layers.ReLU(), keras.layers.Dense(3)]
+        model = keras.Sequential([keras.Input((6,)), *layers] if built_first else layers)
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        losses = []
+        for _ in range(6):
+            with session.iteration() if session else contextlib.nullcontext():
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(y, model(x, training=True))
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            losses.append(float(loss))
+        return losses, [variable.numpy() for variable in model.variables + optimizer.variables]
+
+    eager_losses, eager_state = run()
+    session = Session("written-gradients")
+    losses, state = run(session)
+    session.close()
+    np.testing.assert_allclose(losses, eager_losses, rtol=RUN_RTOL, atol=ATOL)
+    _close(state, eager_state)
+    assert ev.CO_EXECUTING in modes(session), modes(session)
+    assert session.macro_table.written == 3, session.macro_table.written  # with the optimizer
+    assert _gradients(session) == ["written", "written"], _gradients(session)  # model, loss
+
+
+def test_an_input_watched_only_later_gets_tensorflows_gradient():
+    """The written gradient is for the inputs the recording's tape watched: an argument
+    watched from the fourth step on (the gradient of the loss for the input itself, as a
+    saliency map asks) takes TensorFlow's backward function from then, and its gradient is
+    eager's."""
+    x = tf.constant(np.random.default_rng(1).normal(size=(8, 5)).astype(np.float32))
+
+    def run(session=None) -> tuple[list, list]:
+        keras.utils.set_random_seed(4)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                                  keras.layers.Dense(1)])
+        optimizer = keras.optimizers.SGD(0.05)
+        losses, saliency = [], []
+        for step in range(7):
+            with session.iteration() if session else contextlib.nullcontext():
+                with tf.GradientTape() as tape:
+                    if step >= 3:
+                        tape.watch(x)
+                    loss = tf.reduce_mean(tf.square(model(x)))
+                sources = model.trainable_variables + ([x] if step >= 3 else [])
+                grads = tape.gradient(loss, sources)
+                optimizer.apply_gradients(zip(grads[:len(model.trainable_variables)],
+                                              model.trainable_variables))
+            losses.append(float(loss))
+            if step >= 3:
+                saliency.append(grads[-1].numpy())
+        return losses, saliency + [variable.numpy() for variable in model.variables]
+
+    eager_losses, eager_values = run()
+    session = Session("watched-later")
+    losses, values = run(session)
+    session.close()
+    np.testing.assert_allclose(losses, eager_losses, rtol=RUN_RTOL, atol=ATOL)
+    _close(values, eager_values)
+    assert _gradients(session) == ["written"], _gradients(session)
+    (model_call,) = [entry.macro for entry in session.macro_table.entries.values()
+                     if entry.macro is not None and entry.macro.gradient == "written"]
+    assert model_call.calls_through_tensorflow >= 3, model_call.calls_through_tensorflow
+
+
+def test_a_result_without_gradient_when_recorded_keeps_tensorflows_gradient():
+    """A model of two heads whose second head joins the loss only from the third step: the
+    recording's gradient never reached that head, so its gradient cannot be written from it;
+    TensorFlow's backward function is used, and the results are eager's."""
+    x = tf.constant(np.random.default_rng(2).normal(size=(6, 4)).astype(np.float32))
+
+    def run(session=None) -> tuple[list, list]:
+        keras.utils.set_random_seed(5)
+        inputs = keras.Input((4,))
+        hidden = keras.layers.Dense(6, activation="relu")(inputs)
+        model = keras.Model(inputs, [keras.layers.Dense(2)(hidden),
+                                     keras.layers.Dense(1)(hidden)])
+        optimizer = keras.optimizers.SGD(0.05)
+        optimizer.build(model.trainable_variables)
+        losses = []
+        for step in range(6):
+            with session.iteration() if session else contextlib.nullcontext():
+                with tf.GradientTape() as tape:
+                    first, second = model(x)
+                    loss = tf.reduce_mean(tf.square(first))
+                    if step >= 2:
+                        loss = loss + tf.reduce_mean(tf.square(second))
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(
+                    (grad, variable) for grad, variable in zip(grads, model.trainable_variables)
+                    if grad is not None)
+            losses.append(float(loss))
+        return losses, [variable.numpy() for variable in model.variables]
+
+    eager_losses, eager_state = run()
+    session = Session("two-heads")
+    losses, state = run(session)
+    session.close()
+    np.testing.assert_allclose(losses, eager_losses, rtol=RUN_RTOL, atol=ATOL)
+    _close(state, eager_state)
+    assert session.macro_table.written >= 1, session.macro_table.written  # the model's call
+    assert _gradients(session) == ["tensorflow"], _gradients(session)
