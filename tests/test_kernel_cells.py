@@ -503,9 +503,10 @@ model = Deep()
 def test_layers_of_one_width_share_one_function_written_from_their_recorded_ops():
     """Four hidden layers of one width, defined in the cell and built by their first call:
     their functions, the loss's and the optimizer's (whose first call made its slots) are
-    written from the ops the first iteration recorded, not traced; the three 16-to-16 layers
-    call one function with their own weights, and the notes say so; losses and weights
-    (optimizer slots included) are eager's."""
+    written from the ops the first iteration recorded, not traced, and so are the backward
+    functions of those under the tape; the three 16-to-16 layers call one function with their
+    own weights, and the notes say so; losses and weights (optimizer slots included) are
+    eager's."""
     notebook = execute_cells([
         "%load_ext terra_nb", SETUP, DEEP_LOOP,
         "eager = losses, [v.numpy() for v in model.variables + optimizer.variables]",
@@ -516,8 +517,16 @@ def test_layers_of_one_width_share_one_function_written_from_their_recorded_ops(
         "for got, want in zip([v.numpy() for v in model.variables + optimizer.variables],"
         " eager[1]):\n    np.testing.assert_allclose(got, want, **close)\n"
         "print('modes', [e.mode for e in report.timeline])\n"
-        "print('replayed', ' | '.join(n.message for n in report.notes if n.kind == 'replayed'))\n"])
+        "print('replayed', ' | '.join(n.message for n in report.notes if n.kind == 'replayed'))\n"
+        "magics = get_ipython().magics_manager.registry['TerraMagics']\n"
+        "calls = [entry.macro for entry in list(magics._sessions.values())[-1][1]"
+        ".macro_table.entries.values() if entry.macro is not None and entry.macro.gradient]\n"
+        "print('gradients', sorted({call.gradient for call in calls}), len(calls),"
+        " sum(call.calls_through_tensorflow for call in calls))\n"])
     shown, modes = _printed_modes(notebook)
+    # each Dense call's and the loss's backward is written from the first iteration's
+    # gradient ops (the twins share theirs); none is built by TensorFlow
+    assert re.search(r"^gradients \['written'\] 6 0$", shown, re.M), shown
     for call in ("Adam call", "SparseCategoricalCrossentropy call", "Dense call"):
         assert re.search(call + r" at <terra-cell-\w+>:\d+ \(from its recorded ops\)",
                          shown), (call, shown)

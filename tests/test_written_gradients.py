@@ -143,3 +143,59 @@ def test_a_result_without_gradient_when_recorded_keeps_tensorflows_gradient():
     _close(state, eager_state)
     assert session.macro_table.written >= 1, session.macro_table.written  # the model's call
     assert _gradients(session) == ["tensorflow"], _gradients(session)
+
+
+class _Blocks(keras.Model):
+    """Hidden layers of one width called from a model defined here (user code), as a
+    notebook cell defines one: each layer's call is replayed on its own. The first layer
+    takes the data, of another width, so it is not their twin."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = keras.layers.Dense(8, activation="relu")
+        self.hidden = [keras.layers.Dense(8, activation="relu") for _ in range(3)]
+        self.head = keras.layers.Dense(3)
+
+    def call(self, x):
+        x = self.first(x)
+        for layer in self.hidden:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_twin_layers_share_the_written_gradient_with_their_own_weights():
+    """Layers alike but for their weights call one function with their own variables
+    (replay/twins.py); they share its written gradient too, which gives each layer its own
+    weights' gradients: every call's gradient is written, none takes TensorFlow's path, and
+    losses and weights are eager's. (A twin of a layer whose input the recording's tape did
+    not watch, the data, would take TensorFlow's gradient: that one has no input gradient.)"""
+    x = tf.constant(np.random.default_rng(3).normal(size=(10, 5)).astype(np.float32))
+    y = tf.constant(np.arange(10) % 3, dtype=tf.int32)
+
+    def run(session=None) -> tuple[list, list]:
+        keras.utils.set_random_seed(6)
+        model = _Blocks()
+        optimizer = keras.optimizers.Adam(1e-2)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        losses = []
+        for _ in range(6):
+            with session.iteration() if session else contextlib.nullcontext():
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(y, model(x))
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            losses.append(float(loss))
+        return losses, [variable.numpy() for variable in model.variables + optimizer.variables]
+
+    eager_losses, eager_state = run()
+    session = Session("twin-gradients")
+    losses, state = run(session)
+    session.close()
+    np.testing.assert_allclose(losses, eager_losses, rtol=RUN_RTOL, atol=ATOL)
+    _close(state, eager_state)
+    calls = [entry.macro for entry in session.macro_table.entries.values()
+             if entry.macro is not None and entry.macro.gradient is not None]
+    twins = [call for call in calls if call.captures is not None]
+    assert len(twins) >= 2 and {call.gradient for call in calls} == {"written"}, \
+        [(call.gradient, call.captures is not None) for call in calls]
+    assert sum(call.calls_through_tensorflow for call in calls) == 0

@@ -79,9 +79,11 @@ class TracedCall:
     """
 
     def __init__(self, function, captures: list | None = None,
-                 variables: list | None = None, written_gradient=None) -> None:
+                 variables: list | None = None, written_gradient=None,
+                 twin_of: TracedCall | None = None) -> None:
         """`captures` and `variables`: another layer's, in place of the ones the function
-        was traced with (a twin's, see replay/twins.py). `written_gradient()`: the call's
+        was traced with (a twin's, see replay/twins.py; `twin_of`: that layer's call, whose
+        written gradient serves the twin's variables too). `written_gradient()`: the call's
         forward and backward functions written from its recorded gradient ops
         (replay/backward.py; None where they cannot be), asked at its first call under a
         tape, in place of TensorFlow building them."""
@@ -90,6 +92,7 @@ class TracedCall:
         self.variables = variables
         self._plan: _TapePlan | _WrittenTapePlan | None = None
         self._written_gradient = written_gradient
+        self._twin_of = twin_of
         self.calls_through_tensorflow = 0  # under a tape, TensorFlow's path taken
 
     @property
@@ -123,6 +126,9 @@ class TracedCall:
             written, self._written_gradient = self._written_gradient(), None
             if written is not None:
                 plan = self._plan = _WrittenTapePlan(function, written)
+        elif plan is None and self._twin_of is not None \
+                and isinstance(self._twin_of._plan, _WrittenTapePlan):
+            plan = self._plan = self._twin_of._plan  # its inputs are the twin's own
         if plan is not None and plan.usable and record.could_possibly_record() \
                 and context.executing_eagerly():
             _read(self.variables if self.variables is not None else plan.variables)

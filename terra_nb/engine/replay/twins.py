@@ -68,5 +68,6 @@ class Twins:
                      if id(variable.handle) in positions]
         if len(variables) != len(function.graph.variables):
             return None
-        return BuiltMacro(internals.TracedCall(function, captures, variables),
+        return BuiltMacro(internals.TracedCall(function, captures, variables,
+                                               twin_of=built.call),
                           built.tensor_positions, "shares the function of an identical layer")
