@@ -465,7 +465,8 @@ def test_a_traced_call_records_its_tape_entry_as_tensorflow_does(monkeypatch):
     planned_calls = []
     real_call = internals.functions._TapePlan.call
     monkeypatch.setattr(internals.functions._TapePlan, "call",
-                        lambda plan, args: planned_calls.append(1) or real_call(plan, args))
+                        lambda plan, args, kind: planned_calls.append(1)
+                        or real_call(plan, args, kind))
 
     def gradients(call, target, persistent=False, watch_x=True):
         with tf.GradientTape(persistent=persistent) as tape:

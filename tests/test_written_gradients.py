@@ -199,3 +199,93 @@ def test_twin_layers_share_the_written_gradient_with_their_own_weights():
     assert len(twins) >= 2 and {call.gradient for call in calls} == {"written"}, \
         [(call.gradient, call.captures is not None) for call in calls]
     assert sum(call.calls_through_tensorflow for call in calls) == 0
+
+
+def _generator_and_critic():
+    generator = keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(4 * 4 * 4), keras.layers.Reshape((4, 4, 4)),
+        keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same"),
+        keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.Conv2DTranspose(1, 3, padding="same", activation="tanh")])
+    critic = keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+        keras.layers.LeakyReLU(0.2), keras.layers.Flatten(), keras.layers.Dense(1)])
+    return generator, critic
+
+
+def test_two_tapes_watching_one_call_get_the_written_gradient_and_eagers_values():
+    """A GAN step: generator and discriminator tapes both watch the generator's call (its
+    variables are read under both), which TensorFlow treats as a possible higher-order
+    gradient. The call records its results' entry and a second one for the values its
+    backward reads (asked only if a gradient reached them); the written gradients serve
+    both tapes, and losses and weights are eager's."""
+    noise = tf.constant(np.random.default_rng(4).normal(size=(8, 6)).astype(np.float32))
+    real = tf.constant(np.random.default_rng(5).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32))
+
+    def run(session=None) -> tuple[list, list]:
+        keras.utils.set_random_seed(7)
+        generator, critic = _generator_and_critic()
+        g_opt, d_opt = keras.optimizers.SGD(0.05), keras.optimizers.SGD(0.05)
+        bce = keras.losses.BinaryCrossentropy(from_logits=True)
+        losses = []
+        for _ in range(6):
+            with session.iteration() if session else contextlib.nullcontext():
+                with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+                    fake = generator(noise, training=True)
+                    real_logits = critic(real, training=True)
+                    fake_logits = critic(fake, training=True)
+                    g_loss = bce(tf.ones_like(fake_logits), fake_logits)
+                    d_loss = bce(tf.ones_like(real_logits), real_logits) + bce(
+                        tf.zeros_like(fake_logits), fake_logits)
+                g_vars, d_vars = generator.trainable_variables, critic.trainable_variables
+                g_opt.apply_gradients(zip(g_tape.gradient(g_loss, g_vars), g_vars))
+                d_opt.apply_gradients(zip(d_tape.gradient(d_loss, d_vars), d_vars))
+            losses.append(float(g_loss + d_loss))
+        return losses, [variable.numpy() for variable in generator.variables + critic.variables]
+
+    eager_losses, eager_state = run()
+    session = Session("two-tapes")
+    losses, state = run(session)
+    session.close()
+    np.testing.assert_allclose(losses, eager_losses, rtol=RUN_RTOL, atol=ATOL)
+    _close(state, eager_state)
+    calls = [entry.macro for entry in session.macro_table.entries.values()
+             if entry.macro is not None and entry.macro.gradient == "written"]
+    assert len(calls) >= 2 and any(call._plan.of_sides is not None for call in calls), \
+        [(call.gradient, call.calls_through_tensorflow) for call in calls]
+
+
+def test_a_gradient_penalty_differentiating_a_gradient_is_eagers():
+    """A critic's gradient penalty (WGAN-GP): the gradient for its input is computed under
+    an outer tape, which differentiates it, through the values the written backward read
+    (the call's second tape entry, of its side values) back to the weights; losses and
+    weights are eager's."""
+    real = tf.constant(np.random.default_rng(6).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32))
+
+    def run(session=None) -> tuple[list, list]:
+        keras.utils.set_random_seed(8)
+        _, critic = _generator_and_critic()
+        optimizer = keras.optimizers.SGD(0.01)
+        losses = []
+        for _ in range(5):
+            with session.iteration() if session else contextlib.nullcontext():
+                with tf.GradientTape() as outer:
+                    with tf.GradientTape() as inner:
+                        inner.watch(real)
+                        scores = critic(real, training=True)
+                    slopes = inner.gradient(scores, real)
+                    penalty = tf.reduce_mean(tf.square(tf.norm(
+                        tf.reshape(slopes, (8, -1)), axis=1) - 1.0))
+                    loss = tf.reduce_mean(scores) + 10.0 * penalty
+                grads = outer.gradient(loss, critic.trainable_variables)
+                optimizer.apply_gradients(zip(grads, critic.trainable_variables))
+            losses.append(float(loss))
+        return losses, [variable.numpy() for variable in critic.variables]
+
+    eager_losses, eager_state = run()
+    session = Session("gradient-penalty")
+    losses, state = run(session)
+    session.close()
+    np.testing.assert_allclose(losses, eager_losses, rtol=RUN_RTOL, atol=ATOL)
+    _close(state, eager_state)
+    assert _gradients(session) == ["written"], _gradients(session)

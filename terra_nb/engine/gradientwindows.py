@@ -34,7 +34,7 @@ class GradientWindows:
 
     def __init__(self) -> None:
         self.taped_uids: set = set()  # uids of the ops it recorded on a tape
-        self.gradient_windows: dict = {}  # op uid -> its GradientWindow (None: computed twice)
+        self.gradient_windows: dict = {}  # op uid -> its first GradientWindow
 
     def gradient_key(self, outputs):
         """The node that made `outputs` eagerly in this iteration, else None."""
@@ -55,7 +55,7 @@ class GradientWindows:
             self.cursor.path_from(start), tuple(self._gradient_ref(value) for value in out_grads),
             tuple(self._gradient_ref(value) for value in returned),
             tuple(skipped or ()), tuple(self._gradient_ref(value) for value in reads))
-        self.gradient_windows[node.uid] = None if node.uid in self.gradient_windows else window
+        self.gradient_windows[node.uid] = window
 
     def _gradient_ref(self, value):
         """What a gradient function was given or returned, as a GradientWindow holds it."""

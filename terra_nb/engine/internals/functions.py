@@ -133,10 +133,11 @@ class TracedCall:
                 and context.executing_eagerly():
             _read(self.variables if self.variables is not None else plan.variables)
             args = tensors + captured
-            if (gradients_util.PossibleTapeGradientTypes(args) == _FIRST_ORDER
+            kind = gradients_util.PossibleTapeGradientTypes(args)
+            if ((kind == _FIRST_ORDER or kind == _HIGHER_ORDER and plan.serves_higher_order())
                     and not forwardprop_util.pack_tangents(args).indices
                     and plan.admits(args)):
-                return function.function_type.pack_output(plan.call(args))
+                return function.function_type.pack_output(plan.call(args, kind))
         if self.variables is not None:  # TensorFlow's call reads the traced-for variables
             _read(self.variables)
         if record.could_possibly_record():
@@ -148,6 +149,7 @@ class TracedCall:
 
 
 _FIRST_ORDER = gradients_util.POSSIBLE_GRADIENT_TYPES_FIRST_ORDER
+_HIGHER_ORDER = gradients_util.POSSIBLE_GRADIENT_TYPES_HIGHER_ORDER
 
 
 def _read(variables) -> None:
@@ -205,7 +207,10 @@ class _TapePlan:
     def admits(self, args: list) -> bool:
         return True
 
-    def call(self, args: list) -> list:
+    def serves_higher_order(self) -> bool:
+        return False
+
+    def call(self, args: list, kind: int = _FIRST_ORDER) -> list:
         """The forward function's outputs, its tape entry recorded (variables already read)."""
         outputs = _call_forward(self, args)
         captured = [capture if index is None else outputs[index]
@@ -257,13 +262,14 @@ class _WrittenTapePlan:
         self.num_outputs = len(forward.outputs)
         self.direct = all(output.dtype != dtypes.resource for output in forward.outputs)
         self.results = self.num_outputs - len(written.sides)
-        self.result_specs = [(output.shape, output.dtype)
-                             for output in forward.outputs[:self.results]]
+        self.output_specs = [(output.shape, output.dtype) for output in forward.outputs]
         self.backward = written.backward
         self.inputs = len(forward.inputs)
         self.arguments = written.arguments  # places among the call's inputs
         self.slots = written.gradient_slots
         self.unconnected = written.unconnected
+        self._of_sides = written.of_sides  # made at the first higher-order call
+        self.of_sides = None
 
     def admits(self, args: list) -> bool:
         """Whether the written gradient serves this call: no input that got no gradient when
@@ -271,22 +277,44 @@ class _WrittenTapePlan:
         return not any(record.should_record_backprop([args[slot]])
                        for slot in self.unconnected)
 
-    def call(self, args: list) -> list:
+    def serves_higher_order(self) -> bool:
+        """Whether the backward of the side values alone is written: where two tapes watch a
+        call's inputs (a GAN's generator and discriminator tapes), one might record the
+        other's gradient computation, which reads them; they are then recorded too."""
+        if self._of_sides is not None:
+            self.of_sides, self._of_sides = self._of_sides(), None
+        return self.of_sides is not None
+
+    def call(self, args: list, kind: int = _FIRST_ORDER) -> list:
+        """The forward's outputs, its tape entry recorded; where a gradient computation may
+        be differentiated (higher order), a second entry records the side values it reads,
+        whose gradient the tape asks only when one of them got one."""
         outputs = _call_forward(self, args)
-        saved = list(outputs[self.results:]) + [args[slot] for slot in self.arguments]
-        record.record_operation(self.name, outputs[:self.results], args,
-                                functools.partial(self._gradient, saved))
+        sides = list(outputs[self.results:])
+        record.record_operation(self.name, outputs[:self.results], args, functools.partial(
+            self._gradient, sides + [args[slot] for slot in self.arguments]))
+        if kind != _FIRST_ORDER:
+            record.record_operation(self.name, sides, args, functools.partial(
+                self._gradient_of_sides, sides + [args[slot] for slot in self.of_sides.arguments]))
         return outputs
 
     def _gradient(self, saved: list, *output_gradients):
+        return self._backward(self.backward, self.slots, saved, output_gradients,
+                              self.output_specs[:self.results])
+
+    def _gradient_of_sides(self, saved: list, *output_gradients):
+        return self._backward(self.of_sides.backward, self.of_sides.gradient_slots, saved,
+                              output_gradients, self.output_specs[self.results:])
+
+    def _backward(self, backward, slots: list, saved: list, output_gradients, specs: list):
         upstream = []
-        for gradient, (shape, dtype) in zip(output_gradients, self.result_specs, strict=True):
+        for gradient, (shape, dtype) in zip(output_gradients, specs, strict=True):
             if isinstance(gradient, indexed_slices.IndexedSlices):
                 gradient = ops.convert_to_tensor(gradient)
             upstream.append(array_ops.zeros(shape, dtype) if gradient is None else gradient)
         gradients = [None] * self.inputs
-        computed = self.backward._call_flat(upstream + saved, self.backward.captured_inputs)
-        for slot, gradient in zip(self.slots, computed, strict=True):
+        computed = backward._call_flat(upstream + saved, backward.captured_inputs)
+        for slot, gradient in zip(slots, computed, strict=True):
             gradients[slot] = gradient
         return gradients
 

@@ -29,7 +29,9 @@ PRIVATE_SYMBOLS = (
 )
 
 _MARKER = "terra_grad"
-_marks: dict = {}  # marker -> (handler, its key for the op, the op's real name scope)
+# marker -> [the handler to report to (None once reported), its key for the op, the op's real
+# name scope, the handler that marked it]
+_marks: dict = {}
 _numbers = itertools.count()
 _real_gradient_function = backprop._gradient_function
 _real_record_gradient = execute.record_gradient
@@ -52,22 +54,23 @@ def _record_gradient(op_name, inputs, attrs, outputs):
     if key is None:
         return _real_record_gradient(op_name, inputs, attrs, outputs)
     marker = f"{_MARKER}{next(_numbers)}"
-    _marks[marker] = (handler, key, ops.get_name_scope())
+    _marks[marker] = [handler, key, ops.get_name_scope(), handler]
     handler.gradient_recorded(key)
     pywrap_tfe.TFE_Py_RecordGradient(op_name, inputs, attrs, outputs, marker)
 
 
 def _gradient_function(op_name, attr_tuple, num_inputs, inputs, outputs, out_grads,
                        skip_input_indices, forward_pass_name_scope):
-    mark = _marks.pop(forward_pass_name_scope, None) \
+    mark = _marks.get(forward_pass_name_scope) \
         if forward_pass_name_scope and forward_pass_name_scope.startswith(_MARKER) else None
     if mark is None:
         return _real_gradient_function(op_name, attr_tuple, num_inputs, inputs, outputs,
                                        out_grads, skip_input_indices, forward_pass_name_scope)
-    handler, key, scope = mark
-    if current_handler() is not handler or _window.inside:
+    handler, key, scope, _ = mark
+    if handler is None or current_handler() is not handler or _window.inside:
         return _real_gradient_function(op_name, attr_tuple, num_inputs, inputs, outputs,
                                        out_grads, skip_input_indices, scope)
+    mark[0] = None  # the op's first gradient computation is the one reported
     token = handler.gradient_started(key)
     _window.inside = True
     reads = observed.start_collecting_reads()
@@ -82,8 +85,9 @@ def _gradient_function(op_name, attr_tuple, num_inputs, inputs, outputs, out_gra
 
 
 def forget_marks(handler) -> None:
-    """Drop the markers of ops a handler recorded whose gradients were never asked for."""
-    for marker in [marker for marker, mark in _marks.items() if mark[0] is handler]:
+    """Drop the markers of the ops a handler recorded, at the end of its iteration (a
+    gradient asked later, of a tape kept across iterations, is TensorFlow's alone)."""
+    for marker in [marker for marker, mark in list(_marks.items()) if mark[3] is handler]:
         _marks.pop(marker, None)
 
 

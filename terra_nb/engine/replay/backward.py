@@ -51,6 +51,7 @@ class WrittenGradient(NamedTuple):
     arguments: list  # places among the call's inputs of the arguments the backward reads
     gradient_slots: list  # per backward output, its place among the call's inputs
     unconnected: list  # places among the call's inputs that got no gradient when recorded
+    of_sides: object = None  # () -> the WrittenGradient of the side values alone, or None
 
 
 def write_gradient(recorded, sources, positions: list, result_specs: list, forward_with,
@@ -61,14 +62,37 @@ def write_gradient(recorded, sources, positions: list, result_specs: list, forwa
     tensor result; `forward_with(sides)`: the forward function returning those side values
     after the results; `captured`: the function's captured handles."""
     try:
-        return _Writer(recorded, sources, positions, captured).write(result_specs,
-                                                                     forward_with)
+        written = _Writer(recorded, sources, positions, captured).write(result_specs,
+                                                                        forward_with)
     except Refused:
         return None
 
+    def of_sides() -> WrittenGradient | None:
+        """The backward of the side values alone: where another tape may differentiate the
+        gradient computation (which reads them), they are recorded as outputs of a second
+        tape entry, whose gradient the tape asks only when one of them got one."""
+        first_side = len(written.forward.outputs) - len(written.sides)
+        specs = [(output.shape, output.dtype) for output in written.forward.outputs[first_side:]]
+        try:
+            return _Writer(recorded, sources, positions, captured, written.sides).write(
+                specs, lambda sides: _same_forward(written, sides))
+        except Refused:
+            return None
+
+    return written._replace(of_sides=of_sides)
+
+
+def _same_forward(written: WrittenGradient, sides: list):
+    if sides != written.sides:  # a value the first backward did not read
+        raise Refused
+    return written.forward
+
 
 class _Writer:
-    def __init__(self, recorded, sources, positions: list, captured: list) -> None:
+    def __init__(self, recorded, sources, positions: list, captured: list,
+                 sides: list | None = None) -> None:
+        """`sides`: the forward values whose gradients the tape gives (of_sides), in place
+        of the results'."""
         self.runner = recorded.runner
         self.sources = sources
         self.positions = positions
@@ -87,11 +111,14 @@ class _Writer:
         self.argument_of = {identity: position
                             for position, identity in recorded.arguments.items()}
         self.consumers = self._consumers()
-        self.upstream = {key: index for index, key in enumerate(self.results)}
-        self.sides: list = []
+        self.upstream: dict = {}  # forward value -> the places of the tape's gradients of it
+        for index, key in enumerate(self.results if sides is None else sides):
+            self.upstream.setdefault(key, []).append(index)
+        self.sides: list = list(sides or ())
         self.arguments: list = []
         self.grads: dict = {}
-        self.extra: list = []  # (name, op type, inputs, dtype) of nodes written here
+        self.extra = tf.compat.v1.GraphDef()  # the nodes written here (sums, zeros)
+        self.partial = sides is not None  # gradients of the side values alone
         self.names: dict = {}
 
     def _owners(self) -> list:
@@ -110,7 +137,7 @@ class _Writer:
         owners = [(self.members[uid], window) for uid, window in windows.items()
                   if uid in needed]
         for _, window in owners:
-            if window is None or SLICES in window.out_grads or SLICES in window.returned:
+            if SLICES in window.out_grads or SLICES in window.returned:
                 raise Refused
             made = {made.uid: made for made in window.nodes}
             for made_node in window.nodes:
@@ -156,13 +183,7 @@ class _Writer:
         grads = [self._grad(key) for key in wanted]
         self._check_flows()
         graph_def = written.graph_def
-        for name, op_type, inputs, dtype in self.extra:
-            node = graph_def.node.add()
-            node.name, node.op = name, op_type
-            node.input.extend(inputs)
-            node.attr["T"].type = dtype
-            if op_type == "AddN":
-                node.attr["N"].i = len(inputs)
+        graph_def.node.extend(self.extra.node)
         renamed = {f"terra_arg{index}:0": source for index, source in enumerate(sources)}
         for node in graph_def.node:
             for index, name in enumerate(node.input):
@@ -255,13 +276,13 @@ class _Writer:
         if key in self.grads:
             return self.grads[key]
         terms = [self._returned(node, returned) for node, returned in self._terms(key)]
-        if key[0] == "node" and (key[1], key[2]) in self.upstream:
-            terms.append(f"terra_up{self.upstream[(key[1], key[2])]}:0")
+        if key[0] == "node":
+            terms += [f"terra_up{index}:0" for index in self.upstream.get((key[1], key[2]), ())]
         name = terms[0] if len(terms) == 1 else None
         if len(terms) > 1:
-            name = f"terra_g{len(self.extra)}"
-            self.extra.append((name, "AddN", terms, self._dtype(key)))
-            name = f"{name}:0"
+            node = self._extra("AddN", terms, self._dtype(key))
+            node.attr["N"].i = len(terms)
+            name = f"{node.name}:0"
         self.grads[key] = name
         return name
 
@@ -282,10 +303,35 @@ class _Writer:
             return f"{name}:{output}"
         raise Refused
 
+    def _extra(self, op_type: str, inputs: list, dtype: int):
+        """A node written here (its attribute T the given dtype)."""
+        node = self.extra.node.add()
+        node.name, node.op = f"terra_g{len(self.extra.node)}", op_type
+        node.input.extend(inputs)
+        node.attr["T"].type = dtype
+        return node
+
     def _zeros(self, owner, index: int) -> str:
-        """Zeros for an output no gradient reaches: what the tape gave its gradient function
-        must have been zeros too."""
-        identity, value, _ = self.window_of[owner.uid].out_grads[index]
+        """Zeros for an output no gradient reaches (of its recorded size: the function is
+        for exact sizes): what the tape gave its gradient function must have been zeros too,
+        but in the backward of the side values alone, where the results' are left out."""
+        if not self.partial:
+            self._check_zeros(*self.window_of[owner.uid].out_grads[index][:2])
+        shape, dtype = owner.output_shapes[index], owner.output_dtypes[index]
+        if shape is None or None in shape:
+            raise Refused
+        size = self.extra.node.add()
+        size.name, size.op = f"terra_g{len(self.extra.node)}", "Const"
+        size.attr["dtype"].type = tf.int32.as_datatype_enum
+        size.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(list(shape), tf.int32))
+        zero = self.extra.node.add()
+        zero.name, zero.op = f"terra_g{len(self.extra.node)}", "Const"
+        zero.attr["dtype"].type = dtype
+        zero.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(0, tf.as_dtype(dtype)))
+        return f"{self._extra('Fill', [f'{size.name}:0', f'{zero.name}:0'], dtype).name}:0"
+
+    def _check_zeros(self, identity, value) -> None:
+        """Refused unless an output gradient the tape gave was zeros."""
         if identity[0] == FROM_NODE:
             made = next((node for node in self.runner.recorded_nodes
                          if node.uid == identity[1]), None)
@@ -293,10 +339,6 @@ class _Writer:
                 raise Refused
         elif value is None or value.any():
             raise Refused
-        name = f"terra_g{len(self.extra)}"
-        self.extra.append((name, "ZerosLike", [self._side(owner.uid, index)],
-                           owner.output_dtypes[index]))
-        return f"{name}:0"
 
     def _check_flows(self) -> None:
         """Each result got a gradient when recorded, and no op output eager gave none gets
