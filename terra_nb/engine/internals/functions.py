@@ -293,7 +293,7 @@ class _WrittenTapePlan:
         sides = list(outputs[self.results:])
         record.record_operation(self.name, outputs[:self.results], args, functools.partial(
             self._gradient, sides + [args[slot] for slot in self.arguments]))
-        if kind != _FIRST_ORDER:
+        if kind != _FIRST_ORDER and sides:
             record.record_operation(self.name, sides, args, functools.partial(
                 self._gradient_of_sides, sides + [args[slot] for slot in self.of_sides.arguments]))
         return outputs

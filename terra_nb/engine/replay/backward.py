@@ -42,6 +42,23 @@ class Refused(Exception):
     """The recording does not tell this call's whole gradient."""
 
 
+class GradientRecord(NamedTuple):
+    """What a recording iteration keeps of its eager gradients for a call's backward (filled
+    in as its gradient runs), without the iteration itself (its tensors, its jobs)."""
+
+    windows: dict  # op uid -> GradientWindow
+    taped: set  # uids of the ops it recorded on a tape
+    nodes: list  # the nodes it recorded
+    arguments: dict  # the call's flat argument position -> input identity
+
+
+def gradient_record(recorded) -> GradientRecord:
+    """The GradientRecord of a RecordedCall's iteration."""
+    runner = recorded.runner
+    return GradientRecord(runner.gradient_windows, runner.taped_uids, runner.recorded_nodes,
+                          recorded.arguments)
+
+
 class WrittenGradient(NamedTuple):
     """A written call's forward and backward functions, for TracedCall's tape."""
 
@@ -54,17 +71,17 @@ class WrittenGradient(NamedTuple):
     of_sides: object = None  # () -> the WrittenGradient of the side values alone, or None
 
 
-def write_gradient(recorded, sources, positions: list, result_specs: list, forward_with,
-                   captured: list) -> WrittenGradient | None:
+def write_gradient(record: GradientRecord, sources, positions: list, result_specs: list,
+                   forward_with, captured: list) -> WrittenGradient | None:
     """The forward and backward of a call written from `sources` (recorded._Sources), or
     None where the recording does not tell the gradient. `positions`: the call's flat tensor
     positions, in its function's argument order; `result_specs`: (shape, dtype) of each
     tensor result; `forward_with(sides)`: the forward function returning those side values
     after the results; `captured`: the function's captured handles."""
     try:
-        written = _Writer(recorded, sources, positions, captured).write(result_specs,
+        written = _Writer(record, sources, positions, captured).write(result_specs,
                                                                         forward_with)
-    except Refused:
+    except Exception:  # Refused, or TensorFlow's import or trace failing: its own pair
         return None
 
     def of_sides() -> WrittenGradient | None:
@@ -74,9 +91,9 @@ def write_gradient(recorded, sources, positions: list, result_specs: list, forwa
         first_side = len(written.forward.outputs) - len(written.sides)
         specs = [(output.shape, output.dtype) for output in written.forward.outputs[first_side:]]
         try:
-            return _Writer(recorded, sources, positions, captured, written.sides).write(
+            return _Writer(record, sources, positions, captured, written.sides).write(
                 specs, lambda sides: _same_forward(written, sides))
-        except Refused:
+        except Exception:  # as above
             return None
 
     return written._replace(of_sides=of_sides)
@@ -89,11 +106,11 @@ def _same_forward(written: WrittenGradient, sides: list):
 
 
 class _Writer:
-    def __init__(self, recorded, sources, positions: list, captured: list,
+    def __init__(self, record: GradientRecord, sources, positions: list, captured: list,
                  sides: list | None = None) -> None:
         """`sides`: the forward values whose gradients the tape gives (of_sides), in place
         of the results'."""
-        self.runner = recorded.runner
+        self.record = record
         self.sources = sources
         self.positions = positions
         self.captured = captured
@@ -109,7 +126,7 @@ class _Writer:
         self.owner_of = {made.uid: node for node, window in self.owners for made in window.nodes}
         self.backward_path = [node for _, window in self.owners for node in window.nodes]
         self.argument_of = {identity: position
-                            for position, identity in recorded.arguments.items()}
+                            for position, identity in record.arguments.items()}
         self.consumers = self._consumers()
         self.upstream: dict = {}  # forward value -> the places of the tape's gradients of it
         for index, key in enumerate(self.results if sides is None else sides):
@@ -124,14 +141,14 @@ class _Writer:
     def _owners(self) -> list:
         """(forward node, GradientWindow) of each op whose gradient the backward computes,
         in the order eager computed them."""
-        windows = self.runner.gradient_windows
+        windows = self.record.windows
         needed = {uid for uid, _ in self.results}
         for node in reversed(self.sources.path):
             if node.uid in needed:
                 needed.update(ref.node.uid for ref in node.inputs
                               if ref.kind == FROM_NODE and ref.node.uid in self.members)
         for uid in needed:
-            if uid in self.runner.taped_uids and uid not in windows and any(
+            if uid in self.record.taped and uid not in windows and any(
                     tf.as_dtype(dtype).is_floating for dtype in self.members[uid].output_dtypes):
                 raise Refused  # recorded on the tape, its gradient never computed
         owners = [(self.members[uid], window) for uid, window in windows.items()
@@ -333,7 +350,7 @@ class _Writer:
     def _check_zeros(self, identity, value) -> None:
         """Refused unless an output gradient the tape gave was zeros."""
         if identity[0] == FROM_NODE:
-            made = next((node for node in self.runner.recorded_nodes
+            made = next((node for node in self.record.nodes
                          if node.uid == identity[1]), None)
             if made is None or made.op_type not in _ZERO_OPS:
                 raise Refused

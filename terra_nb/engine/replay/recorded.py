@@ -103,20 +103,22 @@ def macro_from_recording(recorded: RecordedCall, obj, flat: list) -> BuiltMacro 
     written = write_segment(plan.path, plan.feeds, plan.folded, plan.captured)
     specs = [tf.TensorSpec(np.shape(flat[position]), dtype_of(flat[position]))
              for position in positions]
-    concrete = _function(recorded, plan, written, positions, specs)
+    concrete = _function(recorded.result, recorded.variables, plan, written, positions, specs)
     if not fully_shaped(concrete):  # sizes that follow from values: the trace decides
         return None
-    gradient = functools.partial(_written_gradient, recorded, plan, written, positions, specs,
-                                 concrete) if any(source[0] == "op"
-                                                  for source in plan.results) else None
+    gradient = functools.partial(  # holding what the gradient needs, not the iteration
+        _written_gradient, backward.gradient_record(recorded), recorded.variables, plan,
+        written, positions, specs, concrete) if any(source[0] == "op"
+                                                    for source in plan.results) else None
     return BuiltMacro(internals.TracedCall(concrete, written_gradient=gradient), positions,
                       "from its recorded ops")
 
 
-def _function(recorded: RecordedCall, plan: _Sources, written, positions: list, specs: list,
-              sides: list | None = None):
-    """The ConcreteFunction of the written call: its results in the call's structure, or
-    (given `sides`, op outputs) its tensor results then those values, as one list."""
+def _function(result, variables: tuple, plan: _Sources, written, positions: list,
+              specs: list, sides: list | None = None):
+    """The ConcreteFunction of the written call: its results in the structure of `result`
+    (what the call returned), or (given `sides`, op outputs) its tensor results then those
+    values, as one list. `variables`: the trainable ones it reads."""
     input_of = {position: index for index, position in enumerate(positions)}
 
     def body(*tensors):
@@ -128,7 +130,7 @@ def _function(recorded: RecordedCall, plan: _Sources, written, positions: list, 
                       else tf.identity(source[1]) if source[0] == "variable"
                       else source[1] for source in plan.results]
         if sides is None:
-            return tf.nest.pack_sequence_as(recorded.result, leaves)
+            return tf.nest.pack_sequence_as(result, leaves)
         return [leaf for leaf in leaves if isinstance(leaf, tf.Tensor)] + [
             values[side] for side in sides]
 
@@ -136,13 +138,13 @@ def _function(recorded: RecordedCall, plan: _Sources, written, positions: list, 
         concrete = tf.function(
             body, autograph=False, experimental_attributes=internals.WITHOUT_AUTOMATIC_CONTROL
         ).get_concrete_function(*specs)
-    variables = {id(variable): variable for variable in recorded.variables}.values()
-    concrete.set_variables(list(variables))  # a tape watching them watches the call
+    unique = {id(variable): variable for variable in variables}.values()
+    concrete.set_variables(list(unique))  # a tape watching them watches the call
     return concrete
 
 
-def _written_gradient(recorded: RecordedCall, plan: _Sources, written, positions: list,
-                      specs: list, concrete):
+def _written_gradient(record: backward.GradientRecord, variables: tuple, plan: _Sources,
+                      written, positions: list, specs: list, concrete):
     """The call's forward and backward written from its recorded gradient ops, or None."""
     captured = concrete.captured_inputs
     results = [output for output in tf.nest.flatten(concrete.structured_outputs,
@@ -150,14 +152,14 @@ def _written_gradient(recorded: RecordedCall, plan: _Sources, written, positions
                if isinstance(output, tf.Tensor)]
 
     def forward_with(sides: list):
-        forward = _function(recorded, plan, written, positions, specs, sides)
+        forward = _function(None, variables, plan, written, positions, specs, sides)
         if [id(handle) for handle in forward.captured_inputs] != [id(handle)
                                                                   for handle in captured]:
             raise backward.Refused
         return forward
 
     with internals.suspended():
-        return backward.write_gradient(recorded, plan, positions,
+        return backward.write_gradient(record, plan, positions,
                                        [(output.shape, output.dtype) for output in results],
                                        forward_with, captured)
 
