@@ -289,3 +289,48 @@ def test_a_gradient_penalty_differentiating_a_gradient_is_eagers():
     np.testing.assert_allclose(losses, eager_losses, rtol=RUN_RTOL, atol=ATOL)
     _close(state, eager_state)
     assert _gradients(session) == ["written"], _gradients(session)
+
+
+class _SelfAttention(keras.Model):
+    """Self-attention as users write it: the same tensor given as query and value."""
+
+    def __init__(self):
+        super().__init__()
+        self.project = keras.layers.Dense(6)
+        self.attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+        self.head = keras.layers.Dense(3)
+
+    def call(self, x):
+        hidden = self.project(x)
+        return self.head(tf.reduce_mean(self.attention(hidden, hidden), axis=1))
+
+
+def test_an_argument_given_twice_gets_one_written_gradient():
+    """`attention(x, x)`: one tensor at two argument places, read by the forward's ops from
+    its first place; the written backward reads it from there too and gives its gradient
+    once; every call's gradient is written and the results are eager's."""
+    x = tf.constant(np.random.default_rng(7).normal(size=(4, 5, 6)).astype(np.float32))
+    y = tf.constant(np.arange(4) % 3, dtype=tf.int32)
+
+    def run(session=None) -> tuple[list, list]:
+        keras.utils.set_random_seed(9)
+        model = _SelfAttention()
+        optimizer = keras.optimizers.SGD(0.1)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        losses = []
+        for _ in range(5):
+            with session.iteration() if session else contextlib.nullcontext():
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(y, model(x))
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            losses.append(float(loss))
+        return losses, [variable.numpy() for variable in model.variables]
+
+    eager_losses, eager_state = run()
+    session = Session("self-attention")
+    losses, state = run(session)
+    session.close()
+    np.testing.assert_allclose(losses, eager_losses, rtol=RUN_RTOL, atol=ATOL)
+    _close(state, eager_state)
+    assert _gradients(session) == ["written"] * 4, _gradients(session)  # 3 layers, the loss

@@ -125,8 +125,9 @@ class _Writer:
         self.window_of = {node.uid: window for node, window in self.owners}
         self.owner_of = {made.uid: node for node, window in self.owners for made in window.nodes}
         self.backward_path = [node for _, window in self.owners for node in window.nodes]
-        self.argument_of = {identity: position
-                            for position, identity in record.arguments.items()}
+        self.argument_of: dict = {}  # an argument given twice (attention's query and value)
+        for position, identity in record.arguments.items():  # is fed from its first place,
+            self.argument_of.setdefault(identity, position)  # as the forward's ops are
         self.consumers = self._consumers()
         self.upstream: dict = {}  # forward value -> the places of the tape's gradients of it
         for index, key in enumerate(self.results if sides is None else sides):
