@@ -28,6 +28,7 @@ from terra_nb.engine.internals.functions import (
     call_concrete,
     call_with_captures,
     capture_with_unknown_sizes,
+    forward_with_outputs,
     function_op_types,
     gradient_module,
     is_backward_function,
@@ -95,6 +96,7 @@ __all__ = [
     "check_private_symbols", "collecting_conversions", "forget_marks",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
     "current_handler", "eager_context", "effects_beside_ops", "follow_into_replica_threads",
+    "forward_with_outputs",
     "function_op_types", "gradient_module", "handling", "import_nodes", "install_guard",
     "instantiate_ahead", "is_backward_function",
     "is_eager_value", "keep_running", "quick_call_attrs", "lean_graph_calls", "merge_calls",
@@ -117,6 +119,8 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.eager.context", "context"),
     ("tensorflow.python.eager.polymorphic_function.concrete_function", "ConcreteFunction"),
     ("tensorflow.python.eager.polymorphic_function.atomic_function", "AtomicFunction"),
+    ("tensorflow.python.eager.polymorphic_function.atomic_function", "from_func_graph"),
+    ("tensorflow.python.eager.polymorphic_function.attributes", "IMPLEMENTS"),
     ("tensorflow.python.ops.resource_variable_ops", "get_eager_safe_handle_data"),
     ("tensorflow.python.ops.handle_data_util", "get_resource_handle_data"),
     ("tensorflow.python.ops.handle_data_util", "set_handle_data"),
@@ -140,7 +144,7 @@ PRIVATE_SYMBOLS = (
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
 _CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")
-_ATOMIC_FUNCTION_MEMBERS = ("call_flat", "function_type")
+_ATOMIC_FUNCTION_MEMBERS = ("call_flat", "function_type", "attributes", "graph")
 _GRAPH_MEMBERS = ("_create_op_internal", "_add_function_recursive")
 _TAPE_MEMBERS = ("_tape", "_recording", "_persistent", "_pop_tape", "_watched_variables")
 

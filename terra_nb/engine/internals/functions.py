@@ -18,6 +18,8 @@ from tensorflow.python.eager import (
     tape,
 )
 from tensorflow.python.eager import imperative_grad as gradient_module
+from tensorflow.python.eager.polymorphic_function import atomic_function
+from tensorflow.python.eager.polymorphic_function import attributes as attributes_lib
 from tensorflow.python.framework import dtypes, indexed_slices, ops
 from tensorflow.python.ops import array_ops, gradients_util, handle_data_util
 
@@ -239,6 +241,18 @@ class _TapePlan:
         return backward._call_flat(gradients, captured)
 
 
+def forward_with_outputs(concrete, tensors: list):
+    """An AtomicFunction of a ConcreteFunction's graph returning `tensors` (of that graph)
+    after its outputs, made as TensorFlow makes the forward function of its forward and
+    backward pair: the graph's outputs extended, no second trace."""
+    graph = concrete.graph
+    graph.outputs.extend(tensors)
+    attributes = dict(concrete._inference_function.attributes)
+    attributes.pop(attributes_lib.IMPLEMENTS, None)
+    return atomic_function.from_func_graph(f"__forward_{graph.name}_{ops.uid()}", graph,
+                                           attributes)
+
+
 def _call_forward(plan, args: list) -> list:
     """A tape plan's forward function called, straight to the thread's op handler when it
     may be."""
@@ -256,15 +270,16 @@ class _WrittenTapePlan:
 
     def __init__(self, function, written) -> None:
         self.variables = function.graph.variables
-        forward = written.forward
-        self.forward = forward._inference_function
+        self.forward = written.forward
         self.name = self.forward.cached_definition.signature.name
-        self.num_outputs = len(forward.outputs)
-        self.direct = all(output.dtype != dtypes.resource for output in forward.outputs)
-        self.results = self.num_outputs - len(written.sides)
-        self.output_specs = [(output.shape, output.dtype) for output in forward.outputs]
+        outputs = self.forward.graph.outputs
+        self.num_outputs = len(outputs)
+        self.direct = all(output.dtype != dtypes.resource for output in outputs)
+        self.results = written.results
+        self.side_outputs = written.side_outputs
+        self.output_specs = [(output.shape, output.dtype) for output in outputs]
         self.backward = written.backward
-        self.inputs = len(forward.inputs)
+        self.inputs = len(self.forward.graph.inputs)
         self.arguments = written.arguments  # places among the call's inputs
         self.slots = written.gradient_slots
         self.unconnected = written.unconnected
@@ -290,11 +305,11 @@ class _WrittenTapePlan:
         be differentiated (higher order), a second entry records the side values it reads,
         whose gradient the tape asks only when one of them got one."""
         outputs = _call_forward(self, args)
-        sides = list(outputs[self.results:])
+        sides = [outputs[output] for output in self.side_outputs]
         record.record_operation(self.name, outputs[:self.results], args, functools.partial(
             self._gradient, sides + [args[slot] for slot in self.arguments]))
-        if kind != _FIRST_ORDER and sides:
-            record.record_operation(self.name, sides, args, functools.partial(
+        if kind != _FIRST_ORDER and len(outputs) > self.results:
+            record.record_operation(self.name, outputs[self.results:], args, functools.partial(
                 self._gradient_of_sides, sides + [args[slot] for slot in self.of_sides.arguments]))
         return outputs
 

@@ -62,8 +62,10 @@ def gradient_record(recorded) -> GradientRecord:
 class WrittenGradient(NamedTuple):
     """A written call's forward and backward functions, for TracedCall's tape."""
 
-    forward: object  # ConcreteFunction: the call's tensor results, then the side values
+    forward: object  # AtomicFunction: the call's tensor results, then side values not results
+    results: int  # how many of its outputs are the call's results
     sides: list  # (node uid, output index) of each forward value the backward reads
+    side_outputs: list  # ... the forward's output giving it
     backward: object  # ConcreteFunction: upstream gradients, side values, arguments -> grads
     arguments: list  # places among the call's inputs of the arguments the backward reads
     gradient_slots: list  # per backward output, its place among the call's inputs
@@ -76,7 +78,7 @@ def write_gradient(record: GradientRecord, sources, positions: list, result_spec
     """The forward and backward of a call written from `sources` (recorded._Sources), or
     None where the recording does not tell the gradient. `positions`: the call's flat tensor
     positions, in its function's argument order; `result_specs`: (shape, dtype) of each
-    tensor result; `forward_with(sides)`: the forward function returning those side values
+    tensor result; `forward_with(values)`: the forward function returning those op outputs
     after the results; `captured`: the function's captured handles."""
     try:
         written = _Writer(record, sources, positions, captured).write(result_specs,
@@ -85,31 +87,34 @@ def write_gradient(record: GradientRecord, sources, positions: list, result_spec
         return None
 
     def of_sides() -> WrittenGradient | None:
-        """The backward of the side values alone: where another tape may differentiate the
-        gradient computation (which reads them), they are recorded as outputs of a second
-        tape entry, whose gradient the tape asks only when one of them got one."""
-        first_side = len(written.forward.outputs) - len(written.sides)
-        specs = [(output.shape, output.dtype) for output in written.forward.outputs[first_side:]]
+        """The backward of the side values that are not results, alone: where another tape
+        may differentiate the gradient computation (which reads them), they are recorded as
+        outputs of a second tape entry, whose gradient the tape asks only when one of them
+        got one (a result's comes with the results')."""
+        extra = [side for side, output in zip(written.sides, written.side_outputs, strict=True)
+                 if output >= written.results]
+        outputs = written.forward.graph.outputs[written.results:]
         try:
-            return _Writer(record, sources, positions, captured, written.sides).write(
-                specs, lambda sides: _same_forward(written, sides))
+            return _Writer(record, sources, positions, captured, written.sides, extra).write(
+                [(output.shape, output.dtype) for output in outputs],
+                lambda values: _same_forward(written, values, extra))
         except Exception:  # as above
             return None
 
     return written._replace(of_sides=of_sides)
 
 
-def _same_forward(written: WrittenGradient, sides: list):
-    if sides != written.sides:  # a value the first backward did not read
+def _same_forward(written: WrittenGradient, values: list, extra: list):
+    if values != extra:  # a value the first backward did not read
         raise Refused
     return written.forward
 
 
 class _Writer:
     def __init__(self, record: GradientRecord, sources, positions: list, captured: list,
-                 sides: list | None = None) -> None:
-        """`sides`: the forward values whose gradients the tape gives (of_sides), in place
-        of the results'."""
+                 sides: list = (), upstream: list | None = None) -> None:
+        """`sides`: the side values known (of_sides: the first backward's); `upstream`: the
+        forward values whose gradients the tape gives, in place of the results'."""
         self.record = record
         self.sources = sources
         self.positions = positions
@@ -130,13 +135,13 @@ class _Writer:
             self.argument_of.setdefault(identity, position)  # as the forward's ops are
         self.consumers = self._consumers()
         self.upstream: dict = {}  # forward value -> the places of the tape's gradients of it
-        for index, key in enumerate(self.results if sides is None else sides):
+        for index, key in enumerate(self.results if upstream is None else upstream):
             self.upstream.setdefault(key, []).append(index)
-        self.sides: list = list(sides or ())
+        self.sides: list = list(sides)
         self.arguments: list = []
         self.grads: dict = {}
         self.extra = tf.compat.v1.GraphDef()  # the nodes written here (sums, zeros)
-        self.partial = sides is not None  # gradients of the side values alone
+        self.partial = upstream is not None  # gradients of the side values alone
         self.names: dict = {}
 
     def _owners(self) -> list:
@@ -193,7 +198,7 @@ class _Writer:
                 consumers.setdefault(key, []).append((node, slot))
         return consumers
 
-    def write(self, result_specs: list, forward_with) -> WrittenGradient:
+    def write(self, upstream_specs: list, forward_with) -> WrittenGradient:
         written, feeds = self._write_path()
         sources = [self._feed_source(node, slot) for node, slot in feeds]
         wanted = [("argument", position) for position in self.positions] + [
@@ -207,21 +212,25 @@ class _Writer:
             for index, name in enumerate(node.input):
                 if name in renamed:
                     node.input[index] = renamed[name]
-        forward = forward_with(self.sides)
-        first_side = len(forward.outputs) - len(self.sides)
+        extra = [side for side in self.sides if side not in self.results]
+        forward = forward_with(extra)
+        outputs = forward.graph.outputs
+        side_outputs = [self.results.index(side) if side in self.results
+                        else len(self.results) + extra.index(side) for side in self.sides]
         argument_specs = {position: tf.TensorSpec(placeholder.shape, placeholder.dtype)
-                          for position, placeholder in zip(self.positions, forward.inputs)}
-        specs = [tf.TensorSpec(shape, dtype) for shape, dtype in result_specs] + [
-            tf.TensorSpec(tensor.shape, tensor.dtype)
-            for tensor in forward.outputs[first_side:]] + [
+                          for position, placeholder in zip(self.positions,
+                                                           forward.graph.inputs)}
+        specs = [tf.TensorSpec(shape, dtype) for shape, dtype in upstream_specs] + [
+            tf.TensorSpec(outputs[output].shape, outputs[output].dtype)
+            for output in side_outputs] + [
             argument_specs[position] for position in self.arguments]
-        inputs = [f"terra_up{index}:0" for index in range(len(result_specs))] + [
+        inputs = [f"terra_up{index}:0" for index in range(len(upstream_specs))] + [
             f"terra_side{index}:0" for index in range(len(self.sides))] + [
             f"terra_x{position}:0" for position in self.arguments]
         slots = [slot for slot, grad in enumerate(grads) if grad is not None]
         backward = _trace(written, inputs, [grads[slot] for slot in slots], specs)
         unconnected = [slot for slot, grad in enumerate(grads) if grad is None]
-        return WrittenGradient(forward, self.sides, backward,
+        return WrittenGradient(forward, len(self.results), self.sides, side_outputs, backward,
                                [self.positions.index(position) for position in self.arguments],
                                slots, unconnected)
 

@@ -107,18 +107,16 @@ def macro_from_recording(recorded: RecordedCall, obj, flat: list) -> BuiltMacro 
     if not fully_shaped(concrete):  # sizes that follow from values: the trace decides
         return None
     gradient = functools.partial(  # holding what the gradient needs, not the iteration
-        _written_gradient, backward.gradient_record(recorded), recorded.variables, plan,
-        written, positions, specs, concrete) if any(source[0] == "op"
-                                                    for source in plan.results) else None
+        _written_gradient, backward.gradient_record(recorded), plan, written, positions,
+        concrete) if any(source[0] == "op" for source in plan.results) else None
     return BuiltMacro(internals.TracedCall(concrete, written_gradient=gradient), positions,
                       "from its recorded ops")
 
 
 def _function(result, variables: tuple, plan: _Sources, written, positions: list,
-              specs: list, sides: list | None = None):
+              specs: list):
     """The ConcreteFunction of the written call: its results in the structure of `result`
-    (what the call returned), or (given `sides`, op outputs) its tensor results then those
-    values, as one list. `variables`: the trainable ones it reads."""
+    (what the call returned). `variables`: the trainable ones it reads."""
     input_of = {position: index for index, position in enumerate(positions)}
 
     def body(*tensors):
@@ -129,10 +127,7 @@ def _function(result, variables: tuple, plan: _Sources, written, positions: list
                       else tensors[input_of[source[1]]] if source[0] == "argument"
                       else tf.identity(source[1]) if source[0] == "variable"
                       else source[1] for source in plan.results]
-        if sides is None:
-            return tf.nest.pack_sequence_as(result, leaves)
-        return [leaf for leaf in leaves if isinstance(leaf, tf.Tensor)] + [
-            values[side] for side in sides]
+        return tf.nest.pack_sequence_as(result, leaves)
 
     with internals.suspended():
         concrete = tf.function(
@@ -143,20 +138,24 @@ def _function(result, variables: tuple, plan: _Sources, written, positions: list
     return concrete
 
 
-def _written_gradient(record: backward.GradientRecord, variables: tuple, plan: _Sources,
-                      written, positions: list, specs: list, concrete):
-    """The call's forward and backward written from its recorded gradient ops, or None."""
+def _written_gradient(record: backward.GradientRecord, plan: _Sources, written,
+                      positions: list, concrete):
+    """The call's forward and backward written from its recorded gradient ops, or None. Its
+    forward is the written function's graph with the values the backward reads (those not
+    among its results) as more outputs, as TensorFlow makes its forward functions."""
     captured = concrete.captured_inputs
     results = [output for output in tf.nest.flatten(concrete.structured_outputs,
                                                     expand_composites=True)
                if isinstance(output, tf.Tensor)]
+    position_of = {node.uid: position for position, node in enumerate(plan.path)}
 
-    def forward_with(sides: list):
-        forward = _function(None, variables, plan, written, positions, specs, sides)
-        if [id(handle) for handle in forward.captured_inputs] != [id(handle)
-                                                                  for handle in captured]:
-            raise backward.Refused
-        return forward
+    def forward_with(values: list):
+        graph = concrete.graph
+        tensors = []
+        for uid, index in values:
+            name, output = written.results[position_of[uid]][index]
+            tensors.append(graph.get_operation_by_name(name).outputs[output])
+        return internals.forward_with_outputs(concrete, tensors)
 
     with internals.suspended():
         return backward.write_gradient(record, plan, positions,
