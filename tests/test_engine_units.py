@@ -708,9 +708,10 @@ def test_library_calls_observed_while_recording_are_written_from_their_ops_not_t
         monkeypatch, built_first):
     """A library call observed clean in a tracing iteration (a model, a loss, an optimizer)
     gets its function written from the ops it recorded instead of running its Python again in
-    a trace; the steps compute what eager does, gradients and batch-norm statistics included.
-    A first call that built its model or optimizer is written without the ops that made its
-    variables (weights, moving statistics, slots)."""
+    a trace, and its backward function from the gradient ops that iteration ran; the steps
+    compute what eager does, gradients and batch-norm statistics included. A first call that
+    built its model or optimizer is written without the ops that made its variables
+    (weights, moving statistics, slots)."""
     from terra_nb.engine.reasons import NoteKind
     from terra_nb.engine.replay import table as table_module
 
@@ -751,6 +752,11 @@ def test_library_calls_observed_while_recording_are_written_from_their_ops_not_t
     replayed = " | ".join(note.message for note in session.events.of_type(ev.Note)
                           if note.kind == NoteKind.REPLAYED)
     assert "Sequential call at" in replayed and "(from its recorded ops)" in replayed, replayed
+    # the model's and the loss's backward functions are written from the gradient ops the
+    # first iteration ran (replay/backward.py; more in test_written_gradients.py)
+    made = sorted(entry.macro.gradient for entry in session.macro_table.entries.values()
+                  if entry.macro is not None and entry.macro.gradient is not None)
+    assert made == ["written", "written"], made
 
 
 def test_a_model_holding_a_preprocessing_layer_is_traced_not_written(monkeypatch):
