@@ -167,7 +167,10 @@ class _Writer:
                 if (made_node.function is not None or made_node.island
                         or made_node.op_type in STATEFUL_RANDOM_OPS):
                     raise Refused
-            for identity, value, _ in window.reads:
+            for read in window.reads:
+                if read == SLICES:  # a value not eager: nothing to tell it by
+                    raise Refused
+                identity, value, _ = read
                 if identity[0] == FROM_NODE:
                     source = made.get(identity[1]) or self.members.get(identity[1])
                     if source is None or source.op_type not in _SHAPE_OPS:
