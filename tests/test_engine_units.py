@@ -1412,6 +1412,45 @@ def test_stable_gradient_computations_are_replayed_from_the_trace_graph(custom):
         assert any("gradient at test_engine_units.py:" in note for note in notes), notes
 
 
+ROWS_CHOSEN = [1, 1, 1, 1, 1, 0, 2, 1, 0]
+SCALES_CHOSEN = [2.0, 2.0, 2.0, 2.0, 2.0, 3.0, 2.0, 0.5, 2.0]
+
+
+def _step_reading_a_python_choice(weights, data, index, choice):
+    with tf.GradientTape() as tape:
+        h = data @ weights
+        if choice == "row":
+            loss = tf.reduce_sum(tf.square(tf.gather(h, [ROWS_CHOSEN[index]])))
+        else:
+            loss = tf.reduce_sum(tf.square(h) * SCALES_CHOSEN[index])
+    (gradient,) = tape.gradient(loss, [weights])
+    weights.assign_sub(0.01 * gradient)
+    return loss
+
+
+@pytest.mark.parametrize("choice", ["row", "scale"])
+def test_a_replayed_gradient_reads_the_forward_ops_value_when_python_changes_it(choice):
+    """Found by a fresh fuzz draw: a gather's indices chosen in Python, the same for five steps,
+    are the constant the replayed gather is given as first seen, and the gradient read that
+    same object; a Python scale is a cached scalar both read. Taken for the gradient's own
+    constant, the replayed gradient kept the old row (or scale) once Python chose another."""
+    data = tf.constant([[0.5, -1.0], [2.0, 1.0], [-1.5, 0.25]])
+    eager_weights = tf.Variable([[1.0, 2.0], [3.0, 4.0]])
+    eager = [float(_step_reading_a_python_choice(eager_weights, data, index, choice))
+             for index in range(len(ROWS_CHOSEN))]
+    weights = tf.Variable([[1.0, 2.0], [3.0, 4.0]])
+    session = Session("python-chosen")
+    losses = []
+    for index in range(len(ROWS_CHOSEN)):
+        with session.iteration():
+            losses.append(_step_reading_a_python_choice(weights, data, index, choice))
+    losses = [float(loss) for loss in losses]
+    session.close()
+    np.testing.assert_array_equal(losses, eager)
+    np.testing.assert_array_equal(weights.numpy(), eager_weights.numpy())
+    assert session.macro_table.replayed_calls >= 2
+
+
 def test_a_fetched_value_ends_its_segment_early_only_when_python_waited_for_it():
     """Submitting the forward graph as soon as the logged loss is deferred pays only when
     Python waited for that loss, and, since it makes new graphs, only once those waits add up

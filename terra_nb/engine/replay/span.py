@@ -174,9 +174,14 @@ def _gathers_from_variable(node) -> bool:
     return params.kind == FROM_NODE and params.node.op_type == "ReadVariableOp"
 
 
-def shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
+def shared_inputs(runner, start, flushes, call_site, first_new: int) -> tuple[dict, dict]:
     """Check that an observed gradient computation may be replayed (else Unreplayable, with
-    why); return which of its external inputs are values a forward op was given."""
+    why); return which of its external inputs are values a forward op was given, and the
+    constants it read that a forward op was given too ({forward op's key: value}).
+
+    Such a constant is either the library's own (a cached scalar) or the forward op's input
+    that a span replay gave as first seen (a gather's indices): the replay uses it only while
+    the forward op is given that same value, as both readings then agree."""
     if runner.flushes != flushes:
         raise Unreplayable(Refusal.FORCED_VALUE.say())
     if runner.cursor is start:
@@ -186,7 +191,7 @@ def shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
     given = {id(value): key for key, value in runner.external_inputs.items()
              if key[0] not in members}
     depth = len(call_site)
-    shared = {}
+    shared, pinned = {}, {}
     for node, entry in zip(span, pending, strict=True):
         if node.island or len(node.location) > depth:
             raise Unreplayable(Refusal.CUSTOM_GRADIENT.say())
@@ -195,6 +200,8 @@ def shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
                 continue
             seen = node.externals.get(slot)
             if seen is not None and value is seen.first:
+                if id(value) in given:
+                    pinned[given[id(value)]] = value
                 continue  # a cached constant: the same object every time
             if id(value) in given:
                 shared[(node.uid, slot)] = given[id(value)]
@@ -204,4 +211,4 @@ def shared_inputs(runner, start, flushes, call_site, first_new: int) -> dict:
                 # from the same ops and shapes every time; unlike own_constant this does not
                 # refuse a slot marked varying: the loss-scale test's gradients need that)
                 raise Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
-    return shared
+    return shared, pinned

@@ -116,6 +116,7 @@ class _GradientEntry:
     plan: object = None  # how to replay its ops, once two observations agreed
     results: list | None = None  # where each gradient comes from (see _describe)
     shared: dict | None = None  # external inputs that a forward op was given (ReplayPlan.defer)
+    pinned: dict | None = None  # constants a forward op was given too: replayed while it is
 
 
 class ApiFunction:
@@ -512,13 +513,15 @@ class MacroTable:
         it other than through TraceGraph edges; and the same values given to forward ops
         (`shared`), unless the first was made while a library call of its iteration ran its
         Python: the forward's values then came from that Python (a numpy target converted
-        there), not from replays as from then on, and the second one's are taken."""
+        there), not from replays as from then on, and the second one's are taken. It
+        replays only while forward ops are given the constants it read from them (`pinned`)."""
         __tracebackhide__ = True
         key = gradient_key(runner, target, sources, unconnected, call_site)
         if key is None:
             return compute()
         entry = self.gradients.setdefault(key, _GradientEntry())
-        if entry.plan is not None:
+        if entry.plan is not None and all(runner.external_inputs.get(forward) is value
+                                          for forward, value in entry.pinned.items()):
             bound = runner.fed_values(entry.shared)
             value_of = None if bound is None else entry.plan.defer(runner, bound)
             if value_of is not None:
@@ -537,7 +540,7 @@ class MacroTable:
             entry.last = None
             return result
         try:
-            shared = shared_inputs(runner, start, flushes, call_site, first_new)
+            shared, pinned = shared_inputs(runner, start, flushes, call_site, first_new)
             results = [describe_gradient(value, runner) for value in result]
         except Unreplayable as error:
             self._refuse(entry, runner, "gradient", call_site, str(error))
@@ -547,7 +550,7 @@ class MacroTable:
         last = entry.last
         if last is not None and observed[:2] == last[:2] \
                 and (observed[2] == last[2] or entry.last_provisional):
-            entry.results, entry.shared = results, shared
+            entry.results, entry.shared, entry.pinned = results, shared, pinned
             entry.plan = ReplayPlan(span, result_keys(results), shared)
             self.established.append(f"gradient at {_call_site_text(call_site)} ({len(span)} ops)")
         entry.last, entry.last_provisional = observed, self.observed_in == runner.index
