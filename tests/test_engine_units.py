@@ -170,7 +170,7 @@ def test_a_folded_constant_holds_its_value_in_the_written_graph(value):
 
     dtype = tf.string if np.asarray(value).dtype == object else tf.dtypes.as_dtype(value.dtype)
     graph_def = tf.compat.v1.GraphDef()
-    segmentdef._constant(graph_def, "folded", value, dtype.as_datatype_enum)
+    segmentdef.constant_node(graph_def, "folded", value, dtype.as_datatype_enum)
     written = tf.make_ndarray(graph_def.node[0].attr["value"].tensor)
     assert written.shape == np.shape(value)
     np.testing.assert_array_equal(written, value)

@@ -226,8 +226,8 @@ def write_segment(path: list[Node], feeds: list, folded: list,
                     written.kept_running.append(kept.name)
                     fallible.append(kept.name)
             for index, value in _static_outputs(node.function).items():
-                results[index] = (_constant(graph_def, f"terra_s{node.uid}_{index}", value,
-                                            node.output_dtypes[index], waits), 0)
+                results[index] = (constant_node(graph_def, f"terra_s{node.uid}_{index}",
+                                                value, node.output_dtypes[index], waits), 0)
         else:
             op = _add(graph_def, name, inputs + waits, node.device)
             op.op = node.op_type
@@ -269,11 +269,11 @@ class _FoldedValues:
         """The name of a Const node of `value`, written as `name` unless one holds it."""
         array = _numeric_array(value, dtype)
         if array is None:
-            return _constant(self.graph_def, name, value, dtype)
+            return constant_node(self.graph_def, name, value, dtype)
         key = (dtype, array.shape, array.tobytes())
         known = self.names.get(key)
         if known is None:
-            known = self.names[key] = _constant(self.graph_def, name, array, dtype)
+            known = self.names[key] = constant_node(self.graph_def, name, array, dtype)
         return known
 
 
@@ -287,7 +287,7 @@ def _numeric_array(value, dtype: int) -> np.ndarray | None:
     return None
 
 
-def _constant(graph_def, name: str, value, dtype: int, waits: tuple = ()) -> str:
+def constant_node(graph_def, name: str, value, dtype: int, waits: tuple = ()) -> str:
     """A Const node of `value`; a numeric array's or numpy scalar's bytes are copied as they
     are (~10 µs), other values go through `tf.make_tensor_proto` (~200 µs)."""
     node = _add(graph_def, name, list(waits), "")

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
 from terra_nb.engine.gradientwindows import SLICES
 from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
-from terra_nb.engine.segmentdef import write_segment
+from terra_nb.engine.segmentdef import constant_node, write_segment
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
 
 _SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
@@ -350,15 +351,11 @@ class _Writer:
         shape, dtype = owner.output_shapes[index], owner.output_dtypes[index]
         if shape is None or None in shape:
             raise Refused
-        size = self.extra.node.add()
-        size.name, size.op = f"terra_g{len(self.extra.node)}", "Const"
-        size.attr["dtype"].type = tf.int32.as_datatype_enum
-        size.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(list(shape), tf.int32))
-        zero = self.extra.node.add()
-        zero.name, zero.op = f"terra_g{len(self.extra.node)}", "Const"
-        zero.attr["dtype"].type = dtype
-        zero.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(0, tf.as_dtype(dtype)))
-        return f"{self._extra('Fill', [f'{size.name}:0', f'{zero.name}:0'], dtype).name}:0"
+        size = constant_node(self.extra, f"terra_g{len(self.extra.node) + 1}",
+                             np.array(shape, np.int32), tf.int32.as_datatype_enum)
+        zero = constant_node(self.extra, f"terra_g{len(self.extra.node) + 1}",
+                             np.zeros((), tf.as_dtype(dtype).as_numpy_dtype), dtype)
+        return f"{self._extra('Fill', [f'{size}:0', f'{zero}:0'], dtype).name}:0"
 
     def _check_zeros(self, identity, value) -> None:
         """Refused unless an output gradient the tape gave was zeros."""
