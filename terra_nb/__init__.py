@@ -19,11 +19,14 @@ __all__ = ["__version__", "function", "load_ipython_extension", "plot", "report"
 def load_ipython_extension(ipython) -> None:
     """Register `%%terra`. TensorFlow is imported here, without its C++ start-up lines in the
     cell's output (terra_nb/notebook/startup.py), so a notebook that loads the extension first shows
-    none of them."""
+    none of them, and so is the engine, which the first `%%terra` cell would otherwise load."""
     from terra_nb.notebook.startup import import_tensorflow
 
     import_tensorflow()
+    from terra_nb.engine.session import load_engine
     from terra_nb.notebook.magic import TerraMagics
+
+    load_engine()
 
     ipython.register_magics(TerraMagics)
 

@@ -34,6 +34,20 @@ def test_import_does_not_load_tensorflow():
     assert done.stdout.strip() == "[]"
 
 
+def test_the_engine_loads_with_a_co_executed_function_not_in_its_first_iteration():
+    """`terra_nb.function` (and `%load_ext terra_nb`) import the engine, so a session's first
+    recording iteration imports none of it."""
+    done = run_python(
+        "import sys, terra_nb, tensorflow as tf\n"
+        "step = terra_nb.function(lambda: tf.constant(2.0) * 3.0)\n"
+        "before = set(sys.modules)\n"
+        "print([float(step()) for _ in range(3)])\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith('terra_nb')))"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[6.0, 6.0, 6.0]", "[]"], done.stdout
+
+
 STARTUP_MARKERS = ("oneDNN custom operations", "cuda drivers", "cuInit", "absl::InitializeLog")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from terra_nb.engine.session import DEFAULT_TRACE_ITERATIONS, Session
+from terra_nb.engine.session import DEFAULT_TRACE_ITERATIONS, Session, load_engine
 
 
 class CoExecutedFunction:
@@ -19,6 +19,8 @@ class CoExecutedFunction:
                  self_check: bool) -> None:
         functools.update_wrapper(self, fn)
         self._fn = fn
+        if not eager:
+            load_engine()
         self.session = Session(getattr(fn, "__qualname__", repr(fn)),
                                trace_iterations=trace_iterations, xla=xla, eager=eager,
                                self_check=self_check)
