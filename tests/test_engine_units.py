@@ -1421,6 +1421,8 @@ def _step_reading_a_python_choice(weights, data, index, choice):
         h = data @ weights
         if choice == "row":
             loss = tf.reduce_sum(tf.square(tf.gather(h, [ROWS_CHOSEN[index]])))
+        elif choice == "slice":
+            loss = tf.reduce_sum(tf.square(h[ROWS_CHOSEN[index]]))
         else:
             loss = tf.reduce_sum(tf.square(h) * SCALES_CHOSEN[index])
     (gradient,) = tape.gradient(loss, [weights])
@@ -1428,12 +1430,13 @@ def _step_reading_a_python_choice(weights, data, index, choice):
     return loss
 
 
-@pytest.mark.parametrize("choice", ["row", "scale"])
+@pytest.mark.parametrize("choice", ["row", "slice", "scale"])
 def test_a_replayed_gradient_reads_the_forward_ops_value_when_python_changes_it(choice):
     """Found by a fresh fuzz draw: a gather's indices chosen in Python, the same for five steps,
     are the constant the replayed gather is given as first seen, and the gradient read that
-    same object; a Python scale is a cached scalar both read. Taken for the gradient's own
-    constant, the replayed gradient kept the old row (or scale) once Python chose another."""
+    same object; a Python scale is a cached scalar both read; a slice's gradient reads its
+    begin and end as numbers and makes constants of its own from them. Each was frozen into
+    the replayed gradient, which kept the old row (or scale) once Python chose another."""
     data = tf.constant([[0.5, -1.0], [2.0, 1.0], [-1.5, 0.25]])
     eager_weights = tf.Variable([[1.0, 2.0], [3.0, 4.0]])
     eager = [float(_step_reading_a_python_choice(eager_weights, data, index, choice))

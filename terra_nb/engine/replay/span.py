@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
@@ -174,14 +175,16 @@ def _gathers_from_variable(node) -> bool:
     return params.kind == FROM_NODE and params.node.op_type == "ReadVariableOp"
 
 
-def shared_inputs(runner, start, flushes, call_site, first_new: int) -> tuple[dict, dict]:
+def shared_inputs(runner, start, flushes, call_site, first_new: int,
+                  reads: list) -> tuple[dict, dict]:
     """Check that an observed gradient computation may be replayed (else Unreplayable, with
     why); return which of its external inputs are values a forward op was given, and the
-    constants it read that a forward op was given too ({forward op's key: value}).
-
-    Such a constant is either the library's own (a cached scalar) or the forward op's input
-    that a span replay gave as first seen (a gather's indices): the replay uses it only while
-    the forward op is given that same value, as both readings then agree."""
+    values forward ops were given that it depends on otherwise ({forward op's key: value}):
+    those its gradient functions read in Python (`reads`: a strided slice's begin, read as
+    numbers and made into constants of its own again), and constants it read that a forward
+    op was given too, either the library's own (a cached scalar) or the forward op's input that
+    a span replay gave as first seen (a gather's indices). The replay goes ahead only while
+    the forward ops are given those values again (`forward_values_hold`)."""
     if runner.flushes != flushes:
         raise Unreplayable(Refusal.FORCED_VALUE.say())
     if runner.cursor is start:
@@ -191,7 +194,8 @@ def shared_inputs(runner, start, flushes, call_site, first_new: int) -> tuple[di
     given = {id(value): key for key, value in runner.external_inputs.items()
              if key[0] not in members}
     depth = len(call_site)
-    shared, pinned = {}, {}
+    shared = {}
+    pinned = {given[id(value)]: value for value in reads if id(value) in given}
     for node, entry in zip(span, pending, strict=True):
         if node.island or len(node.location) > depth:
             raise Unreplayable(Refusal.CUSTOM_GRADIENT.say())
@@ -212,3 +216,20 @@ def shared_inputs(runner, start, flushes, call_site, first_new: int) -> tuple[di
                 # refuse a slot marked varying: the loss-scale test's gradients need that)
                 raise Unreplayable(Refusal.CHANGING_OUTSIDE_VALUE.say())
     return shared, pinned
+
+
+def forward_values_hold(runner, pinned: dict) -> bool:
+    """Whether each forward op whose value a replayed gradient depends on (shared_inputs) is
+    given that value again: the same tensor, or a small one equal to it."""
+    for key, value in pinned.items():
+        current = runner.external_inputs.get(key)
+        if current is value:
+            continue
+        if (not internals.is_eager_value(current) or current.dtype != value.dtype
+                or current.shape != value.shape or value.shape.num_elements() > _COMPARED
+                or not np.array_equal(current.numpy(), value.numpy())):
+            return False
+    return True
+
+
+_COMPARED = 4096  # elements of a forward value compared to the one a gradient depended on

@@ -73,6 +73,7 @@ from terra_nb.engine.replay.recorded import RecordedCall, macro_from_recording, 
 from terra_nb.engine.replay.span import (
     NOT_HERE,
     describe_call,
+    forward_values_hold,
     replay_span,
     shared_inputs,
     sparse_gradient,
@@ -116,7 +117,7 @@ class _GradientEntry:
     plan: object = None  # how to replay its ops, once two observations agreed
     results: list | None = None  # where each gradient comes from (see _describe)
     shared: dict | None = None  # external inputs that a forward op was given (ReplayPlan.defer)
-    pinned: dict | None = None  # constants a forward op was given too: replayed while it is
+    pinned: dict | None = None  # forward ops' values it read: replayed while they are given
 
 
 class ApiFunction:
@@ -514,14 +515,13 @@ class MacroTable:
         (`shared`), unless the first was made while a library call of its iteration ran its
         Python: the forward's values then came from that Python (a numpy target converted
         there), not from replays as from then on, and the second one's are taken. It
-        replays only while forward ops are given the constants it read from them (`pinned`)."""
+        replays only while forward ops are given the values it read from them (`pinned`)."""
         __tracebackhide__ = True
         key = gradient_key(runner, target, sources, unconnected, call_site)
         if key is None:
             return compute()
         entry = self.gradients.setdefault(key, _GradientEntry())
-        if entry.plan is not None and all(runner.external_inputs.get(forward) is value
-                                          for forward, value in entry.pinned.items()):
+        if entry.plan is not None and forward_values_hold(runner, entry.pinned):
             bound = runner.fed_values(entry.shared)
             value_of = None if bound is None else entry.plan.defer(runner, bound)
             if value_of is not None:
@@ -532,15 +532,17 @@ class MacroTable:
         start, flushes, diverged_at = runner.cursor, runner.flushes, runner.diverged_at
         first_new = internals.next_tensor_id()
         replay_state.observing += 1
+        reads = internals.start_collecting_reads()
         try:
             result = compute()
         finally:
+            internals.stop_collecting_reads()
             replay_state.observing -= 1
         if runner.diverged_at != diverged_at or not runner.is_deferring:
             entry.last = None
             return result
         try:
-            shared, pinned = shared_inputs(runner, start, flushes, call_site, first_new)
+            shared, pinned = shared_inputs(runner, start, flushes, call_site, first_new, reads)
             results = [describe_gradient(value, runner) for value in result]
         except Unreplayable as error:
             self._refuse(entry, runner, "gradient", call_site, str(error))
