@@ -1414,6 +1414,7 @@ def test_stable_gradient_computations_are_replayed_from_the_trace_graph(custom):
 
 ROWS_CHOSEN = [1, 1, 1, 1, 1, 0, 2, 1, 0]
 SCALES_CHOSEN = [2.0, 2.0, 2.0, 2.0, 2.0, 3.0, 2.0, 0.5, 2.0]
+WEIGHTS = tf.constant([[1.0, -1.0], [2.0, 0.5], [3.0, 1.0]])
 
 
 def _step_reading_a_python_choice(weights, data, index, choice):
@@ -1423,6 +1424,13 @@ def _step_reading_a_python_choice(weights, data, index, choice):
             loss = tf.reduce_sum(tf.square(tf.gather(h, [ROWS_CHOSEN[index]])))
         elif choice == "slice":
             loss = tf.reduce_sum(tf.square(h[ROWS_CHOSEN[index]]))
+        elif choice == "rows_from":
+            loss = tf.reduce_sum(tf.square(h[ROWS_CHOSEN[index]:ROWS_CHOSEN[index] + 2]))
+        elif choice == "roll":
+            loss = tf.reduce_sum(tf.roll(h, ROWS_CHOSEN[index], axis=0) * WEIGHTS)
+        elif choice == "gather_nd":
+            row = ROWS_CHOSEN[index]
+            loss = tf.reduce_sum(tf.square(tf.gather_nd(h, [[row, 0], [2 - row, 1]])))
         else:
             loss = tf.reduce_sum(tf.square(h) * SCALES_CHOSEN[index])
     (gradient,) = tape.gradient(loss, [weights])
@@ -1430,7 +1438,7 @@ def _step_reading_a_python_choice(weights, data, index, choice):
     return loss
 
 
-@pytest.mark.parametrize("choice", ["row", "slice", "scale"])
+@pytest.mark.parametrize("choice", ["row", "slice", "rows_from", "roll", "gather_nd", "scale"])
 def test_a_replayed_gradient_reads_the_forward_ops_value_when_python_changes_it(choice):
     """Found by a fresh fuzz draw: a gather's indices chosen in Python, the same for five steps,
     are the constant the replayed gather is given as first seen, and the gradient read that
