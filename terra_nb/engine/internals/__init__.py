@@ -54,8 +54,8 @@ from terra_nb.engine.internals.instantiate import instantiate_ahead
 from terra_nb.engine.internals.lazy import LazyTensor
 from terra_nb.engine.internals.observed import (
     effects_beside_ops,
-    start_collecting_reads,
-    stop_collecting_reads,
+    start_collecting_library_reads,
+    stop_collecting_library_reads,
 )
 from terra_nb.engine.internals.ops import (
     EagerTensor,
@@ -100,7 +100,7 @@ __all__ = [
     "check_private_symbols", "collecting_conversions", "forget_marks",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
     "current_handler", "eager_context", "effects_beside_ops", "follow_into_replica_threads",
-    "start_collecting_reads", "stop_collecting_reads",
+    "start_collecting_library_reads", "stop_collecting_library_reads",
     "forward_with_outputs",
     "function_op_types", "gradient_module", "handling", "import_nodes", "install_guard",
     "instantiate_ahead", "is_backward_function",

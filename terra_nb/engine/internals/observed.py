@@ -19,12 +19,14 @@ class _Counts(threading.local):
     tape_entries = 0
     host_reads = 0
     read_values: list | None = None  # every tensor read, while a gradient function runs
+    library_reads: list | None = None  # ... read by library code, not terra_nb's, while asked
 
 
 _counts = _Counts()
 _real_record_operation = record.record_operation
 _real_numpy = ops._EagerTensorBase._numpy
 _TENSORFLOW_DIR = os.path.dirname(os.path.dirname(os.path.dirname(ops.__file__))) + os.sep
+_GRADIENTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gradients.py")
 
 
 def _record_operation(*args, **kwargs):
@@ -41,6 +43,10 @@ def _numpy(self):
         frame = frame.f_back
     if frame is None or not frame.f_code.co_filename.startswith(usercode.PACKAGE_DIR):
         _counts.host_reads += 1
+        if _counts.library_reads is not None:
+            _counts.library_reads.append(self)
+    elif _counts.library_reads is not None and frame.f_code.co_filename == _GRADIENTS_FILE:
+        _counts.library_reads.append(self)  # a gradient function TensorFlow's tape called
     return _real_numpy(self)
 
 
@@ -62,3 +68,15 @@ def start_collecting_reads() -> list:
 
 def stop_collecting_reads() -> None:
     _counts.read_values = None
+
+
+def start_collecting_library_reads() -> list:
+    """From now on this thread's tensor reads by library code (TensorFlow's gradient functions
+    among it), not terra_nb's own (a shape worked out while deferring an op), are appended to
+    the list returned."""
+    _counts.library_reads = []
+    return _counts.library_reads
+
+
+def stop_collecting_library_reads() -> None:
+    _counts.library_reads = None

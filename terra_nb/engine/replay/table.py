@@ -532,11 +532,11 @@ class MacroTable:
         start, flushes, diverged_at = runner.cursor, runner.flushes, runner.diverged_at
         first_new = internals.next_tensor_id()
         replay_state.observing += 1
-        reads = internals.start_collecting_reads()
+        reads = internals.start_collecting_library_reads()
         try:
             result = compute()
         finally:
-            internals.stop_collecting_reads()
+            internals.stop_collecting_library_reads()
             replay_state.observing -= 1
         if runner.diverged_at != diverged_at or not runner.is_deferring:
             entry.last = None
