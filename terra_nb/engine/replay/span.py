@@ -179,14 +179,14 @@ def shared_inputs(runner, start, flushes, call_site, first_new: int,
                   reads: list) -> tuple[dict, dict]:
     """Check that an observed gradient computation may be replayed (else Unreplayable, with
     why); return which of its external inputs are values a forward op was given, and the
-    values forward ops were given that it depends on otherwise ({forward op's key: value}):
-    those its gradient functions read in Python (`reads`, by library code: a strided slice's
-    begin, read as numbers and made into constants of its own again; not the engine's reads,
-    such as a batched gather's indices, offset by an int addition the engine works out in
-    Python, which are fed), and constants it read that a forward
-    op was given too, either the library's own (a cached scalar) or the forward op's input that
-    a span replay gave as first seen (a gather's indices). The replay goes ahead only while
-    the forward ops are given those values again (`forward_values_hold`)."""
+    values forward ops were given that it depends on otherwise ({forward op's key: value}).
+    Those are the values its gradient functions read in Python (`reads`, by library code: a
+    strided slice's begin, read as numbers and made into constants of its own again; not the
+    engine's reads, such as a batched gather's indices, offset by an int addition the engine
+    works out in Python, which are fed), and the constants it read that a forward op was
+    given too: the library's own (a cached scalar) or the forward op's input that a span
+    replay gave as first seen (a gather's indices). The replay goes ahead only while the
+    forward ops are given those values again (`forward_values_hold`)."""
     if runner.flushes != flushes:
         raise Unreplayable(Refusal.FORCED_VALUE.say())
     if runner.cursor is start:
