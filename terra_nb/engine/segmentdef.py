@@ -1,12 +1,12 @@
 """Building a segment's graph: its ops written as one GraphDef and imported into the
-ConcreteFunction `compile_segment` traces (issue 20, cheaper construction).
+ConcreteFunction `compile_segment` makes (issue 20, cheaper construction).
 
 Creating ops one at a time through `Graph.create_op` cost ~60 µs of Python each (shape
 inference, attribute conversion, the Python Operation), a folded constant through
 `tf.constant` ~110 µs: 130-160 ms for a 300-op segment of music_transformer (650-700 graph
 ops with its constants), on the builder thread and under the GIL. The same segment written
 as protobuf nodes takes ~8 ms and TensorFlow imports it in one call. The imported ops sit in
-the FuncGraph the segment's `tf.function` traces, so its signature is TensorFlow's own; the
+a FuncGraph made for the segment (internals.graph_function), its signature TensorFlow's; the
 placeholders of the variables it captures are imported too, in one call, and registered as
 its captures (internals.capture_resources).
 
@@ -115,14 +115,13 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
              for (position, slot), shape in zip(feeds, sizes[0], strict=True)]
     written = write_segment(path, feeds, folded)
 
-    def segment(*args):
+    def segment(args):
         values = import_written(written, path, args, sizes[1])
         return [values[(node.uid, index)] for node, index in outputs]
 
     with internals.suspended():
-        function = tf.function(segment, autograph=False, jit_compile=xla or None,
-                               experimental_attributes=internals.WITHOUT_AUTOMATIC_CONTROL)
-        concrete = function.get_concrete_function(*specs)
+        concrete = internals.graph_function("segment", specs, segment,
+                                            internals.segment_attributes(xla))
     return CompiledSegment(concrete, path, feeds, folded, outputs,
                            time.perf_counter() - start, xla, declined, sizes=sizes,
                            unfused=internals.computes_in_half_precision(concrete.graph))

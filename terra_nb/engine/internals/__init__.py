@@ -45,10 +45,12 @@ from terra_nb.engine.internals.imported import (
     call_op_type,
     capture_resources,
     collective_ids,
+    graph_function,
     import_nodes,
     ordered_as_stateful,
     read_only_inputs,
     reads_resources_only,
+    segment_attributes,
 )
 from terra_nb.engine.internals.instantiate import instantiate_ahead
 from terra_nb.engine.internals.lazy import LazyTensor
@@ -95,7 +97,7 @@ __all__ = [
     "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
     "WITHOUT_AUTOMATIC_CONTROL", "a_tape_is_recording", "attr_map", "attr_protos", "call_concrete",
     "call_node", "call_op_type", "capture_resources", "collective_ids", "ordered_as_stateful",
-    "read_only_inputs", "reads_resources_only",
+    "read_only_inputs", "reads_resources_only", "graph_function", "segment_attributes",
     "call_with_captures", "calling_function", "capture_with_unknown_sizes",
     "check_private_symbols", "collecting_conversions", "forget_marks",
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",

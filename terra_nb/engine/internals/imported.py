@@ -1,18 +1,21 @@
 """A segment's ops added to the graph being built in one import: a GraphDef written in Python
 (protobuf, ~10 µs a node) and imported by TensorFlow in one call, instead of one
 `Graph.create_op` per op (~60 µs each, most of it Python: shape inference, attribute
-conversion, the Python Operation). The imported ops sit in the FuncGraph the segment's
-`tf.function` traces, so the function's signature is TensorFlow's own. Its automatic control
-dependencies are not: the GraphDef carries the same control edges, written
-from the recorded ops (segmentdef.ControlOrder), with the facts about op types below."""
+conversion, the Python Operation). The imported ops sit in a FuncGraph made for the function
+(`graph_function`, what tf.function's trace makes, without its machinery), its signature and
+captures TensorFlow's own. Its automatic control dependencies are not: the GraphDef carries
+the same control edges, written from the recorded ops (segmentdef.ControlOrder), with the
+facts about op types below."""
 
 from __future__ import annotations
 
 import tensorflow as tf
-from tensorflow.python.eager.polymorphic_function import attributes
+from tensorflow.core.function import trace_type
+from tensorflow.core.function.polymorphism import function_type
+from tensorflow.python.eager.polymorphic_function import attributes, concrete_function
 from tensorflow.python.framework import auto_control_deps as automatic_control
 from tensorflow.python.framework import auto_control_deps_utils as acd
-from tensorflow.python.framework import importer
+from tensorflow.python.framework import func_graph, importer
 from tensorflow.python.ops import handle_data_util
 
 from terra_nb.engine.internals.ops import _in_half_precision, _lean_call_options, op_def
@@ -25,18 +28,32 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.framework.auto_control_deps_utils", "COLLECTIVE_MANAGER_IDS"),
     ("tensorflow.python.eager.polymorphic_function.attributes", "XLA_COMPILE"),
     ("tensorflow.python.eager.polymorphic_function.attributes", "DISABLE_ACD"),
+    ("tensorflow.python.eager.polymorphic_function.attributes", "NO_INLINE"),
     ("tensorflow.python.ops.handle_data_util", "set_handle_data"),
     ("tensorflow.python.framework.auto_control_deps_utils", "RESOURCE_READ_OPS"),
     ("tensorflow.python.framework.auto_control_deps", "ASYNC_STATEFUL_OPS"),
     ("tensorflow.python.framework.auto_control_deps", "LEGACY_RANDOM_OPS"),
     ("tensorflow.python.framework.auto_control_deps", "SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS"),
     ("tensorflow.python.framework.auto_control_deps", "_ALLOWLIST_STATELESS_OPS"),
+    ("tensorflow.core.function.polymorphism.function_type", "FunctionType"),
+    ("tensorflow.core.function.trace_type", "from_value"),
 )
 
-# A segment's tf.function attributes: no automatic control dependencies. They cost half a
+# A written function's attributes: no automatic control dependencies. They cost half a
 # segment's build (an Identity made op by op for each output, every op's attributes read
 # back) and the GraphDef already holds their edges.
 WITHOUT_AUTOMATIC_CONTROL = {attributes.DISABLE_ACD: True}
+
+
+
+def segment_attributes(xla: bool) -> dict:
+    """A segment's function attributes: without automatic control dependencies, and compiled
+    by XLA as tf.function(jit_compile=True) asks (not inlined into its caller)."""
+    if not xla:
+        return WITHOUT_AUTOMATIC_CONTROL
+    return {**WITHOUT_AUTOMATIC_CONTROL, attributes.XLA_COMPILE: True,
+            attributes.NO_INLINE: True}
+
 
 _READ_ONLY_INPUTS: dict = {}  # function name -> its read-only resource input indices
 _NOT_ORDERED = (automatic_control.ASYNC_STATEFUL_OPS | automatic_control.LEGACY_RANDOM_OPS
@@ -139,3 +156,41 @@ def import_nodes(graph, graph_def, input_map: dict, functions: list, names: list
         graph._add_function_recursive(function)
     return importer.import_graph_def(graph_def, input_map=input_map, return_elements=names,
                                      name="")
+
+
+def graph_function(name: str, specs: list, build, attributes_of: dict | None = None):
+    """A ConcreteFunction of `specs` (TensorSpecs, its arguments) whose graph `build(inputs)`
+    fills, importing a written GraphDef, and returns the outputs of (their structure kept).
+
+    What tf.function's trace does for it, without its machinery (its signature binding, its
+    cache, a placeholder made op by op per argument, output conversion): 2-3 ms of the ~6 ms
+    a written call's function took. Made as its trace makes one otherwise: a FuncGraph, the
+    arguments then the captures as inputs, an output that is a capture captured, the
+    FunctionType from the argument specs, the captures and the outputs' structure."""
+    graph = func_graph.FuncGraph(name)
+    arguments = tf.compat.v1.GraphDef()
+    for index, spec in enumerate(specs):
+        node = arguments.node.add()
+        node.name, node.op = f"terra_in{index}", "Placeholder"
+        node.attr["dtype"].type = spec.dtype.as_datatype_enum
+        node.attr["shape"].shape.CopyFrom(spec.shape.as_proto())
+    with graph.as_default():
+        made = importer.import_graph_def(
+            arguments, return_elements=[node.name for node in arguments.node], name="")
+        inputs = [operation.outputs[0] for operation in made]
+        graph.inputs.extend(inputs)
+        structured = tf.nest.map_structure(
+            lambda output: None if output is None else tf.convert_to_tensor(output),
+            build(inputs))
+        graph.structured_input_signature = (tuple(specs), {})
+        graph.structured_outputs = structured
+        graph.outputs.extend(graph.capture(output) for output in tf.nest.flatten(structured)
+                             if output is not None)
+    parameters = [function_type.Parameter(f"terra_in{index}",
+                                          function_type.Parameter.POSITIONAL_ONLY, False, spec)
+                  for index, spec in enumerate(specs)]
+    signature = function_type.FunctionType(
+        parameters, graph.function_captures.capture_types,
+        return_annotation=trace_type.from_value(structured))
+    return concrete_function.ConcreteFunction.from_func_graph(
+        graph, signature, attributes_of or {}, shared_func_graph=False)

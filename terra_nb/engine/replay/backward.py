@@ -398,7 +398,7 @@ def _trace(written, inputs: list, outputs: list, specs: list):
     names = sorted({output.split(":")[0] for output in outputs if output not in inputs}
                    | set(written.kept_running))
 
-    def body(*tensors):
+    def body(tensors):
         graph = tf.compat.v1.get_default_graph()
         given = dict(zip(inputs, tensors, strict=True))
         operations = dict(zip(names, internals.import_nodes(
@@ -410,9 +410,8 @@ def _trace(written, inputs: list, outputs: list, specs: list):
                 else operations[output.split(":")[0]].outputs[int(output.split(":")[1])]
                 for output in outputs]
 
-    body.__name__ = "__backward_written"  # a backward function, by TensorFlow's naming:
-    # its index ops read what the forward's did, which failed first (graphgen.may_fail)
+    # a backward function, by TensorFlow's naming: its index ops read what the forward's
+    # did, which failed first (graphgen.may_fail)
     with internals.suspended():
-        return tf.function(body, autograph=False,
-                           experimental_attributes=internals.WITHOUT_AUTOMATIC_CONTROL
-                           ).get_concrete_function(*specs)
+        return internals.graph_function("__backward_written", specs, body,
+                                        internals.WITHOUT_AUTOMATIC_CONTROL)

@@ -119,7 +119,7 @@ def _function(result, variables: tuple, plan: _Sources, written, positions: list
     (what the call returned). `variables`: the trainable ones it reads."""
     input_of = {position: index for index, position in enumerate(positions)}
 
-    def body(*tensors):
+    def body(tensors):
         values = import_written(written, plan.path, [tensors[input_of[position]]
                                                      for position in plan.fed_from])
         with tf.control_dependencies(tf.compat.v1.get_default_graph().control_outputs):
@@ -130,9 +130,8 @@ def _function(result, variables: tuple, plan: _Sources, written, positions: list
         return tf.nest.pack_sequence_as(result, leaves)
 
     with internals.suspended():
-        concrete = tf.function(
-            body, autograph=False, experimental_attributes=internals.WITHOUT_AUTOMATIC_CONTROL
-        ).get_concrete_function(*specs)
+        concrete = internals.graph_function("written_call", specs, body,
+                                            internals.WITHOUT_AUTOMATIC_CONTROL)
     unique = {id(variable): variable for variable in variables}.values()
     concrete.set_variables(list(unique))  # a tape watching them watches the call
     return concrete
