@@ -74,6 +74,7 @@ INSIDE = {
     "batch_norm": ((0.5,), "h = h + {p} * norm(h, training=True)"),
     "gather_rows": ((1, 3), (
         "h = tf.gather(h, [random.randrange(int(h.shape[0])) for _ in range({p})])")),
+    "python_row_slice": ((0,), "h = h[random.randrange(int(h.shape[0])):]"),
     "gather_columns": ((0,), (
         "h = tf.gather(h, tf.constant(random.sample(range({H}), {H})), axis=1)")),
     "user_function": ((0.5, 2.0), "h = scaled(h, {p})"),

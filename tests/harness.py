@@ -228,8 +228,9 @@ def _read_tree(root: str) -> dict:
 _NUMBER = r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan"
 
 
-def assert_same_text(actual: str, expected: str, what: str) -> None:
-    """Equal text, except that numbers may differ by ITERATION_RTOL (graph vs eager round-off)."""
+def assert_same_text(actual: str, expected: str, what: str,
+                     rtol: float = ITERATION_RTOL) -> None:
+    """Equal text, except that numbers may differ by `rtol` (graph vs eager round-off)."""
     import re
 
     split_actual, split_expected = re.split(f"({_NUMBER})", actual), re.split(
@@ -240,48 +241,62 @@ def assert_same_text(actual: str, expected: str, what: str) -> None:
         if index % 2 == 0:
             assert got == want, message
         else:
-            assert np.isclose(float(got), float(want), rtol=ITERATION_RTOL, atol=ATOL,
+            assert np.isclose(float(got), float(want), rtol=rtol, atol=ATOL,
                               equal_nan=True), message
 
 
-def assert_same_value(actual, expected, what: str) -> None:
-    """Deep equality of effects with float tolerance."""
+def assert_same_value(actual, expected, what: str, rtol: float = ITERATION_RTOL) -> None:
+    """Deep equality of effects with float tolerance `rtol`."""
     if isinstance(expected, dict):
         assert isinstance(actual, dict) and actual.keys() == expected.keys(), (
             f"{what}: {actual!r} != {expected!r}")
         for key in expected:
-            assert_same_value(actual[key], expected[key], f"{what}[{key!r}]")
+            assert_same_value(actual[key], expected[key], f"{what}[{key!r}]", rtol)
     elif isinstance(expected, (list, tuple)):
         assert type(actual) is type(expected) and len(actual) == len(expected), (
             f"{what}: {actual!r} != {expected!r}")
         for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
-            assert_same_value(got, want, f"{what}[{index}]")
+            assert_same_value(got, want, f"{what}[{index}]", rtol)
     elif isinstance(expected, str):
-        assert_same_text(actual, expected, what)
+        assert_same_text(actual, expected, what, rtol)
     elif isinstance(expected, (float, np.floating, np.ndarray)):
-        np.testing.assert_allclose(actual, expected, rtol=ITERATION_RTOL, atol=ATOL, err_msg=what)
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=ATOL, err_msg=what)
     else:
         assert actual == expected, f"{what}: {actual!r} != {expected!r}"
 
 
 def assert_same_observed(eager: Observed, terra: Observed) -> None:
-    """Iteration by iteration: result, printed output, every variable, every side effect."""
+    """Iteration by iteration: result, printed output, every variable, every side effect.
+
+    The contract's two tolerances (docs/architecture.md, "Same results as eager"): an
+    iteration run from eager-equal state (every variable bit-equal to eager's after the
+    iteration before) matches to ITERATION_RTOL; once round-off has made the state differ,
+    values may drift by RUN_RTOL, tf.function's own. (At ITERATION_RTOL throughout, a
+    program that amplifies round-off, BatchNormalization over batches of two rows, failed on
+    the drift alone: one ulp added to eager's own weights moved them by 2e-4.)"""
     assert len(terra.results) == len(eager.results)
+    rtol = ITERATION_RTOL
     for index in range(len(eager.results)):
         where = f"iteration {index}"
-        assert_same_text(terra.printed[index], eager.printed[index], f"printed output of {where}")
-        np.testing.assert_allclose(terra.results[index], eager.results[index], rtol=ITERATION_RTOL,
+        assert_same_text(terra.printed[index], eager.printed[index],
+                         f"printed output of {where}", rtol)
+        np.testing.assert_allclose(terra.results[index], eager.results[index], rtol=rtol,
                                    atol=ATOL, err_msg=f"result of {where}")
         assert len(terra.states[index]) == len(eager.states[index]), where
         for slot, (got, want) in enumerate(zip(terra.states[index], eager.states[index],
                                                strict=True)):
             assert got.shape == want.shape, f"variable {slot} after {where}: shape"
-            np.testing.assert_allclose(got, want, rtol=ITERATION_RTOL, atol=ATOL,
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=ATOL,
                                        err_msg=f"variable {slot} after {where}")
-        assert_same_value(terra.effects[index], eager.effects[index], f"effects after {where}")
+        assert_same_value(terra.effects[index], eager.effects[index], f"effects after {where}",
+                          rtol)
+        if rtol == ITERATION_RTOL and not all(
+                np.array_equal(got, want, equal_nan=True)
+                for got, want in zip(terra.states[index], eager.states[index], strict=True)):
+            rtol = RUN_RTOL
     assert sorted(terra.files) == sorted(eager.files), "files written"
     for name in eager.files:
-        assert_same_text(terra.files[name], eager.files[name], f"file {name}")
+        assert_same_text(terra.files[name], eager.files[name], f"file {name}", rtol)
 
 
 def differential(build, iterations: int, apis=(SESSION_API, FUNCTION_API), **session_options):

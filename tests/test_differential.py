@@ -128,6 +128,41 @@ def test_a_difference_is_caught():
         differential(build, 3, apis=(harness.SESSION_API,), trace_iterations=1)
 
 
+def _adds_more_under_terra_nb(extras: dict):
+    """A program adding 1 to a variable each step, plus `extras[i]` at step i under terra_nb."""
+
+    def build(tmp):
+        from terra_nb.engine import internals
+
+        variable = tf.Variable(1.0)
+
+        def step(i):
+            under_terra_nb = internals.ops.current_handler() is not None
+            variable.assign_add(1.0 + (extras.get(i, 0.0) if under_terra_nb else 0.0))
+            return variable * 1.0
+
+        return step, lambda: [variable.numpy()], lambda: {}
+
+    return build
+
+
+def test_an_iteration_from_eager_equal_state_is_held_to_one_iterations_tolerance():
+    """The harness's two tolerances: an iteration started from eager-equal state must match
+    to ITERATION_RTOL, and once round-off has made the state differ (3e-7 more at step 0,
+    one ulp of 2.0) values may drift by RUN_RTOL but no more: 2e-3 more at step 2 (5e-4 of
+    4.0) fails from eager-equal state and passes after that ulp; 1e-2 more fails after it."""
+
+    def run(extras: dict) -> None:
+        differential(_adds_more_under_terra_nb(extras), 3, apis=(harness.SESSION_API,),
+                     trace_iterations=1)
+
+    with pytest.raises(AssertionError, match="iteration 2"):
+        run({2: 2e-3})
+    run({0: 3e-7, 2: 2e-3})
+    with pytest.raises(AssertionError, match="iteration 2"):
+        run({0: 3e-7, 2: 1e-2})
+
+
 def _momentum_over_batch_norm():
     """The program a fresh draw found (seed 2655623843): a BatchNormalization layer called
     twice under SGD with momentum. Its loss jumps from step to step and amplifies round-off:
