@@ -43,6 +43,7 @@ from terra_nb.engine.internals.imported import (
     WITHOUT_AUTOMATIC_CONTROL,
     call_node,
     call_op_type,
+    capture_handles,
     capture_resources,
     collective_ids,
     graph_function,
@@ -96,7 +97,8 @@ from terra_nb.engine.internals.replicas import follow_into_replica_threads, merg
 __all__ = [
     "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
     "WITHOUT_AUTOMATIC_CONTROL", "a_tape_is_recording", "attr_map", "attr_protos", "call_concrete",
-    "call_node", "call_op_type", "capture_resources", "collective_ids", "ordered_as_stateful",
+    "call_node", "call_op_type", "capture_handles", "capture_resources", "collective_ids",
+    "ordered_as_stateful",
     "read_only_inputs", "reads_resources_only", "graph_function", "segment_attributes",
     "call_with_captures", "calling_function", "capture_with_unknown_sizes",
     "check_private_symbols", "collecting_conversions", "forget_marks",

@@ -148,6 +148,18 @@ def capture_resources(graph, handles: list) -> list:
     return captured
 
 
+def capture_handles(handles: list) -> None:
+    """Capture into the FuncGraph being traced, in one import (`capture_resources`), the
+    eager resource handles it has not captured yet: a trace about to read many variables
+    (an optimizer's updates) then finds each one's capture made, instead of making a
+    placeholder through Python (~0.3 ms) at each first read."""
+    graph = tf.compat.v1.get_default_graph()
+    known = graph.function_captures.by_val_external
+    new = list({id(handle): handle for handle in handles if id(handle) not in known}.values())
+    if new:
+        capture_resources(graph, new)
+
+
 def import_nodes(graph, graph_def, input_map: dict, functions: list, names: list) -> list:
     """Import `graph_def` into `graph` (the default graph, a FuncGraph being traced), its
     inputs named in `input_map` bound to those tensors; the AtomicFunctions its call nodes

@@ -83,6 +83,13 @@ class _SharedUpdates:
         counts = collections.Counter(self.spec(variable) for variable in variables)
         self.shared_specs = {spec for spec, count in counts.items() if count > 1}
         self.slot_lists = keras_state.slot_lists(optimizer, len(variables))
+        # the handles the shared updates' calls capture, captured at once (the first update
+        # of a trace): the variables of a shared rank and dtype, and their slots
+        self.shared_handles = [
+            each.handle for index, variable in enumerate(variables)
+            if self.spec(variable) in self.shared_specs
+            for each in [variable] + [slots[index] for slots in self.slot_lists.values()]]
+        self.captured_in = None  # the graph they were captured in
         in_slots = {id(slot) for slots in self.slot_lists.values() for slot in slots}
         own = [variable for variable in optimizer.variables if id(variable) not in in_slots]
         self.own_variables = {id(variable) for variable in own}
@@ -118,6 +125,9 @@ class _SharedUpdates:
                 or not _is_graph_tensor(gradient)
                 or not (rate_is_argument or id(learning_rate) in self.own_variables)):
             return self.update_step(optimizer, gradient, variable, learning_rate)
+        if self.captured_in is not tf.compat.v1.get_default_graph():
+            self.captured_in = tf.compat.v1.get_default_graph()
+            internals.capture_handles(self.shared_handles)
         arguments = [gradient, learning_rate] if rate_is_argument else [gradient]
         key = (self.spec(variable),) + tuple(self.spec(argument) for argument in arguments)
         if key not in self.updates:
