@@ -2,10 +2,14 @@
 execution would have left there: numpy buffers the user refills, and (with more to come)
 files and data sources."""
 
+import gc
+
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
+from terra_nb.engine import internals
 from terra_nb.engine.session import Session
 
 
@@ -173,3 +177,71 @@ def test_the_next_batch_is_taken_without_waiting_for_the_graph():
     weights.numpy()  # an eager read: the guard drains first
     assert internals.ops.current_handler() is None and not session.graph_runner.busy
     session.close()
+
+
+class _Cycle:
+    """A resource only the garbage collector frees: its holder is in a reference cycle. A
+    queue's, as a summary writer's: Python destroys it with an op when its owner dies (an
+    EagerResourceDeleter). (A variable's anonymous resource goes with its last handle, in C++.)
+    """
+
+    def __init__(self):
+        self.queue = tf.queue.FIFOQueue(1, tf.float32)
+        self.itself = self
+
+
+def _collecting_step(doomed: list, weights, batch, inside_the_engine: bool):
+    """Drops the last reference to a resource's holder in a cycle and collects it: in the
+    user's own `gc.collect()`, or (a collection at every allocation) wherever the next
+    allocation happens, the engine's own code included."""
+    doomed.clear()
+    if inside_the_engine:
+        thresholds = gc.get_threshold()
+        gc.set_threshold(1)
+        try:
+            product = tf.matmul(batch, weights)
+        finally:
+            gc.set_threshold(*thresholds)
+    else:
+        gc.collect()
+        product = tf.matmul(batch, weights)
+    weights.assign_sub(1e-3 * tf.matmul(batch, product, transpose_a=True))
+    return product
+
+
+def _collecting_run(co_execute: bool, inside_the_engine: bool):
+    rng = np.random.default_rng(3)
+    batches = [tf.constant(rng.normal(size=(16, 4)).astype(np.float32)) for _ in range(8)]
+    weights = tf.Variable(tf.ones((4, 8)))
+    session = Session("collected")
+    outputs = []
+    for index in range(8):
+        doomed = [_Cycle()]  # made between steps, as an earlier cell's writer was
+        if co_execute:
+            with session.iteration():
+                outputs.append(_collecting_step(doomed, weights, batches[index],
+                                                inside_the_engine))
+        else:
+            outputs.append(_collecting_step(doomed, weights, batches[index], inside_the_engine))
+    session.close()
+    return [np.asarray(output) for output in outputs], weights.numpy(), session
+
+
+@pytest.mark.parametrize("inside_the_engine", [False, True], ids=["user-collects", "anywhere"])
+def test_a_resource_the_garbage_collector_frees_mid_step_is_not_the_steps(inside_the_engine):
+    """A resource whose owner the garbage collector frees during a step (a summary writer or
+    a queue of an earlier cell run, in a reference cycle) is destroyed by a finalizer's op, at
+    whatever bytecode the collection happens, the engine's own included. That op is not the
+    step's: the step's path stays the same (before, a fallback at every step, the op recorded
+    on the path), the values are eager's, and the resource is destroyed once the graph work
+    before it has run. (Inside the engine's flush it re-entered the flush, and a segment
+    submitted twice applied an update twice.)"""
+    eager, eager_weights, _ = _collecting_run(False, inside_the_engine)
+    got, weights, session = _collecting_run(True, inside_the_engine)
+    assert not session.events.of_type(ev.FallbackEvent), session.events.of_type(ev.FallbackEvent)
+    modes = [event.mode for event in session.events.of_type(ev.IterationDone)]
+    assert modes.count(ev.CO_EXECUTING) >= 5, modes
+    for index, (value, expected) in enumerate(zip(got, eager, strict=True)):
+        np.testing.assert_array_equal(value, expected, err_msg=f"step {index}")
+    np.testing.assert_array_equal(weights, eager_weights)
+    assert not internals.frees._postponed  # every postponed free ran at the session's close

@@ -477,10 +477,12 @@ class GraphRunner:
             self.wait(self._iteration_ends.popleft(), value_needed=False, run_ahead=True)
 
     def drain(self) -> None:
-        """Wait for every submitted segment (before anything runs eagerly)."""
+        """Wait for every submitted segment (before anything runs eagerly), then free the
+        resources whose owners died meanwhile (internals.free_postponed)."""
         if self._last is not None:
             last, self._last = self._last, None
             self.wait(last, value_needed=False)
+        internals.free_postponed()
 
     @property
     def busy(self) -> bool:

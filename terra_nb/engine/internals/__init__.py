@@ -22,6 +22,7 @@ from tensorflow.python.eager import backprop
 from tensorflow.python.eager.polymorphic_function import atomic_function
 from tensorflow.python.framework import ops as tf_ops
 
+from terra_nb.engine.internals.frees import free_postponed
 from terra_nb.engine.internals.functions import (
     TracedCall,
     a_tape_is_recording,
@@ -105,7 +106,7 @@ __all__ = [
     "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
     "current_handler", "eager_context", "effects_beside_ops", "follow_into_replica_threads",
     "start_collecting_library_reads", "stop_collecting_library_reads",
-    "forward_with_outputs",
+    "forward_with_outputs", "free_postponed",
     "function_op_types", "gradient_module", "handling", "import_nodes", "install_guard",
     "instantiate_ahead", "is_backward_function",
     "is_eager_value", "keep_running", "quick_call_attrs", "lean_graph_calls", "merge_calls",
