@@ -1807,3 +1807,50 @@ def test_a_library_call_that_is_not_replayed_says_why_once():
     assert notes[0].message.endswith(Refusal.KERAS_MASK.say())
     assert session.macro_table.replayed_calls > 0  # the Dense call after it is replayed
     assert notes[0].message in Report.from_session(session).explain()
+
+
+def _chain_graph_def() -> tf.compat.v1.GraphDef:
+    """x -> Relu (placed on the CPU) -> AddV2 with a constant: what the engine writes."""
+    graph_def = tf.compat.v1.GraphDef()
+    float_type = tf.float32.as_datatype_enum
+    constant = graph_def.node.add(name="two", op="Const")
+    constant.attr["dtype"].type = float_type
+    constant.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.float32(2.0)))
+    relu = graph_def.node.add(name="relu", op="Relu", input=["x"], device="/device:CPU:0")
+    relu.attr["T"].type = float_type
+    added = graph_def.node.add(name="added", op="AddV2", input=["relu", "two"])
+    added.attr["T"].type = float_type
+    return graph_def
+
+
+def _imported(lean: bool, placed: bool = False) -> list:
+    """The chain's ops imported into a fresh FuncGraph by the engine (`lean`) or by
+    TensorFlow's importer, inside a device scope when `placed`."""
+    graph = tf.__internal__.FuncGraph("imported")
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [3], name="x")
+        scope = graph.device("/device:CPU:0") if placed else contextlib.nullcontext()
+        with scope:
+            if lean:
+                return internals.import_nodes(graph, _chain_graph_def(), {"x": x}, [],
+                                              ["two", "relu", "added"])
+            return tf.graph_util.import_graph_def(
+                _chain_graph_def(), input_map={"x": x},
+                return_elements=["two", "relu", "added"], name="")
+
+
+def test_a_written_graph_def_imports_as_tensorflows_importer_imports_it():
+    """The engine's import makes only each op's Python Operation (docs/engine.md, segments):
+    the ops, their inputs and devices are those TensorFlow's importer makes; inside a
+    device scope TensorFlow's own step runs, which places every op there."""
+    def described(operations):
+        return [(operation.type, operation.device, [tensor.name for tensor in operation.inputs])
+                for operation in operations]
+
+    written = described(_imported(lean=True))
+    assert written == described(_imported(lean=False))
+    assert [device for _, device, _ in written] == ["", written[1][1], ""]
+    assert written[1][1].endswith("CPU:0")
+    placed = described(_imported(lean=True, placed=True))
+    assert placed == described(_imported(lean=False, placed=True))
+    assert all(device.endswith("CPU:0") for _, device, _ in placed)
