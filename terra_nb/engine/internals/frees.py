@@ -1,13 +1,15 @@
 """Resources freed by finalizers while the engine handles this thread's ops.
 
-A dead variable's EagerResourceDeleter (or another resource's `__del__`) destroys its resource
-with a DestroyResourceOp when its owner is collected: when the garbage collector runs, at any
-bytecode of any code, the engine's own included. Handed to the iteration's op handler, that op
-was recorded on the step's path (where no later step issues it again), or re-entered the engine
-in the middle of its bookkeeping: a flush inside a flush submitted one segment twice (an
-optimizer's update applied twice), or a segment lost track of its ops. So such a free is
-postponed until the graph work submitted before it has run (`GraphRunner.drain`): a resource
-lives a little longer than eagerly, never shorter than the deferred ops that use it.
+A dead object's EagerResourceDeleter (a summary writer's, a queue's; a variable's anonymous
+resource goes with its last handle, in C++) or another resource's `__del__` destroys its
+resource with a DestroyResourceOp when its owner is collected: when the garbage collector
+runs, at any bytecode of any code, the engine's own included. Handed to the iteration's op
+handler, that op was recorded on the step's path (where no later step issues it again), or
+re-entered the engine in the middle of its bookkeeping: a flush inside a flush submitted one
+segment twice (an optimizer's update applied twice), or a segment lost track of its ops. So
+such a free is postponed until the graph work submitted before it has run
+(`GraphRunner.drain`): a resource lives a little longer than eagerly, never shorter than the
+deferred ops that use it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ _FINALIZER_DEPTH = 6  # frames between a `__del__` and the op it issues (gen op,
 _postponed: list = []  # (inputs, attrs, device) of the frees not run yet
 
 
-def postponed_free(op_name: str, inputs, attrs, device: str) -> bool:
-    """Keep the op for `free_postponed` when it is a finalizer's resource free (True)."""
-    if op_name != "DestroyResourceOp":
-        return False
+def postponed_free(inputs, attrs, device: str) -> bool:
+    """Keep a DestroyResourceOp for `free_postponed` when a finalizer issued it (True)."""
     frame = sys._getframe(2)
     for _ in range(_FINALIZER_DEPTH):
         if frame is None:

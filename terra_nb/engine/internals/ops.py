@@ -73,7 +73,7 @@ def _execute(op_name, num_outputs, inputs, attrs, ctx, name=None):
         return _real_execute(op_name, num_outputs, _unwrap_all(inputs), attrs, ctx, name)
     if isinstance(op_name, bytes):
         op_name = op_name.decode()
-    if postponed_free(op_name, inputs, attrs, ctx.device_name):
+    if op_name == "DestroyResourceOp" and postponed_free(inputs, attrs, ctx.device_name):
         return None  # a finalizer's: not the iteration's op (frees.py)
     return handler.process_op(op_name, num_outputs, inputs, attrs, ctx, name)
 
