@@ -138,6 +138,20 @@ def modes(session: Session) -> list[str]:
     return [event.mode for event in session.events.of_type(IterationDone)]
 
 
+def story(session: Session) -> str:
+    """What a failing check shows of a session: each iteration's mode, each graph built
+    (iteration, ops, outputs, why), the fallbacks and the notes."""
+    from terra_nb.engine import events as ev
+
+    of = session.events.of_type
+    return "\n".join((
+        f"modes: {modes(session)}",
+        f"built: {[(e.index, e.ops, e.fetches, e.reason) for e in of(ev.GraphBuilt)]}",
+        f"fallbacks: {[(e.index, e.kind) for e in of(ev.FallbackEvent)]}",
+        f"notes: {[(e.index, e.kind, e.message[:120]) for e in of(ev.Note)]}",
+    ))
+
+
 # ---------------------------------------------------------------- differential harness, full
 # (issue 9) A program here is `build(tmp) -> (step, state, effects)`: `step(i)` runs iteration i,
 # `state()` returns every variable's value (model, optimizer slots and counters), `effects()`

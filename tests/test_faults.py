@@ -120,18 +120,6 @@ def _run(place: str, api: str, iterations: int):
     return states, errors, session
 
 
-def _story(session) -> str:
-    """What a failing state check shows of the session: each iteration's mode, the graphs
-    built, the fallbacks and the notes."""
-    of = session.events.of_type
-    return "\n".join((
-        f"modes: {[event.mode for event in of(ev.IterationDone)]}",
-        f"built: {[(event.index, event.ops, event.reason) for event in of(ev.GraphBuilt)]}",
-        f"fallbacks: {[(event.index, event.kind) for event in of(ev.FallbackEvent)]}",
-        f"notes: {[(event.index, event.kind, event.message[:120]) for event in of(ev.Note)]}",
-    ))
-
-
 def _assert_states_equal(actual, expected, story: str = ""):
     for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
         assert len(got) == len(want)
@@ -153,7 +141,7 @@ def test_user_exception_is_the_users_and_state_is_eagers(place, api, no_new_thre
     assert type(error) is type(expected)
     assert str(error) == str(expected)
     assert _innermost_line_here(error) == _innermost_line_here(expected)
-    _assert_states_equal(states, eager_states, _story(session))
+    _assert_states_equal(states, eager_states, harness.story(session))
     (failed,) = session.events.of_type(ev.IterationFailed)
     assert (failed.index, failed.error_type) == (FAIL_AT, type(expected).__name__)
     assert failed.user_frame.lineno == _innermost_line_here(expected)[0]

@@ -39,14 +39,6 @@ def _built_at(session: Session) -> list[int]:
     return [event.index for event in session.events.of_type(ev.GraphBuilt)]
 
 
-def _builds(session: Session) -> dict:
-    """What a failing check about a session's graphs shows: each graph built (iteration,
-    ops, outputs, why) and the modes of its iterations."""
-    return {"built": [(event.index, event.ops, event.fetches, event.reason)
-                      for event in session.events.of_type(ev.GraphBuilt)],
-            "modes": [event.mode for event in session.events.of_type(ev.IterationDone)]}
-
-
 def test_a_paths_first_run_is_interpreted_and_its_graph_built_when_it_repeats():
     """Without library replay the path is the same from the first co-executed iteration (2)
     on: built at once it gets its graphs there; otherwise iteration 2 runs its ops
@@ -858,7 +850,7 @@ def test_a_later_session_replays_the_functions_and_graphs_an_earlier_one_made():
     assert made[0] > 0 and second.macro_table.macros > 0 and made[1] == 0, made
     assert made[2] > 0, made
     # the graphs the first session built serve the second: it builds none and runs them
-    assert _built_at(first) and not _built_at(second), (_builds(first), _builds(second))
+    assert _built_at(first) and not _built_at(second), (harness.story(first), harness.story(second))
     assert second.graph_runner.shared_graphs > 0
     # a served graph's later runs are weighed against the run that instantiated it
     first_runs = {id(segment.function): segment.first_run_seconds
