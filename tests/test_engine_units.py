@@ -212,6 +212,31 @@ def test_variables_equal_eager_after_each_iteration():
         np.testing.assert_array_equal(terra_variable.numpy(), eager_variable.numpy())
 
 
+def test_a_variable_made_from_a_deferred_value_holds_eagers_value():
+    """`tf.Variable(x)` with `x` computed by deferred ops of a co-executing iteration (which
+    falls back there, at the variable's creation): the variable is made (TensorFlow asks
+    `hasattr(x, "graph")` to refuse symbolic initial values; a LazyTensor answers as an eager
+    tensor does) and holds eager's value, and the steps after it read it as eager's do.
+    Before, the step failed in TensorFlow's Python (an AttributeError)."""
+    def run(session):
+        weights, made, sums = tf.Variable(tf.ones((4, 8))), [], []
+        for step in range(8):
+            with session.iteration() if session else contextlib.nullcontext():
+                x = tf.matmul(tf.ones((2, 4)), weights) * 2.0
+                if step == 5:
+                    made.append(tf.Variable(x))
+                weights.assign_add(tf.ones((4, 8)) * 0.01)
+                total = tf.reduce_sum(x) + sum(tf.reduce_sum(v) for v in made)
+            sums.append(float(total))
+        return sums, made[0].numpy()
+
+    session = _deferred_session()
+    (eager_sums, eager_made), (sums, made) = run(None), run(session)
+    assert modes(session)[1:6] == [ev.CO_EXECUTING] * 4 + [ev.FALLBACK], modes(session)
+    np.testing.assert_allclose(sums, eager_sums, rtol=ITERATION_RTOL)
+    np.testing.assert_allclose(made, eager_made, rtol=ITERATION_RTOL)
+
+
 def test_stateful_random_ops_draw_fresh_numbers_but_not_eagers():
     """Under co-execution a stateful `tf.random.*` op draws fresh numbers each iteration, but
     (README limit) not eager's, as under tf.function; the traced iteration draws eager's."""

@@ -59,12 +59,14 @@ for step in range(12):
         loss = loss_fn(y, model(x))
     grads = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    if step == 8:
+        loss_at_8 = tf.Variable(loss)  # state made from a value the step computed
     losses.append(float(loss))
 """
 
 EAGER_CALLS = """\
 eager_calls, calls["block"] = calls["block"], 0
-eager_losses = losses
+eager_losses, eager_loss_at_8 = losses, loss_at_8.numpy()
 keras.utils.set_random_seed(0)
 """
 
@@ -74,6 +76,7 @@ report = terra_nb.report()
 print("modes", sorted({e.mode for e in report.timeline}))
 print("block calls", calls["block"], "eagerly", eager_calls)
 np.testing.assert_allclose(losses, eager_losses, rtol=1e-3, atol=1e-6)
+np.testing.assert_allclose(loss_at_8.numpy(), eager_loss_at_8, rtol=1e-3, atol=1e-6)
 print("replayed", " | ".join(n.message for n in report.notes if n.kind == "replayed"))
 import threading
 from terra_nb.engine import threads

@@ -4,13 +4,16 @@ Keras make, whose value the graph computes when Python first needs it."""
 from __future__ import annotations
 
 import math
+import sys
 from typing import Protocol
 
 import numpy as np
 from tensorflow.python.eager import context
+from tensorflow.python.eager.polymorphic_function import concrete_function
 from tensorflow.python.framework import ops
 
 EagerTensor = ops.EagerTensor
+_FUNCTION_CALL_CODE = concrete_function.__file__
 
 # ---------------------------------------------------------------- lazy tensors
 
@@ -71,8 +74,14 @@ class LazyTensor(ops._EagerTensorBase):
 
     @property
     def graph(self):
-        """None, as TF's function-call code expects of a tensor that is not symbolic."""
-        return None
+        """Eager's answer, an AttributeError: `hasattr(t, "graph")` is how TensorFlow's Python
+        tells an eager tensor from a symbolic one (`tf.Variable` refuses a symbolic initial
+        value, `tf.size` and `tf.switch_case` take their graph route). TensorFlow's
+        function-call code alone reads `graph` of any tensor that is not an EagerTensor, to
+        find its own symbolic ones, and is told None."""
+        if sys._getframe(1).f_code.co_filename == _FUNCTION_CALL_CODE:
+            return None
+        raise AttributeError("Tensor.graph is undefined when eager execution is enabled.")
 
     def _prefer_custom_summarizer(self):
         return False
