@@ -433,6 +433,35 @@ def test_the_first_graph_of_sizes_met_before_any_build_serves_them_all():
     assert modes[-6:] == [ev.CO_EXECUTING] * 6, modes
 
 
+def _build_sizes_first_met_in_fallbacks():
+    """Row counts 5 and 7 first come in fallback iterations (2 and 4), before any path ran as
+    a segment; the count is also a Python number in the update."""
+    weight = tf.Variable(tf.ones((4, 4)))
+    schedule = (3, 3, 5, 3, 7, 3, 3, 3, 5, 7, 3, 5, 7, 3, 5, 7)
+
+    def step(index):
+        rows = schedule[index]
+        x = tf.ones((rows, 4)) * float(index % 4 + 1)
+        weight.assign_sub(0.01 * tf.matmul(tf.transpose(x), tf.tanh(x @ weight)) / rows)
+        return tf.reduce_sum(x @ weight)
+
+    return step, lambda: [weight]
+
+
+def test_the_first_graph_serves_the_sizes_fallbacks_recorded():
+    """The graph built when row count 3's path repeats is also built for the paths of the
+    same structure the fallbacks recorded (graphgen.paths_alike): row counts 5 and 7 run it
+    from their first co-executed run, and nothing is built again. Eager's results. (Before,
+    the first graph had 3 rows, and 5 and 7 ran interpreted and built a second graph.)"""
+    _, run = harness.compare(_build_sizes_first_met_in_fallbacks, 16, policy=BUILT_IN_LINE)
+    built = run.session.events.of_type(ev.GraphBuilt)
+    assert len(built) == 1 and built[0].reason.endswith("for paths of other sizes too"), built
+    modes = harness.modes(run.session)
+    assert [modes[2], modes[4]] == [ev.FALLBACK] * 2, modes
+    assert modes[8:] == [ev.CO_EXECUTING] * 8, modes
+    assert run.session.graph_runner.shared_graphs >= 2
+
+
 def test_an_op_failing_in_a_shared_graph_raises_at_the_users_line_with_eager_state():
     """A gather past the end on a path served by another path's graph: eager's error type,
     from the user's line, with eager's variable values."""

@@ -310,6 +310,47 @@ def plan_for_paths(path: list[Node], others: list) -> tuple[tuple, list, list] |
     return sizes, feed_slots, [slot for slot in folded if slot not in fed]
 
 
+def paths_alike(path: list[Node], outputs: tuple, structure: tuple, most: int = 8) -> list:
+    """Other recorded paths of the TraceGraph over the same positions of an iteration as
+    `path` and of its structure (another image size, another sequence length), up to `most`
+    of them: recorded by the tracing and fallback iterations that met those sizes, they may
+    not have run as a segment yet, and a graph built for `path` alone would then be built
+    again when they do. The walk stops after visiting a few times `path`'s length of nodes.
+    Run on the builder thread: each node's children are copied before they are read."""
+    start, ends = path[0].parent, []
+    depth = 0
+    root = start
+    while root.parent is not None:
+        root, depth = root.parent, depth + 1
+    stack, budget = [(root, 0)], 4 * (depth + len(path)) * (most + 1)
+    end_depth = depth + len(path)
+    while stack and len(ends) < most and budget > 0:
+        node, at = stack.pop()
+        budget -= 1
+        if at == end_depth:
+            if node is not path[-1]:
+                ends.append(node)
+            continue
+        stack.extend((child, at + 1) for child in list(node.children.values()))
+    position_of = {node.uid: position for position, node in enumerate(path)}
+    alike = []
+    for end in ends:
+        other = [end]
+        while len(other) < len(path):
+            other.append(other[-1].parent)
+        other.reverse()
+        theirs = tuple((other[position_of[node.uid]], index) for node, index in outputs)
+        if structure_key(other, theirs) == structure and _externals_known(other):
+            alike.append(other)
+    return alike
+
+
+def _externals_known(path: list[Node]) -> bool:
+    """Whether every external input of `path` was observed (what plan_for_paths compares)."""
+    return all(slot in node.externals for node in path
+               for slot, ref in enumerate(node.inputs) if ref.kind == EXTERNAL)
+
+
 def _refolded(built: CompiledSegment, path: list[Node]) -> list:
     """The slots `built` folds where `path` has another value, or a value that varies."""
     return [(position, slot) for position, slot in built.folded_slots

@@ -309,6 +309,9 @@ class GraphRunner:
         elif structure is not None:  # paths of its structure met meanwhile, none built
             met = dict(self._paths_met.get(structure, {}))  # (the session's thread adds)
             others = [other for other_key, other in met.items() if other_key != key]
+            ends = {id(other[-1]) for other in others}
+            others += [other for other in graphgen.paths_alike(path, outputs, structure)
+                       if id(other[-1]) not in ends]
             plan = graphgen.plan_for_paths(path, others) if others else None
         if plan is not None:
             sizes, feeds, folded = plan
