@@ -78,6 +78,9 @@ INSIDE = {
     "gather_columns": ((0,), (
         "h = tf.gather(h, tf.constant(random.sample(range({H}), {H})), axis=1)")),
     "user_function": ((0.5, 2.0), "h = scaled(h, {p})"),
+    # an index deferred ops compute from a variable: no value Python mirrors
+    "gather_computed_row": ((0, 1), (
+        "h = h + tf.gather(h, (tf.cast(acc * 0.0, tf.int32) + {p}) % tf.shape(h)[0])")),
 }
 
 AFTER = {
@@ -104,6 +107,9 @@ AFTER = {
         "if random.random() < {p}:\n"
         "    return loss")),
     "assign_weights": ((0.99,), "w2.assign(w2 * {p})"),
+    "variable_made": ((0.5,), (  # assigned and read by deferred ops of one segment
+        "counts.setdefault('made', []).append(\n"
+        "    float(tf.reduce_sum(tf.Variable(h * {p}).read_value())))")),
     "python_counter": ((0,), "counts['n'] = counts.get('n', 0) + 1"),
     "tensor_history": ((0,), "counts.setdefault('max', []).append(float(tf.reduce_max(h)))"),
     "tensors_across_iterations": ((0.01,), (

@@ -237,6 +237,54 @@ def test_a_variable_made_from_a_deferred_value_holds_eagers_value():
     np.testing.assert_allclose(made, eager_made, rtol=ITERATION_RTOL)
 
 
+def test_a_variable_made_in_each_step_is_read_after_it_is_assigned():
+    """A variable made in every step (its VarHandleOp runs when Python calls it) and then
+    assigned and read by deferred ops: the graph is fed its handle once per op using it,
+    and must order those ops as one resource's. It did not: the read could run before the
+    assignment and return an empty tensor (here, from the first step a graph ran)."""
+    weight, kept = tf.Variable(tf.ones((4, 4))), []
+
+    def step(index):
+        x = weight * 1.0 + float(index % 3)
+        kept.append(tf.Variable(x * 2.0))
+        weight.assign_add(tf.ones((4, 4)) * 0.01)
+        return kept[-1].read_value()
+
+    eager = [step(index).numpy() for index in range(24)]
+    weight.assign(tf.ones((4, 4)))
+    session = _deferred_session()
+    values = []
+    for index in range(24):
+        with session.iteration():
+            values.append(step(index))
+    session.close()
+    assert ev.CO_EXECUTING in modes(session)
+    for index, (value, want) in enumerate(zip(values, eager, strict=True)):
+        np.testing.assert_allclose(value.numpy(), want, rtol=ITERATION_RTOL,
+                                   err_msg=f"step {index}")
+
+
+def test_a_slice_or_gather_at_an_index_computed_from_a_variable_gives_eagers_values():
+    """`tf.slice` and `tf.gather` given a begin or an index computed by deferred ops from a
+    variable (a value Python does not mirror): the bounds check in Python's thread read the
+    LazyTensor's mirror under another name than the one it is kept under, and the step
+    failed with an AttributeError."""
+    weight = tf.Variable(tf.ones((4, 4)))
+
+    def step(index):
+        row = tf.cast(tf.reduce_sum(weight) * 0.0, tf.int32) + index % 3
+        x = weight * float(index + 1)
+        weight.assign_add(tf.ones((4, 4)) * 0.01)
+        return tf.reduce_sum(tf.slice(x, tf.stack([row, 0]), [2, 2])) + tf.reduce_sum(
+            tf.gather(x, row))
+
+    eager = [float(step(index)) for index in range(8)]
+    weight.assign(tf.ones((4, 4)))
+    session = _deferred_session()
+    assert _co_executed(session, step, 8) == pytest.approx(eager, rel=ITERATION_RTOL)
+    assert modes(session)[1:] == [ev.CO_EXECUTING] * 7, modes(session)
+
+
 def test_stateful_random_ops_draw_fresh_numbers_but_not_eagers():
     """Under co-execution a stateful `tf.random.*` op draws fresh numbers each iteration, but
     (README limit) not eager's, as under tf.function; the traced iteration draws eager's."""

@@ -55,7 +55,7 @@ def _known_value(value):
     """`value` as a numpy array if Python knows it now (computed, or mirrored), else None."""
     if isinstance(value, internals.LazyTensor):
         if value._value is None:
-            return value.mirror
+            return value._mirror
         value = value._value
     if isinstance(value, internals.EagerTensor):
         return value._numpy() if value.dtype.is_numpy_compatible else None
@@ -78,7 +78,7 @@ def mirror(node, outputs, inputs, attrs, ctx) -> None:
             return
         values = [value._numpy() for value in values]
     for lazy, value in zip(outputs, values, strict=True):
-        lazy.mirror = value
+        lazy._mirror = value
 
 
 def _as_tensor(value):
@@ -87,7 +87,7 @@ def _as_tensor(value):
         return value
     if value._value is not None:
         return value._value
-    return internals.convert(value.mirror, value._dtype_enum)
+    return internals.convert(value._mirror, value._dtype_enum)
 
 
 _NUMPY_MIRRORS = {

@@ -160,12 +160,15 @@ def write_segment(path: list[Node], feeds: list, folded: list,
     capture; ops wait for each other as `ControlOrder` says, a stateful op also for the ops
     before it that may fail, as eagerly it runs only if they did not fail; an op that may
     fail runs even when nothing reads it. `captured`: (position, slot) -> a resource handle
-    made by an op left out of the path (a variable its call made), captured too."""
+    made by an op left out of the path (a variable its call made), captured too. A resource
+    made before the segment (a variable made in this step) is fed to each op using it; its
+    uses are ordered as one resource's."""
     graph_def = tf.compat.v1.GraphDef()
     position_of = {node.uid: position for position, node in enumerate(path)}
     feed_index = {slot: index for index, slot in enumerate(feeds)}
     folded_set = set(folded)
     resources: dict = {}  # id(handle) -> (import input name, handle)
+    fed_resources: dict = {}  # (node uid, output) of a resource made before -> its first feed
     written = WrittenSegment(graph_def, [], [], [], [])
     order = ControlOrder()
     fallible: list = []  # names of the ops that may fail so far
@@ -203,6 +206,9 @@ def write_segment(path: list[Node], feeds: list, folded: list,
                 inputs.append(f"terra_arg{feed_index[(position, slot)]}:0")
             dtypes.append(ref.dtype)
             if ref.dtype == RESOURCE_DTYPE:
+                if ref.kind == FROM_NODE:  # one resource, however many of its slots are fed
+                    order.aliases[inputs[-1]] = fed_resources.setdefault(
+                        (ref.node.uid, ref.index), inputs[-1])
                 used.append((inputs[-1], slot in read_only))
         waits = order.waits(name, op_type, used, internals.collective_ids(node.function)
                             if node.function is not None else ())
