@@ -13,7 +13,8 @@ from tensorflow.python.eager.polymorphic_function import concrete_function
 from tensorflow.python.framework import ops
 
 EagerTensor = ops.EagerTensor
-_FUNCTION_CALL_CODE = concrete_function.__file__
+# the file of TensorFlow's function-call code as its frames name it (see LazyTensor.graph)
+_FUNCTION_CALL_CODE = concrete_function.ConcreteFunction._call_flat.__code__.co_filename
 
 # ---------------------------------------------------------------- lazy tensors
 
