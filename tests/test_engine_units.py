@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import WARM_UP_CHOICES, close_after_builds, modes
+from harness import WARM_UP_CHOICES, close_after_builds, compare, modes
 
 import terra_nb
 from terra_nb.engine import events as ev
@@ -283,6 +283,34 @@ def test_a_slice_or_gather_at_an_index_computed_from_a_variable_gives_eagers_val
     session = _deferred_session()
     assert _co_executed(session, step, 8) == pytest.approx(eager, rel=ITERATION_RTOL)
     assert modes(session)[1:] == [ev.CO_EXECUTING] * 7, modes(session)
+
+
+def _build_bidirectional_gru():
+    """A bidirectional GRU over fixed-length sequences: its replayed call's forward function
+    also returns variants (the loops' tensor lists) for its backward function."""
+    model = keras.Sequential([keras.Input((6, 4)), keras.layers.Bidirectional(
+        keras.layers.GRU(4)), keras.layers.Dense(2)])
+    optimizer = keras.optimizers.Adam(0.01)
+    x = tf.constant(np.random.default_rng(4).normal(size=(3, 6, 4)), tf.float32)
+    y = tf.constant([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+
+    def step(index):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x * (1.0 + index % 2)) - y) ** 2)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss
+
+    return step, lambda: model.variables + optimizer.variables
+
+
+def test_a_replayed_call_returning_variants_co_executes_with_eagers_results():
+    """TensorFlow reads a variant output's element type (to tell whether it is trainable)
+    from an EagerTensor's handle data, and from any other tensor's graph, asserting that it
+    is symbolic: a LazyTensor failed that assertion when the replayed GRU's call was first
+    deferred. It answers from its handle data now, as an EagerTensor does."""
+    _, terra = compare(_build_bidirectional_gru, 8, trace_iterations=1)
+    assert ev.CO_EXECUTING in modes(terra.session), modes(terra.session)
 
 
 def test_stateful_random_ops_draw_fresh_numbers_but_not_eagers():

@@ -11,6 +11,7 @@ import numpy as np
 from tensorflow.python.eager import context
 from tensorflow.python.eager.polymorphic_function import concrete_function
 from tensorflow.python.framework import ops
+from tensorflow.python.ops import handle_data_util
 
 EagerTensor = ops.EagerTensor
 # the file of TensorFlow's function-call code as its frames name it (see LazyTensor.graph)
@@ -119,3 +120,18 @@ class LazyTensor(ops._EagerTensorBase):
         return self.value._copy_nograd(ctx, device_name)
 
 
+_graph_handle_data = handle_data_util.get_resource_handle_data
+
+
+def _handle_data_of(tensor):
+    """`handle_data_util.get_resource_handle_data`, which asks a symbolic tensor's graph and
+    asserts that the tensor is symbolic. TensorFlow calls it for any tensor that is not an
+    EagerTensor (`backprop_util` reads a variant output's element type to tell whether a
+    replayed call's output is trainable); a LazyTensor answers from `_handle_data`, as an
+    EagerTensor is read (a call's outputs get it from their function's output types)."""
+    if isinstance(tensor, LazyTensor):
+        return tensor._handle_data
+    return _graph_handle_data(tensor)
+
+
+handle_data_util.get_resource_handle_data = _handle_data_of
