@@ -3,6 +3,8 @@ give eager's results. TensorFlow's Python tells eager from symbolic tensors by w
 and are; each case hands it a LazyTensor where eager execution hands it an EagerTensor: a
 shape, an index, a bound, a seed, a variable's initial value, a resource fed twice."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -59,7 +61,7 @@ def _run(case, session: Session | None) -> tuple[list, list]:
     weight = tf.Variable(tf.ones((4, 4)))
     results, modes = [], []
     for _ in range(6):
-        with session.iteration() if session else _Plain():
+        with session.iteration() if session else contextlib.nullcontext():
             x = weight * 1.0
             count = tf.cast(tf.reduce_sum(weight) * 0.0, tf.int32) + 3
             out = CASES[case](count, x)
@@ -69,14 +71,6 @@ def _run(case, session: Session | None) -> tuple[list, list]:
         session.close()
         modes = [event.mode for event in session.events.of_type(ev.IterationDone)]
     return results, modes
-
-
-class _Plain:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -369,12 +369,13 @@ def test_a_second_tracing_iteration_only_when_the_first_made_variables():
 BUILT_IN_LINE = SchedulingPolicy(build_in_background=False)
 
 
-def _build_row_counts():
-    """Three row counts in turn; the count is also a Python number in the update."""
+def _build_row_counts(schedule: tuple = (3, 5, 7)):
+    """Row counts in turn (`schedule`, repeated); the count is also a Python number in the
+    update."""
     weight = tf.Variable(tf.ones((4, 4)))
 
     def step(index):
-        rows = (3, 5, 7)[index % 3]
+        rows = schedule[index % len(schedule)]
         x = tf.ones((rows, 4)) * float(index % 4 + 1)
         weight.assign_sub(0.01 * tf.matmul(tf.transpose(x), tf.tanh(x @ weight)) / rows)
         return tf.reduce_sum(x @ weight)
@@ -433,19 +434,10 @@ def test_the_first_graph_of_sizes_met_before_any_build_serves_them_all():
     assert modes[-6:] == [ev.CO_EXECUTING] * 6, modes
 
 
-def _build_sizes_first_met_in_fallbacks():
-    """Row counts 5 and 7 first come in fallback iterations (2 and 4), before any path ran as
-    a segment; the count is also a Python number in the update."""
-    weight = tf.Variable(tf.ones((4, 4)))
-    schedule = (3, 3, 5, 3, 7, 3, 3, 3, 5, 7, 3, 5, 7, 3, 5, 7)
-
-    def step(index):
-        rows = schedule[index]
-        x = tf.ones((rows, 4)) * float(index % 4 + 1)
-        weight.assign_sub(0.01 * tf.matmul(tf.transpose(x), tf.tanh(x @ weight)) / rows)
-        return tf.reduce_sum(x @ weight)
-
-    return step, lambda: [weight]
+# row counts 5 and 7 first come in fallback iterations (2 and 4), before any path ran as a
+# segment
+_build_sizes_first_met_in_fallbacks = functools.partial(
+    _build_row_counts, (3, 3, 5, 3, 7, 3, 3, 3, 5, 7, 3, 5, 7, 3, 5, 7))
 
 
 def test_the_first_graph_serves_the_sizes_fallbacks_recorded():

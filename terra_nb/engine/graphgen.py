@@ -317,13 +317,11 @@ def paths_alike(path: list[Node], outputs: tuple, structure: tuple, most: int = 
     not have run as a segment yet, and a graph built for `path` alone would then be built
     again when they do. The walk stops after visiting a few times `path`'s length of nodes.
     Run on the builder thread: each node's children are copied before they are read."""
-    start, ends = path[0].parent, []
-    depth = 0
-    root = start
+    root, depth, ends = path[0].parent, 0, []
     while root.parent is not None:
         root, depth = root.parent, depth + 1
-    stack, budget = [(root, 0)], 4 * (depth + len(path)) * (most + 1)
     end_depth = depth + len(path)
+    stack, budget = [(root, 0)], 4 * end_depth * (most + 1)
     while stack and len(ends) < most and budget > 0:
         node, at = stack.pop()
         budget -= 1
