@@ -331,6 +331,24 @@ def test_stateful_random_ops_draw_fresh_numbers_but_not_eagers():
                                                                     strict=True))
 
 
+def test_the_engines_fresh_seeds_leave_the_users_random_stream_alone():
+    """A stateful random op run by a graph or interpreted gets a fresh seed2 from the
+    engine's own generator: taken from TensorFlow's op-seed counter, as before, each one
+    shifted the seeds of the user's later eager random ops (an evaluation drawn after the
+    cell, under the same global seed, drew other numbers than after an eager run)."""
+    tf.random.set_seed(11)
+    eager = [tf.random.uniform([3]).numpy() for _ in range(6)]
+    tf.random.set_seed(11)
+    session = _deferred_session()
+    for _ in range(5):
+        with session.iteration():
+            scaled = tf.random.uniform([3]) * 2.0
+    session.close()
+    assert modes(session)[1:] == [ev.CO_EXECUTING] * 4
+    assert scaled.shape == (3,)
+    np.testing.assert_array_equal(tf.random.uniform([3]).numpy(), eager[5])
+
+
 def test_documented_limit_a_numpy_shape_argument_keeps_the_functions_python():
     """README limit: a TensorFlow function whose Python reads a numpy argument's value (here
     the shape of `tf.reshape`) is not replayed; it runs its Python each iteration, with a

@@ -11,11 +11,10 @@ are captured, so the graph updates the real variables. Grappler is on; `xla` set
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 import time
 from typing import ClassVar
-
-import tensorflow as tf
 
 from terra_nb.engine import internals
 from terra_nb.engine.tracegraph import (
@@ -30,6 +29,9 @@ from terra_nb.engine.tracegraph import (
 # seed2 is not part of node identity (skeleton). In the graph one kernel keeps drawing fresh numbers
 # (as under tf.function), seeded afresh at each compile so a graph never replays a traced draw.
 # Keras layers (Dropout, initializers) use stateless ops and so match eager exactly.
+# The fresh seeds come from the engine's own generator: TensorFlow's op-seed counter is the
+# user's, and every draw from it would shift the seeds of their later eager random ops.
+_FRESH_SEEDS = random.Random()
 STATEFUL_RANDOM_OPS = frozenset({
     "RandomUniform", "RandomUniformInt", "RandomStandardNormal", "TruncatedNormal",
     "RandomShuffle", "Multinomial", "RandomGamma", "RandomPoissonV2",
@@ -56,7 +58,7 @@ def graph_attrs(node: Node) -> tuple:
     fresh = list(attrs)
     seeds = internals.attr_map(attrs)
     if seeds.get("seed") or seeds.get("seed2"):
-        fresh[fresh.index("seed2") + 1] = tf.compat.v1.random.get_seed(None)[1]
+        fresh[fresh.index("seed2") + 1] = _FRESH_SEEDS.randrange(1, 2**31 - 1)
     return tuple(fresh)
 
 
