@@ -1,10 +1,14 @@
 """TensorFlow functions given values that deferred ops compute, in co-executed iterations,
 give eager's results. TensorFlow's Python tells eager from symbolic tensors by what they have
 and are; each case hands it a LazyTensor where eager execution hands it an EagerTensor: a
-shape, an index, a bound, a seed, a variable's initial value, a resource fed twice."""
+shape, an index, a bound, a seed, a variable's initial value, a resource fed twice. And the
+Python a user writes around such values (printing, formatting, iterating, numpy, metrics,
+tensor lists) prints and computes what it does eagerly."""
 
 import contextlib
+import io
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -82,3 +86,98 @@ def test_a_tensorflow_function_given_deferred_values_gives_eagers_results(case):
         for value, expected in zip(have, want, strict=True):
             np.testing.assert_allclose(value, expected, rtol=ITERATION_RTOL, atol=ATOL,
                                        err_msg=f"{case}, step {step}")
+
+
+def _metric(name: str, make):
+    """A Keras metric kept across the steps of one run (made at its first step)."""
+    def update(n, x):
+        metric = _METRICS.get(name) or _METRICS.setdefault(name, make())
+        metric.update_state(*((tf.constant([0, 1, 2, 3]), x) if name == "accuracy" else (x,)))
+        return metric.result()
+    return update
+
+
+def _tensor_list(n, x):
+    written = tf.TensorArray(tf.float32, size=0, dynamic_size=True)
+    for index in range(3):
+        written = written.write(index, x[index] * float(index))
+    return written.stack()
+
+
+def _generator_draw(n, x):
+    generator = _METRICS.get("generator") or _METRICS.setdefault(
+        "generator", tf.random.Generator.from_seed(1))
+    return generator.normal([2]) + x[0, :2]
+
+
+_METRICS: dict = {}  # the metrics and random generator of the run being made
+
+# each case: (count, x) -> tensors, as CASES; what it prints is compared too
+PYTHON_CASES = {
+    "print a value": lambda n, x: print(x[0, 0], n) or x,
+    "repr and str": lambda n, x: print(repr(x[0]), str(n)) or x,
+    "format spec": lambda n, x: print(f"{x[0, 0]:.3f} {float(n):.1f} {int(n)}") or x,
+    "len and iteration": lambda n, x: tf.stack([row * 2.0 for row in x]) + len(x),
+    "numpy tolist": lambda n, x: tf.constant(x.numpy().tolist()) * float(np.asarray(n)),
+    "numpy functions": lambda n, x: tf.constant(np.mean(x, axis=0) + np.asarray(x).sum()),
+    "unstack at a python index": lambda n, x: tf.unstack(x)[int(n) - 3] * 1.0,
+    "where of a mask": lambda n, x: tf.where(x > 1.1),
+    "unique": lambda n, x: tf.unique(tf.reshape(tf.cast(x * 2, tf.int32), [-1]))[0],
+    "bincount": lambda n, x: tf.math.bincount(tf.cast(tf.reshape(x, [-1]), tf.int32)),
+    "dynamic partition": lambda n, x: tf.dynamic_partition(
+        tf.reshape(x, [-1]), tf.range(16) % n, 3)[1],
+    "keras mean metric": _metric("mean", keras.metrics.Mean),
+    "keras accuracy metric": _metric("accuracy", keras.metrics.SparseCategoricalAccuracy),
+    "tensor array": _tensor_list,
+    "random generator": _generator_draw,
+    "check numerics": lambda n, x: tf.debugging.check_numerics(x, "not finite"),
+    "python branch on a reduction": lambda n, x: x * (
+        2.0 if not bool(tf.reduce_any(tf.math.is_nan(x))) else 3.0),
+    "python loop over a value": lambda n, x: [
+        x := x * 1.5 for _ in range(int(tf.reduce_max(x) > 1.0) + int(n))][-1],
+    "sparse round trip": lambda n, x: tf.sparse.to_dense(
+        tf.sparse.from_dense(x * tf.cast(x > 1.1, tf.float32))),
+    "ragged boolean mask": lambda n, x: tf.ragged.boolean_mask(x, x > 1.1).row_lengths(),
+    "numpy_function": lambda n, x: tf.numpy_function(
+        lambda t: (t * 2.0).astype(np.float32), [x], tf.float32),
+    "string formatting op": lambda n, x: tf.strings.format("{} and {}", (x[0, 0], n)),
+    "fft of a complex cast": lambda n, x: tf.math.real(tf.signal.fft(tf.cast(x, tf.complex64))),
+    "index from argmax": lambda n, x: x[int(tf.argmax(tf.reshape(x, [-1]))) % 4],
+    "refs in a set": lambda n, x: x * float(len({x.ref(), n.ref()})),
+    "keras ops": lambda n, x: keras.ops.softmax(x) + keras.ops.logsumexp(x, axis=0),
+}
+
+
+def _run_python(case, session: Session | None) -> tuple[list, str, list]:
+    weight = tf.Variable(tf.ones((4, 4)))
+    _METRICS.clear()
+    results, printed = [], io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for step in range(6):
+            with session.iteration() if session else contextlib.nullcontext():
+                x = weight * 1.0
+                count = tf.cast(tf.reduce_sum(weight) * 0.0, tf.int32) + 3
+                out = PYTHON_CASES[case](count, x)
+                weight.assign_add(tf.ones((4, 4)) * 0.125 * (step % 2 + 1))
+            results.append([np.asarray(value) for value in tf.nest.flatten(out)])
+    modes = []
+    if session is not None:
+        session.close()
+        modes = [event.mode for event in session.events.of_type(ev.IterationDone)]
+    return results, printed.getvalue(), modes
+
+
+@pytest.mark.parametrize("case", sorted(PYTHON_CASES))
+def test_python_around_deferred_values_prints_and_computes_what_eager_does(case):
+    eager, eager_printed, _ = _run_python(case, None)
+    terra, printed, modes = _run_python(case, Session("python-values", trace_iterations=1))
+    assert modes.count(ev.CO_EXECUTING) >= 3, modes
+    assert printed == eager_printed
+    for step, (have, want) in enumerate(zip(terra, eager, strict=True)):
+        for value, expected in zip(have, want, strict=True):
+            assert value.shape == expected.shape, (case, step)
+            if value.dtype.kind in "fc":
+                np.testing.assert_allclose(value, expected, rtol=ITERATION_RTOL, atol=ATOL,
+                                           err_msg=f"{case}, step {step}")
+            else:
+                np.testing.assert_array_equal(value, expected, err_msg=f"{case}, step {step}")
