@@ -81,6 +81,10 @@ INSIDE = {
     # an index deferred ops compute from a variable: no value Python mirrors
     "gather_computed_row": ((0, 1), (
         "h = h + tf.gather(h, (tf.cast(acc * 0.0, tf.int32) + {p}) % tf.shape(h)[0])")),
+    # noise under the global seed the harness sets: eager's numbers, co-executed too
+    "random_noise": ((0.05,), (
+        "h = h + {p} * tf.random.normal(tf.shape(h))"
+        " * tf.cast(tf.random.uniform(tf.shape(h)) > 0.5, h.dtype)")),
 }
 
 AFTER = {

@@ -313,17 +313,47 @@ def test_a_replayed_call_returning_variants_co_executes_with_eagers_results():
     assert ev.CO_EXECUTING in modes(terra.session), modes(terra.session)
 
 
-def test_stateful_random_ops_draw_fresh_numbers_but_not_eagers():
-    """Under co-execution a stateful `tf.random.*` op draws fresh numbers each iteration, but
-    (README limit) not eager's, as under tf.function; the traced iteration draws eager's."""
+def test_random_ops_under_a_global_seed_draw_eagers_numbers_in_graphs():
+    """Under `tf.random.set_seed` and no op seed, a stateful random op's `seed2` comes from
+    TensorFlow's op-seed counter at each call; the engine hands the op on as its stateless
+    twin fed that counter (internals/seeds.py), so every co-executed iteration, graph runs
+    included, draws eager's numbers (uniform, normal, truncated normal and integer ops, in
+    several dtypes), and the weights they move stay eager's. Before, each graph drew its own."""
+    def run(session):
+        tf.random.set_seed(7)
+        weight = tf.Variable(tf.ones((3, 4)))
+        draws = []
+        for _ in range(6):
+            with session.iteration() if session else contextlib.nullcontext():
+                noise = tf.random.normal((3, 4)) * 0.1 + tf.random.truncated_normal((3, 4))
+                mask = tf.cast(tf.random.uniform((3, 4), maxval=3, dtype=tf.int32) > 0,
+                               tf.float32)
+                scale = tf.cast(tf.random.uniform((4,), dtype=tf.float64), tf.float32)
+                weight.assign(weight * mask * scale + noise)
+                draws.append(tf.reduce_sum(weight))
+        return [float(draw) for draw in draws], weight.numpy()
+
+    (expected, expected_weight), session = run(None), _deferred_session()
+    got, weight = run(session)
+    assert modes(session)[1:] == [ev.CO_EXECUTING] * 5
+    assert session.events.of_type(ev.GraphBuilt)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(weight, expected_weight)
+
+
+def test_random_ops_given_an_op_seed_draw_fresh_numbers_but_not_eagers():
+    """README limit: an op seed given by the user (`tf.random.uniform(..., seed=5)`) fixes
+    `seed2`, and eager execution keeps one kernel whose stream goes on across calls; under
+    co-execution such an op draws fresh numbers each iteration, but not eager's, as under
+    tf.function; the traced iteration draws eager's."""
     tf.random.set_seed(7)
-    eager = [tf.random.uniform([3]).numpy() for _ in range(4)]
+    eager = [tf.random.uniform([3], seed=5).numpy() for _ in range(4)]
     tf.random.set_seed(7)
     session = _deferred_session()
     draws = []
     for _ in range(4):
         with session.iteration():
-            draws.append(tf.random.uniform([3]).numpy())
+            draws.append(tf.random.uniform([3], seed=5).numpy())
     assert modes(session)[1:] == [ev.CO_EXECUTING] * 3
     assert len({tuple(draw) for draw in draws}) == 4
     np.testing.assert_array_equal(draws[0], eager[0])
@@ -332,21 +362,24 @@ def test_stateful_random_ops_draw_fresh_numbers_but_not_eagers():
 
 
 def test_the_engines_fresh_seeds_leave_the_users_random_stream_alone():
-    """A stateful random op run by a graph or interpreted gets a fresh seed2 from the
-    engine's own generator: taken from TensorFlow's op-seed counter, as before, each one
-    shifted the seeds of the user's later eager random ops (an evaluation drawn after the
-    cell, under the same global seed, drew other numbers than after an eager run)."""
+    """A stateful random op given an op seed, run by a graph or interpreted, gets a fresh
+    seed2 from the engine's own generator: taken from TensorFlow's op-seed counter, as
+    before, each one shifted the seeds of the user's later eager random ops (an evaluation
+    drawn after the cell, under the same global seed, drew other numbers than after an
+    eager run)."""
     tf.random.set_seed(11)
-    eager = [tf.random.uniform([3]).numpy() for _ in range(6)]
+    for _ in range(5):
+        tf.random.uniform([3], seed=4)
+    after = tf.random.uniform([3]).numpy()
     tf.random.set_seed(11)
     session = _deferred_session()
     for _ in range(5):
         with session.iteration():
-            scaled = tf.random.uniform([3]) * 2.0
+            scaled = tf.random.uniform([3], seed=4) * 2.0
     session.close()
     assert modes(session)[1:] == [ev.CO_EXECUTING] * 4
     assert scaled.shape == (3,)
-    np.testing.assert_array_equal(tf.random.uniform([3]).numpy(), eager[5])
+    np.testing.assert_array_equal(tf.random.uniform([3]).numpy(), after)
 
 
 def test_documented_limit_a_numpy_shape_argument_keeps_the_functions_python():

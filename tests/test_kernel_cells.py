@@ -306,6 +306,40 @@ def _printed_modes(notebook) -> tuple[str, str]:
     return shown, re.search(r"^modes (.*)$", shown, re.M).group(1)
 
 
+NOISE_LOOP = """\
+keras.utils.set_random_seed(0)  # the global seed too: tf.random ops draw from it
+generator = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(8)])
+generator.build((None, 4))
+generator_optimizer = keras.optimizers.Adam(1e-2)
+noise_losses = []
+for step in range(12):
+    noise = tf.random.normal((16, 4))
+    flip = tf.cast(tf.random.uniform((16, 1)) > 0.5, tf.float32)
+    with tf.GradientTape() as tape:
+        fake = generator(noise)
+        loss = tf.reduce_mean((fake * (2.0 * flip - 1.0) - x[:, :8]) ** 2)
+    grads = tape.gradient(loss, generator.trainable_variables)
+    generator_optimizer.apply_gradients(zip(grads, generator.trainable_variables))
+    noise_losses.append(float(loss))
+"""
+
+
+def test_noise_drawn_under_a_global_seed_is_eagers_in_co_executed_steps():
+    """A generator trained on `tf.random.normal` noise and a `tf.random.uniform` flip each
+    step, under the global seed `keras.utils.set_random_seed` sets: the co-executed steps
+    draw eager's numbers (each op is handed on as its stateless twin fed the op-seed
+    counter's value), so the losses are eager's. Before, every graph drew its own noise."""
+    notebook = execute_cells([
+        "%load_ext terra_nb", SETUP, NOISE_LOOP, "eager_noise_losses = noise_losses",
+        "%%terra --no-panel\n" + NOISE_LOOP,
+        "import terra_nb\nreport = terra_nb.report()\n"
+        f"np.testing.assert_allclose(noise_losses, eager_noise_losses, rtol={RUN_RTOL}, "
+        f"atol={ATOL})\n"
+        "print('modes', [e.mode for e in report.timeline])\n"])
+    _, modes = _printed_modes(notebook)
+    assert modes.count("'co-executing'") >= 8, modes
+
+
 MIXED_SETUP = """\
 keras.utils.set_random_seed(0)
 keras.mixed_precision.set_global_policy("mixed_float16")

@@ -39,6 +39,13 @@ STATEFUL_RANDOM_OPS = frozenset({
 })
 
 
+def draws_per_call(node: Node) -> bool:
+    """A random op whose numbers belong to its call: a stateful one, or the stateless twin of
+    a seeded one, fed a counter per call (internals/seeds.py). A span replay or a function
+    written from recorded ops would draw the first call's numbers again."""
+    return node.op_type in STATEFUL_RANDOM_OPS or node.reseeded
+
+
 def identity_attrs(op_type: str, attrs) -> tuple:
     """Hashable attrs for node identity; a stateful random op's seed2 is left out: each run
     of the graph draws fresh numbers (see graph_attrs)."""

@@ -109,6 +109,9 @@ class PythonRunner(GradientWindows):
     def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
         entered = time.perf_counter()
         self.ops += 1
+        twin = internals.stateless_twin(op_type, inputs, attrs)
+        if twin is not None:  # draws eager's numbers, in a graph too (internals/seeds.py)
+            op_type, inputs, attrs = twin
         location = self.call_site
         if location is None:
             location = user_location(self.stop_frame, depth=3, known_above=self.observed_call)
@@ -152,6 +155,9 @@ class PythonRunner(GradientWindows):
         if op_type == "VarHandleOp":
             self.makes_variables = True
         child.observe_externals([internals.unwrap(value) for value in inputs])
+        if twin is not None:
+            child.reseeded = True
+            child.externals[internals.COUNTER_SLOT].varying = True
         self._share_varying(child)
         self._register(child, outputs)
         self.cursor = child

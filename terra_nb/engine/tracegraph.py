@@ -143,7 +143,7 @@ class Node:
         "parent", "children", "visits", "island", "externals", "scope", "host_value", "mirrored",
         "function", "fetches", "fetch_wait_seconds", "last_fetch_wait", "submit_early",
         "host_memo", "steady_wait_seconds", "graph_cost", "fallible", "device", "output_devices",
-        "made_variables", "__weakref__",
+        "made_variables", "reseeded", "__weakref__",
     )
 
     def __init__(self, uid, parent, op_type, attrs, location, inputs, outputs, island, scope):
@@ -175,6 +175,7 @@ class Node:
         self.output_devices = ()  # where eager execution put its outputs
         # recorded only by iterations that created variables (skeleton.PythonRunner.finish)
         self.made_variables = False
+        self.reseeded = False  # a seeded random op's stateless twin, fed a counter per call
 
     def learn_outputs(self, outputs) -> None:
         """The outputs of a node first recorded where it raised (the end of a dataset)."""

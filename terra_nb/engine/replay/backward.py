@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from terra_nb.engine import internals
 from terra_nb.engine.gradientwindows import SLICES
-from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
+from terra_nb.engine.graphgen import draws_per_call
 from terra_nb.engine.segmentdef import constant_node, write_segment
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
 
@@ -166,7 +166,7 @@ class _Writer:
             made = {made.uid: made for made in window.nodes}
             for made_node in window.nodes:
                 if (made_node.function is not None or made_node.island
-                        or made_node.op_type in STATEFUL_RANDOM_OPS):
+                        or draws_per_call(made_node)):
                     raise Refused
             for read in window.reads:
                 if read == SLICES:  # a value not eager: nothing to tell it by

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
-from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
+from terra_nb.engine.graphgen import draws_per_call
 from terra_nb.engine.internals import keras_state
 from terra_nb.engine.replay import backward
 from terra_nb.engine.replay.guards import (
@@ -211,7 +211,7 @@ def _plan(recorded: RecordedCall, flat: list) -> _Sources | None:
     sources = _Sources(path, {}, [], [], [], [], by_object)
     for position, node in enumerate(path):
         if (node.visits != 1 or node.function is not None or node.island
-                or node.op_type in STATEFUL_RANDOM_OPS):
+                or draws_per_call(node)):
             return None
         for slot, ref in enumerate(node.inputs):
             if ref.kind == RESOURCE or (ref.kind == FROM_NODE and ref.node.uid in members):

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
-from terra_nb.engine.graphgen import STATEFUL_RANDOM_OPS
+from terra_nb.engine.graphgen import draws_per_call
 from terra_nb.engine.reasons import Refusal
 from terra_nb.engine.replay.guards import ARRAYS, PYTHON_VALUES
 from terra_nb.engine.replay.plan import (
@@ -74,7 +74,7 @@ def describe_call(runner, start, flat, arguments: dict, converted: dict, result,
             converted_to[position] = tensors[0].dtype
     bound, used = [], set()
     for node, item in zip(span, pending, strict=True):
-        if node.function is not None or node.op_type in STATEFUL_RANDOM_OPS:
+        if node.function is not None or draws_per_call(node):
             raise Unreplayable(Refusal.PYTHON_OP.say(op_type=node.op_type))
         for slot, ref in enumerate(node.inputs):
             if ref.kind == RESOURCE or (ref.kind == FROM_NODE and ref.node.uid in members):
