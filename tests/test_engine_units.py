@@ -317,8 +317,9 @@ def test_random_ops_under_a_global_seed_draw_eagers_numbers_in_graphs():
     """Under `tf.random.set_seed` and no op seed, a stateful random op's `seed2` comes from
     TensorFlow's op-seed counter at each call; the engine hands the op on as its stateless
     twin fed that counter (internals/seeds.py), so every co-executed iteration, graph runs
-    included, draws eager's numbers (uniform, normal, truncated normal and integer ops, in
-    several dtypes), and the weights they move stay eager's. Before, each graph drew its own."""
+    included, draws eager's numbers (uniform, normal, truncated normal, integer and shuffle
+    ops, in several dtypes), and the weights they move stay eager's. Before, each graph drew
+    its own."""
     def run(session):
         tf.random.set_seed(7)
         weight = tf.Variable(tf.ones((3, 4)))
@@ -329,7 +330,8 @@ def test_random_ops_under_a_global_seed_draw_eagers_numbers_in_graphs():
                 mask = tf.cast(tf.random.uniform((3, 4), maxval=3, dtype=tf.int32) > 0,
                                tf.float32)
                 scale = tf.cast(tf.random.uniform((4,), dtype=tf.float64), tf.float32)
-                weight.assign(weight * mask * scale + noise)
+                order = tf.random.shuffle(tf.range(3))
+                weight.assign(tf.gather(weight * mask * scale, order) + noise)
                 draws.append(tf.reduce_sum(weight))
         return [float(draw) for draw in draws], weight.numpy()
 
