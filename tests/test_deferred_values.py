@@ -18,6 +18,7 @@ from terra_nb.engine.session import Session
 from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL
 
 IMAGE = np.random.default_rng(0).normal(size=(1, 8, 8, 3)).astype(np.float32)
+_METRICS: dict = {}  # the metrics and random generator of the run being made
 
 # each case: (count, x) -> tensors; `count` is 3 and `x` a 4x4 matrix, both computed by
 # deferred ops from a variable the step then updates
@@ -61,26 +62,30 @@ CASES = {
 }
 
 
-def _run(case, session: Session | None) -> tuple[list, list]:
+def _run(cases: dict, case, session: Session | None) -> tuple[list, str, list]:
+    """Six steps of `cases[case]`: its results, what it printed, the iterations' modes."""
     weight = tf.Variable(tf.ones((4, 4)))
-    results, modes = [], []
-    for _ in range(6):
-        with session.iteration() if session else contextlib.nullcontext():
-            x = weight * 1.0
-            count = tf.cast(tf.reduce_sum(weight) * 0.0, tf.int32) + 3
-            out = CASES[case](count, x)
-            weight.assign_add(tf.ones((4, 4)) * 0.125)
-        results.append([np.asarray(value) for value in tf.nest.flatten(out)])
+    _METRICS.clear()
+    results, printed = [], io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for step in range(6):
+            with session.iteration() if session else contextlib.nullcontext():
+                x = weight * 1.0
+                count = tf.cast(tf.reduce_sum(weight) * 0.0, tf.int32) + 3
+                out = cases[case](count, x)
+                weight.assign_add(tf.ones((4, 4)) * 0.125 * (step % 2 + 1))
+            results.append([np.asarray(value) for value in tf.nest.flatten(out)])
+    modes = []
     if session is not None:
         session.close()
         modes = [event.mode for event in session.events.of_type(ev.IterationDone)]
-    return results, modes
+    return results, printed.getvalue(), modes
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_tensorflow_function_given_deferred_values_gives_eagers_results(case):
-    eager, _ = _run(case, None)
-    terra, modes = _run(case, Session("deferred-values", trace_iterations=1))
+    eager, _, _ = _run(CASES, case, None)
+    terra, _, modes = _run(CASES, case, Session("deferred-values", trace_iterations=1))
     assert modes[-4:] == [ev.CO_EXECUTING] * 4, modes  # a step making a variable traces twice
     for step, (have, want) in enumerate(zip(terra, eager, strict=True)):
         for value, expected in zip(have, want, strict=True):
@@ -109,8 +114,6 @@ def _generator_draw(n, x):
         "generator", tf.random.Generator.from_seed(1))
     return generator.normal([2]) + x[0, :2]
 
-
-_METRICS: dict = {}  # the metrics and random generator of the run being made
 
 # each case: (count, x) -> tensors, as CASES; what it prints is compared too
 PYTHON_CASES = {
@@ -148,29 +151,10 @@ PYTHON_CASES = {
 }
 
 
-def _run_python(case, session: Session | None) -> tuple[list, str, list]:
-    weight = tf.Variable(tf.ones((4, 4)))
-    _METRICS.clear()
-    results, printed = [], io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        for step in range(6):
-            with session.iteration() if session else contextlib.nullcontext():
-                x = weight * 1.0
-                count = tf.cast(tf.reduce_sum(weight) * 0.0, tf.int32) + 3
-                out = PYTHON_CASES[case](count, x)
-                weight.assign_add(tf.ones((4, 4)) * 0.125 * (step % 2 + 1))
-            results.append([np.asarray(value) for value in tf.nest.flatten(out)])
-    modes = []
-    if session is not None:
-        session.close()
-        modes = [event.mode for event in session.events.of_type(ev.IterationDone)]
-    return results, printed.getvalue(), modes
-
-
 @pytest.mark.parametrize("case", sorted(PYTHON_CASES))
 def test_python_around_deferred_values_prints_and_computes_what_eager_does(case):
-    eager, eager_printed, _ = _run_python(case, None)
-    terra, printed, modes = _run_python(case, Session("python-values", trace_iterations=1))
+    eager, eager_printed, _ = _run(PYTHON_CASES, case, None)
+    terra, printed, modes = _run(PYTHON_CASES, case, Session("python-values", trace_iterations=1))
     assert modes.count(ev.CO_EXECUTING) >= 3, modes
     assert printed == eager_printed
     for step, (have, want) in enumerate(zip(terra, eager, strict=True)):

@@ -1,19 +1,16 @@
 """Gradient and variable-update patterns users write in custom training loops, co-executed:
-the losses and variables stay eager's. Each step's Python runs as written; the gradient
-code (persistent and nested tapes, watched values, custom gradients, schedules) is what the
-engine records, replays and defers."""
+the losses and variables stay eager's (the harness's tolerances). Each step's Python runs as
+written; the gradient code (persistent and nested tapes, watched values, custom gradients,
+schedules) is what the engine records, replays and defers."""
 
-import contextlib
 import tempfile
 
 import keras
-import numpy as np
 import pytest
 import tensorflow as tf
+from harness import compare, modes
 
 from terra_nb.engine import events as ev
-from terra_nb.engine.session import Session
-from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL
 
 _KEPT: dict = {}  # what one run keeps across its steps (an optimizer, a summary writer)
 
@@ -156,29 +153,17 @@ STEPS = {
 }
 
 
-def _run(name: str, session: Session | None) -> tuple[list, list]:
-    keras.utils.set_random_seed(0)
-    _KEPT.clear()
-    w = tf.Variable(tf.random.normal((4, 4)) * 0.5)
-    v = tf.Variable(tf.random.normal((4, 4)) * 0.5)
-    values = []
-    for step in range(8):
-        with session.iteration() if session else contextlib.nullcontext():
-            result = STEPS[name](w, v, step)
-        values.append(np.asarray(result))
-    values += [w.numpy(), v.numpy()]
-    modes = []
-    if session is not None:
-        session.close()
-        modes = [event.mode for event in session.events.of_type(ev.IterationDone)]
-    return values, modes
+def _program(name: str):
+    """The harness's build for the pattern: the step and the variables to compare."""
+    def build():
+        _KEPT.clear()
+        w = tf.Variable(tf.random.normal((4, 4)) * 0.5)
+        v = tf.Variable(tf.random.normal((4, 4)) * 0.5)
+        return (lambda step: STEPS[name](w, v, step)), (lambda: [w, v])
+    return build
 
 
 @pytest.mark.parametrize("name", sorted(STEPS))
 def test_a_gradient_pattern_co_executes_with_eagers_losses_and_variables(name):
-    eager, _ = _run(name, None)
-    terra, modes = _run(name, Session("gradient-patterns", trace_iterations=1))
-    assert modes.count(ev.CO_EXECUTING) >= 4, modes
-    for index, (have, want) in enumerate(zip(terra, eager, strict=True)):
-        np.testing.assert_allclose(have, want, rtol=ITERATION_RTOL, atol=ATOL,
-                                   err_msg=f"{name}: value {index}")
+    _, terra = compare(_program(name), 8, trace_iterations=1)
+    assert modes(terra.session).count(ev.CO_EXECUTING) >= 4, modes(terra.session)
