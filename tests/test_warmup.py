@@ -800,6 +800,69 @@ def test_instantiating_ahead_runs_nothing_of_a_stateful_function(capfd):
     assert capfd.readouterr().err.count("update ran") == 1
 
 
+def test_a_run_on_copies_leaves_the_variables_and_makes_its_executor_ahead():
+    """run_on_copies (a graph's optimized instantiation, on the builder thread) runs a
+    function that updates variables once, on copies of them, so that TensorFlow makes its
+    executor before the real run: the real variables keep their values, and the real call
+    then updates them once, as if nothing had run before."""
+    weight = tf.Variable([1.0, 2.0])
+    slot = tf.Variable([0.0, 0.0])
+
+    def update(x):
+        slot.assign(slot * 0.5 + x)
+        weight.assign_sub(slot * 0.25)
+        return tf.reduce_sum(weight)
+
+    function = tf.function(update, autograph=False).get_concrete_function(
+        tf.TensorSpec([2], tf.float32))
+    assert internals.run_on_copies(function, [tf.constant([4.0, 6.0])], unfused=False,
+                                   quick=True)
+    np.testing.assert_array_equal(weight.numpy(), [1.0, 2.0])
+    np.testing.assert_array_equal(slot.numpy(), [0.0, 0.0])
+    total = float(function(tf.constant([1.0, 1.0])))
+    np.testing.assert_array_equal(weight.numpy(), [0.75, 1.75])
+    assert total == 2.5
+
+
+@pytest.mark.parametrize("effect", ["print", "random", "resource-argument"])
+def test_functions_with_effects_beyond_variables_are_not_run_on_copies(effect, capfd):
+    """A function that prints or draws from a random kernel's state, or is given a resource,
+    is not run on copies (run_on_copies says so, prints nothing): only the refused call
+    instantiates it ahead."""
+    weight = tf.Variable([1.0, 2.0])
+    if effect == "resource-argument":
+        def body(handle):
+            return tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32)
+        spec, args = tf.TensorSpec([], tf.resource), [weight.handle]
+    else:
+        def body(x):
+            if effect == "print":
+                tf.print("body ran")
+            else:
+                x = x + tf.random.uniform([2], seed=3)
+            weight.assign_add(x)
+            return weight.read_value()
+        spec, args = tf.TensorSpec([2], tf.float32), [tf.constant([1.0, 1.0])]
+    function = tf.function(body, autograph=False).get_concrete_function(spec)
+    assert not internals.run_on_copies(function, args, unfused=False, quick=True)
+    np.testing.assert_array_equal(weight.numpy(), [1.0, 2.0])
+    assert "body ran" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("build", [programs.build_mlp, programs.build_gan])
+def test_graphs_optimized_on_the_builder_give_eagers_results(build):
+    """A graph due for its optimized instantiation (CompiledSegment.ran) gets it from the
+    builder thread, run once on copies of its variables, and its runs switch to it: no
+    stall on the graph thread (gpt2's was 280 ms), results still eager's."""
+    policy = SchedulingPolicy(compile_after_runs=1, build_in_background=False,
+                              optimize_graphs_after=0.01)
+    _, terra = harness.compare(build, 16, policy=policy)
+    harness.close_after_builds(terra.session)
+    segments = terra.session.graph_runner.segments()
+    assert any(segment.optimize_queued and segment.optimized for segment in segments), \
+        [(segment.optimize_queued, segment.optimized) for segment in segments]
+
+
 def test_functions_fed_a_resource_are_left_to_their_first_run():
     """A function given a variable's handle as an argument has no empty value to take:
     it is not instantiated ahead, and its first call runs it as usual."""

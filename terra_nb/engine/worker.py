@@ -73,8 +73,14 @@ class Job:
             for lazy, value in zip(self.lazies, values, strict=True):
                 lazy.set_value(value)
             if self.compiled.is_graph:
+                policy = self.runner.policy
                 self.first_run = self.compiled.ran(time.perf_counter() - start,
-                                                   self.runner.policy.optimize_graphs_after)
+                                                   policy.optimize_graphs_after,
+                                                   ahead=policy.instantiate_ahead)
+                if self.compiled.optimize_due:
+                    self.compiled.optimize_due = False
+                    threads.builder.put(functools.partial(graphgen.optimize_ahead,
+                                                          self.compiled, args))
         except BaseException as error:  # handed to whoever waits for this job
             self.error = error
         finally:
@@ -295,7 +301,7 @@ class GraphRunner:
         graph built for another path of its structure makes this one a graph for both: the
         sizes that differ unknown, the small values that differ fed. `ahead` (the builder
         thread, with `policy.instantiate_ahead`): instantiated before it is kept, so its first
-        run only runs."""
+        run only makes its executor and runs."""
         built = structure = None
         if self._shares_graphs:
             structure = self._structure(key, path, outputs)

@@ -54,7 +54,7 @@ from terra_nb.engine.internals.imported import (
     reads_resources_only,
     segment_attributes,
 )
-from terra_nb.engine.internals.instantiate import instantiate_ahead
+from terra_nb.engine.internals.instantiate import instantiate_ahead, run_on_copies
 from terra_nb.engine.internals.lazy import LazyTensor
 from terra_nb.engine.internals.observed import (
     effects_beside_ops,
@@ -111,7 +111,7 @@ __all__ = [
     "start_collecting_library_reads", "stop_collecting_library_reads",
     "forward_with_outputs", "free_postponed",
     "function_op_types", "gradient_module", "handling", "import_nodes", "install_guard",
-    "instantiate_ahead", "is_backward_function",
+    "instantiate_ahead", "is_backward_function", "run_on_copies",
     "is_eager_value", "keep_running", "quick_call_attrs", "lean_graph_calls", "merge_calls",
     "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient", "remove_guard",
     "run_eagerly",

@@ -14,7 +14,16 @@ nothing is copied, no value can fail an op, and stateful ops need not be left ou
 TensorFlow checks the cancellation where it runs a function asynchronously; a runtime set to
 run small functions synchronously (`allow_small_function_optimizations`) starts them without
 that check. So a probe, once per process, calls a function that adds to a variable the same
-way, and nothing is instantiated ahead unless it was refused and the variable is untouched."""
+way, and nothing is instantiated ahead unless it was refused and the variable is untouched.
+
+The refused call stops before the function's executor is made (its optimizer pass and one
+kernel per op), which the first real run then pays: music_transformer's segments, instantiated
+ahead, still took 36-50 ms at their first run against 3-5 ms later. `run_on_copies` pays that
+too, on the builder thread: it runs the function once, given a real run's arguments, on
+copies of the variables it captures, when nothing else it does is seen outside (its stateful
+ops only read and update variables). It serves a graph's optimized instantiation, late in a
+run; at a new graph's build the copies and the run delayed its arrival by more than its first
+run costs (docs/engine.md, Instantiating ahead)."""
 
 from __future__ import annotations
 
@@ -23,8 +32,9 @@ import itertools
 
 import tensorflow as tf
 from tensorflow.python.eager import cancellation, context, execute, record
+from tensorflow.python.ops import resource_variable_ops
 
-from terra_nb.engine.internals.ops import lean_graph_calls, suspended
+from terra_nb.engine.internals.ops import lean_graph_calls, op_def, suspended
 
 _NOT_STARTED = "cancelled before it was started"
 
@@ -81,3 +91,75 @@ def _cancelled_calls_start_nothing() -> bool:
     probe = tf.function(count, autograph=False).get_concrete_function()
     refused = _refused(probe, list(probe.captured_inputs), unfused=False, quick=True)
     return refused and float(counter.numpy()) == 0.0
+
+
+# stateful ops whose only effect is on the variables they are given (copies, here); calls and
+# control flow are checked through the functions they call, which the library holds
+_VARIABLE_OPS = frozenset({
+    "ReadVariableOp", "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
+    "VarIsInitializedOp", "VariableShape", "ResourceStridedSliceAssign", "Assert",
+    "StatefulPartitionedCall", "PartitionedCall", "While", "If", "Case",
+})
+_VARIABLE_OP_PREFIXES = ("ResourceApply", "ResourceSparseApply", "ResourceScatter",
+                         "ResourceGather")
+_COPIES_AT_MOST = 256 * 2**20  # bytes of variables copied for one run
+_touches_only_variables: dict = {}  # a traced function's name -> whether (see run_on_copies)
+
+
+def run_on_copies(function, args: list, unfused: bool, quick: bool) -> bool:
+    """Run `function` (a ConcreteFunction) once, as `call_concrete` calls it, given `args` (a
+    real iteration's, so its ops see real sizes and values) and copies of the variables it
+    captures, so that TensorFlow instantiates it and makes its executor now (see the module
+    docstring). False when nothing was run: a stateful op that does more than read or update
+    a variable (printing, files, random state, iterators, collectives), a captured resource
+    that is not a variable, a resource argument, more than _COPIES_AT_MOST bytes to copy, or
+    an asynchronous runtime. An error of the run is left to the real run to raise."""
+    if context.context().is_async() or not _only_variables(function):
+        return False
+    if any(arg.dtype in (tf.resource, tf.variant) for arg in args):
+        return False
+    copies, kept, size = [], [], 0
+    for captured in function.captured_inputs:
+        if captured.dtype != tf.resource:
+            copies.append(captured)
+            continue
+        data = resource_variable_ops.get_eager_safe_handle_data(captured)
+        if not data.is_set or len(data.shape_and_type) != 1:
+            return False
+        dtype = tf.dtypes.as_dtype(data.shape_and_type[0].dtype)
+        with suspended(), record.stop_recording():
+            value = resource_variable_ops.read_variable_op(captured, dtype)
+            size += value.shape.num_elements() * dtype.size
+            if size > _COPIES_AT_MOST:
+                return False
+            copy = tf.Variable(value, trainable=False)
+        kept.append(copy)
+        copies.append(copy.handle)
+    with suspended(), record.stop_recording(), lean_graph_calls(unfused, quick):
+        try:
+            function._call_flat(args, copies)
+        except Exception:  # the real run meets it with the real variables, or not
+            pass
+    return True
+
+
+def _only_variables(function) -> bool:
+    """Whether every stateful op of `function` and of the functions it calls only reads or
+    updates the variables it is given (worked out once per function name)."""
+    name = function.name
+    known = _touches_only_variables.get(name)
+    if known is None:
+        definition = function.graph.as_graph_def()
+        nodes = list(definition.node) + [node for called in definition.library.function
+                                         for node in called.node_def]
+        known = _touches_only_variables[name] = all(_touches_only_a_variable(node.op)
+                                                    for node in nodes)
+    return known
+
+
+def _touches_only_a_variable(op_type: str) -> bool:
+    definition = op_def(op_type)
+    if definition is None:  # a call of a function of the library, checked on its own
+        return True
+    return (not definition.is_stateful or op_type in _VARIABLE_OPS
+            or op_type.startswith(_VARIABLE_OP_PREFIXES))
