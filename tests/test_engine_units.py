@@ -317,9 +317,9 @@ def test_random_ops_under_a_global_seed_draw_eagers_numbers_in_graphs():
     """Under `tf.random.set_seed` and no op seed, a stateful random op's `seed2` comes from
     TensorFlow's op-seed counter at each call; the engine hands the op on as its stateless
     twin fed that counter (internals/seeds.py), so every co-executed iteration, graph runs
-    included, draws eager's numbers (uniform, normal, truncated normal, integer and shuffle
-    ops, in several dtypes), and the weights they move stay eager's. Before, each graph drew
-    its own."""
+    included, draws eager's numbers (uniform, normal, truncated normal, integer, shuffle and
+    categorical ops, in several dtypes), and the weights they move stay eager's. Before, each
+    graph drew its own."""
     def run(session):
         tf.random.set_seed(7)
         weight = tf.Variable(tf.ones((3, 4)))
@@ -331,7 +331,9 @@ def test_random_ops_under_a_global_seed_draw_eagers_numbers_in_graphs():
                                tf.float32)
                 scale = tf.cast(tf.random.uniform((4,), dtype=tf.float64), tf.float32)
                 order = tf.random.shuffle(tf.range(3))
-                weight.assign(tf.gather(weight * mask * scale, order) + noise)
+                picks = tf.random.categorical(tf.math.log(tf.abs(weight) + 0.1), 2)
+                weight.assign(tf.gather(weight * mask * scale, order) + noise
+                              + tf.cast(tf.reduce_sum(picks), tf.float32) * 0.01)
                 draws.append(tf.reduce_sum(weight))
         return [float(draw) for draw in draws], weight.numpy()
 
