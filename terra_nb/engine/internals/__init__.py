@@ -94,11 +94,11 @@ from terra_nb.engine.internals.ops import (
 from terra_nb.engine.internals.replicas import PRIVATE_MEMBERS as _REPLICA_MEMBERS
 from terra_nb.engine.internals.replicas import PRIVATE_SYMBOLS as _REPLICA_SYMBOLS
 from terra_nb.engine.internals.replicas import follow_into_replica_threads, merge_calls
-from terra_nb.engine.internals.seeds import COUNTER_SLOT, TWINS, stateless_twin
+from terra_nb.engine.internals.seeds import COUNTER_SLOT, stateless_twin
 from terra_nb.engine.internals.seeds import PRIVATE_MEMBERS as _SEED_MEMBERS
 
 __all__ = [
-    "COUNTER_SLOT", "TWINS", "stateless_twin",
+    "COUNTER_SLOT", "stateless_twin",
     "EagerTensor", "EagerTensorBase", "LazyTensor", "PRIVATE_SYMBOLS", "TracedCall",
     "WITHOUT_AUTOMATIC_CONTROL", "a_tape_is_recording", "attr_map", "attr_protos", "call_concrete",
     "call_node", "call_op_type", "capture_handles", "capture_resources", "collective_ids",

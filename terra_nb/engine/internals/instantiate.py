@@ -118,7 +118,7 @@ def run_on_copies(function, args: list, unfused: bool, quick: bool) -> bool:
         return False
     if any(arg.dtype in (tf.resource, tf.variant) for arg in args):
         return False
-    copies, kept, size = [], [], 0
+    copies, kept, size = [], [], 0  # kept: the copies' variables, alive until the run ends
     for captured in function.captured_inputs:
         if captured.dtype != tf.resource:
             copies.append(captured)
