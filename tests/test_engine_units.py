@@ -345,6 +345,36 @@ def test_random_ops_under_a_global_seed_draw_eagers_numbers_in_graphs():
     np.testing.assert_array_equal(weight, expected_weight)
 
 
+AUGMENTATIONS = {
+    "flip": tf.image.random_flip_left_right,
+    "crop": lambda images: tf.image.random_crop(images, (4, 6, 6, 3)),
+    "brightness": lambda images: tf.image.random_brightness(images, 0.3),
+    "hue": lambda images: tf.image.random_hue(images, 0.1),
+    "dropout": lambda images: tf.nn.dropout(images, 0.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_image_augmentations_under_a_global_seed_are_eagers_when_co_executed(name):
+    """tf.image's random augmentations and tf.nn.dropout draw from stateful random ops
+    seeded by the global seed: co-executed, each step augments as eager does, so what the
+    augmented images move stays eager's bit for bit."""
+    images = tf.constant(np.random.default_rng(0).random((4, 8, 8, 3)).astype(np.float32))
+
+    def run(session):
+        tf.random.set_seed(5)
+        weight = tf.Variable(tf.ones((3,)))
+        for _ in range(6):
+            with session.iteration() if session else contextlib.nullcontext():
+                augmented = AUGMENTATIONS[name](images * weight)
+                weight.assign_add(tf.reduce_mean(augmented, axis=[0, 1, 2]) * 0.01)
+        return weight.numpy()
+
+    expected, session = run(None), _deferred_session()
+    np.testing.assert_array_equal(run(session), expected)
+    assert modes(session)[1:] == [ev.CO_EXECUTING] * 5
+
+
 def test_random_ops_given_an_op_seed_draw_fresh_numbers_but_not_eagers():
     """README limit: an op seed given by the user (`tf.random.uniform(..., seed=5)`) fixes
     `seed2`, and eager execution keeps one kernel whose stream goes on across calls; under
