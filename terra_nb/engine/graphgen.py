@@ -89,9 +89,7 @@ class CompiledSegment:
     unfused: bool = False  # computes in half precision: run without op fusion, as eager
     optimized: bool = False  # instantiated with Grappler (see ran); XLA segments always are
     optimizing: bool = False  # its next run instantiates it optimized
-    # its optimized instantiation is asked of the builder thread (due: not handed over yet)
-    optimize_queued: bool = False
-    optimize_due: bool = False
+    optimize_queued: bool = False  # its optimized instantiation is the builder thread's
     later_run_seconds: float = 0.0  # its runs after the first, unoptimized
     # serving another path: the first run of the graph it serves from, which instantiated it
     # (its own first run only runs it); what its later runs are weighed against
@@ -102,13 +100,13 @@ class CompiledSegment:
         return internals.call_concrete(self.function, args, self.unfused,
                                        quick=not (self.optimized or self.xla))
 
-    def ran(self, seconds: float, optimize_after: float, ahead: bool = False) -> bool:
+    def ran(self, seconds: float, optimize_after: float, hand_over=None) -> bool:
         """Count a run of `seconds`; True for a first run (TensorFlow instantiating the
         function). A graph first runs without Grappler, which halves a large graph's
         instantiation; once its later runs took `optimize_after` times that first run, it is
         instantiated once more, optimized (fusions, constant folding), which pays only over a
-        long run (docs/engine.md, Graph options). `ahead`: that instantiation is left to the
-        builder thread (`optimize_due`, then optimize_ahead), where the next run made it."""
+        long run (docs/engine.md, Graph options). `hand_over(self)`, when given, leaves that
+        instantiation to the builder thread (optimize_ahead), where the next run made it."""
         first = not self.first_run_seconds or self.optimizing
         if not self.first_run_seconds:
             self.first_run_seconds = seconds + self.instantiated_seconds
@@ -118,8 +116,9 @@ class CompiledSegment:
             self.later_run_seconds += seconds
             instantiation = self.served_first_run_seconds or self.first_run_seconds
             if self.later_run_seconds >= optimize_after * instantiation:
-                if ahead:
-                    self.optimize_queued = self.optimize_due = True
+                if hand_over is not None:
+                    self.optimize_queued = True
+                    hand_over(self)
                 else:
                     self.optimized = self.optimizing = True
         return first
@@ -151,7 +150,7 @@ class CompiledSegment:
                                    first_run_seconds=0.0, instantiated_seconds=0.0,
                                    waited_seconds=0.0,
                                    named=self.named or self.path, optimizing=False,
-                                   optimize_queued=False, optimize_due=False,
+                                   optimize_queued=False,
                                    later_run_seconds=0.0,
                                    served_first_run_seconds=(self.served_first_run_seconds
                                                              or self.first_run_seconds))

@@ -74,13 +74,9 @@ class Job:
                 lazy.set_value(value)
             if self.compiled.is_graph:
                 policy = self.runner.policy
-                self.first_run = self.compiled.ran(time.perf_counter() - start,
-                                                   policy.optimize_graphs_after,
-                                                   ahead=policy.instantiate_ahead)
-                if self.compiled.optimize_due:
-                    self.compiled.optimize_due = False
-                    threads.builder.put(functools.partial(graphgen.optimize_ahead,
-                                                          self.compiled, args))
+                self.first_run = self.compiled.ran(
+                    time.perf_counter() - start, policy.optimize_graphs_after,
+                    _optimize_later(args) if policy.instantiate_ahead else None)
         except BaseException as error:  # handed to whoever waits for this job
             self.error = error
         finally:
@@ -175,6 +171,13 @@ def _work(work: queue.SimpleQueue) -> None:
 def _execute_all(jobs: list) -> None:
     for job in jobs:
         job.execute()
+
+
+def _optimize_later(args: list):
+    """What hands a graph due for its optimized instantiation to the builder thread, with
+    the arguments of the run that found it due (graphgen.optimize_ahead)."""
+    return lambda compiled: threads.builder.put(
+        functools.partial(graphgen.optimize_ahead, compiled, args))
 
 
 def _ready_value(value):

@@ -93,6 +93,9 @@ _MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
 _KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
 _SCRAMBLING_KEY = (0x3EC8F720, 0x02461E29)
 _WORD = 2**32 - 1
+_ROUND_KEYS = tuple(((_SCRAMBLING_KEY[0] + step * _KEY_STEPS[0]) & _WORD,
+                     (_SCRAMBLING_KEY[1] + step * _KEY_STEPS[1]) & _WORD) for step in range(10))
+_INVERSES = tuple(pow(multiplier, -1, 2**32) for multiplier in _MULTIPLIERS)
 
 
 def _scrambled_to(seed: int, seed2: int) -> list:
@@ -100,16 +103,10 @@ def _scrambled_to(seed: int, seed2: int) -> list:
     from key `[seed]`, counter `[0, seed2]`, as the stateful kernel seeded (seed, seed2)
     does: ten Philox rounds run backwards from that block (each round is invertible, its
     multipliers odd)."""
-    keys = []
-    key0, key1 = _SCRAMBLING_KEY
-    for _ in range(10):
-        keys.append((key0, key1))
-        key0, key1 = (key0 + _KEY_STEPS[0]) & _WORD, (key1 + _KEY_STEPS[1]) & _WORD
     block = [seed & _WORD, seed >> 32, seed2 & _WORD, seed2 >> 32]
-    inverse = [pow(multiplier, -1, 2**32) for multiplier in _MULTIPLIERS]
-    for key0, key1 in reversed(keys):
+    for key0, key1 in reversed(_ROUND_KEYS):
         first, second, third, fourth = block
-        word0, word2 = (fourth * inverse[0]) & _WORD, (second * inverse[1]) & _WORD
+        word0, word2 = (fourth * _INVERSES[0]) & _WORD, (second * _INVERSES[1]) & _WORD
         high0, high2 = (_MULTIPLIERS[0] * word0) >> 32, (_MULTIPLIERS[1] * word2) >> 32
         block = [word0, (first ^ high2 ^ key0) & _WORD, word2, (third ^ high0 ^ key1) & _WORD]
     return [_signed(block[0] | block[1] << 32), _signed(block[2] | block[3] << 32)]
