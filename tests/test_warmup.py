@@ -863,6 +863,68 @@ def test_graphs_optimized_on_the_builder_give_eagers_results(build):
         [(segment.optimize_queued, segment.optimized) for segment in segments]
 
 
+def test_the_functions_new_macros_run_first_are_instantiated_ahead(monkeypatch):
+    """The functions the macros made in iteration 0 run eagerly first are instantiated on
+    the builder thread while iteration 1 runs, as those calls will instantiate them
+    (internals.CallAhead): the optimizer's update (no tape records its call), and the
+    forward and backward written from the model call's recorded gradient. Results stay
+    eager's."""
+    made = []
+
+    class Recorded(internals.CallAhead):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(internals, "CallAhead", Recorded)
+    eager = harness.run_program(programs.build_mlp, 8)
+    harness.seed_everything()
+    step, state = programs.build_mlp()
+    session = Session("test")
+    losses = []
+    for index in range(8):
+        with session.iteration():
+            losses.append(np.asarray(step(index), dtype=np.float64))
+        if index == 0:
+            harness.finish_queued_builds()
+            names = sorted(ahead.name for ahead in made)
+            assert len(made) >= 3 and all(ahead.instantiated for ahead in made), names
+            assert any(name.startswith("__forward") for name in names), names
+    harness.assert_same(eager, harness.Run(losses, [np.asarray(value) for value in state()],
+                                           "", session))
+    session.close()
+
+
+def test_a_call_instantiated_ahead_runs_nothing_and_a_late_one_is_dropped(capfd):
+    """CallAhead's refused call changes nothing (the variable keeps its value, nothing is
+    printed) and the real call then runs once; a first call that comes before the builder
+    started the instantiation drops it rather than wait."""
+    weight = tf.Variable([1.0, 2.0])
+
+    def update(x):
+        weight.assign_add(x)
+        tf.print("update ran")
+        return weight.read_value()
+
+    function = tf.function(update, autograph=False).get_concrete_function(
+        tf.TensorSpec([2], tf.float32))
+    [call] = internals.TracedCall(function).calls_to_come(under_tape=False)
+    attrs = internals.quick_call_attrs(internals.calling_thread_attrs())
+    ahead = internals.CallAhead(call, attrs)
+    ahead.instantiate()
+    ahead.before_first_call()
+    assert ahead.instantiated
+    np.testing.assert_array_equal(weight.numpy(), [1.0, 2.0])
+    assert "update ran" not in capfd.readouterr().err
+    np.testing.assert_array_equal(function(tf.constant([1.0, 1.0])).numpy(), [2.0, 3.0])
+    assert capfd.readouterr().err.count("update ran") == 1
+    late = internals.CallAhead(call, attrs)
+    late.before_first_call()
+    late.instantiate()
+    assert not late.instantiated
+    np.testing.assert_array_equal(weight.numpy(), [2.0, 3.0])
+
+
 def test_functions_fed_a_resource_are_left_to_their_first_run():
     """A function given a variable's handle as an argument has no empty value to take:
     it is not instantiated ahead, and its first call runs it as usual."""

@@ -115,7 +115,7 @@ class Session:
             if not self.self_check:
                 from terra_nb.engine.replay.table import MacroTable
 
-                macros = MacroTable(self.policy.relax_shapes, self.policy.write_recorded_calls)
+                macros = MacroTable(self.policy)
             graph = TraceGraph()
             runner = GraphRunner(self.events, self.xla, self.overlap, self.policy)
             # one assignment: an interrupt cannot leave the engine half made
@@ -269,6 +269,11 @@ class _Iteration:
                 if replayed:
                     self.session.events.emit(ev.Note(self.index, NoteKind.REPLAYED, replayed))
             self._leave_blocks()
+            macros = self.session.macro_table
+            if macros is not None and macros.fresh and error is None:
+                from terra_nb.engine.replay.macro import instantiate_ahead
+
+                instantiate_ahead(macros)
             runner = self.session.graph_runner
             if runner is not None:
                 runner.emit_worker_events()

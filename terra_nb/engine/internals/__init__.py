@@ -54,7 +54,12 @@ from terra_nb.engine.internals.imported import (
     reads_resources_only,
     segment_attributes,
 )
-from terra_nb.engine.internals.instantiate import instantiate_ahead, run_on_copies
+from terra_nb.engine.internals.instantiate import (
+    CallAhead,
+    calling_thread_attrs,
+    instantiate_ahead,
+    run_on_copies,
+)
 from terra_nb.engine.internals.lazy import LazyTensor
 from terra_nb.engine.internals.observed import (
     effects_beside_ops,
@@ -74,6 +79,7 @@ from terra_nb.engine.internals.ops import (
     create_graph_op,
     current_handler,
     eager_context,
+    expect_first_call,
     handling,
     install_guard,
     is_eager_value,
@@ -112,6 +118,7 @@ __all__ = [
     "forward_with_outputs", "free_postponed",
     "function_op_types", "gradient_module", "handling", "import_nodes", "install_guard",
     "instantiate_ahead", "is_backward_function", "run_on_copies",
+    "CallAhead", "calling_thread_attrs", "expect_first_call",
     "is_eager_value", "keep_running", "quick_call_attrs", "lean_graph_calls", "merge_calls",
     "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient", "remove_guard",
     "run_eagerly",

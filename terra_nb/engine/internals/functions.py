@@ -116,6 +116,33 @@ class TracedCall:
                                                      expand_composites=True)
                 if isinstance(output, tf.Tensor)]
 
+    def calls_to_come(self, under_tape: bool) -> list:
+        """(name, argument placeholders, output count, captured values) of each function
+        this call's next eager calls will instantiate (instantiate.CallAhead): its own where
+        no tape records it; under a tape, the forward and backward written from its recorded
+        gradient, written now as its first call under a tape would write them, if it has
+        them (TensorFlow's own pair is made only at that call)."""
+        function = self.function
+        captured = list(function.captured_inputs if self.captures is None else self.captures)
+        if not under_tape:
+            return [_call_of(function.name.decode(), function.inputs, len(self.outputs),
+                             captured)]
+        plan = self._plan
+        if plan is None and self._written_gradient is not None and self.captures is None:
+            plan = self._write_plan()
+        if not isinstance(plan, _WrittenTapePlan):
+            return []
+        backward = plan.backward
+        return [_call_of(plan.name, plan.forward.graph.inputs, plan.num_outputs, captured),
+                _call_of(backward.name.decode(), backward.inputs, len(backward.outputs),
+                         list(backward.captured_inputs))]
+
+    def _write_plan(self):
+        written, self._written_gradient = self._written_gradient(), None
+        if written is not None:
+            self._plan = _WrittenTapePlan(self.function, written)
+        return self._plan
+
     def __call__(self, tensors: list):
         """Call with the flat tensor arguments, skipping argument binding (the costly part of
         `function(*tensors)`); gradient tapes and the active handler see the call as usual.
@@ -125,9 +152,7 @@ class TracedCall:
         plan = self._plan
         if plan is None and self._written_gradient is not None and self.captures is None \
                 and record.could_possibly_record() and context.executing_eagerly():
-            written, self._written_gradient = self._written_gradient(), None
-            if written is not None:
-                plan = self._plan = _WrittenTapePlan(function, written)
+            plan = self._write_plan()
         elif plan is None and self._twin_of is not None \
                 and isinstance(self._twin_of._plan, _WrittenTapePlan):
             plan = self._plan = self._twin_of._plan  # its inputs are the twin's own
@@ -148,6 +173,10 @@ class TracedCall:
         if plan is None:
             self._plan = _TapePlan.of(function)
         return outputs
+
+
+def _call_of(name: str, inputs: list, num_outputs: int, captured: list) -> tuple:
+    return name, inputs[:len(inputs) - len(captured)], num_outputs, captured
 
 
 _FIRST_ORDER = gradients_util.POSSIBLE_GRADIENT_TYPES_FIRST_ORDER

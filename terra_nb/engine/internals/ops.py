@@ -228,7 +228,21 @@ def remove_guard(drain_unless_owner=None) -> None:
 @usercode.gateway
 def run_eagerly(op_type: str, num_outputs: int, inputs: list, attrs: tuple, ctx, name=None):
     """Execute one op now, with any LazyTensor inputs replaced by their values."""
+    if _instantiating:
+        ahead = _instantiating.pop(op_type, None)
+        if ahead is not None:
+            ahead.before_first_call()
     return _real_execute(op_type, num_outputs, _unwrap_all(inputs), attrs, ctx, name)
+
+
+# a function's name -> its instantiation ahead (instantiate.CallAhead), until its first
+# eager call, which waits for it or drops it
+_instantiating: dict = {}
+
+
+def expect_first_call(ahead) -> None:
+    """Have the first eager call of the function `ahead` instantiates wait for it."""
+    _instantiating[ahead.name] = ahead
 
 
 def is_eager_value(value) -> bool:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from terra_nb.engine import internals
+from terra_nb.engine import internals, threads
 from terra_nb.engine.replay.guards import dtype_of, flatten, is_tensor_like
 from terra_nb.engine.replay.updates import sharing_updates
 
@@ -65,6 +65,27 @@ def build_macro(original, obj, args, kwargs, relaxed=None) -> BuiltMacro:
     finally:
         replay_state.observing -= 1
     return BuiltMacro(internals.TracedCall(concrete), tensor_positions, str(sharing))
+
+
+def instantiate_ahead(table) -> None:
+    """Have the builder thread instantiate, while the next iteration runs, the functions
+    the macros `table` made in this one will first run eagerly, as those calls will
+    (internals.CallAhead): a macro's own where no tape records its call (an optimizer's
+    update); under a tape, the forward and backward written from its recorded gradient."""
+    fresh, table.fresh = table.fresh, []
+    attrs = internals.quick_call_attrs(internals.calling_thread_attrs())
+    queued = set()  # a twin layer's call shares its function
+    for call, under_tape in fresh:
+        try:
+            calls = call.calls_to_come(under_tape)
+        except Exception:  # its first call takes TensorFlow's path, as it would have
+            continue
+        for parts in calls:
+            if parts[0] not in queued:
+                queued.add(parts[0])
+                ahead = internals.CallAhead(parts, attrs)
+                internals.expect_first_call(ahead)
+                threads.builder.put(ahead.instantiate)
 
 
 def replay_macro(entry, flat: list, runner, call_site, checked: bool):

@@ -1,17 +1,16 @@
 """Library replay: stop re-running stable library Python (Keras, TensorFlow) in the skeleton.
 
-User code always runs. A Keras call (`layer(x)`, `model(x)`, `loss_fn(y, p)`,
-`optimizer.apply_gradients(...)`) made from user code, or from library code that is not itself
-being observed (the layers a Sequential holding a user-defined layer calls: the Sequential runs
-its Python, its library layers need not), is library code; when it was seen to be stable it is
-replaced by one call of a ConcreteFunction traced from it (a "macro"), which the skeleton
-defers as a single op and the graph inlines, or, when a traced function cannot stand for it,
-by its recorded ops (see MacroTable._observe_as_span). Stable means, on two consecutive
-observations with the same guard key, it produced the same TraceGraph span, ran no user code
-(no op located in a user frame below the call site, no user-defined class among the layers),
-forced no value, left no Keras mask or layer loss, and at least one observation was deferred;
-a call whose first observation, in a recording iteration, passed the same checks (or only
-made its object's variables) is traced at once (MacroTable._establish_at_once).
+User code always runs. A Keras call (a layer, model or loss, `optimizer.apply_gradients`) made
+from user code, or from library code that is not itself being observed (a Sequential holding a
+user-defined layer runs its Python; the library layers it calls need not), is library code;
+once seen stable it is replaced by one call of a ConcreteFunction traced from it (a "macro"),
+which the skeleton defers as a single op and the graph inlines, or, when a traced function
+cannot stand for it, by its recorded ops (MacroTable._observe_as_span). Stable means, on two
+consecutive observations with the same guard key, it produced the same TraceGraph span, ran no
+user code (no op located in a user frame below the call site, no user- defined class among the
+layers), forced no value, left no Keras mask or layer loss, and at least one observation was
+deferred; a call whose first observation, in a recording iteration, passed the same checks (or
+only made its object's variables) is traced at once (MacroTable._establish_at_once).
 
 The guard key is everything the call's Python reads that may change: the object, the dtypes
 and shapes of tensor arguments, the values of Python arguments (e.g. `training`), the
@@ -136,9 +135,9 @@ class ApiFunction:
 class MacroTable:
     """The macros of one Session, keyed by guard key."""
 
-    def __init__(self, relax_shapes: bool = True, write_recorded: bool = True) -> None:
-        self.relax_shapes = relax_shapes
-        self.write_recorded = write_recorded  # see recorded.py
+    def __init__(self, policy) -> None:
+        self.policy = policy  # the session's SchedulingPolicy
+        self.fresh: list = []  # (macro, whether a tape records its call) made this iteration
         self.entries: dict = {}
         self.relaxed_entries: dict = {}  # (call site, id of the object) -> [_Entry]
         self.gradients: dict = {}
@@ -200,7 +199,7 @@ class MacroTable:
         macro, else from another key met at its call site (a length seen while tracing), and
         whether a macro traced for exact sizes vouches for it; (None, False) when there is
         none, or relaxing is off."""
-        if not self.relax_shapes:
+        if not self.policy.relax_shapes:
             return None, False
         replayed = self.replayed_guards.get((call_site, key.obj))
         entry = self.entries.get((call_site, replayed)) if replayed is not None else None
@@ -358,7 +357,7 @@ class MacroTable:
         started = time.perf_counter()
         built = exact = None
         relaxed, vouched = self._relaxable(call_site, entry.guard)
-        if relaxed is None and self.relax_shapes:
+        if relaxed is None and self.policy.relax_shapes:
             relaxed = sparse_rows_unknown(entry.guard, args, kwargs)
         if relaxed is not None:
             try:
@@ -418,6 +417,8 @@ class MacroTable:
     def _install(self, entry, built, obj, call_site) -> None:
         """Replay the call from now on with the function `built` traced for it."""
         entry.macro, entry.tensor_positions = built.call, built.tensor_positions
+        if self.policy.instantiate_ahead:  # its functions, while the next iteration runs
+            self.fresh.append((built.call, entry.guard.signature[2]))
         self.replayed_guards[(call_site, entry.guard.obj)] = entry.relaxed or entry.guard
         what = f"{type(obj).__name__} call at {_call_site_text(call_site)}"
         if built.note:
@@ -444,7 +445,7 @@ class MacroTable:
             kept = not tf.distribute.has_strategy()  # each replica traces its own
             built = KEPT.find(obj, original, guard, relaxed, flat) if kept else None
             if built is None:
-                if recorded is not None and relaxed is None and self.write_recorded:
+                if recorded is not None and relaxed is None and self.policy.write_recorded_calls:
                     built = macro_from_recording(recorded, obj, flat)
                     self.written += built is not None
                 if built is None:
