@@ -88,6 +88,7 @@ class CallAhead:
             self._done.set()
 
     def before_first_call(self) -> None:
+        """Wait for the instantiation if the builder started it, else drop it."""
         with self._lock:
             self._dropped = not self._started
         if not self._dropped:

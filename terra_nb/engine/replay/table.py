@@ -7,7 +7,7 @@ once seen stable it is replaced by one call of a ConcreteFunction traced from it
 which the skeleton defers as a single op and the graph inlines, or, when a traced function
 cannot stand for it, by its recorded ops (MacroTable._observe_as_span). Stable means, on two
 consecutive observations with the same guard key, it produced the same TraceGraph span, ran no
-user code (no op located in a user frame below the call site, no user- defined class among the
+user code (no op located in a user frame below the call site, no user-defined class among the
 layers), forced no value, left no Keras mask or layer loss, and at least one observation was
 deferred; a call whose first observation, in a recording iteration, passed the same checks (or
 only made its object's variables) is traced at once (MacroTable._establish_at_once).
