@@ -86,16 +86,13 @@ def test_a_call_observed_clean_while_recording_is_replayed_from_the_next_iterati
     assert not [note for note in events.of_type(ev.Note) if note.kind == NoteKind.LIBRARY_REPLAY]
 
 
-def test_an_optimizer_given_a_sparse_gradient_is_traced_for_any_row_count():
-    """An Embedding's gradient is IndexedSlices with a row per looked-up id, so their count
-    follows the batch: the optimizer's function is traced with it unknown from the start
-    and serves every length without tracing again. Losses and variables are eager's."""
+def _sparse_program(epsilon: float = 1e-7):
     def build():
         rng = np.random.default_rng(3)
         batches = [rng.integers(0, 20, size=(4, length)) for length in (5, 7, 9, 5, 7, 9)]
         targets = rng.normal(size=(4, 1)).astype("float32")
         embedding, head = keras.layers.Embedding(20, 6), keras.layers.Dense(1)
-        optimizer = keras.optimizers.Adam(0.01)
+        optimizer = keras.optimizers.Adam(0.01, epsilon=epsilon)
 
         def step(i):
             tokens = tf.constant(batches[i])
@@ -109,13 +106,36 @@ def test_an_optimizer_given_a_sparse_gradient_is_traced_for_any_row_count():
         return step, lambda: [v.numpy() for v in
                               embedding.variables + head.variables + optimizer.variables]
 
-    _, terra = harness.compare(build, 6, trace_iterations=2)
+    return build
+
+
+def test_an_optimizer_given_a_sparse_gradient_is_made_for_any_row_count():
+    """An Embedding's gradient is IndexedSlices with a row per looked-up id, so their count
+    follows the batch: the optimizer's function is made with it unknown from the start,
+    written from the ops its first call recorded (its updates read no shape), and serves
+    every length without being made again. Losses and variables are eager's."""
+    _, terra = harness.compare(_sparse_program(), 6, trace_iterations=2)
     replayed = " ".join(note.message for note in terra.session.events.of_type(ev.Note)
                         if note.kind == NoteKind.REPLAYED)
     assert replayed.count("Adam call") == 1, replayed
-    assert "(any float32(?, 6), int64(?))" in replayed, replayed
+    assert "Adam call at" in replayed and "(from its recorded ops) (any float32(?, 6), " \
+        "int64(?))" in replayed, replayed
     assert not [note for note in terra.session.events.of_type(ev.Note)
                 if note.kind == NoteKind.GUARD_MISS and "Adam" in note.message]
+
+
+def test_a_sparse_optimizer_folding_a_row_count_is_traced_instead():
+    """Written for any row count, the optimizer's function must hold no constant equal to
+    the recorded count (a size its Python read would be one): here its epsilon equals the
+    first batch's 20 rows, so its function is traced with the count unknown instead, and
+    serves every length. Losses and variables are eager's."""
+    _, terra = harness.compare(_sparse_program(epsilon=20.0), 6, trace_iterations=2)
+    replayed = " ".join(note.message for note in terra.session.events.of_type(ev.Note)
+                        if note.kind == NoteKind.REPLAYED)
+    assert replayed.count("Adam call") == 1, replayed
+    adam = replayed[replayed.index("Adam call"):]
+    assert "(any float32(?, 6), int64(?))" in adam and "from its recorded ops" not in adam, \
+        replayed
 
 
 def test_guard_difference_names_the_part_that_changed():

@@ -49,6 +49,7 @@ from terra_nb.engine.replay.guards import (
     is_tensor_like,
 )
 from terra_nb.engine.replay.macro import BuiltMacro, fully_shaped
+from terra_nb.engine.replay.updates import SIZE_FREE
 from terra_nb.engine.segmentdef import import_written, write_segment
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
 
@@ -86,22 +87,31 @@ class _Sources(NamedTuple):
     arguments_by_object: dict  # id of each eager tensor argument -> its flat position
 
 
-def macro_from_recording(recorded: RecordedCall, obj, flat: list) -> BuiltMacro | None:
+def macro_from_recording(recorded: RecordedCall, obj, flat: list,
+                         relaxed=None) -> BuiltMacro | None:
     """The function of the call of `obj` written from its recorded ops, or None where it
-    must be traced (see the module's docstring)."""
+    must be traced (see the module's docstring). With a `relaxed` guard only an optimizer
+    whose updates read no shape (updates.SIZE_FREE), its sparse gradients' row counts
+    unknown, is written, and only where no constant it folds holds one of those counts (or
+    the element counts they make): its ops then take each count from their inputs, at any
+    count, as its trace would."""
     if not recorded.span or not recorded.tells_all or not _keras_own(obj):
+        return None
+    rows = set() if relaxed is None else _rows_relaxed(relaxed, obj, flat)
+    if rows is None:
         return None
     if any(isinstance(value, ARRAYS) or (is_tensor_like(value) and position
                                          not in recorded.arguments)
            for position, value in enumerate(flat)):
         return None
     plan = _plan(recorded, flat)
-    if plan is None:
+    if plan is None or rows and _folds_any(plan, rows):
         return None
     positions = sorted(set(plan.fed_from) | {source[1] for source in plan.results
                                              if source[0] == "argument"})
     written = write_segment(plan.path, plan.feeds, plan.folded, plan.captured)
-    specs = [tf.TensorSpec(np.shape(flat[position]), dtype_of(flat[position]))
+    specs = [tf.TensorSpec(relaxed.arguments[position].shape if relaxed is not None
+                           else np.shape(flat[position]), dtype_of(flat[position]))
              for position in positions]
     concrete = _function(recorded.result, recorded.variables, plan, written, positions, specs)
     if not fully_shaped(concrete):  # sizes that follow from values: the trace decides
@@ -160,6 +170,34 @@ def _written_gradient(record: backward.GradientRecord, plan: _Sources, written,
         return backward.write_gradient(record, plan, positions,
                                        [(output.shape, output.dtype) for output in results],
                                        forward_with, captured)
+
+
+def _rows_relaxed(relaxed, obj, flat: list) -> set | None:
+    """The row counts a relaxed guard leaves unknown and the element counts they make,
+    where it relaxes nothing else and `obj` is an optimizer whose updates read no shape
+    (else None)."""
+    if type(obj) not in SIZE_FREE:
+        return None
+    rows = set()
+    for argument, value in zip(relaxed.arguments, flat, strict=True):
+        shape = getattr(argument, "shape", None)
+        if shape is None or tuple(shape) == tuple(np.shape(value)):
+            continue
+        exact = tuple(np.shape(value))
+        if not exact or shape[0] is not None or tuple(shape[1:]) != exact[1:]:
+            return None
+        rows.update((exact[0], int(np.prod(exact))))
+    return rows
+
+
+def _folds_any(plan: _Sources, counts: set) -> bool:
+    """Whether a constant the written call folds holds one of `counts` (a size read in
+    Python would be one)."""
+    for position, slot in plan.folded:
+        value = np.asarray(plan.path[position].externals[slot].first_value)
+        if value.dtype.kind in "iuf" and np.isin(value, list(counts)).any():
+            return True
+    return False
 
 
 def _keras_own(obj) -> bool:

@@ -361,7 +361,7 @@ class MacroTable:
             relaxed = sparse_rows_unknown(entry.guard, args, kwargs)
         if relaxed is not None:
             try:
-                built = self._build(original, obj, args, kwargs, entry.guard, relaxed)
+                built = self._build(original, obj, args, kwargs, entry.guard, relaxed, recorded)
                 vouched = vouched or fully_shaped(built.call)
                 if not vouched:
                     exact = self._build(original, obj, args, kwargs, entry.guard)
@@ -445,8 +445,8 @@ class MacroTable:
             kept = not tf.distribute.has_strategy()  # each replica traces its own
             built = KEPT.find(obj, original, guard, relaxed, flat) if kept else None
             if built is None:
-                if recorded is not None and relaxed is None and self.policy.write_recorded_calls:
-                    built = macro_from_recording(recorded, obj, flat)
+                if recorded is not None and self.policy.write_recorded_calls:
+                    built = macro_from_recording(recorded, obj, flat, relaxed)
                     self.written += built is not None
                 if built is None:
                     built = build_macro(original, obj, args, kwargs, relaxed)
