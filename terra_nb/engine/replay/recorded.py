@@ -180,10 +180,9 @@ def _rows_relaxed(relaxed, obj, flat: list) -> set | None:
         return None
     rows = set()
     for argument, value in zip(relaxed.arguments, flat, strict=True):
-        shape = getattr(argument, "shape", None)
-        if shape is None or tuple(shape) == tuple(np.shape(value)):
+        shape, exact = getattr(argument, "shape", None), tuple(np.shape(value))
+        if shape is None or tuple(shape) == exact:
             continue
-        exact = tuple(np.shape(value))
         if not exact or shape[0] is not None or tuple(shape[1:]) != exact[1:]:
             return None
         rows.update((exact[0], int(np.prod(exact))))
