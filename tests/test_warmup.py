@@ -312,6 +312,50 @@ def test_a_function_for_one_size_not_yet_run_gives_way_to_the_one_for_any_size()
     assert any((4, 7, 16) in shapes and (4, 10, 16) in shapes for shapes in served), served
 
 
+def _build_image_sizes(pooled: bool = False):
+    """Images through a Keras block (one library call), the first size twice before the
+    second: 8, 8, 4, 8, 4, ... pixels, cropped from one batch (the same steps), or, `pooled`,
+    halved by a pooling op before the block (the call reached after another op, as SDPoint's
+    pooling placed before another block)."""
+    rng = np.random.default_rng(5)
+    images = tf.constant(rng.normal(size=(2, 8, 8, 3)).astype("float32"))
+    block = keras.Sequential([keras.Input((None, None, 3)),
+                              keras.layers.Conv2D(4, 3, padding="same"), keras.layers.ReLU()])
+    optimizer = keras.optimizers.SGD(0.1)
+
+    def step(index):
+        small = index >= 2 and index % 2 == 0
+        with tf.GradientTape() as tape:
+            if pooled:
+                x = tf.nn.avg_pool2d(images, 2, 2, "VALID") if small else images
+            else:
+                x = images[:, :4, :4] if small else images[:, :8, :8]
+            loss = tf.reduce_mean(block(x) ** 2)
+        optimizer.apply_gradients(zip(tape.gradient(loss, block.trainable_variables),
+                                      block.trainable_variables))
+        return loss
+
+    return step, programs._all_variables(block, optimizer)
+
+
+def test_a_size_a_path_ran_gives_way_to_any_size_where_its_paths_reached_the_call_alike():
+    """The block's function for 8 pixels is replayed by iteration 1's path before 4 pixels
+    come; reached by the same steps at both sizes, 8 pixels is served by the relaxed
+    function from then on, its path recorded once more, and the paths of both sizes share
+    one graph per segment. Reached after a pooling op at 4 pixels, 8 keeps its own function
+    (switching would only make its path record again). Results are eager's either way."""
+    _, alike = harness.compare(_build_image_sizes, 12, policy=BUILT_IN_LINE)
+    served = _sizes_served(alike.session.macro_table)
+    assert any((2, 8, 8, 3) in shapes and (2, 4, 4, 3) in shapes for shapes in served), served
+    built = alike.session.events.of_type(ev.GraphBuilt)
+    assert built and all(event.reason.endswith("for paths of other sizes too")
+                         for event in built), built
+    _, pooled = harness.compare(functools.partial(_build_image_sizes, pooled=True), 12,
+                                policy=BUILT_IN_LINE)
+    served = _sizes_served(pooled.session.macro_table)
+    assert served and not any((2, 8, 8, 3) in shapes for shapes in served), served
+
+
 def test_a_path_traced_while_variables_were_made_is_traced_again_not_co_executed():
     """Four lengths in turn; iteration 0 also makes Adam's slots (Fill and Assign where later
     steps read them). Iteration 4, of iteration 0's length, records its path again from its

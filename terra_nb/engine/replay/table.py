@@ -28,7 +28,6 @@ their arguments (MacroTable.call_as_span), one replay per TraceGraph position wh
 from __future__ import annotations
 
 import collections
-import dataclasses
 import sys
 import time
 
@@ -37,6 +36,7 @@ import tensorflow as tf
 from terra_nb.engine import events as ev
 from terra_nb.engine import internals
 from terra_nb.engine.reasons import NoteKind, Refusal
+from terra_nb.engine.replay.entries import Entry, GradientEntry, gives_way
 from terra_nb.engine.replay.guards import (
     ARRAYS,
     CallGuard,
@@ -83,42 +83,6 @@ from terra_nb.engine.usercode import replica_of
 SPAN_KEYS_PER_SITE = 16  # distinct slices kept per call site (MacroTable.call_as_span)
 
 
-@dataclasses.dataclass
-class _Entry:
-    """What is known of one guard key."""
-
-    guard: object  # the key (guards.CallGuard for Keras calls)
-    last_span: tuple | None = None
-    deferred_seen: bool = False
-    tried_at_once: bool = False  # traced after its first clean observation while recording
-    replayed: bool = False  # its macro was called (a recorded path holds it)
-    banned: str = ""
-    macro: object = None
-    tensor_positions: list | None = None
-    # the relaxed guard (guards.relaxed_guard) its macro is traced for, when its key differs
-    # from the call's replayed one only in sizes; that macro serves every key the guard admits
-    relaxed: object = None
-    # Span replays are kept per TraceGraph position (the node the call starts after): one call
-    # site reached at several places of an iteration (a helper called for q, k and v, a layer
-    # used twice) records another span at each.
-    span_ends: dict = dataclasses.field(default_factory=dict)  # start uid -> last end uid
-    span_replays: dict = dataclasses.field(default_factory=dict)  # start uid -> SpanReplay
-
-
-@dataclasses.dataclass
-class _GradientEntry:
-    """What is known of one gradient computation (one guard key of `imperative_grad`)."""
-
-    last: tuple | None = None  # the span, results and shared inputs of the last observation
-    # ... made while a library call of its iteration ran its Python (see MacroTable.gradient)
-    last_provisional: bool = False
-    banned: str = ""
-    plan: object = None  # how to replay its ops, once two observations agreed
-    results: list | None = None  # where each gradient comes from (see _describe)
-    shared: dict | None = None  # external inputs that a forward op was given (ReplayPlan.defer)
-    pinned: dict | None = None  # forward ops' values it read: replayed while they are given
-
-
 class ApiFunction:
     """A TensorFlow API function as MacroTable sees it: its public name, and a call."""
 
@@ -139,7 +103,7 @@ class MacroTable:
         self.policy = policy  # the session's SchedulingPolicy
         self.fresh: list = []  # (macro, whether a tape records its call) made this iteration
         self.entries: dict = {}
-        self.relaxed_entries: dict = {}  # (call site, id of the object) -> [_Entry]
+        self.relaxed_entries: dict = {}  # (call site, id of the object) -> [Entry]
         self.gradients: dict = {}
         self.replayed_calls = 0
         self.build_seconds = 0.0  # tracing the macros' functions (warm-up profile)
@@ -181,13 +145,13 @@ class MacroTable:
             if relaxed is not None:
                 entry = self.entries[(call_site, key)] = relaxed
             elif entry is None:
-                entry = self.entries[(call_site, key)] = _Entry(key)
-                if not self._relax_before_running(entry, original, obj, args, kwargs,
+                entry = self.entries[(call_site, key)] = Entry(key)
+                if not self._relax_before_running(entry, runner, original, obj, args, kwargs,
                                                   call_site):
                     self._tell_guard_miss(runner, obj, call_site, key)
         return self._run(entry, runner, original, obj, args, kwargs, flat, call_site, False)
 
-    def _admitting(self, call_site, key) -> _Entry | None:
+    def _admitting(self, call_site, key) -> Entry | None:
         """The entry of a macro traced for sizes unknown that serves this key, if any."""
         for entry in self.relaxed_entries.get((call_site, key.obj), ()):
             if admits(entry.relaxed, key):
@@ -227,7 +191,7 @@ class MacroTable:
             if keys >= SPAN_KEYS_PER_SITE:
                 return original(obj, *args, **kwargs)
             self.span_keys_per_site[call_site] = keys + 1
-            entry = self.entries[(call_site, key)] = _Entry(key)
+            entry = self.entries[(call_site, key)] = Entry(key)
         return self._run(entry, runner, original, obj, args, kwargs, flat, call_site, True)
 
     def _run(self, entry, runner, original, obj, args, kwargs, flat, call_site, as_span):
@@ -241,7 +205,7 @@ class MacroTable:
             return result
         if entry.macro is not None:
             self.replayed_calls += 1
-            entry.replayed = True
+            entry.replayed_after = entry.replayed_after or runner.cursor
             return replay_macro(entry, flat, runner, call_site, cannot_fail(obj, flat))
         if entry.banned:
             return original(obj, *args, **kwargs)
@@ -331,7 +295,7 @@ class MacroTable:
         if key != entry.guard:
             if not differs_by_building(entry.guard, key):
                 return
-            entry = self.entries.setdefault((call_site, key), _Entry(key))
+            entry = self.entries.setdefault((call_site, key), Entry(key))
             if entry.tried_at_once or entry.macro is not None or entry.banned:
                 return
             entry.tried_at_once = True
@@ -391,7 +355,8 @@ class MacroTable:
             return
         self._install(entry, built, obj, call_site)
 
-    def _relax_before_running(self, entry, original, obj, args, kwargs, call_site) -> bool:
+    def _relax_before_running(self, entry, runner, original, obj, args, kwargs,
+                              call_site) -> bool:
         """A replayed call met with new sizes (nothing else changed) is traced with them
         unknown before it runs, and runs as that function: its iteration records one call,
         not its Python, so the next of that size need not record again (a library-replay
@@ -411,11 +376,12 @@ class MacroTable:
         if not fits(built.call, replayed.macro.outputs):
             return False
         entry.relaxed = relaxed
-        self._install(entry, built, obj, call_site)
+        self._install(entry, built, obj, call_site, runner.cursor)
         return True
 
-    def _install(self, entry, built, obj, call_site) -> None:
-        """Replay the call from now on with the function `built` traced for it."""
+    def _install(self, entry, built, obj, call_site, reached=None) -> None:
+        """Replay the call from now on with the function `built` traced for it; a relaxed one
+        (met after the TraceGraph node `reached`) takes over the keys it admits (gives_way)."""
         entry.macro, entry.tensor_positions = built.call, built.tensor_positions
         if self.policy.instantiate_ahead:  # its functions, while the next iteration runs
             self.fresh.append((built.call, entry.guard.signature[2]))
@@ -427,9 +393,9 @@ class MacroTable:
             self.relaxed_entries.setdefault((call_site, entry.guard.obj), []).append(entry)
             self.entries[(call_site, entry.relaxed)] = entry
             for (site, other), met in list(self.entries.items()):
-                if (site == call_site and not met.replayed and isinstance(other, CallGuard)
-                        and admits(entry.relaxed, other)):
-                    self.entries[(site, other)] = entry  # no path calls its macro yet
+                if (site == call_site and isinstance(other, CallGuard)
+                        and admits(entry.relaxed, other) and gives_way(met, reached)):
+                    self.entries[(site, other)] = entry
             what += f" (any {sizes_text(entry.relaxed)})"
         self.established.append(what)
 
@@ -521,7 +487,7 @@ class MacroTable:
         key = gradient_key(runner, target, sources, unconnected, call_site)
         if key is None:
             return compute()
-        entry = self.gradients.setdefault(key, _GradientEntry())
+        entry = self.gradients.setdefault(key, GradientEntry())
         if entry.plan is not None and forward_values_hold(runner, entry.pinned):
             bound = runner.fed_values(entry.shared)
             value_of = None if bound is None else entry.plan.defer(runner, bound)
