@@ -60,7 +60,7 @@ def measured_choice_policy(choice: str) -> SchedulingPolicy:
         return WARM_UP_CHOICES[choice]
     if choice == "submitted-early":
         return _SubmittedAtFirstFetch(compile_after_runs=1, build_in_background=False)
-    return SchedulingPolicy(new_graph_payback=0.0,
+    return SchedulingPolicy(new_graph_payback=0.0, split_fetched=True,
                             split_after_runs=1, compile_after_runs=1, build_in_background=False)
 
 

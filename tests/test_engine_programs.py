@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import programs
 import pytest
+import tensorflow as tf
 from harness import MEASURED_CHOICES, WARM_UP_CHOICES, compare, measured_choice_policy, modes
 
 from terra_nb.engine import events as ev
+from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.tolerance import ITERATION_RTOL
 
 pytestmark = pytest.mark.slow
@@ -70,6 +75,23 @@ def test_path_change_with_library_replay_stays_correct():
     assert 1 <= len(fallbacks) <= 2
     assert all(event.user_frame.source.startswith("out = tf.nn.relu(out)") for event in fallbacks)
     assert modes(terra.session)[-3:] == [ev.CO_EXECUTING] * 3
+
+
+def test_a_fetched_loss_splits_no_segment_where_no_core_is_spare(monkeypatch):
+    """On two CPUs without a GPU a graph running beside Python runs at about half its speed,
+    so by default a segment holding the loss a loop fetches is compiled as one graph; with a
+    core to spare (more CPUs, or a GPU) the same choice splits it. Results are eager's."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert not SchedulingPolicy().split_fetched
+    policy = dataclasses.replace(measured_choice_policy("split"), split_fetched=False)
+    _, whole = compare(programs.build_mlp, iterations=12, policy=policy)
+    assert not any(head is not None for head in whole.session.graph_runner.split_heads.values())
+    assert whole.session.graph_runner.segments()
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert SchedulingPolicy().split_fetched
+    _, split = compare(programs.build_mlp, iterations=12, policy=measured_choice_policy("split"))
+    assert any(head is not None for head in split.session.graph_runner.split_heads.values())
 
 
 @pytest.mark.parametrize("choice", MEASURED_CHOICES)

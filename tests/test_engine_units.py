@@ -1433,7 +1433,7 @@ def test_a_value_fetched_every_step_is_computed_by_a_first_graph_and_the_rest_fo
     weights.assign(tf.ones([8, 4]))
     optimizer_state.assign(tf.zeros([8, 4]))
     session = Session("split", trace_iterations=1,
-                      policy=SchedulingPolicy(new_graph_payback=0.0))
+                      policy=SchedulingPolicy(new_graph_payback=0.0, split_fetched=True))
     losses = []
     for _ in range(14):
         with session.iteration():
@@ -1491,7 +1491,8 @@ def test_the_first_graph_holds_what_the_fetched_value_is_computed_from(step):
         return losses, [variable.numpy() for variable in arguments[:2]]
 
     eager_losses, eager_variables = run(None)
-    session = Session("split-by-dependency", trace_iterations=1)
+    session = Session("split-by-dependency", trace_iterations=1,
+                      policy=SchedulingPolicy(split_fetched=True))
     losses, variables = run(session)
     close_after_builds(session)
     np.testing.assert_array_equal(losses, eager_losses)
@@ -1530,7 +1531,7 @@ def test_only_a_programs_first_paths_are_split_when_first_compiled():
     eager = [float(_branch_step(eager_weights, branch)) for branch in branches]
     weights = tf.Variable(tf.linspace(0.1, 1.0, 6))
     session = Session("paths", trace_iterations=1,
-                      policy=SchedulingPolicy(split_at_once_paths=3))
+                      policy=SchedulingPolicy(split_at_once_paths=3, split_fetched=True))
     losses = []
     for branch in branches:
         with session.iteration():
