@@ -251,8 +251,8 @@ class MacroTable:
             entry.banned = reason  # its first call: later calls have another guard
             if building and not (deferred or as_span or sparse or entry.tried_at_once):
                 recorded = recorded_call(runner, start, arguments, read, effects, result)
-                self._establish_at_once(entry, runner, original, obj, args, kwargs, flat,
-                                        call_site, result, recorded)
+                self._establish_at_once(entry, runner, start, original, obj, args, kwargs,
+                                        flat, call_site, result, recorded)
             return result
         if reason:
             self._refuse(entry, runner, _call_name(obj), call_site, reason)
@@ -270,16 +270,16 @@ class MacroTable:
             elif not deferred:  # recorded: its first deferred observation can agree with it
                 entry.span_ends[start.uid] = runner.cursor.uid
         elif stable and entry.deferred_seen:
-            self._establish(entry, runner, original, obj, args, kwargs, call_site, forced,
-                            result)
+            self._establish(entry, runner, start, original, obj, args, kwargs, call_site,
+                            forced, result)
         elif not deferred and not entry.tried_at_once:
             recorded = recorded_call(runner, start, arguments, read, effects, result)
-            self._establish_at_once(entry, runner, original, obj, args, kwargs, flat,
+            self._establish_at_once(entry, runner, start, original, obj, args, kwargs, flat,
                                     call_site, result, recorded)
         return result
 
-    def _establish_at_once(self, entry, runner, original, obj, args, kwargs, flat, call_site,
-                           result, recorded: RecordedCall | None = None) -> None:
+    def _establish_at_once(self, entry, runner, start, original, obj, args, kwargs, flat,
+                           call_site, result, recorded: RecordedCall | None = None) -> None:
         """Make the macro of a call whose first observation under its guard, in a recording
         iteration, ran clean (or only made its object's variables), so that the next
         iteration runs it (docs/engine.md, Library replay). A layer's or an optimizer's first
@@ -299,10 +299,10 @@ class MacroTable:
             if entry.tried_at_once or entry.macro is not None or entry.banned:
                 return
             entry.tried_at_once = True
-        self._establish(entry, runner, original, obj, args, kwargs, call_site, False, result,
-                        at_once=True, recorded=recorded)
+        self._establish(entry, runner, start, original, obj, args, kwargs, call_site, False,
+                        result, at_once=True, recorded=recorded)
 
-    def _establish(self, entry, runner, original, obj, args, kwargs, call_site, forced,
+    def _establish(self, entry, runner, start, original, obj, args, kwargs, call_site, forced,
                    result, at_once: bool = False, recorded: RecordedCall | None = None) -> None:
         """Make the macro of a stable call: traced for the relaxed guard if it has one and
         the function traced so fits what the call returned, else for its own sizes (written
@@ -353,7 +353,7 @@ class MacroTable:
             self._refuse(entry, runner, _call_name(obj), call_site,
                          Refusal.VALUE_DEPENDENT_SHAPES.say())
             return
-        self._install(entry, built, obj, call_site)
+        self._install(entry, built, obj, call_site, start)
 
     def _relax_before_running(self, entry, runner, original, obj, args, kwargs,
                               call_site) -> bool:
@@ -379,9 +379,10 @@ class MacroTable:
         self._install(entry, built, obj, call_site, runner.cursor)
         return True
 
-    def _install(self, entry, built, obj, call_site, reached=None) -> None:
-        """Replay the call from now on with the function `built` traced for it; a relaxed one
-        (met after the TraceGraph node `reached`) takes over the keys it admits (gives_way)."""
+    def _install(self, entry, built, obj, call_site, reached) -> None:
+        """Replay the call from now on with the function `built` traced for it, a call that
+        begins after the TraceGraph node `reached`; a relaxed one takes over the keys it admits
+        (entries.gives_way)."""
         entry.macro, entry.tensor_positions = built.call, built.tensor_positions
         if self.policy.instantiate_ahead:  # its functions, while the next iteration runs
             self.fresh.append((built.call, entry.guard.signature[2]))
