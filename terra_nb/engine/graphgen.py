@@ -309,18 +309,8 @@ def reached_alike(node: Node, other: Node) -> bool:
     """Whether iterations reached `node` and `other` along paths of one structure
     (structure_key): the same steps of a program met with other sizes (another image size),
     not a place reached after other ops (SDPoint's pooling placed before another block)."""
-    first, second = _from_start(node), _from_start(other)
+    first, second = node.path_from(None), other.path_from(None)
     return len(first) == len(second) and structure_key(first, ()) == structure_key(second, ())
-
-
-def _from_start(node: Node) -> list[Node]:
-    """The nodes of the iteration from its start up to and including `node`."""
-    path = []
-    while node.parent is not None:
-        path.append(node)
-        node = node.parent
-    path.reverse()
-    return path
 
 
 def plan_for_sizes(built: CompiledSegment, path: list[Node]) -> tuple[tuple, list, list]:

@@ -194,7 +194,8 @@ class Node:
                 seen.observe(values[slot])
 
     def path_from(self, start: Node) -> list[Node]:
-        """Nodes after `start` up to and including self, in program order."""
+        """Nodes after `start` up to and including self, in program order (`start` None:
+        from the TraceGraph's root, included)."""
         path = []
         node = self
         while node is not start:
