@@ -156,15 +156,18 @@ class CompiledSegment:
                                                              or self.first_run_seconds))
 
 
-def instantiate_ahead(compiled: CompiledSegment) -> None:
+def instantiate_ahead(compiled: CompiledSegment) -> bool | None:
     """Instantiate the graph before its first run, on the builder thread, running nothing
-    (internals.instantiate_ahead). XLA compiles at the first run, for its inputs' sizes."""
+    (internals.instantiate_ahead: True when done, None when it failed). XLA compiles at the
+    first run, for its inputs' sizes."""
     if compiled.xla:
-        return
+        return False
     start = time.perf_counter()
-    if internals.instantiate_ahead(compiled.function, compiled.unfused,
-                                   quick=not compiled.optimized):
+    done = internals.instantiate_ahead(compiled.function, compiled.unfused,
+                                       quick=not compiled.optimized)
+    if done:
         compiled.instantiated_seconds = time.perf_counter() - start
+    return done
 
 
 def optimize_ahead(compiled: CompiledSegment, args: list) -> None:

@@ -39,6 +39,8 @@ from terra_nb.engine.graphgen import (
 from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE, SMALL_CONSTANT, Node
 
 RESOURCE_DTYPE = tf.resource.as_datatype_enum
+_HANDLES = frozenset({RESOURCE_DTYPE, tf.variant.as_datatype_enum})
+_HALF_PRECISION = frozenset({tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum})
 
 
 class ControlOrder:
@@ -99,8 +101,12 @@ class WrittenSegment:
 
 
 def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
-                    plan: tuple | None = None, sizes: tuple | None = None) -> CompiledSegment:
-    """Build the ConcreteFunction that runs `path` and returns `outputs`.
+                    plan: tuple | None = None, sizes: tuple | None = None,
+                    as_written: bool = False) -> CompiledSegment | None:
+    """Build the function that runs `path` and returns `outputs`: a ConcreteFunction, or with
+    `as_written` a FunctionDef registered as it is written (internals.written_function: no
+    FuncGraph, a fraction of the GIL; None where it cannot be written so, see
+    `writable`), which its instantiation ahead checks (worker.GraphRunner._compile).
 
     `plan` (feed slots, folded slots) reuses another compilation's arguments; `sizes` (see
     graphgen.plan_for_sizes) gives shapes with unknown sizes for a graph serving several paths.
@@ -113,7 +119,22 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
     xla = xla and not declined
     specs = [tf.TensorSpec(shape, tf.dtypes.as_dtype(path[position].inputs[slot].dtype))
              for (position, slot), shape in zip(feeds, sizes[0], strict=True)]
+    if as_written and not writable(path, outputs, specs):
+        return None
     written = write_segment(path, feeds, folded)
+    if as_written:
+        position_of = {node.uid: position for position, node in enumerate(path)}
+        function = internals.written_function(
+            written.graph_def, specs, written.resources,
+            [written.results[position_of[node.uid]][index] for node, index in outputs],
+            [node.output_dtypes[index] for node, index in outputs], written.kept_running,
+            written.functions)
+        if function is None:
+            return None
+        return CompiledSegment(function, path, feeds, folded, outputs,
+                               time.perf_counter() - start, False, sizes=sizes,
+                               unfused=any(dtype in _HALF_PRECISION for node in path
+                                           for dtype in node.output_dtypes))
 
     def segment(args):
         values = import_written(written, path, args, sizes[1])
@@ -125,6 +146,18 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
     return CompiledSegment(concrete, path, feeds, folded, outputs,
                            time.perf_counter() - start, xla, declined, sizes=sizes,
                            unfused=internals.computes_in_half_precision(concrete.graph))
+
+
+def writable(path: list[Node], outputs: tuple, specs: list) -> bool:
+    """Whether the segment can be registered as written: no argument or result is a resource
+    or variant (their handle data rides on a ConcreteFunction's tensors), and no resource it
+    reads is a distributed variable's packed handle (captured through the FuncGraph)."""
+    if any(spec.dtype in (tf.resource, tf.variant) for spec in specs):
+        return False
+    if any(node.output_dtypes[index] in _HANDLES for node, index in outputs):
+        return False
+    return not any(ref.kind == RESOURCE and ref.handle.is_packed
+                   for node in path for ref in node.inputs)
 
 
 def import_written(written: WrittenSegment, path: list[Node], args,

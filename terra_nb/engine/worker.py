@@ -325,15 +325,12 @@ class GraphRunner:
         if plan is not None:
             sizes, feeds, folded = plan
             try:
-                compiled = segmentdef.compile_segment(path, outputs, self.xla, (feeds, folded),
-                                                    sizes)
+                compiled = self._compile(path, outputs, ahead, (feeds, folded), sizes)
                 reason = f"{reason}, for paths of other sizes too"
             except Exception:  # an op that needs the sizes: built for its own below
                 structure = None
         if compiled is None:
-            compiled = segmentdef.compile_segment(path, outputs, self.xla)
-        if ahead and self.policy.instantiate_ahead:
-            graphgen.instantiate_ahead(compiled)
+            compiled = self._compile(path, outputs, ahead)
         if structure is not None:
             self._by_structure[structure] = compiled
         self._compiled[key] = compiled
@@ -344,6 +341,27 @@ class GraphRunner:
             self._worker_events.append(ev.Note(iteration, NoteKind.XLA_REFUSED,
                                                f"a graph segment runs without XLA: "
                                                f"{compiled.xla_declined}"))
+        return compiled
+
+    def _compile(self, path: list, outputs: tuple, ahead: bool, plan: tuple | None = None,
+                 sizes: tuple | None = None):
+        """The segment's graph, instantiated before it is kept where `ahead`. Instantiated
+        ahead, it is written as a FunctionDef (segmentdef.compile_segment's `as_written`),
+        which that instantiation checks: one that does not instantiate is built through a
+        FuncGraph, as where nothing is instantiated ahead (XLA, a runtime that starts
+        cancelled calls)."""
+        ahead = ahead and self.policy.instantiate_ahead
+        if ahead and not self.xla and internals.can_instantiate_ahead():
+            try:
+                written = segmentdef.compile_segment(path, outputs, plan=plan, sizes=sizes,
+                                                     as_written=True)
+            except Exception:  # TensorFlow refused the body as written
+                written = None
+            if written is not None and graphgen.instantiate_ahead(written):
+                return written
+        compiled = segmentdef.compile_segment(path, outputs, self.xla, plan, sizes)
+        if ahead:
+            graphgen.instantiate_ahead(compiled)
         return compiled
 
     def _build_later(self, key, path: list, outputs: tuple, iteration: int, reason: str):

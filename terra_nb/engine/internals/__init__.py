@@ -11,7 +11,8 @@ the imports). Every one used is listed in `PRIVATE_SYMBOLS` and checked by
 `check_private_symbols()` (and a test), so a TF upgrade that moves one fails loudly instead of
 silently disabling co-execution. The package's names below are the engine's whole interface to
 it: `ops` (interception and op helpers), `lazy` (LazyTensor), `functions` (graph calls, tapes),
-`keras_state` (the private Keras state replay guards read).
+`written` (segments registered as FunctionDefs), `keras_state` (the private Keras state replay
+guards read).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from terra_nb.engine.internals.imported import (
 from terra_nb.engine.internals.instantiate import (
     CallAhead,
     calling_thread_attrs,
+    can_instantiate_ahead,
     instantiate_ahead,
     run_on_copies,
 )
@@ -102,6 +104,7 @@ from terra_nb.engine.internals.replicas import PRIVATE_SYMBOLS as _REPLICA_SYMBO
 from terra_nb.engine.internals.replicas import follow_into_replica_threads, merge_calls
 from terra_nb.engine.internals.seeds import COUNTER_SLOT, stateless_twin
 from terra_nb.engine.internals.seeds import PRIVATE_MEMBERS as _SEED_MEMBERS
+from terra_nb.engine.internals.written import WrittenFunction, written_function
 
 __all__ = [
     "COUNTER_SLOT", "stateless_twin",
@@ -117,7 +120,8 @@ __all__ = [
     "start_collecting_library_reads", "stop_collecting_library_reads",
     "forward_with_outputs", "free_postponed",
     "function_op_types", "gradient_module", "handling", "import_nodes", "install_guard",
-    "instantiate_ahead", "is_backward_function", "run_on_copies",
+    "instantiate_ahead", "can_instantiate_ahead", "is_backward_function", "run_on_copies",
+    "WrittenFunction", "written_function",
     "CallAhead", "calling_thread_attrs", "expect_first_call",
     "is_eager_value", "keep_running", "quick_call_attrs", "lean_graph_calls", "merge_calls",
     "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient", "remove_guard",

@@ -23,6 +23,7 @@ from tensorflow.python.eager.polymorphic_function import attributes as attribute
 from tensorflow.python.framework import dtypes, indexed_slices, ops
 from tensorflow.python.ops import array_ops, gradients_util, handle_data_util
 
+from terra_nb.engine.internals.instantiate import calling_thread_attrs
 from terra_nb.engine.internals.ops import (
     EagerTensor,
     call_handled,
@@ -30,6 +31,7 @@ from terra_nb.engine.internals.ops import (
     lean_graph_calls,
     suspended,
 )
+from terra_nb.engine.internals.written import WrittenFunction
 
 
 def call_concrete(function, args: list, unfused: bool = False, quick: bool = False) -> list:
@@ -37,10 +39,14 @@ def call_concrete(function, args: list, unfused: bool = False, quick: bool = Fal
     `unfused`, `quick`: see `lean_graph_calls`.
 
     Gradient tapes were already told about every deferred op, one by one; the graph call that
-    computes them must not be recorded again.
+    computes them must not be recorded again. `function`: a ConcreteFunction or a
+    WrittenFunction (written.py).
     """
     with suspended(), record.stop_recording(), lean_graph_calls(unfused, quick):
-        outputs = function._call_flat(args, function.captured_inputs)
+        if isinstance(function, WrittenFunction):
+            outputs = function.call(args, attrs=calling_thread_attrs())
+        else:
+            outputs = function._call_flat(args, function.captured_inputs)
     if outputs is None:
         return []
     return outputs if isinstance(outputs, (list, tuple)) else [outputs]

@@ -38,21 +38,30 @@ from tensorflow.python.eager import cancellation, context, execute, record
 from tensorflow.python.ops import resource_variable_ops
 
 from terra_nb.engine.internals.ops import lean_graph_calls, op_def, suspended
+from terra_nb.engine.internals.written import WrittenFunction
 
 _NOT_STARTED = "cancelled before it was started"
 
 
-def instantiate_ahead(function, unfused: bool, quick: bool) -> bool:
-    """Instantiate `function` (a ConcreteFunction) as `call_concrete` would call it, running
-    nothing; False when nothing was done: an input has no empty value (a resource or variant
-    one), the instantiation failed (the real call then raises its own error), or this runtime
-    would start a cancelled call."""
+def instantiate_ahead(function, unfused: bool, quick: bool) -> bool | None:
+    """Instantiate `function` (a ConcreteFunction or a WrittenFunction) as `call_concrete`
+    would call it, running nothing. True when done; False when nothing was tried: an input
+    has no empty value (a resource or variant one) or this runtime would start a cancelled
+    call; None when the instantiation failed (the real call then raises its own error)."""
     with lean_graph_calls(unfused, quick):
         attrs = calling_thread_attrs()
     captured = list(function.captured_inputs)
+    if isinstance(function, WrittenFunction):
+        return _instantiated(function.name, function.specs, len(function.output_dtypes),
+                             captured, attrs)
     placeholders = function.inputs[:len(function.inputs) - len(captured)]
     return _instantiated(function.name.decode(), placeholders, len(function.outputs), captured,
                          attrs)
+
+
+def can_instantiate_ahead() -> bool:
+    """Whether this runtime lets a refused call instantiate a function (module docstring)."""
+    return not context.context().is_async() and _cancelled_calls_start_nothing()
 
 
 class CallAhead:
@@ -102,8 +111,9 @@ def calling_thread_attrs() -> tuple:
 
 
 def _instantiated(name: str, placeholders: list, num_outputs: int, captured: list,
-                  attrs: tuple) -> bool:
-    if context.context().is_async() or not _cancelled_calls_start_nothing():
+                  attrs: tuple) -> bool | None:
+    """`placeholders`: tensors or TensorSpecs of the arguments (their dtypes and shapes)."""
+    if not can_instantiate_ahead():
         return False
     if any(tensor.dtype in (tf.resource, tf.variant) for tensor in placeholders):
         return False
@@ -116,9 +126,9 @@ def _instantiated(name: str, placeholders: list, num_outputs: int, captured: lis
     return _refused(name, num_outputs, args + captured, attrs)
 
 
-def _refused(name: str, num_outputs: int, inputs: list, attrs: tuple) -> bool:
+def _refused(name: str, num_outputs: int, inputs: list, attrs: tuple) -> bool | None:
     """Call the function `name` with a cancelled CancellationManager; whether it was refused
-    before it started (and so instantiated, had it not been)."""
+    before it started (and so instantiated), None when it failed otherwise."""
     cancelled = cancellation.CancellationManager()
     cancelled.start_cancel()
     with suspended(), record.stop_recording():
@@ -127,9 +137,9 @@ def _refused(name: str, num_outputs: int, inputs: list, attrs: tuple) -> bool:
                 name, num_outputs=num_outputs, inputs=inputs, attrs=attrs,
                 ctx=context.context(), cancellation_manager=cancelled)
         except tf.errors.CancelledError as error:
-            return _NOT_STARTED in error.message
+            return _NOT_STARTED in error.message or None
         except Exception:  # its first real call raises the error itself
-            return False
+            return None
     return False
 
 
@@ -148,7 +158,7 @@ def _cancelled_calls_start_nothing() -> bool:
         attrs = calling_thread_attrs()
     refused = _refused(probe.name.decode(), len(probe.outputs), list(probe.captured_inputs),
                        attrs)
-    return refused and float(counter.numpy()) == 0.0
+    return bool(refused) and float(counter.numpy()) == 0.0
 
 
 # stateful ops whose only effect is on the variables they are given (copies, here); calls and
@@ -165,13 +175,14 @@ _touches_only_variables: dict = {}  # a traced function's name -> whether (see r
 
 
 def run_on_copies(function, args: list, unfused: bool, quick: bool) -> bool:
-    """Run `function` (a ConcreteFunction) once, as `call_concrete` calls it, given `args` (a
-    real iteration's, so its ops see real sizes and values) and copies of the variables it
-    captures, so that TensorFlow instantiates it and makes its executor now (see the module
-    docstring). False when nothing was run: a stateful op that does more than read or update
-    a variable (printing, files, random state, iterators, collectives), a captured resource
-    that is not a variable, a resource argument, more than _COPIES_AT_MOST bytes to copy, or
-    an asynchronous runtime. An error of the run is left to the real run to raise."""
+    """Run `function` (a ConcreteFunction or a WrittenFunction) once, as `call_concrete`
+    calls it, given `args` (a real iteration's, so its ops see real sizes and values) and
+    copies of the variables it captures, so that TensorFlow instantiates it and makes its
+    executor now (see the module docstring). False when nothing was run: a stateful op that
+    does more than read or update a variable (printing, files, random state, iterators,
+    collectives), a captured resource that is not a variable, a resource argument, more than
+    _COPIES_AT_MOST bytes to copy, or an asynchronous runtime. An error of the run is left to
+    the real run to raise."""
     if context.context().is_async() or not _only_variables(function):
         return False
     if any(arg.dtype in (tf.resource, tf.variant) for arg in args):
@@ -195,7 +206,10 @@ def run_on_copies(function, args: list, unfused: bool, quick: bool) -> bool:
         copies.append(copy.handle)
     with suspended(), record.stop_recording(), lean_graph_calls(unfused, quick):
         try:
-            function._call_flat(args, copies)
+            if isinstance(function, WrittenFunction):
+                function.call(args, copies, calling_thread_attrs())
+            else:
+                function._call_flat(args, copies)
         except Exception:  # the real run meets it with the real variables, or not
             pass
     return True
@@ -207,11 +221,13 @@ def _only_variables(function) -> bool:
     name = function.name
     known = _touches_only_variables.get(name)
     if known is None:
-        definition = function.graph.as_graph_def()
-        nodes = list(definition.node) + [node for called in definition.library.function
-                                         for node in called.node_def]
-        known = _touches_only_variables[name] = all(_touches_only_a_variable(node.op)
-                                                    for node in nodes)
+        if isinstance(function, WrittenFunction):
+            op_types = function.op_types()
+        else:
+            definition = function.graph.as_graph_def()
+            op_types = {node.op for node in definition.node} | {
+                node.op for called in definition.library.function for node in called.node_def}
+        known = _touches_only_variables[name] = all(map(_touches_only_a_variable, op_types))
     return known
 
 

@@ -1,0 +1,144 @@
+"""Segments registered as FunctionDefs written in Python (internals/written.py): where the
+builder thread instantiates a graph ahead, the segment is written so, checked by that
+instantiation and run by name, with eager's results; a body that does not instantiate is
+built through a FuncGraph instead; a dropped function leaves TensorFlow's runtime."""
+
+from __future__ import annotations
+
+import gc
+
+import harness
+import keras
+import numpy as np
+import programs
+import pytest
+import tensorflow as tf
+from tensorflow.python.eager import context
+
+from terra_nb.engine import internals
+from terra_nb.engine.internals import written
+from terra_nb.engine.policy import SchedulingPolicy
+
+
+def build_multi_output_ops():
+    """A step whose ops have several outputs (Split, Unpack, TopKV2's values and indices),
+    so a written body must name each output as TensorFlow numbers a function's outputs."""
+    rng = np.random.default_rng(5)
+    data = rng.normal(size=(8, 5, 6)).astype("float32")
+    weight = tf.Variable(rng.normal(size=(6, 4)).astype("float32"))
+    optimizer = keras.optimizers.SGD(0.05)
+
+    def step(i):
+        x = tf.constant(data[i % 8])
+        with tf.GradientTape() as tape:
+            hidden = tf.matmul(x, weight)
+            left, right = tf.split(hidden, 2, axis=1)
+            rows = tf.unstack(left, axis=0)
+            top = tf.math.top_k(tf.reshape(right, [-1]), k=3)
+            loss = (tf.reduce_sum(rows[0] * rows[4]) + tf.reduce_sum(top.values)
+                    + 0.01 * tf.cast(tf.reduce_sum(top.indices), tf.float32))
+        gradients = tape.gradient(loss, [weight])
+        optimizer.apply_gradients(zip(gradients, [weight]))
+        return loss
+
+    return step, lambda: [weight.numpy(), *(v.numpy() for v in optimizer.variables)]
+
+
+def _functions(session) -> list:
+    return [segment.function for segment in session.graph_runner.segments()]
+
+
+@pytest.mark.parametrize("build", [build_multi_output_ops, programs.build_mlp,
+                                   programs.build_gan])
+def test_graphs_instantiated_ahead_are_written_and_give_eagers_results(build):
+    _, terra = harness.compare(build, 12)
+    harness.close_after_builds(terra.session)
+    functions = _functions(terra.session)
+    assert functions, "no graph was built in 12 iterations"
+    assert all(isinstance(function, internals.WrittenFunction) for function in functions)
+
+
+def test_where_nothing_is_instantiated_ahead_graphs_are_built_through_a_func_graph():
+    _, terra = harness.compare(build_multi_output_ops, 12,
+                               policy=SchedulingPolicy(instantiate_ahead=False))
+    harness.close_after_builds(terra.session)
+    functions = _functions(terra.session)
+    assert functions, "no graph was built in 12 iterations"
+    assert not any(isinstance(function, internals.WrittenFunction) for function in functions)
+
+
+def test_a_written_body_that_does_not_instantiate_is_built_through_a_func_graph(monkeypatch):
+    """Outputs named wrongly make a body TensorFlow refuses at its instantiation ahead: the
+    builder then builds that segment the FuncGraph way, with eager's results."""
+    misnamed_splits = []
+    real = written._output_arguments
+
+    def misnamed(node, definition):
+        names = real(node, definition)
+        if node.op == "Split":
+            misnamed_splits.append(node.name)
+            return [name.replace("output", "no_such_output") for name in names]
+        return names
+
+    monkeypatch.setattr(written, "_output_arguments", misnamed)
+    _, terra = harness.compare(build_multi_output_ops, 12)
+    harness.close_after_builds(terra.session)
+    functions = _functions(terra.session)
+    assert misnamed_splits, "no segment with a Split was written"
+    assert functions and not any(isinstance(function, internals.WrittenFunction)
+                                 for function in functions)
+
+
+def _graph_def(text_nodes: list) -> tf.compat.v1.GraphDef:
+    graph_def = tf.compat.v1.GraphDef()
+    for name, op, inputs, attrs in text_nodes:
+        node = graph_def.node.add()
+        node.name, node.op = name, op
+        node.input.extend(inputs)
+        for key, value in attrs.items():
+            node.attr[key].CopyFrom(value)
+    return graph_def
+
+
+def _type(dtype) -> tf.compat.v1.AttrValue:
+    return tf.compat.v1.AttrValue(type=dtype.as_datatype_enum)
+
+
+def test_a_written_function_names_outputs_runs_its_control_outputs_and_leaves_when_dropped():
+    """A hand-written body: TopKV2's second output (indices:0), Split's third (output:2), an
+    update nothing reads kept running as a control output; the function is in the runtime
+    while its Python object lives."""
+    counter = tf.Variable(1.0)
+    float_type, int_type = _type(tf.float32), _type(tf.int32)
+    graph_def = _graph_def([
+        ("k", "Const", [], {"dtype": int_type, "value": tf.compat.v1.AttrValue(
+            tensor=tf.make_tensor_proto(2, tf.int32))}),
+        ("axis", "Const", [], {"dtype": int_type, "value": tf.compat.v1.AttrValue(
+            tensor=tf.make_tensor_proto(0, tf.int32))}),
+        ("top", "TopKV2", ["terra_arg0:0", "k:0"], {"T": float_type}),
+        ("parts", "Split", ["axis:0", "terra_arg0:0"],
+         {"T": float_type, "num_split": tf.compat.v1.AttrValue(i=3)}),
+        ("bump", "AssignAddVariableOp", ["terra_resource0:0", "terra_arg1:0"],
+         {"dtype": float_type}),
+    ])
+    specs = [tf.TensorSpec([6], tf.float32), tf.TensorSpec([], tf.float32)]
+    function = internals.written_function(
+        graph_def, specs, [counter.handle], [("top", 1), ("parts", 2)],
+        [tf.int32.as_datatype_enum, tf.float32.as_datatype_enum], ["bump"], [])
+    indices, third = function.call([tf.constant([3.0, 9.0, 1.0, 7.0, 2.0, 8.0]),
+                                    tf.constant(0.5)])
+    np.testing.assert_array_equal(indices.numpy(), [1, 5])
+    np.testing.assert_array_equal(third.numpy(), [2.0, 8.0])
+    assert float(counter.numpy()) == 1.5
+    name = function.name
+    assert context.context().has_function(name)
+    del function, indices, third
+    gc.collect()
+    assert not context.context().has_function(name)
+
+
+def test_an_op_without_an_op_def_is_left_to_the_func_graph_way():
+    graph_def = _graph_def([("call", "no_such_registered_op", ["terra_arg0:0"], {})])
+    assert internals.written_function(graph_def, [tf.TensorSpec([], tf.float32)], [],
+                                      [("call", 0)], [tf.float32.as_datatype_enum], [],
+                                      []) is None
