@@ -43,7 +43,7 @@ class WrittenFunction:
         self.output_dtypes = output_dtypes
         self._op_types = op_types
         self.called = called
-        weakref.finalize(self, _remove, name)
+        weakref.finalize(self, _remove, name).atexit = False  # the runtime goes with the process
 
     @property
     def function_def(self):
