@@ -6,6 +6,7 @@ built through a FuncGraph instead; a dropped function leaves TensorFlow's runtim
 from __future__ import annotations
 
 import gc
+import traceback
 
 import harness
 import keras
@@ -15,9 +16,11 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.eager import context
 
+from terra_nb.engine import events as ev
 from terra_nb.engine import internals
 from terra_nb.engine.internals import written
 from terra_nb.engine.policy import SchedulingPolicy
+from terra_nb.engine.session import Session
 
 
 def build_multi_output_ops():
@@ -142,3 +145,40 @@ def test_an_op_without_an_op_def_is_left_to_the_func_graph_way():
     assert internals.written_function(graph_def, [tf.TensorSpec([], tf.float32)], [],
                                       [("call", 0)], [tf.float32.as_datatype_enum], [],
                                       []) is None
+
+
+def test_an_op_failing_in_a_written_graph_raises_at_the_users_line_with_eager_state():
+    """A gather past the end in an iteration that runs a written graph: eager's error type,
+    raised from the user's line (the runtime's error names the op, the op its node), with
+    eager's variable values."""
+    table = tf.constant(np.arange(12, dtype=np.float32).reshape(4, 3))
+
+    def run(co_execute: bool):
+        total = tf.Variable(tf.zeros((3,)))
+        session = Session("written-error")
+        for index in range(12):
+            row = 9 if index == 11 else index % 4
+            if co_execute and index == 10:
+                harness.finish_queued_builds()
+            try:
+                if co_execute:
+                    with session.iteration():
+                        total.assign_add(tf.gather(table, tf.constant(row)) * 2.0)
+                else:
+                    total.assign_add(tf.gather(table, tf.constant(row)) * 2.0)
+            except tf.errors.InvalidArgumentError as error:
+                session.close()
+                shown = "".join(traceback.format_tb(error.__traceback__))
+                return index, total.numpy(), shown, session
+        session.close()
+        return None, total.numpy(), "", session
+
+    eager, got = run(False), run(True)
+    assert eager[0] == got[0] == 11
+    np.testing.assert_array_equal(got[1], eager[1])
+    assert "tf.gather(table, tf.constant(row)) * 2.0" in got[2], got[2]
+    done = {event.index: event for event in got[3].events.of_type(ev.IterationDone)}
+    assert done[10].mode == ev.CO_EXECUTING and "graph" in done[10].breakdown
+    functions = _functions(got[3])
+    assert functions and all(isinstance(function, internals.WrittenFunction)
+                             for function in functions)
