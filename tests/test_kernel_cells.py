@@ -488,8 +488,9 @@ def test_a_mirrored_strategy_loop_co_executes_its_replicas_with_eager_results(re
 
 def test_an_op_under_a_device_block_keeps_its_device_in_the_graph():
     """A `with tf.device(...)` block in a step: the deferred op says it lives on that device
-    (as the eager tensor would), and the compiled graph places it there; the op outside the
-    block stays unplaced."""
+    (as the eager tensor would), and the compiled graph (a FunctionDef written by the engine,
+    as every graph instantiated ahead) places it there; the op outside the block stays
+    unplaced."""
     notebook = execute_cells([
         MIRRORED_SETUP, "%load_ext terra_nb",
         "import terra_nb\nw = tf.Variable(tf.ones([4]))\nseen = []\n\n\n"
@@ -512,11 +513,14 @@ def test_an_op_under_a_device_block_keeps_its_device_in_the_graph():
         "        break\n",
         "print('devices', sorted(set(seen)))\n"
         "print('graph devices', placed())\n"
+        "print('kinds', sorted({type(segment.function).__name__\n"
+        "                       for segment in run.session.graph_runner.segments()}))\n"
         "print('modes', [e.mode for e in run.report().timeline])\n"])
     assert errors_in(notebook) == []
     shown = text_of(notebook.cells[-1])
     assert "devices ['/job:localhost/replica:0/task:0/device:CPU:1']" in shown, shown
     assert "graph devices ['', '/job:localhost/replica:0/task:0/device:CPU:1']" in shown, shown
+    assert "kinds ['WrittenFunction']" in shown, shown  # registered as written FunctionDefs
     assert "'co-executing'" in shown, shown
 
 
