@@ -338,3 +338,27 @@ def close_after_builds(session) -> None:
     started), for tests that look at the graphs built."""
     finish_queued_builds()
     session.close()
+
+
+def steps_until_error(step, iterations: int, session: Session | None = None,
+                      before: dict | None = None):
+    """Run `step(index)` for `iterations` indices, each inside a session iteration when a
+    session is given, until one raises an InvalidArgumentError; `before`: index -> a call
+    made first (waiting for builds, say). Returns the failing index (None if none failed)
+    and the error's traceback (the session, if any, closed)."""
+    try:
+        for index in range(iterations):
+            if before and index in before:
+                before[index]()
+            try:
+                if session is None:
+                    step(index)
+                else:
+                    with session.iteration():
+                        step(index)
+            except tf.errors.InvalidArgumentError as error:
+                return index, error.__traceback__
+        return None, None
+    finally:
+        if session is not None:
+            session.close()

@@ -505,27 +505,20 @@ def test_an_op_failing_in_a_shared_graph_raises_at_the_users_line_with_eager_sta
 
     def run(co_execute: bool):
         total = tf.Variable(tf.zeros((3,)))
-        session = Session("shared-error", policy=BUILT_IN_LINE)
-        for index in range(16):
+        session = Session("shared-error", policy=BUILT_IN_LINE) if co_execute else None
+
+        def step(index):
             rows, row = (2, 3, 4)[index % 3], 9 if index == 14 else index % 4
-            try:
-                if co_execute:
-                    with session.iteration():
-                        total.assign_add(tf.reduce_sum(tf.ones((rows, 3)), 0)
-                                         + tf.gather(table, tf.constant(row)))
-                else:
-                    total.assign_add(tf.reduce_sum(tf.ones((rows, 3)), 0)
-                                     + tf.gather(table, tf.constant(row)))
-            except tf.errors.InvalidArgumentError as error:
-                session.close()
-                return index, total.numpy(), _lines(error.__traceback__), session
-        session.close()
-        return None, total.numpy(), "", session
+            total.assign_add(tf.reduce_sum(tf.ones((rows, 3)), 0)
+                             + tf.gather(table, tf.constant(row)))
+
+        failed, traceback = harness.steps_until_error(step, 16, session)
+        return failed, total.numpy(), _lines(traceback), session
 
     eager, got = run(False), run(True)
     assert eager[0] == got[0] == 14
     np.testing.assert_array_equal(got[1], eager[1])
-    assert "tf.gather(table, tf.constant(row)))" in got[2], got[2]
+    assert "+ tf.gather(table, tf.constant(row)))" in got[2], got[2]
     assert got[3].graph_runner.shared_graphs >= 1
 
 

@@ -15,6 +15,7 @@ instantiate is built the FuncGraph way instead (worker.GraphRunner._compile).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 
@@ -29,21 +30,22 @@ _NAMES = itertools.count(1)
 _OUTPUT_ARGUMENTS: dict = {}  # (op type, list sizes) -> per flat output: "argument:index"
 
 
+@dataclasses.dataclass(eq=False)
 class WrittenFunction:
     """A segment's function registered in the eager context as `name`, called with its
     arguments (`specs`) then `captured_inputs` (resource handles). It keeps the traced
     functions its call ops call (`called`) alive, as a ConcreteFunction keeps its children
     (a runtime function goes with its last Python owner), and removes its own when dropped."""
 
-    def __init__(self, name: str, specs: list, captured: list, output_dtypes: list,
-                 op_types: frozenset, called: list) -> None:
-        self.name = name
-        self.specs = specs
-        self.captured_inputs = captured
-        self.output_dtypes = output_dtypes
-        self._op_types = op_types
-        self.called = called
-        weakref.finalize(self, _remove, name).atexit = False  # the runtime goes with the process
+    name: str
+    specs: list
+    captured_inputs: list
+    output_dtypes: list
+    body_op_types: frozenset  # its own nodes' op types
+    called: list
+
+    def __post_init__(self) -> None:
+        weakref.finalize(self, _remove, self.name).atexit = False  # gone with the process
 
     @property
     def function_def(self):
@@ -52,7 +54,7 @@ class WrittenFunction:
 
     def op_types(self) -> set:
         """The op types of its body and of every function it calls, however deep."""
-        types, seen, pending = set(self._op_types), set(), list(self.called)
+        types, seen, pending = set(self.body_op_types), set(), list(self.called)
         while pending:
             function = pending.pop()
             if function.name in seen:
