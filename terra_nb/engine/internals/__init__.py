@@ -168,7 +168,8 @@ PRIVATE_SYMBOLS = (
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
 _CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")
-_ATOMIC_FUNCTION_MEMBERS = ("call_flat", "function_type", "attributes", "graph")
+_ATOMIC_FUNCTION_MEMBERS = ("call_flat", "function_type", "attributes", "graph",
+                            "cached_definition", "children")
 _GRAPH_MEMBERS = ("_create_op_internal", "_add_function_recursive", "_create_op_from_tf_operation",
                   "_apply_device_functions", "_get_control_flow_context",
                   "_control_dependencies_stack", "_device_function_stack")
