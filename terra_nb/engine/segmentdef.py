@@ -40,7 +40,6 @@ from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE, SMALL_CONSTANT, Node
 
 RESOURCE_DTYPE = tf.resource.as_datatype_enum
 _HANDLES = frozenset({RESOURCE_DTYPE, tf.variant.as_datatype_enum})
-_HALF_PRECISION = frozenset({tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum})
 
 
 class ControlOrder:
@@ -133,8 +132,8 @@ def compile_segment(path: list[Node], outputs: tuple, xla: bool = False,
             return None
         return CompiledSegment(function, path, feeds, folded, outputs,
                                time.perf_counter() - start, False, sizes=sizes,
-                               unfused=any(dtype in _HALF_PRECISION for node in path
-                                           for dtype in node.output_dtypes))
+                               unfused=internals.in_half_precision(
+                                   dtype for node in path for dtype in node.output_dtypes))
 
     def segment(args):
         values = import_written(written, path, args, sizes[1])

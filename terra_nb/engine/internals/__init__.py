@@ -57,7 +57,6 @@ from terra_nb.engine.internals.imported import (
 )
 from terra_nb.engine.internals.instantiate import (
     CallAhead,
-    calling_thread_attrs,
     can_instantiate_ahead,
     instantiate_ahead,
     run_on_copies,
@@ -74,6 +73,7 @@ from terra_nb.engine.internals.ops import (
     attr_map,
     attr_protos,
     calling_function,
+    calling_thread_attrs,
     collecting_conversions,
     collecting_variable_reads,
     computes_in_half_precision,
@@ -83,6 +83,7 @@ from terra_nb.engine.internals.ops import (
     eager_context,
     expect_first_call,
     handling,
+    in_half_precision,
     install_guard,
     is_eager_value,
     keep_running,
@@ -115,7 +116,8 @@ __all__ = [
     "read_only_inputs", "reads_resources_only", "graph_function", "segment_attributes",
     "call_with_captures", "calling_function", "capture_with_unknown_sizes",
     "check_private_symbols", "collecting_conversions", "forget_marks",
-    "collecting_variable_reads", "computes_in_half_precision", "convert", "create_graph_op",
+    "collecting_variable_reads", "computes_in_half_precision", "in_half_precision", "convert",
+    "create_graph_op",
     "current_handler", "eager_context", "effects_beside_ops", "follow_into_replica_threads",
     "start_collecting_library_reads", "stop_collecting_library_reads",
     "forward_with_outputs", "free_postponed",

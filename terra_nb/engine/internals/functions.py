@@ -23,10 +23,10 @@ from tensorflow.python.eager.polymorphic_function import attributes as attribute
 from tensorflow.python.framework import dtypes, indexed_slices, ops
 from tensorflow.python.ops import array_ops, gradients_util, handle_data_util
 
-from terra_nb.engine.internals.instantiate import calling_thread_attrs
 from terra_nb.engine.internals.ops import (
     EagerTensor,
     call_handled,
+    calling_thread_attrs,
     current_handler,
     lean_graph_calls,
     suspended,
@@ -43,18 +43,18 @@ def call_concrete(function, args: list, unfused: bool = False, quick: bool = Fal
     WrittenFunction (written.py).
     """
     with suspended(), record.stop_recording(), lean_graph_calls(unfused, quick):
-        if isinstance(function, WrittenFunction):
-            outputs = function.call(args, attrs=calling_thread_attrs())
-        else:
-            outputs = function._call_flat(args, function.captured_inputs)
+        outputs = call_with_captures(function, args, function.captured_inputs)
     if outputs is None:
         return []
     return outputs if isinstance(outputs, (list, tuple)) else [outputs]
 
 
 def call_with_captures(function, tensors: list, captures: list):
-    """Call a ConcreteFunction with `captures` in place of the captured inputs it was traced
-    with (other variables of the same shapes, say); as `function(*tensors)` otherwise."""
+    """Call a ConcreteFunction, or a WrittenFunction with this thread's call options, with
+    `captures` in place of the captured inputs it was made with (other variables of the same
+    shapes, copies); as `function(*tensors)` otherwise."""
+    if isinstance(function, WrittenFunction):
+        return function.call(tensors, captures, calling_thread_attrs())
     return function._call_flat(tensors, captures)
 
 

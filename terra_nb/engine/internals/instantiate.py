@@ -30,14 +30,19 @@ carry."""
 from __future__ import annotations
 
 import functools
-import itertools
 import threading
 
 import tensorflow as tf
 from tensorflow.python.eager import cancellation, context, execute, record
 from tensorflow.python.ops import resource_variable_ops
 
-from terra_nb.engine.internals.ops import lean_graph_calls, op_def, suspended
+from terra_nb.engine.internals.functions import call_with_captures
+from terra_nb.engine.internals.ops import (
+    calling_thread_attrs,
+    lean_graph_calls,
+    op_def,
+    suspended,
+)
 from terra_nb.engine.internals.written import WrittenFunction
 
 _NOT_STARTED = "cancelled before it was started"
@@ -102,12 +107,6 @@ class CallAhead:
             self._dropped = not self._started
         if not self._dropped:
             self._done.wait()
-
-
-def calling_thread_attrs() -> tuple:
-    """The attrs an eager call of a function made on this thread now carries."""
-    options = context.context().function_call_options.as_attrs()
-    return tuple(itertools.chain(*options.items()))
 
 
 def _instantiated(name: str, placeholders: list, num_outputs: int, captured: list,
@@ -206,10 +205,7 @@ def run_on_copies(function, args: list, unfused: bool, quick: bool) -> bool:
         copies.append(copy.handle)
     with suspended(), record.stop_recording(), lean_graph_calls(unfused, quick):
         try:
-            if isinstance(function, WrittenFunction):
-                function.call(args, copies, calling_thread_attrs())
-            else:
-                function._call_flat(args, copies)
+            call_with_captures(function, args, copies)
         except Exception:  # the real run meets it with the real variables, or not
             pass
     return True

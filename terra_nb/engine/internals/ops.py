@@ -527,15 +527,27 @@ def lean_graph_calls(unfused: bool = False, quick: bool = False) -> _Swapped:
                     _lean_call_options(unfused, quick))
 
 
-_HALF_PRECISION = frozenset({dtypes.float16, dtypes.bfloat16})
+def calling_thread_attrs() -> tuple:
+    """The attrs an eager call of a function made on this thread now carries."""
+    options = context.context().function_call_options.as_attrs()
+    return tuple(itertools.chain(*options.items()))
+
+
+_HALF_PRECISION = frozenset({dtypes.float16.as_datatype_enum, dtypes.bfloat16.as_datatype_enum})
 _HALF_FUNCTIONS: dict = {}  # a traced function's name -> whether it computes in half precision
 _QUICK_CONFIGS: dict = {}  # a call's serialized ConfigProto -> it with Grappler off
 
 
+def in_half_precision(dtype_enums) -> bool:
+    """Whether any of these dtypes (DataType enums) is float16 or bfloat16 (see
+    lean_graph_calls): the outputs of a segment's ops, say."""
+    return not _HALF_PRECISION.isdisjoint(dtype_enums)
+
+
 def computes_in_half_precision(graph) -> bool:
     """Whether any op of a function graph outputs float16 or bfloat16 (see lean_graph_calls)."""
-    return any(output.dtype in _HALF_PRECISION
-               for op in graph.get_operations() for output in op.outputs)
+    return in_half_precision(output.dtype.as_datatype_enum
+                             for op in graph.get_operations() for output in op.outputs)
 
 
 def _in_half_precision(name: str, function) -> bool:
