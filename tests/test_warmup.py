@@ -783,9 +783,11 @@ def test_graphs_instantiated_ahead_give_eagers_results(build):
     runs only run."""
     _, terra = harness.compare(build, 14, policy=SchedulingPolicy(instantiate_ahead=True))
     harness.close_after_builds(terra.session)
-    ahead = [segment for segment in terra.session.graph_runner.segments()
-             if segment.instantiated_seconds > 0]
-    assert ahead, "no graph was instantiated ahead in 14 iterations"
+    segments = terra.session.graph_runner.segments()
+    ahead = [segment for segment in segments if segment.instantiated_seconds > 0]
+    seen = [(len(segment.path), type(segment.function).__name__, segment.instantiated_seconds,
+             segment.first_run_seconds, segment.xla) for segment in segments]
+    assert ahead, f"no graph was instantiated ahead in 14 iterations: {seen}"
     assert all(segment.first_run_seconds >= segment.instantiated_seconds for segment in ahead
                if segment.first_run_seconds)
 
