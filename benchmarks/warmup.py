@@ -82,7 +82,8 @@ def warm_up_profile(session) -> dict:
     iteration's mode, time and breakdown; graph construction (Python creating the ops and
     tracing the function) and first runs (TensorFlow instantiating and optimising it, on the
     builder thread when instantiated ahead, plus one run); the library calls' functions traced
-    for replay."""
+    or written for replay, and their first calls under a tape (each made its forward and
+    backward functions: TensorFlow builds them in Python for a traced function)."""
     from terra_nb.engine import events as ev
 
     done = session.events.of_type(ev.IterationDone)
@@ -108,6 +109,8 @@ def warm_up_profile(session) -> dict:
         "first_runs_ms": sum(segment.first_run_seconds for segment in segments) * 1e3,
         "graph_ops_built": sum(event.ops for event in builds),
         "replay_build_ms": macros.build_seconds * 1e3 if macros is not None else None,
+        "tape_functions_ms": (macros.tape_functions_seconds * 1e3 if macros is not None
+                              else None),
     }
 
 
@@ -185,8 +188,10 @@ def profile_table(results: dict) -> str:
         f"| program | eager first {FIRST} s | terra_nb first {FIRST} s | tracing s | "
         "fallback s | co-executed s | other s | after the steps s | recording µs/op | "
         "graphs built (s) | first runs s (whole run, instantiated ahead included) | "
-        "replay functions made s (whole run; written or traced) |",
-        "|---|" + "---|" * 11,
+        "replay functions made s (whole run; written or traced) | "
+        "their first calls under a tape s (whole run; each made its forward and backward "
+        "functions, TensorFlow's or written, and ran) |",
+        "|---|" + "---|" * 12,
     ]
     for name, summary in results.items():
         eager, terra = summary.get("eager", {}), summary.get("terra_nb", {})
@@ -197,6 +202,7 @@ def profile_table(results: dict) -> str:
         co_executed = modes.pop("co-executing", 0.0)
         per_op = terra["recording_us_per_op"]
         replay = terra["replay_build_ms"]
+        tape = terra.get("tape_functions_ms") or 0.0
         inside = sum(terra["first_ms_by_mode"].values()) / 1e3
         lines.append(
             f"| {name} | {eager.get('first_total_s', 0):.2f} | {terra['first_total_s']:.2f} | "
@@ -205,9 +211,10 @@ def profile_table(results: dict) -> str:
             f"{per_op:.0f} | "
             f"{terra['first_graphs_built']} ({terra['first_build_ms'] / 1e3:.2f}) | "
             f"{terra['first_runs_ms'] / 1e3:.2f} | "
-            f"{replay / 1e3:.2f} |" if per_op is not None and replay is not None else
+            f"{replay / 1e3:.2f} | {tape / 1e3:.2f} |"
+            if per_op is not None and replay is not None else
             f"| {name} | {eager.get('first_total_s', 0):.2f} | {terra['first_total_s']:.2f} |"
-            + " - |" * 9)
+            + " - |" * 10)
     return "\n".join(lines)
 
 

@@ -189,5 +189,6 @@ def test_warmup_reports_whole_run_totals_per_mode_and_a_profile(tmp_path):
     # the engine's own iteration times account for the step times measured around them
     assert sum(terra["ms"]) / 2 < sum(terra["first_ms_by_mode"].values()) <= sum(terra["ms"])
     assert terra["recording_us_per_op"] > 0 and terra["replay_build_ms"] >= 0
+    assert terra["tape_functions_ms"] > 0  # its layers' calls are replayed under a tape
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert markdown.count("| faster_rcnn |") == 2 and "| failed |" in markdown

@@ -1083,3 +1083,16 @@ def test_a_later_session_relaxes_sizes_with_the_functions_an_earlier_one_traced(
     # these 48 steps tf.function's own run of it ends 9e-7 from eager's (ATOL is 1e-6)
     for value, expected in zip(variables, eager_variables, strict=True):
         np.testing.assert_allclose(value, expected, rtol=harness.RUN_RTOL, atol=ROUND_OFF_ATOL)
+
+
+def test_first_calls_under_a_tape_are_timed_once_per_function():
+    """The warm-up profile's first calls under a tape (MacroTable.tape_functions_seconds):
+    the call that made a replayed function's forward and backward functions is timed, once
+    for each function that has them, and no other call is."""
+    _, terra = harness.compare(programs.build_mlp, 8)
+    table = terra.session.macro_table
+    with_tape_functions = {id(entry.macro) for entry in table.entries.values()
+                           if entry.macro is not None and entry.macro.gradient is not None}
+    assert with_tape_functions, "no replayed call ran under a tape"
+    assert {id(macro) for macro in table.with_tape_functions} == with_tape_functions
+    assert table.tape_functions_seconds > 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import sys
 import time
+import weakref
 
 import tensorflow as tf
 
@@ -109,6 +110,10 @@ class MacroTable:
         self.build_seconds = 0.0  # tracing the macros' functions (warm-up profile)
         self.traced = 0  # functions traced for macros (a twin's is not traced again)
         self.written = 0  # ... written from a recorded call's ops instead (recorded.py)
+        # first calls under a tape: each made its function's forward and backward functions
+        # (TensorFlow's, or written from its recorded gradient) and ran it (warm-up profile)
+        self.tape_functions_seconds = 0.0
+        self.with_tape_functions: weakref.WeakSet = weakref.WeakSet()  # the macros counted
         self.established: list[str] = []  # replays set up since last taken (for a Note)
         self.refusals_reported: set = set()  # (call site, call, reason) told in a Note
         self.span_keys_per_site: dict = {}  # call site -> keys of call_as_span seen there
@@ -206,7 +211,12 @@ class MacroTable:
         if entry.macro is not None:
             self.replayed_calls += 1
             entry.replayed_after = entry.replayed_after or runner.cursor
-            return replay_macro(entry, flat, runner, call_site, cannot_fail(obj, flat))
+            macro, started = entry.macro, time.perf_counter()
+            result = replay_macro(entry, flat, runner, call_site, cannot_fail(obj, flat))
+            if macro.gradient is not None and macro not in self.with_tape_functions:
+                self.with_tape_functions.add(macro)  # this call made them
+                self.tape_functions_seconds += time.perf_counter() - started
+            return result
         if entry.banned:
             return original(obj, *args, **kwargs)
         return self._observe(entry, runner, original, obj, args, kwargs, flat, call_site,
