@@ -202,7 +202,7 @@ def profile_table(results: dict) -> str:
         co_executed = modes.pop("co-executing", 0.0)
         per_op = terra["recording_us_per_op"]
         replay = terra["replay_build_ms"]
-        tape = terra.get("tape_functions_ms") or 0.0
+        tape = terra.get("tape_functions_ms")  # not in runs made before it was measured
         inside = sum(terra["first_ms_by_mode"].values()) / 1e3
         lines.append(
             f"| {name} | {eager.get('first_total_s', 0):.2f} | {terra['first_total_s']:.2f} | "
@@ -211,7 +211,7 @@ def profile_table(results: dict) -> str:
             f"{per_op:.0f} | "
             f"{terra['first_graphs_built']} ({terra['first_build_ms'] / 1e3:.2f}) | "
             f"{terra['first_runs_ms'] / 1e3:.2f} | "
-            f"{replay / 1e3:.2f} | {tape / 1e3:.2f} |"
+            f"{replay / 1e3:.2f} | {'-' if tape is None else f'{tape / 1e3:.2f}'} |"
             if per_op is not None and replay is not None else
             f"| {name} | {eager.get('first_total_s', 0):.2f} | {terra['first_total_s']:.2f} |"
             + " - |" * 10)
