@@ -192,3 +192,18 @@ def test_warmup_reports_whole_run_totals_per_mode_and_a_profile(tmp_path):
     assert terra["tape_functions_ms"] > 0  # its layers' calls are replayed under a tape
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert markdown.count("| faster_rcnn |") == 2 and "| failed |" in markdown
+
+
+def test_warmup_profile_marks_what_a_run_did_not_measure():
+    """A result file made before the replayed functions' first calls under a tape were timed
+    renders '-' in that column (`--render` of an older run), not a measured 0."""
+    from benchmarks.warmup import profile_table
+
+    terra = {"first_ms_by_mode": {"tracing": 300.0, "co-executing": 200.0},
+             "first_total_s": 0.6, "recording_us_per_op": 35.0, "first_graphs_built": 1,
+             "first_build_ms": 20.0, "first_runs_ms": 40.0, "replay_build_ms": 30.0}
+    older = {"program": {"eager": {"first_total_s": 1.0}, "terra_nb": terra}}
+    newer = {"program": {"eager": {"first_total_s": 1.0},
+                         "terra_nb": dict(terra, tape_functions_ms=80.0)}}
+    assert profile_table(older).splitlines()[-1].endswith("| 0.03 | - |")
+    assert profile_table(newer).splitlines()[-1].endswith("| 0.03 | 0.08 |")
