@@ -82,8 +82,9 @@ def warm_up_profile(session) -> dict:
     iteration's mode, time and breakdown; graph construction (Python creating the ops and
     tracing the function) and first runs (TensorFlow instantiating and optimising it, on the
     builder thread when instantiated ahead, plus one run); the library calls' functions traced
-    or written for replay, and their first calls under a tape (each made its forward and
-    backward functions: TensorFlow builds them in Python for a traced function)."""
+    or written for replay, and their first calls under a tape (where TensorFlow builds a
+    traced function's forward and backward functions in Python; a written function's are
+    mostly written before, when its instantiation ahead is queued)."""
     from terra_nb.engine import events as ev
 
     done = session.events.of_type(ev.IterationDone)
@@ -189,8 +190,8 @@ def profile_table(results: dict) -> str:
         "fallback s | co-executed s | other s | after the steps s | recording µs/op | "
         "graphs built (s) | first runs s (whole run, instantiated ahead included) | "
         "replay functions made s (whole run; written or traced) | "
-        "their first calls under a tape s (whole run; each made its forward and backward "
-        "functions, TensorFlow's or written, and ran) |",
+        "their first calls under a tape s (whole run; TensorFlow builds a traced "
+        "function's forward and backward functions there) |",
         "|---|" + "---|" * 12,
     ]
     for name, summary in results.items():

@@ -1087,8 +1087,8 @@ def test_a_later_session_relaxes_sizes_with_the_functions_an_earlier_one_traced(
 
 def test_first_calls_under_a_tape_are_timed_once_per_function():
     """The warm-up profile's first calls under a tape (MacroTable.tape_functions_seconds):
-    the call that made a replayed function's forward and backward functions is timed, once
-    for each function that has them, and no other call is."""
+    a replayed function's first call once it has forward and backward functions is timed,
+    once for each function that has them, and no other call is."""
     _, terra = harness.compare(programs.build_mlp, 8)
     table = terra.session.macro_table
     with_tape_functions = {id(entry.macro) for entry in table.entries.values()

@@ -110,8 +110,8 @@ class MacroTable:
         self.build_seconds = 0.0  # tracing the macros' functions (warm-up profile)
         self.traced = 0  # functions traced for macros (a twin's is not traced again)
         self.written = 0  # ... written from a recorded call's ops instead (recorded.py)
-        # first calls under a tape: each made its function's forward and backward functions
-        # (TensorFlow's, or written from its recorded gradient) and ran it (warm-up profile)
+        # each macro's first call under a tape, once it has tape functions: TensorFlow builds
+        # a traced function's there; written ones are usually made before (warm-up profile)
         self.tape_functions_seconds = 0.0
         self.with_tape_functions: weakref.WeakSet = weakref.WeakSet()  # the macros counted
         self.established: list[str] = []  # replays set up since last taken (for a Note)
