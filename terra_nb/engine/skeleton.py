@@ -92,7 +92,9 @@ class PythonRunner(GradientWindows):
         self.caught_here = False  # and the op just deferred may fail inside the user's `try`
         self.produced: dict = {}  # id(eager tensor) -> _Produced, this iteration
         self.lazy_refs: dict = {}  # (node uid, output index) -> weakref to its LazyTensor
-        self.external_inputs: dict = {}  # (node uid, input slot) -> value fed there, deferred
+        # (node uid, input slot) -> the value an op of this iteration was given there, from
+        # outside the TraceGraph (deferred or recorded)
+        self.external_inputs: dict = {}
         self.ops = 0
         self.fallback: ev.FallbackEvent | None = None
         self.finished = False
@@ -155,6 +157,9 @@ class PythonRunner(GradientWindows):
         if op_type == "VarHandleOp":
             self.makes_variables = True
         child.observe_externals([internals.unwrap(value) for value in inputs])
+        for slot, ref in enumerate(refs):
+            if ref.kind == EXTERNAL:
+                self.external_inputs[(child.uid, slot)] = inputs[slot]
         if twin is not None:
             child.reseeded = True
             child.externals[internals.COUNTER_SLOT].varying = True
@@ -460,6 +465,17 @@ class PythonRunner(GradientWindows):
                 return None
             values[slot] = value
         return values
+
+    def recorded_output(self, value) -> tuple | None:
+        """(node uid, output index) of an eager tensor an op this iteration recorded made;
+        None for any other value, and whenever the iteration defers (its values are
+        LazyTensors, their nodes known)."""
+        if self.mode == DEFER:
+            return None
+        produced = self.produced.get(id(value))
+        if produced is None or produced.output is not value:
+            return None
+        return produced.node.uid, produced.index
 
     def reference_of(self, value):
         """Where `value` comes from, as node identity sees it (a tensor argument's guard)."""

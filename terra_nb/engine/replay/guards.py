@@ -382,7 +382,7 @@ def cannot_fail(obj, flat: list) -> bool:
 
 def gradient_key(runner, target, sources, unconnected, call_site):
     """The guard of a gradient computation, or None when a tensor is not one of this
-    iteration's deferred values or a variable."""
+    iteration's values (deferred, or made by an op it recorded) or a variable."""
     parts = []
     for value in list(target) + list(sources):
         if isinstance(value, internals.LazyTensor) and value._source is runner:
@@ -390,7 +390,10 @@ def gradient_key(runner, target, sources, unconnected, call_site):
         elif tf.is_tensor(value) and value.dtype == tf.resource:
             parts.append(("variable", id(value)))
         else:
-            return None
+            recorded = runner.recorded_output(value)
+            if recorded is None:
+                return None
+            parts.append(recorded)
     return (call_site, runner.cursor.uid, len(target), tuple(parts), str(unconnected))
 
 

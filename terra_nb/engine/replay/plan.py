@@ -59,6 +59,9 @@ def describe_gradient(value, runner):
                           describe_gradient(value.indices, runner), shape)
     if isinstance(value, internals.LazyTensor) and value._source is runner:
         return FromOp(value.node.uid, value.index)
+    recorded = runner.recorded_output(value)
+    if recorded is not None:
+        return FromOp(*recorded)
     raise Unreplayable(Refusal.NOT_A_TRACED_VALUE.say(type_name=type(value).__name__))
 
 

@@ -51,6 +51,19 @@ def deferred_span(runner, start) -> tuple[list, list]:
     return span, pending
 
 
+def observed_span(runner, start) -> tuple[list, list]:
+    """The nodes since `start` and, per node, the values it was given from outside its
+    segment ({input slot: value}): deferred, from their pending entries (deferred_span);
+    recorded, the values fed at its external slots."""
+    if runner.is_deferring:
+        span, pending = deferred_span(runner, start)
+        return span, [entry.outside for entry in pending]
+    span = runner.cursor.path_from(start)
+    fed = runner.external_inputs
+    return span, [{slot: fed[(node.uid, slot)] for slot in range(len(node.inputs))
+                   if (node.uid, slot) in fed} for node in span]
+
+
 def describe_call(runner, start, flat, arguments: dict, converted: dict, result,
                   first_new: int, read: list) -> SpanReplay:
     """How to replay an observed, deferred call from its span (else Unreplayable, with why):
@@ -191,17 +204,17 @@ def shared_inputs(runner, start, flushes, call_site, first_new: int,
         raise Unreplayable(Refusal.FORCED_VALUE.say())
     if runner.cursor is start:
         raise Unreplayable(Refusal.NO_OPS.say())
-    span, pending = deferred_span(runner, start)
+    span, outsides = observed_span(runner, start)
     members = {node.uid for node in span}
     given = {id(value): key for key, value in runner.external_inputs.items()
              if key[0] not in members}
     depth = len(call_site)
     shared = {}
     pinned = {given[id(value)]: value for value in reads if id(value) in given}
-    for node, entry in zip(span, pending, strict=True):
+    for node, outside in zip(span, outsides, strict=True):
         if node.island or len(node.location) > depth:
             raise Unreplayable(Refusal.CUSTOM_GRADIENT.say())
-        for slot, value in entry.outside.items():
+        for slot, value in outside.items():
             if node.inputs[slot][0] != EXTERNAL:
                 continue
             seen = node.externals.get(slot)

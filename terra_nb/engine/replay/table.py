@@ -487,13 +487,15 @@ class MacroTable:
 
         The guard is the TraceGraph node the iteration is at (which fixes every op recorded
         so far, hence the tape's contents), the call site, the targets, the sources and the
-        unconnected-gradients mode. Stable: two observations gave the same span and results,
-        it forced no value, ran no user code (custom gradients) and read no value made before
-        it other than through TraceGraph edges; and the same values given to forward ops
-        (`shared`), unless the first was made while a library call of its iteration ran its
-        Python: the forward's values then came from that Python (a numpy target converted
-        there), not from replays as from then on, and the second one's are taken. It
-        replays only while forward ops are given the values it read from them (`pinned`)."""
+        unconnected-gradients mode. Stable: two observations, the second deferred (a recording
+        iteration's may be the first: the path's next run then replays it), gave the same span
+        and results, it forced no value, ran no user code (custom gradients) and read no value
+        made before it other than through TraceGraph edges; and the same values given to
+        forward ops (`shared`), unless the first was made while a library call of its
+        iteration ran its Python: the forward's values then came from that Python (a numpy
+        target converted there), not from replays as from then on, and the second one's are
+        taken. It replays only while forward ops are given the values it read from them
+        (`pinned`)."""
         __tracebackhide__ = True
         key = gradient_key(runner, target, sources, unconnected, call_site)
         if key is None:
@@ -505,8 +507,9 @@ class MacroTable:
             if value_of is not None:
                 self.replayed_calls += 1
                 return [rebuild_gradient(result, value_of) for result in entry.results]
-        if entry.banned or not runner.is_deferring:
+        if entry.banned:
             return compute()
+        deferring = runner.is_deferring
         start, flushes, diverged_at = runner.cursor, runner.flushes, runner.diverged_at
         first_new = internals.next_tensor_id()
         replay_state.observing += 1
@@ -516,19 +519,22 @@ class MacroTable:
         finally:
             internals.stop_collecting_library_reads()
             replay_state.observing -= 1
-        if runner.diverged_at != diverged_at or not runner.is_deferring:
+        if runner.diverged_at != diverged_at or runner.is_deferring != deferring:
             entry.last = None
             return result
         try:
             shared, pinned = shared_inputs(runner, start, flushes, call_site, first_new, reads)
             results = [describe_gradient(value, runner) for value in result]
         except Unreplayable as error:
-            self._refuse(entry, runner, "gradient", call_site, str(error))
+            if deferring:
+                self._refuse(entry, runner, "gradient", call_site, str(error))
+            else:  # a deferred observation tells (what it forces, say, a recording cannot)
+                entry.last = None
             return result
         span = runner.cursor.path_from(start)
         observed = (tuple(node.uid for node in span), tuple(results), tuple(shared.items()))
         last = entry.last
-        if last is not None and observed[:2] == last[:2] \
+        if deferring and last is not None and observed[:2] == last[:2] \
                 and (observed[2] == last[2] or entry.last_provisional):
             entry.results, entry.shared, entry.pinned = results, shared, pinned
             entry.plan = ReplayPlan(span, result_keys(results), shared)
