@@ -105,6 +105,31 @@ def test_model_classes_defined_in_cells_co_execute_and_their_python_runs_every_s
     assert int(re.search(r"^graphs built (\d+)$", shown, re.M).group(1)) > 0, shown
 
 
+
+GRADIENT_CHECK = """\
+import terra_nb
+report = terra_nb.report()
+first = min(e.index for e in report.timeline if e.mode == "co-executing")
+print("first co-executed", first)
+print("gradient set up at", [n.index for n in report.notes
+                             if n.kind == "replayed" and "gradient at" in n.message])
+np.testing.assert_allclose(losses, eager_losses, rtol=1e-3, atol=1e-6)
+"""
+
+
+def test_a_cells_gradient_is_replayed_from_its_second_co_executed_step():
+    """The tape's gradient in a loop written in cells is observed by the iteration that
+    recorded its path and again by the first co-executed one; it replays from the next, with
+    eager's losses."""
+    eager_loop = LOOP.removeprefix("%%terra\n")
+    notebook = execute_cells(["%load_ext terra_nb", SETUP, eager_loop, EAGER_CALLS, LOOP,
+                              GRADIENT_CHECK])
+    assert errors_in(notebook) == []
+    shown = text_of(notebook.cells[-1])
+    first = int(re.search(r"^first co-executed (\d+)$", shown, re.M).group(1))
+    assert f"gradient set up at [{first}]" in shown, shown  # observed by a recording first
+
+
 LENGTHS_LOOP = """\
 %%terra
 class Tagger(keras.Model):
