@@ -1601,7 +1601,6 @@ def test_stable_gradient_computations_are_replayed_from_the_trace_graph(custom):
         assert any("gradient at test_engine_units.py:" in note for note in notes), notes
 
 
-
 def test_recording_iterations_alone_never_set_up_a_gradient_replay():
     """A recording iteration's observation of a gradient may only be the first of the two
     that set up its replay: however many iterations record, the replay waits for a deferred

@@ -105,7 +105,6 @@ def test_model_classes_defined_in_cells_co_execute_and_their_python_runs_every_s
     assert int(re.search(r"^graphs built (\d+)$", shown, re.M).group(1)) > 0, shown
 
 
-
 GRADIENT_CHECK = """\
 import terra_nb
 report = terra_nb.report()
