@@ -1815,7 +1815,7 @@ def test_api_functions_are_replayed_per_position_and_per_function():
     """A TensorFlow API function called from user code is replayed as its recorded ops: one
     helper reached at several places of an iteration gets a replay at each, and two functions
     called from one line with the same arguments never share one. Results, gradients and
-    variables stay eager's; the wrappers are gone after the iteration."""
+    variables stay eager's; the wrappers are gone once the session closes."""
     original_transpose = tf.transpose
     data = tf.constant(np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) / 10.0)
     weights = tf.Variable(tf.ones([4, 4]))
@@ -1841,6 +1841,7 @@ def test_api_functions_are_replayed_per_position_and_per_function():
     got = _co_executed(session, step, 12)
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(weights.numpy(), after_eager)
+    session.close()
     assert tf.transpose is original_transpose
     assert modes(session)[-3:] == [ev.CO_EXECUTING] * 3
     entries = session.macro_table.entries

@@ -78,6 +78,7 @@ print("block calls", calls["block"], "eagerly", eager_calls)
 np.testing.assert_allclose(losses, eager_losses, rtol=1e-3, atol=1e-6)
 assert loss_at_8.numpy() == np.float32(losses[8]), (loss_at_8, losses[8])  # its own step's
 print("replayed", " | ".join(n.message for n in report.notes if n.kind == "replayed"))
+print("Layer.__call__ after the cell from", keras.layers.Layer.__call__.__module__)
 import threading
 from terra_nb.engine import threads
 built = threading.Event()
@@ -100,6 +101,8 @@ def test_model_classes_defined_in_cells_co_execute_and_their_python_runs_every_s
     replayed = re.search(r"^replayed (.*)$", shown, re.M).group(1)
     assert "Net call" not in replayed and "Block call" not in replayed
     assert "Dense call" in replayed  # the library layers inside the user's are replayed
+    # patched while the loop ran, Keras' own once the cell's session closed
+    assert re.search(r"^Layer.__call__ after the cell from keras\.", shown, re.M), shown
     # the graphs were built on the builder thread while the steps ran (issue 20); the cell
     # did not wait for the one under way at its end
     assert int(re.search(r"^graphs built (\d+)$", shown, re.M).group(1)) > 0, shown

@@ -200,6 +200,10 @@ class Session:
             internals.remove_guard(drain_unless_owner=self._runner)
             self._runner.close()
             self._runner.emit_worker_events()
+        if self.macro_table is not None:
+            from terra_nb.engine.replay.entrypoints import release_idle
+
+            release_idle()  # the library's entry points, patched since its iterations
 
 
 class _Iteration:

@@ -76,10 +76,13 @@ def instantiate_ahead(table) -> None:
     attrs = internals.quick_call_attrs(internals.calling_thread_attrs())
     queued = set()  # a twin layer's call shares its function
     for call, under_tape in fresh:
+        replay_state.observing += 1  # the tensor operators writing them calls are its own
         try:
             calls = call.calls_to_come(under_tape)
         except Exception:  # its first call takes TensorFlow's path, as it would have
             continue
+        finally:
+            replay_state.observing -= 1
         for parts in calls:
             if parts[0] not in queued:
                 queued.add(parts[0])
