@@ -1136,6 +1136,6 @@ def test_entry_points_stay_patched_between_iterations_until_called_from_outside(
     keras.utils.set_random_seed(0)
     eager_step, eager_state = programs.build_mlp()
     eager_losses = [float(eager_step(index)) for index in range(7)]
-    np.testing.assert_allclose(losses, eager_losses, rtol=1e-4)
+    np.testing.assert_allclose(losses, eager_losses, rtol=harness.RUN_RTOL, atol=harness.ATOL)
     for ours, theirs in zip(state(), eager_state(), strict=True):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=ROUND_OFF_ATOL)
+        np.testing.assert_allclose(ours, theirs, rtol=harness.RUN_RTOL, atol=harness.ATOL)
