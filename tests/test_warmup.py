@@ -1139,3 +1139,16 @@ def test_entry_points_stay_patched_between_iterations_until_called_from_outside(
     np.testing.assert_allclose(losses, eager_losses, rtol=harness.RUN_RTOL, atol=harness.ATOL)
     for ours, theirs in zip(state(), eager_state(), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=harness.RUN_RTOL, atol=harness.ATOL)
+
+
+def test_a_self_checking_sessions_close_restores_the_entry_points():
+    """Without library replay the entry points are patched too (calls run as they are act
+    there, `fit` & co.): closing such a session restores them."""
+    step, _ = programs.build_mlp()
+    session = Session("self-check", trace_iterations=1, self_check=True)
+    for index in range(3):
+        with session.iteration():
+            float(step(index))
+    assert keras.Model.fit.__module__ == entrypoints.__name__
+    session.close()
+    assert keras.Model.fit.__module__ != entrypoints.__name__

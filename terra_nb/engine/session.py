@@ -200,10 +200,10 @@ class Session:
             internals.remove_guard(drain_unless_owner=self._runner)
             self._runner.close()
             self._runner.emit_worker_events()
-        if self.macro_table is not None:
+        if self._graph is not None:  # it ran iterations, which patch the entry points
             from terra_nb.engine.replay.entrypoints import release_idle
 
-            release_idle()  # the library's entry points, patched since its iterations
+            release_idle()  # (with or without self_check: calls run as they are act)
 
 
 class _Iteration:
