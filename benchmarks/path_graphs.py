@@ -43,7 +43,7 @@ from tensorflow.python.ops import control_flow_switch_case  # noqa: E402
 
 from benchmarks.__main__ import RESULTS, machine_info  # noqa: E402
 from benchmarks.programs import sdpoint  # noqa: E402
-from benchmarks.programs._common import Program, batches, seed_all, variables_of  # noqa: E402
+from benchmarks.programs._common import Program, Variables, batches, seed_all  # noqa: E402
 from terra_nb.engine import events as ev  # noqa: E402
 from terra_nb.engine import graphgen, internals, segmentdef  # noqa: E402
 from terra_nb.engine.policy import SchedulingPolicy  # noqa: E402
@@ -102,7 +102,7 @@ def build_coin_flips(choices: int, seed: int = 0) -> Program:
         return loss
 
     return Program(f"coin_flips{choices}", train_step, batches([features, labels]),
-                   variables_of(model, optimizer), f"{choices} Python coin flips per step")
+                   Variables(model, optimizer), f"{choices} Python coin flips per step")
 
 
 # ---------------------------------------------------------------- driving the engine

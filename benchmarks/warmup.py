@@ -5,10 +5,12 @@ feel is the total wall time of those steps, tracing, graph building and fallback
 Each (program, mode) runs alone in a fresh process (nothing compiled before, no other mode
 stealing a core from a background build) for `--steps` steps, each ending with `float(loss)`.
 Reported per program: total time over the first 20 and the first `--steps` steps against eager
-and tf.function, the steps until terra_nb settled, and its settled ratio (the last 20 steps'
-median against eager's). Then, in the same process, a rerun as after editing the cell: the
-first 20 steps of a new `terra_nb.function` (a new session) or a new `tf.function` on the
-same model, against eager's next 20 steps there.
+and tf.function, the steps until terra_nb settled, its settled ratio (the last 20 steps'
+median against eager's), and whether each mode computed eager's losses (departs_at: one more
+eager run, from weights one ulp off, tells round-off from a different computation). Then, in
+the same process, a rerun as after editing the cell: the first 20 steps of a new
+`terra_nb.function` (a new session) or a new `tf.function` on the same model, against eager's
+next 20 steps there.
 
     python -m benchmarks.warmup [--programs a,b] [--steps 100] [--modes eager,...] [--out DIR]
 """
@@ -24,6 +26,9 @@ import sys
 import tempfile
 
 MODES = ("eager", "tf.function", "terra_nb")
+# eager again, from weights moved one ulp (Variables.nudge): how long round-off alone keeps a
+# run's losses within ITERATION_RTOL of eager's, the span over which a mode's are judged
+ROUND_OFF = "eager, one ulp off"
 FIRST = 20  # the classroom demo's length: the first total reported
 TAIL = 20  # settled = the median of the last TAIL steps
 SETTLED_WITHIN = 2.0  # steps slower than this times the settled median are not settled
@@ -42,6 +47,9 @@ def run_one(program_name: str, mode: str, steps: int) -> dict:
 
     tf.config.experimental.enable_op_determinism()
     program = build(program_name, 0)
+
+    if mode == ROUND_OFF:
+        program.variables.nudge()
 
     def fresh_step():
         if mode == "tf.function":
@@ -69,7 +77,7 @@ def run_one(program_name: str, mode: str, steps: int) -> dict:
     if mode == "terra_nb":
         step.session.close()
         result.update(warm_up_profile(step.session))
-    if error is None:
+    if error is None and mode != ROUND_OFF:
         rerun = fresh_step()
         result["rerun_ms"] = run(rerun, steps, FIRST)[0]
         if mode == "terra_nb":
@@ -126,13 +134,41 @@ def settled_after(times: list[float]) -> tuple[float, int]:
     return settled, (slow[-1] + WINDOW if slow else 0)
 
 
+def departs_at(losses: list, eager: list, round_off: list) -> tuple[int | None, int]:
+    """Whether a mode computed eager's losses: the first step at which its loss left eager's
+    by more than RUN_RTOL (tf.function's own drift) while eager's run from weights one ulp off
+    was still within ITERATION_RTOL of eager's, so round-off alone cannot have carried it
+    there (None if none did), and how many steps that judged. A mode that freezes a random
+    draw leaves at once; past the judged steps, a chaotic program's round-off has grown."""
+    from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL, RUN_RTOL
+
+    def within(value: float, reference: float, rtol: float) -> bool:
+        return abs(value - reference) <= rtol * abs(reference) + ATOL
+
+    judged = 0
+    for loss, reference, nudged in zip(losses, eager, round_off):
+        if not within(nudged, reference, ITERATION_RTOL):
+            break
+        if not within(loss, reference, RUN_RTOL):
+            return judged, judged
+        judged += 1
+    return None, judged
+
+
 def summarize(runs: dict, steps: int) -> dict:
-    """Totals and ratios of one program's modes (`runs`: mode -> run_one's result)."""
+    """Totals and ratios of one program's modes (`runs`: mode -> run_one's result), and
+    whether each computed eager's losses (departs_at; given the ROUND_OFF run)."""
     eager = runs["eager"]["ms"]
-    summary = {}
+    round_off = runs.get(ROUND_OFF, {}).get("losses")
+    summary = {ROUND_OFF: {"losses": round_off}} if round_off else {}
     for mode, run in runs.items():
+        if mode == ROUND_OFF:
+            continue
         times = run["ms"]
-        row = {"error": run["error"], "ms": times}
+        row = {"error": run["error"], "ms": times, "losses": run.get("losses")}
+        if round_off and mode != "eager" and run.get("losses"):
+            row["departs_at"], row["judged_steps"] = departs_at(
+                run["losses"], runs["eager"]["losses"], round_off)
         if run["error"] or len(times) < steps:
             summary[mode] = row
             continue
@@ -148,7 +184,8 @@ def summarize(runs: dict, steps: int) -> dict:
             "settled_vs_eager": statistics.median(eager[-TAIL:]) / settled,
         })
         row.update({key: value for key, value in run.items()
-                    if key not in ("ms", "losses", "error", "program", "mode", "rerun_ms")})
+                    if key not in ("ms", "losses", "error", "program", "mode", "rerun_ms",
+                                   "departs_at", "judged_steps")})
         summary[mode] = row
     return summary
 
@@ -159,16 +196,26 @@ def table(results: dict, steps: int) -> str:
         f"| program | eager first {FIRST} s | terra_nb first {FIRST} vs eager | "
         f"tf.function first {FIRST} vs eager | eager {steps} steps s | "
         f"terra_nb {steps} vs eager | tf.function {steps} vs eager | "
-        f"terra_nb {steps} vs tf.function | terra_nb settled vs eager | steps to settle | "
+        f"terra_nb {steps} vs tf.function | terra_nb's losses | tf.function's losses | "
+        f"terra_nb settled vs eager | steps to settle | "
         f"graphs built (build s) | rerun: terra_nb first {FIRST} vs eager | "
         f"rerun: tf.function first {FIRST} vs eager |",
-        "|---|" + "---|" * 12,
+        "|---|" + "---|" * 14,
     ]
     for name, summary in results.items():
         eager, function, terra = (summary.get(mode, {}) for mode in MODES)
 
         def ratio(row, key):
             return f"{row[key]:.2f}x" if key in row else "failed" if row.get("error") else "-"
+
+        def losses(row):
+            if row.get("error"):
+                return "failed"
+            if "judged_steps" not in row:
+                return "-"
+            if row["departs_at"] is None:
+                return f"eager's ({row['judged_steps']} steps)"
+            return f"**differ** from step {row['departs_at']}"
 
         versus = (f"{function['total_s'] / terra['total_s']:.2f}"
                   if "total_s" in function and "total_s" in terra else "-")
@@ -178,7 +225,8 @@ def table(results: dict, steps: int) -> str:
             f"| {name} | {eager.get('first_total_s', 0):.2f} | {ratio(terra, 'first_vs_eager')} "
             f"| {ratio(function, 'first_vs_eager')} | {eager.get('total_s', 0):.1f} | "
             f"{ratio(terra, 'total_vs_eager')} | {ratio(function, 'total_vs_eager')} | "
-            f"{versus} | {ratio(terra, 'settled_vs_eager')} | {terra.get('settle_steps', '-')} "
+            f"{versus} | {losses(terra)} | {losses(function)} | "
+            f"{ratio(terra, 'settled_vs_eager')} | {terra.get('settle_steps', '-')} "
             f"| {build} | {ratio(terra, 'rerun_vs_eager')} | {ratio(function, 'rerun_vs_eager')} |")
     return "\n".join(lines)
 
@@ -236,7 +284,12 @@ def header(machine: dict, steps: int) -> str:
         f"{WINDOW} consecutive steps have a median within {SETTLED_WITHIN:g}x the settled "
         f"median. Rerun: then, in the same process, the first {FIRST} steps of a new "
         "`terra_nb.function` (a new session, as after editing the cell) or `tf.function` on "
-        f"the same model, against eager's next {FIRST} steps there.\n\n")
+        f"the same model, against eager's next {FIRST} steps there. Losses: a mode's are "
+        "eager's over the steps judged, those in which eager run again from weights one ulp "
+        "off stays within 1e-4 of eager (round-off alone, growing in a chaotic run, carries "
+        "no further there); they **differ** from the first of those steps where the mode's "
+        "loss leaves eager's by more than 1e-3, `tf.function`'s own drift: it computed "
+        "something else (a random draw frozen at its trace).\n\n")
 
 
 def main(argv=None) -> None:
@@ -264,9 +317,12 @@ def main(argv=None) -> None:
     results = {}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     compile_package()
+    modes = args.modes.split(",")
+    if "eager" in modes and len(modes) > 1:
+        modes.append(ROUND_OFF)
     for name in args.programs.split(","):
         runs = {}
-        for mode in args.modes.split(","):
+        for mode in modes:
             with tempfile.TemporaryFile("w+") as output:
                 done = subprocess.run([sys.executable, "-m", "benchmarks.warmup", "--one", name,
                                        mode, "--steps", str(args.steps)], stdout=output,

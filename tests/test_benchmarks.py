@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks import __main__ as runner
+from benchmarks import warmup
 from benchmarks.modes import MODES
 from benchmarks.programs import NAMES, PATH_CHANGING, build, cell_source
 from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL
@@ -77,6 +78,37 @@ def test_program_runs_eagerly_and_learns_something(name):
     after = program.variables()  # model variables first; optimizer slots appear on step 1
     assert len(after) >= len(before)
     assert any(not np.array_equal(old, new) for old, new in zip(before, after))
+
+
+def test_nudge_moves_every_float_variable_one_ulp_and_nothing_else():
+    """Variables.nudge, the warm-up benchmark's round-off reference: each floating-point
+    value one ulp up, integer variables (an optimizer's step count) untouched."""
+    program = build("dropblock")
+    before = program.variables()
+    program.variables.nudge()
+    after = program.variables()
+    assert len(before) == len(after) and any(np.issubdtype(v.dtype, np.floating) for v in before)
+    for old, new in zip(before, after):
+        if np.issubdtype(old.dtype, np.floating):
+            np.testing.assert_array_equal(new, np.nextafter(old, np.inf, dtype=old.dtype))
+        else:
+            np.testing.assert_array_equal(new, old)
+
+
+def test_a_mode_departs_where_round_off_cannot_have_carried_it():
+    """warmup.departs_at: a loss leaving eager's while the one-ulp-off run is still within
+    ITERATION_RTOL of eager is a different computation; past the step where that run leaves
+    (a chaotic program's round-off grown), nothing is judged."""
+    from benchmarks.warmup import departs_at
+
+    eager = [2.0, 1.5, 1.2, 1.0, 0.9]
+    round_off = [2.0, 1.5 * (1 + 2e-7), 1.2 * (1 + 5e-6), 1.0 * (1 + 5e-4), 0.9 * 1.1]
+    frozen = [2.0, 1.5, 1.2 * 1.01, 1.0, 0.9]  # a draw frozen at the trace: step 2 is off
+    drifting = [2.0, 1.5, 1.2 * (1 + 5e-4), 1.0 * 1.05, 0.9 * 1.2]  # drift, as round-off's
+    assert departs_at(frozen, eager, round_off) == (2, 2)
+    assert departs_at(drifting, eager, round_off) == (None, 3)
+    assert departs_at(eager, eager, eager) == (None, 5)
+    assert departs_at([2.0, float("nan")], eager, round_off) == (1, 1)
 
 
 @pytest.mark.slow
@@ -190,8 +222,13 @@ def test_warmup_reports_whole_run_totals_per_mode_and_a_profile(tmp_path):
     assert sum(terra["ms"]) / 2 < sum(terra["first_ms_by_mode"].values()) <= sum(terra["ms"])
     assert terra["recording_us_per_op"] > 0 and terra["replay_build_ms"] >= 0
     assert terra["tape_functions_ms"] > 0  # its layers' calls are replayed under a tape
+    # its losses judged against eager's, over the steps round-off alone leaves them alike
+    assert len(modes[warmup.ROUND_OFF]["losses"]) == 6
+    assert terra["departs_at"] is None and 1 <= terra["judged_steps"] <= 6
+    assert "departs_at" not in modes["tf.function"]  # it failed: no losses to judge
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert markdown.count("| faster_rcnn |") == 2 and "| failed |" in markdown
+    assert f"| eager's ({terra['judged_steps']} steps) | failed |" in markdown
 
 
 def test_warmup_profile_marks_what_a_run_did_not_measure():

@@ -10,7 +10,8 @@ training step a user would write, split the way users split it:
   Python features that break AutoGraph (numpy on fetched values, `random`, data-dependent loops)
   live inside it;
 - `program.step(i)`: `train_step(*batch(i))`, the eager loop body;
-- `program.variables()`: every variable's value (model and optimizer) as numpy arrays.
+- `program.variables()`: every variable's value (model and optimizer) as numpy arrays;
+  `program.variables.nudge()` moves every floating-point variable one ulp up (a round-off reference).
 
 Three ways to run a program:
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from benchmarks.programs._common import Encoder, Program, apply, batches, seed_all, variables_of
+from benchmarks.programs._common import Encoder, Program, Variables, apply, batches, seed_all
 
 BATCHES, BATCH, LENGTH, VOCAB, CLASSES = 4, 16, 32, 128, 4
 
@@ -28,4 +28,4 @@ def build(seed: int = 0) -> Program:
         return loss
 
     return Program("bert_cls", train_step, batches([ids, labels]),
-                   variables_of(encoder, head, optimizer), "none (plain)")
+                   Variables(encoder, head, optimizer), "none (plain)")

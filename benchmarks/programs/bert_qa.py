@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.programs._common import Encoder, Program, apply, batches, seed_all, variables_of
+from benchmarks.programs._common import Encoder, Program, Variables, apply, batches, seed_all
 
 BATCHES, BATCH, LENGTH, VOCAB, MAX_ANSWER = 4, 16, 32, 128, 6
 
@@ -50,5 +50,5 @@ def build(seed: int = 0) -> Program:
         return loss
 
     return Program("bert_qa", train_step, batches([ids, starts, ends]),
-                   variables_of(encoder, head, optimizer),
+                   Variables(encoder, head, optimizer),
                    "numpy span post-processing of fetched logits, fed back into the loss")

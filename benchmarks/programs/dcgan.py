@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from benchmarks.programs._common import Program, batches, seed_all, variables_of
+from benchmarks.programs._common import Program, Variables, batches, seed_all
 
 BATCHES, BATCH, NOISE = 4, 16, 16
 
@@ -50,5 +50,5 @@ def build(seed: int = 0) -> Program:
         return g_loss + d_loss
 
     return Program("dcgan", train_step, batches([real, noise]),
-                   variables_of(generator, discriminator, g_opt, d_opt),
+                   Variables(generator, discriminator, g_opt, d_opt),
                    "none (two tapes, two optimizers)")

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.programs._common import Program, apply, batches, seed_all, variables_of
+from benchmarks.programs._common import Program, Variables, apply, batches, seed_all
 
 BATCHES, BATCH, SIZE, STRIDE, SIZES, GT, TOP = 4, 8, 32, 4, (8.0, 16.0), 2, 16
 CELLS = SIZE // STRIDE
@@ -131,5 +131,5 @@ def build(seed: int = 0) -> Program:
         return loss
 
     return Program("faster_rcnn", train_step, batches([images, gt_boxes]),
-                   variables_of(*layers, optimizer),
+                   Variables(*layers, optimizer),
                    "numpy IoU matching of fetched proposals, fed back into the loss")

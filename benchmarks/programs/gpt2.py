@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from benchmarks.programs._common import Encoder, Program, apply, seed_all, variables_of
+from benchmarks.programs._common import Encoder, Program, Variables, apply, seed_all
 
 BATCHES, BATCH, VOCAB, LENGTHS = 6, 8, 128, (16, 24, 32)
 
@@ -34,5 +34,5 @@ def build(seed: int = 0) -> Program:
         apply(tape, loss, optimizer, decoder.trainable_variables + head.trainable_variables)
         return loss
 
-    return Program("gpt2", train_step, batch, variables_of(decoder, head, optimizer),
+    return Program("gpt2", train_step, batch, Variables(decoder, head, optimizer),
                    "sequence length varies per step")

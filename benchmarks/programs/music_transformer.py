@@ -12,7 +12,7 @@ import math
 import keras
 import tensorflow as tf
 
-from benchmarks.programs._common import Program, apply, batches, seed_all, variables_of
+from benchmarks.programs._common import Program, Variables, apply, batches, seed_all
 
 BATCHES, BATCH, FULL, VOCAB, DIM, HEADS = 4, 8, 48, 64, 32, 2
 CROPS, CHUNK = (16, 24, 32), 8
@@ -95,5 +95,5 @@ def build(seed: int = 0) -> Program:
         return loss
 
     return Program("music_transformer", train_step, batches([sequences]),
-                   variables_of(model, optimizer),
+                   Variables(model, optimizer),
                    "Python random crop; Python loop over chunks of the crop")

@@ -12,11 +12,11 @@ import tensorflow as tf
 
 from benchmarks.programs._common import (
     Program,
+    Variables,
     apply,
     batches,
     labelled_images,
     seed_all,
-    variables_of,
 )
 
 BATCHES, BATCH, SIZE, CLASSES, POINTS = 4, 16, 24, 10, (1, 2, 3)
@@ -57,4 +57,4 @@ def build(seed: int = 0) -> Program:
         return loss
 
     return Program("sdpoint", train_step, batches([images, labels]),
-                   variables_of(model, optimizer), "Python random.choice of the network's shape")
+                   Variables(model, optimizer), "Python random.choice of the network's shape")

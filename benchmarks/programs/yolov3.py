@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.programs._common import Program, apply, batches, seed_all, variables_of
+from benchmarks.programs._common import Program, Variables, apply, batches, seed_all
 
 BATCHES, BATCH, FULL, STRIDE, CLASSES, BOXES = 4, 16, 64, 8, 4, 3
 RESOLUTIONS = (32, 48, 64)
@@ -78,5 +78,5 @@ def build(seed: int = 0) -> Program:
         return loss
 
     return Program("yolov3", train_step, batches([images, boxes, classes]),
-                   variables_of(model, optimizer),
+                   Variables(model, optimizer),
                    "Python random resolution; numpy target assignment for that grid")
