@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import terra_nb  # noqa: E402
-from benchmarks.modes import MODES, SAME_RTOL, SAME_STEPS  # noqa: E402
+from benchmarks.modes import MODES, departs_at  # noqa: E402
 from benchmarks.programs import build  # noqa: E402
 from terra_nb.engine import events as ev  # noqa: E402
 
@@ -100,13 +100,19 @@ def measure(program_name: str, steps: int, rounds: int, warmup: int, settle: int
             mode.run(max(0, settle - mode.index), "untimed")
         _interleaved(compiled, steps, rounds, "settled")
     eager = modes[0]
-    results = {name: summarize(mode, eager) for name, mode in zip(MODES, modes)}
+    round_off = Mode("eager", program_name, seed)  # the round-off reference (modes.ROUND_OFF)
+    round_off.program.variables.nudge()
+    round_off.run(len(eager.losses), "untimed")
+    results = {name: summarize(mode, eager, round_off.losses)
+               for name, mode in zip(MODES, modes)}
     program = modes[0].program
     return {"program": program_name, "features": program.features, "steps": steps,
             "rounds": rounds, "warmup": warmup, "settle": settle, "modes": results}
 
 
-def summarize(mode: Mode, eager: Mode) -> dict:
+def summarize(mode: Mode, eager: Mode, round_off: list) -> dict:
+    """A mode's timings, and whether it computed eager's losses (modes.departs_at, against
+    eager's `round_off` run)."""
     steady = [value for block in mode.round_ms for value in block]
     result = {
         "status": "ok",
@@ -127,11 +133,14 @@ def summarize(mode: Mode, eager: Mode) -> dict:
         result["max_abs_diff"] = float(np.max(np.abs(ours - reference)))
         relative = np.abs(ours - reference) / np.maximum(np.abs(reference), 1e-12)
         result["max_rel_diff"] = float(np.max(relative))
-        result["max_rel_diff_first_steps"] = float(np.max(relative[:SAME_STEPS]))
+    if mode is not eager and mode.losses:
+        result["departs_at"], result["judged_steps"] = departs_at(mode.losses, eager.losses,
+                                                                  round_off)
     if mode.error:
         result["status"] = "failed"
-    elif compared and result["max_rel_diff_first_steps"] > SAME_RTOL:
+    elif result.get("departs_at") is not None:
         result["status"] = "different"
+        result["rel_diff_at_departure"] = float(relative[result["departs_at"]])
     if mode.session is not None:
         result.update(engine_summary(mode.session))
     return result

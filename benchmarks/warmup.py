@@ -25,10 +25,9 @@ import subprocess
 import sys
 import tempfile
 
+from benchmarks.modes import ROUND_OFF, departs_at
+
 MODES = ("eager", "tf.function", "terra_nb")
-# eager again, from weights moved one ulp (Variables.nudge): how long round-off alone keeps a
-# run's losses within ITERATION_RTOL of eager's, the span over which a mode's are judged
-ROUND_OFF = "eager, one ulp off"
 FIRST = 20  # the classroom demo's length: the first total reported
 TAIL = 20  # settled = the median of the last TAIL steps
 SETTLED_WITHIN = 2.0  # steps slower than this times the settled median are not settled
@@ -132,27 +131,6 @@ def settled_after(times: list[float]) -> tuple[float, int]:
     slow = [start for start in range(len(times) - WINDOW + 1)
             if statistics.median(times[start:start + WINDOW]) > SETTLED_WITHIN * settled]
     return settled, (slow[-1] + WINDOW if slow else 0)
-
-
-def departs_at(losses: list, eager: list, round_off: list) -> tuple[int | None, int]:
-    """Whether a mode computed eager's losses: the first step at which its loss left eager's
-    by more than RUN_RTOL (tf.function's own drift) while eager's run from weights one ulp off
-    was still within ITERATION_RTOL of eager's, so round-off alone cannot have carried it
-    there (None if none did), and how many steps that judged. A mode that freezes a random
-    draw leaves at once; past the judged steps, a chaotic program's round-off has grown."""
-    from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL, RUN_RTOL
-
-    def within(value: float, reference: float, rtol: float) -> bool:
-        return abs(value - reference) <= rtol * abs(reference) + ATOL
-
-    judged = 0
-    for loss, reference, nudged in zip(losses, eager, round_off):
-        if not within(nudged, reference, ITERATION_RTOL):
-            break
-        if not within(loss, reference, RUN_RTOL):
-            return judged, judged
-        judged += 1
-    return None, judged
 
 
 def summarize(runs: dict, steps: int) -> dict:

@@ -52,12 +52,12 @@ def test_report_cells_state_failures_and_wrong_results():
     result = {"program": "p", "modes": {
         "eager": {"status": "ok", "median_ms": 10.0},
         "tf.function": {"status": "failed", "error": "AttributeError", "median_ms": None},
-        "tf.function+XLA": {"status": "different", "median_ms": 2.0,
-                            "max_rel_diff_first_steps": 0.25},
+        "tf.function+XLA": {"status": "different", "median_ms": 2.0, "departs_at": 1,
+                            "rel_diff_at_departure": 0.25},
         "terra_nb": {"status": "ok", "median_ms": 20.0, "tracing_ms": [12.0, 30.0, 14.0]},
     }}
     assert runner.cell(result, "tf.function") == "failed (AttributeError)"
-    assert runner.cell(result, "tf.function+XLA") == "5.00x **wrong** (Δloss 25.0%)"
+    assert runner.cell(result, "tf.function+XLA") == "5.00x **wrong** (Δloss 25.0% at step 1)"
     assert runner.cell(result, "terra_nb") == "0.50x"
     assert runner.cell(result, "terra_nb+XLA") == "not run"
     assert runner.tracing_ratio(result, "terra_nb") == pytest.approx(1.4)
@@ -99,7 +99,7 @@ def test_a_mode_departs_where_round_off_cannot_have_carried_it():
     """warmup.departs_at: a loss leaving eager's while the one-ulp-off run is still within
     ITERATION_RTOL of eager is a different computation; past the step where that run leaves
     (a chaotic program's round-off grown), nothing is judged."""
-    from benchmarks.warmup import departs_at
+    from benchmarks.modes import departs_at
 
     eager = [2.0, 1.5, 1.2, 1.0, 0.9]
     round_off = [2.0, 1.5 * (1 + 2e-7), 1.2 * (1 + 5e-6), 1.0 * (1 + 5e-4), 0.9 * 1.1]

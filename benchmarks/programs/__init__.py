@@ -11,7 +11,7 @@ training step a user would write, split the way users split it:
   live inside it;
 - `program.step(i)`: `train_step(*batch(i))`, the eager loop body;
 - `program.variables()`: every variable's value (model and optimizer) as numpy arrays;
-  `program.variables.nudge()` moves every floating-point variable one ulp up (a round-off reference).
+  `program.variables.nudge()` moves every floating-point variable one ulp (round-off).
 
 Three ways to run a program:
 
