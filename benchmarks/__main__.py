@@ -32,6 +32,7 @@ import time
 
 from benchmarks.modes import MODES
 from benchmarks.programs import NAMES
+from terra_nb.engine.tolerance import ITERATION_RTOL, RUN_RTOL
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,10 +194,10 @@ def markdown(report: dict) -> str:
         f"Each cell is eager median step time / the mode's median step time (higher is faster), "
         f"over {settings['rounds']} interleaved rounds x {settings['steps']} steps after "
         f"{settings['warmup']} warm-up steps (tracing, compilation). **wrong**: a loss left "
-        f"eager's by more than rtol 1e-3 (op determinism on, same seeds) at a step where eager "
-        f"run again from weights one ulp off was still within 1e-4 of eager's, so round-off "
-        f"cannot have carried it there (that difference and step are shown). Tracing ratio: "
-        f"median "
+        f"eager's by more than rtol {RUN_RTOL:g} (op determinism on, same seeds) at a step "
+        f"where eager run again from weights one ulp off was still within {ITERATION_RTOL:g} "
+        f"of eager's, so round-off cannot have carried it there (that difference and step are "
+        f"shown). Tracing ratio: median "
         f"tracing iteration / eager median step. terra_nb settled: eager's median step / "
         f"terra_nb's once each compiled mode has run {settings.get('settle', 0)} steps (timed "
         f"again in {settings['rounds']} interleaved rounds x {settings['steps']} steps); "

@@ -26,6 +26,7 @@ import sys
 import tempfile
 
 from benchmarks.modes import ROUND_OFF, departs_at
+from terra_nb.engine.tolerance import ITERATION_RTOL, RUN_RTOL
 
 MODES = ("eager", "tf.function", "terra_nb")
 FIRST = 20  # the classroom demo's length: the first total reported
@@ -264,10 +265,10 @@ def header(machine: dict, steps: int) -> str:
         "`terra_nb.function` (a new session, as after editing the cell) or `tf.function` on "
         f"the same model, against eager's next {FIRST} steps there. Losses: a mode's are "
         "eager's over the steps judged, those in which eager run again from weights one ulp "
-        "off stays within 1e-4 of eager (round-off alone, growing in a chaotic run, carries "
-        "no further there); they **differ** from the first of those steps where the mode's "
-        "loss leaves eager's by more than 1e-3, `tf.function`'s own drift: it computed "
-        "something else (a random draw frozen at its trace).\n\n")
+        f"off stays within {ITERATION_RTOL:g} of eager (round-off alone, growing in a chaotic "
+        "run, carries no further there); they **differ** from the first of those steps where "
+        f"the mode's loss leaves eager's by more than {RUN_RTOL:g}, `tf.function`'s own "
+        "drift: it computed something else (a random draw frozen at its trace).\n\n")
 
 
 def main(argv=None) -> None:

@@ -21,9 +21,9 @@ class Variables:
         return [variable.numpy() for obj in self._objects for variable in obj.variables]
 
     def nudge(self) -> None:
-        """Move every floating-point variable one ulp up: the warm-up benchmark's reference
-        for how far round-off alone carries a run's losses from eager's (a graph's other op
-        order or fusions change values by about that much)."""
+        """Move every floating-point variable one ulp up: the benchmarks' reference for how
+        far round-off alone carries a run's losses from eager's (a graph's other op order or
+        fusions change values by about that much; benchmarks/modes.py, departs_at)."""
         for obj in self._objects:
             for variable in obj.variables:
                 value = variable.numpy()
