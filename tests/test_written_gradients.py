@@ -10,7 +10,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.framework import auto_control_deps_utils as acd
 
+from terra_nb.engine import internals
+from terra_nb.engine.internals import written
 from terra_nb.engine.session import Session
 from terra_nb.engine.tolerance import ATOL, RUN_RTOL
 
@@ -267,3 +270,91 @@ def test_a_gradient_penalty_differentiating_a_gradient_is_eagers():
 
     session = _eager_and_co_executed("gradient-penalty", build, step, 5)
     assert gradients_made(session) == ["written"], gradients_made(session)
+    functions = [entry.macro.function for entry in session.macro_table.entries.values()
+                 if entry.macro is not None and entry.macro.gradient == "written"]
+    backwards = [entry.macro._plan.backward for entry in session.macro_table.entries.values()
+                 if entry.macro is not None and entry.macro.gradient == "written"]
+    # the outer tape differentiates the written backward: TensorFlow's call path, through
+    # the ConcreteFunction made for it then
+    assert any(backward.made is not None for backward in backwards), backwards
+    assert all(isinstance(function, internals.DefinedFunction) for function in functions)
+
+
+def _written_functions(session) -> list:
+    """The DefinedFunctions of a session's written calls and of their written backwards."""
+    found = []
+    for entry in session.macro_table.entries.values():
+        if entry.macro is None or not isinstance(entry.macro.function,
+                                                 internals.DefinedFunction):
+            continue
+        found.append(entry.macro.function)
+        if entry.macro.gradient == "written":
+            found.append(entry.macro._plan.backward)
+    return found
+
+
+def test_written_calls_and_backwards_are_registered_functiondefs_as_their_graphs_tell():
+    """A written call's function, its forward and its written backward are registered as
+    FunctionDefs (internals/defined.py), and no ConcreteFunction is made for them where no
+    tape may differentiate their calls; what the engine reads of one without its graph is
+    what TensorFlow finds in the graph of the same ops: its result shapes and dtypes, its
+    read-only variable inputs, and whether a result is static."""
+    x = tf.constant(np.random.default_rng(3).normal(size=(10, 5)).astype(np.float32))
+    session = _classifier_session("defined-functions", _Blocks, x)
+    functions = _written_functions(session)
+    calls = [function for function in functions if not internals.is_backward_function(
+        function.atomic)]
+    assert len(calls) >= 4 and len(functions) > len(calls), functions  # layers, loss, Adam
+    assert all(function.made is None for function in functions), functions
+    for function in functions:
+        graph = function.concrete().graph
+        outputs = [output for output in tf.nest.flatten(graph.structured_outputs)
+                   if output is not None]
+        assert [(spec.shape.as_list(), spec.dtype) for spec in function.output_specs] == [
+            (output.shape.as_list(), output.dtype) for output in outputs], function.name
+        assert internals.read_only_inputs(function.atomic) == \
+            acd.get_read_only_resource_input_indices_graph(graph), function.name
+        if internals.fixes_no_output(function.atomic):
+            assert all(tf.get_static_value(output) is None for output in outputs)
+    forwards = [entry.macro._plan.forward for entry in session.macro_table.entries.values()
+                if entry.macro is not None and entry.macro.gradient == "written"]
+    assert forwards
+    for forward in forwards:  # its graph made from its FunctionDef, as TensorFlow makes one
+        assert internals.read_only_inputs(forward) == \
+            acd.get_read_only_resource_input_indices_graph(forward.graph), forward.name
+        if internals.fixes_no_output(forward):
+            assert all(tf.get_static_value(output) is None for output in forward.graph.outputs)
+    optimizer = [function for function in calls
+                 if any(node.op.startswith("ResourceApply") or node.op == "AssignVariableOp"
+                        for node in function.atomic.definition.node_def)]
+    assert optimizer and all(len(internals.read_only_inputs(function.atomic))
+                             < len(function.captured_inputs) for function in optimizer)
+
+
+def test_a_result_size_that_follows_from_a_value_is_unknown_to_a_written_function():
+    """The static shapes of a written function's results are TensorFlow's inference from
+    its argument specs (a scratch import of its GraphDef), not the recording's: a size an
+    argument's value gives stays unknown, a relaxed argument size stays unknown, and a
+    variable's read takes the variable's shape."""
+    variable = tf.Variable(tf.zeros([3, 4]))
+    graph_def = tf.compat.v1.GraphDef()
+    nodes = [("read", "ReadVariableOp", ["terra_resource0:0"], {"dtype": tf.float32}),
+             ("product", "MatMul", ["terra_arg0:0", "read:0"], {"T": tf.float32}),
+             ("shaped", "Reshape", ["product:0", "terra_arg1:0"],
+              {"T": tf.float32, "Tshape": tf.int32})]
+    for name, op, inputs, attrs in nodes:
+        node = graph_def.node.add()
+        node.name, node.op = name, op
+        node.input.extend(inputs)
+        for key, dtype in attrs.items():
+            node.attr[key].type = dtype.as_datatype_enum
+    arguments = [("x", tf.TensorSpec([None, 3], tf.float32)),
+                 ("sizes", tf.TensorSpec([2], tf.int32)),
+                 ("terra_resource0", written.RESOURCE_SPEC)]
+    scratch = written.ScratchGraph(graph_def, arguments,
+                                   {"terra_arg0:0": "x", "terra_arg1:0": "sizes"},
+                                   {"terra_resource0": variable.handle}, ["shaped:0"])
+    specs = scratch.specs(["read:0", "product:0", "shaped:0", "terra_arg1:0"])
+    assert [(spec.shape.as_list(), spec.dtype) for spec in specs] == [
+        ([3, 4], tf.float32), ([None, 4], tf.float32), ([None, None], tf.float32),
+        ([2], tf.int32)]

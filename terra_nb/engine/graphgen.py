@@ -468,13 +468,16 @@ _ops_of_function: dict = {}
 
 def _function_ops(function) -> tuple[frozenset, int]:
     """Op types in a traced function's graph and every function it calls, and how many ops
-    they hold (cached by the function's name, unique in the process)."""
+    they hold, its argument placeholders counted (cached by the function's name, unique in
+    the process). Read from their FunctionDefs: a function registered from one
+    (internals.DefinedFunction) has no graph until one is made for it."""
     known = _ops_of_function.get(function.name)
     if known is None:
-        definition = function.graph.as_graph_def()
-        ops = [node.op for node in definition.node] + [
-            node.op for library in definition.library.function for node in library.node_def]
-        known = _ops_of_function[function.name] = (frozenset(ops), len(ops))
+        definitions = [function.cached_definition] + [
+            child.cached_definition for child in function.children]
+        ops = [node.op for definition in definitions for node in definition.node_def]
+        known = _ops_of_function[function.name] = (
+            frozenset(ops), len(ops) + len(definitions[0].signature.input_arg))
     return known
 
 

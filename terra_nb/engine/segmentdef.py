@@ -357,6 +357,8 @@ def _static_outputs(function) -> dict:
     before it become compile-time constants and XLA recompiles the segment at every call.
     Taken from the callee's graph instead, the value no longer depends on the call."""
     known = _STATIC_OUTPUTS.get(function.name)
+    if known is None and internals.fixes_no_output(function):
+        known = _STATIC_OUTPUTS[function.name] = {}
     if known is None:
         known = {}
         outputs = getattr(function.graph, "outputs", None) or ()

@@ -23,6 +23,8 @@ from tensorflow.python.eager import backprop
 from tensorflow.python.eager.polymorphic_function import atomic_function
 from tensorflow.python.framework import ops as tf_ops
 
+from terra_nb.engine.internals.defined import PRIVATE_SYMBOLS as _DEFINED_SYMBOLS
+from terra_nb.engine.internals.defined import DefinedFunction, defined_function, fixes_no_output
 from terra_nb.engine.internals.frees import free_postponed
 from terra_nb.engine.internals.functions import (
     TracedCall,
@@ -35,6 +37,7 @@ from terra_nb.engine.internals.functions import (
     gradient_module,
     is_backward_function,
     record_gradient,
+    returned_specs,
     tape_gradient,
     tape_is_plain,
 )
@@ -105,6 +108,7 @@ from terra_nb.engine.internals.replicas import PRIVATE_SYMBOLS as _REPLICA_SYMBO
 from terra_nb.engine.internals.replicas import follow_into_replica_threads, merge_calls
 from terra_nb.engine.internals.seeds import COUNTER_SLOT, stateless_twin
 from terra_nb.engine.internals.seeds import PRIVATE_MEMBERS as _SEED_MEMBERS
+from terra_nb.engine.internals.written import PRIVATE_SYMBOLS as _WRITTEN_SYMBOLS
 from terra_nb.engine.internals.written import WrittenFunction, written_function
 
 __all__ = [
@@ -123,7 +127,8 @@ __all__ = [
     "forward_with_outputs", "free_postponed",
     "function_op_types", "gradient_module", "handling", "import_nodes", "install_guard",
     "instantiate_ahead", "can_instantiate_ahead", "is_backward_function", "run_on_copies",
-    "WrittenFunction", "written_function",
+    "WrittenFunction", "written_function", "DefinedFunction", "defined_function",
+    "fixes_no_output", "returned_specs",
     "CallAhead", "calling_thread_attrs", "expect_first_call",
     "is_eager_value", "keep_running", "quick_call_attrs", "lean_graph_calls", "merge_calls",
     "next_tensor_id", "op_callbacks_registered", "op_def", "record_gradient", "remove_guard",
@@ -166,12 +171,14 @@ PRIVATE_SYMBOLS = (
     ("tensorflow.python.framework.constant_op", "convert_to_eager_tensor"),
     ("tensorflow.python.eager.backprop", "_handle_or_self"),
     ("tensorflow.python.framework.func_graph", "FuncGraph"),
-) + _REPLICA_SYMBOLS + _IMPORT_SYMBOLS + _GRADIENT_SYMBOLS
+) + _REPLICA_SYMBOLS + _IMPORT_SYMBOLS + _GRADIENT_SYMBOLS + _DEFINED_SYMBOLS + (
+    _WRITTEN_SYMBOLS)
 """(module, attribute) of every private TensorFlow symbol terra_nb relies on."""
 
 _CONCRETE_FUNCTION_MEMBERS = ("_call_flat", "captured_inputs", "graph")
 _ATOMIC_FUNCTION_MEMBERS = ("call_flat", "function_type", "attributes", "graph",
                             "cached_definition", "children")
+_OPERATION_MEMBERS = ("_from_c_op",)
 _GRAPH_MEMBERS = ("_create_op_internal", "_add_function_recursive", "_create_op_from_tf_operation",
                   "_apply_device_functions", "_get_control_flow_context",
                   "_control_dependencies_stack", "_device_function_stack")
@@ -205,6 +212,8 @@ def check_private_symbols() -> list[str]:
         if not hasattr(atomic_function.AtomicFunction, member)
     ]
     missing += [f"Graph.{member}" for member in _GRAPH_MEMBERS if not hasattr(tf_ops.Graph, member)]
+    missing += [f"Operation.{member}" for member in _OPERATION_MEMBERS
+                if not hasattr(tf_ops.Operation, member)]
     missing += [f"{owner.__name__}.{member}" for owner, member in _REPLICA_MEMBERS
                 + _SEED_MEMBERS if not hasattr(owner, member)]
     return missing

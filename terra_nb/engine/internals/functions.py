@@ -15,7 +15,6 @@ from tensorflow.python.eager import (
     context,
     forwardprop_util,
     record,
-    tape,
 )
 from tensorflow.python.eager import imperative_grad as gradient_module
 from tensorflow.python.eager.polymorphic_function import atomic_function
@@ -23,6 +22,7 @@ from tensorflow.python.eager.polymorphic_function import attributes as attribute
 from tensorflow.python.framework import dtypes, indexed_slices, ops
 from tensorflow.python.ops import array_ops, gradients_util, handle_data_util
 
+from terra_nb.engine.internals.defined import DefinedFunction, tell_tapes_of_reads
 from terra_nb.engine.internals.ops import (
     EagerTensor,
     call_handled,
@@ -114,13 +114,12 @@ class TracedCall:
 
     @property
     def outputs(self) -> list:
-        """The tensors the traced call returns. Not `ConcreteFunction.outputs`: TensorFlow's
-        first call under a tape appends the side outputs its backward function needs to the
-        traced graph's outputs, so a function called before (a twin's, an earlier session's)
-        would show more outputs than the call returns."""
-        return [output for output in tf.nest.flatten(self.function.structured_outputs,
-                                                     expand_composites=True)
-                if isinstance(output, tf.Tensor)]
+        """The tensors the traced call returns (a DefinedFunction's: their specs). Not
+        `ConcreteFunction.outputs`: TensorFlow's first call under a tape appends the side
+        outputs its backward function needs to the traced graph's outputs, so a function
+        called before (a twin's, an earlier session's) would show more outputs than the call
+        returns."""
+        return returned_specs(self.function)
 
     def calls_to_come(self, under_tape: bool) -> list:
         """(name, argument placeholders, output count, captured values) of each function
@@ -131,17 +130,18 @@ class TracedCall:
         function = self.function
         captured = list(function.captured_inputs if self.captures is None else self.captures)
         if not under_tape:
-            return [_call_of(function.name.decode(), function.inputs, len(self.outputs),
-                             captured)]
+            return [(_registered_name(function), _argument_specs(function), len(self.outputs),
+                     captured)]
         plan = self._plan
         if plan is None and self._written_gradient is not None and self.captures is None:
             plan = self._write_plan()
         if not isinstance(plan, _WrittenTapePlan):
             return []
         backward = plan.backward
-        return [_call_of(plan.name, plan.forward.graph.inputs, plan.num_outputs, captured),
-                _call_of(backward.name.decode(), backward.inputs, len(backward.outputs),
-                         list(backward.captured_inputs))]
+        return [(plan.name, plan.forward.function_type.flat_inputs, plan.num_outputs, captured),
+                (_registered_name(backward), _argument_specs(backward),
+                 len(returned_specs(backward)),
+                 list(backward.captured_inputs))]
 
     def _write_plan(self):
         written, self._written_gradient = self._written_gradient(), None
@@ -164,7 +164,8 @@ class TracedCall:
             plan = self._plan = self._twin_of._plan  # its inputs are the twin's own
         if plan is not None and plan.usable and record.could_possibly_record() \
                 and context.executing_eagerly():
-            _read(self.variables if self.variables is not None else plan.variables)
+            tell_tapes_of_reads(self.variables if self.variables is not None
+                                else plan.variables)
             args = tensors + captured
             kind = gradients_util.PossibleTapeGradientTypes(args)
             if ((kind == _FIRST_ORDER or kind == _HIGHER_ORDER and plan.serves_higher_order())
@@ -172,29 +173,43 @@ class TracedCall:
                     and plan.admits(args)):
                 return function.function_type.pack_output(plan.call(args, kind))
         if self.variables is not None:  # TensorFlow's call reads the traced-for variables
-            _read(self.variables)
+            tell_tapes_of_reads(self.variables)
         if record.could_possibly_record():
             self.calls_through_tensorflow += 1
         outputs = function._call_flat(tensors, captured)
         if plan is None:
-            self._plan = _TapePlan.of(function)
+            self._plan = _TapePlan.of(function.made if isinstance(function, DefinedFunction)
+                                      else function)
         return outputs
 
 
-def _call_of(name: str, inputs: list, num_outputs: int, captured: list) -> tuple:
-    return name, inputs[:len(inputs) - len(captured)], num_outputs, captured
+def returned_specs(function) -> list:
+    """The tensors a ConcreteFunction's call returns (see TracedCall.outputs), or a
+    DefinedFunction's specs of them."""
+    if isinstance(function, DefinedFunction):
+        return function.output_specs
+    return [output for output in tf.nest.flatten(function.structured_outputs,
+                                                 expand_composites=True)
+            if isinstance(output, tf.Tensor)]
+
+
+def _registered_name(function) -> str:
+    """The name a function runs by in the eager context (a DefinedFunction registered now:
+    it is about to be instantiated by that name)."""
+    if isinstance(function, DefinedFunction):
+        function = function.atomic
+    return function.name.decode()
+
+
+def _argument_specs(function) -> list:
+    """The specs (or placeholders) of a function's tensor arguments, its captures left out."""
+    if isinstance(function, DefinedFunction):
+        return function.specs
+    return function.inputs[:len(function.inputs) - len(function.captured_inputs)]
 
 
 _FIRST_ORDER = gradients_util.POSSIBLE_GRADIENT_TYPES_FIRST_ORDER
 _HIGHER_ORDER = gradients_util.POSSIBLE_GRADIENT_TYPES_HIGHER_ORDER
-
-
-def _read(variables) -> None:
-    """Tell the tapes a call reads these variables (first: a tape watching them watches the
-    call), as TensorFlow's call does."""
-    for variable in variables:
-        if variable.trainable:
-            tape.variable_accessed(variable)
 
 
 class _TapePlan:
@@ -211,7 +226,7 @@ class _TapePlan:
         return cls(function, functions._forward, functions._forward_graph, functions._backward)
 
     def __init__(self, function, forward, forward_graph, backward) -> None:
-        self.variables = function.graph.variables
+        self.variables = function.variables
         self.forward = forward
         self.name = forward.cached_definition.signature.name
         self.backward = backward
@@ -304,17 +319,18 @@ class _WrittenTapePlan:
     usable = True
 
     def __init__(self, function, written) -> None:
-        self.variables = function.graph.variables
+        self.variables = function.variables
         self.forward = written.forward
         self.name = self.forward.cached_definition.signature.name
-        outputs = self.forward.graph.outputs
+        outputs = self.forward.function_type.flat_outputs
         self.num_outputs = len(outputs)
         self.direct = all(output.dtype != dtypes.resource for output in outputs)
         self.results = written.results
         self.side_outputs = written.side_outputs
         self.output_specs = [(output.shape, output.dtype) for output in outputs]
         self.backward = written.backward
-        self.inputs = len(self.forward.graph.inputs)
+        self.inputs = len(self.forward.function_type.flat_inputs) + len(
+            function.captured_inputs)
         self.arguments = written.arguments  # places among the call's inputs
         self.slots = written.gradient_slots
         self.unconnected = written.unconnected

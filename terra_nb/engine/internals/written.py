@@ -21,10 +21,20 @@ import weakref
 
 import tensorflow as tf
 from tensorflow.core.framework import function_pb2
+from tensorflow.python.client import pywrap_tf_session
 from tensorflow.python.eager import context, execute
+from tensorflow.python.framework import c_api_util
+from tensorflow.python.framework import ops as tf_ops
 
 from terra_nb.engine.internals.ops import op_def
 
+PRIVATE_SYMBOLS = tuple(("tensorflow.python.client.pywrap_tf_session", name) for name in (
+    "TF_NewImportGraphDefOptions", "TF_ImportGraphDefOptionsSetPrefix",
+    "TF_ImportGraphDefOptionsAddInputMapping", "TF_ImportGraphDefOptionsAddReturnOperation",
+    "TF_GraphImportGraphDefWithResults", "TF_ImportGraphDefResultsReturnOperations",
+    "TF_DeleteImportGraphDefResults", "TF_NewBufferFromString", "TF_DeleteBuffer",
+    "TF_DeleteImportGraphDefOptions", "SetHandleShapeAndType")) + (
+    ("tensorflow.python.framework.c_api_util", "tf_output"),)
 RESOURCE = tf.resource.as_datatype_enum
 _NAMES = itertools.count(1)
 _OUTPUT_ARGUMENTS: dict = {}  # (op type, list sizes) -> per flat output: "argument:index"
@@ -85,8 +95,29 @@ def written_function(graph_def, specs: list, captured: list, outputs: list,
     `terra_resourceN:0` for `captured`) as a function returning `outputs` ((node name,
     output index)) and running `control_outputs` whatever reads them; None when a node has
     no OpDef to name its outputs by (the FuncGraph way builds those)."""
-    arguments = {f"terra_arg{index}" for index in range(len(specs))}
-    arguments |= {f"terra_resource{index}" for index in range(len(captured))}
+    arguments = [(f"terra_arg{index}", spec) for index, spec in enumerate(specs)]
+    arguments += [(f"terra_resource{index}", RESOURCE_SPEC) for index in range(len(captured))]
+    function = function_definition(f"__terra_segment_{next(_NAMES)}", graph_def, arguments,
+                                   {f"{name}:0": name for name, _ in arguments},
+                                   [f"{node}:{output}" for node, output in outputs],
+                                   output_dtypes, control_outputs)
+    if function is None:
+        return None
+    context.context().add_function_def(function)
+    return WrittenFunction(function.signature.name, specs, captured, output_dtypes,
+                           frozenset(node.op for node in graph_def.node), called)
+
+
+RESOURCE_SPEC = tf.TensorSpec(None, tf.resource)
+
+
+def function_definition(name: str, graph_def, arguments: list, bound: dict, outputs: list,
+                        output_dtypes: list, control_outputs: list):
+    """The FunctionDef `name` of the ops written as `graph_def`, with `arguments` ((name,
+    TensorSpec)); `bound`: each input the GraphDef reads but does not hold ("terra_arg0:0")
+    -> the argument giving it. It returns the tensors named `outputs` ("node:index", or a
+    bound input), and `control_outputs` run whatever reads them. None when a node has no
+    OpDef to name its outputs by."""
     names = {}
     stateful = False
     for node in graph_def.node:
@@ -99,39 +130,116 @@ def written_function(graph_def, specs: list, captured: list, outputs: list,
     def renamed(tensor: str) -> str:
         if tensor.startswith("^"):
             return tensor
+        argument = bound.get(tensor)
+        if argument is not None:
+            return argument
         node, _, index = tensor.rpartition(":")
-        if node in arguments:
-            return node
         return f"{node}:{names[node][int(index)]}"
 
     function = function_pb2.FunctionDef()
+    function.node_def.extend(graph_def.node)  # copied whole, then its inputs renamed
     signature = function.signature
-    signature.name = f"__terra_segment_{next(_NAMES)}"
+    signature.name = name
     signature.is_stateful = stateful
-    for index, spec in enumerate(specs):
+    for index, (argument_name, spec) in enumerate(arguments):
         argument = signature.input_arg.add()
-        argument.name, argument.type = f"terra_arg{index}", spec.dtype.as_datatype_enum
-        shapes = function.arg_attr[index].attr["_output_shapes"].list.shape
-        shapes.add().CopyFrom(spec.shape.as_proto())
-    for index in range(len(captured)):
-        argument = signature.input_arg.add()
-        argument.name, argument.type = f"terra_resource{index}", RESOURCE
-    for index, ((node, output), dtype) in enumerate(zip(outputs, output_dtypes, strict=True)):
+        argument.name, argument.type = argument_name, spec.dtype.as_datatype_enum
+        if spec.dtype != tf.resource:
+            shapes = function.arg_attr[index].attr["_output_shapes"].list.shape
+            shapes.add().CopyFrom(spec.shape.as_proto())
+    for index, (tensor, dtype) in enumerate(zip(outputs, output_dtypes, strict=True)):
         result = signature.output_arg.add()
         result.name, result.type = f"output{index}", dtype
-        function.ret[result.name] = renamed(f"{node}:{output}")
-    for name in dict.fromkeys(control_outputs):
-        signature.control_output.append(name)
-        function.control_ret[name] = name
-    for node in graph_def.node:
-        body = function.node_def.add()
-        body.name, body.op, body.device = node.name, node.op, node.device
-        body.input.extend(renamed(tensor) for tensor in node.input)
-        for key, value in node.attr.items():
-            body.attr[key].CopyFrom(value)
-    context.context().add_function_def(function)
-    return WrittenFunction(signature.name, specs, captured, output_dtypes,
-                           frozenset(node.op for node in graph_def.node), called)
+        function.ret[result.name] = renamed(tensor)
+    for control in dict.fromkeys(control_outputs):
+        signature.control_output.append(control)
+        function.control_ret[control] = control
+    for body in function.node_def:
+        body.input[:] = [renamed(tensor) for tensor in body.input]
+    return function
+
+
+class ScratchGraph:
+    """The ops written as a GraphDef imported into a scratch graph through the C API alone,
+    for the TensorSpecs (dtype, static shape) TensorFlow infers for their outputs from the
+    arguments' specs: no Python Operation made but those of the tensors asked (~10 µs a node,
+    against ~25 and a ConcreteFunction's making for the FuncGraph of a ConcreteFunction).
+    Raises what the import raises where TensorFlow refuses the GraphDef."""
+
+    def __init__(self, graph_def, arguments: list, bound: dict, handles: dict,
+                 tensors: list | None = None) -> None:
+        """`arguments`: (name, TensorSpec) of the inputs (a resource argument's variable is
+        `handles[name]`, whose shape and dtype its reads take); `bound`: each input the
+        GraphDef reads, besides the arguments by their names, -> the argument giving it;
+        `tensors`: those whose specs will be asked ("node:index", or a bound input; None:
+        any, at ~5 µs more a node than importing it again for one not named)."""
+        self._source = (graph_def, arguments, bound, handles)
+        graph = tf_ops.Graph()
+        given = tf.compat.v1.GraphDef()
+        for name, spec in arguments:
+            node = given.node.add()
+            node.name, node.op = name, "Placeholder"
+            node.attr["dtype"].type = spec.dtype.as_datatype_enum
+            node.attr["shape"].shape.CopyFrom(spec.shape.as_proto())
+        placeholders = _import(graph, given, [name for name, _ in arguments], {})
+        outputs = {}
+        for (name, spec), placeholder in zip(arguments, placeholders, strict=True):
+            outputs[name] = c_api_util.tf_output(placeholder, 0)
+            data = getattr(handles.get(name), "_handle_data", None)
+            if spec.dtype == tf.resource and data is not None and data.is_set:
+                with graph._c_graph.get() as c_graph:
+                    pywrap_tf_session.SetHandleShapeAndType(c_graph, outputs[name],
+                                                            data.SerializeToString())
+        self._spec_of = dict(arguments)
+        self._argument_of = {**{f"{name}:0": name for name in self._spec_of}, **bound}
+        names = [node.name for node in graph_def.node] if tensors is None else list(
+            dict.fromkeys(tensor.rpartition(":")[0] for tensor in tensors
+                          if tensor not in self._argument_of))
+        made = _import(graph, graph_def, names, {
+            tensor.rpartition(":")[0]: outputs[argument]
+            for tensor, argument in self._argument_of.items()})
+        self._operations = {name: tf_ops.Operation._from_c_op(c_op, graph)
+                            for name, c_op in zip(names, made, strict=True)}
+
+    def specs(self, tensors: list) -> list:
+        """The TensorSpecs of `tensors` ("node:index", or an input bound to an argument); the
+        GraphDef imported again where one of them was not asked when it was first."""
+        if any(tensor.rpartition(":")[0] not in self._operations
+               and tensor not in self._argument_of for tensor in tensors):
+            return ScratchGraph(*self._source, tensors).specs(tensors)
+        found = []
+        for tensor in tensors:
+            argument = self._argument_of.get(tensor)
+            if argument is not None:
+                found.append(self._spec_of[argument])
+                continue
+            node, _, index = tensor.rpartition(":")
+            output = self._operations[node].outputs[int(index)]
+            found.append(tf.TensorSpec(output.shape, output.dtype))
+        return found
+
+
+def _import(graph, graph_def, names: list, inputs: dict) -> list:
+    """Import `graph_def` into `graph`'s C graph, the inputs it names in `inputs` bound to
+    those TF_Outputs; the TF_Operations named `names`."""
+    options = pywrap_tf_session.TF_NewImportGraphDefOptions()
+    buffer = pywrap_tf_session.TF_NewBufferFromString(graph_def.SerializeToString())
+    try:
+        pywrap_tf_session.TF_ImportGraphDefOptionsSetPrefix(options, "")
+        for name, output in inputs.items():
+            pywrap_tf_session.TF_ImportGraphDefOptionsAddInputMapping(options, name, 0, output)
+        for name in names:
+            pywrap_tf_session.TF_ImportGraphDefOptionsAddReturnOperation(options, name)
+        with graph._c_graph.get() as c_graph:
+            results = pywrap_tf_session.TF_GraphImportGraphDefWithResults(c_graph, buffer,
+                                                                          options)
+        try:
+            return pywrap_tf_session.TF_ImportGraphDefResultsReturnOperations(results)
+        finally:
+            pywrap_tf_session.TF_DeleteImportGraphDefResults(results)
+    finally:
+        pywrap_tf_session.TF_DeleteBuffer(buffer)
+        pywrap_tf_session.TF_DeleteImportGraphDefOptions(options)
 
 
 def _output_arguments(node, definition) -> list:

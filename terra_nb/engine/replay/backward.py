@@ -24,6 +24,7 @@ must not be watched when the call runs (TracedCall then takes TensorFlow's path)
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -67,7 +68,7 @@ class WrittenGradient(NamedTuple):
     results: int  # how many of its outputs are the call's results
     sides: list  # (node uid, output index) of each forward value the backward reads
     side_outputs: list  # ... the forward's output giving it
-    backward: object  # ConcreteFunction: upstream gradients, side values, arguments -> grads
+    backward: object  # DefinedFunction: upstream gradients, side values, arguments -> grads
     arguments: list  # places among the call's inputs of the arguments the backward reads
     gradient_slots: list  # per backward output, its place among the call's inputs
     unconnected: list  # places among the call's inputs that got no gradient when recorded
@@ -94,7 +95,7 @@ def write_gradient(record: GradientRecord, sources, positions: list, result_spec
         got one (a result's comes with the results')."""
         extra = [side for side, output in zip(written.sides, written.side_outputs, strict=True)
                  if output >= written.results]
-        outputs = written.forward.graph.outputs[written.results:]
+        outputs = written.forward.function_type.flat_outputs[written.results:]
         try:
             return _Writer(record, sources, positions, captured, written.sides, extra).write(
                 [(output.shape, output.dtype) for output in outputs],
@@ -218,12 +219,10 @@ class _Writer:
                     node.input[index] = renamed[name]
         extra = [side for side in self.sides if side not in self.results]
         forward = forward_with(extra)
-        outputs = forward.graph.outputs
+        outputs = forward.function_type.flat_outputs
         side_outputs = [self.results.index(side) if side in self.results
                         else len(self.results) + extra.index(side) for side in self.sides]
-        argument_specs = {position: tf.TensorSpec(placeholder.shape, placeholder.dtype)
-                          for position, placeholder in zip(self.positions,
-                                                           forward.graph.inputs)}
+        argument_specs = dict(zip(self.positions, forward.function_type.flat_inputs))
         specs = [tf.TensorSpec(shape, dtype) for shape, dtype in upstream_specs] + [
             tf.TensorSpec(outputs[output].shape, outputs[output].dtype)
             for output in side_outputs] + [
@@ -232,7 +231,9 @@ class _Writer:
             f"terra_side{index}:0" for index in range(len(self.sides))] + [
             f"terra_x{position}:0" for position in self.arguments]
         slots = [slot for slot, grad in enumerate(grads) if grad is not None]
-        backward = _trace(written, inputs, [grads[slot] for slot in slots], specs)
+        backward = _backward_function(
+            written, inputs, [grads[slot] for slot in slots], specs,
+            [dtype for node in self.backward_path for dtype in node.output_dtypes])
         unconnected = [slot for slot, grad in enumerate(grads) if grad is None]
         return WrittenGradient(forward, len(self.results), self.sides, side_outputs, backward,
                                [self.positions.index(position) for position in self.arguments],
@@ -390,7 +391,24 @@ def _same(node, slot: int, given) -> bool:
     return seen is not None and id(seen.first) == object_id
 
 
-def _trace(written, inputs: list, outputs: list, specs: list):
+def _backward_function(written, inputs: list, outputs: list, specs: list, node_dtypes: list):
+    """The backward function: the written gradient ops registered as a FunctionDef, `inputs`
+    (names) its arguments, the tensors named `outputs` its results; where it cannot be
+    written so, its ConcreteFunction (`_traced`)."""
+    make_concrete = functools.partial(_traced, written, inputs, outputs, specs)
+    if written.functions:
+        return make_concrete()
+    # a backward function, by TensorFlow's naming: its index ops read what the forward's
+    # did, which failed first (graphgen.may_fail)
+    defined = internals.defined_function(
+        "__backward_written", written.graph_def,
+        [(name.rpartition(":")[0], spec) for name, spec in zip(inputs, specs, strict=True)],
+        {}, [], outputs, list, [*node_dtypes, *(spec.dtype.as_datatype_enum for spec in specs)],
+        make_concrete, written.kept_running)
+    return defined if defined is not None else make_concrete()
+
+
+def _traced(written, inputs: list, outputs: list, specs: list):
     """The backward ConcreteFunction: the GraphDef imported with `inputs` (names) bound to
     its arguments, the tensors named `outputs` returned."""
     graph_def = written.graph_def
@@ -410,8 +428,6 @@ def _trace(written, inputs: list, outputs: list, specs: list):
                 else operations[output.split(":")[0]].outputs[int(output.split(":")[1])]
                 for output in outputs]
 
-    # a backward function, by TensorFlow's naming: its index ops read what the forward's
-    # did, which failed first (graphgen.may_fail)
     with internals.suspended():
         return internals.graph_function("__backward_written", specs, body,
                                         internals.WITHOUT_AUTOMATIC_CONTROL)

@@ -106,12 +106,13 @@ def replay_macro(entry, flat: list, runner, call_site, checked: bool):
 
 
 def fits(macro, result) -> bool:
-    """Whether a function traced with sizes unknown returns what the call returned: as many
+    """Whether a function traced with sizes unknown returns what the call returned (or what
+    another function returns, its tensors or specs: `TracedCall.outputs`): as many
     tensors, each of its dtype and rank, each size it knows the same. (Traced for its own
     sizes, the call's output shapes had to be fully known: a function of its input sizes,
     not of values.)"""
     returned = [value for value in tf.nest.flatten(result, expand_composites=True)
-                if tf.is_tensor(value)]
+                if tf.is_tensor(value) or isinstance(value, tf.TensorSpec)]
     outputs = macro.outputs
     return len(returned) == len(outputs) and all(
         output.dtype == value.dtype and output.shape.rank == len(value.shape)

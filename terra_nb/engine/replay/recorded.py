@@ -5,12 +5,13 @@ Tracing a Keras call into a ConcreteFunction runs its Python again in graph mode
 TensorFlow builds each op through Python (~0.3-0.4 ms per graph op): sdpoint's first
 iteration spent ~130 ms of its ~400 ms tracing eight calls. A call observed clean in a
 recording iteration has all its ops in the TraceGraph already: written as one GraphDef
-(segmentdef.write_segment) and imported into a function whose inputs are the call's tensor
-arguments, the same call takes a few milliseconds. Its ops are eager's own, so the function
-computes what eager computed. A first call that built its layer or optimizer also made its
-variables: the ops that made them (each new handle, its initial value and first assignment)
-are left out, and the handles, like those of variables made earlier in the iteration, are
-captured as the function's variables.
+(segmentdef.write_segment) and registered as the FunctionDef of a function whose inputs are
+the call's tensor arguments (internals.defined_function; importing it into the FuncGraph of
+a ConcreteFunction took ~3-7 ms more), the same call takes a few milliseconds. Its ops are
+eager's own, so the function computes what eager computed. A first call that built its
+layer or optimizer also made its variables: the ops that made them (each new handle, its
+initial value and first assignment) are left out, and the handles, like those of variables
+made earlier in the iteration, are captured as the function's variables.
 
 Only a call whose recorded ops tell everything it does is written so: a call of Keras' own
 layers, losses and optimizers (written to be traced: Keras compiles them with tf.function and
@@ -50,7 +51,7 @@ from terra_nb.engine.replay.guards import (
 )
 from terra_nb.engine.replay.macro import BuiltMacro, fully_shaped
 from terra_nb.engine.replay.updates import SIZE_FREE
-from terra_nb.engine.segmentdef import import_written, write_segment
+from terra_nb.engine.segmentdef import constant_node, import_written, write_segment
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
 
 
@@ -113,20 +114,86 @@ def macro_from_recording(recorded: RecordedCall, obj, flat: list,
     specs = [tf.TensorSpec(relaxed.arguments[position].shape if relaxed is not None
                            else np.shape(flat[position]), dtype_of(flat[position]))
              for position in positions]
-    concrete = _function(recorded.result, recorded.variables, plan, written, positions, specs)
-    if not fully_shaped(concrete):  # sizes that follow from values: the trace decides
-        return None
+    function = _function(recorded.result, recorded.variables, plan, written, positions,
+                         specs)
     gradient = functools.partial(  # holding what the gradient needs, not the iteration
         _written_gradient, backward.gradient_record(recorded), plan, written, positions,
-        concrete) if any(source[0] == "op" for source in plan.results) else None
-    return BuiltMacro(internals.TracedCall(concrete, written_gradient=gradient), positions,
-                      "from its recorded ops")
+        function) if any(source[0] == "op" for source in plan.results) else None
+    call = internals.TracedCall(function, written_gradient=gradient)
+    if not fully_shaped(call):  # sizes that follow from values: the trace decides
+        return None
+    return BuiltMacro(call, positions, "from its recorded ops")
 
 
 def _function(result, variables: tuple, plan: _Sources, written, positions: list,
               specs: list):
-    """The ConcreteFunction of the written call: its results in the structure of `result`
-    (what the call returned). `variables`: the trainable ones it reads."""
+    """The function of the written call, its results in the structure of `result` (what the
+    call returned): registered as its FunctionDef (internals.defined_function), or where it
+    cannot be, the ConcreteFunction of its ops imported into a FuncGraph. `variables`: the
+    trainable ones it reads."""
+    unique = list({id(variable): variable for variable in variables}.values())
+    make_concrete = functools.partial(_concrete_function, result, unique, plan, written,
+                                      positions, specs)
+    with internals.suspended():
+        defined = _defined_function(result, unique, plan, written, positions, specs,
+                                    make_concrete)
+    return defined if defined is not None else make_concrete()
+
+
+def _defined_function(result, variables: list, plan: _Sources, written, positions: list,
+                      specs: list, make_concrete):
+    """The written call registered as a FunctionDef: its GraphDef, a read of each variable it
+    returns (after the call's updates, as its trace reads them) and a constant for each Python
+    value it returns; None where a returned variable is a distributed one."""
+    input_of = {position: index for index, position in enumerate(positions)}
+    arguments = [(f"terra_in{index}", spec) for index, spec in enumerate(specs)]
+    bound = {f"terra_arg{feed}:0": f"terra_in{input_of[position]}"
+             for feed, position in enumerate(plan.fed_from)}
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.CopyFrom(written.graph_def)
+    captured = list(written.resources)
+    resource_of = {id(handle): index for index, handle in enumerate(captured)}
+    position_of = {node.uid: position for position, node in enumerate(plan.path)}
+    waits = [f"^{name}" for name in written.kept_running]
+    results, leaves = [], []
+    for index, source in enumerate(plan.results):
+        if source[0] == "op":
+            name, output = written.results[position_of[source[1]]][source[2]]
+            results.append(f"{name}:{output}")
+        elif source[0] == "argument":
+            results.append(f"terra_in{input_of[source[1]]}:0")
+        elif source[0] == "variable":
+            handle = getattr(source[1], "handle", None)
+            if not isinstance(handle, internals.EagerTensor) or handle.is_packed:
+                return None
+            if id(handle) not in resource_of:
+                resource_of[id(handle)] = len(captured)
+                captured.append(handle)
+            read = graph_def.node.add()
+            read.name, read.op = f"terra_result{index}", "ReadVariableOp"
+            read.input.extend([f"terra_resource{resource_of[id(handle)]}:0", *waits])
+            read.attr["dtype"].type = tf.as_dtype(source[1].dtype).as_datatype_enum
+            results.append(f"{read.name}:0")
+        elif source[1] is not None:
+            value = tf.convert_to_tensor(source[1])
+            results.append(constant_node(graph_def, f"terra_result{index}", value.numpy(),
+                                         value.dtype.as_datatype_enum) + ":0")
+        leaves.append(source[0] != "value" or source[1] is not None)
+
+    def pack(result_specs: list):
+        given = iter(result_specs)
+        return tf.nest.pack_sequence_as(result, [next(given) if returns else None
+                                                 for returns in leaves])
+
+    return internals.defined_function(
+        "written_call", graph_def, arguments, bound, captured, results, pack,
+        [dtype for node in plan.path for dtype in node.output_dtypes], make_concrete,
+        written.kept_running, variables, any(source[0] == "op" for source in plan.results))
+
+
+def _concrete_function(result, variables: list, plan: _Sources, written, positions: list,
+                       specs: list):
+    """The written call's ops imported into the FuncGraph of a ConcreteFunction."""
     input_of = {position: index for index, position in enumerate(positions)}
 
     def body(tensors):
@@ -142,33 +209,30 @@ def _function(result, variables: tuple, plan: _Sources, written, positions: list
     with internals.suspended():
         concrete = internals.graph_function("written_call", specs, body,
                                             internals.WITHOUT_AUTOMATIC_CONTROL)
-    unique = {id(variable): variable for variable in variables}.values()
-    concrete.set_variables(list(unique))  # a tape watching them watches the call
+    concrete.set_variables(variables)  # a tape watching them watches the call
     return concrete
 
 
 def _written_gradient(record: backward.GradientRecord, plan: _Sources, written,
-                      positions: list, concrete):
+                      positions: list, function):
     """The call's forward and backward written from its recorded gradient ops, or None. Its
-    forward is the written function's graph with the values the backward reads (those not
-    among its results) as more outputs, as TensorFlow makes its forward functions."""
-    captured = concrete.captured_inputs
-    results = [output for output in tf.nest.flatten(concrete.structured_outputs,
-                                                    expand_composites=True)
-               if isinstance(output, tf.Tensor)]
+    forward is the written function with the values the backward reads (those not among its
+    results) as more outputs, as TensorFlow makes its forward functions."""
+    captured = function.captured_inputs
     position_of = {node.uid: position for position, node in enumerate(plan.path)}
 
     def forward_with(values: list):
-        graph = concrete.graph
-        tensors = []
-        for uid, index in values:
-            name, output = written.results[position_of[uid]][index]
-            tensors.append(graph.get_operation_by_name(name).outputs[output])
-        return internals.forward_with_outputs(concrete, tensors)
+        names = [written.results[position_of[uid]][index] for uid, index in values]
+        if isinstance(function, internals.DefinedFunction):
+            return function.with_outputs([f"{name}:{output}" for name, output in names])
+        graph = function.graph
+        return internals.forward_with_outputs(function, [
+            graph.get_operation_by_name(name).outputs[output] for name, output in names])
 
     with internals.suspended():
         return backward.write_gradient(record, plan, positions,
-                                       [(output.shape, output.dtype) for output in results],
+                                       [(output.shape, output.dtype)
+                                        for output in internals.returned_specs(function)],
                                        forward_with, captured)
 
 

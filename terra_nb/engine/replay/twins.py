@@ -64,9 +64,9 @@ class Twins:
         own = obj.variables
         captures = [own[positions[id(capture)]].handle for capture in function.captured_inputs]
         variables = [own[positions[id(variable.handle)]].value
-                     for variable in function.graph.variables
+                     for variable in function.variables
                      if id(variable.handle) in positions]
-        if len(variables) != len(function.graph.variables):
+        if len(variables) != len(function.variables):
             return None
         return BuiltMacro(internals.TracedCall(function, captures, variables,
                                                twin_of=built.call),
