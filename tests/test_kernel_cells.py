@@ -573,9 +573,9 @@ def test_layers_of_one_width_share_one_function_written_from_their_recorded_ops(
     """Four hidden layers of one width, defined in the cell and built by their first call:
     their functions, the loss's and the optimizer's (whose first call made its slots) are
     written from the ops the first iteration recorded, not traced, and so are the backward
-    functions of those under the tape; the three 16-to-16 layers call one function with their
-    own weights, and the notes say so; losses and weights (optimizer slots included) are
-    eager's."""
+    functions of those under the tape, all registered as FunctionDefs; the three 16-to-16
+    layers call one function with their own weights, and the notes say so; losses and
+    weights (optimizer slots included) are eager's."""
     notebook = execute_cells([
         "%load_ext terra_nb", SETUP, DEEP_LOOP,
         "eager = losses, [v.numpy() for v in model.variables + optimizer.variables]",
@@ -591,8 +591,12 @@ def test_layers_of_one_width_share_one_function_written_from_their_recorded_ops(
         "calls = [entry.macro for entry in list(magics._sessions.values())[-1][1]"
         ".macro_table.entries.values() if entry.macro is not None and entry.macro.gradient]\n"
         "print('gradients', sorted({call.gradient for call in calls}), len(calls),"
-        " sum(call.calls_through_tensorflow for call in calls))\n"])
+        " sum(call.calls_through_tensorflow for call in calls))\n"
+        "print('functions', sorted({type(call.function).__name__ for call in calls}),"
+        " sum(call.function.made is not None for call in calls))\n"])
     shown, modes = _printed_modes(notebook)
+    # registered as FunctionDefs; no ConcreteFunction (FuncGraph) was made for any of them
+    assert re.search(r"^functions \['DefinedFunction'\] 0$", shown, re.M), shown
     # each Dense call's and the loss's backward is written from the first iteration's
     # gradient ops (the twins share theirs); none is built by TensorFlow
     assert re.search(r"^gradients \['written'\] 6 0$", shown, re.M), shown
