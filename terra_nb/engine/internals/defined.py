@@ -20,6 +20,7 @@ graph being built) is the ConcreteFunction's, made at that first need as before.
 from __future__ import annotations
 
 import itertools
+import threading
 
 from tensorflow.core.function import trace_type
 from tensorflow.core.function.polymorphism import function_type
@@ -41,6 +42,7 @@ PRIVATE_SYMBOLS = (
 )
 
 _NUMBERS = itertools.count(1)
+_REGISTERING = threading.Lock()
 # the op types whose outputs tf.get_static_value may fold, and those it looks through
 _FOLDABLE = frozenset({"Const", "Shape", "Size", "Rank", "Range", "Cast", "Concat", "ConcatV2",
                        "Pack", "Unpack", "Split", "Fill", "Equal", "NotEqual"})
@@ -69,9 +71,12 @@ class DefinedFunction:
 
     @property
     def atomic(self):
-        """Its AtomicFunction, the FunctionDef registered now if it was not yet."""
+        """Its AtomicFunction, the FunctionDef registered now if it was not yet (once, where
+        replica threads make their first calls together)."""
         if self._atomic is None:
-            self._atomic = _registered(self._recipe, self.function_type)
+            with _REGISTERING:
+                if self._atomic is None:
+                    self._atomic = _registered(self._recipe, self.function_type)
         return self._atomic
 
     def concrete(self):
