@@ -198,13 +198,14 @@ class ScratchGraph:
         made = _import(graph, graph_def, names, {
             tensor.rpartition(":")[0]: outputs[argument]
             for tensor, argument in self._argument_of.items()})
-        self._operations = {name: tf_ops.Operation._from_c_op(c_op, graph)
-                            for name, c_op in zip(names, made, strict=True)}
+        self._graph = graph
+        self._made = dict(zip(names, made, strict=True))  # name -> TF_Operation
+        self._operations: dict = {}  # name -> its Python Operation, made when asked
 
     def specs(self, tensors: list) -> list:
         """The TensorSpecs of `tensors` ("node:index", or an input bound to an argument); the
         GraphDef imported again where one of them was not asked when it was first."""
-        if any(tensor.rpartition(":")[0] not in self._operations
+        if any(tensor.rpartition(":")[0] not in self._made
                and tensor not in self._argument_of for tensor in tensors):
             return ScratchGraph(*self._source, tensors).specs(tensors)
         found = []
@@ -214,7 +215,11 @@ class ScratchGraph:
                 found.append(self._spec_of[argument])
                 continue
             node, _, index = tensor.rpartition(":")
-            output = self._operations[node].outputs[int(index)]
+            operation = self._operations.get(node)
+            if operation is None:
+                operation = self._operations[node] = tf_ops.Operation._from_c_op(
+                    self._made[node], self._graph)
+            output = operation.outputs[int(index)]
             found.append(tf.TensorSpec(output.shape, output.dtype))
         return found
 
