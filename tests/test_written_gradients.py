@@ -358,3 +358,31 @@ def test_a_result_size_that_follows_from_a_value_is_unknown_to_a_written_functio
     assert [(spec.shape.as_list(), spec.dtype) for spec in specs] == [
         ([3, 4], tf.float32), ([None, 4], tf.float32), ([None, None], tf.float32),
         ([2], tf.int32)]
+
+
+def test_a_written_optimizer_returns_its_step_count_after_its_updates():
+    """`apply_gradients` returns the optimizer's iteration count, a variable its own update
+    increments: the written function reads it after every update of the call (its ops kept
+    running first), as the trace did, so each step's returned count and the weights are
+    eager's; the optimizer's call is one of the registered FunctionDefs."""
+    x = tf.constant(np.random.default_rng(8).normal(size=(6, 4)).astype(np.float32))
+
+    def build():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        optimizer = keras.optimizers.Adam(1e-2)
+        optimizer.build(model.trainable_variables)
+        return model, optimizer, model.variables + optimizer.variables
+
+    def step(objects, index):
+        model, optimizer, _ = objects
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x)))
+        grads = tape.gradient(loss, model.trainable_variables)
+        count = optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return [loss, count]
+
+    session = _eager_and_co_executed("optimizer-count", build, step, 6)
+    optimizers = [entry.macro.function for entry in session.macro_table.entries.values()
+                  if entry.macro is not None and entry.macro.gradient is None
+                  and isinstance(entry.macro.function, internals.DefinedFunction)]
+    assert optimizers, [entry.macro for entry in session.macro_table.entries.values()]
