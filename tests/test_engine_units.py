@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import keras
 import numpy as np
@@ -17,7 +18,7 @@ from terra_nb.engine import internals
 from terra_nb.engine.policy import SchedulingPolicy
 from terra_nb.engine.session import Session
 from terra_nb.engine.tolerance import ATOL, ITERATION_RTOL, RUN_RTOL
-from terra_nb.engine.usercode import is_user_file
+from terra_nb.engine.usercode import is_user_code, is_user_file
 
 
 def _co_executed(session, step, steps: int) -> list[float]:
@@ -555,6 +556,19 @@ def test_user_files_and_library_files_are_told_apart():
     assert not is_user_file("<frozen os>")
     assert not is_user_file(tf.__file__)
     assert not is_user_file(internals.ops.__file__)
+
+
+def test_equal_code_in_a_library_file_and_a_user_file_is_judged_per_file():
+    """Code objects of the same source compare equal whatever their files: the verdict is
+    kept per code object, so a user's copy of a library function is still the user's."""
+    source = "def helper(x):\n    return x + 1\n"
+    library = compile(source, os.path.join(os.path.dirname(tf.__file__), "copied.py"),
+                      "exec").co_consts[0]
+    user = compile(source, "<terra-cell-copied>", "exec").co_consts[0]
+    assert library == user
+    assert not is_user_code(library)
+    assert is_user_code(user)
+    assert not is_user_code(library)
 
 
 def test_every_way_python_reads_a_value_is_a_fetch():

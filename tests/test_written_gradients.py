@@ -360,6 +360,42 @@ def test_a_result_size_that_follows_from_a_value_is_unknown_to_a_written_functio
         ([2], tf.int32)]
 
 
+def test_a_scratch_import_for_a_few_results_imports_only_the_ops_they_read():
+    """An optimizer's written update returns its step count alone, read after its updates:
+    the scratch import for that result leaves the updates out (and the read's control inputs
+    on them), and infers what the whole GraphDef's import infers."""
+    variables = [tf.Variable(tf.zeros([2, 3])) for _ in range(4)]
+    count = tf.Variable(0, dtype=tf.int64)
+    graph_def = tf.compat.v1.GraphDef()
+
+    def add(name, op, inputs, dtype):
+        node = graph_def.node.add()
+        node.name, node.op = name, op
+        node.input.extend(inputs)
+        node.attr["dtype"].type = dtype.as_datatype_enum
+        return name
+
+    updates = [add(f"update{index}", "AssignAddVariableOp",
+                   [f"terra_resource{index}:0", "terra_arg0:0"], tf.float32)
+               for index in range(len(variables))]
+    add("counted", "AssignAddVariableOp", ["terra_resource4:0", "terra_arg1:0"], tf.int64)
+    add("step", "ReadVariableOp", ["terra_resource4:0", *(f"^{name}" for name in updates),
+                                   "^counted"], tf.int64)
+    handles = {f"terra_resource{index}": variable.handle
+               for index, variable in enumerate([*variables, count])}
+    arguments = [("delta", tf.TensorSpec([2, 3], tf.float32)),
+                 ("one", tf.TensorSpec([], tf.int64)),
+                 *((name, written.RESOURCE_SPEC) for name in handles)]
+    bound = {"terra_arg0:0": "delta", "terra_arg1:0": "one"}
+    few = written.ScratchGraph(graph_def, arguments, bound, handles, ["step:0"])
+    every = written.ScratchGraph(graph_def, arguments, bound, handles)
+    imported = {node.name for node in few._graph.as_graph_def().node}
+    assert "step" in imported and not imported & {*updates, "counted"}
+    every_imported = {node.name for node in every._graph.as_graph_def().node}
+    assert every_imported >= {*updates, "counted"}
+    assert few.specs(["step:0"]) == every.specs(["step:0"]) == [tf.TensorSpec([], tf.int64)]
+
+
 def test_a_written_optimizer_returns_its_step_count_after_its_updates():
     """`apply_gradients` returns the optimizer's iteration count, a variable its own update
     increments: the written function reads it after every update of the call (its ops kept

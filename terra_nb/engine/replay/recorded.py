@@ -255,10 +255,11 @@ def _rows_relaxed(relaxed, obj, flat: list) -> set | None:
 
 def _folds_any(plan: _Sources, counts: set) -> bool:
     """Whether a constant the written call folds holds one of `counts` (a size read in
-    Python would be one)."""
+    Python would be one). A set lookup per element: the library's constants are a few
+    scalars each, where `np.isin` costs ~50 µs a call (~10 ms over Adam's for bert_cls)."""
     for position, slot in plan.folded:
         value = np.asarray(plan.path[position].externals[slot].first_value)
-        if value.dtype.kind in "iuf" and np.isin(value, list(counts)).any():
+        if value.dtype.kind in "iuf" and not counts.isdisjoint(value.ravel().tolist()):
             return True
     return False
 
