@@ -131,10 +131,10 @@ def read_only_inputs(function) -> list:
     return read_only
 
 
-def remember_read_only_inputs(name: bytes, indices: list) -> None:
+def remember_read_only_inputs(name: str, indices: list) -> None:
     """Record the read-only resource inputs of the function `name`, known from the ops it was
     written from (its graph then need not be made to find out)."""
-    _READ_ONLY_INPUTS[name.decode() if isinstance(name, bytes) else name] = indices
+    _READ_ONLY_INPUTS[name] = indices
 
 
 def call_op_type(function) -> str:

@@ -559,10 +559,10 @@ def _in_half_precision(name: str, function) -> bool:
     return half
 
 
-def remember_half_precision(name: bytes, half: bool) -> None:
+def remember_half_precision(name: str, half: bool) -> None:
     """Record whether the function `name` computes in half precision, known from the ops it
     was written from (its graph then need not be made to find out)."""
-    _HALF_FUNCTIONS[name.decode() if isinstance(name, bytes) else name] = half
+    _HALF_FUNCTIONS[name] = half
 
 
 def quick_call_attrs(attrs: tuple) -> tuple:
