@@ -244,3 +244,52 @@ def test_warmup_profile_marks_what_a_run_did_not_measure():
                          "terra_nb": dict(terra, tape_functions_ms=80.0)}}
     assert profile_table(older).splitlines()[-1].endswith("| 0.03 | - |")
     assert profile_table(newer).splitlines()[-1].endswith("| 0.03 | 0.08 |")
+
+
+def test_floor_recorder_keeps_each_op_with_where_its_inputs_came_from():
+    """benchmarks.recording_floor's floor mode: each op run once, its result unchanged, kept
+    with the op and output each input came from (None: made outside the recording)."""
+    import tensorflow as tf
+
+    from benchmarks.recording_floor import _FloorRecorder
+    from terra_nb.engine.internals import ops
+
+    x = tf.constant([1.0, 2.0])
+    recorder = _FloorRecorder(ops.run_eagerly)
+    with ops.handling(recorder):
+        doubled = x * 2.0
+        total = doubled + x
+    assert total.numpy().tolist() == [3.0, 6.0]
+    kinds = [op_type for op_type, *_ in recorder.ops]
+    assert kinds[-2:] == ["Mul", "AddV2"]
+    multiply = len(recorder.ops) - 2
+    assert recorder.ops[-1][2] == ((multiply, 0), None)
+    assert recorder.produced[id(total)] == (multiply + 1, 0)
+
+
+def test_floor_table_sums_medians_and_divides_by_eager():
+    from benchmarks.recording_floor import MODES, summarize, table
+
+    runs = [{"program": program, "mode": mode, "ms": [base * factor + extra, base]}
+            for program, base in (("a", 100.0), ("b", 50.0))
+            for mode, factor in zip(MODES, (1.0, 1.0, 1.5, 2.0), strict=True)
+            for extra in (0.0, 4.0, 1.0)]  # three rounds: the median adds 1 ms
+    medians = summarize(runs)
+    assert medians["a"]["terra_nb"] == [201.0, 100.0]
+    lines = table(medians).splitlines()
+    assert lines[-2] == "| sum | 152 | 152 | 227 | 302 | 150 | 150 | 150 | 150 |"
+    assert lines[-1].split(" | ")[1:5] == ["1.00x", "1.00x", "1.49x", "1.99x"]
+
+
+@pytest.mark.slow
+def test_recording_floor_runs_every_mode_in_fresh_processes(tmp_path):
+    command = [sys.executable, "-m", "benchmarks.recording_floor", "--programs", "dropblock",
+               "--rounds", "1", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [stem] = {path.rsplit(".", 1)[0] for path in os.listdir(tmp_path)}
+    saved = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert sorted(run["mode"] for run in saved["runs"]) == sorted(
+        ["eager", "handler", "floor", "terra_nb"])
+    assert all(len(run["ms"]) == 2 and min(run["ms"]) > 0 for run in saved["runs"])
+    assert "| dropblock |" in (tmp_path / f"{stem}.md").read_text()
