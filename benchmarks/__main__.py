@@ -79,6 +79,20 @@ def _git_describe() -> str:
         return "unknown"
 
 
+def write_results(out: str | None, name: str, data: dict, text: str) -> None:
+    """Print a benchmark's `text`; with `out`, also save `data` as `<out>/<name>.json` and
+    `text` as `<out>/<name>.md`."""
+    print(text)
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, name)
+    with open(stem + ".json", "w") as handle:
+        json.dump(data, handle, indent=1)
+    with open(stem + ".md", "w") as handle:
+        handle.write(text)
+
+
 def run_program(name: str, steps: int, rounds: int, warmup: int, settle: int,
                 timeout: float) -> dict:
     """Measure one program in a fresh process; a crash or timeout is recorded, not raised."""

@@ -161,7 +161,7 @@ def main(argv=None) -> None:
     if args.one:
         print(json.dumps(run_one(*args.one, args.steps)))
         return
-    from benchmarks.__main__ import machine_info
+    from benchmarks.__main__ import machine_info, write_results
 
     machine = machine_info()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,14 +189,8 @@ def main(argv=None) -> None:
             "include tracing and graph building; settled: the median of the last "
             f"{TAIL} steps. Ratios: eager's time under the same placement / the row's.\n\n"
             + table(results, args.steps) + "\n")
-    print(text)
-    if args.out:
-        stem = os.path.join(args.out, f"{machine['id']}-distribute")
-        with open(stem + ".json", "w") as handle:
-            json.dump({"machine": machine, "steps": args.steps, "results": results}, handle,
-                      indent=1)
-        with open(stem + ".md", "w") as handle:
-            handle.write(text)
+    write_results(args.out, f"{machine['id']}-distribute",
+                  {"machine": machine, "steps": args.steps, "results": results}, text)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def main(argv=None) -> None:
     if args.one:
         print(json.dumps(run_one(*args.one)))
         return
-    from benchmarks.__main__ import machine_info
+    from benchmarks.__main__ import machine_info, write_results
 
     machine = machine_info()
     compile_package()
@@ -152,15 +152,8 @@ def main(argv=None) -> None:
             f"and mode ({machine['processor']}, {machine['cpus']} CPUs, TensorFlow "
             f"{machine['tensorflow']}, terra_nb {machine['terra_nb_source']}):\n\n"
             + table(medians) + "\n")
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"{machine['id']}-recording-floor")
-        with open(stem + ".json", "w") as handle:
-            json.dump({"machine": machine, "rounds": args.rounds, "runs": runs}, handle,
-                      indent=1)
-        with open(stem + ".md", "w") as handle:
-            handle.write(text)
+    write_results(args.out, f"{machine['id']}-recording-floor",
+                  {"machine": machine, "rounds": args.rounds, "runs": runs}, text)
 
 
 if __name__ == "__main__":

@@ -333,15 +333,10 @@ def write(machine: dict, steps: int, results: dict, out: str | None) -> None:
               "library calls included; other: plain eager iterations of a back-off; after "
               "the steps: the waits for each step's loss after its iteration ended):\n\n"
             + profile_table(results) + "\n")
-    print(text)
-    if out:
-        os.makedirs(out, exist_ok=True)
-        stem = os.path.join(out, f"{machine['id']}-warmup")
-        with open(stem + ".json", "w") as handle:
-            json.dump({"machine": machine, "steps": steps, "results": results}, handle,
-                      indent=1)
-        with open(stem + ".md", "w") as handle:
-            handle.write(text)
+    from benchmarks.__main__ import write_results
+
+    write_results(out, f"{machine['id']}-warmup",
+                  {"machine": machine, "steps": steps, "results": results}, text)
 
 
 def render(path: str, out: str | None) -> None:
