@@ -2082,3 +2082,22 @@ def test_a_written_graph_def_imports_as_tensorflows_importer_imports_it():
     placed = described(_imported(lean=True, placed=True))
     assert placed == described(_imported(lean=False, placed=True))
     assert all(device.endswith("CPU:0") for _, device, _ in placed)
+
+
+def test_attr_protos_are_shared_per_op_type_and_attrs_but_never_for_floats():
+    """internals.attr_protos: the AttrValue protos of one op type and attrs tuple are made
+    once (a written function repeats them over hundreds of nodes); attrs with a list or a
+    float are converted each time, so 0.0 and -0.0 keep their own sign."""
+    attrs = ("T", tf.float32.as_datatype_enum, "transpose_a", False, "transpose_b", True)
+    first = internals.attr_protos("MatMul", attrs)
+    assert internals.attr_protos("MatMul", tuple(attrs)) is first
+    assert first["transpose_b"].b and first["T"].type == tf.float32.as_datatype_enum
+    strided = ("T", tf.float32.as_datatype_enum, "strides", [1, 2, 2, 1], "padding", b"SAME",
+               "data_format", b"NHWC", "dilations", [1, 1, 1, 1], "use_cudnn_on_gpu", True,
+               "explicit_paddings", [])
+    converted = internals.attr_protos("Conv2D", strided)
+    assert list(converted["strides"].list.i) == [1, 2, 2, 1]
+    assert internals.attr_protos("Conv2D", strided) is not converted
+    positive = internals.attr_protos("LeakyRelu", ("alpha", 0.0, "T", 1))["alpha"].f
+    negative = internals.attr_protos("LeakyRelu", ("alpha", -0.0, "T", 1))["alpha"].f
+    assert np.signbit(negative) and not np.signbit(positive)
