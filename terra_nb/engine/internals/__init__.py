@@ -10,9 +10,9 @@ No module of terra_nb outside this package touches a private TensorFlow symbol (
 the imports). Every one used is listed in `PRIVATE_SYMBOLS` and checked by
 `check_private_symbols()` (and a test), so a TF upgrade that moves one fails loudly instead of
 silently disabling co-execution. The package's names below are the engine's whole interface to
-it: `ops` (interception and op helpers), `lazy` (LazyTensor), `functions` (graph calls, tapes),
-`written` (segments registered as FunctionDefs), `keras_state` (the private Keras state replay
-guards read).
+it: `ops` (interception and op helpers), `attrs` (eager attrs as graph protos), `lazy`
+(LazyTensor), `functions` (graph calls, tapes), `written` (segments registered as
+FunctionDefs), `keras_state` (the private Keras state replay guards read).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tensorflow.python.eager import backprop
 from tensorflow.python.eager.polymorphic_function import atomic_function
 from tensorflow.python.framework import ops as tf_ops
 
+from terra_nb.engine.internals.attrs import attr_map, attr_protos
 from terra_nb.engine.internals.defined import PRIVATE_SYMBOLS as _DEFINED_SYMBOLS
 from terra_nb.engine.internals.defined import DefinedFunction, defined_function, fixes_no_output
 from terra_nb.engine.internals.frees import free_postponed
@@ -73,8 +74,6 @@ from terra_nb.engine.internals.observed import (
 from terra_nb.engine.internals.ops import (
     EagerTensor,
     EagerTensorBase,
-    attr_map,
-    attr_protos,
     calling_function,
     calling_thread_attrs,
     collecting_conversions,

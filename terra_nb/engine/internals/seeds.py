@@ -23,7 +23,8 @@ import collections
 import tensorflow as tf
 from tensorflow.python.eager import context
 
-from terra_nb.engine.internals.ops import attr_map, suspended
+from terra_nb.engine.internals.attrs import attr_map
+from terra_nb.engine.internals.ops import suspended
 
 PRIVATE_MEMBERS = ((context.Context, "_internal_operation_seed"),)
 
