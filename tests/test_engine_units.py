@@ -2087,11 +2087,13 @@ def test_a_written_graph_def_imports_as_tensorflows_importer_imports_it():
 def test_attr_protos_are_shared_per_op_type_and_attrs_but_never_for_floats():
     """internals.attr_protos: the AttrValue protos of one op type and attrs tuple are made
     once (a written function repeats them over hundreds of nodes); attrs with a list or a
-    float are converted each time, so 0.0 and -0.0 keep their own sign."""
+    float are converted each time, so 0.0 and -0.0 keep their own sign, and a dtype given as
+    a DType shares the protos of its enum."""
     attrs = ("T", tf.float32.as_datatype_enum, "transpose_a", False, "transpose_b", True)
     first = internals.attr_protos("MatMul", attrs)
     assert internals.attr_protos("MatMul", tuple(attrs)) is first
     assert first["transpose_b"].b and first["T"].type == tf.float32.as_datatype_enum
+    assert internals.attr_protos("MatMul", ("T", tf.float32) + attrs[2:]) is first
     strided = ("T", tf.float32.as_datatype_enum, "strides", [1, 2, 2, 1], "padding", b"SAME",
                "data_format", b"NHWC", "dilations", [1, 1, 1, 1], "use_cudnn_on_gpu", True,
                "explicit_paddings", [])

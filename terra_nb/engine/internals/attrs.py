@@ -19,14 +19,12 @@ def attr_protos(op_type: str, attrs: tuple) -> dict:
     """An eager attrs tuple (name, value, name, value, ...) as AttrValue protos, shared by
     every op of that type and attrs: a function written from recorded ops repeats a few
     dozen of them over hundreds of nodes (bert_cls' Adam: 1,030). Callers copy the protos,
-    never change them. Attrs holding an unhashable value (a list, a TensorProto) or a float
-    (0.0 and -0.0 are one key, not one proto) are converted each time."""
-    if any(type(value) is float for value in attrs or ()):
+    never change them. Attrs holding anything but strings, bytes, ints, bools and dtypes (a
+    list, a TensorProto, a function the cache would keep alive, a float: 0.0 and -0.0 are one
+    key, not one proto) are converted each time."""
+    if not all(isinstance(value, _PLAIN) for value in attrs or ()):
         return _converted_attrs(op_type, attrs)
-    try:
-        known = _ATTR_PROTOS.get((op_type, attrs))
-    except TypeError:
-        return _converted_attrs(op_type, attrs)
+    known = _ATTR_PROTOS.get((op_type, attrs))
     if known is None:
         if len(_ATTR_PROTOS) >= _ATTR_PROTOS_LIMIT:
             _ATTR_PROTOS.clear()
@@ -36,6 +34,7 @@ def attr_protos(op_type: str, attrs: tuple) -> dict:
 
 _ATTR_PROTOS: dict = {}  # (op type, attrs tuple) -> {name: AttrValue}
 _ATTR_PROTOS_LIMIT = 10_000
+_PLAIN = (str, bytes, int, dtypes.DType)  # attr values kept as keys (bool is an int)
 
 
 def _converted_attrs(op_type: str, attrs: tuple) -> dict:
