@@ -999,7 +999,7 @@ def test_custom_gradients_and_values_read_by_library_code_are_told_not_the_engin
     """What tells a call its recorded ops do not describe: a tape entry of its own (a custom
     gradient) or a value read in Python by code that is neither TensorFlow's nor terra_nb's
     (a branch on a tensor); terra_nb's own reads of the values it records do not count."""
-    from terra_nb.engine.tracegraph import ExternalInput
+    from terra_nb.engine.tracegraph import EXTERNAL, External, ExternalInput
 
     @tf.custom_gradient
     def doubled(value):
@@ -1014,7 +1014,9 @@ def test_custom_gradients_and_values_read_by_library_code_are_told_not_the_engin
     assert bool(x[0] > 0)
     x.numpy()
     assert internals.effects_beside_ops() == (entries + 1, reads + 2)
-    ExternalInput(x)  # terra_nb reading a value it records
+    seen = ExternalInput(x, External(EXTERNAL, x._datatype_enum(), x._shape_tuple()))
+    assert seen.first_value.tolist() == [1.0, 2.0]  # terra_nb reading a value it records
+    assert not seen.matches(tf.constant([1.0, 3.0]))
     assert internals.effects_beside_ops() == (entries + 1, reads + 2)
 
 
@@ -2103,3 +2105,56 @@ def test_attr_protos_are_shared_per_op_type_and_attrs_but_never_for_floats():
     positive = internals.attr_protos("LeakyRelu", ("alpha", 0.0, "T", 1))["alpha"].f
     negative = internals.attr_protos("LeakyRelu", ("alpha", -0.0, "T", 1))["alpha"].f
     assert np.signbit(negative) and not np.signbit(positive)
+
+
+def test_identity_attrs_are_remembered_only_for_plain_values():
+    """graphgen.identity_attrs, asked for every recorded op: attrs of plain values give their
+    remembered key (equal to what converting them again gives); a list is converted to a
+    tuple each time; a stateful random op's seed2 stays out of its key, remembered or not;
+    an object among the attrs (a function) is never held by the memo."""
+    import gc
+    import weakref
+
+    from terra_nb.engine import graphgen
+
+    attrs = ("T", tf.float32.as_datatype_enum, "transpose_a", False, "transpose_b", True)
+    key = graphgen.identity_attrs("MatMul", attrs)
+    assert key == attrs and graphgen.identity_attrs("MatMul", tuple(list(attrs))) is key
+    strided = ("T", 1, "strides", [1, 2, 2, 1], "padding", b"SAME")
+    assert graphgen.identity_attrs("Conv2D", strided) == ("T", 1, "strides", (1, 2, 2, 1),
+                                                          "padding", b"SAME")
+    drawn = [graphgen.identity_attrs("RandomUniform", ("seed", 3, "seed2", seed2, "dtype", 1))
+             for seed2 in (11, 12)]
+    assert drawn[0] == drawn[1] == ("seed", 3, "seed2", None, "dtype", 1)
+
+    def body():
+        return None
+
+    graphgen.identity_attrs("MapDataset", ("f", body))
+    held = weakref.ref(body)
+    del body
+    gc.collect()
+    assert held() is None
+
+
+def test_external_inputs_read_their_first_value_only_when_asked():
+    """tracegraph.ExternalInput keeps the tensor and reads it as numpy only for a fold or a
+    comparison: what it answers is what reading it at once gave (bit-identical values match,
+    -0.0 is not 0.0), and only small numeric values can be folded."""
+    from terra_nb.engine.tracegraph import EXTERNAL, External, ExternalInput
+
+    def seen(value):
+        return ExternalInput(value, External(EXTERNAL, value._datatype_enum(),
+                                             value._shape_tuple()))
+
+    zero = seen(tf.constant([0.0, 1.0]))
+    assert not zero.varying and zero.matches(tf.constant([0.0, 1.0]))
+    assert not zero.matches(tf.constant([-0.0, 1.0]))
+    assert zero.first_value.tolist() == [0.0, 1.0]
+    zero.observe(tf.constant([0.0, 2.0]))
+    assert zero.varying and zero.first_value.tolist() == [0.0, 1.0]  # still the first one
+    nan = seen(tf.constant(np.nan))
+    assert nan.matches(tf.constant(np.nan))
+    large, text = seen(tf.zeros((65,))), seen(tf.constant("a"))
+    assert large.varying and large.first_value is None and not large.matches(tf.zeros((65,)))
+    assert text.varying and text.first_value is None

@@ -16,6 +16,8 @@ import re
 import time
 from typing import ClassVar
 
+import tensorflow as tf
+
 from terra_nb.engine import internals
 from terra_nb.engine.tracegraph import (
     EXTERNAL,
@@ -46,9 +48,29 @@ def draws_per_call(node: Node) -> bool:
     return node.op_type in STATEFUL_RANDOM_OPS or node.reseeded
 
 
+_IDENTITY_ATTRS: dict = {}  # (op type, attrs) -> identity_attrs, for attrs of plain values
+_IDENTITY_ATTRS_LIMIT = 10_000
+_PLAIN_ATTR_VALUES = (str, bytes, int, float, tf.dtypes.DType)  # bool is an int
+
+
 def identity_attrs(op_type: str, attrs) -> tuple:
     """Hashable attrs for node identity; a stateful random op's seed2 is left out: each run
-    of the graph draws fresh numbers (see graph_attrs)."""
+    of the graph draws fresh numbers (see graph_attrs). Remembered for attrs of plain values
+    (their key is themselves; nothing kept alive): asked for every recorded op."""
+    try:
+        return _IDENTITY_ATTRS[(op_type, attrs)]
+    except (KeyError, TypeError):  # not seen, or unhashable (a list or a proto among them)
+        pass
+    key = _identity_attrs(op_type, attrs)
+    if op_type not in STATEFUL_RANDOM_OPS and all(
+            isinstance(value, _PLAIN_ATTR_VALUES) for value in attrs or ()):
+        if len(_IDENTITY_ATTRS) >= _IDENTITY_ATTRS_LIMIT:
+            _IDENTITY_ATTRS.clear()
+        _IDENTITY_ATTRS[(op_type, attrs)] = key
+    return key
+
+
+def _identity_attrs(op_type: str, attrs) -> tuple:
     key = hashable(attrs)
     if op_type in STATEFUL_RANDOM_OPS and key:
         key = tuple(None if index > 0 and key[index - 1] == "seed2" else item

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import internals
-from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE, is_small_integer
+from terra_nb.engine.tracegraph import FROM_NODE, RESOURCE, SMALL_CONSTANT
 
 # Ops whose value follows from their inputs' static shapes: known without running the graph.
 SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
@@ -25,16 +25,27 @@ SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
 _MIRROR_LIMIT = 1 << 16
 
 
-def is_host_value(op_type: str, outputs) -> bool:
+def is_host_value(node) -> bool:
     """Small stateless integer results (shape arithmetic): cheap to know without the graph.
 
     Knowing them in Python avoids a fetch (a graph cut) when library code turns one into a
-    Python int, as `TensorShape(tf.shape(x)[0])` does.
+    Python int, as `TensorShape(tf.shape(x)[0])` does. Judged on the node's output dtypes and
+    static shapes (asked for every recorded op).
     """
-    definition = internals.op_def(op_type)
-    if definition is None or definition.is_stateful or not outputs:
+    stateless = _STATELESS.get(node.op_type)
+    if stateless is None:
+        definition = internals.op_def(node.op_type)
+        stateless = definition is not None and not definition.is_stateful
+        _STATELESS[node.op_type] = stateless
+    if not stateless or not node.output_dtypes:
         return False
-    return all(is_small_integer(output) for output in outputs)
+    for dtype, shape in zip(node.output_dtypes, node.output_shapes, strict=True):
+        if dtype not in INTEGER_ENUMS or math.prod(shape) > SMALL_CONSTANT:
+            return False
+    return True
+
+
+_STATELESS: dict = {}  # op type -> a registered op that is not stateful
 
 
 def host_values(node, inputs: list, attrs, ctx) -> list:

@@ -156,10 +156,10 @@ class PythonRunner(GradientWindows):
         child.made_variables = False
         if op_type == "VarHandleOp":
             self.makes_variables = True
-        child.observe_externals([internals.unwrap(value) for value in inputs])
         for slot, ref in enumerate(refs):
             if ref.kind == EXTERNAL:
                 self.external_inputs[(child.uid, slot)] = inputs[slot]
+                child.observe_external(slot, internals.unwrap(inputs[slot]))
         if twin is not None:
             child.reseeded = True
             child.externals[internals.COUNTER_SLOT].varying = True
@@ -183,7 +183,7 @@ class PythonRunner(GradientWindows):
             child.device = key.device
             child.output_devices = tuple(output.device for output in outputs)
             child.host_value = (not island and function is None
-                                and hostvalues.is_host_value(op_type, outputs))
+                                and hostvalues.is_host_value(child))
             if op_type in hostvalues.INDEX_CHECKED_OPS:
                 hostvalues.mirror_index_sources(child)
         elif outputs and not child.output_dtypes:  # first seen where the data had ended

@@ -10,9 +10,11 @@ one path can be compiled into a graph (graphgen); the skeleton walks the trie to
 from __future__ import annotations
 
 import itertools
+import math
 from typing import NamedTuple
 
 import numpy as np
+import tensorflow as tf
 
 FROM_NODE = 0  # input produced by an op of this iteration: (FROM_NODE, node, output index)
 RESOURCE = 1  # a resource handle (variable, iterator): captured as is
@@ -79,6 +81,22 @@ class NodeKey(NamedTuple):
 SMALL_CONSTANT = 64  # an external input with at most this many elements may be folded
 
 
+def _foldable_enums() -> frozenset:
+    """The dtype enums whose values a graph can hold as constants folded from numpy."""
+    enums = set()
+    for enum in range(1, 100):  # 100 on are reference types, which eager never makes
+        try:
+            dtype = tf.dtypes.as_dtype(enum)
+        except TypeError:
+            continue
+        if dtype.is_numpy_compatible and dtype.name not in ("resource", "variant", "string"):
+            enums.add(enum)
+    return frozenset(enums)
+
+
+FOLDABLE_ENUMS = _foldable_enums()
+
+
 def is_small_integer(tensor) -> bool:
     """An integer tensor of at most SMALL_CONSTANT elements: a shape, an axis, a bound."""
     return tensor.dtype.is_integer and tensor._num_elements() <= SMALL_CONSTANT
@@ -104,20 +122,25 @@ def hashable(value):
 
 
 class ExternalInput:
-    """What tracing saw of one external input slot: its first value, and whether it varied."""
+    """What tracing saw of one external input slot: its first value, and whether it varied.
+    The value is read as numpy only when a fold or a comparison needs it (most external
+    inputs are never compared): the tensor is kept, and eager tensors are immutable."""
 
-    __slots__ = ("first", "first_value", "_bytes", "varying")
+    __slots__ = ("first", "foldable", "_first_value", "_bytes", "varying")
 
-    def __init__(self, value) -> None:
+    def __init__(self, value, ref: External) -> None:
         self.first = value
-        foldable = (
-            value.dtype.is_numpy_compatible
-            and value._num_elements() <= SMALL_CONSTANT
-            and value.dtype.name not in ("resource", "variant", "string")
-        )
-        self.first_value = value.numpy() if foldable else None
-        self._bytes = self.first_value.tobytes() if foldable else None
-        self.varying = not foldable
+        self.foldable = ref.dtype in FOLDABLE_ENUMS and math.prod(ref.shape) <= SMALL_CONSTANT
+        self._first_value = None
+        self._bytes = None
+        self.varying = not self.foldable
+
+    @property
+    def first_value(self):
+        """The first value as a numpy array if it is small enough to fold, else None."""
+        if self.foldable and self._first_value is None:
+            self._first_value = self.first.numpy()
+        return self._first_value
 
     def matches(self, value) -> bool:
         """True when `value` is bit-identical to the first value seen (NaN equals NaN, -0 is not 0).
@@ -126,8 +149,10 @@ class ExternalInput:
         """
         if value is self.first:
             return True
-        if self._bytes is None:
+        if not self.foldable:
             return False
+        if self._bytes is None:
+            self._bytes = self.first_value.tobytes()
         return np.asarray(value).tobytes() == self._bytes
 
     def observe(self, value) -> None:
@@ -182,16 +207,14 @@ class Node:
         self.output_dtypes = tuple(output._datatype_enum() for output in outputs)
         self.output_shapes = tuple(output._shape_tuple() for output in outputs)
 
-    def observe_externals(self, values: list) -> None:
-        """Record the external input values of one visit (for feed-or-fold decisions)."""
-        for slot, ref in enumerate(self.inputs):
-            if ref.kind != EXTERNAL:
-                continue
-            seen = self.externals.get(slot)
-            if seen is None:
-                self.externals[slot] = ExternalInput(values[slot])
-            else:
-                seen.observe(values[slot])
+    def observe_external(self, slot: int, value) -> None:
+        """Record the value of external input `slot` at one visit (for feed-or-fold
+        decisions)."""
+        seen = self.externals.get(slot)
+        if seen is None:
+            self.externals[slot] = ExternalInput(value, self.inputs[slot])
+        else:
+            seen.observe(value)
 
     def path_from(self, start: Node) -> list[Node]:
         """Nodes after `start` up to and including self, in program order (`start` None:
