@@ -2158,3 +2158,22 @@ def test_external_inputs_read_their_first_value_only_when_asked():
     large, text = seen(tf.zeros((65,))), seen(tf.constant("a"))
     assert large.varying and large.first_value is None and not large.matches(tf.zeros((65,)))
     assert text.varying and text.first_value is None
+
+
+def test_a_recording_iteration_lets_go_of_the_values_it_no_longer_needs():
+    """Eager execution frees an op's output as soon as nothing holds it; a recording
+    iteration must too (it knows the op that made each of its values by a weak reference),
+    or its peak memory is every intermediate value of the step at once."""
+    import weakref
+
+    session = Session("frees-intermediates")
+    with session.iteration():
+        x = tf.ones((256, 256))
+        doubled = x * 2.0
+        freed = weakref.ref(doubled)
+        total = tf.reduce_sum(doubled + 1.0)
+        del doubled
+        assert freed() is None, "a recorded op's output outlived its last user"
+        after = tf.reduce_sum(x * 3.0)
+    assert float(total) == 3.0 * 256 * 256 and float(after) == 3.0 * 256 * 256
+    session.close()

@@ -39,7 +39,7 @@ class GradientWindows:
     def gradient_key(self, outputs):
         """The node that made `outputs` eagerly in this iteration, else None."""
         produced = self.produced.get(id(outputs[0]))
-        return produced.node if produced is not None and produced.output is outputs[0] else None
+        return produced.node if produced is not None and produced.output() is outputs[0] else None
 
     def gradient_recorded(self, node) -> None:
         self.taped_uids.add(node.uid)

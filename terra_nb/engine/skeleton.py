@@ -48,9 +48,10 @@ from terra_nb.engine.worker import GraphRunner
 
 
 class _Produced(NamedTuple):
-    """An eager tensor an op of this iteration produced: output `index` of `node`."""
+    """An eager tensor an op of this iteration produced: output `index` of `node`. Held by a
+    weak reference: eagerly a value no one holds is freed at once, and so it must be here."""
 
-    output: object
+    output: weakref.ref
     node: object
     index: int
 
@@ -207,7 +208,7 @@ class PythonRunner(GradientWindows):
                 return NodeOutput(FROM_NODE, value.node, value.index)
             return External(EXTERNAL, value._datatype_enum(), value._shape_tuple())
         produced = self.produced.get(id(value))
-        if produced is not None and produced.output is value:
+        if produced is not None and produced.output() is value:
             node = produced.node
             if node.island:  # its shape may change from one run to the next: part of the ref
                 return IslandOutput(FROM_NODE, node, produced.index, value._shape_tuple())
@@ -219,7 +220,7 @@ class PythonRunner(GradientWindows):
 
     def _register(self, node, outputs) -> None:
         for index, output in enumerate(outputs or ()):
-            self.produced[id(output)] = _Produced(output, node, index)
+            self.produced[id(output)] = _Produced(weakref.ref(output), node, index)
 
     def _run_now(self, node, op_type, num_outputs, inputs, attrs, ctx, name):
         try:
@@ -473,7 +474,7 @@ class PythonRunner(GradientWindows):
         if self.mode == DEFER:
             return None
         produced = self.produced.get(id(value))
-        if produced is None or produced.output is not value:
+        if produced is None or produced.output() is not value:
             return None
         return produced.node.uid, produced.index
 

@@ -320,9 +320,10 @@ def _plan(recorded: RecordedCall, flat: list) -> _Sources | None:
                 continue
             if ref.kind == FROM_NODE and ref.node.op_type == "VarHandleOp":
                 if handle_of is None:  # walked only for a call using a variable made now
-                    handle_of = {produced.node.uid: produced.output
+                    handle_of = {produced.node.uid: handle
                                  for produced in runner.produced.values()
-                                 if produced.node.op_type == "VarHandleOp"}
+                                 if produced.node.op_type == "VarHandleOp"
+                                 and (handle := produced.output()) is not None}
                 if ref.node.uid in handle_of:
                     sources.captured[(position, slot)] = handle_of[ref.node.uid]
                     continue
