@@ -32,20 +32,13 @@ def is_host_value(node) -> bool:
     Python int, as `TensorShape(tf.shape(x)[0])` does. Judged on the node's output dtypes and
     static shapes (asked for every recorded op).
     """
-    stateless = _STATELESS.get(node.op_type)
-    if stateless is None:
-        definition = internals.op_def(node.op_type)
-        stateless = definition is not None and not definition.is_stateful
-        _STATELESS[node.op_type] = stateless
-    if not stateless or not node.output_dtypes:
+    definition = internals.op_def(node.op_type)
+    if definition is None or definition.is_stateful or not node.output_dtypes:
         return False
     for dtype, shape in zip(node.output_dtypes, node.output_shapes, strict=True):
         if dtype not in INTEGER_ENUMS or math.prod(shape) > SMALL_CONSTANT:
             return False
     return True
-
-
-_STATELESS: dict = {}  # op type -> a registered op that is not stateful
 
 
 def host_values(node, inputs: list, attrs, ctx) -> list:
