@@ -281,6 +281,73 @@ def test_floor_table_sums_medians_and_divides_by_eager():
     assert lines[-1].split(" | ")[1:5] == ["1.00x", "1.00x", "1.49x", "1.99x"]
 
 
+def test_first_step_timers_take_an_inner_call_out_of_the_outer_ones_time(monkeypatch):
+    """benchmarks.first_step_parts' timers: a wrapped call made inside another wrapped call
+    counts for its own part only (a clock that moves only when the calls say so)."""
+    import types
+
+    from benchmarks import first_step_parts
+
+    clock = [0.0]
+    monkeypatch.setattr(first_step_parts.time, "perf_counter", lambda: clock[0])
+
+    def inner():
+        clock[0] += 2.0
+
+    def outer():
+        clock[0] += 1.0
+        owner.inner()
+        clock[0] += 0.5
+
+    owner = types.SimpleNamespace(inner=inner, outer=outer)
+    timers = first_step_parts._Timers()
+    timers.wrap(owner, "inner", "inner part")
+    timers.wrap(owner, "outer", "outer part")
+    owner.outer()
+    owner.inner()
+    assert timers.seconds == {"inner part": 4.0, "outer part": 1.5}
+
+
+def test_first_step_table_sums_medians_and_bounds_a_recorder():
+    from benchmarks.first_step_parts import MODES, PARTS, summarize, table
+
+    parts = dict.fromkeys(PARTS, 10.0) | {"kernels": 120.0, "recording": 40.0}
+    runs = [{"program": program, "mode": mode, "ms": ms + extra,
+             "parts": {} if mode == "eager" else {"kernels": 100.0} if mode == "handler"
+             else parts}
+            for program in ("a", "b")
+            for mode, ms in zip(MODES, (100.0, 110.0, 200.0), strict=True)
+            for extra in (0.0, 4.0, 1.0)]  # three rounds: the median adds 1 ms
+    medians = summarize(runs)
+    assert medians["a"]["terra_nb"]["ms"] == 201.0
+    assert medians["b"]["handler"]["kernels"] == 100.0
+    lines = table(medians).splitlines()
+    assert lines[4] == ("| sum | 202 | 222 | 200 | 402 | 240 | 80 | 20 | 20 | 20 | 20 | 20 |")
+    assert lines[-4:] == ["- terra_nb's first steps against eager's: 1.99x",
+                          "- with the recording free: 1.59x",
+                          "- with the recording and all the writing free: 1.30x",
+                          "- the ops' kernels under terra_nb against under a handler that only "
+                          "runs them: 1.20x"]
+
+
+@pytest.mark.slow
+def test_first_step_parts_runs_every_mode_in_fresh_processes(tmp_path):
+    command = [sys.executable, "-m", "benchmarks.first_step_parts", "--programs", "dropblock",
+               "--rounds", "1", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [stem] = {path.rsplit(".", 1)[0] for path in os.listdir(tmp_path)}
+    saved = json.loads((tmp_path / f"{stem}.json").read_text())
+    by_mode = {run["mode"]: run for run in saved["runs"]}
+    assert sorted(by_mode) == sorted(["eager", "handler", "terra_nb"])
+    assert all(run["ms"] > 0 for run in saved["runs"])
+    assert by_mode["handler"]["parts"]["kernels"] > 0
+    terra = by_mode["terra_nb"]["parts"]
+    assert terra["recording"] > 0 and terra["writing functions"] > 0
+    assert sum(terra.values()) <= by_mode["terra_nb"]["ms"]
+    assert "| dropblock |" in (tmp_path / f"{stem}.md").read_text()
+
+
 @pytest.mark.slow
 def test_recording_floor_runs_every_mode_in_fresh_processes(tmp_path):
     command = [sys.executable, "-m", "benchmarks.recording_floor", "--programs", "dropblock",
