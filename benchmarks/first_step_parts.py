@@ -19,14 +19,10 @@ writing free (the timers' own cost, ~1 µs a call, is left in).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 MODES = ("eager", "handler", "terra_nb")
@@ -144,40 +140,10 @@ def table(medians: dict) -> str:
 
 
 def main(argv=None) -> None:
-    from benchmarks.programs import NAMES
-    from benchmarks.warmup import compile_package
+    from benchmarks.recording_floor import run_in_fresh_processes
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--programs", default=",".join(NAMES))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=None,
-                        help="folder for <machine>-first-step-parts.json and .md")
-    parser.add_argument("--one", nargs=2, metavar=("PROGRAM", "MODE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(run_one(*args.one)))
-        return
-    from benchmarks.__main__ import machine_info, write_results
-
-    machine = machine_info()
-    compile_package()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs = []
-    for _ in range(args.rounds):
-        for name in args.programs.split(","):
-            for mode in MODES:
-                done = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.first_step_parts", "--one", name, mode],
-                    capture_output=True, text=True, cwd=root)
-                if done.returncode:
-                    sys.exit(f"{name} in mode {mode} crashed:\n{done.stderr[-3000:]}")
-                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    text = (f"First step, ms, medians of {args.rounds} fresh processes per program and mode "
-            f"({machine['processor']}, {machine['cpus']} CPUs, TensorFlow "
-            f"{machine['tensorflow']}, terra_nb {machine['terra_nb_source']}):\n\n"
-            + table(summarize(runs)) + "\n")
-    write_results(args.out, f"{machine['id']}-first-step-parts",
-                  {"machine": machine, "rounds": args.rounds, "runs": runs}, text)
+    run_in_fresh_processes("benchmarks.first_step_parts", MODES, run_one, "first-step-parts",
+                           "First step", lambda runs: table(summarize(runs)), argv)
 
 
 if __name__ == "__main__":

@@ -118,15 +118,21 @@ def table(medians: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def run_in_fresh_processes(module: str, modes: tuple, run_one, result_name: str, what: str,
+                           tabulate, argv=None) -> None:
+    """The command line of a benchmark that runs each program once per mode in a fresh
+    process, modes interleaved in rounds: `run_one(program, mode)` gives one run's record
+    (the hidden `--one` runs it and prints it), `tabulate(runs)` the table of them all, `what`
+    what it holds; saved with the runs as `<out>/<machine>-<result_name>.json` and `.md`."""
     from benchmarks.programs import NAMES
     from benchmarks.warmup import compile_package
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    summary = sys.modules[run_one.__module__].__doc__.splitlines()[0]
+    parser = argparse.ArgumentParser(description=summary)
     parser.add_argument("--programs", default=",".join(NAMES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None,
-                        help="folder for <machine>-recording-floor.json and .md")
+                        help=f"folder for <machine>-{result_name}.json and .md")
     parser.add_argument("--one", nargs=2, metavar=("PROGRAM", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -140,20 +146,23 @@ def main(argv=None) -> None:
     runs = []
     for _ in range(args.rounds):
         for name in args.programs.split(","):
-            for mode in MODES:
-                done = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.recording_floor", "--one", name, mode],
-                    capture_output=True, text=True, cwd=root)
+            for mode in modes:
+                done = subprocess.run([sys.executable, "-m", module, "--one", name, mode],
+                                      capture_output=True, text=True, cwd=root)
                 if done.returncode:
                     sys.exit(f"{name} in mode {mode} crashed:\n{done.stderr[-3000:]}")
                 runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    medians = summarize(runs)
-    text = (f"First {STEPS} steps, ms, medians of {args.rounds} fresh processes per program "
-            f"and mode ({machine['processor']}, {machine['cpus']} CPUs, TensorFlow "
+    text = (f"{what}, ms, medians of {args.rounds} fresh processes per program and mode "
+            f"({machine['processor']}, {machine['cpus']} CPUs, TensorFlow "
             f"{machine['tensorflow']}, terra_nb {machine['terra_nb_source']}):\n\n"
-            + table(medians) + "\n")
-    write_results(args.out, f"{machine['id']}-recording-floor",
+            f"{tabulate(runs)}\n")
+    write_results(args.out, f"{machine['id']}-{result_name}",
                   {"machine": machine, "rounds": args.rounds, "runs": runs}, text)
+
+
+def main(argv=None) -> None:
+    run_in_fresh_processes("benchmarks.recording_floor", MODES, run_one, "recording-floor",
+                           f"First {STEPS} steps", lambda runs: table(summarize(runs)), argv)
 
 
 if __name__ == "__main__":

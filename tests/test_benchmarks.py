@@ -330,14 +330,20 @@ def test_first_step_table_sums_medians_and_bounds_a_recorder():
                           "runs them: 1.20x"]
 
 
-@pytest.mark.slow
-def test_first_step_parts_runs_every_mode_in_fresh_processes(tmp_path):
-    command = [sys.executable, "-m", "benchmarks.first_step_parts", "--programs", "dropblock",
-               "--rounds", "1", "--out", str(tmp_path)]
+def _one_round_on_dropblock(module: str, tmp_path) -> tuple[dict, str]:
+    """The saved runs and table of one round of a fresh-process benchmark on dropblock."""
+    command = [sys.executable, "-m", module, "--programs", "dropblock", "--rounds", "1",
+               "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     [stem] = {path.rsplit(".", 1)[0] for path in os.listdir(tmp_path)}
-    saved = json.loads((tmp_path / f"{stem}.json").read_text())
+    return (json.loads((tmp_path / f"{stem}.json").read_text()),
+            (tmp_path / f"{stem}.md").read_text())
+
+
+@pytest.mark.slow
+def test_first_step_parts_runs_every_mode_in_fresh_processes(tmp_path):
+    saved, text = _one_round_on_dropblock("benchmarks.first_step_parts", tmp_path)
     by_mode = {run["mode"]: run for run in saved["runs"]}
     assert sorted(by_mode) == sorted(["eager", "handler", "terra_nb"])
     assert all(run["ms"] > 0 for run in saved["runs"])
@@ -345,18 +351,13 @@ def test_first_step_parts_runs_every_mode_in_fresh_processes(tmp_path):
     terra = by_mode["terra_nb"]["parts"]
     assert terra["recording"] > 0 and terra["writing functions"] > 0
     assert sum(terra.values()) <= by_mode["terra_nb"]["ms"]
-    assert "| dropblock |" in (tmp_path / f"{stem}.md").read_text()
+    assert "| dropblock |" in text
 
 
 @pytest.mark.slow
 def test_recording_floor_runs_every_mode_in_fresh_processes(tmp_path):
-    command = [sys.executable, "-m", "benchmarks.recording_floor", "--programs", "dropblock",
-               "--rounds", "1", "--out", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    [stem] = {path.rsplit(".", 1)[0] for path in os.listdir(tmp_path)}
-    saved = json.loads((tmp_path / f"{stem}.json").read_text())
+    saved, text = _one_round_on_dropblock("benchmarks.recording_floor", tmp_path)
     assert sorted(run["mode"] for run in saved["runs"]) == sorted(
         ["eager", "handler", "floor", "terra_nb"])
     assert all(len(run["ms"]) == 2 and min(run["ms"]) > 0 for run in saved["runs"])
-    assert "| dropblock |" in (tmp_path / f"{stem}.md").read_text()
+    assert "| dropblock |" in text
