@@ -422,3 +422,39 @@ def test_a_written_optimizer_returns_its_step_count_after_its_updates():
                   if entry.macro is not None and entry.macro.gradient is None
                   and isinstance(entry.macro.function, internals.DefinedFunction)]
     assert optimizers, [entry.macro for entry in session.macro_table.entries.values()]
+
+
+def test_a_recording_iteration_holds_the_tensors_its_gradient_windows_name(monkeypatch):
+    """The gradient windows a backward is written from name each tensor a gradient function
+    was given, returned or read by its id. The tape frees a gradient once it is used, and a
+    tensor made after it could take its id, to be taken for it when the backward is written:
+    so the iteration holds every tensor its windows name until it ends, then lets them go."""
+    import gc
+    import weakref
+
+    from terra_nb.engine.gradientwindows import GradientWindows
+
+    named = []
+    name_it = GradientWindows._gradient_ref
+
+    def naming(self, value):
+        if internals.is_eager_value(value):
+            named.append(weakref.ref(value))
+        return name_it(self, value)
+
+    monkeypatch.setattr(GradientWindows, "_gradient_ref", naming)
+    weights = tf.Variable(np.full((4, 4), 0.5, np.float32))
+    session = Session("held-gradients")
+    with session.iteration():
+        with tf.GradientTape() as tape:
+            value = weights
+            for _ in range(12):
+                value = tf.tanh(value * 1.01)
+            loss = tf.reduce_sum(value)
+        tape.gradient(loss, [weights])
+        gc.collect()
+        alive_in_the_iteration = [reference() is not None for reference in named]
+    session.close()
+    gc.collect()
+    assert len(named) > 24 and all(alive_in_the_iteration), alive_in_the_iteration
+    assert not all(reference() is not None for reference in named)

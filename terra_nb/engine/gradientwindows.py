@@ -35,6 +35,10 @@ class GradientWindows:
     def __init__(self) -> None:
         self.taped_uids: set = set()  # uids of the ops it recorded on a tape
         self.gradient_windows: dict = {}  # op uid -> its first GradientWindow
+        # every tensor a window names by id, held until the iteration ends: a gradient the
+        # tape frees once used would give its id to a later tensor, which a window would then
+        # take for it (the backward is written from these ids; skeleton.PythonRunner.finish)
+        self.gradient_values: list = []
 
     def gradient_key(self, outputs):
         """The node that made `outputs` eagerly in this iteration, else None."""
@@ -64,6 +68,7 @@ class GradientWindows:
         if not internals.is_eager_value(value):
             return SLICES
         ref = self._ref(value)
+        self.gradient_values.append(value)
         if ref.kind == FROM_NODE:
             return input_identity(ref), None, id(value)
         small = ref.kind == EXTERNAL and value._num_elements() <= SMALL_CONSTANT

@@ -554,6 +554,7 @@ class PythonRunner(GradientWindows):
             self.produced.clear()
             self.lazy_refs.clear()
             self.external_inputs.clear()
+            self.gradient_values.clear()
 
     def _wait_fallible(self) -> None:
         """Wait for the submitted segments that may fail; the first error is raised (once)."""
