@@ -8,8 +8,9 @@ rounds so the host's noise hits them alike:
 - terra_nb: the session as it is, each op's run timed at the same place, and the exclusive
   time of the engine's parts: the per-op recording (the op handler less the ops' runs),
   writing the library calls' functions, their backward functions, the iteration's end
-  (registering and instantiating them ahead), the library calls' own Python under the
-  engine's entry points, and the gradients' Python.
+  (registering and instantiating them ahead), the library calls under the engine's entry
+  points and the tape's gradients, less all of those (their own Python, which eager runs
+  too, and the engine's observing and replaying of them).
 The sums over the programs bound any recorder of the first iteration: what terra_nb's first
 step would cost against eager's with its recording free, and with its recording and all its
 writing free (the timers' own cost, ~1 µs a call, is left in).
