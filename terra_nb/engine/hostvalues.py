@@ -41,6 +41,29 @@ def is_host_value(node) -> bool:
     return True
 
 
+def know_shape_values(node, refs, outputs) -> None:
+    """Shape-like ops of inputs with static shapes: their values are known now (the same
+    at every visit of the node, whose identity fixes those shapes)."""
+    if node.host_memo is not None:
+        for lazy, value in zip(outputs, node.host_memo[1], strict=False):
+            lazy.set_value(value)
+        return
+    shapes = [ref.shape for ref in refs]
+    if node.op_type == "Shape" or node.op_type == "ShapeN":
+        values = [np.array(shape, dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype)
+                  for shape, dtype in zip(shapes, node.output_dtypes, strict=False)]
+    elif node.op_type == "Size":
+        values = [np.array(int(np.prod(shapes[0])),
+                           dtype=tf.dtypes.as_dtype(node.output_dtypes[0]).as_numpy_dtype)]
+    else:
+        values = [np.array(len(shapes[0]), dtype=np.int32)]
+    with internals.suspended():
+        values = [tf.constant(value) for value in values]
+    node.host_memo = ((), values)
+    for lazy, value in zip(outputs, values, strict=False):
+        lazy.set_value(value)
+
+
 def host_values(node, inputs: list, attrs, ctx) -> list:
     """The outputs of a host-value node computed in Python's thread; the last ones again when
     its inputs are the very same tensors (shape constants, library constants): it is

@@ -18,7 +18,6 @@ import time
 import weakref
 from typing import NamedTuple
 
-import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
@@ -28,6 +27,7 @@ from terra_nb.engine.gradientwindows import GradientWindows
 from terra_nb.engine.handlers import user_code_catches
 from terra_nb.engine.hostvalues import RESOURCE_ENUM, VARIANT_ENUM, is_integer
 from terra_nb.engine.interpret import InterpretedSegment, observe_fed
+from terra_nb.engine.lightrecords import LightRecording, recorded_lightly_here
 from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.replay.entrypoints import is_replaying
 from terra_nb.engine.schedule import DEFER, RECORD
@@ -63,7 +63,7 @@ class _Pending(NamedTuple):
     outside: dict  # input slot -> value
 
 
-class PythonRunner(GradientWindows):
+class PythonRunner(GradientWindows, LightRecording):
     """The op handler of one iteration (see module docstring)."""
 
     def __init__(self, graph: TraceGraph, runner: GraphRunner, events: ev.EventLog,
@@ -110,6 +110,8 @@ class PythonRunner(GradientWindows):
     # ------------------------------------------------------------ op handler
 
     def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
+        if self.lightly_recordable(op_type):
+            return self.record_lightly(op_type, num_outputs, inputs, attrs, ctx, name)
         entered = time.perf_counter()
         self.ops += 1
         twin = internals.stateless_twin(op_type, inputs, attrs)
@@ -275,7 +277,7 @@ class PythonRunner(GradientWindows):
             self.segment_lazies.append(reference)
             self.lazy_refs[(node.uid, index)] = reference
         if node.op_type in hostvalues.SHAPE_OPS:
-            self._know_shape_values(node, refs, outputs)
+            hostvalues.know_shape_values(node, refs, outputs)
         elif node.host_value and all(hostvalues.available(value) for value in inputs):
             values = hostvalues.host_values(node, inputs, attrs, ctx)
             for lazy, value in zip(outputs, values, strict=True):
@@ -288,28 +290,6 @@ class PythonRunner(GradientWindows):
         """Output `index` of a deferred node, as this iteration's LazyTensor."""
         return internals.LazyTensor(self, node, index, node.output_dtypes[index],
                                     node.output_shapes[index])
-
-    def _know_shape_values(self, node, refs, outputs) -> None:
-        """Shape-like ops of inputs with static shapes: their values are known now (the same
-        at every visit of the node, whose identity fixes those shapes)."""
-        if node.host_memo is not None:
-            for lazy, value in zip(outputs, node.host_memo[1], strict=False):
-                lazy.set_value(value)
-            return
-        shapes = [ref.shape for ref in refs]
-        if node.op_type == "Shape" or node.op_type == "ShapeN":
-            values = [np.array(shape, dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype)
-                      for shape, dtype in zip(shapes, node.output_dtypes, strict=False)]
-        elif node.op_type == "Size":
-            values = [np.array(int(np.prod(shapes[0])),
-                               dtype=tf.dtypes.as_dtype(node.output_dtypes[0]).as_numpy_dtype)]
-        else:
-            values = [np.array(len(shapes[0]), dtype=np.int32)]
-        with internals.suspended():
-            values = [tf.constant(value) for value in values]
-        node.host_memo = ((), values)
-        for lazy, value in zip(outputs, values, strict=False):
-            lazy.set_value(value)
 
     # ------------------------------------------------------------ fetch channel
 
@@ -501,14 +481,18 @@ class PythonRunner(GradientWindows):
     def _diverge(self, op_type, key, location, refs, made_variables: bool = False) -> None:
         """Leave co-execution: what is pending runs, and the rest of the iteration is recorded.
         A fallback, unless the op's node exists but was recorded only by iterations that
-        created variables (see finish), or a replayed library call issued it."""
+        created variables (see finish) or lightly (lightrecords.py), or a replayed library
+        call issued it."""
+        lightly = not made_variables and recorded_lightly_here(self.cursor, op_type, location)
         self.diverged_at = time.perf_counter()
         self.flush()
         self.runner.drain()
         self.mode = RECORD
-        if made_variables:
-            self.retraced = "the path was traced while the program created variables"
-            self.events.emit(ev.Note(self.index, NoteKind.MADE_VARIABLES,
+        if made_variables or lightly:
+            self.retraced = ("the path was recorded only to write its library calls" if lightly
+                             else "the path was traced while the program created variables")
+            self.events.emit(ev.Note(self.index, NoteKind.RECORDED_LIGHTLY if lightly
+                                     else NoteKind.MADE_VARIABLES,
                                      f"{self.retraced}; this iteration traced it again"))
             return
         if is_replaying():

@@ -102,6 +102,12 @@ def is_small_integer(tensor) -> bool:
     return tensor.dtype.is_integer and tensor._num_elements() <= SMALL_CONSTANT
 
 
+class LightKey(NamedTuple):
+    """The key of a node recorded lightly: one field, where a NodeKey has six."""
+
+    uid: int
+
+
 def input_identity(ref) -> tuple:
     """A value reference as node identity sees it: a node by its uid, a resource by its
     object's id, an external value by its dtype and shape."""
@@ -168,7 +174,7 @@ class Node:
         "parent", "children", "visits", "island", "externals", "scope", "host_value", "mirrored",
         "function", "fetches", "fetch_wait_seconds", "last_fetch_wait", "submit_early",
         "host_memo", "steady_wait_seconds", "graph_cost", "fallible", "device", "output_devices",
-        "made_variables", "reseeded", "__weakref__",
+        "made_variables", "reseeded", "light", "__weakref__",
     )
 
     def __init__(self, uid, parent, op_type, attrs, location, inputs, outputs, island, scope):
@@ -201,6 +207,7 @@ class Node:
         # recorded only by iterations that created variables (skeleton.PythonRunner.finish)
         self.made_variables = False
         self.reseeded = False  # a seeded random op's stateless twin, fed a counter per call
+        self.light = False  # recorded without its identity (lightrecords.py): never matched
 
     def learn_outputs(self, outputs) -> None:
         """The outputs of a node first recorded where it raised (the end of a dataset)."""
@@ -248,6 +255,17 @@ class TraceGraph:
         node = Node(next(self._uids), parent, op_type, attrs, location, inputs, outputs, island,
                     scope)
         parent.children[key] = node
+        self.size += 1
+        return node
+
+    def add_light_child(self, parent: Node, op_type, attrs, location, inputs, outputs,
+                        scope) -> Node:
+        """A node recorded without its identity (lightrecords.py), under a key no op's
+        NodeKey equals: no later iteration follows it."""
+        node = Node(next(self._uids), parent, op_type, attrs, location, inputs, outputs, False,
+                    scope)
+        node.light = True
+        parent.children[LightKey(node.uid)] = node
         self.size += 1
         return node
 

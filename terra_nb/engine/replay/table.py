@@ -364,6 +364,8 @@ class MacroTable:
                          Refusal.VALUE_DEPENDENT_SHAPES.say())
             return
         self._install(entry, built, obj, call_site, start)
+        if at_once and not runner.is_deferring:  # the next iteration leaves this path here
+            runner.records_lightly = True
 
     def _relax_before_running(self, entry, runner, original, obj, args, kwargs,
                               call_site) -> bool:
