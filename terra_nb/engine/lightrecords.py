@@ -25,8 +25,6 @@ import time
 
 from terra_nb.engine import graphgen, internals, shapeprobe
 from terra_nb.engine.hostvalues import is_integer
-from terra_nb.engine.tracegraph import EXTERNAL
-from terra_nb.engine.usercode import user_location
 
 
 class LightRecording:
@@ -35,22 +33,15 @@ class LightRecording:
     records_lightly = False  # set once the iteration, recording, made a function at once
 
     def lightly_recordable(self, op_type: str) -> bool:
-        """True for an op this iteration records lightly: any op after that call but an
-        island or a function call, whose full nodes say so to the checks of the library call
-        they run in (replay/table.py's _unstable, recorded.py's _plan)."""
-        return (self.records_lightly and op_type not in graphgen.ISLAND_OPS
-                and internals.op_def(op_type) is not None)
+        """True, once `records_lightly` is, for any op but an island or a function call,
+        whose full nodes say so to the checks of the library call they run in
+        (replay/table.py's _unstable, recorded.py's _plan)."""
+        return op_type not in graphgen.ISLAND_OPS and internals.op_def(op_type) is not None
 
-    def record_lightly(self, op_type, num_outputs, inputs, attrs, ctx, name):
-        entered = time.perf_counter()
-        self.ops += 1
-        twin = internals.stateless_twin(op_type, inputs, attrs)
-        if twin is not None:  # draws eager's numbers, in a graph too (internals/seeds.py)
-            op_type, inputs, attrs = twin
-        location = self.call_site
-        if location is None:  # called from process_op: one frame further from the op's
-            location = user_location(self.stop_frame, depth=4, known_above=self.observed_call)
-        refs = tuple(self._ref(value) for value in inputs)
+    def record_lightly(self, op_type, num_outputs, inputs, attrs, ctx, name, seen: tuple):
+        """Run the op and record it lightly; `seen`: what `process_op` found of it first
+        (when it began, whether it is a random twin, its location, its input references)."""
+        entered, reseeded, location, refs = seen
         if any(is_integer(ref) for ref in refs):
             shapeprobe.shape_values(op_type, attrs, graphgen.identity_attrs(op_type, attrs),
                                     refs, inputs, True)
@@ -62,13 +53,7 @@ class LightRecording:
         self.recorded_nodes.append(node)
         node.device = ctx.device_name or ""
         node.visits = 1
-        for slot, ref in enumerate(refs):
-            if ref.kind == EXTERNAL:
-                self.external_inputs[(node.uid, slot)] = inputs[slot]
-                node.observe_external(slot, internals.unwrap(inputs[slot]))
-        if twin is not None:
-            node.reseeded = True
-            node.externals[internals.COUNTER_SLOT].varying = True
+        self._observe_outside(node, refs, inputs, reseeded)
         self._register(node, outputs)
         self.cursor = node
         self.recording_seconds += (ran - entered) + (time.perf_counter() - recorded)

@@ -110,8 +110,6 @@ class PythonRunner(GradientWindows, LightRecording):
     # ------------------------------------------------------------ op handler
 
     def process_op(self, op_type, num_outputs, inputs, attrs, ctx, name):
-        if self.lightly_recordable(op_type):
-            return self.record_lightly(op_type, num_outputs, inputs, attrs, ctx, name)
         entered = time.perf_counter()
         self.ops += 1
         twin = internals.stateless_twin(op_type, inputs, attrs)
@@ -121,6 +119,9 @@ class PythonRunner(GradientWindows, LightRecording):
         if location is None:
             location = user_location(self.stop_frame, depth=3, known_above=self.observed_call)
         refs = tuple(self._ref(value) for value in inputs)
+        if self.records_lightly and self.lightly_recordable(op_type):
+            return self.record_lightly(op_type, num_outputs, inputs, attrs, ctx, name,
+                                       (entered, twin is not None, location, refs))
         if internals.op_def(op_type) is None:
             attrs = internals.quick_call_attrs(attrs)
         attrs_key = graphgen.identity_attrs(op_type, attrs)
@@ -159,13 +160,7 @@ class PythonRunner(GradientWindows, LightRecording):
         child.made_variables = False
         if op_type == "VarHandleOp":
             self.makes_variables = True
-        for slot, ref in enumerate(refs):
-            if ref.kind == EXTERNAL:
-                self.external_inputs[(child.uid, slot)] = inputs[slot]
-                child.observe_external(slot, internals.unwrap(inputs[slot]))
-        if twin is not None:
-            child.reseeded = True
-            child.externals[internals.COUNTER_SLOT].varying = True
+        self._observe_outside(child, refs, inputs, twin is not None)
         self._share_varying(child)
         self._register(child, outputs)
         self.cursor = child
@@ -192,6 +187,17 @@ class PythonRunner(GradientWindows, LightRecording):
         elif outputs and not child.output_dtypes:  # first seen where the data had ended
             child.learn_outputs(outputs)
         return child
+
+    def _observe_outside(self, node, refs, inputs, reseeded: bool) -> None:
+        """The values this iteration gave the node from outside the TraceGraph (fed or
+        folded, and what a written call folds), and a random twin's counter: it varies."""
+        for slot, ref in enumerate(refs):
+            if ref.kind == EXTERNAL:
+                self.external_inputs[(node.uid, slot)] = inputs[slot]
+                node.observe_external(slot, internals.unwrap(inputs[slot]))
+        if reseeded:
+            node.reseeded = True
+            node.externals[internals.COUNTER_SLOT].varying = True
 
     def _share_varying(self, node) -> None:
         """A Python value that changed at one op and source line is fed, not folded, on
