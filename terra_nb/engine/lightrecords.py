@@ -1,4 +1,4 @@
-"""Light records: the ops a recording iteration runs after its first call replayed at once.
+"""Light records: what a recording iteration runs after its first call made a function.
 
 Once a recording iteration has made a library call's function at once
 (`MacroTable._establish_at_once`), the next iteration calls that function where this one ran

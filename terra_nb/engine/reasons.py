@@ -53,7 +53,7 @@ class NoteKind(_Reason):
                       "the program created variables (a Keras optimizer makes its slots at its "
                       "first step): what it runs now differs from what it ran then")
     RECORDED_LIGHTLY = ("recorded-lightly", "the iteration traced again a path recorded after "
-                        "a library call was replayed at once, only to write the calls on it: "
+                        "a library call was made a function, only to write the calls on it: "
                         "that call ran its Python here instead of being replayed")
     NOT_BUILT = ("not-built", "a path's graph could not be built; its ops run eagerly")
     XLA_REFUSED = ("xla-refused", "a graph segment XLA could not compile runs without XLA")
