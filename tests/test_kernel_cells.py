@@ -333,6 +333,44 @@ def _printed_modes(notebook) -> tuple[str, str]:
     return shown, re.search(r"^modes (.*)$", shown, re.M).group(1)
 
 
+FLIPPING_SETUP = """\
+keras.utils.set_random_seed(0)
+flipped = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                            keras.layers.Dense(10)])
+flipped_optimizer = keras.optimizers.Adam(0.01)
+flipped_optimizer.build(flipped.trainable_variables)  # built before the loop, as the model is
+flipped_losses = []
+"""
+FLIPPING_LOOP = """\
+for step in range(8):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(flipped(x, training=step == 2) - 0.5))
+    grads = tape.gradient(loss, flipped.trainable_variables)
+    flipped_optimizer.apply_gradients(zip(grads, flipped.trainable_variables))
+    flipped_losses.append(float(loss))
+"""
+
+
+def test_a_call_that_runs_its_python_again_retraces_a_lightly_recorded_path():
+    """A model built before the loop, called with `training=True` at step 2 alone: the first
+    iteration makes its call a function at once and records what follows lightly (no node
+    identity); step 1 is the magic's eager baseline; step 2 misses that call's guard, runs
+    its Python, defers its ops along the first iteration's path and meets those records: it
+    records from there with a recorded-lightly note, not a fallback. The losses are eager's."""
+    notebook = execute_cells([
+        "%load_ext terra_nb", SETUP, FLIPPING_SETUP, FLIPPING_LOOP,
+        "eager_flipped = flipped_losses", FLIPPING_SETUP, "%%terra --no-panel\n" + FLIPPING_LOOP,
+        "import terra_nb\nreport = terra_nb.report()\n"
+        f"np.testing.assert_allclose(flipped_losses, eager_flipped, rtol={RUN_RTOL}, "
+        f"atol={ATOL})\n"
+        "print('lightly', [n.index for n in report.notes if n.kind == 'recorded-lightly'])\n"
+        "print('fallbacks', [f.index for f in report.fallbacks])\n"])
+    assert errors_in(notebook) == []
+    shown = text_of(notebook.cells[-1])
+    assert "lightly [2]" in shown, shown
+    assert "fallbacks []" in shown, shown
+
+
 NOISE_LOOP = """\
 keras.utils.set_random_seed(0)  # the global seed too: tf.random ops draw from it
 generator = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(8)])
