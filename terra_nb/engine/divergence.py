@@ -90,7 +90,7 @@ def explain_divergence(index, cursor, op_type, key, location, refs) -> ev.Fallba
                 "Python took another path here; it is traced now and reused next time",
                 frame, op_type, str(user_frame_of(expected.location)), str(frame))
         here = [(traced, child) for traced, child in cursor.children.items()
-                if child.op_type == op_type and child.location == location and not child.light]
+                if child.op_type == op_type and child.location == location]
         if all(traced.attrs != key.attrs for traced, _ in here):
             return ev.FallbackEvent(
                 index, FallbackKind.ATTRS_CHANGED, f"{op_type} ran with different attributes",
