@@ -9,7 +9,8 @@ import numpy as np
 import tensorflow as tf
 
 from terra_nb.engine import events as ev
-from terra_nb.engine import graphgen
+from terra_nb.engine import graphgen, skeleton
+from terra_nb.engine.hostvalues import is_integer
 from terra_nb.engine.reasons import NoteKind
 from terra_nb.engine.tracegraph import LightKey, NodeKey
 
@@ -88,3 +89,48 @@ def test_a_deferring_iteration_that_meets_a_light_path_records_it_again_without_
     assert not [fallback for fallback in events.of_type(ev.FallbackEvent)
                 if fallback.index == 1], harness.story(terra.session)
     assert harness.modes(terra.session)[1] == ev.TRACING
+
+
+def test_a_call_fed_integer_labels_after_the_first_call_made_at_once_is_still_written(
+        monkeypatch):
+    """A light record probes which of an op's integer inputs decide its shapes only when
+    writing asks (of a call's integer arguments): the loss object's call, fed the labels,
+    comes after the model's call made at once; writing asks of its light records, whose
+    probe then runs on what was kept, and it is written from its recorded ops. Losses and
+    variables are eager's."""
+    def build():
+        rng = np.random.default_rng(5)
+        xs = rng.normal(size=(4, 8, 5)).astype("float32")
+        ys = rng.integers(0, 3, size=(4, 8)).astype("int32")
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
+                                  keras.layers.Dense(3)])
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        optimizer = keras.optimizers.SGD(0.1)
+
+        def step(i):
+            x, y = (keras.ops.convert_to_tensor(data[i % 4]) for data in (xs, ys))
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        return step, lambda: [v.numpy() for v in model.variables + optimizer.variables]
+
+    asked = []
+    decides_shape = skeleton.PythonRunner.decides_shape
+
+    def recording_asks(runner, node, slot):
+        answer = decides_shape(runner, node, slot)
+        if node.light and is_integer(node.inputs[slot]):
+            asked.append((node.op_type, node.kept_for_probe is not None, answer))
+        return answer
+
+    monkeypatch.setattr(skeleton.PythonRunner, "decides_shape", recording_asks)
+    _, terra = harness.compare(build, 6, trace_iterations=2)
+    assert asked and all(kept and not answer for _, kept, answer in asked), asked
+    replayed = " ".join(note.message for note in terra.session.events.of_type(ev.Note)
+                        if note.kind == NoteKind.REPLAYED and note.index == 0)
+    assert "SparseCategoricalCrossentropy call at" in replayed, replayed
+    assert "(from its recorded ops)" in replayed.split(
+        "SparseCategoricalCrossentropy call at")[1].split(",")[0], replayed

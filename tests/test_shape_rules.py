@@ -440,3 +440,55 @@ def test_elementwise_ops_met_while_tracing_are_never_decided_by_values(monkeypat
             "SelectV2", "Neg", "Abs", "Cast"} <= ruled
     assert any(op == "Reshape" for op, _, _ in asked)
     assert [rule for _, rule, _ in asked] == [probe for _, _, probe in asked]
+
+
+LATER_PROBES = [
+    # (op type, attrs, inputs): a large input a light record does not keep, small ones it does
+    ("Reshape", ("T", tf.float32.as_datatype_enum, "Tshape", tf.int32.as_datatype_enum),
+     lambda: [tf.zeros((8, 12)), tf.constant([4, -1])]),
+    ("Fill", ("T", tf.float32.as_datatype_enum, "index_type", tf.int32.as_datatype_enum),
+     lambda: [tf.constant([3, 2]), tf.constant(1.5)]),
+    ("StridedSlice", ("T", tf.float32.as_datatype_enum, "Index", tf.int32.as_datatype_enum,
+                      "begin_mask", 0, "end_mask", 0, "ellipsis_mask", 0, "new_axis_mask", 0,
+                      "shrink_axis_mask", 0),
+     lambda: [tf.zeros((10, 9)), tf.constant([1, 0]), tf.constant([5, 9]),
+              tf.constant([1, 1])]),
+    ("SparseSoftmaxCrossEntropyWithLogits", ("T", tf.float32.as_datatype_enum,
+                                             "Tlabels", tf.int64.as_datatype_enum),
+     lambda: [tf.zeros((8, 10)), tf.constant([1, 0, 2, 3, 1, 0, 4, 2], tf.int64)]),
+    ("Transpose", ("T", tf.float32.as_datatype_enum, "Tperm", tf.int32.as_datatype_enum),
+     lambda: [tf.zeros((3, 5, 7)), tf.constant([2, 0, 1])]),
+]
+
+
+@pytest.mark.parametrize("op_type,attrs,make_inputs", LATER_PROBES,
+                         ids=[case[0] for case in LATER_PROBES])
+def test_a_probe_left_until_asked_gives_the_answer_of_one_made_when_the_op_ran(
+        monkeypatch, op_type, attrs, make_inputs):
+    """A light record keeps an op's small inputs and probes which decide its shapes only when
+    writing asks (shapeprobe.kept_for_probe, deciding_slots_later): from the kept values and
+    the other inputs' dtypes and shapes, the answer is the probe's on the op's inputs."""
+    inputs = make_inputs()
+    refs = _refs(inputs)
+    monkeypatch.setattr(shapeprobe, "_SHAPE_VALUE_SLOTS", {})
+    kept = shapeprobe.kept_for_probe(refs, inputs)
+    assert [value is not None for value in kept] == [
+        int(np.prod(value.shape)) <= 64 for value in inputs]  # the small ones, by reference
+    assert all(value is None or value is inputs[slot] for slot, value in enumerate(kept))
+    attrs_key = tuple(attrs)
+    later = shapeprobe.deciding_slots_later(op_type, attrs, attrs_key, refs, kept)
+    assert later == shapeprobe.shape_deciding_inputs(op_type, attrs, inputs, refs)
+    assert shapeprobe.deciding_slots_found(op_type, attrs_key, refs) == later
+
+
+def test_a_probe_left_until_asked_that_needs_a_value_not_kept_answers_unknown(monkeypatch):
+    """A rule reading the value of an input too large to keep: the later probe does not
+    guess; unknown, which writing takes as deciding (it then traces the call)."""
+    monkeypatch.setattr(shapeprobe, "_SHAPE_VALUE_SLOTS", {})
+    inputs = [tf.constant(3), tf.range(100)]  # a scalar reshaped by a 100-element target
+    refs = _refs(inputs)
+    attrs = ("T", tf.int32.as_datatype_enum, "Tshape", tf.int32.as_datatype_enum)
+    kept = shapeprobe.kept_for_probe(refs, inputs)
+    assert kept == (inputs[0], None)
+    assert shapeprobe.deciding_slots_later("Reshape", attrs, attrs, refs, kept) is None
+    assert shapeprobe.deciding_slots_found("Reshape", attrs, refs) is None

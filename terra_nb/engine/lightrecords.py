@@ -15,8 +15,9 @@ parent after all (the call was not replayed there) records from there, with a no
 does a path last recorded while variables were made (docs/engine.md, Warm-up, session 64,
 measures what it saves).
 
-The shape probes stay: writing asks which integer inputs of an op decide its shapes
-(PythonRunner.decides_shape), and the probe needs the input values, which are gone later.
+Writing asks which integer inputs of an op decide its shapes (PythonRunner.decides_shape),
+but only of a call's integer arguments: the shape probe that answers is left until asked, and
+what it needs of the op's inputs is kept (the small ones' values, shapeprobe.kept_for_probe).
 """
 
 from __future__ import annotations
@@ -42,9 +43,6 @@ class LightRecording:
         """Run the op and record it lightly; `seen`: what `process_op` found of it first
         (when it began, whether it is a random twin, its location, its input references)."""
         entered, reseeded, location, refs = seen
-        if any(is_integer(ref) for ref in refs):
-            shapeprobe.shape_values(op_type, attrs, graphgen.identity_attrs(op_type, attrs),
-                                    refs, inputs, True)
         ran = time.perf_counter()
         outputs = internals.run_eagerly(op_type, num_outputs, inputs, attrs, ctx, name)
         recorded = time.perf_counter()
@@ -53,6 +51,8 @@ class LightRecording:
         self.recorded_nodes.append(node)
         node.device = ctx.device_name or ""
         node.visits = 1
+        if any(is_integer(ref) for ref in refs):
+            node.kept_for_probe = shapeprobe.kept_for_probe(refs, inputs)
         self._observe_outside(node, refs, inputs, reseeded)
         self._register(node, outputs)
         self.cursor = node

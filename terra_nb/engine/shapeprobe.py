@@ -5,6 +5,7 @@ once per distinct value; the op is built in a scratch graph, never run."""
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -12,7 +13,7 @@ import tensorflow as tf
 
 from terra_nb.engine import internals, shaperules
 from terra_nb.engine.hostvalues import is_integer
-from terra_nb.engine.tracegraph import RESOURCE, is_small_integer
+from terra_nb.engine.tracegraph import RESOURCE, SMALL_CONSTANT, is_small_integer
 
 # op signature -> input slots whose values decide output shapes (see shape_values)
 _SHAPE_VALUE_SLOTS: dict = {}
@@ -53,6 +54,70 @@ def shape_values(op_type, attrs, attrs_key, refs, inputs, may_probe: bool) -> tu
 def deciding_slots_found(op_type, attrs_key, refs) -> tuple | None:
     """The shape-deciding input slots found for this op signature; None if not asked yet."""
     return _SHAPE_VALUE_SLOTS.get(_shape_signature(op_type, attrs_key, refs))
+
+
+def kept_for_probe(refs, inputs) -> tuple:
+    """What a probe asked later (`deciding_slots_later`) needs of an op's inputs: the value of
+    each small one (a candidate, or a bound a shape rule reads), None for the others, whose
+    dtype and shape their references hold. A light record keeps this instead of probing
+    (lightrecords.py): few of its ops are ever asked about."""
+    return tuple(value if ref.kind != RESOURCE and _small(ref.shape) else None
+                 for ref, value in zip(refs, inputs, strict=True))
+
+
+def _small(shape) -> bool:
+    return shape is not None and None not in shape and math.prod(shape) <= SMALL_CONSTANT
+
+
+def deciding_slots_later(op_type, attrs, attrs_key, refs, kept: tuple) -> tuple | None:
+    """`shape_deciding_inputs` of an op whose inputs are gone but for `kept`
+    (`kept_for_probe`), remembered for its signature as if probed when it ran; None where
+    the rule or probe would need a value that was not kept."""
+    signature = _shape_signature(op_type, attrs_key, refs)
+    slots = _SHAPE_VALUE_SLOTS.get(signature)
+    if slots is None:
+        if any(value is None and ref.kind != RESOURCE and not _known(ref.shape)
+               for ref, value in zip(refs, kept, strict=True)):
+            return None
+        inputs = [value if value is not None else ref.handle if ref.kind == RESOURCE
+                  else _Described(ref) for ref, value in zip(refs, kept, strict=True)]
+        try:
+            slots = shape_deciding_inputs(op_type, attrs, inputs, refs)
+        except _NotKept:
+            return None
+        _SHAPE_VALUE_SLOTS[signature] = slots
+    return slots
+
+
+def _known(shape) -> bool:
+    return shape is not None and None not in shape
+
+
+class _NotKept(Exception):
+    """A probe asked for the value of an input a light record did not keep."""
+
+
+class _Described:
+    """An input a light record did not keep, as a probe sees it: its dtype and shape."""
+
+    __slots__ = ("dtype", "_shape")
+
+    def __init__(self, ref) -> None:
+        self.dtype = tf.as_dtype(ref.dtype)
+        self._shape = tuple(ref.shape)
+
+    def _shape_tuple(self) -> tuple:
+        return self._shape
+
+    @property
+    def shape(self) -> tf.TensorShape:
+        return tf.TensorShape(self._shape)
+
+    def _num_elements(self) -> int:
+        return math.prod(self._shape)
+
+    def __array__(self, *args, **kwargs):
+        raise _NotKept
 
 
 def _shape_signature(op_type, attrs_key, refs) -> tuple:

@@ -476,6 +476,9 @@ class PythonRunner(GradientWindows, LightRecording):
             return False
         attrs = graphgen.identity_attrs(node.op_type, node.attrs)
         slots = shapeprobe.deciding_slots_found(node.op_type, attrs, node.inputs)
+        if slots is None and node.kept_for_probe is not None:
+            slots = shapeprobe.deciding_slots_later(node.op_type, node.attrs, attrs,
+                                                    node.inputs, node.kept_for_probe)
         return slots is None or slot in slots
 
     def current(self, key):

@@ -174,7 +174,7 @@ class Node:
         "parent", "children", "visits", "island", "externals", "scope", "host_value", "mirrored",
         "function", "fetches", "fetch_wait_seconds", "last_fetch_wait", "submit_early",
         "host_memo", "steady_wait_seconds", "graph_cost", "fallible", "device", "output_devices",
-        "made_variables", "reseeded", "light", "__weakref__",
+        "made_variables", "reseeded", "light", "kept_for_probe", "__weakref__",
     )
 
     def __init__(self, uid, parent, op_type, attrs, location, inputs, outputs, island, scope):
@@ -208,6 +208,7 @@ class Node:
         self.made_variables = False
         self.reseeded = False  # a seeded random op's stateless twin, fed a counter per call
         self.light = False  # recorded without its identity (lightrecords.py): never matched
+        self.kept_for_probe = None  # a light record's small inputs, for a later shape probe
 
     def learn_outputs(self, outputs) -> None:
         """The outputs of a node first recorded where it raised (the end of a dataset)."""
