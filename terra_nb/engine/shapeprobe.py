@@ -60,13 +60,14 @@ def kept_for_probe(refs, inputs) -> tuple:
     """What a probe asked later (`deciding_slots_later`) needs of an op's inputs: the value of
     each small one (a candidate, or a bound a shape rule reads), None for the others, whose
     dtype and shape their references hold. A light record keeps this instead of probing
-    (lightrecords.py): few of its ops are ever asked about."""
-    return tuple(value if ref.kind != RESOURCE and _small(ref.shape) else None
-                 for ref, value in zip(refs, inputs, strict=True))
+    (lightrecords.py): few of its ops are ever asked about. Eager values, not LazyTensors:
+    the op has run, and a LazyTensor would hold its iteration."""
+    return tuple(internals.unwrap(value) if ref.kind != RESOURCE and _small(ref.shape)
+                 else None for ref, value in zip(refs, inputs, strict=True))
 
 
 def _small(shape) -> bool:
-    return shape is not None and None not in shape and math.prod(shape) <= SMALL_CONSTANT
+    return _known(shape) and math.prod(shape) <= SMALL_CONSTANT
 
 
 def deciding_slots_later(op_type, attrs, attrs_key, refs, kept: tuple) -> tuple | None:
