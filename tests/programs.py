@@ -20,7 +20,10 @@ def _all_variables(*objects):
     return state
 
 
-def build_mlp():
+def build_mlp(phases: list | None = None):
+    """`phases`, where given, is told where each step is: "taped" until its gradient is
+    computed, then "update", and "done" at its end."""
+    mark = phases.append if phases is not None else lambda phase: None
     rng = np.random.default_rng(1)
     x_data = rng.normal(size=(8, 16, 32)).astype("float32")
     y_data = rng.integers(0, 10, size=(8, 16))
@@ -30,11 +33,14 @@ def build_mlp():
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def step(i):
+        mark("taped")
         x, y = tf.constant(x_data[i % 8]), tf.constant(y_data[i % 8])
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
         grads = tape.gradient(loss, model.trainable_variables)
+        mark("update")
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        mark("done")
         return loss
 
     return step, _all_variables(model, optimizer)

@@ -934,6 +934,59 @@ def test_the_functions_new_macros_run_first_are_instantiated_ahead(monkeypatch):
     session.close()
 
 
+def test_a_calls_forward_and_backward_are_instantiated_from_its_gradient_on(monkeypatch):
+    """A macro's forward and backward written from its recorded gradient are written and
+    handed to the builder right after the tape's gradient, while the iteration goes on with
+    the optimizer's update, not from its end: the builder instantiates them beside it. The
+    optimizer's own function, made at the end, is queued there. Results stay eager's."""
+    phases: list = []
+    made_in = collections.defaultdict(list)
+
+    class Recorded(internals.CallAhead):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made_in[phases[-1]].append(self.name)
+
+    eager = harness.run_program(programs.build_mlp, 6)
+    monkeypatch.setattr(internals, "CallAhead", Recorded)
+    again = []
+    monkeypatch.setattr(internals.TracedCall, "write_gradient_again",
+                        lambda self, writer: again.append(self))
+    harness.seed_everything()
+    step, state = programs.build_mlp(phases)
+    session = Session("test")
+    losses = []
+    for index in range(6):
+        with session.iteration():
+            losses.append(np.asarray(step(index), dtype=np.float64))
+        if index == 0:
+            forwards = [name for name in made_in["taped"] if name.startswith("__forward")]
+            assert len(forwards) == 2, made_in  # at the gradient: the model's and the loss'
+            assert made_in["done"] and not made_in["update"], made_in
+    assert not again  # one gradient: nothing written again
+    harness.assert_same(eager, harness.Run(losses, [np.asarray(value) for value in state()],
+                                           "", session))
+    session.close()
+
+
+def test_calls_written_before_a_later_gradient_are_written_again_at_the_end(monkeypatch):
+    """Two tapes' gradients in one step (a GAN): the discriminator's calls written after the
+    first gradient get other gradient windows from the second, so they are written again at
+    the iteration's end, from the windows the end has always written them from; results
+    stay eager's."""
+    again = []
+    write_again = internals.TracedCall.write_gradient_again
+
+    def spied(self, writer):
+        again.append(self)
+        write_again(self, writer)
+
+    monkeypatch.setattr(internals.TracedCall, "write_gradient_again", spied)
+    _, terra = harness.compare(programs.build_gan, 8)
+    assert again
+    harness.close_after_builds(terra.session)
+
+
 def test_a_call_instantiated_ahead_runs_nothing_and_a_late_one_is_dropped(capfd):
     """CallAhead's refused call changes nothing (the variable keeps its value, nothing is
     printed) and the real call then runs once; a first call that comes before the builder

@@ -39,6 +39,7 @@ class GradientWindows:
         # tape frees once used would give its id to a later tensor, which a window would then
         # take for it (the backward is written from these ids; skeleton.PythonRunner.finish)
         self.gradient_values: list = []
+        self.windows_finished = 0  # gradient windows made so far (macro.settle_early_writes)
 
     def gradient_key(self, outputs):
         """The node that made `outputs` eagerly in this iteration, else None."""
@@ -60,6 +61,7 @@ class GradientWindows:
             tuple(self._gradient_ref(value) for value in returned),
             tuple(skipped or ()), tuple(self._gradient_ref(value) for value in reads))
         self.gradient_windows[node.uid] = window
+        self.windows_finished += 1
 
     def _gradient_ref(self, value):
         """What a gradient function was given or returned, as a GradientWindow holds it."""

@@ -274,10 +274,12 @@ class _Iteration:
                     self.session.events.emit(ev.Note(self.index, NoteKind.REPLAYED, replayed))
             self._leave_blocks()
             macros = self.session.macro_table
-            if macros is not None and macros.fresh and error is None:
-                from terra_nb.engine.replay.macro import instantiate_ahead
+            if macros is not None:
+                from terra_nb.engine.replay.macro import instantiate_ahead, settle_early_writes
 
-                instantiate_ahead(macros)
+                settle_early_writes(macros)
+                if macros.fresh and error is None:
+                    instantiate_ahead(macros)
             runner = self.session.graph_runner
             if runner is not None:
                 runner.emit_worker_events()

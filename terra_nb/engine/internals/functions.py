@@ -143,6 +143,20 @@ class TracedCall:
                  len(returned_specs(backward)),
                  list(backward.captured_inputs))]
 
+    @property
+    def gradient_to_write(self):
+        """What writes its forward and backward from its recorded gradient (None once
+        written, or where there is none)."""
+        return self._written_gradient
+
+    def write_gradient_again(self, written_gradient) -> None:
+        """Forget the forward and backward written from its gradient before the iteration's
+        gradients were all computed, to write them again from `written_gradient` at its
+        first call under a tape (macro.settle_early_writes)."""
+        if isinstance(self._plan, _WrittenTapePlan):
+            self._plan = None
+        self._written_gradient = written_gradient
+
     def _write_plan(self):
         written, self._written_gradient = self._written_gradient(), None
         if written is not None:

@@ -91,6 +91,33 @@ def instantiate_ahead(table) -> None:
                 threads.builder.put(ahead.instantiate)
 
 
+def instantiate_after_gradient(table, runner) -> None:
+    """After a tape's gradient in a recording iteration, write the functions of the macros
+    made so far and have the builder instantiate them now, while the iteration goes on (an
+    optimizer's update, say), instead of from its end: the next iteration's first calls of
+    them waited for the builder a third of its time. A later gradient of the same iteration
+    may give their ops other gradient windows, from which the iteration's end would have
+    written them: their forwards and backwards are then written again there
+    (`settle_early_writes`)."""
+    table.written_early += [(call, under_tape, call.gradient_to_write, runner,
+                             runner.windows_finished)
+                            for call, under_tape in table.fresh if under_tape]
+    with internals.suspended():  # its eager values, if any, are not the iteration's ops
+        instantiate_ahead(table)
+
+
+def settle_early_writes(table) -> None:
+    """At the iteration's end: the macros written after a gradient (see
+    instantiate_after_gradient) are written again where a gradient window was made after
+    them, so that every macro is written from the iteration's last windows, as before."""
+    early, table.written_early = table.written_early, []
+    again = [(call, under_tape, writer) for call, under_tape, writer, runner, windows in early
+             if runner.windows_finished != windows]
+    for call, _, writer in again:
+        call.write_gradient_again(writer)
+    table.fresh[:0] = [(call, under_tape) for call, under_tape, _ in again]
+
+
 def replay_macro(entry, flat: list, runner, call_site, checked: bool):
     """Call the macro in place of the library call; its op is located at `call_site`, and
     `checked` says Python found that its values cannot make it fail."""

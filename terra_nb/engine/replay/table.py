@@ -59,6 +59,7 @@ from terra_nb.engine.replay.macro import (
     build_macro,
     fits,
     fully_shaped,
+    instantiate_after_gradient,
     replay_macro,
     replay_state,
 )
@@ -103,6 +104,9 @@ class MacroTable:
     def __init__(self, policy) -> None:
         self.policy = policy  # the session's SchedulingPolicy
         self.fresh: list = []  # (macro, whether a tape records its call) made this iteration
+        # (macro, whether taped, its gradient's writer, the iteration's runner, its gradient
+        # windows then) of each written after a gradient (macro.instantiate_after_gradient)
+        self.written_early: list = []
         self.entries: dict = {}
         self.relaxed_entries: dict = {}  # (call site, id of the object) -> [Entry]
         self.gradients: dict = {}
@@ -521,6 +525,9 @@ class MacroTable:
         finally:
             internals.stop_collecting_library_reads()
             replay_state.observing -= 1
+        if not deferring and self.fresh and self.policy.instantiate_ahead \
+                and not tf.distribute.has_strategy():  # replicas' gradients run side by side
+            instantiate_after_gradient(self, runner)
         if runner.diverged_at != diverged_at or runner.is_deferring != deferring:
             entry.last = None
             return result
