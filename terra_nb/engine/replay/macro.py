@@ -98,10 +98,12 @@ def instantiate_after_gradient(table, runner) -> None:
     them waited for the builder a third of its time. A later gradient of the same iteration
     may give their ops other gradient windows, from which the iteration's end would have
     written them: their forwards and backwards are then written again there
-    (`settle_early_writes`)."""
+    (`settle_early_writes`). A call whose forward and backward were written before (at a
+    call under a tape) is not written here, and keeps them."""
     table.written_early += [(call, under_tape, call.gradient_to_write, runner,
                              runner.windows_finished)
-                            for call, under_tape in table.fresh if under_tape]
+                            for call, under_tape in table.fresh
+                            if under_tape and call.gradient_to_write is not None]
     with internals.suspended():  # its eager values, if any, are not the iteration's ops
         instantiate_ahead(table)
 
