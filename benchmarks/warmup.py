@@ -246,6 +246,42 @@ def profile_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def tracing_table(results: dict) -> str:
+    """terra_nb's tracing iterations among the first FIRST steps against eager's same steps
+    (issue 20's target: at most 1.3x), per program and summed over the programs: all of
+    them, and the first two alone (every session records its first; its second runs the
+    functions the first wrote, or records again where a size changed)."""
+    lines = [
+        f"| program | tracing iterations in the first {FIRST} | their ms | eager's same steps "
+        "ms | against eager's | iteration 0 ms (eager's) | iteration 1 ms (eager's) |",
+        "|---|" + "---:|" * 6,
+    ]
+    sums = [0.0] * 6
+    for name, summary in results.items():
+        eager, terra = summary.get("eager", {}), summary.get("terra_nb", {})
+        modes = terra.get("iteration_modes")
+        if not modes or "ms" not in eager or len(terra.get("ms", ())) < 2:
+            continue
+        steps = [index for index, mode in enumerate(modes[:FIRST]) if mode == "tracing"]
+        spent = sum(terra["ms"][index] for index in steps)
+        theirs = sum(eager["ms"][index] for index in steps)
+        parts = (spent, theirs, terra["ms"][0], eager["ms"][0], terra["ms"][1], eager["ms"][1])
+        sums = [total + part for total, part in zip(sums, parts, strict=True)]
+        lines.append(_tracing_row(name, len(steps), *parts))
+    lines.append(_tracing_row("sum", "", *sums))
+    return "\n".join(lines)
+
+
+def _tracing_row(name: str, count, spent: float, theirs: float, first: float,
+                 eager_first: float, second: float, eager_second: float) -> str:
+    def against(mine: float, eager: float) -> str:
+        return f"{mine:.0f} ({eager:.0f}, {mine / eager:.2f}x)" if eager else "-"
+
+    ratio = f"{spent / theirs:.2f}x" if theirs else "-"
+    return (f"| {name} | {count} | {spent:.0f} | {theirs:.0f} | {ratio} | "
+            f"{against(first, eager_first)} | {against(second, eager_second)} |")
+
+
 def header(machine: dict, steps: int) -> str:
     return (
         f"# Warm-up on {machine['id']}\n\n"
@@ -332,7 +368,10 @@ def write(machine: dict, steps: int, results: dict, out: str | None) -> None:
               "(tracing: recording iterations, those that trace the ops of newly replayed "
               "library calls included; other: plain eager iterations of a back-off; after "
               "the steps: the waits for each step's loss after its iteration ended):\n\n"
-            + profile_table(results) + "\n")
+            + profile_table(results)
+            + f"\n\nterra_nb's tracing iterations among the first {FIRST} steps against "
+              "eager's same steps (summed; each program's iterations 0 and 1 apart):\n\n"
+            + tracing_table(results) + "\n")
     from benchmarks.__main__ import write_results
 
     write_results(out, f"{machine['id']}-warmup",

@@ -227,7 +227,8 @@ def test_warmup_reports_whole_run_totals_per_mode_and_a_profile(tmp_path):
     assert terra["departs_at"] is None and 1 <= terra["judged_steps"] <= 6
     assert "departs_at" not in modes["tf.function"]  # it failed: no losses to judge
     markdown = (tmp_path / f"{stem}.md").read_text()
-    assert markdown.count("| faster_rcnn |") == 2 and "| failed |" in markdown
+    assert markdown.count("| faster_rcnn |") == 3 and "| failed |" in markdown
+    assert "| faster_rcnn | 2 |" in markdown  # its two tracing iterations, against eager's
     assert f"| eager's ({terra['judged_steps']} steps) | failed |" in markdown
 
 
@@ -244,6 +245,29 @@ def test_warmup_profile_marks_what_a_run_did_not_measure():
                          "terra_nb": dict(terra, tape_functions_ms=80.0)}}
     assert profile_table(older).splitlines()[-1].endswith("| 0.03 | - |")
     assert profile_table(newer).splitlines()[-1].endswith("| 0.03 | 0.08 |")
+
+
+def test_warmup_tracing_table_sets_tracing_iterations_against_eagers_same_steps():
+    """The tracing-iterations table (issue 20's 1.3x target): per program the steps that
+    traced among the first ones, against eager's same steps, iterations 0 and 1 apart, and
+    their sums over the programs; a program without iteration modes is left out."""
+    from benchmarks.warmup import tracing_table
+
+    def run(eager_ms, terra_ms, modes):
+        return {"eager": {"ms": eager_ms}, "terra_nb": {"ms": terra_ms, "iteration_modes": modes}}
+
+    results = {
+        "a": run([200, 50, 50, 50], [300, 100, 10, 10],
+                 ["tracing", "tracing", "co-executing", "co-executing"]),
+        "b": run([100, 40, 40, 40], [150, 40, 80, 10],
+                 ["tracing", "tracing", "tracing", "co-executing"]),
+        "failed": {"eager": {"ms": [100]}, "terra_nb": {"error": "ValueError: x"}},
+    }
+    rows = tracing_table(results).splitlines()
+    assert rows[2] == "| a | 2 | 400 | 250 | 1.60x | 300 (200, 1.50x) | 100 (50, 2.00x) |"
+    assert rows[3] == "| b | 3 | 270 | 180 | 1.50x | 150 (100, 1.50x) | 40 (40, 1.00x) |"
+    assert rows[4] == "| sum |  | 670 | 430 | 1.56x | 450 (300, 1.50x) | 140 (90, 1.56x) |"
+    assert len(rows) == 5
 
 
 def test_floor_recorder_keeps_each_op_with_where_its_inputs_came_from():
