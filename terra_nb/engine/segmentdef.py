@@ -283,6 +283,15 @@ def write_segment(path: list[Node], feeds: list, folded: list,
     return written
 
 
+def recorded_outputs(written: WrittenSegment, path: list[Node]) -> dict:
+    """"node:index" -> the TensorSpec the recorded value it stands for had, for each output of
+    the written path."""
+    return {f"{name}:{output}": tf.TensorSpec(node.output_shapes[index],
+                                               node.output_dtypes[index])
+            for node, results in zip(path, written.results, strict=True)
+            for index, (name, output) in enumerate(results)}
+
+
 def _add(graph_def, name: str, inputs: list, device: str):
     node = graph_def.node.add()
     node.name = name

@@ -19,6 +19,7 @@ graph being built) is the ConcreteFunction's, made at that first need as before.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 
@@ -125,7 +126,8 @@ def tell_tapes_of_reads(variables) -> None:
 def defined_function(kind: str, graph_def, arguments: list, bound: dict, captured: list,
                      results: list, pack, node_dtypes, make_concrete,
                      control_outputs: list = (), variables: list = (),
-                     any_value: bool = False) -> DefinedFunction | None:
+                     any_value: bool = False,
+                     recorded: dict | None = None) -> DefinedFunction | None:
     """The ops written as `graph_def` as a function named as TensorFlow names a traced one
     (`__inference_<kind>_<n>`; a backward's kind starts `__backward`), which the engine reads
     (internals.is_backward_function, the report's call ops); None where a node has no OpDef
@@ -137,7 +139,9 @@ def defined_function(kind: str, graph_def, arguments: list, bound: dict, capture
     ("node:index", or a bound input); `pack(specs)`: their structure; `node_dtypes`: the
     dtypes of every node's outputs; `make_concrete()`: its ConcreteFunction, when needed;
     `control_outputs`: nodes that run whatever reads them; `any_value`: a forward returning
-    any of its values may be asked of it (`with_outputs`)."""
+    any of its values may be asked of it (`with_outputs`); `recorded`: "node:index" -> the
+    spec TensorFlow would infer for it, known from the recording (replay/recordedshapes.py),
+    where no scratch import need tell."""
     if not all(op_def(node.op) for node in graph_def.node):
         return None
     resources = [(f"terra_resource{index}", RESOURCE_SPEC) for index in range(len(captured))]
@@ -148,13 +152,34 @@ def defined_function(kind: str, graph_def, arguments: list, bound: dict, capture
               "bound": {**{f"{name}:0": name for name, _ in every}, **bound},
               "captured": list(captured), "results": list(results),
               "control_outputs": list(control_outputs)}
-    scratch = ScratchGraph(graph_def, every, recipe["bound"], {
-        name: handle for (name, _), handle in zip(resources, captured, strict=True)},
-        None if any_value else recipe["results"])
+    handles = {name: handle for (name, _), handle in zip(resources, captured, strict=True)}
+    if recorded is None:
+        scratch = ScratchGraph(graph_def, every, recipe["bound"], handles,
+                               None if any_value else recipe["results"])
+    else:
+        scratch = RecordedSpecs(recorded, every, recipe["bound"], functools.partial(
+            ScratchGraph, graph_def, every, recipe["bound"], handles))
     signature = _signature(recipe, pack(scratch.specs(recipe["results"])))
     _remember_facts(recipe)
     return DefinedFunction(recipe, scratch, [spec for _, spec in arguments], signature,
                            list(variables), make_concrete)
+
+
+class RecordedSpecs:
+    """The specs of a written function's tensors known from its recording (`named`) or its
+    arguments, in place of a ScratchGraph: one is imported (`make_scratch(tensors)`) only for
+    a tensor neither names."""
+
+    def __init__(self, named: dict, arguments: list, bound: dict, make_scratch) -> None:
+        spec_of = dict(arguments)
+        self._named = {**named, **{tensor: spec_of[argument]
+                                   for tensor, argument in bound.items()}}
+        self._make_scratch = make_scratch
+
+    def specs(self, tensors: list) -> list:
+        if all(tensor in self._named for tensor in tensors):
+            return [self._named[tensor] for tensor in tensors]
+        return self._make_scratch(tensors).specs(tensors)
 
 
 def fixes_no_output(function) -> bool:

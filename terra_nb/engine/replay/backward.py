@@ -33,7 +33,8 @@ import tensorflow as tf
 from terra_nb.engine import internals
 from terra_nb.engine.gradientwindows import SLICES
 from terra_nb.engine.graphgen import draws_per_call
-from terra_nb.engine.segmentdef import constant_node, write_segment
+from terra_nb.engine.replay.recordedshapes import recorded_specs
+from terra_nb.engine.segmentdef import constant_node, recorded_outputs, write_segment
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
 
 _SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
@@ -233,7 +234,8 @@ class _Writer:
         slots = [slot for slot, grad in enumerate(grads) if grad is not None]
         backward = _backward_function(
             written, inputs, [grads[slot] for slot in slots], specs,
-            [dtype for node in self.backward_path for dtype in node.output_dtypes])
+            [dtype for node in self.backward_path for dtype in node.output_dtypes],
+            recorded_outputs(written, self.backward_path))
         unconnected = [slot for slot, grad in enumerate(grads) if grad is None]
         return WrittenGradient(forward, len(self.results), self.sides, side_outputs, backward,
                                [self.positions.index(position) for position in self.arguments],
@@ -391,10 +393,12 @@ def _same(node, slot: int, given) -> bool:
     return seen is not None and id(seen.first) == object_id
 
 
-def _backward_function(written, inputs: list, outputs: list, specs: list, node_dtypes: list):
+def _backward_function(written, inputs: list, outputs: list, specs: list, node_dtypes: list,
+                       named: dict):
     """The backward function: the written gradient ops registered as a FunctionDef, `inputs`
-    (names) its arguments, the tensors named `outputs` its results; where it cannot be
-    written so, its ConcreteFunction (`_traced`)."""
+    (names) its arguments, the tensors named `outputs` its results (`named`: the specs their
+    recorded values had, "node:index" -> TensorSpec); where it cannot be written so, its
+    ConcreteFunction (`_traced`)."""
     make_concrete = functools.partial(_traced, written, inputs, outputs, specs)
     if written.functions:
         return make_concrete()
@@ -404,7 +408,9 @@ def _backward_function(written, inputs: list, outputs: list, specs: list, node_d
         "__backward_written", written.graph_def,
         [(name.rpartition(":")[0], spec) for name, spec in zip(inputs, specs, strict=True)],
         {}, [], outputs, list, [*node_dtypes, *(spec.dtype.as_datatype_enum for spec in specs)],
-        make_concrete, written.kept_running)
+        make_concrete, written.kept_running,
+        recorded=recorded_specs(written.graph_def, [], named) if all(
+            spec.shape.is_fully_defined() for spec in specs) else None)
     return defined if defined is not None else make_concrete()
 
 
