@@ -38,6 +38,8 @@ PRIVATE_SYMBOLS = tuple(("tensorflow.python.client.pywrap_tf_session", name) for
 RESOURCE = tf.resource.as_datatype_enum
 _NAMES = itertools.count(1)
 _OUTPUT_ARGUMENTS: dict = {}  # (op type, list sizes) -> per flat output: "argument:index"
+# op type -> per flat output "argument:0", or False where an attribute sizes its outputs
+_FIXED_OUTPUTS: dict = {}
 
 
 @dataclasses.dataclass(eq=False)
@@ -127,14 +129,18 @@ def function_definition(name: str, graph_def, arguments: list, bound: dict, outp
         names[node.name] = _output_arguments(node, definition)
         stateful = stateful or definition.is_stateful
 
+    known = dict(bound)  # tensor -> its name in the body, each worked out once
+
     def renamed(tensor: str) -> str:
-        if tensor.startswith("^"):
-            return tensor
-        argument = bound.get(tensor)
-        if argument is not None:
-            return argument
-        node, _, index = tensor.rpartition(":")
-        return f"{node}:{names[node][int(index)]}"
+        found = known.get(tensor)
+        if found is None:
+            if tensor.startswith("^"):
+                found = tensor
+            else:
+                node, _, index = tensor.rpartition(":")
+                found = f"{node}:{names[node][int(index)]}"
+            known[tensor] = found
+        return found
 
     function = function_pb2.FunctionDef()
     function.node_def.extend(graph_def.node)  # copied whole, then its inputs renamed
@@ -155,7 +161,7 @@ def function_definition(name: str, graph_def, arguments: list, bound: dict, outp
         signature.control_output.append(control)
         function.control_ret[control] = control
     for body in function.node_def:
-        body.input[:] = [renamed(tensor) for tensor in body.input]
+        body.input[:] = [known.get(tensor) or renamed(tensor) for tensor in body.input]
     return function
 
 
@@ -279,6 +285,14 @@ def _import(graph, graph_def, names: list, inputs: dict) -> list:
 
 def _output_arguments(node, definition) -> list:
     """Each flat output of `node` as a function body names it ("z:0", "output:2")."""
+    fixed = _FIXED_OUTPUTS.get(node.op)
+    if fixed is None:
+        fixed = _FIXED_OUTPUTS[node.op] = not any(
+            argument.number_attr or argument.type_list_attr
+            for argument in definition.output_arg) and [
+            f"{argument.name}:0" for argument in definition.output_arg]
+    if fixed is not False:
+        return fixed
     sizes = []
     for argument in definition.output_arg:
         if argument.number_attr:
