@@ -24,6 +24,7 @@ import collections
 import functools
 import os
 import statistics
+import threading
 import time
 
 MODES = ("eager", "handler", "terra_nb")
@@ -33,18 +34,23 @@ PARTS = ("kernels", RECORDING, *WRITING, "library Python", "gradient Python")
 
 
 class _Timers:
-    """Exclusive times of wrapped callables: a wrapped call inside another is taken out of
-    the outer one's time."""
+    """Exclusive times of wrapped callables on the thread that made the timers (the step's):
+    a wrapped call inside another is taken out of the outer one's time. Calls on other
+    threads (the builder's zeros for its instantiations) run untimed, not on this thread's
+    stack of inner times."""
 
     def __init__(self) -> None:
         self.seconds: collections.Counter = collections.Counter()
         self._inner: list = []
+        self._thread = threading.get_ident()
 
     def wrap(self, owner, attribute: str, part: str) -> None:
         original = getattr(owner, attribute)
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
+            if threading.get_ident() != self._thread:
+                return original(*args, **kwargs)
             start = time.perf_counter()
             self._inner.append(0.0)
             try:

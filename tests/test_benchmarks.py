@@ -332,6 +332,36 @@ def test_first_step_timers_take_an_inner_call_out_of_the_outer_ones_time(monkeyp
     assert timers.seconds == {"inner part": 4.0, "outer part": 1.5}
 
 
+def test_first_step_timers_leave_another_threads_calls_untimed(monkeypatch):
+    """A wrapped call on another thread (the builder's ops for its instantiations) while
+    the step's thread is inside a wrapped call counts for nothing and leaves that call's
+    time its own."""
+    import threading
+    import types
+
+    from benchmarks import first_step_parts
+
+    clock = [0.0]
+    monkeypatch.setattr(first_step_parts.time, "perf_counter", lambda: clock[0])
+
+    def kernel():
+        clock[0] += 3.0
+
+    def step():
+        clock[0] += 1.0
+        elsewhere = threading.Thread(target=owner.kernel)
+        elsewhere.start()
+        elsewhere.join()
+        clock[0] += 1.0
+
+    owner = types.SimpleNamespace(kernel=kernel, step=step)
+    timers = first_step_parts._Timers()
+    timers.wrap(owner, "kernel", "kernels")
+    timers.wrap(owner, "step", "recording")
+    owner.step()
+    assert timers.seconds == {"recording": 5.0}
+
+
 def test_first_step_table_sums_medians_and_bounds_a_recorder():
     from benchmarks.first_step_parts import MODES, PARTS, summarize, table
 
