@@ -305,15 +305,34 @@ def test_floor_table_sums_medians_and_divides_by_eager():
     assert lines[-1].split(" | ")[1:5] == ["1.00x", "1.00x", "1.49x", "1.99x"]
 
 
-def test_first_step_timers_take_an_inner_call_out_of_the_outer_ones_time(monkeypatch):
-    """benchmarks.first_step_parts' timers: a wrapped call made inside another wrapped call
-    counts for its own part only (a clock that moves only when the calls say so)."""
-    import types
-
+@pytest.fixture
+def step_clock(monkeypatch) -> list:
+    """benchmarks.first_step_parts' clock, moved only by the test (clock[0] += seconds)."""
     from benchmarks import first_step_parts
 
     clock = [0.0]
     monkeypatch.setattr(first_step_parts.time, "perf_counter", lambda: clock[0])
+    return clock
+
+
+def _timed(**calls) -> tuple:
+    """A namespace of the functions `calls` names ((function, part)), each wrapped by
+    benchmarks.first_step_parts' timers, and the timers."""
+    import types
+
+    from benchmarks import first_step_parts
+
+    owner = types.SimpleNamespace(**{name: function for name, (function, _) in calls.items()})
+    timers = first_step_parts._Timers()
+    for name, (_, part) in calls.items():
+        timers.wrap(owner, name, part)
+    return owner, timers
+
+
+def test_first_step_timers_take_an_inner_call_out_of_the_outer_ones_time(step_clock):
+    """benchmarks.first_step_parts' timers: a wrapped call made inside another wrapped call
+    counts for its own part only."""
+    clock = step_clock
 
     def inner():
         clock[0] += 2.0
@@ -323,26 +342,19 @@ def test_first_step_timers_take_an_inner_call_out_of_the_outer_ones_time(monkeyp
         owner.inner()
         clock[0] += 0.5
 
-    owner = types.SimpleNamespace(inner=inner, outer=outer)
-    timers = first_step_parts._Timers()
-    timers.wrap(owner, "inner", "inner part")
-    timers.wrap(owner, "outer", "outer part")
+    owner, timers = _timed(inner=(inner, "inner part"), outer=(outer, "outer part"))
     owner.outer()
     owner.inner()
     assert timers.seconds == {"inner part": 4.0, "outer part": 1.5}
 
 
-def test_first_step_timers_leave_another_threads_calls_untimed(monkeypatch):
+def test_first_step_timers_leave_another_threads_calls_untimed(step_clock):
     """A wrapped call on another thread (the builder's ops for its instantiations) while
     the step's thread is inside a wrapped call counts for nothing and leaves that call's
     time its own."""
     import threading
-    import types
 
-    from benchmarks import first_step_parts
-
-    clock = [0.0]
-    monkeypatch.setattr(first_step_parts.time, "perf_counter", lambda: clock[0])
+    clock = step_clock
 
     def kernel():
         clock[0] += 3.0
@@ -354,10 +366,7 @@ def test_first_step_timers_leave_another_threads_calls_untimed(monkeypatch):
         elsewhere.join()
         clock[0] += 1.0
 
-    owner = types.SimpleNamespace(kernel=kernel, step=step)
-    timers = first_step_parts._Timers()
-    timers.wrap(owner, "kernel", "kernels")
-    timers.wrap(owner, "step", "recording")
+    owner, timers = _timed(kernel=(kernel, "kernels"), step=(step, "recording"))
     owner.step()
     assert timers.seconds == {"recording": 5.0}
 

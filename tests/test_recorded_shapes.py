@@ -6,6 +6,7 @@ from __future__ import annotations
 import programs
 import pytest
 import tensorflow as tf
+from graphdefs import graph_def_of
 from harness import assert_same, run_program
 
 from terra_nb.engine.internals import defined, written
@@ -16,15 +17,7 @@ NAMED = {"out:0": tf.TensorSpec([4, 3], tf.float32)}
 
 
 def _graph(*nodes):
-    """A GraphDef of (name, op, inputs, {attr: dtype}) nodes."""
-    graph_def = tf.compat.v1.GraphDef()
-    for name, op, inputs, attrs in nodes:
-        node = graph_def.node.add()
-        node.name, node.op = name, op
-        node.input.extend(inputs)
-        for key, dtype in attrs.items():
-            node.attr[key].type = dtype.as_datatype_enum
-    return graph_def
+    return graph_def_of(nodes)
 
 
 F32, I32 = {"T": tf.float32}, {"T": tf.int32}

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from graphdefs import graph_def_of
 from tensorflow.python.framework import auto_control_deps_utils as acd
 
 from terra_nb.engine import internals
@@ -337,17 +338,11 @@ def test_a_result_size_that_follows_from_a_value_is_unknown_to_a_written_functio
     argument's value gives stays unknown, a relaxed argument size stays unknown, and a
     variable's read takes the variable's shape."""
     variable = tf.Variable(tf.zeros([3, 4]))
-    graph_def = tf.compat.v1.GraphDef()
-    nodes = [("read", "ReadVariableOp", ["terra_resource0:0"], {"dtype": tf.float32}),
-             ("product", "MatMul", ["terra_arg0:0", "read:0"], {"T": tf.float32}),
-             ("shaped", "Reshape", ["product:0", "terra_arg1:0"],
-              {"T": tf.float32, "Tshape": tf.int32})]
-    for name, op, inputs, attrs in nodes:
-        node = graph_def.node.add()
-        node.name, node.op = name, op
-        node.input.extend(inputs)
-        for key, dtype in attrs.items():
-            node.attr[key].type = dtype.as_datatype_enum
+    graph_def = graph_def_of([
+        ("read", "ReadVariableOp", ["terra_resource0:0"], {"dtype": tf.float32}),
+        ("product", "MatMul", ["terra_arg0:0", "read:0"], {"T": tf.float32}),
+        ("shaped", "Reshape", ["product:0", "terra_arg1:0"],
+         {"T": tf.float32, "Tshape": tf.int32})])
     arguments = [("x", tf.TensorSpec([None, 3], tf.float32)),
                  ("sizes", tf.TensorSpec([2], tf.int32)),
                  ("terra_resource0", written.RESOURCE_SPEC)]

@@ -14,6 +14,7 @@ import numpy as np
 import programs
 import pytest
 import tensorflow as tf
+from graphdefs import graph_def_of
 from tensorflow.python.eager import context
 
 from terra_nb.engine import events as ev
@@ -92,17 +93,6 @@ def test_a_written_body_that_does_not_instantiate_is_built_through_a_func_graph(
                                  for function in functions)
 
 
-def _graph_def(text_nodes: list) -> tf.compat.v1.GraphDef:
-    graph_def = tf.compat.v1.GraphDef()
-    for name, op, inputs, attrs in text_nodes:
-        node = graph_def.node.add()
-        node.name, node.op = name, op
-        node.input.extend(inputs)
-        for key, value in attrs.items():
-            node.attr[key].CopyFrom(value)
-    return graph_def
-
-
 def _type(dtype) -> tf.compat.v1.AttrValue:
     return tf.compat.v1.AttrValue(type=dtype.as_datatype_enum)
 
@@ -113,7 +103,7 @@ def test_a_written_function_names_outputs_runs_its_control_outputs_and_leaves_wh
     while its Python object lives."""
     counter = tf.Variable(1.0)
     float_type, int_type = _type(tf.float32), _type(tf.int32)
-    graph_def = _graph_def([
+    graph_def = graph_def_of([
         ("k", "Const", [], {"dtype": int_type, "value": tf.compat.v1.AttrValue(
             tensor=tf.make_tensor_proto(2, tf.int32))}),
         ("axis", "Const", [], {"dtype": int_type, "value": tf.compat.v1.AttrValue(
@@ -141,7 +131,7 @@ def test_a_written_function_names_outputs_runs_its_control_outputs_and_leaves_wh
 
 
 def test_an_op_without_an_op_def_is_left_to_the_func_graph_way():
-    graph_def = _graph_def([("call", "no_such_registered_op", ["terra_arg0:0"], {})])
+    graph_def = graph_def_of([("call", "no_such_registered_op", ["terra_arg0:0"], {})])
     assert internals.written_function(graph_def, [tf.TensorSpec([], tf.float32)], [],
                                       [("call", 0)], [tf.float32.as_datatype_enum], [],
                                       []) is None
