@@ -56,6 +56,8 @@ def test_an_op_outside_the_tables_or_a_variable_of_open_shape_needs_the_scratch_
     read = _graph(("out", "ReadVariableOp", ["terra_resource0:0"], {"dtype": tf.float32}))
     assert recorded_specs(read, [fixed.handle], NAMED) is NAMED
     assert recorded_specs(read, [free.handle], NAMED) is None
+    given = _graph(("out", "ReadVariableOp", ["terra_arg0:0"], {"dtype": tf.float32}))
+    assert recorded_specs(given, [], NAMED) is None  # a handle passed in: shape unknown
     unique = _graph(("out", "Unique", ["terra_arg0:0"], {"T": tf.float32}))
     assert recorded_specs(unique, [], NAMED) is None
     assign = _graph(("out", "AssignVariableOp", ["terra_resource0:0", "terra_arg0:0"],
@@ -80,7 +82,8 @@ def test_recorded_specs_answer_for_arguments_and_import_only_for_what_they_lack(
     assert specs.specs(["out:0", "x:0"]) == [NAMED["out:0"], arguments[0][1]]
     assert not made
     assert specs.specs(["double:0"]) == [tf.TensorSpec([4, 3], tf.float32)]
-    assert made == [["double:0"]]
+    assert specs.specs(["double:0", "out:0"]) == [tf.TensorSpec([4, 3], tf.float32)] * 2
+    assert made == [None]  # one import, for any tensor
 
 
 @pytest.mark.parametrize("build", [programs.build_mlp, programs.build_cnn_batchnorm,

@@ -167,19 +167,22 @@ def defined_function(kind: str, graph_def, arguments: list, bound: dict, capture
 
 class RecordedSpecs:
     """The specs of a written function's tensors known from its recording (`named`) or its
-    arguments, in place of a ScratchGraph: one is imported (`make_scratch(tensors)`) only for
-    a tensor neither names."""
+    arguments, in place of a ScratchGraph: one is imported (`make_scratch(None)`, for any
+    tensor) only at the first ask for a tensor neither names."""
 
     def __init__(self, named: dict, arguments: list, bound: dict, make_scratch) -> None:
         spec_of = dict(arguments)
         self._named = {**named, **{tensor: spec_of[argument]
                                    for tensor, argument in bound.items()}}
         self._make_scratch = make_scratch
+        self._scratch = None
 
     def specs(self, tensors: list) -> list:
         if all(tensor in self._named for tensor in tensors):
             return [self._named[tensor] for tensor in tensors]
-        return self._make_scratch(tensors).specs(tensors)
+        if self._scratch is None:
+            self._scratch = self._make_scratch(None)
+        return self._scratch.specs(tensors)
 
 
 def fixes_no_output(function) -> bool:

@@ -45,6 +45,7 @@ DECIDING_INPUTS = {
     "ConcatV2": (-1,), "ResizeBilinear": (1,), "ResizeNearestNeighbor": (1,),
     **dict.fromkeys(REDUCTIONS, (1,)), **dict.fromkeys(SEGMENT_REDUCTIONS, (2,)),
 }
+CAPTURED = "terra_resource"  # how a written function's body names its captured handles
 # Ops whose values follow from their inputs' shapes alone
 VALUES_FROM_SHAPES = frozenset({"Shape", "ShapeN", "Size", "Rank", "Const"})
 # Ops whose values follow from their inputs' values (and attributes) alone: given values
@@ -73,6 +74,8 @@ def recorded_specs(graph_def, captured: list, named: dict) -> dict | None:
                 return None
         elif node.op not in SHAPES_FROM_INPUT_SHAPES and not _no_outputs(node.op):
             return None
+        elif node.op == "ReadVariableOp" and not data[0].startswith(CAPTURED):
+            return None  # a handle given as an argument: its shape is not known here
         if node.op in VALUES_FROM_SHAPES or (
                 node.op in VALUES_FROM_VALUES
                 and all(_follows(tensor, from_shapes) for tensor in data)):
