@@ -33,7 +33,7 @@ import tensorflow as tf
 from terra_nb.engine import internals
 from terra_nb.engine.gradientwindows import SLICES
 from terra_nb.engine.graphgen import draws_per_call
-from terra_nb.engine.replay.recordedshapes import recorded_specs
+from terra_nb.engine.replay.recordedshapes import sizes_follow_from_arguments
 from terra_nb.engine.segmentdef import constant_node, recorded_outputs, write_segment
 from terra_nb.engine.tracegraph import EXTERNAL, FROM_NODE, RESOURCE, input_identity
 
@@ -235,7 +235,7 @@ class _Writer:
         backward = _backward_function(
             written, inputs, [grads[slot] for slot in slots], specs,
             [dtype for node in self.backward_path for dtype in node.output_dtypes],
-            recorded_outputs(written, self.backward_path))
+            self.backward_path)
         unconnected = [slot for slot, grad in enumerate(grads) if grad is None]
         return WrittenGradient(forward, len(self.results), self.sides, side_outputs, backward,
                                [self.positions.index(position) for position in self.arguments],
@@ -394,10 +394,10 @@ def _same(node, slot: int, given) -> bool:
 
 
 def _backward_function(written, inputs: list, outputs: list, specs: list, node_dtypes: list,
-                       named: dict):
+                       path: list):
     """The backward function: the written gradient ops registered as a FunctionDef, `inputs`
-    (names) its arguments, the tensors named `outputs` its results (`named`: the specs their
-    recorded values had, "node:index" -> TensorSpec); where it cannot be written so, its
+    (names) its arguments, the tensors named `outputs` its results (`path`: the gradient ops
+    written, whose recorded values may tell their specs); where it cannot be written so, its
     ConcreteFunction (`_traced`)."""
     make_concrete = functools.partial(_traced, written, inputs, outputs, specs)
     if written.functions:
@@ -409,8 +409,9 @@ def _backward_function(written, inputs: list, outputs: list, specs: list, node_d
         [(name.rpartition(":")[0], spec) for name, spec in zip(inputs, specs, strict=True)],
         {}, [], outputs, list, [*node_dtypes, *(spec.dtype.as_datatype_enum for spec in specs)],
         make_concrete, written.kept_running,
-        recorded=recorded_specs(written.graph_def, [], named) if all(
-            spec.shape.is_fully_defined() for spec in specs) else None)
+        recorded=recorded_outputs(written, path) if all(
+            spec.shape.is_fully_defined() for spec in specs)
+        and sizes_follow_from_arguments(written.graph_def, []) else None)
     return defined if defined is not None else make_concrete()
 
 

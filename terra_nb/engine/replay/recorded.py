@@ -50,7 +50,7 @@ from terra_nb.engine.replay.guards import (
     is_tensor_like,
 )
 from terra_nb.engine.replay.macro import BuiltMacro, fully_shaped
-from terra_nb.engine.replay.recordedshapes import recorded_specs
+from terra_nb.engine.replay.recordedshapes import sizes_follow_from_arguments
 from terra_nb.engine.replay.updates import SIZE_FREE
 from terra_nb.engine.segmentdef import (
     constant_node,
@@ -162,7 +162,7 @@ def _defined_function(result, variables: list, plan: _Sources, written, position
     position_of = {node.uid: position for position, node in enumerate(plan.path)}
     waits = [f"^{name}" for name in written.kept_running]
     results, leaves = [], []
-    named = recorded_outputs(written, plan.path)
+    result_specs = {}  # of the results the written path's ops do not give
     for index, source in enumerate(plan.results):
         if source[0] == "op":
             name, output = written.results[position_of[source[1]]][source[2]]
@@ -181,12 +181,12 @@ def _defined_function(result, variables: list, plan: _Sources, written, position
             read.input.extend([f"terra_resource{resource_of[id(handle)]}:0", *waits])
             read.attr["dtype"].type = tf.as_dtype(source[1].dtype).as_datatype_enum
             results.append(f"{read.name}:0")
-            named[results[-1]] = tf.TensorSpec(source[1].shape, source[1].dtype)
+            result_specs[results[-1]] = tf.TensorSpec(source[1].shape, source[1].dtype)
         elif source[1] is not None:
             value = tf.convert_to_tensor(source[1])
             results.append(constant_node(graph_def, f"terra_result{index}", value.numpy(),
                                          value.dtype.as_datatype_enum) + ":0")
-            named[results[-1]] = tf.TensorSpec(value.shape, value.dtype)
+            result_specs[results[-1]] = tf.TensorSpec(value.shape, value.dtype)
         leaves.append(source[0] != "value" or source[1] is not None)
 
     def pack(result_specs: list):
@@ -194,12 +194,15 @@ def _defined_function(result, variables: list, plan: _Sources, written, position
         return tf.nest.pack_sequence_as(result, [next(given) if returns else None
                                                  for returns in leaves])
 
-    exact = all(spec.shape.is_fully_defined() for spec in specs)
+    recorded = None
+    if all(spec.shape.is_fully_defined() for spec in specs) \
+            and sizes_follow_from_arguments(graph_def, captured):
+        recorded = {**recorded_outputs(written, plan.path), **result_specs}
     return internals.defined_function(
         "written_call", graph_def, arguments, bound, captured, results, pack,
         [dtype for node in plan.path for dtype in node.output_dtypes], make_concrete,
         written.kept_running, variables, any(source[0] == "op" for source in plan.results),
-        recorded_specs(graph_def, captured, named) if exact else None)
+        recorded)
 
 
 def _concrete_function(result, variables: list, plan: _Sources, written, positions: list,

@@ -57,13 +57,13 @@ VALUES_FROM_VALUES = SHAPES_FROM_SHAPES | frozenset({
 })
 
 
-def recorded_specs(graph_def, captured: list, named: dict) -> dict | None:
-    """`named` ("node:index" -> the TensorSpec its recorded value had), when the shapes of the
-    ops written as `graph_def` follow from its argument shapes (see the module's docstring),
-    reading the variables whose handles are `captured`; else None, also where one of those
-    variables' shapes is not fixed (made with `shape=None`, it may take values of others)."""
+def sizes_follow_from_arguments(graph_def, captured: list) -> bool:
+    """Whether the shapes of the ops written as `graph_def` follow from its argument shapes
+    (see the module's docstring), reading the variables whose handles are `captured`; not
+    where one of those variables' shapes is not fixed (made with `shape=None`, it may take
+    values of others)."""
     if any(internals.variable_shape(handle) is None for handle in captured):
-        return None
+        return False
     from_shapes: set = set()  # names of the nodes whose values follow from shapes
     for node in graph_def.node:
         data = [tensor for tensor in node.input if not tensor.startswith("^")]
@@ -71,16 +71,16 @@ def recorded_specs(graph_def, captured: list, named: dict) -> dict | None:
             deciding = DECIDING_INPUTS[node.op]
             if any(not _follows(data[slot], from_shapes) for slot in deciding
                    if -len(data) <= slot < len(data)):
-                return None
+                return False
         elif node.op not in SHAPES_FROM_INPUT_SHAPES and not _no_outputs(node.op):
-            return None
+            return False
         elif node.op == "ReadVariableOp" and not data[0].startswith(CAPTURED):
-            return None  # a handle given as an argument: its shape is not known here
+            return False  # a handle given as an argument: its shape is not known here
         if node.op in VALUES_FROM_SHAPES or (
                 node.op in VALUES_FROM_VALUES
                 and all(_follows(tensor, from_shapes) for tensor in data)):
             from_shapes.add(node.name)
-    return named
+    return True
 
 
 def _follows(tensor: str, from_shapes: set) -> bool:
